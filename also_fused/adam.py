@@ -1,0 +1,96 @@
+"""Drop-in Adam and AdamW: torch.optim's formulas, one fused update per device and dtype."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from ._base import AdamFamily, check_hyperparameters
+
+
+class Adam(AdamFamily):
+    """torch.optim.Adam with the same signature and results, updated by one Triton launch per step on CUDA.
+
+    m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps),
+    with g = grad + weight_decay * p (L2), or with p *= 1 - lr*weight_decay first when
+    ``decoupled_weight_decay`` (AdamW). ``foreach``, ``fused`` and ``capturable`` are accepted for
+    signature compatibility: the Triton path is always fused and never syncs the host.
+    """
+
+    _decoupled_default = False
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decoupled_weight_decay: Optional[bool] = None,
+        backend: str = "auto",
+    ) -> None:
+        check_hyperparameters(lr, betas, eps, weight_decay)
+        if differentiable:
+            raise NotImplementedError("differentiable=True is not supported by also_fused optimizers")
+        if decoupled_weight_decay is None:
+            decoupled_weight_decay = self._decoupled_default
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, backend)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        """One update of every parameter that has a gradient; returns ``closure()`` when given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._check_grad(p)
+                    items.append((p, gi))
+        for key, bucket in self._buckets(items, "amsgrad", "maximize", "decoupled_weight_decay").items():
+            _, _, amsgrad, maximize, decoupled = key
+            params = [p for p, _ in bucket]
+            states = [self._init_state(p, amsgrad) for p in params]
+            torch._foreach_add_([s["step"] for s in states], 1.0)
+            self._update(("step",) + key, params, [p.grad for p in params], states, params,
+                         [gi for _, gi in bucket], eps_mode="torch", maximize=maximize,
+                         decoupled_weight_decay=decoupled)
+        return loss
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW (decoupled weight decay, default 1e-2) on the same fused update as ``Adam``."""
+
+    _decoupled_default = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, backend=backend)

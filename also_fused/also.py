@@ -1,0 +1,426 @@
+"""ALSO: Adam on the parameters plus KL-regularised mirror ascent on group weights pi (ALGORITHM.md)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+from . import functional as F
+from ._base import AdamFamily, check_hyperparameters
+
+MODES = ("optimistic", "descent-ascent")
+Closure = Callable[[Tensor, float], Any]
+
+
+def _as_simplex(weights: Optional[Union[Tensor, Sequence[float]]], n_groups: int, name: str) -> Optional[Tensor]:
+    """Validate and normalise user weights to sum 1 (float32, CPU); None stays None (uniform)."""
+    if weights is None:
+        return None
+    w = torch.as_tensor(weights).detach().to("cpu", torch.float64).reshape(-1)
+    if w.numel() != n_groups:
+        raise ValueError(f"{name} has {w.numel()} entries, expected n_groups={n_groups}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"{name} must be finite and non-negative")
+    total = float(w.sum())
+    if total <= 0.0:
+        raise ValueError(f"{name} must have a positive sum")
+    return (w / total).float()
+
+
+class ALSO(AdamFamily):
+    """Adaptive Loss Scaling Optimizer: min over theta, max over pi of sum_j pi_j L_j - tau KL(pi || pi_reg).
+
+    theta takes ALSO's Adam step (L2 weight decay coupled into the gradient, eps added to sqrt(v)
+    before the bias correction); pi takes the mirror-ascent step
+    ``pi <- softmax((log(pi+eps) + c log(pi_reg) + pi_lr * S) / ((1+c) T))``, c = pi_decay*pi_lr,
+    S_j the sum of the batch's losses of group j. ``mode="optimistic"`` first extrapolates both with
+    the previous gradients (the Adam state then advances twice per step); ``"descent-ascent"`` does not.
+
+    Two ways to call it:
+
+    * closure API (the published one): ``opt.step(closure, group_ids)`` with
+      ``closure(pi_selected, loss_scale) -> (per_sample_losses, extra)``;
+    * loop API: ``loss = opt.weighted_loss(losses, group_ids); loss.backward(); opt.step()``. In
+      optimistic mode the params hold the extrapolated point after ``step()``; ``eval()`` puts the
+      iterate x back into them, ``train()`` the extrapolated point.
+
+    ``step()`` returns the mean per-sample loss of the step as a 0-dim tensor (no host sync for it).
+    With ``validate=True`` (default) bad group ids and non-finite losses raise ValueError before
+    anything changes, at the cost of one host sync per call.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        n_groups: int,
+        loss_scale: Optional[float] = None,
+        batch_size: Optional[int] = None,
+        mode: str = "optimistic",
+        alpha: float = 1.0,
+        pi_reg: Optional[Union[Tensor, Sequence[float]]] = None,
+        pi_init: Optional[Union[Tensor, Sequence[float]]] = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        lr: float = 1e-3,
+        weight_decay: float = 1e-3,
+        pi_lr: float = 1e-3,
+        pi_decay: float = 1e-2,
+        pi_temperature: float = 1.0,
+        eps: float = F.FLOAT32_EPS,
+        amsgrad: bool = False,
+        backend: str = "auto",
+        validate: bool = True,
+    ) -> None:
+        check_hyperparameters(lr, betas, eps, weight_decay)
+        if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
+            raise ValueError(f"n_groups must be a positive int, got {n_groups!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if loss_scale is None:
+            if batch_size is None:
+                raise ValueError("give loss_scale or batch_size (loss_scale defaults to n_groups / batch_size)")
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            loss_scale = n_groups / batch_size
+        if not pi_lr >= 0.0 or not pi_decay >= 0.0:
+            raise ValueError(f"pi_lr and pi_decay must be >= 0, got {pi_lr} and {pi_decay}")
+        if not pi_temperature > 0.0:
+            raise ValueError(f"pi_temperature must be > 0, got {pi_temperature}")
+        if not alpha >= 0.0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        pi_reg_host = _as_simplex(pi_reg, n_groups, "pi_reg")
+        pi_init_host = _as_simplex(pi_init, n_groups, "pi_init")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        super().__init__(params, defaults, backend)
+
+        self.n_groups = n_groups
+        self.mode = mode
+        self.loss_scale = float(loss_scale)
+        self.alpha = float(alpha)
+        self.pi_lr = float(pi_lr)
+        self.pi_decay = float(pi_decay)
+        self.pi_temperature = float(pi_temperature)
+        self.pi_eps = float(eps)
+        self.validate = validate
+        self.device = self.param_groups[0]["params"][0].device
+        self._pi_backend = self._backend_for(self.device)
+        if pi_init_host is None:
+            self._pi = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float32, device=self.device)
+        else:
+            self._pi = pi_init_host.to(self.device)
+        self._pi_reg = None if pi_reg_host is None else pi_reg_host.to(self.device)
+        self._log_pi_reg = None if self._pi_reg is None else torch.log(self._pi_reg)
+        self._pi_mid = self._pi.clone() if mode == "optimistic" else None
+        self._prev_ids: Optional[Tensor] = None  # closure API: the previous batch, whose G extrapolates pi
+        self._prev_losses: Optional[Tensor] = None
+        self._recorded: list[tuple[Tensor, Tensor]] = []  # loop API: (ids, losses) since the last step
+        self._api: Optional[str] = None
+        self._training = True
+
+    # ------------------------------------------------------------------ public
+    @property
+    def pi(self) -> Tensor:
+        """The current group weights, float32 [n_groups] on the params' device (do not modify in place)."""
+        return self._pi
+
+    @property
+    def pi_reg(self) -> Tensor:
+        """The KL anchor, float32 [n_groups] (uniform unless given)."""
+        if self._pi_reg is None:
+            return torch.full_like(self._pi, 1.0 / self.n_groups)
+        return self._pi_reg
+
+    def weighted_loss(self, losses: Tensor, group_ids: Union[Tensor, Sequence[int]]) -> Tensor:
+        """``loss_scale * sum_i pi[g_i] * l_i`` for the loop API, differentiable in the losses.
+
+        Records the detached losses for the pi step of the next ``step()``; call it once per
+        micro-batch when accumulating gradients. In optimistic mode pi is the extrapolated pi_mid.
+        """
+        ids = self._as_ids(group_ids)
+        self._check_losses(losses, ids, finite=False)
+        weights = self._pi_mid if self.mode == "optimistic" else self._pi
+        loss = _dispatch.weighted_loss(self._pi_backend, weights, ids, losses, self.loss_scale)
+        self._recorded.append((ids, losses.detach()))
+        return loss
+
+    def select_batch(
+        self, threshold: float, strategy: str = "pi", order: str = "desc",
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[int, Tensor]:
+        """Draw ``max(1, n_groups - cutoff)`` distinct ids, cutoff where pi's sorted cumulative mass reaches ``threshold``."""
+        return F.select_batch_reference(self._pi, threshold, strategy, order, generator)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Closure] = None,
+             group_ids: Optional[Union[Tensor, Sequence[int]]] = None) -> Tensor:
+        """One ALSO step; returns the batch-mean per-sample loss (0-dim tensor).
+
+        With a closure (published API): ``closure(pi_selected, loss_scale) -> (losses, extra)``
+        must zero the grads, run forward, backward ``loss_scale * sum(pi_selected * losses)`` and
+        return the detached per-sample losses. Without one (loop API): uses the losses recorded
+        by ``weighted_loss`` since the last step.
+        """
+        if closure is None:
+            if group_ids is not None:
+                raise TypeError("group_ids is given without a closure; the loop API takes them in weighted_loss()")
+            return self._step_loop()
+        if group_ids is None:
+            raise TypeError("the closure API needs group_ids: opt.step(closure, group_ids)")
+        return self._step_closure(closure, group_ids)
+
+    def train(self) -> None:
+        """Put the extrapolated point back into the params (optimistic loop API); no-op otherwise."""
+        if self._training:
+            return
+        with torch.no_grad():
+            for p, state in self._params_with("extrapolated"):
+                p.copy_(state.pop("extrapolated"))
+        self._training = True
+
+    def eval(self) -> None:
+        """Put the iterate x into the params for evaluation or saving (optimistic loop API); no-op otherwise."""
+        if not self._training:
+            return
+        with torch.no_grad():
+            for p, state in self._params_with("iterate"):
+                if self._api == "loop":
+                    state["extrapolated"] = p.clone()
+                    p.copy_(state["iterate"])
+        self._training = False
+
+    # --------------------------------------------------------------- checks
+    def _as_ids(self, group_ids: Union[Tensor, Sequence[int]]) -> Tensor:
+        if not isinstance(group_ids, Tensor):
+            group_ids = torch.as_tensor(list(group_ids), dtype=torch.int64)
+        if group_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+        if group_ids.dim() != 1:
+            raise ValueError(f"group_ids must be 1-D [batch], got shape {tuple(group_ids.shape)}")
+        if group_ids.numel() == 0:
+            raise ValueError("group_ids is empty: a step needs at least one sample")
+        if group_ids.device != self.device:
+            if group_ids.device.type != "cpu":
+                raise ValueError(f"group_ids are on {group_ids.device}, pi is on {self.device}")
+            group_ids = group_ids.to(self.device, non_blocking=True)
+        group_ids = group_ids.long()
+        if self.validate:
+            bad = ((group_ids < 0) | (group_ids >= self.n_groups)).any()
+            if bool(bad):
+                lo, hi = int(group_ids.min()), int(group_ids.max())
+                raise ValueError(f"group_ids must lie in [0, {self.n_groups}), got values in [{lo}, {hi}]")
+        return group_ids
+
+    def _check_losses(self, losses: Any, ids: Tensor, finite: bool) -> None:
+        if not isinstance(losses, Tensor):
+            raise TypeError(f"per-sample losses must be a tensor, got {type(losses).__name__}")
+        if not losses.is_floating_point():
+            raise ValueError(f"per-sample losses must be floating point, got {losses.dtype}")
+        if losses.shape != ids.shape:
+            raise ValueError(f"per-sample losses must have shape {tuple(ids.shape)} (one per group id), "
+                             f"got {tuple(losses.shape)}")
+        if losses.device != self.device:
+            raise ValueError(f"per-sample losses are on {losses.device}, pi is on {self.device}")
+        if finite and self.validate and not bool(torch.isfinite(losses).all()):
+            raise ValueError("per-sample losses contain NaN or inf; the step was not taken")
+
+    def _set_api(self, api: str) -> None:
+        if self.mode == "optimistic" and self._api not in (None, api):
+            raise RuntimeError(f"this optimizer was stepped with the {self._api} API; optimistic mode cannot "
+                               f"switch to the {api} API (the params hold a different point)")
+        self._api = api
+
+    # ---------------------------------------------------------------- theta
+    def _params_with(self, key: str) -> list[tuple[Tensor, dict]]:
+        return [(p, self.state[p]) for g in self.param_groups for p in g["params"]
+                if key in self.state.get(p, {})]
+
+    def _grad_items(self) -> list[tuple[Tensor, int]]:
+        items = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._check_grad(p)
+                    items.append((p, gi))
+        return items
+
+    def _adam(self, tag: str, items: list[tuple[Tensor, int]], advances: int,
+              sources: Callable[[Tensor, dict], Tensor],
+              destinations: Callable[[Tensor, dict], Tensor],
+              grads: Callable[[Tensor, dict], Tensor] = lambda p, s: p.grad,
+              **flags: Any) -> None:
+        """Bucket ``items`` by device/dtype/amsgrad, advance their step counts and run one update each."""
+        per_tensor_keys = ("save_sources_to", "save_grads_to", "extrapolate_to", "prior_grads")
+        for key, bucket in self._buckets(items, "amsgrad").items():
+            params = [p for p, _ in bucket]
+            states = [self._init_state(p, key[2]) for p in params]
+            torch._foreach_add_([s["step"] for s in states], float(advances))
+            extra = {k: [v(p, s) for p, s in zip(params, states)] for k, v in flags.items()
+                     if k in per_tensor_keys and v is not None}
+            scalars = {k: v for k, v in flags.items() if k not in per_tensor_keys}
+            self._update((tag,) + key, [sources(p, s) for p, s in zip(params, states)],
+                         [grads(p, s) for p, s in zip(params, states)], states,
+                         [destinations(p, s) for p, s in zip(params, states)], [gi for _, gi in bucket],
+                         eps_mode="also", **extra, **scalars)
+
+    @staticmethod
+    def _buffer(state: dict, key: str, like: Tensor) -> Tensor:
+        buf = state.get(key)
+        if buf is None:
+            buf = state[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return buf
+
+    def _extrapolate_closure(self) -> list[tuple[Tensor, dict]]:
+        """y = x + AdamStep(x, alpha*d_prev) into the params, x saved; the Adam state is not yet written."""
+        moved = []
+        items = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "prev_grad" in state:
+                    items.append((p, gi))
+                    moved.append((p, state))
+        # steps advance here for the bias correction and are put back: the main pass commits them
+        self._adam("extrapolate", items, 1, sources=lambda p, s: p, destinations=lambda p, s: p,
+                   grads=lambda p, s: s["prev_grad"], grad_scale=self.alpha,
+                   save_sources_to=lambda p, s: self._buffer(s, "iterate", p), commit_state=False)
+        if moved:
+            torch._foreach_sub_([s["step"] for _, s in moved], 1.0)
+        return moved
+
+    def _restore(self, moved: list[tuple[Tensor, dict]]) -> None:
+        if moved:
+            torch._foreach_copy_([p for p, _ in moved], [s["iterate"] for _, s in moved])
+
+    # ------------------------------------------------------------------- pi
+    def _pi_hyper(self) -> dict[str, Any]:
+        return dict(pi_lr=self.pi_lr, pi_decay=self.pi_decay, temperature=self.pi_temperature,
+                    eps=self.pi_eps, log_pi_reg=self._log_pi_reg)
+
+    def _pi_step(self, ids: Tensor, losses: Tensor, second_out: Optional[Tensor] = None) -> None:
+        _dispatch.pi_update(self._pi_backend, self._pi, ids, losses, out=self._pi, second_out=second_out,
+                            **self._pi_hyper())
+
+    # ---------------------------------------------------------------- steps
+    def _step_closure(self, closure: Closure, group_ids: Union[Tensor, Sequence[int]]) -> Tensor:
+        ids = self._as_ids(group_ids)
+        self._set_api("closure")
+        optimistic = self.mode == "optimistic"
+        moved: list[tuple[Tensor, dict]] = []
+        try:
+            if optimistic:
+                moved = self._extrapolate_closure()
+                if self._prev_ids is None:
+                    self._pi_mid.copy_(self._pi)
+                else:
+                    _dispatch.pi_update(self._pi_backend, self._pi, self._prev_ids, self._prev_losses,
+                                        out=self._pi_mid, **self._pi_hyper())
+            weights = self._pi_mid if optimistic else self._pi
+            self._recorded.clear()
+            with torch.enable_grad():
+                result = closure(weights[ids], self.loss_scale)
+            losses = result[0] if isinstance(result, (tuple, list)) else result
+            self._check_losses(losses, ids, finite=True)
+            losses = losses.detach()
+            items = self._grad_items()
+        except BaseException:
+            self._restore(moved)  # the rejected step leaves the params and the state as they were
+            self._recorded.clear()
+            raise
+        self._recorded.clear()
+
+        if not optimistic:
+            self._adam("step", items, 1, sources=lambda p, s: p, destinations=lambda p, s: p)
+        else:
+            with_prev = [(p, gi) for p, gi in items if "prev_grad" in self.state.get(p, {})]
+            fresh = [(p, gi) for p, gi in items if "prev_grad" not in self.state.get(p, {})]
+            self._adam("main_prior", with_prev, 2, sources=lambda p, s: s["iterate"],
+                       destinations=lambda p, s: p, prior_grads=lambda p, s: s["prev_grad"],
+                       prior_scale=self.alpha, save_grads_to=lambda p, s: s["prev_grad"])
+            self._adam("main", fresh, 1, sources=lambda p, s: p, destinations=lambda p, s: p,
+                       save_grads_to=lambda p, s: self._buffer(s, "prev_grad", p))
+            self._drop_lost_gradients(moved, {p for p, _ in items})
+            self._prev_ids, self._prev_losses = ids, losses.float()
+        self._pi_step(ids, losses)
+        return losses.float().mean()
+
+    def _drop_lost_gradients(self, moved: list[tuple[Tensor, dict]], with_grad: set) -> None:
+        """A param extrapolated with d_prev but without a gradient now: the extrapolation's Adam
+        advance is committed (as published), d_prev is dropped, and the param goes back to x
+        (deliberate fix: the published optimizer leaves it at the extrapolated point)."""
+        lost = [(p, gi) for gi, g in enumerate(self.param_groups) for p in g["params"]
+                if p not in with_grad and "prev_grad" in self.state.get(p, {})]
+        if not lost:
+            return
+        self._adam("commit", lost, 1, sources=lambda p, s: s["iterate"], destinations=lambda p, s: p,
+                   grads=lambda p, s: s["prev_grad"], grad_scale=self.alpha)
+        for p, _ in lost:
+            state = self.state[p]
+            p.copy_(state["iterate"])
+            del state["prev_grad"]
+
+    def _step_loop(self) -> Tensor:
+        if not self._recorded:
+            raise RuntimeError("step() without a closure needs the per-sample losses: compute the loss with "
+                               "opt.weighted_loss(losses, group_ids) before backward()")
+        if self.mode == "optimistic" and not self._training:
+            raise RuntimeError("the optimizer is in eval() mode (params hold the iterate x): call train() first")
+        ids = torch.cat([i for i, _ in self._recorded])
+        losses = torch.cat([l.float() for _, l in self._recorded])
+        self._check_losses(losses, ids, finite=True)
+        items = self._grad_items()
+        self._set_api("loop")
+        self._recorded.clear()
+        if self.mode == "descent-ascent":
+            self._adam("step", items, 1, sources=lambda p, s: p, destinations=lambda p, s: p)
+            self._pi_step(ids, losses)
+        else:
+            # x_{k+1} = x_k + AdamStep(x_k, d) and y_{k+1} = x_{k+1} + AdamStep(x_{k+1}, alpha d) in one pass
+            self._adam("fused", items, 2, sources=lambda p, s: s.get("iterate", p),
+                       destinations=lambda p, s: self._buffer(s, "iterate", p),
+                       extrapolate_to=lambda p, s: p, extrapolation_scale=self.alpha)
+            with_grad = {p for p, _ in items}
+            stale = [(p, s) for p, s in self._params_with("iterate") if p not in with_grad]
+            self._restore(stale)  # no gradient: no extrapolation, the param sits at x
+            self._pi_step(ids, losses, second_out=self._pi_mid)
+        return losses.mean()
+
+    # ----------------------------------------------------------- state_dict
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state (per-param Adam state, the iterate x, d_prev) plus an ``"also"`` entry
+        with pi, pi_mid, pi_reg, the previous batch and the hyper-parameters of the pi step."""
+        sd = super().state_dict()
+        sd["also"] = dict(
+            n_groups=self.n_groups, mode=self.mode, loss_scale=self.loss_scale, alpha=self.alpha,
+            pi_lr=self.pi_lr, pi_decay=self.pi_decay, pi_temperature=self.pi_temperature, pi_eps=self.pi_eps,
+            pi=self._pi, pi_mid=self._pi_mid if self._api != "closure" else None, pi_reg=self._pi_reg, prev_ids=self._prev_ids,
+            prev_losses=self._prev_losses, api=self._api, training=self._training,
+        )
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("also", None)
+        if extra is None:
+            raise ValueError("not an ALSO state_dict: the 'also' entry is missing")
+        if extra["n_groups"] != self.n_groups or extra["mode"] != self.mode:
+            raise ValueError(f"state_dict is for n_groups={extra['n_groups']}, mode={extra['mode']!r}; this "
+                             f"optimizer has n_groups={self.n_groups}, mode={self.mode!r}")
+        super().load_state_dict(state_dict)
+
+        def to_device(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.detach().to(self.device).clone()
+
+        for name in ("loss_scale", "alpha", "pi_lr", "pi_decay", "pi_temperature", "pi_eps"):
+            setattr(self, name, float(extra[name]))
+        self._pi = to_device(extra["pi"]).float()
+        self._pi_mid = to_device(extra["pi_mid"])
+        if self._pi_mid is None and self.mode == "optimistic":
+            self._pi_mid = self._pi.clone()  # closure API: recomputed at the start of every step
+        self._pi_reg = to_device(extra["pi_reg"])
+        self._log_pi_reg = None if self._pi_reg is None else torch.log(self._pi_reg)
+        self._prev_ids = to_device(extra["prev_ids"])
+        self._prev_losses = to_device(extra["prev_losses"])
+        self._api = extra["api"]
+        self._training = bool(extra["training"])
+        self._recorded.clear()

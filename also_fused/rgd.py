@@ -1,0 +1,28 @@
+"""RGD (Re-weighted Gradient Descent): a loss re-weighting usable with any optimizer."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import _dispatch
+from . import functional as F
+
+
+def rgd_loss(per_sample_losses: Tensor, temperature: float, backend: str = "auto") -> Tensor:
+    """mean_i exp(min(l_i, T)/(T+1)) * l_i with the weights treated as constants (ALGORITHM.md sec. 8).
+
+    ``temperature`` T is the clipping threshold. On CUDA (``backend="auto"``) forward and backward
+    are each one fused kernel; elsewhere the reference path runs.
+    """
+    if not isinstance(per_sample_losses, Tensor) or not per_sample_losses.is_floating_point():
+        raise TypeError("per_sample_losses must be a floating-point tensor")
+    if per_sample_losses.dim() != 1:
+        raise ValueError(f"per_sample_losses must be 1-D [batch], got shape {tuple(per_sample_losses.shape)}")
+    if per_sample_losses.numel() == 0:
+        raise ValueError("per_sample_losses is empty")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if _dispatch.resolve_backend(backend, per_sample_losses.device) == "reference":
+        return F.rgd_loss_reference(per_sample_losses, temperature)
+    from .kernels.losses import rgd_loss as rgd_loss_kernel
+
+    return rgd_loss_kernel(per_sample_losses, temperature)

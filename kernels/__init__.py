@@ -1,0 +1,1 @@
+"""Triton kernels of also_fused, one module per kernel family, each with its launcher."""
