@@ -124,12 +124,13 @@ def pi_update_reference(
     A uniform pi_reg (``log_pi_reg=None``) adds a constant to z, which the softmax cancels.
     """
     c = pi_decay * pi_lr
-    z = torch.log(pi.float() + eps)
+    # float64 here: a float32 sum of ~1e5 near-equal terms drifts by ~1e-6 per step
+    z = torch.log(pi.double() + eps)
     if log_pi_reg is not None:
-        z = z.add(log_pi_reg, alpha=c)
+        z = z.add(log_pi_reg.double(), alpha=c)
     sums = scatter_group_losses(losses, group_ids, pi.numel())
-    z = z.add_(sums, alpha=pi_lr).div_((1.0 + c) * temperature)
-    return torch.softmax(z, dim=0)
+    z = z.add_(sums.double(), alpha=pi_lr).div_((1.0 + c) * temperature)
+    return torch.softmax(z, dim=0).float()
 
 
 def weighted_loss_reference(pi: Tensor, group_ids: Tensor, losses: Tensor, loss_scale: float) -> Tensor:

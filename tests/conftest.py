@@ -1,0 +1,25 @@
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter; the variable must
+# be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE

@@ -1,0 +1,99 @@
+"""A float64 model of ALGORITHM.md sections 3-6, written independently of the package.
+
+The tests drive it and the package with the same data and compare trajectories.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+f64 = torch.float64
+
+
+def adam_delta(state: dict, x: torch.Tensor, d: torch.Tensor, lr: float, betas, eps: float, wd: float,
+               amsgrad: bool) -> torch.Tensor:
+    """AdamStep (sec. 3): advances (t, m, v[, vmax]) in ``state`` and returns delta."""
+    b1, b2 = betas
+    state["t"] += 1
+    t = state["t"]
+    d = d + wd * x
+    state["m"] = b1 * state["m"] + (1 - b1) * d
+    state["v"] = b2 * state["v"] + (1 - b2) * d * d
+    v = state["v"]
+    if amsgrad:
+        state["vmax"] = torch.maximum(state["vmax"], state["v"])
+        v = state["vmax"]
+    step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+    return -step_size * state["m"] / (torch.sqrt(v) + eps)
+
+
+def pi_update(pi: torch.Tensor, G: torch.Tensor, pi_lr: float, pi_decay: float, temperature: float,
+              eps: float, pi_reg: torch.Tensor) -> torch.Tensor:
+    """PiUpdate (sec. 4) with a dense gradient G over groups."""
+    c = pi_decay * pi_lr
+    z = (torch.log(pi + eps) + c * torch.log(pi_reg) - pi_lr * G) / (1 + c)
+    return torch.softmax(z / temperature, dim=0)
+
+
+def group_gradient(losses: torch.Tensor, ids: torch.Tensor, n_groups: int) -> torch.Tensor:
+    G = torch.zeros(n_groups, dtype=f64)
+    for l, g in zip(losses.tolist(), ids.tolist()):
+        G[g] -= l
+    return G
+
+
+class GoldenALSO:
+    """ALSO in float64. ``forward(params, pi_selected)`` returns (per-sample losses, grads or None)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], n_groups: int, *, loss_scale: float, mode: str,
+                 lrs: Sequence[float], betas=(0.9, 0.999), eps: float = 1.1920928955078125e-07,
+                 weight_decay: float = 1e-3, amsgrad: bool = False, alpha: float = 1.0, pi_lr: float = 1e-3,
+                 pi_decay: float = 1e-2, temperature: float = 1.0, pi_init=None, pi_reg=None) -> None:
+        self.params = [p.detach().to(f64).clone() for p in params]
+        self.n_groups = n_groups
+        self.loss_scale = loss_scale
+        self.mode = mode
+        self.lrs = list(lrs)
+        self.betas, self.eps, self.wd, self.amsgrad, self.alpha = betas, eps, weight_decay, amsgrad, alpha
+        self.pi_lr, self.pi_decay, self.temperature = pi_lr, pi_decay, temperature
+        uniform = torch.full((n_groups,), 1.0 / n_groups, dtype=f64)
+        self.pi = uniform.clone() if pi_init is None else torch.as_tensor(pi_init, dtype=f64) / sum(pi_init)
+        self.pi_reg = uniform if pi_reg is None else torch.as_tensor(pi_reg, dtype=f64) / sum(pi_reg)
+        self.states = [dict(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p), vmax=torch.zeros_like(p))
+                       for p in self.params]
+        self.d_prev: list[Optional[torch.Tensor]] = [None] * len(self.params)
+        self.G_prev: Optional[torch.Tensor] = None
+
+    def _pi_update(self, pi: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        return pi_update(pi, G, self.pi_lr, self.pi_decay, self.temperature, self.eps, self.pi_reg)
+
+    def _adam(self, i: int, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return adam_delta(self.states[i], x, d, self.lrs[i], self.betas, self.eps, self.wd, self.amsgrad)
+
+    def step(self, forward: Callable, ids: torch.Tensor) -> torch.Tensor:
+        if self.mode == "descent-ascent":
+            losses, grads = forward(self.params, self.pi[ids])
+            for i, d in enumerate(grads):
+                if d is not None:
+                    self.params[i] = self.params[i] + self._adam(i, self.params[i], d)
+            self.pi = self._pi_update(self.pi, group_gradient(losses, ids, self.n_groups))
+            return losses
+        x = [p.clone() for p in self.params]
+        for i, d_prev in enumerate(self.d_prev):
+            if d_prev is not None:
+                self.params[i] = x[i] + self._adam(i, x[i], self.alpha * d_prev)
+        pi_mid = self.pi.clone() if self.G_prev is None else self._pi_update(self.pi, self.G_prev)
+        losses, grads = forward(self.params, pi_mid[ids])
+        for i, d in enumerate(grads):
+            if d is not None:
+                self.d_prev[i] = d
+                self.params[i] = x[i] + self._adam(i, x[i], d)
+            else:
+                self.d_prev[i] = None
+                self.params[i] = x[i]
+        G = group_gradient(losses, ids, self.n_groups)
+        self.G_prev = G
+        self.pi = self._pi_update(self.pi, G)
+        return losses

@@ -1,0 +1,146 @@
+"""Drive ``also_fused.ALSO`` and the float64 golden model on the same small regression problem."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+import also_fused
+from golden import GoldenALSO
+
+D_IN, D_OUT = 5, 3
+
+
+@dataclass
+class Config:
+    mode: str = "optimistic"
+    api: str = "closure"
+    n_groups: int = 4
+    batch: int = 8
+    steps: int = 200
+    amsgrad: bool = False
+    weight_decay: float = 1e-3
+    alpha: float = 1.0
+    pi_lr: float = 0.05
+    pi_decay: float = 0.1
+    temperature: float = 1.0
+    eps: float = 1.1920928955078125e-07
+    pi_init: Optional[list] = None
+    pi_reg: Optional[list] = None
+    lrs: tuple = (1e-2, 3e-3)
+    lose_grad_every: int = 0  # the bias loses its gradient on every k-th step (0: never)
+    ids: str = "random"  # "random" | "same" | "distinct"
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+    scheduler_gamma: Optional[float] = None  # StepLR(step_size=1, gamma) on every group
+    extra: dict = field(default_factory=dict)
+
+
+def batches(cfg: Config):
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    for k in range(cfg.steps):
+        X = torch.randn(cfg.batch, D_IN, generator=gen, dtype=torch.float64)
+        Y = torch.randn(cfg.batch, D_OUT, generator=gen, dtype=torch.float64)
+        if cfg.ids == "same":
+            ids = torch.full((cfg.batch,), cfg.n_groups - 1, dtype=torch.int64)
+        elif cfg.ids == "distinct":
+            ids = torch.randperm(cfg.n_groups, generator=gen)[: cfg.batch]
+        else:
+            ids = torch.randint(0, cfg.n_groups, (cfg.batch,), generator=gen)
+        # spread the losses of groups apart so that pi moves
+        Y = Y + (ids.double() % 3).unsqueeze(1)
+        use_bias = not (cfg.lose_grad_every and k % cfg.lose_grad_every == cfg.lose_grad_every - 1)
+        yield X, Y, ids, use_bias
+
+
+def per_sample_losses(W, b, X, Y, use_bias):
+    out = X @ W
+    if use_bias:
+        out = out + b
+    return ((out - Y) ** 2).mean(dim=1)
+
+
+def init_params(cfg: Config):
+    gen = torch.Generator().manual_seed(cfg.seed)
+    W = torch.randn(D_IN, D_OUT, generator=gen, dtype=torch.float64) * 0.5
+    b = torch.randn(D_OUT, generator=gen, dtype=torch.float64) * 0.5
+    return W, b
+
+
+def make_golden(cfg: Config, loss_scale: float) -> GoldenALSO:
+    W, b = init_params(cfg)
+    return GoldenALSO([W, b], cfg.n_groups, loss_scale=loss_scale, mode=cfg.mode, lrs=cfg.lrs,
+                      weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad, alpha=cfg.alpha, pi_lr=cfg.pi_lr,
+                      pi_decay=cfg.pi_decay, temperature=cfg.temperature, eps=cfg.eps, pi_init=cfg.pi_init,
+                      pi_reg=cfg.pi_reg)
+
+
+def golden_forward(X, Y, use_bias, loss_scale):
+    def forward(params, pi_sel):
+        W, b = [p.detach().clone().requires_grad_() for p in params]
+        losses = per_sample_losses(W, b, X, Y, use_bias)
+        (loss_scale * (pi_sel * losses).sum()).backward()
+        return losses.detach(), [W.grad, b.grad if use_bias else None]
+
+    return forward
+
+
+def make_package(cfg: Config, device, backend: str):
+    W, b = init_params(cfg)
+    Wp = torch.nn.Parameter(W.to(device=device, dtype=cfg.dtype))
+    bp = torch.nn.Parameter(b.to(device=device, dtype=cfg.dtype))
+    groups = [dict(params=[Wp], lr=cfg.lrs[0]), dict(params=[bp], lr=cfg.lrs[1])]
+    opt = also_fused.ALSO(groups, cfg.n_groups, batch_size=cfg.batch, mode=cfg.mode, alpha=cfg.alpha,
+                          pi_reg=cfg.pi_reg, pi_init=cfg.pi_init, weight_decay=cfg.weight_decay,
+                          pi_lr=cfg.pi_lr, pi_decay=cfg.pi_decay, pi_temperature=cfg.temperature,
+                          amsgrad=cfg.amsgrad, eps=cfg.eps, backend=backend, **cfg.extra)
+    return Wp, bp, opt
+
+
+def package_step(opt, Wp, bp, api, X, Y, ids, use_bias, device, dtype):
+    Xd, Yd = X.to(device=device, dtype=dtype), Y.to(device=device, dtype=dtype)
+    idsd = ids.to(device)
+    if api == "closure":
+        def closure(pi_sel, loss_scale):
+            opt.zero_grad(set_to_none=True)
+            losses = per_sample_losses(Wp, bp, Xd, Yd, use_bias)
+            (loss_scale * (pi_sel.to(losses.dtype) * losses).sum()).backward()
+            return losses.detach(), None
+
+        return opt.step(closure, idsd)
+    opt.zero_grad(set_to_none=True)
+    losses = per_sample_losses(Wp, bp, Xd, Yd, use_bias)
+    opt.weighted_loss(losses, idsd).backward()
+    return opt.step()
+
+
+def iterate_of(opt, params):
+    """The iterate x of the package (the loop API's params hold the extrapolated point)."""
+    opt.eval()
+    x = [p.detach().double().cpu().clone() for p in params]
+    opt.train()
+    return x
+
+
+def run(cfg: Config, device="cpu", backend="reference"):
+    """Run both for cfg.steps steps; return (golden, [W, b] iterate of the package, opt, mean losses)."""
+    Wp, bp, opt = make_package(cfg, device, backend)
+    golden = make_golden(cfg, opt.loss_scale)
+    sched = None
+    if cfg.scheduler_gamma is not None:
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.scheduler_gamma)
+    losses_seen = []
+    for X, Y, ids, use_bias in batches(cfg):
+        golden.lrs = [g["lr"] for g in opt.param_groups]
+        g_losses = golden.step(golden_forward(X, Y, use_bias, opt.loss_scale), ids)
+        mean = package_step(opt, Wp, bp, cfg.api, X, Y, ids, use_bias, device, cfg.dtype)
+        losses_seen.append((float(mean), float(g_losses.mean())))
+        if sched is not None:
+            sched.step()
+    return golden, iterate_of(opt, [Wp, bp]), opt, losses_seen
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
