@@ -115,6 +115,7 @@ class ALSO(AdamFamily):
         self._prev_ids: Optional[Tensor] = None  # closure API: the previous batch, whose G extrapolates pi
         self._prev_losses: Optional[Tensor] = None
         self._recorded: list[tuple[Tensor, Tensor]] = []  # loop API: (ids, losses) since the last step
+        self._saved_x: dict[Tensor, Tensor] = {}  # closure API: x while the params hold the extrapolation
         self._api: Optional[str] = None
         self._training = True
 
@@ -283,14 +284,21 @@ class ALSO(AdamFamily):
         # steps advance here for the bias correction and are put back: the main pass commits them
         self._adam("extrapolate", items, 1, sources=lambda p, s: p, destinations=lambda p, s: p,
                    grads=lambda p, s: s["prev_grad"], grad_scale=self.alpha,
-                   save_sources_to=lambda p, s: self._buffer(s, "iterate", p), commit_state=False)
+                   save_sources_to=lambda p, s: self._saved_x_buffer(p), commit_state=False)
         if moved:
             torch._foreach_sub_([s["step"] for _, s in moved], 1.0)
         return moved
 
+    def _saved_x_buffer(self, p: Tensor) -> Tensor:
+        buf = self._saved_x.get(p)
+        if buf is None:
+            buf = self._saved_x[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        return buf
+
     def _restore(self, moved: list[tuple[Tensor, dict]]) -> None:
+        """Closure API: put the saved x back into the params."""
         if moved:
-            torch._foreach_copy_([p for p, _ in moved], [s["iterate"] for _, s in moved])
+            torch._foreach_copy_([p for p, _ in moved], [self._saved_x[p] for p, _ in moved])
 
     # ------------------------------------------------------------------- pi
     def _pi_hyper(self) -> dict[str, Any]:
@@ -334,7 +342,7 @@ class ALSO(AdamFamily):
         else:
             with_prev = [(p, gi) for p, gi in items if "prev_grad" in self.state.get(p, {})]
             fresh = [(p, gi) for p, gi in items if "prev_grad" not in self.state.get(p, {})]
-            self._adam("main_prior", with_prev, 2, sources=lambda p, s: s["iterate"],
+            self._adam("main_prior", with_prev, 2, sources=lambda p, s: self._saved_x[p],
                        destinations=lambda p, s: p, prior_grads=lambda p, s: s["prev_grad"],
                        prior_scale=self.alpha, save_grads_to=lambda p, s: s["prev_grad"])
             self._adam("main", fresh, 1, sources=lambda p, s: p, destinations=lambda p, s: p,
@@ -352,25 +360,25 @@ class ALSO(AdamFamily):
                 if p not in with_grad and "prev_grad" in self.state.get(p, {})]
         if not lost:
             return
-        self._adam("commit", lost, 1, sources=lambda p, s: s["iterate"], destinations=lambda p, s: p,
+        self._adam("commit", lost, 1, sources=lambda p, s: self._saved_x[p], destinations=lambda p, s: p,
                    grads=lambda p, s: s["prev_grad"], grad_scale=self.alpha)
         for p, _ in lost:
-            state = self.state[p]
-            p.copy_(state["iterate"])
-            del state["prev_grad"]
+            p.copy_(self._saved_x[p])
+            del self.state[p]["prev_grad"]
 
     def _step_loop(self) -> Tensor:
         if not self._recorded:
             raise RuntimeError("step() without a closure needs the per-sample losses: compute the loss with "
                                "opt.weighted_loss(losses, group_ids) before backward()")
         if self.mode == "optimistic" and not self._training:
+            self._recorded.clear()
             raise RuntimeError("the optimizer is in eval() mode (params hold the iterate x): call train() first")
         ids = torch.cat([i for i, _ in self._recorded])
         losses = torch.cat([l.float() for _, l in self._recorded])
+        self._recorded.clear()  # a rejected step drops its batch: zero the grads and run it again
         self._check_losses(losses, ids, finite=True)
         items = self._grad_items()
         self._set_api("loop")
-        self._recorded.clear()
         if self.mode == "descent-ascent":
             self._adam("step", items, 1, sources=lambda p, s: p, destinations=lambda p, s: p)
             self._pi_step(ids, losses)
@@ -381,7 +389,8 @@ class ALSO(AdamFamily):
                        extrapolate_to=lambda p, s: p, extrapolation_scale=self.alpha)
             with_grad = {p for p, _ in items}
             stale = [(p, s) for p, s in self._params_with("iterate") if p not in with_grad]
-            self._restore(stale)  # no gradient: no extrapolation, the param sits at x
+            if stale:  # no gradient: no extrapolation, the param sits at x
+                torch._foreach_copy_([p for p, _ in stale], [s["iterate"] for _, s in stale])
             self._pi_step(ids, losses, second_out=self._pi_mid)
         return losses.mean()
 

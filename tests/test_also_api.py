@@ -1,0 +1,330 @@
+"""ALSO's public API: resume, bad input, train/eval, accumulation, select_batch, sampler, RGD."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import also_fused
+from conftest import DEVICE
+from harness import Config, batches, make_package, package_step
+
+
+def snapshot(opt, params):
+    """Every tensor the optimizer and the params hold, cloned, for bitwise comparison."""
+    sd = copy.deepcopy(opt.state_dict())
+    return sd, [p.detach().clone() for p in params]
+
+
+def assert_same(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a.cpu(), b.cpu()), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+# ----------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("api", ["closure", "loop"])
+def test_resume_is_bitwise(api, mode, amsgrad, backend="reference", device=DEVICE, k=37, more=100):
+    cfg = Config(mode=mode, api=api, amsgrad=amsgrad, steps=k + more, lose_grad_every=5)
+    data = list(batches(cfg))
+    W, b, opt = make_package(cfg, device, backend)
+    for X, Y, ids, use_bias in data:
+        package_step(opt, W, b, api, X, Y, ids, use_bias, device, cfg.dtype)
+    W2, b2, opt2 = make_package(cfg, device, backend)
+    for X, Y, ids, use_bias in data[:k]:
+        package_step(opt2, W2, b2, api, X, Y, ids, use_bias, device, cfg.dtype)
+    saved_opt = copy.deepcopy(opt2.state_dict())
+    saved_params = [W2.detach().clone(), b2.detach().clone()]
+    del W2, b2, opt2
+    W3, b3, opt3 = make_package(cfg, device, backend)
+    with torch.no_grad():
+        W3.copy_(saved_params[0]), b3.copy_(saved_params[1])
+    opt3.load_state_dict(saved_opt)
+    for X, Y, ids, use_bias in data[k:]:
+        package_step(opt3, W3, b3, api, X, Y, ids, use_bias, device, cfg.dtype)
+    assert torch.equal(W3.detach(), W.detach()) and torch.equal(b3.detach(), b.detach())
+    assert torch.equal(opt3.pi, opt.pi)
+    assert_same(opt3.state_dict(), opt.state_dict())
+
+
+def test_state_dict_stores_iterate_in_loop_api():
+    cfg = Config(api="loop", steps=5)
+    W, b, opt = make_package(cfg, DEVICE, "reference")
+    for X, Y, ids, use_bias in batches(cfg):
+        package_step(opt, W, b, "loop", X, Y, ids, use_bias, DEVICE, cfg.dtype)
+    x = opt.state_dict()["state"][0]["iterate"].clone()
+    assert not torch.equal(x, W.detach())  # params hold the extrapolated point
+    opt.eval()
+    assert torch.equal(W.detach(), x)
+    assert torch.equal(opt.state_dict()["state"][0]["iterate"], x)
+    opt.eval()  # idempotent
+    opt.train()
+    assert not torch.equal(W.detach(), x)
+    with pytest.raises(RuntimeError, match="train"):
+        opt.eval()
+        opt.weighted_loss(W.sum() * torch.ones(cfg.batch), torch.zeros(cfg.batch, dtype=torch.long)).backward()
+        opt.step()
+    opt.train()
+
+
+# -------------------------------------------------------------------------- bad input
+def stepped(api="closure", mode="optimistic", steps=3):
+    cfg = Config(api=api, mode=mode, steps=steps)
+    W, b, opt = make_package(cfg, DEVICE, "reference")
+    for X, Y, ids, use_bias in batches(cfg):
+        package_step(opt, W, b, api, X, Y, ids, use_bias, DEVICE, cfg.dtype)
+    return cfg, W, b, opt
+
+
+def good_batch(cfg):
+    X, Y, ids, _ = next(iter(batches(dataclasses.replace(cfg, seed=7))))
+    return X.float(), Y.float(), ids
+
+
+BAD_IDS = {
+    "negative": lambda ids: ids - ids.max() - 1,
+    "too_large": lambda ids: ids + 100,
+    "float": lambda ids: ids.float(),
+    "wrong_length": lambda ids: ids[:-1],
+    "two_dims": lambda ids: ids.view(1, -1),
+    "empty": lambda ids: ids[:0],
+}
+
+
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("bad", sorted(BAD_IDS))
+def test_bad_ids_closure_leave_state_unchanged(bad, mode):
+    cfg, W, b, opt = stepped(mode=mode)
+    X, Y, ids = good_batch(cfg)
+    before = snapshot(opt, [W, b])
+    called = []
+
+    def closure(pi_sel, scale):
+        called.append(1)
+        opt.zero_grad()
+        losses = ((X @ W + b - Y) ** 2).mean(1)
+        (scale * (pi_sel * losses[: len(pi_sel)]).sum()).backward()
+        return losses.detach(), None
+
+    with pytest.raises(ValueError):
+        opt.step(closure, BAD_IDS[bad](ids))
+    assert_same(snapshot(opt, [W, b]), before)
+
+
+CLOSURE_RESULTS = {
+    "nan_loss": lambda losses: (losses * float("nan"), None),
+    "inf_loss": lambda losses: (losses + float("inf"), None),
+    "wrong_shape": lambda losses: (losses[:-1], None),
+    "scalar": lambda losses: (losses.mean(), None),
+    "int_losses": lambda losses: (losses.long(), None),
+    "not_a_tensor": lambda losses: ([1.0] * len(losses), None),
+}
+
+
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("bad", sorted(CLOSURE_RESULTS))
+def test_bad_closure_result_leaves_state_unchanged(bad, mode):
+    cfg, W, b, opt = stepped(mode=mode)
+    X, Y, ids = good_batch(cfg)
+    before = snapshot(opt, [W, b])
+
+    def closure(pi_sel, scale):
+        opt.zero_grad()
+        losses = ((X @ W + b - Y) ** 2).mean(1)
+        (scale * (pi_sel * losses).sum()).backward()
+        return CLOSURE_RESULTS[bad](losses.detach())
+
+    with pytest.raises((ValueError, TypeError)):
+        opt.step(closure, ids)
+    # the extrapolated params were put back, the Adam state and pi were never written
+    after = snapshot(opt, [W, b])
+    assert_same(after[1], before[1], "params")
+    assert_same(after[0]["also"]["pi"], before[0]["also"]["pi"])
+    for pid, state in before[0]["state"].items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert_same(after[0]["state"][pid][key], state[key], key)
+
+
+def test_closure_exception_restores_params():
+    cfg, W, b, opt = stepped()
+    _, _, ids = good_batch(cfg)
+    before = snapshot(opt, [W, b])
+
+    def closure(pi_sel, scale):
+        raise KeyError("user error")
+
+    with pytest.raises(KeyError):
+        opt.step(closure, ids)
+    assert_same(snapshot(opt, [W, b])[1], before[1])
+
+
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+def test_bad_loop_input_leaves_state_unchanged(mode):
+    cfg, W, b, opt = stepped(api="loop", mode=mode)
+    X, Y, ids = good_batch(cfg)
+    before = snapshot(opt, [W, b])
+    losses = ((X @ W + b - Y) ** 2).mean(1)
+    with pytest.raises(ValueError, match="group_ids"):
+        opt.weighted_loss(losses, ids + 100)
+    with pytest.raises(ValueError, match="shape"):
+        opt.weighted_loss(losses[:-1], ids)
+    opt.zero_grad()
+    opt.weighted_loss(losses * float("nan"), ids).backward()
+    with pytest.raises(ValueError, match="NaN"):
+        opt.step()
+    assert_same(snapshot(opt, [W, b])[0]["also"]["pi"], before[0]["also"]["pi"])
+    assert_same(snapshot(opt, [W, b])[1], before[1])
+    with pytest.raises(RuntimeError, match="weighted_loss"):
+        opt.step()
+
+
+def test_mixing_apis_in_optimistic_mode_is_refused():
+    cfg, W, b, opt = stepped(api="loop")
+    X, Y, ids = good_batch(cfg)
+    with pytest.raises(RuntimeError, match="API"):
+        opt.step(lambda pi, s: (torch.ones(len(ids)), None), ids)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_groups=0, batch_size=4), "n_groups"),
+    (dict(n_groups=3), "batch_size"),
+    (dict(n_groups=3, batch_size=4, mode="sgd"), "mode"),
+    (dict(n_groups=3, batch_size=4, pi_reg=[1.0, 2.0]), "pi_reg"),
+    (dict(n_groups=3, batch_size=4, pi_init=[1.0, -2.0, 1.0]), "pi_init"),
+    (dict(n_groups=3, batch_size=4, pi_init=[0.0, 0.0, 0.0]), "pi_init"),
+    (dict(n_groups=3, batch_size=4, pi_temperature=0.0), "temperature"),
+    (dict(n_groups=3, batch_size=4, lr=-1.0), "learning rate"),
+    (dict(n_groups=3, batch_size=4, backend="cuda"), "backend"),
+])
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        also_fused.ALSO([torch.nn.Parameter(torch.randn(2))], **kwargs)
+
+
+def test_loss_scale_default_and_pi_property():
+    opt = also_fused.ALSO([torch.nn.Parameter(torch.randn(2))], n_groups=10, batch_size=4)
+    assert opt.loss_scale == pytest.approx(2.5)
+    assert opt.pi.shape == (10,) and opt.pi.dtype == torch.float32
+    assert torch.allclose(opt.pi, torch.full((10,), 0.1))
+    assert torch.allclose(opt.pi_reg, torch.full((10,), 0.1))
+
+
+# ----------------------------------------------------------------------- accumulation
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+def test_gradient_accumulation_equals_one_big_batch(mode):
+    """Two weighted_loss calls before step() act like one call on the concatenated batch."""
+    cfg = Config(api="loop", mode=mode, batch=8, steps=20)
+    data = list(batches(cfg))
+    Wa, ba, opt_a = make_package(cfg, DEVICE, "reference")
+    Wb, bb, opt_b = make_package(cfg, DEVICE, "reference")
+    for X, Y, ids, _ in data:
+        X, Y = X.float(), Y.float()
+        opt_a.zero_grad()
+        opt_a.weighted_loss(((X @ Wa + ba - Y) ** 2).mean(1), ids).backward()
+        mean_a = opt_a.step()
+        opt_b.zero_grad()
+        for half in (slice(0, 4), slice(4, 8)):
+            opt_b.weighted_loss(((X[half] @ Wb + bb - Y[half]) ** 2).mean(1), ids[half]).backward()
+        mean_b = opt_b.step()
+        assert torch.allclose(mean_a, mean_b, rtol=1e-6)
+    assert torch.allclose(Wa, Wb, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(opt_a.pi, opt_b.pi, rtol=1e-6)
+
+
+def test_step_returns_0dim_tensor():
+    cfg, W, b, opt = stepped(steps=1)
+    X, Y, ids = good_batch(cfg)
+
+    def closure(pi_sel, scale):
+        opt.zero_grad()
+        losses = ((X @ W + b - Y) ** 2).mean(1)
+        (scale * (pi_sel * losses).sum()).backward()
+        return losses.detach(), "extra"
+
+    out = opt.step(closure, ids.tolist())  # a list of ids is accepted
+    assert isinstance(out, torch.Tensor) and out.dim() == 0
+
+
+# ---------------------------------------------------------------- select_batch, sampler
+def expected_selection_size(pi, threshold, order):
+    values = sorted(pi.tolist(), reverse=(order == "desc"))
+    total, cutoff = 0.0, len(values)
+    for i, v in enumerate(values):
+        total += v
+        if total >= threshold:
+            cutoff = i
+            break
+    return max(1, len(values) - (cutoff + 1))
+
+
+@pytest.mark.parametrize("order", ["desc", "asc"])
+@pytest.mark.parametrize("strategy", ["pi", "uniform"])
+@pytest.mark.parametrize("threshold", [0.1, 0.5, 0.9, 1.5])
+def test_select_batch(threshold, strategy, order):
+    pi = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.2])
+    opt = also_fused.ALSO([torch.nn.Parameter(torch.randn(2))], n_groups=5, batch_size=2, pi_init=pi)
+    gen = torch.Generator().manual_seed(0)
+    size, ids = opt.select_batch(threshold, strategy=strategy, order=order, generator=gen)
+    assert size == expected_selection_size(opt.pi, threshold, order)
+    assert ids.shape == (size,) and len(set(ids.tolist())) == size
+    assert int(ids.min()) >= 0 and int(ids.max()) < 5
+
+
+def test_select_batch_follows_pi():
+    pi = torch.tensor([0.9, 0.025, 0.025, 0.025, 0.025])
+    opt = also_fused.ALSO([torch.nn.Parameter(torch.randn(2))], n_groups=5, batch_size=2, pi_init=pi)
+    gen = torch.Generator().manual_seed(0)
+    firsts = [int(opt.select_batch(0.1, generator=gen)[1][0]) for _ in range(200)]
+    assert firsts.count(0) > 150
+
+
+def test_pi_batch_sampler_feeds_a_dataloader():
+    n = 12
+    opt = also_fused.ALSO([torch.nn.Parameter(torch.randn(2))], n_groups=n, batch_size=4)
+    sampler = also_fused.PiBatchSampler(opt, threshold=0.5, num_batches=3,
+                                        generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(torch.arange(n) * 10)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler)
+    batches_seen = [b[0] for b in loader]
+    assert len(batches_seen) == len(sampler) == 3
+    for batch in batches_seen:
+        assert len(batch) == expected_selection_size(opt.pi, 0.5, "desc")
+        assert all(int(v) % 10 == 0 and 0 <= int(v) < 10 * n for v in batch)
+
+
+# ---------------------------------------------------------------------------- RGD
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_rgd_loss_matches_float64_model(temperature):
+    losses = (torch.rand(33, dtype=torch.float64) * 4).requires_grad_()
+    ours_in = losses.detach().float().requires_grad_()
+    ours = also_fused.rgd_loss(ours_in, temperature, backend="reference")
+    w = torch.exp(torch.clamp(losses.detach(), max=temperature) / (temperature + 1))
+    want = (w * losses).mean()
+    want.backward()
+    ours.backward()
+    assert abs(float(ours) - float(want)) <= 1e-6 * float(want)
+    assert torch.allclose(ours_in.grad.double(), losses.grad, rtol=1e-6)
+    assert float(w.max()) > 1.0  # the weights are not all 1: the check above sees the re-weighting
+
+
+def test_rgd_loss_errors():
+    with pytest.raises(ValueError):
+        also_fused.rgd_loss(torch.ones(0), 1.0)
+    with pytest.raises(ValueError):
+        also_fused.rgd_loss(torch.ones(3), 0.0)
+    with pytest.raises(TypeError):
+        also_fused.rgd_loss(torch.ones(3, dtype=torch.long), 1.0)

@@ -1,0 +1,267 @@
+"""Tests of the PiUpdate kernels against a float64 model written here from the formula:
+
+    z_j = (log(pi_j + eps) + c log(pi_reg_j) - pi_lr G_j) / (1 + c),  G_j = -sum_{g_i = j} l_i,
+    c = pi_decay * pi_lr,  PiUpdate = softmax(z / temperature).
+
+Without CUDA the kernels run in Triton's interpreter (small sizes, fewer steps in the long loops).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from also_fused.kernels.group_pi import SMALL_MAX, pi_update  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def model_pi_update(pi: torch.Tensor, ids: torch.Tensor, losses: torch.Tensor, lr: float,
+                    decay: float, temperature: float, eps: float,
+                    pi_reg: Optional[torch.Tensor] = None) -> torch.Tensor:
+    p = pi.detach().double().cpu()
+    n = p.numel()
+    ids = ids.cpu().long()
+    l64 = losses.detach().cpu().double()
+    G = torch.zeros(n, dtype=torch.float64)
+    for i in range(ids.numel()):  # plain loop: the model must not share the kernel's scatter
+        j = int(ids[i])
+        if 0 <= j < n:
+            G[j] -= l64[i]
+    c = decay * lr
+    z = torch.log(p + eps) - lr * G
+    if pi_reg is not None:
+        z = z + c * torch.log(pi_reg.double().cpu())
+    return torch.softmax(z / (1.0 + c) / temperature, dim=0)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.detach().double().cpu() - ref).norm() / ref.norm())
+
+
+def rand_simplex(n: int, gen: torch.Generator) -> torch.Tensor:
+    p = torch.rand(n, generator=gen, dtype=torch.float64) + 0.05
+    return (p / p.sum()).float()
+
+
+def make_batch(kind: str, n: int, gen: torch.Generator, B: int = 300):
+    if kind == "equal":
+        ids = torch.full((B,), int(torch.randint(0, n, (1,), generator=gen)), dtype=torch.int64)
+    elif kind == "distinct":
+        ids = torch.randperm(n, generator=gen)[: min(B, n)]
+    elif kind == "one":
+        ids = torch.randint(0, n, (1,), generator=gen)
+    elif kind == "empty":
+        ids = torch.zeros(0, dtype=torch.int64)
+    else:  # repeated ids drawn from a few groups
+        ids = torch.randint(0, min(n, 7), (B,), generator=gen)
+    losses = torch.rand(ids.numel(), generator=gen) * 3.0
+    return ids, losses
+
+
+HP = dict(pi_lr=0.3, pi_decay=0.5, temperature=0.7, eps=1.1920929e-07)
+
+
+def call(pi, ids, losses, hp=HP, **kw):
+    return pi_update(pi.to(DEV), ids.to(DEV), losses.to(DEV), **hp, **kw)
+
+
+def check(pi, ids, losses, hp=HP, tol=2e-6, reg=None, **kw):
+    lpr = None if reg is None else torch.log(reg).to(DEV)
+    out = call(pi, ids, losses, hp, log_pi_reg=lpr, **kw)
+    ref = model_pi_update(pi, ids, losses, hp["pi_lr"], hp["pi_decay"], hp["temperature"],
+                          hp["eps"], reg)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < tol, rel_err(out, ref)
+    return out
+
+
+CASES = [(n, k) for n in (1, 10, 1000) for k in ("equal", "distinct", "one", "empty", "repeat")]
+CASES += [(100_000, "repeat"), (100_000, "empty")]
+
+
+@pytest.mark.parametrize("n,kind", CASES)
+def test_matches_model(n: int, kind: str) -> None:
+    gen = torch.Generator().manual_seed(n * 7 + len(kind))
+    pi = rand_simplex(n, gen)
+    ids, losses = make_batch(kind, n, gen)
+    check(pi, ids, losses)
+
+
+@pytest.mark.parametrize("n", [10, 1000])
+def test_non_uniform_reg_and_temperature(n: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    pi = rand_simplex(n, gen)
+    reg = rand_simplex(n, gen)
+    ids, losses = make_batch("repeat", n, gen)
+    for T in (0.25, 1.0, 3.0):
+        check(pi, ids, losses, dict(HP, temperature=T), reg=reg)
+    # a non-uniform pi_reg must change the result
+    a = call(pi, ids, losses, log_pi_reg=torch.log(reg).to(DEV))
+    b = call(pi, ids, losses)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n", [10, 1000])
+def test_in_place_and_second_out(n: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    pi = rand_simplex(n, gen)
+    ids, losses = make_batch("repeat", n, gen)
+    reg = rand_simplex(n, gen)
+    ref1 = model_pi_update(pi, ids, losses, 0.3, 0.5, 0.7, HP["eps"], reg)
+    ref2 = model_pi_update(ref1.float(), ids, losses, 0.3, 0.5, 0.7, HP["eps"], reg)
+    buf = pi.clone().to(DEV)
+    mid = torch.full_like(buf, float("nan"))
+    ret = pi_update(buf, ids.to(DEV), losses.to(DEV), **HP, log_pi_reg=torch.log(reg).to(DEV),
+                    out=buf, second_out=mid)
+    assert ret.data_ptr() == buf.data_ptr()
+    assert rel_err(buf, ref1) < 2e-6
+    assert rel_err(mid, ref2) < 4e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [10, 1000])
+def test_loss_dtypes(dtype: torch.dtype, n: int) -> None:
+    gen = torch.Generator().manual_seed(11)
+    pi = rand_simplex(n, gen)
+    ids, losses = make_batch("repeat", n, gen)
+    losses = losses.to(dtype)  # the model sees the same rounded values
+    check(pi, ids, losses)
+
+
+@pytest.mark.parametrize("n", [10, 1000])
+def test_deterministic(n: int) -> None:
+    gen = torch.Generator().manual_seed(13)
+    pi = rand_simplex(n, gen).to(DEV)
+    ids = torch.randint(0, 10, (4096,), generator=gen).to(DEV)
+    losses = (torch.rand(4096, generator=gen) * 5).to(DEV)
+    a1, b1 = torch.empty_like(pi), torch.empty_like(pi)
+    a2, b2 = torch.empty_like(pi), torch.empty_like(pi)
+    pi_update(pi, ids, losses, **HP, out=a1, second_out=b1)
+    pi_update(pi, ids, losses, **HP, out=a2, second_out=b2)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    ref = model_pi_update(pi, ids, losses, HP["pi_lr"], HP["pi_decay"], HP["temperature"],
+                          HP["eps"])
+    assert rel_err(a1, ref) < 1e-5
+
+
+@pytest.mark.parametrize("n", [10, 1000])
+def test_bad_ids_stay_inside_pi(n: int) -> None:
+    gen = torch.Generator().manual_seed(17)
+    pad = 64
+    sentinel = 12345.0
+    pi = rand_simplex(n, gen)
+    bufs = [torch.full((n + 2 * pad,), sentinel, device=DEV) for _ in range(3)]
+    p_view, o_view, m_view = (b[pad:pad + n] for b in bufs)
+    p_view.copy_(pi)
+    good = torch.randint(0, n, (40,), generator=gen)
+    bad = torch.tensor([-1, -pad, -pad - 1, n, n + 1, n + pad, 2**40, -(2**40)])
+    ids = torch.cat([good, bad])[torch.randperm(48, generator=gen)]
+    losses = torch.rand(48, generator=gen) * 4
+    pi_update(p_view, ids.to(DEV), losses.to(DEV), **HP, out=o_view, second_out=m_view)
+    for b in bufs:
+        assert torch.all(b[:pad] == sentinel) and torch.all(b[pad + n:] == sentinel)
+    ref = model_pi_update(pi, ids, losses, HP["pi_lr"], HP["pi_decay"], HP["temperature"],
+                          HP["eps"])
+    assert rel_err(o_view, ref) < 2e-6
+    # in place, ids as int32 (the ids that fit)
+    fits = ids.abs() < 2**31
+    ref = model_pi_update(pi, ids[fits], losses[fits], HP["pi_lr"], HP["pi_decay"],
+                          HP["temperature"], HP["eps"])
+    pi_update(p_view, ids[fits].to(torch.int32).to(DEV), losses[fits].to(DEV), **HP, out=p_view)
+    assert torch.all(bufs[0][:pad] == sentinel) and torch.all(bufs[0][pad + n:] == sentinel)
+    assert rel_err(p_view, ref) < 2e-6
+
+
+def test_negative_losses_on_dominant_groups() -> None:
+    """Present groups that hold almost all the mass and get large negative losses (large path)."""
+    n = 1000
+    gen = torch.Generator().manual_seed(19)
+    pi = torch.full((n,), 1e-9)
+    pi[[3, 500]] = 0.5
+    pi = pi / pi.sum()
+    ids = torch.tensor([3, 500, 3, 17])
+    losses = torch.tensor([-2000.0, -3000.0, -500.0, 1.0])
+    for T in (1.0, 0.1):
+        check(pi, ids, losses, dict(HP, pi_lr=1.0, temperature=T), tol=1e-5)
+    # mixed signs at random
+    pi = rand_simplex(n, gen)
+    ids = torch.randint(0, n, (200,), generator=gen)
+    losses = torch.randn(200, generator=gen) * 20
+    check(pi, ids, losses, tol=5e-6)
+
+
+def run_simplex_loop(n: int, steps: int, seconds: float, optimistic: bool) -> int:
+    gen = torch.Generator().manual_seed(23 + n)
+    pi = torch.full((n,), 1.0 / n, device=DEV)
+    mid = torch.empty_like(pi)
+    B = 64
+    batches = [(torch.randint(0, n, (B,), generator=gen).to(DEV),
+                (torch.rand(B, generator=gen) * 1e4).to(DEV)) for _ in range(16)]
+    worst = torch.zeros((), dtype=torch.float64, device=DEV)
+    lowest = torch.ones((), device=DEV)
+    t0 = time.time()
+    done = 0
+    hp = dict(pi_lr=1e-3, pi_decay=1e-2, temperature=1.0, eps=1.1920929e-07)
+    while done < steps and time.time() - t0 < seconds:
+        ids, losses = batches[done % 16]
+        pi_update(pi, ids, losses, **hp, out=pi, second_out=mid if optimistic else None)
+        worst = torch.maximum(worst, (pi.double().sum() - 1).abs())
+        lowest = torch.minimum(lowest, pi.min())
+        if optimistic:
+            worst = torch.maximum(worst, (mid.double().sum() - 1).abs())
+            lowest = torch.minimum(lowest, mid.min())
+        done += 1
+    # NaN anywhere propagates into worst / lowest
+    assert float(worst) <= 1e-5, float(worst)
+    assert float(lowest) >= 0.0
+    assert torch.isfinite(pi).all()
+    return done
+
+
+@pytest.mark.parametrize("n,optimistic", [(10, False), (10, True), (1000, False)])
+def test_stays_on_simplex_long(n: int, optimistic: bool) -> None:
+    """10^5 kernel steps with losses up to 1e4 on CUDA (2*10^4 on the large path); in the
+    interpreter as many kernel steps as fit in a few seconds (at least 50)."""
+    if CUDA:
+        steps = 100_000 if n <= SMALL_MAX else 20_000
+        assert run_simplex_loop(n, steps, 1e9, optimistic) == steps
+    else:
+        assert run_simplex_loop(n, 100_000, 6.0 if n <= SMALL_MAX else 4.0, optimistic) >= 50
+
+
+def test_rejects_bad_arguments() -> None:
+    pi = torch.full((4,), 0.25, device=DEV)
+    ids = torch.zeros(3, dtype=torch.int64, device=DEV)
+    l = torch.ones(3, device=DEV)
+    with pytest.raises(ValueError):
+        pi_update(pi.double(), ids, l, **HP)
+    with pytest.raises(ValueError):
+        pi_update(pi, ids.float(), l, **HP)
+    with pytest.raises(ValueError):
+        pi_update(pi, ids, l[:2], **HP)
+    with pytest.raises(ValueError):
+        pi_update(pi, ids, l, **dict(HP, temperature=0.0))
+
+
+@pytest.mark.skipif(not CUDA, reason="large n_groups only on CUDA")
+@pytest.mark.parametrize("n", [1_000_000, 10_000_000])
+def test_large_cuda(n: int) -> None:
+    gen = torch.Generator().manual_seed(29)
+    pi = rand_simplex(n, gen)
+    ids = torch.randint(0, n, (4096,), generator=gen)
+    ids[:100] = 7  # repeats
+    losses = torch.rand(4096, generator=gen) * 3
+    reg = rand_simplex(n, gen)
+    out = check(pi, torch.cat([ids, torch.tensor([-1, n])]),
+                torch.cat([losses, torch.tensor([1.0, 1.0])]), tol=1e-5, reg=reg)
+    again = call(pi, torch.cat([ids, torch.tensor([-1, n])]),
+                 torch.cat([losses, torch.tensor([1.0, 1.0])]), log_pi_reg=torch.log(reg).to(DEV))
+    assert torch.equal(out, again)

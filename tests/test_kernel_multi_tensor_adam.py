@@ -1,0 +1,388 @@
+"""Tests of the one-launch multi-tensor Adam kernel against a float64 model written here, and against torch.
+
+Runs on CUDA when available, else on CPU tensors through the Triton interpreter (small sizes).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import itertools  # noqa: E402
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+from also_fused.kernels.multi_tensor_adam import KERNEL_CONFIG, multi_tensor_adam_  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CUDA = DEVICE.type == "cuda"
+# Relative rounding of one stored value (the interpreter truncates fp32 -> bf16/fp16, the GPU rounds).
+ULP = {torch.float32: 2.0 ** -22, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+# Rows: (lr, beta1, beta2, eps, weight_decay). A large eps makes the two eps placements differ visibly.
+HYPER_ROWS = [
+    (1e-3, 0.9, 0.999, 1e-8, 0.0),
+    (5e-2, 0.8, 0.99, 1e-2, 0.1),
+    (2e-2, 0.9, 0.999, 1e-3, 0.01),
+]
+HALF_HYPER_ROWS = [  # half precision: steps several ulps of the parameter
+    (0.5, 0.9, 0.999, 1e-8, 0.0),
+    (1.0, 0.8, 0.99, 1e-2, 0.1),
+    (0.75, 0.9, 0.999, 1e-3, 0.01),
+]
+CHUNK = KERNEL_CONFIG[4][0] * KERNEL_CONFIG[4][1]
+SIZES = [1, 7, 1000, 4099, 0, CHUNK + 3]  # several blocks, a tail, an empty tensor, a tensor over one chunk
+
+
+def _hyper(rows):
+    return torch.tensor(rows, dtype=torch.float32, device=DEVICE)
+
+
+def ref_adam(x, d, m, v, vmax, t, h, eps_mode, decoupled, amsgrad):
+    """Float64 model of one Adam step; d already scaled (and negated for maximize)."""
+    lr, b1, b2, eps, wd = (float(u) for u in h)
+    if decoupled:
+        x = x * (1 - lr * wd)
+    else:
+        d = d + wd * x
+    m = b1 * m + (1 - b1) * d
+    v = b2 * v + (1 - b2) * d * d
+    if amsgrad:
+        vmax = torch.maximum(vmax, v)
+    vd = vmax if amsgrad else v
+    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+    if eps_mode == "also":
+        x = x - lr * math.sqrt(bc2) / bc1 * m / (vd.sqrt() + eps)
+    else:
+        x = x - lr / bc1 * m / (vd.sqrt() / math.sqrt(bc2) + eps)
+    return x, m, v, vmax
+
+
+class Problem:
+    """Tensors of one kernel call plus float64 copies of its inputs."""
+
+    def __init__(self, sizes, dtype, rows, *, amsgrad=False, separate_dst=False, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.dtype = dtype
+        self.hyper = _hyper(rows)
+        self.rows = [i % len(rows) for i in range(len(sizes))]
+        self.params = [torch.randn(s, generator=gen).to(DEVICE, dtype) for s in sizes]
+        self.m = [(0.1 * torch.randn(s, generator=gen)).to(DEVICE) for s in sizes]
+        self.v = [(0.01 * torch.rand(s, generator=gen) + 1e-4).to(DEVICE) for s in sizes]
+        self.vmax = [v + 0.01 * torch.rand(v.shape, generator=gen).to(DEVICE) for v in self.v] if amsgrad else None
+        self.steps = [torch.tensor(float(3 + i), device=DEVICE) for i in range(len(sizes))]
+        self.dst = [torch.full_like(p, float("nan")) for p in self.params] if separate_dst else self.params
+        self.gen = gen
+
+    def new_grads(self, scale=1.0):
+        return [(scale * torch.randn(p.shape, generator=self.gen)).to(DEVICE, self.dtype) for p in self.params]
+
+    def snapshot(self):
+        f = lambda ts: [t.detach().double().cpu() for t in ts] if ts is not None else None  # noqa: E731
+        return dict(x=f(self.params), m=f(self.m), v=f(self.v), vmax=f(self.vmax),
+                    t=[float(s) for s in self.steps], h=self.hyper.double().cpu())
+
+
+def _assert_close(out, ref, rtol, atol, what):
+    out = out.detach().double().cpu()
+    assert not torch.isnan(out).any(), f"{what}: NaN (unwritten element?)"
+    err = (out - ref).abs()
+    tol = atol + rtol * ref.abs()
+    bad = err > tol
+    assert not bad.any(), f"{what}: max err {err.max().item():.3g}, {int(bad.sum())} bad of {out.numel()}"
+
+
+def _check_step(out_x, snap_x, ref_x, dtype, what):
+    # One rounding of the stored result, plus fp32 arithmetic on the update itself.
+    step = (ref_x - snap_x).abs()
+    _assert_close(out_x, ref_x, ULP[dtype], 1e-5 * step + 1e-30, what)
+    if dtype != torch.float32 and step.numel() >= 100:
+        assert (step > 2 * ULP[dtype] * ref_x.abs()).float().mean() > 0.5, "test too weak: steps below one ulp"
+
+
+def _run_and_check(pb, grads, *, eps_mode, decoupled, maximize, grad_scale, cache=None, n_steps=1):
+    amsgrad = pb.vmax is not None
+    for _ in range(n_steps):
+        for s in pb.steps:
+            s += 1
+        snap = pb.snapshot()
+        g64 = [g.double().cpu() for g in grads]
+        multi_tensor_adam_(pb.params, grads, pb.m, pb.v, pb.steps, pb.dst, pb.hyper, pb.rows,
+                           max_exp_avg_sqs=pb.vmax, eps_mode=eps_mode, decoupled_weight_decay=decoupled,
+                           maximize=maximize, grad_scale=grad_scale, cache=cache)
+        for i in range(len(pb.params)):
+            d = g64[i] * grad_scale * (-1 if maximize else 1)
+            vmax0 = snap["vmax"][i] if amsgrad else None
+            rx, rm, rv, rvmax = ref_adam(snap["x"][i], d, snap["m"][i], snap["v"][i], vmax0, snap["t"][i],
+                                         snap["h"][pb.rows[i]], eps_mode, decoupled, amsgrad)
+            _check_step(pb.dst[i], snap["x"][i], rx, pb.dtype, f"x[{i}]")
+            _assert_close(pb.m[i], rm, 1e-6, 1e-6, f"m[{i}]")
+            _assert_close(pb.v[i], rv, 1e-6, 1e-12, f"v[{i}]")
+            if amsgrad:
+                _assert_close(pb.vmax[i], rvmax, 1e-6, 1e-14, f"vmax[{i}]")
+            if pb.dst is not pb.params:
+                assert torch.equal(pb.params[i].double().cpu(), snap["x"][i]), "source modified"
+        if pb.dst is not pb.params:  # next step starts from the result; poison the destinations again
+            for p, d in zip(pb.params, pb.dst):
+                p.copy_(d)
+                d.fill_(float("nan"))
+        grads = pb.new_grads()
+
+
+FLAG_COMBOS = list(itertools.product(["also", "torch"], [False, True], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("eps_mode,decoupled,amsgrad,maximize", FLAG_COMBOS)
+def test_fp32_matches_float64_model(eps_mode, decoupled, amsgrad, maximize):
+    idx = FLAG_COMBOS.index((eps_mode, decoupled, amsgrad, maximize))
+    pb = Problem(SIZES, torch.float32, HYPER_ROWS, amsgrad=amsgrad, separate_dst=idx % 2 == 1, seed=idx)
+    _run_and_check(pb, pb.new_grads(), eps_mode=eps_mode, decoupled=decoupled, maximize=maximize,
+                   grad_scale=0.5 if idx % 3 == 0 else 1.0, n_steps=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("eps_mode,decoupled,amsgrad,maximize,separate",
+                         [("also", False, False, False, False), ("torch", True, True, True, True),
+                          ("also", False, True, True, True)])
+def test_half_matches_float64_model(dtype, eps_mode, decoupled, amsgrad, maximize, separate):
+    pb = Problem(SIZES, dtype, HALF_HYPER_ROWS, amsgrad=amsgrad, separate_dst=separate, seed=7)
+    _run_and_check(pb, pb.new_grads(), eps_mode=eps_mode, decoupled=decoupled, maximize=maximize,
+                   grad_scale=2.0, n_steps=2)
+
+
+def test_free_running_trajectory_fp32():
+    """Ten steps with the kernel's own state fed back, compared with a float64 trajectory."""
+    pb = Problem([1000, 5, 4099], torch.float32, HYPER_ROWS, amsgrad=True, seed=3)
+    x = [p.double().cpu() for p in pb.params]
+    m = [t.double().cpu() for t in pb.m]
+    v = [t.double().cpu() for t in pb.v]
+    vmax = [t.double().cpu() for t in pb.vmax]
+    h = pb.hyper.double().cpu()
+    cache = {}
+    for _ in range(10):
+        for s in pb.steps:
+            s += 1
+        grads = pb.new_grads()
+        multi_tensor_adam_(pb.params, grads, pb.m, pb.v, pb.steps, pb.params, pb.hyper, pb.rows,
+                           max_exp_avg_sqs=pb.vmax, cache=cache)
+        for i in range(3):
+            x[i], m[i], v[i], vmax[i] = ref_adam(x[i], grads[i].double().cpu(), m[i], v[i], vmax[i],
+                                                 float(pb.steps[i]), h[pb.rows[i]], "also", False, True)
+    for i in range(3):
+        _assert_close(pb.params[i], x[i], 1e-6, 1e-6, f"x[{i}]")
+        _assert_close(pb.m[i], m[i], 1e-5, 1e-6, f"m[{i}]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("eps_mode,amsgrad", [("also", False), ("torch", True)])
+def test_extrapolate_two_steps(dtype, eps_mode, amsgrad):
+    rows = HYPER_ROWS if dtype == torch.float32 else HALF_HYPER_ROWS
+    pb = Problem(SIZES, dtype, rows, amsgrad=amsgrad, separate_dst=True, seed=11)
+    ext = [torch.full_like(p, float("nan")) for p in pb.params]
+    grads = pb.new_grads()
+    snap = pb.snapshot()
+    gs, es = 0.5, 1.5
+    multi_tensor_adam_(pb.params, grads, pb.m, pb.v, pb.steps, pb.dst, pb.hyper, pb.rows, max_exp_avg_sqs=pb.vmax,
+                       eps_mode=eps_mode, grad_scale=gs, extrapolate_to=ext, extrapolation_scale=es)
+    for i in range(len(SIZES)):
+        g = grads[i].double().cpu()
+        t = snap["t"][i]
+        vm = snap["vmax"][i] if amsgrad else None
+        h = snap["h"][pb.rows[i]]
+        x1, m, v, vm = ref_adam(snap["x"][i], gs * g, snap["m"][i], snap["v"][i], vm, t - 1, h, eps_mode, False,
+                                amsgrad)
+        _check_step(pb.dst[i], snap["x"][i], x1, dtype, f"x1[{i}]")
+        x1_stored = pb.dst[i].double().cpu()  # the second step starts from the stored iterate
+        y, m, v, vm = ref_adam(x1_stored, es * g, m, v, vm, t, h, eps_mode, False, amsgrad)
+        _check_step(ext[i], x1_stored, y, dtype, f"y[{i}]")
+        _assert_close(pb.m[i], m, 1e-6, 1e-6, f"m[{i}]")
+        _assert_close(pb.v[i], v, 1e-6, 1e-12, f"v[{i}]")
+        if amsgrad:
+            _assert_close(pb.vmax[i], vm, 1e-6, 1e-14, f"vmax[{i}]")
+        assert torch.equal(pb.params[i].double().cpu(), snap["x"][i])
+
+
+def test_extrapolate_equals_two_calls_fp32():
+    a = Problem(SIZES, torch.float32, HYPER_ROWS, separate_dst=True, seed=5)
+    b = Problem(SIZES, torch.float32, HYPER_ROWS, seed=5)
+    grads = a.new_grads()
+    ext = [torch.full_like(p, float("nan")) for p in a.params]
+    multi_tensor_adam_(a.params, grads, a.m, a.v, a.steps, a.dst, a.hyper, a.rows, extrapolate_to=ext)
+    for s in b.steps:
+        s -= 1
+    multi_tensor_adam_(b.params, grads, b.m, b.v, b.steps, b.params, b.hyper, b.rows)
+    x1 = [p.clone() for p in b.params]
+    for s in b.steps:
+        s += 1
+    multi_tensor_adam_(b.params, grads, b.m, b.v, b.steps, b.params, b.hyper, b.rows)
+    for i in range(len(SIZES)):
+        torch.testing.assert_close(a.dst[i], x1[i], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ext[i], b.params[i], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a.m[i], b.m[i], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_save_sources_and_grads(dtype):
+    rows = HYPER_ROWS if dtype == torch.float32 else HALF_HYPER_ROWS
+    pb = Problem(SIZES, dtype, rows, separate_dst=True, seed=13)
+    grads = pb.new_grads()
+    saved_x = [torch.full_like(p, float("nan")) for p in pb.params]
+    saved_g = [torch.full_like(p, float("nan")) for p in pb.params]
+    snap = pb.snapshot()
+    multi_tensor_adam_(pb.params, grads, pb.m, pb.v, pb.steps, pb.dst, pb.hyper, pb.rows, maximize=True,
+                       grad_scale=0.25, save_sources_to=saved_x, save_grads_to=saved_g)
+    for i in range(len(SIZES)):
+        assert torch.equal(saved_x[i], pb.params[i])
+        assert torch.equal(saved_g[i], grads[i])  # raw gradient: before grad_scale and maximize
+        d = -0.25 * grads[i].double().cpu()
+        rx, _, _, _ = ref_adam(snap["x"][i], d, snap["m"][i], snap["v"][i], None, snap["t"][i],
+                               snap["h"][pb.rows[i]], "also", False, False)
+        _check_step(pb.dst[i], snap["x"][i], rx, dtype, f"x[{i}]")
+
+
+@pytest.mark.parametrize("decoupled,amsgrad,maximize,wd", [(False, False, False, 0.0), (False, True, True, 0.05),
+                                                           (True, False, False, 0.1), (True, True, True, 0.01)])
+def test_torch_mode_matches_torch_optim(decoupled, amsgrad, maximize, wd):
+    gen = torch.Generator().manual_seed(17)
+    sizes = [7, 1000, 257]
+    lr, betas, eps = 3e-3, (0.85, 0.995), 1e-6
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in sizes]
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    opt = cls(ref, lr=lr, betas=betas, eps=eps, weight_decay=wd, amsgrad=amsgrad, maximize=maximize,
+              foreach=False)
+    params = [p.detach().clone() for p in ref]
+    init = [p.clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    vmax = [torch.zeros_like(p) for p in params] if amsgrad else None
+    steps = [torch.zeros((), device=DEVICE) for _ in params]
+    hyper = _hyper([(lr, betas[0], betas[1], eps, wd)])
+    cache = {}
+    for _ in range(20):
+        grads = [torch.randn(s, generator=gen).to(DEVICE) for s in sizes]
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        opt.step()
+        for s in steps:
+            s += 1
+        multi_tensor_adam_(params, grads, m, v, steps, params, hyper, [0] * len(params), max_exp_avg_sqs=vmax,
+                           eps_mode="torch", decoupled_weight_decay=decoupled, maximize=maximize, cache=cache)
+    for p, r, p0 in zip(params, ref, init):
+        scale = r.detach().abs().max()
+        rel = ((p - r.detach()).abs().max() / scale).item()
+        assert rel <= 1e-6, rel
+        assert (r.detach() - p0).abs().max() > 1e-3 * scale  # the parameters moved far beyond the tolerance
+
+
+def test_cache_reuse_with_new_grads():
+    pb = Problem(SIZES, torch.float32, HYPER_ROWS, amsgrad=True, seed=19)
+    cache = {}
+    _run_and_check(pb, pb.new_grads(), eps_mode="also", decoupled=False, maximize=False, grad_scale=1.0,
+                   cache=cache, n_steps=1)
+    meta, chunks = cache["meta"], cache["chunks"]
+    for _ in range(2):  # new gradient tensors each step: only the gradient table is rebuilt
+        _run_and_check(pb, pb.new_grads(), eps_mode="also", decoupled=False, maximize=False, grad_scale=1.0,
+                       cache=cache, n_steps=1)
+        assert cache["meta"] is meta and cache["chunks"] is chunks
+    # same gradient tensors with new values: the cached table still points at them
+    grads = pb.new_grads()
+    _run_and_check(pb, grads, eps_mode="also", decoupled=False, maximize=False, grad_scale=1.0, cache=cache)
+    table = cache["grad_table"]
+    for g in grads:
+        g.copy_(torch.randn(g.shape, generator=pb.gen).to(DEVICE))
+    _run_and_check(pb, grads, eps_mode="also", decoupled=False, maximize=False, grad_scale=1.0, cache=cache)
+    assert cache["grad_table"] is table
+    # new parameter tensors: the tables are rebuilt
+    pb.params = [p.clone() for p in pb.params]
+    pb.dst = pb.params
+    _run_and_check(pb, pb.new_grads(), eps_mode="also", decoupled=False, maximize=False, grad_scale=1.0,
+                   cache=cache)
+    assert cache["meta"] is not meta
+
+
+def test_misaligned_views():
+    """Parameters that are views at odd element offsets (not 16-byte aligned) take the unaligned path."""
+    gen = torch.Generator().manual_seed(23)
+    base = [torch.randn(s + 1, generator=gen).to(DEVICE) for s in (1000, 4099)]
+    pb = Problem([1000, 4099], torch.float32, HYPER_ROWS, seed=23)
+    heads = [b[0].item() for b in base]
+    pb.params = [b[1:] for b in base]
+    pb.dst = pb.params
+    cache = {}
+    _run_and_check(pb, pb.new_grads(), eps_mode="torch", decoupled=True, maximize=False, grad_scale=1.0,
+                   cache=cache, n_steps=2)
+    assert not cache["aligned"]
+    assert [b[0].item() for b in base] == heads  # nothing written before the views
+
+
+def test_empty_and_zero_sized():
+    hyper = _hyper(HYPER_ROWS)
+    multi_tensor_adam_([], [], [], [], [], [], hyper, [])
+    z = [torch.zeros(0, device=DEVICE) for _ in range(6)]
+    step = [torch.ones((), device=DEVICE)]
+    cache = {}
+    multi_tensor_adam_(z[:1], z[1:2], z[2:3], z[3:4], step, z[:1], hyper, [0], cache=cache)
+    assert cache["total"] == 0
+    with pytest.raises(ValueError):
+        multi_tensor_adam_(z[:2], z[1:2], z[2:3], z[3:4], step, z[:1], hyper, [0])
+    with pytest.raises(ValueError):
+        multi_tensor_adam_(z[:1], z[1:2], z[2:3], z[3:4], step, z[:1], hyper, [0], eps_mode="adam")
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_matches_eager():
+    pb = Problem([5000, 3, 70000], torch.float32, HYPER_ROWS, amsgrad=True, seed=29)
+    grads = pb.new_grads()
+    ext = [torch.empty_like(p) for p in pb.params]
+    saved = [torch.empty_like(p) for p in pb.params]
+    cache = {}
+
+    def call():
+        multi_tensor_adam_(pb.params, grads, pb.m, pb.v, pb.steps, pb.params, pb.hyper, pb.rows,
+                           max_exp_avg_sqs=pb.vmax, extrapolate_to=ext, save_grads_to=saved, cache=cache)
+
+    state = lambda: [t.clone() for t in pb.params + pb.m + pb.v + pb.vmax]  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()  # warm-up: compile and build the tables
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    before = state()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for t, b in zip(pb.params + pb.m + pb.v + pb.vmax, before):
+        t.copy_(b)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed, ext_r = state(), [e.clone() for e in ext]
+    for t, b in zip(pb.params + pb.m + pb.v + pb.vmax, before):
+        t.copy_(b)
+    call()
+    torch.cuda.synchronize()
+    for a, b in zip(replayed, state()):
+        assert torch.equal(a, b)
+    for a, b in zip(ext_r, ext):
+        assert torch.equal(a, b)
+    assert not torch.equal(replayed[0], before[0])
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="needs a GPU with about 30 GB free")
+def test_tensor_over_2_pow_31_elements():
+    if torch.cuda.mem_get_info()[0] < 36 * 2 ** 30:
+        pytest.skip("not enough free GPU memory")
+    n = 2 ** 31 + 4099
+    x = torch.ones(n, dtype=torch.bfloat16, device=DEVICE)
+    g = torch.full((n,), -1.0, dtype=torch.bfloat16, device=DEVICE)
+    g[-5:] = torch.tensor([1.0, 2.0, -3.0, 0.5, 4.0])
+    m = torch.zeros(n, device=DEVICE)
+    v = torch.zeros(n, device=DEVICE)
+    hyper = _hyper([(0.25, 0.9, 0.999, 1e-8, 0.0)])
+    multi_tensor_adam_([x], [g], [m], [v], [torch.ones((), device=DEVICE)], [x], hyper, [0])
+    # first step: x - lr * sign(g) (up to eps); the last elements sit beyond 2**31
+    expect = 1 - 0.25 * torch.sign(g[-4101:].float())
+    torch.testing.assert_close(x[-4101:].float(), expect, rtol=0, atol=1e-3)
+    torch.testing.assert_close(m[-5:], 0.1 * g[-5:].float())
+    assert x[: 2 ** 20].float().eq(1.25).all()
