@@ -14,91 +14,54 @@ from torch import Tensor
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
 
-def _fp32(tensors: Sequence[Tensor]) -> list[Tensor]:
-    return [t if t.dtype == torch.float32 else t.float() for t in tensors]
+def _advance_moments(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, vmax: Optional[Tensor], *, scale: float,
+                     beta1: float, beta2: float, weight_decay: float, maximize: bool, decoupled: bool,
+                     out: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None,
+                     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """d = s*g (+ wd*x unless decoupled); m <- b1 m + (1-b1) d; v <- b2 v + (1-b2) d^2; vmax <- max(vmax, v).
 
-
-def _bias_corrections(step: float, beta1: float, beta2: float) -> tuple[float, float]:
-    return 1.0 - beta1**step, 1.0 - beta2**step
-
-
-def adam_moments_reference(
-    sources: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    max_exp_avg_sqs: Optional[Sequence[Tensor]],
-    *,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    grad_scale: float = 1.0,
-    maximize: bool = False,
-    decoupled_weight_decay: bool = False,
-    out: Optional[tuple[list[Tensor], list[Tensor], Optional[list[Tensor]]]] = None,
-) -> tuple[list[Tensor], list[Tensor], Optional[list[Tensor]]]:
-    """Advance the Adam moments: d = s*g (+ wd*x unless decoupled); m <- b1 m + (1-b1) d; v <- b2 v + (1-b2) d^2.
-
-    Writes into ``out`` (new fp32 tensors when ``out`` is None, so that the state is untouched) and
-    returns (m, v, vmax); vmax = max(vmax, v) when amsgrad state is given.
+    In place when ``out`` is None, else written to ``out`` with the inputs untouched.
     """
-    xs = _fp32(sources)
-    ds = _fp32(grads)
-    if maximize:
-        ds = torch._foreach_neg(ds)
-    if grad_scale != 1.0:
-        ds = torch._foreach_mul(ds, grad_scale)
-    if weight_decay != 0.0 and not decoupled_weight_decay:
-        ds = torch._foreach_add(ds, xs, alpha=weight_decay)
+    d = grad.float()
+    if maximize or scale != 1.0:
+        d = d * (-scale if maximize else scale)
+    if weight_decay != 0.0 and not decoupled:
+        d = d.add(x, alpha=weight_decay)
     if out is None:
-        ms = [m.clone() for m in exp_avgs]
-        vs = [v.clone() for v in exp_avg_sqs]
-        vmaxs = None if max_exp_avg_sqs is None else [v.clone() for v in max_exp_avg_sqs]
-    else:
-        ms, vs, vmaxs = out
-        if ms is not exp_avgs:
-            torch._foreach_copy_(ms, exp_avgs)
-            torch._foreach_copy_(vs, exp_avg_sqs)
-            if vmaxs is not None:
-                torch._foreach_copy_(vmaxs, max_exp_avg_sqs)
-    torch._foreach_lerp_(ms, ds, 1.0 - beta1)
-    torch._foreach_mul_(vs, beta2)
-    torch._foreach_addcmul_(vs, ds, ds, value=1.0 - beta2)
-    if vmaxs is not None:
-        torch._foreach_maximum_(vmaxs, vs)
-    return ms, vs, vmaxs
+        m.lerp_(d, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(d, d, value=1.0 - beta2)
+        if vmax is not None:
+            torch.maximum(vmax, v, out=vmax)
+        return m, v, vmax
+    m_out, v_out, vmax_out = out
+    torch.lerp(m, d, 1.0 - beta1, out=m_out)
+    torch.mul(v, beta2, out=v_out).addcmul_(d, d, value=1.0 - beta2)
+    if vmax is not None:
+        torch.maximum(vmax, v_out, out=vmax_out)
+    return m_out, v_out, vmax_out
 
 
-def adam_apply_reference(
-    sources: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    second_moments: Sequence[Tensor],
-    steps: Sequence[float],
-    destinations: Sequence[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float = 0.0,
-    eps_mode: str = "also",
-    decoupled_weight_decay: bool = False,
-) -> None:
+def _apply_step(x: Tensor, m: Tensor, v: Tensor, t: float, dst: Tensor, *, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float, eps_mode: str, decoupled: bool) -> Tensor:
     """x_new = x - lr*sqrt(bc2)/bc1 * m/(sqrt(v)+eps)   (eps_mode "also", ALGORITHM.md sec. 3)
     x_new = x - lr/bc1 * m/(sqrt(v)/sqrt(bc2)+eps)       (eps_mode "torch", torch.optim.Adam)
-    with bc_k = 1 - beta_k^t; AdamW first scales x by (1 - lr*wd)."""
-    for x, m, v, t, dst in zip(sources, exp_avgs, second_moments, steps, destinations):
-        bc1, bc2 = _bias_corrections(t, beta1, beta2)
-        xf = x.float()
-        if decoupled_weight_decay and weight_decay != 0.0:
-            xf = xf * (1.0 - lr * weight_decay)
-        if eps_mode == "also":
-            denom = v.sqrt().add_(eps)
-            new = xf.addcdiv(m, denom, value=-lr * math.sqrt(bc2) / bc1)
-        else:
-            denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
-            new = xf.addcdiv(m, denom, value=-lr / bc1)
-        dst.copy_(new)
+    with bc_k = 1 - beta_k^t; AdamW first scales x by (1 - lr*wd). Returns x_new in float32."""
+    bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+    if decoupled and weight_decay != 0.0:
+        x = x * (1.0 - lr * weight_decay)
+    if eps_mode == "also":
+        denom = v.sqrt().add_(eps)
+        step_size = lr * math.sqrt(bc2) / bc1
+    else:
+        denom = v.sqrt().div_(math.sqrt(bc2)).add_(eps)
+        step_size = lr / bc1
+    if dst is x:
+        return dst.addcdiv_(m, denom, value=-step_size)
+    if dst.dtype == torch.float32:
+        return torch.addcdiv(x, m, denom, value=-step_size, out=dst)
+    new = torch.addcdiv(x, m, denom, value=-step_size)
+    dst.copy_(new)
+    return new
 
 
 def scatter_group_losses(losses: Tensor, group_ids: Tensor, n_groups: int) -> Tensor:
@@ -204,43 +167,37 @@ def adam_update_reference(
     ``t = steps[i]`` (the step count of the LAST moment advance of this call):
       1. ``prior_grads``: the moments first advance with ``prior_scale * prior_grads`` from x;
       2. x1 = x + AdamStep(x, grad_scale * grad) is written to ``destinations``;
-      3. ``extrapolate_to``: y = x1 + AdamStep(x1, extrapolation_scale * grad) is written there.
-    ``commit_state=False`` computes with copies of the moments and leaves the state untouched.
-    ``save_sources_to`` / ``save_grads_to`` receive copies of x / the raw grad.
+      3. ``extrapolate_to``: y = x1 + AdamStep(x1, extrapolation_scale * grad) is written there
+         (from x1 as stored, i.e. rounded to the param dtype).
+    ``commit_state=False`` leaves the moments untouched. ``save_sources_to`` / ``save_grads_to``
+    receive copies of x / the raw grad. One tensor at a time: on a CPU that keeps it in cache.
     """
     if not commit_state and (prior_grads is not None or extrapolate_to is not None):
         raise ValueError("commit_state=False only applies to a single update")
-    rows: dict[int, list[int]] = {}
-    for i, row in enumerate(hyper_rows):
-        rows.setdefault(row, []).append(i)
-    for row, idx in rows.items():
-        lr, beta1, beta2, eps, weight_decay = hyper[row]
-        pick = lambda seq: None if seq is None else [seq[i] for i in idx]  # noqa: E731
-        xs, gs, ms, vs, vmaxs = pick(sources), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs)
-        dsts = pick(destinations)
-        last_steps = [float(steps[i]) for i in idx]
-        n_advances = 1 + (prior_grads is not None) + (extrapolate_to is not None)
-        first_step = [t - n_advances + 1 for t in last_steps]
-        if save_sources_to is not None:
-            torch._foreach_copy_(pick(save_sources_to), xs)
-            xs = pick(save_sources_to)  # the destination may alias the source
+    n_advances = 1 + (prior_grads is not None) + (extrapolate_to is not None)
+    for i, x in enumerate(sources):
+        lr, beta1, beta2, eps, weight_decay = hyper[hyper_rows[i]]
         moment_kw = dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
-                         decoupled_weight_decay=decoupled_weight_decay)
-        apply_kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                        eps_mode=eps_mode, decoupled_weight_decay=decoupled_weight_decay)
-        state = (ms, vs, vmaxs) if commit_state else None
+                         decoupled=decoupled_weight_decay)
+        apply_kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, eps_mode=eps_mode,
+                        decoupled=decoupled_weight_decay)
+        t = float(steps[i]) - n_advances + 1
+        grad, m, v = grads[i], exp_avgs[i], exp_avg_sqs[i]
+        vmax = None if max_exp_avg_sqs is None else max_exp_avg_sqs[i]
+        xf = x.float()
+        if save_sources_to is not None:
+            save_sources_to[i].copy_(x)
         if prior_grads is not None:
-            adam_moments_reference(xs, pick(prior_grads), ms, vs, vmaxs, grad_scale=prior_scale,
-                                   out=state, **moment_kw)
-        m1, v1, vmax1 = adam_moments_reference(xs, gs, ms, vs, vmaxs, grad_scale=grad_scale, out=state,
-                                               **moment_kw)
-        main_step = [t + (prior_grads is not None) for t in first_step]
-        # the second moment used in the denominator: the running max under amsgrad
-        adam_apply_reference(xs, m1, v1 if vmax1 is None else vmax1, main_step, dsts, **apply_kw)
+            _advance_moments(xf, prior_grads[i], m, v, vmax, scale=prior_scale, **moment_kw)
+            t += 1
+        out = None
+        if not commit_state:
+            out = (torch.empty_like(m), torch.empty_like(v), None if vmax is None else torch.empty_like(vmax))
+        m1, v1, vmax1 = _advance_moments(xf, grad, m, v, vmax, scale=grad_scale, out=out, **moment_kw)
+        x1 = _apply_step(xf, m1, v1 if vmax1 is None else vmax1, t, destinations[i], **apply_kw)
         if extrapolate_to is not None:
-            adam_moments_reference(dsts, gs, ms, vs, vmaxs, grad_scale=extrapolation_scale, out=state,
-                                   **moment_kw)
-            adam_apply_reference(dsts, ms, vs if vmaxs is None else vmaxs, last_steps, pick(extrapolate_to),
-                                 **apply_kw)
+            x1 = destinations[i].float()
+            _advance_moments(x1, grad, m, v, vmax, scale=extrapolation_scale, **moment_kw)
+            _apply_step(x1, m, v if vmax is None else vmax, t + 1, extrapolate_to[i], **apply_kw)
         if save_grads_to is not None:  # last: it may alias prior_grads
-            torch._foreach_copy_(pick(save_grads_to), gs)
+            save_grads_to[i].copy_(grad)
