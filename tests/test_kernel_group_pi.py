@@ -17,6 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from also_fused.kernels import group_pi  # noqa: E402
 from also_fused.kernels.group_pi import SMALL_MAX, pi_update  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -196,6 +197,35 @@ def test_negative_losses_on_dominant_groups() -> None:
     ids = torch.randint(0, n, (200,), generator=gen)
     losses = torch.randn(200, generator=gen) * 20
     check(pi, ids, losses, tol=5e-6)
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("n", [1000, 100_000])
+def test_large_paths(path: str, n: int) -> None:
+    """Both large-n_groups variants (G = 0 plus correction, dense loss sums) on every feature."""
+    gen = torch.Generator().manual_seed(31 + n)
+    pi = rand_simplex(n, gen)
+    reg = rand_simplex(n, gen)
+    ids = torch.cat([torch.randint(0, n, (150,), generator=gen), torch.full((50,), 3),
+                     torch.tensor([-1, n])])
+    losses = torch.randn(202, generator=gen) * 2 + 1
+    hp = dict(HP, temperature=0.9)
+    for r in (None, reg):
+        lpr = None if r is None else torch.log(r).to(DEV)
+        ref1 = model_pi_update(pi, ids, losses, hp["pi_lr"], hp["pi_decay"], 0.9, hp["eps"], r)
+        ref2 = model_pi_update(ref1.float(), ids, losses, hp["pi_lr"], hp["pi_decay"], 0.9,
+                               hp["eps"], r)
+        out = pi.clone().to(DEV)
+        mid = torch.empty_like(out)
+        pi_update(out, ids.to(DEV), losses.to(DEV), **hp, log_pi_reg=lpr, out=out,
+                  second_out=mid, _path=path)
+        assert rel_err(out, ref1) < 2e-6 and rel_err(mid, ref2) < 4e-6
+        again = torch.empty_like(out)
+        pi_update(pi.to(DEV), ids.to(DEV), losses.to(DEV), **hp, log_pi_reg=lpr, out=again,
+                  _path=path)
+        assert torch.equal(again, out)
+    for buf in group_pi._S_BUFFERS.values():  # the dense path leaves its buffer cleared
+        assert not buf.any()
 
 
 def run_simplex_loop(n: int, steps: int, seconds: float, optimistic: bool) -> int:

@@ -1,0 +1,440 @@
+"""Mirror-ascent step on the group weights pi ("PiUpdate"), with a deterministic group scatter.
+
+    S_j = sum_{i: g_i = j} l_i                (so G_j = -S_j)
+    c   = pi_decay * pi_lr
+    z_j = (log(pi_j + eps) + c * log(pi_reg_j) + pi_lr * S_j) / (1 + c)
+    out = softmax(z / temperature)
+
+Two paths, both free of float atomics (bitwise reproducible):
+
+* small ``n_groups`` (<= ``SMALL_MAX``): one program, one launch.  S is built densely by comparing
+  every group index with every sample id, chunk by chunk in a fixed order.
+* large ``n_groups``: two launches per PiUpdate and no dense G.  Launch 1 has "dense" programs that
+  reduce the logits with G = 0 over contiguous ranges of pi (range max, then a float64 sum of the
+  exponentials) and "sample" programs that find, for each group present in the batch, its first
+  sample (the owner) and the group's loss sum in a fixed order.  Launch 2 recombines the partials
+  into the global normaliser, replacing the G = 0 terms of present groups by their true terms, writes
+  the dense result and then patches the present groups.  The replaced terms are recomputed with the
+  same float32 formula as in the dense sum and cancelled in float64, so the correction stays exact
+  also when losses are negative and the present groups hold most of the mass.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreter_compat() -> None:
+    """Let Triton's CPU interpreter run loops with run-time bounds under NumPy >= 2.3.
+
+    The interpreter keeps scalars as one-element arrays and converts them with int(array), which
+    newer NumPy rejects for arrays with a dimension; .item() accepts them.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_also_index_compat", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._also_index_compat = True
+
+
+_interpreter_compat()
+
+SMALL_MAX = 256  # largest n_groups handled by the single-program path
+
+_BLOCK_GPU = 2048
+_BLOCK_CPU = 1024
+_SAMPLE_BI = 16  # samples per sample-program
+_SAMPLE_BK = 1024  # ids compared per loop step
+_SCAN = 1024  # chunk when a dense program scans the per-sample records
+
+
+@triton.jit
+def _wide_exp(d):
+    # exp(d) for d <= 0 as float64, reaching below the float32 range (to about e^-700): terms far
+    # under a range maximum still count once the groups that set that maximum drop.  One float32
+    # exp either way: plain above -80, the eighth power of exp(d / 8) below.
+    near = d > -80.0
+    e = tl.exp(tl.where(near, d, d * 0.125)).to(tl.float64)
+    e8 = e * e
+    e8 = e8 * e8
+    e8 = e8 * e8
+    return tl.where(near, e, e8)
+
+
+@triton.jit
+def _log_f64(z):
+    # log of a positive float64 through its exponent bits (no float64 transcendental needed).
+    bits = z.to(tl.int64, bitcast=True)
+    e = ((bits >> 52) & 0x7FF) - 1023
+    mant = ((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000).to(tl.float64, bitcast=True)
+    return tl.log(mant.to(tl.float32)) + e.to(tl.float32) * 0.6931471805599453
+
+
+@triton.jit
+def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, n, B,
+                     a, c, lr, eps,
+                     HAS_REG: tl.constexpr, SECOND: tl.constexpr, NPAD: tl.constexpr,
+                     BK: tl.constexpr):
+    j = tl.arange(0, NPAD)
+    jm = j < n
+    s = tl.zeros([NPAD], dtype=tl.float32)
+    for k0 in range(0, B, BK):
+        k = k0 + tl.arange(0, BK)
+        km = k < B
+        g = tl.load(ids_ptr + k, mask=km, other=-1)
+        lk = tl.load(loss_ptr + k, mask=km, other=0.0).to(tl.float32)
+        hit = g[None, :] == j[:, None]
+        s += tl.sum(tl.where(hit, lk[None, :], 0.0), axis=1)
+    p = tl.load(pi_ptr + j, mask=jm, other=1.0)
+    r = tl.zeros([NPAD], dtype=tl.float32)
+    if HAS_REG:
+        r = tl.load(lpr_ptr + j, mask=jm, other=0.0)
+    x = tl.log(p + eps)
+    if HAS_REG:
+        x = x + c * r
+    y = tl.where(jm, (x + lr * s) * a, float("-inf"))
+    e = tl.where(jm, tl.exp(y - tl.max(y, axis=0)), 0.0)
+    o = e / tl.sum(e, axis=0)
+    tl.store(out_ptr + j, o, mask=jm)
+    if SECOND:
+        x2 = tl.log(o + eps)
+        if HAS_REG:
+            x2 = x2 + c * r
+        y2 = tl.where(jm, (x2 + lr * s) * a, float("-inf"))
+        e2 = tl.where(jm, tl.exp(y2 - tl.max(y2, axis=0)), 0.0)
+        tl.store(out2_ptr + j, e2 / tl.sum(e2, axis=0), mask=jm)
+
+
+@triton.jit
+def _logit(p, r, sj, a, c, lr, eps, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr):
+    x = tl.log(p + eps)
+    if HAS_REG:
+        x = x + c * r
+    if DENSE_S:
+        x = x + lr * sj
+    return x * a
+
+
+@triton.jit
+def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, n, B, P, n_dense,
+                     range_len, a, c, lr, eps,
+                     HAS_REG: tl.constexpr, FIRST: tl.constexpr, DENSE_S: tl.constexpr,
+                     BLOCK: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr):
+    # ws (float64) layout: [0,P) range max | [P,2P) range sum | [2P,2P+B) owner id or -1 |
+    # [2P+B,..+B) group loss sum | [2P+2B,..+B) owner logit with G = 0 | [2P+3B,..+B) owner
+    # logit | [2P+4B, ..+Q) max owner logit per sample program.
+    # Programs [0, n_dense) reduce ranges of pi, the others handle blocks of samples.  With
+    # DENSE_S the loss sums live in the dense buffer s_ptr (written by an earlier sample-only
+    # launch); otherwise the dense side uses G = 0 and the present groups are corrected later.
+    pid = tl.program_id(0)
+    if pid < n_dense:
+        start = pid.to(tl.int64) * range_len
+        mv = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        for off in range(0, range_len, BLOCK):
+            idx = start + off + tl.arange(0, BLOCK)
+            msk = idx < n
+            p = tl.load(pi_ptr + idx, mask=msk, other=float("-inf"))
+            if HAS_REG or DENSE_S:
+                r = 0.0
+                sj = 0.0
+                if HAS_REG:
+                    r = tl.load(lpr_ptr + idx, mask=msk, other=0.0)
+                if DENSE_S:
+                    sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
+                mv = tl.maximum(mv, tl.where(msk, _logit(p, r, sj, a, c, lr, eps, HAS_REG,
+                                                         DENSE_S), float("-inf")))
+            else:
+                mv = tl.maximum(mv, p)
+        if HAS_REG or DENSE_S:
+            m = tl.max(mv, axis=0)
+        else:
+            # the logit grows with pi: one log instead of one per element (m only has to be a
+            # common reference for this range, shared by the dense and the sparse side)
+            m = _logit(tl.max(mv, axis=0), 0.0, 0.0, a, c, lr, eps, False, False)
+        sv = tl.zeros([BLOCK], dtype=tl.float64)
+        for off in range(0, range_len, BLOCK):
+            idx = start + off + tl.arange(0, BLOCK)
+            msk = idx < n
+            p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
+            r = 0.0
+            sj = 0.0
+            if HAS_REG:
+                r = tl.load(lpr_ptr + idx, mask=msk, other=0.0)
+            if DENSE_S:
+                sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
+            t = _wide_exp(_logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S) - m)
+            sv += tl.where(msk, t, 0.0)
+        tl.store(ws_ptr + pid, m.to(tl.float64))
+        tl.store(ws_ptr + P + pid, tl.sum(sv, axis=0))
+    else:
+        q = pid - n_dense
+        i = q * BI + tl.arange(0, BI)
+        im = i < B
+        own_base = ws_ptr + 2 * P
+        if FIRST:
+            g = tl.load(ids_ptr + i, mask=im, other=-1).to(tl.int64)
+            valid = im & (g >= 0) & (g < n)
+            s = tl.zeros([BI], dtype=tl.float32)
+            first = tl.full([BI], 2147483647, dtype=tl.int32)
+            for k0 in range(0, B, BK):
+                k = k0 + tl.arange(0, BK)
+                km = k < B
+                gk = tl.load(ids_ptr + k, mask=km, other=-1).to(tl.int64)
+                lk = tl.load(loss_ptr + k, mask=km, other=0.0).to(tl.float32)
+                hit = (g[:, None] == gk[None, :]) & km[None, :]
+                s += tl.sum(tl.where(hit, lk[None, :], 0.0), axis=1)
+                first = tl.minimum(first, tl.min(tl.where(hit, k[None, :], 2147483647), axis=1))
+            # the first sample of each present group owns it (one writer per group)
+            own = valid & (first == i)
+            tl.store(own_base + i, tl.where(own, g, -1).to(tl.float64), mask=im)
+            tl.store(own_base + B + i, s.to(tl.float64), mask=im)
+            if DENSE_S:
+                tl.store(s_ptr + g, s, mask=own)
+        else:
+            gf = tl.load(own_base + i, mask=im, other=-1.0)
+            own = gf >= 0
+            g = tl.where(own, gf, 0.0).to(tl.int64)
+            s = tl.load(own_base + B + i, mask=im, other=0.0).to(tl.float32)
+        if not DENSE_S:
+            p = tl.load(pi_ptr + g, mask=own, other=1.0)
+            r = 0.0
+            if HAS_REG:
+                r = tl.load(lpr_ptr + g, mask=own, other=0.0)
+            y0 = _logit(p, r, 0.0, a, c, lr, eps, HAS_REG, False)
+            y = tl.where(own, _logit(p, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
+            tl.store(own_base + 2 * B + i, y0.to(tl.float64), mask=im)
+            tl.store(own_base + 3 * B + i, y.to(tl.float64), mask=im)
+            tl.store(own_base + 4 * B + q, tl.max(y, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, n, B, P, Q, range_len,
+                     a, c, lr, eps,
+                     HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, CLEAR: tl.constexpr,
+                     BLOCK: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
+    pid = tl.program_id(0)
+    own_base = ws_ptr + 2 * P
+    # Reference M: max of the range maxima and (sparse) of the owners' true logits.
+    mv = tl.full([PB], float("-inf"), dtype=tl.float32)
+    for k0 in range(0, P, PB):
+        k = k0 + tl.arange(0, PB)
+        mv = tl.maximum(mv, tl.load(ws_ptr + k, mask=k < P, other=float("-inf")).to(tl.float32))
+    if not DENSE_S:
+        for k0 in range(0, Q, PB):
+            k = k0 + tl.arange(0, PB)
+            mv = tl.maximum(mv, tl.load(own_base + 4 * B + k, mask=k < Q,
+                                        other=float("-inf")).to(tl.float32))
+    M = tl.max(mv, axis=0)
+    # Normaliser relative to M, in float64, summed in a fixed order by every program.
+    zv = tl.zeros([PB], dtype=tl.float64)
+    for k0 in range(0, P, PB):
+        k = k0 + tl.arange(0, PB)
+        km = k < P
+        pm = tl.load(ws_ptr + k, mask=km, other=0.0).to(tl.float32)
+        ps = tl.load(ws_ptr + P + k, mask=km, other=0.0)
+        zv += tl.where(km, ps * _wide_exp(pm - M), 0.0)
+    Z = tl.sum(zv, axis=0)
+    if not DENSE_S:
+        # swap the G = 0 term of each present group (same float32 value as in its range sum)
+        # for its true term
+        zs = tl.zeros([SB], dtype=tl.float64)
+        for k0 in range(0, B, SB):
+            i = k0 + tl.arange(0, SB)
+            im = i < B
+            gf = tl.load(own_base + i, mask=im, other=-1.0)
+            own = gf >= 0
+            rng = (tl.where(own, gf, 0.0).to(tl.int64) // range_len).to(tl.int32)
+            mk = tl.load(ws_ptr + rng, mask=own, other=0.0).to(tl.float32)
+            y0 = tl.load(own_base + 2 * B + i, mask=own, other=0.0).to(tl.float32)
+            y = tl.load(own_base + 3 * B + i, mask=own, other=0.0).to(tl.float32)
+            t_old = _wide_exp(y0 - mk) * _wide_exp(mk - M)
+            zs += tl.where(own, _wide_exp(y - M) - t_old, 0.0)
+        Z += tl.sum(zs, axis=0)
+    # Z >= 1 unless the entries that set M dropped; then scale through log Z instead
+    normal = Z >= 1.0
+    inv_z = tl.where(normal, 1.0 / Z, 1.0).to(tl.float32)
+    shift = tl.where(normal, 0.0, _log_f64(Z))
+
+    start = pid.to(tl.int64) * range_len
+    for off in range(0, range_len, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        msk = idx < n
+        p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
+        r = 0.0
+        sj = 0.0
+        if HAS_REG:
+            r = tl.load(lpr_ptr + idx, mask=msk, other=0.0)
+        if DENSE_S:
+            sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
+        y = _logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S)
+        tl.store(out_ptr + idx, tl.exp((y - M) - shift) * inv_z, mask=msk)
+    if (not DENSE_S) or CLEAR:
+        # Entries stored above by other threads of this program are overwritten (sparse) or
+        # read (the loss sums being cleared) below.
+        tl.debug_barrier()
+        for k0 in range(0, B, SB):
+            i = k0 + tl.arange(0, SB)
+            im = i < B
+            gf = tl.load(own_base + i, mask=im, other=-1.0)
+            g = tl.where(gf >= 0, gf, 0.0).to(tl.int64)
+            mine = (gf >= 0) & (g >= start) & (g < start + range_len)
+            if DENSE_S:
+                tl.store(s_ptr + g, tl.zeros([SB], dtype=tl.float32), mask=mine)
+            else:
+                y = tl.load(own_base + 3 * B + i, mask=mine, other=0.0).to(tl.float32)
+                tl.store(out_ptr + g, tl.exp((y - M) - shift) * inv_z, mask=mine)
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+_S_BUFFERS: dict = {}
+
+
+def _loss_sum_buffer(device: torch.device, n: int) -> torch.Tensor:
+    # Dense per-group loss sums for the exact path; kept all zero between calls (the last write
+    # launch clears the entries it set).
+    key = (device.type, device.index)
+    buf = _S_BUFFERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.float32, device=device)
+        _S_BUFFERS[key] = buf
+    return buf
+
+
+def _sparse_is_exact(n: int, B: int, a: float, eps: float) -> bool:
+    """Whether the G = 0 sum minus the present groups' terms keeps float32 accuracy in float64.
+
+    With a uniform pi_reg the logits with G = 0 lie in [a log eps, a log(1 + eps)], so the absent
+    groups hold at least (n - B) / B * (eps / (1 + eps))^a of the G = 0 mass of the present ones;
+    above 1e-9 the float64 cancellation error stays under 1e-7 of the result.
+    """
+    if eps <= 0.0 or B >= n:
+        return False
+    return math.log(B / (n - B)) + a * math.log((1.0 + eps) / eps) <= math.log(1e9) if B else True
+
+
+def _check(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor,
+           log_pi_reg: Optional[torch.Tensor], out: Optional[torch.Tensor],
+           second_out: Optional[torch.Tensor], temperature: float) -> None:
+    if pi.dim() != 1 or pi.dtype != torch.float32 or not pi.is_contiguous():
+        raise ValueError("pi must be a contiguous 1-D float32 tensor")
+    if group_ids.dim() != 1 or group_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError("group_ids must be a 1-D int32/int64 tensor")
+    if losses.dim() != 1 or losses.shape[0] != group_ids.shape[0]:
+        raise ValueError("losses must be 1-D with one entry per group id")
+    if losses.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError("losses must be float32, float16 or bfloat16")
+    for name, t in (("log_pi_reg", log_pi_reg), ("out", out), ("second_out", second_out)):
+        if t is not None and (t.shape != pi.shape or t.dtype != torch.float32
+                              or not t.is_contiguous() or t.device != pi.device):
+            raise ValueError(f"{name} must be a contiguous float32 tensor shaped like pi")
+    if group_ids.device != pi.device or losses.device != pi.device:
+        raise ValueError("pi, group_ids and losses must be on one device")
+    if not temperature > 0:
+        raise ValueError("temperature must be positive")
+
+
+def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *,
+              pi_lr: float, pi_decay: float, temperature: float, eps: float,
+              log_pi_reg: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+              second_out: Optional[torch.Tensor] = None,
+              _path: Optional[str] = None) -> torch.Tensor:
+    """out = softmax(z / T), z_j = (log(pi_j + eps) + c log pi_reg_j + pi_lr S_j) / (1 + c).
+
+    S_j is the sum of the losses of the samples with id j, c = pi_decay * pi_lr.  ``log_pi_reg=None``
+    means a uniform pi_reg (its term cancels).  ``out`` may be ``pi`` (in place).  With
+    ``second_out``, PiUpdate(out, G) with the same G is written there as well.  Ids outside
+    [0, n_groups) are ignored.  Returns ``out``.  ``_path`` ("sparse" / "dense") forces a
+    large-n_groups variant (tests).
+    """
+    group_ids = group_ids.contiguous()
+    losses = losses.detach().contiguous()
+    _check(pi, group_ids, losses, log_pi_reg, out, second_out, temperature)
+    if out is None:
+        out = torch.empty_like(pi)
+    n = pi.shape[0]
+    B = group_ids.shape[0]
+    if n == 0:
+        return out
+    c = float(pi_decay) * float(pi_lr)
+    a = 1.0 / ((1.0 + c) * float(temperature))
+    lr = float(pi_lr)
+    eps = float(eps)
+    has_reg = log_pi_reg is not None
+    lpr = log_pi_reg if has_reg else pi
+    second = second_out is not None
+    on_cpu = pi.device.type != "cuda"
+
+    if n <= SMALL_MAX:
+        npad = max(16, triton.next_power_of_2(n))
+        bk = max(16, 8192 // npad)
+        _pi_small_kernel[(1,)](pi, lpr, group_ids, losses, out,
+                               second_out if second else out, n, B, a, c, lr, eps,
+                               HAS_REG=has_reg, SECOND=second, NPAD=npad, BK=bk,
+                               num_warps=4 if npad <= 64 else 8)
+        return out
+
+    if _path is None:
+        dense_s = has_reg or not _sparse_is_exact(n, B, a, eps)
+    else:
+        dense_s = _path == "dense"
+    block = _BLOCK_CPU if on_cpu else _BLOCK_GPU
+    max_progs = 4 if on_cpu else 4 * _sm_count(pi.device)
+    n_tiles = triton.cdiv(n, block)
+    range_len = triton.cdiv(n_tiles, min(n_tiles, max_progs)) * block
+    P = triton.cdiv(n, range_len)
+    bi = 128 if on_cpu else _SAMPLE_BI
+    Q = triton.cdiv(B, bi)
+    ws = torch.empty(2 * P + 4 * B + Q, dtype=torch.float64, device=pi.device)
+    sbuf = _loss_sum_buffer(pi.device, n) if dense_s else pi
+    pb = max(16, min(1024, triton.next_power_of_2(max(P, Q, 1))))
+    scal = (a, c, lr, eps)
+
+    def stats(src: torch.Tensor, n_dense: int, grid: int, first: bool) -> None:
+        _pi_stats_kernel[(grid,)](src, lpr, sbuf, group_ids, losses, ws, n, B, P, n_dense,
+                                  range_len, *scal, HAS_REG=has_reg, FIRST=first,
+                                  DENSE_S=dense_s, BLOCK=block, BI=bi, BK=_SAMPLE_BK,
+                                  num_warps=8)
+
+    def write(src: torch.Tensor, dst: torch.Tensor, clear: bool) -> None:
+        _pi_write_kernel[(P,)](src, lpr, sbuf, dst, ws, n, B, P, Q, range_len, *scal,
+                               HAS_REG=has_reg, DENSE_S=dense_s, CLEAR=clear, BLOCK=block,
+                               PB=pb, SB=_SCAN, num_warps=8)
+
+    if dense_s:
+        if Q > 0:
+            stats(pi, 0, Q, True)  # loss sums into the dense buffer first
+        stats(pi, P, P, True)
+        write(pi, out, not second)
+        if second:
+            stats(out, P, P, False)
+            write(out, second_out, True)
+    else:
+        stats(pi, P, P + Q, True)
+        write(pi, out, False)
+        if second:
+            stats(out, P, P + Q, False)
+            write(out, second_out, False)
+    return out

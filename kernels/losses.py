@@ -1,0 +1,238 @@
+"""Fused re-weighted losses with deterministic reductions.
+
+* weighted_loss(pi, g, l, s) = s * sum_i pi[g_i] * l_i;   dL/dl_i = s * pi[g_i]  (pi is a buffer)
+* rgd_loss(l, T) = mean_i(w_i * l_i), w_i = exp(min(l_i, T) / (T + 1)) held constant;
+  dL/dl_i = w_i / B
+
+Each forward is one kernel: one program for batches up to ``_SINGLE_MAX``; above that every program
+writes a partial sum and the last program to finish (a ticket counter) adds the partials in program
+order, so the result does not depend on scheduling.  Each backward is one elementwise kernel.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreter_compat() -> None:
+    """Let Triton's CPU interpreter run loops with run-time bounds under NumPy >= 2.3.
+
+    The interpreter keeps scalars as one-element arrays and converts them with int(array), which
+    newer NumPy rejects for arrays with a dimension; .item() accepts them.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_also_index_compat", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._also_index_compat = True
+
+
+_interpreter_compat()
+
+_BLOCK = 1024
+_SINGLE_MAX = 1 << 16
+_CHUNK = 1 << 14  # elements per program when the batch is split
+
+
+@triton.jit
+def _finish_sum(acc, scale, out_ptr, part_ptr, cnt_ptr, SINGLE: tl.constexpr, PB: tl.constexpr):
+    total = tl.sum(acc, axis=0)
+    if SINGLE:
+        tl.store(out_ptr, total * scale)
+    else:
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        tl.store(part_ptr + pid, total)
+        tl.debug_barrier()
+        # acq_rel ticket: the last program sees every partial stored before the other tickets.
+        ticket = tl.atomic_add(cnt_ptr, 1)
+        if ticket == nprog - 1:
+            tv = tl.zeros([PB], dtype=tl.float32)
+            for k0 in range(0, nprog, PB):
+                k = k0 + tl.arange(0, PB)
+                tv += tl.load(part_ptr + k, mask=k < nprog, other=0.0, volatile=True)
+            tl.store(out_ptr, tl.sum(tv, axis=0) * scale)
+            tl.atomic_xchg(cnt_ptr, 0)
+
+
+@triton.jit
+def _weighted_fwd_kernel(pi_ptr, ids_ptr, loss_ptr, out_ptr, part_ptr, cnt_ptr, n, B, chunk,
+                         scale, SINGLE: tl.constexpr, BLOCK: tl.constexpr, PB: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * chunk
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, chunk, BLOCK):
+        i = start + off + tl.arange(0, BLOCK)
+        m = i < B
+        g = tl.load(ids_ptr + i, mask=m, other=-1)
+        ok = m & (g >= 0) & (g < n)
+        w = tl.load(pi_ptr + g, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(loss_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        acc += w * x
+    _finish_sum(acc, scale, out_ptr, part_ptr, cnt_ptr, SINGLE, PB)
+
+
+@triton.jit
+def _weighted_bwd_kernel(pi_ptr, ids_ptr, gup_ptr, grad_ptr, n, B, scale, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < B
+    g = tl.load(ids_ptr + i, mask=m, other=-1)
+    ok = m & (g >= 0) & (g < n)
+    w = tl.load(pi_ptr + g, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gup_ptr).to(tl.float32)
+    tl.store(grad_ptr + i, (up * scale * w).to(grad_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rgd_weight(x, T, inv_t1):
+    return tl.exp(tl.minimum(x, T) * inv_t1)
+
+
+@triton.jit
+def _rgd_fwd_kernel(loss_ptr, out_ptr, part_ptr, cnt_ptr, B, chunk, T, inv_t1, inv_b,
+                    SINGLE: tl.constexpr, BLOCK: tl.constexpr, PB: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * chunk
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, chunk, BLOCK):
+        i = start + off + tl.arange(0, BLOCK)
+        m = i < B
+        x = tl.load(loss_ptr + i, mask=m, other=0.0).to(tl.float32)
+        acc += tl.where(m, _rgd_weight(x, T, inv_t1) * x, 0.0)
+    _finish_sum(acc, inv_b, out_ptr, part_ptr, cnt_ptr, SINGLE, PB)
+
+
+@triton.jit
+def _rgd_bwd_kernel(loss_ptr, gup_ptr, grad_ptr, B, T, inv_t1, inv_b, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < B
+    x = tl.load(loss_ptr + i, mask=m, other=0.0).to(tl.float32)
+    up = tl.load(gup_ptr).to(tl.float32)
+    g = up * _rgd_weight(x, T, inv_t1) * inv_b
+    tl.store(grad_ptr + i, g.to(grad_ptr.dtype.element_ty), mask=m)
+
+
+_COUNTERS: Dict[Tuple[str, int], torch.Tensor] = {}
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    # One ticket counter per device; the last program of every launch sets it back to zero.
+    key = (device.type, device.index if device.index is not None else -1)
+    cnt = _COUNTERS.get(key)
+    if cnt is None:
+        cnt = torch.zeros(1, dtype=torch.int32, device=device)
+        _COUNTERS[key] = cnt
+    return cnt
+
+
+def _reduce_grid(B: int, chunk: int) -> Tuple[int, int, bool, int]:
+    # Returns (programs, elements per program, single program?, partials per load).
+    single_max = _SINGLE_MAX if chunk == _CHUNK else chunk
+    if B <= single_max:
+        return 1, max(B, 1), True, 16
+    nprog = triton.cdiv(B, chunk)
+    return nprog, chunk, False, min(1024, triton.next_power_of_2(nprog))
+
+
+def _check_losses(losses: torch.Tensor) -> None:
+    if losses.dim() != 1 or not losses.is_floating_point():
+        raise ValueError("losses must be a 1-D floating tensor")
+
+
+class _WeightedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor,
+                loss_scale: float, chunk: int) -> torch.Tensor:
+        B = losses.shape[0]
+        out = torch.empty((), dtype=torch.float32, device=losses.device)
+        nprog, ch, single, pb = _reduce_grid(B, chunk)
+        part = out if single else torch.empty(nprog, dtype=torch.float32, device=losses.device)
+        cnt = out if single else _counter(losses.device)
+        _weighted_fwd_kernel[(nprog,)](pi, group_ids, losses, out, part, cnt, pi.shape[0], B, ch,
+                                       float(loss_scale), SINGLE=single, BLOCK=_BLOCK, PB=pb,
+                                       num_warps=4)
+        ctx.save_for_backward(pi, group_ids)
+        ctx.loss_scale = float(loss_scale)
+        ctx.loss_dtype = losses.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        pi, group_ids = ctx.saved_tensors
+        B = group_ids.shape[0]
+        grad = torch.empty(B, dtype=ctx.loss_dtype, device=group_ids.device)
+        if B > 0:
+            _weighted_bwd_kernel[(triton.cdiv(B, _BLOCK),)](
+                pi, group_ids, grad_out.contiguous().to(torch.float32), grad, pi.shape[0], B,
+                ctx.loss_scale, BLOCK=_BLOCK, num_warps=4)
+        return None, None, grad, None, None
+
+
+def weighted_loss(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor,
+                  loss_scale: float, *, _chunk: int = _CHUNK) -> torch.Tensor:
+    """loss_scale * sum_i pi[g_i] * l_i as a 0-dim float32 tensor; gradient flows into losses only.
+
+    Ids outside [0, len(pi)) contribute 0 and get gradient 0.
+    """
+    _check_losses(losses)
+    if group_ids.dim() != 1 or group_ids.shape[0] != losses.shape[0]:
+        raise ValueError("group_ids must be 1-D with one id per loss")
+    if group_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError("group_ids must be int32 or int64")
+    if pi.dim() != 1 or not pi.is_floating_point():
+        raise ValueError("pi must be a 1-D floating tensor")
+    if pi.device != losses.device or group_ids.device != losses.device:
+        raise ValueError("pi, group_ids and losses must be on one device")
+    return _WeightedLoss.apply(pi.detach().contiguous(), group_ids.contiguous(),
+                               losses.contiguous(), loss_scale, _chunk)
+
+
+class _RGDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, losses: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+        B = losses.shape[0]
+        T = float(temperature)
+        out = torch.empty((), dtype=torch.float32, device=losses.device)
+        nprog, ch, single, pb = _reduce_grid(B, chunk)
+        part = out if single else torch.empty(nprog, dtype=torch.float32, device=losses.device)
+        cnt = out if single else _counter(losses.device)
+        _rgd_fwd_kernel[(nprog,)](losses, out, part, cnt, B, ch, T, 1.0 / (T + 1.0), 1.0 / B,
+                                  SINGLE=single, BLOCK=_BLOCK, PB=pb, num_warps=4)
+        ctx.save_for_backward(losses)
+        ctx.temperature = T
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (losses,) = ctx.saved_tensors
+        B = losses.shape[0]
+        T = ctx.temperature
+        grad = torch.empty_like(losses)
+        _rgd_bwd_kernel[(triton.cdiv(B, _BLOCK),)](
+            losses, grad_out.contiguous().to(torch.float32), grad, B, T, 1.0 / (T + 1.0),
+            1.0 / B, BLOCK=_BLOCK, num_warps=4)
+        return grad, None, None
+
+
+def rgd_loss(losses: torch.Tensor, temperature: float, *, _chunk: int = _CHUNK) -> torch.Tensor:
+    """mean_i(w_i * l_i), w_i = exp(min(l_i, T) / (T + 1)) detached; a 0-dim float32 tensor.
+
+    dL/dl_i = w_i / B.  Raises ValueError for an empty batch.
+    """
+    _check_losses(losses)
+    if losses.shape[0] == 0:
+        raise ValueError("rgd_loss needs a non-empty batch")
+    if not float(temperature) > -1.0:
+        raise ValueError("temperature must be greater than -1")
+    return _RGDLoss.apply(losses.contiguous(), temperature, _chunk)
