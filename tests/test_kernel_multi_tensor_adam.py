@@ -174,6 +174,28 @@ def test_free_running_trajectory_fp32():
         _assert_close(pb.m[i], m[i], 1e-5, 1e-6, f"m[{i}]")
 
 
+@pytest.mark.parametrize("eps_mode", ["also", "torch"])
+def test_bias_correction_precision(eps_mode):
+    """First step from zero state, eps = 0: the result isolates 1 - beta**t (no cancellation allowed)."""
+    ts = [1.0, 2.0, 10.0, 1000.0, 1e6]
+    hyper = _hyper([(1.0, 0.9, 0.999, 0.0, 0.0), (1.0, 0.5, 0.9999, 0.0, 0.0)])
+    for row in range(2):
+        h = hyper[row].double().cpu()
+        b1, b2 = float(h[1]), float(h[2])
+        params = [torch.zeros(3, device=DEVICE) for _ in ts]
+        grads = [torch.tensor([1.0, -2.0, 0.5], device=DEVICE) for _ in ts]
+        m = [torch.zeros(3, device=DEVICE) for _ in ts]
+        v = [torch.zeros(3, device=DEVICE) for _ in ts]
+        steps = [torch.tensor(t, device=DEVICE) for t in ts]
+        multi_tensor_adam_(params, grads, m, v, steps, params, hyper, [row] * len(ts), eps_mode=eps_mode)
+        for p, t in zip(params, ts):
+            bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+            # m = (1-b1) d, sqrt(v) = sqrt(1-b2) |d|
+            ratio = (1 - b1) / math.sqrt(1 - b2) * math.sqrt(bc2) / bc1  # the same in both eps modes when eps = 0
+            expect = -ratio * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+            _assert_close(p, expect, 2e-6, 0.0, f"t={t}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("eps_mode,amsgrad", [("also", False), ("torch", True)])
 def test_extrapolate_two_steps(dtype, eps_mode, amsgrad):

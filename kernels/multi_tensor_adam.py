@@ -1,0 +1,338 @@
+"""One-launch multi-tensor Adam/AdamW step (Triton) for any number of tensors of one device and dtype.
+
+Per element, with d = grad_scale * grad (negated when maximize) and x the source value:
+
+    also  : d += wd*x; m = b1*m + (1-b1)*d; v = b2*v + (1-b2)*d^2;  x -= lr*sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v)+eps)
+    torch : same moments;                                           x -= lr/(1-b1^t) * m/(sqrt(v)/sqrt(1-b2^t)+eps)
+
+(amsgrad: v in the denominator is replaced by vmax = max(vmax, v); decoupled weight decay: x *= 1-lr*wd
+instead of the L2 term). The launcher keeps the device tables (tensor addresses, per-program chunks) in
+a caller-owned dict, so that a call whose tensors did not move issues one kernel launch and nothing else.
+
+This module imports only torch and triton.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from itertools import chain
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+__all__ = ["multi_tensor_adam_", "KERNEL_CONFIG"]
+
+# Columns of the per-tensor metadata table (int64, one 128-byte row per tensor).
+_SRC, _DST, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _SAVE_SRC, _SAVE_GRAD, _EXTRAP, _STEP, _NUMEL, _HROW = range(11)
+_META_COLS = 16
+
+# (BLOCK elements per loop iteration, iterations per program, num_warps, PVEC: 0 or the max contiguous
+# param-dtype elements per access), keyed by the param element size.
+KERNEL_CONFIG: Dict[int, tuple] = {4: (1024, 8, 4, 0), 2: (2048, 4, 4, 4)}
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _one_minus_pow(beta, t, INTERPRET: tl.constexpr):
+    # 1 - beta**t computed as -expm1(t*log(beta)): no cancellation when beta**t is close to 1.
+    if INTERPRET:
+        lg = t * tl.log(beta)
+        u = tl.exp(lg)
+        lu = tl.log(tl.maximum(u, 1e-30))
+        lu = tl.where(lu == 0.0, 1.0, lu)
+        em1 = tl.where(u == 1.0, lg, (u - 1.0) * lg / lu)  # Kahan's expm1
+        em1 = tl.where(u < 0.5, u - 1.0, em1)
+        res = -em1
+    else:
+        res = -libdevice.expm1(t * libdevice.log1p(beta - 1.0))
+    return res
+
+
+@triton.jit
+def _step_scalars(lr, b1, b2, t, EPS_TORCH: tl.constexpr, INTERPRET: tl.constexpr):
+    bc1 = _one_minus_pow(b1, t, INTERPRET)
+    bc2 = _one_minus_pow(b2, t, INTERPRET)
+    if EPS_TORCH:
+        step_size = lr / bc1
+        inv_sqrt_bc2 = 1.0 / tl.sqrt_rn(bc2)
+    else:
+        step_size = lr * tl.sqrt_rn(bc2) / bc1
+        inv_sqrt_bc2 = bc2 * 0.0 + 1.0
+    return step_size, inv_sqrt_bc2
+
+
+@triton.jit
+def _adam_math(x, d, m, v, vmax, lr, b1, b2, eps, wd, step_size, inv_sqrt_bc2,
+               EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
+    if DECOUPLED:
+        x = x * (1.0 - lr * wd)
+    else:
+        d = d + wd * x
+    m = b1 * m + (1.0 - b1) * d
+    v = b2 * v + (1.0 - b2) * (d * d)
+    if AMSGRAD:
+        vmax = tl.maximum(vmax, v)
+        vd = vmax
+    else:
+        vd = v
+    if EPS_TORCH:
+        denom = tl.sqrt(vd) * inv_sqrt_bc2 + eps
+    else:
+        denom = tl.sqrt(vd) + eps
+    x = x - step_size * (m / denom)
+    return x, m, v, vmax
+
+
+@triton.jit
+def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, rem,
+                gscale_a, gscale_b, lr, b1, b2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                PDTYPE: tl.constexpr, BLOCK: tl.constexpr, PVEC: tl.constexpr, MASKED: tl.constexpr,
+                EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr):
+    # Pointers are already advanced to this block; rem = elements left in the chunk (only read when MASKED).
+    offs = tl.arange(0, BLOCK)
+    if PVEC > 0:
+        # Narrower param-dtype accesses keep every tensor in one register layout (no shared-memory shuffle
+        # between the 16-byte bf16 and the 16-byte fp32 layouts).
+        poffs = tl.max_contiguous(tl.arange(0, BLOCK), PVEC)
+    else:
+        poffs = offs
+    if MASKED:
+        mask = offs < rem
+    else:
+        mask = None
+    x_raw = tl.load(src + poffs, mask=mask)
+    g_raw = tl.load(grad + poffs, mask=mask)
+    m = tl.load(exp_avg + offs, mask=mask)
+    v = tl.load(exp_avg_sq + offs, mask=mask)
+    if AMSGRAD:
+        vmax = tl.load(max_exp_avg_sq + offs, mask=mask)
+    else:
+        vmax = v
+    if SAVE_SRC:
+        tl.store(save_src + poffs, x_raw, mask=mask)
+    if SAVE_GRAD:
+        tl.store(save_grad + poffs, g_raw, mask=mask)
+    g = g_raw.to(tl.float32)
+    x, m, v, vmax = _adam_math(x_raw.to(tl.float32), g * gscale_a, m, v, vmax, lr, b1, b2, eps, wd, ss_a, ib_a,
+                               EPS_TORCH, DECOUPLED, AMSGRAD)
+    x_out = x.to(PDTYPE)
+    tl.store(dst + poffs, x_out, mask=mask)
+    if EXTRAP:
+        # The second step starts from the stored first iterate, as two separate calls would.
+        y, m, v, vmax = _adam_math(x_out.to(tl.float32), g * gscale_b, m, v, vmax, lr, b1, b2, eps, wd, ss_b, ib_b,
+                                   EPS_TORCH, DECOUPLED, AMSGRAD)
+        tl.store(extrap + poffs, y.to(PDTYPE), mask=mask)
+    tl.store(exp_avg + offs, m, mask=mask)
+    tl.store(exp_avg_sq + offs, v, mask=mask)
+    if AMSGRAD:
+        tl.store(max_exp_avg_sq + offs, vmax, mask=mask)
+
+
+@triton.jit
+def _param_ptr(row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    p = tl.load(row + col).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _multi_tensor_adam_kernel(
+    chunks_ptr, meta_ptr, grads_ptr, hyper_ptr, grad_scale, extrap_scale,
+    PDTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, PVEC: tl.constexpr, META_COLS: tl.constexpr,
+    EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
+    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # One program = one chunk (up to CHUNK elements) of one tensor; the chunk table packs
+    # (tensor index << 32) | chunk index within that tensor.
+    packed = tl.load(chunks_ptr + tl.program_id(0))
+    tid = packed >> 32
+    start = (packed & 0xFFFFFFFF) * CHUNK
+    row = meta_ptr + tid * META_COLS
+
+    src = _param_ptr(row, 0, PDTYPE, ALIGNED)
+    dst = _param_ptr(row, 1, PDTYPE, ALIGNED)
+    exp_avg = _param_ptr(row, 2, tl.float32, ALIGNED)
+    exp_avg_sq = _param_ptr(row, 3, tl.float32, ALIGNED)
+    grad = tl.load(grads_ptr + tid).to(tl.pointer_type(PDTYPE))
+    if ALIGNED:
+        grad = tl.multiple_of(grad, 16)
+    max_exp_avg_sq = exp_avg_sq
+    save_src = src
+    save_grad = grad
+    extrap = dst
+    if AMSGRAD:
+        max_exp_avg_sq = _param_ptr(row, 4, tl.float32, ALIGNED)
+    if SAVE_SRC:
+        save_src = _param_ptr(row, 5, PDTYPE, ALIGNED)
+    if SAVE_GRAD:
+        save_grad = _param_ptr(row, 6, PDTYPE, ALIGNED)
+    if EXTRAP:
+        extrap = _param_ptr(row, 7, PDTYPE, ALIGNED)
+    t = tl.load(tl.load(row + 8).to(tl.pointer_type(tl.float32)))
+    numel = tl.load(row + 9)
+    hyper = hyper_ptr + tl.load(row + 10) * 5
+    lr = tl.load(hyper)
+    b1 = tl.load(hyper + 1)
+    b2 = tl.load(hyper + 2)
+    eps = tl.load(hyper + 3)
+    wd = tl.load(hyper + 4)
+
+    gscale_a = grad_scale
+    gscale_b = extrap_scale
+    if MAXIMIZE:
+        gscale_a = -gscale_a
+        gscale_b = -gscale_b
+    if EXTRAP:
+        ss_a, ib_a = _step_scalars(lr, b1, b2, t - 1.0, EPS_TORCH, INTERPRET)
+        ss_b, ib_b = _step_scalars(lr, b1, b2, t, EPS_TORCH, INTERPRET)
+    else:
+        ss_a, ib_a = _step_scalars(lr, b1, b2, t, EPS_TORCH, INTERPRET)
+        ss_b = ss_a
+        ib_b = ib_a
+
+    end = tl.minimum(start + CHUNK, numel)
+    # Full blocks without a mask (a mask built from a run-time length blocks 16-byte accesses), then the tail.
+    for i in range(0, CHUNK // BLOCK):
+        off = start + i * BLOCK
+        if off + BLOCK <= end:
+            _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
+                        save_src + off, save_grad + off, extrap + off, BLOCK,
+                        gscale_a, gscale_b, lr, b1, b2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                        PDTYPE, BLOCK, PVEC, False, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP)
+        elif off < end:
+            _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
+                        save_src + off, save_grad + off, extrap + off, (end - off).to(tl.int32),
+                        gscale_a, gscale_b, lr, b1, b2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                        PDTYPE, BLOCK, PVEC, True, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP)
+
+
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _or_all(ptrs: Sequence[int]) -> int:
+    return functools.reduce(operator.or_, ptrs, 0)
+
+
+def _to_device_async(values: List[int], device: torch.device) -> torch.Tensor:
+    """int64 host list -> device tensor without a host sync (pinned staging when on CUDA)."""
+    if device.type == "cuda":
+        host = torch.tensor(values, dtype=torch.int64, pin_memory=True)
+        return host.to(device, non_blocking=True)
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _build_tables(lists: Dict[int, Sequence[torch.Tensor]], sources: Sequence[torch.Tensor],
+                  hyper_rows: Sequence[int], chunk: int, device: torch.device):
+    n = len(sources)
+    meta = torch.zeros(n, _META_COLS, dtype=torch.int64)
+    for col, lst in lists.items():
+        meta[:, col] = torch.tensor([t.data_ptr() for t in lst], dtype=torch.int64)
+    numels = [t.numel() for t in sources]
+    meta[:, _NUMEL] = torch.tensor(numels, dtype=torch.int64)
+    meta[:, _HROW] = torch.tensor(list(hyper_rows), dtype=torch.int64)
+    counts = torch.tensor([(ne + chunk - 1) // chunk for ne in numels], dtype=torch.int64)
+    total = int(counts.sum())
+    if total:
+        tid = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
+        first = torch.cumsum(counts, 0) - counts
+        within = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(first, counts)
+        chunks = (tid << 32) | within
+    else:
+        chunks = torch.zeros(0, dtype=torch.int64)
+    if device.type == "cuda":
+        meta, chunks = meta.pin_memory(), chunks.pin_memory()
+    return meta.to(device, non_blocking=True), chunks.to(device, non_blocking=True), total
+
+
+def multi_tensor_adam_(
+    sources: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    destinations: Sequence[torch.Tensor],
+    hyper: torch.Tensor,
+    hyper_rows: Sequence[int],
+    *,
+    max_exp_avg_sqs: Optional[Sequence[torch.Tensor]] = None,
+    eps_mode: str = "also",
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    grad_scale: float = 1.0,
+    save_sources_to: Optional[Sequence[torch.Tensor]] = None,
+    save_grads_to: Optional[Sequence[torch.Tensor]] = None,
+    extrapolate_to: Optional[Sequence[torch.Tensor]] = None,
+    extrapolation_scale: float = 1.0,
+    cache: Optional[Dict[str, Any]] = None,
+) -> None:
+    """Adam step for every tensor i in one kernel launch: destinations[i] = sources[i] + AdamStep.
+
+    Hyper-parameters come from ``hyper[hyper_rows[i]] = (lr, beta1, beta2, eps, weight_decay)``; ``steps[i]``
+    is a 0-d float32 device tensor holding t (already incremented). ``eps_mode="also"`` adds eps to sqrt(v)
+    before the bias correction, ``"torch"`` after it (torch.optim.Adam). With ``extrapolate_to`` two steps
+    run: destinations <- x1 = x + AdamStep(x, grad_scale*g; t-1), extrapolate_to <- x1 + AdamStep(x1,
+    extrapolation_scale*g; t). ``save_sources_to`` / ``save_grads_to`` receive copies of x / the raw grad.
+    ``cache`` (a dict kept by the caller) holds the device tables between calls.
+    """
+    n = len(sources)
+    if n == 0:
+        return
+    if eps_mode not in ("also", "torch"):
+        raise ValueError(f"eps_mode must be 'also' or 'torch', got {eps_mode!r}")
+    optional = {_MAX_EXP_AVG_SQ: max_exp_avg_sqs, _SAVE_SRC: save_sources_to, _SAVE_GRAD: save_grads_to,
+                _EXTRAP: extrapolate_to}
+    lists: Dict[int, Sequence[torch.Tensor]] = {_SRC: sources, _DST: destinations, _EXP_AVG: exp_avgs,
+                                                _EXP_AVG_SQ: exp_avg_sqs, _STEP: steps}
+    lists.update({col: lst for col, lst in optional.items() if lst is not None})
+    lengths = {len(lst) for lst in lists.values()} | {len(grads), len(hyper_rows)}
+    if lengths != {n}:
+        raise ValueError("all tensor lists and hyper_rows must have the same length")
+    device = sources[0].device
+    dtype = sources[0].dtype
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"unsupported parameter dtype {dtype}")
+    block, iters, num_warps, pvec = KERNEL_CONFIG[dtype.itemsize]
+    chunk = block * iters
+
+    ptrs = tuple(map(_data_ptr, chain.from_iterable(lists.values())))
+    key = (n, dtype, device, tuple(lists), ptrs, tuple(hyper_rows), hyper.data_ptr(), chunk)
+    if cache is None:
+        cache = {}
+    if cache.get("key") != key:
+        if hyper.dtype != torch.float32 or hyper.device != device or not hyper.is_contiguous():
+            raise ValueError("hyper must be a contiguous float32 tensor on the parameters' device")
+        for lst in lists.values():
+            for t in lst:
+                if t.device != device:
+                    raise ValueError("all tensors must be on one device")
+        for t in chain(sources, destinations, grads, *(lists.get(c, ()) for c in (_SAVE_SRC, _SAVE_GRAD, _EXTRAP))):
+            if t.dtype != dtype or not t.is_contiguous():
+                raise ValueError("parameter-like tensors must share one dtype and be contiguous")
+        meta, chunks, total = _build_tables(lists, sources, hyper_rows, chunk, device)
+        cache.clear()
+        cache.update(key=key, meta=meta, chunks=chunks, total=total, aligned=(_or_all(ptrs) & 15) == 0,
+                     grad_ptrs=None, grad_table=None, grad_aligned=False)
+    if cache["total"] == 0:
+        return
+
+    grad_ptrs = tuple(map(_data_ptr, grads))
+    if grad_ptrs != cache["grad_ptrs"]:
+        cache["grad_table"] = _to_device_async(list(grad_ptrs), device)
+        cache["grad_ptrs"] = grad_ptrs
+        cache["grad_aligned"] = (_or_all(grad_ptrs) & 15) == 0
+
+    _multi_tensor_adam_kernel[(cache["total"],)](
+        cache["chunks"], cache["meta"], cache["grad_table"], hyper, float(grad_scale), float(extrapolation_scale),
+        PDTYPE=_TL_DTYPES[dtype], BLOCK=block, CHUNK=chunk, PVEC=pvec, META_COLS=_META_COLS,
+        EPS_TORCH=eps_mode == "torch", DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=max_exp_avg_sqs is not None,
+        MAXIMIZE=bool(maximize), SAVE_SRC=save_sources_to is not None, SAVE_GRAD=save_grads_to is not None,
+        EXTRAP=extrapolate_to is not None, ALIGNED=cache["aligned"] and cache["grad_aligned"],
+        INTERPRET=device.type != "cuda", num_warps=num_warps,
+    )
