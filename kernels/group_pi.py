@@ -28,7 +28,6 @@ Two paths, both free of float atomics (bitwise reproducible):
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -36,29 +35,9 @@ import triton
 import triton.language as tl
 
 
-def _interpreter_compat() -> None:
-    """Let Triton's CPU interpreter run loops with run-time bounds under NumPy >= 2.3.
+from ._interpreter import enable_interpreter_compat
 
-    The interpreter keeps scalars as one-element arrays and converts them with int(array), which
-    newer NumPy rejects for arrays with a dimension; .item() accepts them.
-    """
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_also_index_compat", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._also_index_compat = True
-
-
-_interpreter_compat()
+enable_interpreter_compat()
 
 SMALL_MAX = 256  # largest n_groups handled by the single-program path
 

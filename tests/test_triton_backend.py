@@ -1,0 +1,143 @@
+"""The optimizer classes on backend="triton" (CUDA, or Triton's interpreter on the CPU).
+
+Same checks as the reference path: trajectories against the float64 golden model, the drop-ins
+against torch.optim, bitwise resume, bad input. Fewer steps on the interpreter, which is slow.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import also_fused
+from conftest import DEVICE, triton_importable
+from harness import Config, batches, make_package, package_step, rel, run
+from test_adam_dropin import CASES, assert_close, run_pair
+import test_also_api
+from test_also_api import assert_same
+
+pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not installed")
+ON_GPU = DEVICE == "cuda"
+STEPS = 200 if ON_GPU else 25
+
+
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("api", ["closure", "loop"])
+@pytest.mark.parametrize("variant", [dict(), dict(amsgrad=True, weight_decay=0.0, alpha=0.5),
+                                     dict(lose_grad_every=3, pi_reg=[1.0, 2.0, 3.0, 4.0], temperature=2.0),
+                                     dict(eps=3e-2, ids="same", batch=1)],
+                         ids=["default", "amsgrad", "lost_grad", "eps_one_sample"])
+def test_also_matches_golden(mode, api, variant):
+    cfg = Config(mode=mode, api=api, steps=STEPS, **variant)
+    golden, x, opt, _ = run(cfg, DEVICE, "triton")
+    for got, want in zip(x, golden.params):
+        assert rel(got, want) <= 1e-5
+    assert rel(opt.pi, golden.pi) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("api", ["closure", "loop"])
+def test_triton_follows_reference(mode, api):
+    """The kernels and the reference path agree closely step by step (not only at the end)."""
+    cfg = Config(mode=mode, api=api, steps=10, lose_grad_every=4, n_groups=1000, batch=16)
+    data = list(batches(cfg))
+    Wr, br, ref = make_package(cfg, DEVICE, "reference")
+    Wt, bt, tri = make_package(cfg, DEVICE, "triton")
+    for X, Y, ids, use_bias in data:
+        lr_ = package_step(ref, Wr, br, api, X, Y, ids, use_bias, DEVICE, cfg.dtype)
+        lt_ = package_step(tri, Wt, bt, api, X, Y, ids, use_bias, DEVICE, cfg.dtype)
+        assert torch.allclose(lr_, lt_, rtol=1e-6)
+        assert rel(Wt.detach(), Wr.detach()) <= 1e-6 and rel(bt.detach(), br.detach()) <= 1e-6
+        assert rel(tri.pi, ref.pi) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params(dtype):
+    cfg = Config(api="loop", dtype=dtype, steps=STEPS // 2)
+    golden, x, opt, _ = run(cfg, DEVICE, "triton")
+    # the interpreter's float32 -> 16-bit cast truncates instead of rounding to nearest, which biases
+    # every stored param a little more than the GPU's rounding does
+    tol = 2e-2 if ON_GPU else 6e-2
+    for got, want in zip(x, golden.params):
+        assert rel(got, want) <= tol
+
+
+@pytest.mark.parametrize("kwargs", CASES[:4] if not ON_GPU else CASES, ids=str)
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_dropins_match_torch(name, kwargs):
+    steps = 100 if ON_GPU else 20
+    ours, theirs, _, _ = run_pair(getattr(also_fused, name), getattr(torch.optim, name), kwargs,
+                                  steps=steps, backend="triton")
+    assert_close(ours, theirs, tol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("api", ["closure", "loop"])
+def test_resume_bitwise_triton(mode, api):
+    k, more = (37, 100) if ON_GPU else (6, 8)
+    test_also_api.test_resume_is_bitwise(api, mode, amsgrad=True, backend="triton", device=DEVICE, k=k, more=more)
+
+
+@pytest.mark.parametrize("api", ["closure", "loop"])
+def test_bad_ids_leave_state_unchanged(api):
+    cfg = Config(api=api, steps=3)
+    W, b, opt = make_package(cfg, DEVICE, "triton")
+    for X, Y, ids, use_bias in batches(cfg):
+        package_step(opt, W, b, api, X, Y, ids, use_bias, DEVICE, cfg.dtype)
+    before = (copy.deepcopy(opt.state_dict()), [W.detach().clone(), b.detach().clone()])
+    X, Y, ids, _ = next(iter(batches(dataclasses.replace(cfg, seed=3))))
+    for bad in (ids + cfg.n_groups, ids - cfg.n_groups):
+        with pytest.raises(ValueError, match="group_ids"):
+            package_step(opt, W, b, api, X, Y, bad, True, DEVICE, cfg.dtype)
+    opt.zero_grad()
+    after = (opt.state_dict(), [W.detach().clone(), b.detach().clone()])
+    assert_same(after, before)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+def test_cuda_graph_capture_of_a_training_step(mode):
+    """A whole loop-API step (forward, weighted loss, backward, ALSO step) replays like eager."""
+    torch.manual_seed(0)
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5)).cuda()
+        opt = also_fused.ALSO(model.parameters(), n_groups=5, batch_size=16, mode=mode, validate=False,
+                              pi_lr=0.05, backend="triton")
+        return model, opt
+
+    xs = [torch.randn(16, 32, device="cuda") for _ in range(8)]
+    ys = [torch.randint(0, 5, (16,), device="cuda") for _ in range(8)]
+
+    def train_step(model, opt, x, y):
+        opt.zero_grad(set_to_none=False)
+        losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        opt.weighted_loss(losses, y).backward()
+        return opt.step()
+
+    eager_model, eager_opt = build()
+    for x, y in zip(xs, ys):
+        train_step(eager_model, eager_opt, x, y)
+
+    model, opt = build()
+    static_x, static_y = xs[0].clone(), ys[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for x, y in zip(xs[:3], ys[:3]):  # warm-up: caches and grads allocated before the capture
+            static_x.copy_(x), static_y.copy_(y)
+            train_step(model, opt, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step(model, opt, static_x, static_y)
+    for x, y in zip(xs[3:], ys[3:]):
+        static_x.copy_(x), static_y.copy_(y)
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(opt.pi, eager_opt.pi, rtol=1e-5)
