@@ -106,7 +106,7 @@ def time_ms(fn: Callable[[], None], quick: bool, est_ms: float) -> float:
             fn()
             ts.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(ts)
-    rep = (150 if quick else 400) if est_ms < 5 else (300 if quick else 800)
+    rep = (150 if quick else 300) if est_ms < 5 else (300 if quick else 600)
     return do_bench(fn, warmup=max(25, 3 * est_ms), rep=rep, return_mode="median")
 
 
@@ -218,13 +218,19 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time kernel configurations and keep the fastest")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "theta_" + datetime.date.today().isoformat() + ".json"))
+    ap.add_argument("--no-main", action="store_true", help="stop after the sweep")
+    ap.add_argument("--config", help="JSON {param element size: [BLOCK, ITERS, num_warps, PVEC]} to use")
+    ap.add_argument("--config-out", help="write the configuration kept by the sweep here")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # CPU interpreter, tiny shapes
     args = ap.parse_args()
+    if args.config:
+        with open(args.config) as f:
+            mta.KERNEL_CONFIG.update({int(k): tuple(v) for k, v in json.load(f).items()})
     global DEV
     if args.smoke:
         DEV = "cpu"
         for k in WORKLOADS:
-            WORKLOADS[k] = [tuple(max(1, d // 64) for d in sh) for sh in WORKLOADS[k][:12]]
+            WORKLOADS[k] = [tuple(max(1, d // 64) for d in sh) for sh in WORKLOADS[k][:6]]
     else:
         assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.manual_seed(0)
@@ -275,6 +281,11 @@ def main() -> None:
             mta.KERNEL_CONFIG[dtype.itemsize] = best
             print(f"sweep {dtype}: keeping {best}", flush=True)
         save()
+        if args.config_out:
+            with open(args.config_out, "w") as f:
+                json.dump({str(k): list(v) for k, v in mta.KERNEL_CONFIG.items()}, f)
+    if args.no_main:
+        return
 
     for wname, shapes in workloads.items():
         for dtype in (torch.float32, torch.bfloat16):
@@ -306,7 +317,7 @@ def main() -> None:
                             fn = torch_impl(s, mode, impl.split("_")[1])
                             fn()
                         ms = time_ms(fn, args.quick, est)
-                        cpu = host_us(fn)
+                        cpu = host_us(fn, 20 if est < 5 else 10)
                     except torch.OutOfMemoryError:
                         print(f"{wname} {dname} {mode} {impl}: out of memory", flush=True)
                         continue
