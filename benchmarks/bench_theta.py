@@ -4,8 +4,9 @@ Workloads: GPT-2 124M (148 tensors), GPT-2 1.3B (292 tensors), a ResNet-like set
 fp32 and bf16 params; three passes: a plain Adam step, the fused optimistic extrapolation pass
 (two steps in one kernel) and the closure pair (extrapolation saving x, then the main step saving the grad).
 Each record: median time of the whole call (host work included), the fewest bytes the pass must move,
-that as a percentage of a measured device-to-device copy bandwidth, time ratio against torch fused, and the
-host time per call with new gradient tensors every step.
+that as a percentage of a measured device-to-device copy bandwidth, ratio_vs_torch_fused = torch fused
+median / this median (above 1: faster than torch fused), and the host time per call with new gradient
+tensors every step. torch keeps its moments in the param dtype: with bf16 params it moves fewer bytes.
 
     python benchmarks/bench_theta.py [--quick] [--sweep] [--out results.json]
 """

@@ -30,8 +30,9 @@ _SRC, _DST, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _SAVE_SRC, _SAVE_GRAD, _EXTR
 _META_COLS = 16
 
 # (BLOCK elements per loop iteration, iterations per program, num_warps, PVEC: 0 or the max contiguous
-# param-dtype elements per access), keyed by the param element size.
-KERNEL_CONFIG: Dict[int, tuple] = {4: (1024, 8, 4, 0), 2: (2048, 4, 4, 4)}
+# param-dtype elements per access), keyed by the param element size. Chosen by a sweep on an H100
+# (benchmarks/NOTES_theta.md): one 1024-element block per program beat 2 to 32 blocks per program.
+KERNEL_CONFIG: Dict[int, tuple] = {4: (1024, 1, 4, 0), 2: (1024, 1, 4, 4)}
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 

@@ -241,7 +241,8 @@ def test_extrapolate_equals_two_calls_fp32():
     for i in range(len(SIZES)):
         torch.testing.assert_close(a.dst[i], x1[i], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(ext[i], b.params[i], rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(a.m[i], b.m[i], rtol=1e-6, atol=1e-9)
+        # one kernel vs two may contract multiply-adds differently: a few ulps where m nearly cancels
+        torch.testing.assert_close(a.m[i], b.m[i], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
