@@ -11,6 +11,7 @@ from . import functional as F
 from ._base import AdamFamily, check_hyperparameters
 
 MODES = ("optimistic", "descent-ascent")
+REDUCTIONS = ("sum", "mean")
 Closure = Callable[[Tensor, float], Any]
 
 
@@ -46,6 +47,10 @@ class ALSO(AdamFamily):
       optimistic mode the params hold the extrapolated point after ``step()``; ``eval()`` puts the
       iterate x back into them, ``train()`` the extrapolated point.
 
+    ``group_reduction="mean"`` (GroupDRO-style) uses group means instead of the published group sums:
+    S_j = mean of the batch's losses of group j, and the model's loss is
+    ``sum_{j present} pi_j mean_j / sum_{j present} pi_j`` (``loss_scale`` does not apply).
+
     ``step()`` returns the mean per-sample loss of the step as a 0-dim tensor (no host sync for it).
     With ``validate=True`` (default) bad group ids and non-finite losses raise ValueError before
     anything changes, at the cost of one host sync per call.
@@ -71,12 +76,17 @@ class ALSO(AdamFamily):
         amsgrad: bool = False,
         backend: str = "auto",
         validate: bool = True,
+        group_reduction: str = "sum",
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
+        if group_reduction not in REDUCTIONS:
+            raise ValueError(f"group_reduction must be one of {REDUCTIONS}, got {group_reduction!r}")
         if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
             raise ValueError(f"n_groups must be a positive int, got {n_groups!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if loss_scale is None and group_reduction == "mean":
+            loss_scale = 1.0  # not used: the mean reduction normalises by the pi mass present
         if loss_scale is None:
             if batch_size is None:
                 raise ValueError("give loss_scale or batch_size (loss_scale defaults to n_groups / batch_size)")
@@ -103,6 +113,7 @@ class ALSO(AdamFamily):
         self.pi_temperature = float(pi_temperature)
         self.pi_eps = float(eps)
         self.validate = validate
+        self.group_reduction = group_reduction
         self.device = self.param_groups[0]["params"][0].device
         self._pi_backend = self._backend_for(self.device)
         if pi_init_host is None:
@@ -141,7 +152,12 @@ class ALSO(AdamFamily):
         ids = self._as_ids(group_ids)
         self._check_losses(losses, ids, finite=False)
         weights = self._pi_mid if self.mode == "optimistic" else self._pi
-        loss = _dispatch.weighted_loss(self._pi_backend, weights, ids, losses, self.loss_scale)
+        if self.group_reduction == "mean":
+            # each call normalises by its own micro-batch's counts; the pi step counts the whole step
+            sample_weights = F.group_mean_sample_weights(weights, ids, F.group_counts_per_sample(ids, self.n_groups))
+            loss = (sample_weights.to(losses.dtype) * losses).sum().float()
+        else:
+            loss = _dispatch.weighted_loss(self._pi_backend, weights, ids, losses, self.loss_scale)
         self._recorded.append((ids, losses.detach()))
         return loss
 
@@ -305,7 +321,15 @@ class ALSO(AdamFamily):
         return dict(pi_lr=self.pi_lr, pi_decay=self.pi_decay, temperature=self.pi_temperature,
                     eps=self.pi_eps, log_pi_reg=self._log_pi_reg)
 
+    def _pi_losses(self, ids: Tensor, losses: Tensor) -> Tensor:
+        """The per-sample terms whose per-group sums make S: l_i, or l_i / c_i for group means."""
+        losses = losses.float()
+        if self.group_reduction == "mean":
+            losses = losses / F.group_counts_per_sample(ids, self.n_groups)
+        return losses
+
     def _pi_step(self, ids: Tensor, losses: Tensor, second_out: Optional[Tensor] = None) -> None:
+        losses = self._pi_losses(ids, losses)
         _dispatch.pi_update(self._pi_backend, self._pi, ids, losses, out=self._pi, second_out=second_out,
                             **self._pi_hyper())
 
@@ -325,8 +349,13 @@ class ALSO(AdamFamily):
                                         out=self._pi_mid, **self._pi_hyper())
             weights = self._pi_mid if optimistic else self._pi
             self._recorded.clear()
+            if self.group_reduction == "mean":
+                counts = F.group_counts_per_sample(ids, self.n_groups)
+                selected, scale = F.group_mean_sample_weights(weights, ids, counts), 1.0
+            else:
+                selected, scale = weights[ids], self.loss_scale
             with torch.enable_grad():
-                result = closure(weights[ids], self.loss_scale)
+                result = closure(selected, scale)
             losses = result[0] if isinstance(result, (tuple, list)) else result
             self._check_losses(losses, ids, finite=True)
             losses = losses.detach()
@@ -348,7 +377,7 @@ class ALSO(AdamFamily):
             self._adam("main", fresh, 1, sources=lambda p, s: p, destinations=lambda p, s: p,
                        save_grads_to=lambda p, s: self._buffer(s, "prev_grad", p))
             self._drop_lost_gradients(moved, {p for p, _ in items})
-            self._prev_ids, self._prev_losses = ids, losses.float()
+            self._prev_ids, self._prev_losses = ids, self._pi_losses(ids, losses)
         self._pi_step(ids, losses)
         return losses.float().mean()
 
@@ -400,7 +429,8 @@ class ALSO(AdamFamily):
         with pi, pi_mid, pi_reg, the previous batch and the hyper-parameters of the pi step."""
         sd = super().state_dict()
         sd["also"] = dict(
-            n_groups=self.n_groups, mode=self.mode, loss_scale=self.loss_scale, alpha=self.alpha,
+            n_groups=self.n_groups, mode=self.mode, group_reduction=self.group_reduction,
+            loss_scale=self.loss_scale, alpha=self.alpha,
             pi_lr=self.pi_lr, pi_decay=self.pi_decay, pi_temperature=self.pi_temperature, pi_eps=self.pi_eps,
             pi=self._pi, pi_mid=self._pi_mid if self._api != "closure" else None, pi_reg=self._pi_reg, prev_ids=self._prev_ids,
             prev_losses=self._prev_losses, api=self._api, training=self._training,
@@ -412,9 +442,11 @@ class ALSO(AdamFamily):
         extra = state_dict.pop("also", None)
         if extra is None:
             raise ValueError("not an ALSO state_dict: the 'also' entry is missing")
-        if extra["n_groups"] != self.n_groups or extra["mode"] != self.mode:
-            raise ValueError(f"state_dict is for n_groups={extra['n_groups']}, mode={extra['mode']!r}; this "
-                             f"optimizer has n_groups={self.n_groups}, mode={self.mode!r}")
+        mine = (self.n_groups, self.mode, self.group_reduction)
+        theirs = (extra["n_groups"], extra["mode"], extra.get("group_reduction", "sum"))
+        if theirs != mine:
+            raise ValueError(f"state_dict is for (n_groups, mode, group_reduction) = {theirs}; this optimizer "
+                             f"has {mine}")
         super().load_state_dict(state_dict)
 
         def to_device(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -71,6 +71,22 @@ def scatter_group_losses(losses: Tensor, group_ids: Tensor, n_groups: int) -> Te
     return sums
 
 
+def group_counts_per_sample(group_ids: Tensor, n_groups: int) -> Tensor:
+    """c_i = number of samples of the batch in group g_i (float32 [B]); dense count, no host sync."""
+    counts = torch.zeros(n_groups, dtype=torch.float32, device=group_ids.device)
+    counts.index_add_(0, group_ids, torch.ones(group_ids.shape, dtype=torch.float32, device=group_ids.device))
+    return counts[group_ids]
+
+
+def group_mean_sample_weights(pi: Tensor, group_ids: Tensor, counts: Tensor) -> Tensor:
+    """w_i = pi[g_i] / (c_i * M), M = sum of pi over the groups present (= sum_i pi[g_i] / c_i).
+
+    sum_i w_i l_i = sum_{j present} pi_j mean_j / M: group-mean reduction of the weighted loss.
+    """
+    per_sample = pi.detach()[group_ids].float() / counts
+    return per_sample / per_sample.sum()
+
+
 def pi_update_reference(
     pi: Tensor,
     group_ids: Tensor,

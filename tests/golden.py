@@ -37,11 +37,30 @@ def pi_update(pi: torch.Tensor, G: torch.Tensor, pi_lr: float, pi_decay: float, 
     return torch.softmax(z / temperature, dim=0)
 
 
-def group_gradient(losses: torch.Tensor, ids: torch.Tensor, n_groups: int) -> torch.Tensor:
+def group_gradient(losses: torch.Tensor, ids: torch.Tensor, n_groups: int, reduction: str = "sum") -> torch.Tensor:
+    """G_j = -sum (or -mean, for reduction "mean") of the batch's losses of group j; 0 for absent groups."""
     G = torch.zeros(n_groups, dtype=f64)
+    counts = torch.zeros(n_groups, dtype=f64)
     for l, g in zip(losses.tolist(), ids.tolist()):
         G[g] -= l
+        counts[g] += 1
+    if reduction == "mean":
+        G = torch.where(counts > 0, G / counts.clamp_min(1), G)
     return G
+
+
+def sample_weights(pi: torch.Tensor, ids: torch.Tensor, loss_scale: float, reduction: str):
+    """(w, scale) with the model's loss = scale * sum_i w_i l_i.
+
+    sum: w_i = pi[g_i], scale = loss_scale.  mean: sum_{j present} pi_j mean_j / sum_{j present} pi_j.
+    """
+    if reduction == "sum":
+        return pi[ids], loss_scale
+    present = sorted(set(ids.tolist()))
+    mass = float(sum(pi[j] for j in present))
+    counts = {j: ids.tolist().count(j) for j in present}
+    w = torch.tensor([float(pi[g]) / counts[g] / mass for g in ids.tolist()], dtype=f64)
+    return w, 1.0
 
 
 class GoldenALSO:
@@ -50,7 +69,9 @@ class GoldenALSO:
     def __init__(self, params: Sequence[torch.Tensor], n_groups: int, *, loss_scale: float, mode: str,
                  lrs: Sequence[float], betas=(0.9, 0.999), eps: float = 1.1920928955078125e-07,
                  weight_decay: float = 1e-3, amsgrad: bool = False, alpha: float = 1.0, pi_lr: float = 1e-3,
-                 pi_decay: float = 1e-2, temperature: float = 1.0, pi_init=None, pi_reg=None) -> None:
+                 pi_decay: float = 1e-2, temperature: float = 1.0, pi_init=None, pi_reg=None,
+                 group_reduction: str = "sum") -> None:
+        self.reduction = group_reduction
         self.params = [p.detach().to(f64).clone() for p in params]
         self.n_groups = n_groups
         self.loss_scale = loss_scale
@@ -74,18 +95,18 @@ class GoldenALSO:
 
     def step(self, forward: Callable, ids: torch.Tensor) -> torch.Tensor:
         if self.mode == "descent-ascent":
-            losses, grads = forward(self.params, self.pi[ids])
+            losses, grads = forward(self.params, *sample_weights(self.pi, ids, self.loss_scale, self.reduction))
             for i, d in enumerate(grads):
                 if d is not None:
                     self.params[i] = self.params[i] + self._adam(i, self.params[i], d)
-            self.pi = self._pi_update(self.pi, group_gradient(losses, ids, self.n_groups))
+            self.pi = self._pi_update(self.pi, group_gradient(losses, ids, self.n_groups, self.reduction))
             return losses
         x = [p.clone() for p in self.params]
         for i, d_prev in enumerate(self.d_prev):
             if d_prev is not None:
                 self.params[i] = x[i] + self._adam(i, x[i], self.alpha * d_prev)
         pi_mid = self.pi.clone() if self.G_prev is None else self._pi_update(self.pi, self.G_prev)
-        losses, grads = forward(self.params, pi_mid[ids])
+        losses, grads = forward(self.params, *sample_weights(pi_mid, ids, self.loss_scale, self.reduction))
         for i, d in enumerate(grads):
             if d is not None:
                 self.d_prev[i] = d
@@ -93,7 +114,7 @@ class GoldenALSO:
             else:
                 self.d_prev[i] = None
                 self.params[i] = x[i]
-        G = group_gradient(losses, ids, self.n_groups)
+        G = group_gradient(losses, ids, self.n_groups, self.reduction)
         self.G_prev = G
         self.pi = self._pi_update(self.pi, G)
         return losses

@@ -34,6 +34,7 @@ class Config:
     seed: int = 0
     dtype: torch.dtype = torch.float32
     scheduler_gamma: Optional[float] = None  # StepLR(step_size=1, gamma) on every group
+    group_reduction: str = "sum"
     extra: dict = field(default_factory=dict)
 
 
@@ -73,14 +74,14 @@ def make_golden(cfg: Config, loss_scale: float) -> GoldenALSO:
     return GoldenALSO([W, b], cfg.n_groups, loss_scale=loss_scale, mode=cfg.mode, lrs=cfg.lrs,
                       weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad, alpha=cfg.alpha, pi_lr=cfg.pi_lr,
                       pi_decay=cfg.pi_decay, temperature=cfg.temperature, eps=cfg.eps, pi_init=cfg.pi_init,
-                      pi_reg=cfg.pi_reg)
+                      pi_reg=cfg.pi_reg, group_reduction=cfg.group_reduction)
 
 
-def golden_forward(X, Y, use_bias, loss_scale):
-    def forward(params, pi_sel):
+def golden_forward(X, Y, use_bias):
+    def forward(params, weights, scale):
         W, b = [p.detach().clone().requires_grad_() for p in params]
         losses = per_sample_losses(W, b, X, Y, use_bias)
-        (loss_scale * (pi_sel * losses).sum()).backward()
+        (scale * (weights * losses).sum()).backward()
         return losses.detach(), [W.grad, b.grad if use_bias else None]
 
     return forward
@@ -94,7 +95,8 @@ def make_package(cfg: Config, device, backend: str):
     opt = also_fused.ALSO(groups, cfg.n_groups, batch_size=cfg.batch, mode=cfg.mode, alpha=cfg.alpha,
                           pi_reg=cfg.pi_reg, pi_init=cfg.pi_init, weight_decay=cfg.weight_decay,
                           pi_lr=cfg.pi_lr, pi_decay=cfg.pi_decay, pi_temperature=cfg.temperature,
-                          amsgrad=cfg.amsgrad, eps=cfg.eps, backend=backend, **cfg.extra)
+                          amsgrad=cfg.amsgrad, eps=cfg.eps, backend=backend,
+                          group_reduction=cfg.group_reduction, **cfg.extra)
     return Wp, bp, opt
 
 
@@ -133,7 +135,7 @@ def run(cfg: Config, device="cpu", backend="reference"):
     losses_seen = []
     for X, Y, ids, use_bias in batches(cfg):
         golden.lrs = [g["lr"] for g in opt.param_groups]
-        g_losses = golden.step(golden_forward(X, Y, use_bias, opt.loss_scale), ids)
+        g_losses = golden.step(golden_forward(X, Y, use_bias), ids)
         mean = package_step(opt, Wp, bp, cfg.api, X, Y, ids, use_bias, device, cfg.dtype)
         losses_seen.append((float(mean), float(g_losses.mean())))
         if sched is not None:

@@ -68,6 +68,23 @@ def test_variants(name, mode, api):
 
 @pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
 @pytest.mark.parametrize("api", ["closure", "loop"])
+@pytest.mark.parametrize("variant", [dict(), dict(ids="same"), dict(batch=1), dict(amsgrad=True, lose_grad_every=3),
+                                     dict(n_groups=16, ids="distinct"), dict(pi_reg=[1.0, 2.0, 3.0, 4.0])],
+                         ids=["default", "same_ids", "one_sample", "amsgrad_lost_grad", "distinct", "pi_reg"])
+def test_group_mean_reduction(mode, api, variant):
+    """group_reduction="mean": G_j = -mean loss of group j, loss = sum_present pi_j mean_j / mass."""
+    check(Config(mode=mode, api=api, group_reduction="mean", pi_lr=0.3, **variant))
+
+
+def test_group_mean_differs_from_sum():
+    """The option changes the trajectory: sums weigh frequent groups by their counts, means do not."""
+    _, _, o_sum, _ = run(Config(steps=50, batch=32))
+    _, _, o_mean, _ = run(Config(steps=50, batch=32, group_reduction="mean"))
+    assert float((o_sum.pi.log() - o_mean.pi.log()).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("api", ["closure", "loop"])
 def test_many_groups(mode, api):
     check(Config(mode=mode, api=api, n_groups=100_000, batch=64, steps=40, pi_lr=0.5))
 
