@@ -26,7 +26,7 @@ from triton.language.extra import libdevice
 __all__ = ["multi_tensor_adam_", "KERNEL_CONFIG"]
 
 # Columns of the per-tensor metadata table (int64, one 128-byte row per tensor).
-_SRC, _DST, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _SAVE_SRC, _SAVE_GRAD, _EXTRAP, _STEP, _NUMEL, _HROW = range(11)
+_SRC, _DST, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _SAVE_SRC, _SAVE_GRAD, _EXTRAP, _STEP, _NUMEL, _HROW, _PRIOR = range(12)
 _META_COLS = 16
 
 # (BLOCK elements per loop iteration, iterations per program, num_warps, PVEC: 0 or the max contiguous
@@ -67,16 +67,23 @@ def _step_scalars(lr, b1, b2, t, EPS_TORCH: tl.constexpr, INTERPRET: tl.constexp
 
 
 @triton.jit
-def _adam_math(x, d, m, v, vmax, lr, b1, b2, eps, wd, step_size, inv_sqrt_bc2,
-               EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
-    if DECOUPLED:
-        x = x * (1.0 - lr * wd)
-    else:
+def _moments(x, d, m, v, vmax, b1, b2, wd, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
+    if not DECOUPLED:
         d = d + wd * x
     m = b1 * m + (1.0 - b1) * d
     v = b2 * v + (1.0 - b2) * (d * d)
     if AMSGRAD:
         vmax = tl.maximum(vmax, v)
+    return m, v, vmax
+
+
+@triton.jit
+def _adam_math(x, d, m, v, vmax, lr, b1, b2, eps, wd, step_size, inv_sqrt_bc2,
+               EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
+    m, v, vmax = _moments(x, d, m, v, vmax, b1, b2, wd, DECOUPLED, AMSGRAD)
+    if DECOUPLED:
+        x = x * (1.0 - lr * wd)
+    if AMSGRAD:
         vd = vmax
     else:
         vd = v
@@ -89,11 +96,12 @@ def _adam_math(x, d, m, v, vmax, lr, b1, b2, eps, wd, step_size, inv_sqrt_bc2,
 
 
 @triton.jit
-def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, rem,
-                gscale_a, gscale_b, lr, b1, b2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, prior, rem,
+                gscale_a, gscale_b, gscale_p, lr, b1, b2, eps, wd, ss_a, ib_a, ss_b, ib_b,
                 PDTYPE: tl.constexpr, BLOCK: tl.constexpr, PVEC: tl.constexpr, MASKED: tl.constexpr,
                 EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr):
+                SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
+                PRIOR: tl.constexpr, COMMIT: tl.constexpr):
     # Pointers are already advanced to this block; rem = elements left in the chunk (only read when MASKED).
     offs = tl.arange(0, BLOCK)
     if PVEC > 0:
@@ -114,6 +122,11 @@ def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, s
         vmax = tl.load(max_exp_avg_sq + offs, mask=mask)
     else:
         vmax = v
+    if PRIOR:
+        # the moments first advance with the previous gradient (read before save_grad may overwrite it)
+        p_raw = tl.load(prior + poffs, mask=mask)
+        m, v, vmax = _moments(x_raw.to(tl.float32), p_raw.to(tl.float32) * gscale_p, m, v, vmax, b1, b2, wd,
+                              DECOUPLED, AMSGRAD)
     if SAVE_SRC:
         tl.store(save_src + poffs, x_raw, mask=mask)
     if SAVE_GRAD:
@@ -128,10 +141,11 @@ def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, s
         y, m, v, vmax = _adam_math(x_out.to(tl.float32), g * gscale_b, m, v, vmax, lr, b1, b2, eps, wd, ss_b, ib_b,
                                    EPS_TORCH, DECOUPLED, AMSGRAD)
         tl.store(extrap + poffs, y.to(PDTYPE), mask=mask)
-    tl.store(exp_avg + offs, m, mask=mask)
-    tl.store(exp_avg_sq + offs, v, mask=mask)
-    if AMSGRAD:
-        tl.store(max_exp_avg_sq + offs, vmax, mask=mask)
+    if COMMIT:
+        tl.store(exp_avg + offs, m, mask=mask)
+        tl.store(exp_avg_sq + offs, v, mask=mask)
+        if AMSGRAD:
+            tl.store(max_exp_avg_sq + offs, vmax, mask=mask)
 
 
 @triton.jit
@@ -144,10 +158,11 @@ def _param_ptr(row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexp
 
 @triton.jit
 def _multi_tensor_adam_kernel(
-    chunks_ptr, meta_ptr, grads_ptr, hyper_ptr, grad_scale, extrap_scale,
+    chunks_ptr, meta_ptr, grads_ptr, hyper_ptr, grad_scale, extrap_scale, prior_scale,
     PDTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, PVEC: tl.constexpr, META_COLS: tl.constexpr,
     EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
+    PRIOR: tl.constexpr, COMMIT: tl.constexpr,
     ALIGNED: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # One program = one chunk (up to CHUNK elements) of one tensor; the chunk table packs
@@ -176,6 +191,9 @@ def _multi_tensor_adam_kernel(
         save_grad = _param_ptr(row, 6, PDTYPE, ALIGNED)
     if EXTRAP:
         extrap = _param_ptr(row, 7, PDTYPE, ALIGNED)
+    prior = grad
+    if PRIOR:
+        prior = _param_ptr(row, 11, PDTYPE, ALIGNED)
     t = tl.load(tl.load(row + 8).to(tl.pointer_type(tl.float32)))
     numel = tl.load(row + 9)
     hyper = hyper_ptr + tl.load(row + 10) * 5
@@ -187,9 +205,11 @@ def _multi_tensor_adam_kernel(
 
     gscale_a = grad_scale
     gscale_b = extrap_scale
+    gscale_p = prior_scale
     if MAXIMIZE:
         gscale_a = -gscale_a
         gscale_b = -gscale_b
+        gscale_p = -gscale_p
     if EXTRAP:
         ss_a, ib_a = _step_scalars(lr, b1, b2, t - 1.0, EPS_TORCH, INTERPRET)
         ss_b, ib_b = _step_scalars(lr, b1, b2, t, EPS_TORCH, INTERPRET)
@@ -204,14 +224,16 @@ def _multi_tensor_adam_kernel(
         off = start + i * BLOCK
         if off + BLOCK <= end:
             _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                        save_src + off, save_grad + off, extrap + off, BLOCK,
-                        gscale_a, gscale_b, lr, b1, b2, eps, wd, ss_a, ib_a, ss_b, ib_b,
-                        PDTYPE, BLOCK, PVEC, False, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP)
+                        save_src + off, save_grad + off, extrap + off, prior + off, BLOCK,
+                        gscale_a, gscale_b, gscale_p, lr, b1, b2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                        PDTYPE, BLOCK, PVEC, False, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
+                        PRIOR, COMMIT)
         elif off < end:
             _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                        save_src + off, save_grad + off, extrap + off, (end - off).to(tl.int32),
-                        gscale_a, gscale_b, lr, b1, b2, eps, wd, ss_a, ib_a, ss_b, ib_b,
-                        PDTYPE, BLOCK, PVEC, True, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP)
+                        save_src + off, save_grad + off, extrap + off, prior + off, (end - off).to(tl.int32),
+                        gscale_a, gscale_b, gscale_p, lr, b1, b2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                        PDTYPE, BLOCK, PVEC, True, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
+                        PRIOR, COMMIT)
 
 
 _data_ptr = torch.Tensor.data_ptr
@@ -271,6 +293,9 @@ def multi_tensor_adam_(
     save_grads_to: Optional[Sequence[torch.Tensor]] = None,
     extrapolate_to: Optional[Sequence[torch.Tensor]] = None,
     extrapolation_scale: float = 1.0,
+    prior_grads: Optional[Sequence[torch.Tensor]] = None,
+    prior_scale: float = 1.0,
+    commit_state: bool = True,
     cache: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Adam step for every tensor i in one kernel launch: destinations[i] = sources[i] + AdamStep.
@@ -280,6 +305,8 @@ def multi_tensor_adam_(
     before the bias correction, ``"torch"`` after it (torch.optim.Adam). With ``extrapolate_to`` two steps
     run: destinations <- x1 = x + AdamStep(x, grad_scale*g; t-1), extrapolate_to <- x1 + AdamStep(x1,
     extrapolation_scale*g; t). ``save_sources_to`` / ``save_grads_to`` receive copies of x / the raw grad.
+    ``prior_grads``: the moments first advance with ``prior_scale * prior_grads`` from x (the optimistic
+    extrapolation's advance, committed by the main step); ``commit_state=False`` leaves the moments unwritten.
     ``cache`` (a dict kept by the caller) holds the device tables between calls.
     """
     n = len(sources)
@@ -287,8 +314,10 @@ def multi_tensor_adam_(
         return
     if eps_mode not in ("also", "torch"):
         raise ValueError(f"eps_mode must be 'also' or 'torch', got {eps_mode!r}")
+    if not commit_state and (prior_grads is not None or extrapolate_to is not None):
+        raise ValueError("commit_state=False only applies to a single update")
     optional = {_MAX_EXP_AVG_SQ: max_exp_avg_sqs, _SAVE_SRC: save_sources_to, _SAVE_GRAD: save_grads_to,
-                _EXTRAP: extrapolate_to}
+                _EXTRAP: extrapolate_to, _PRIOR: prior_grads}
     lists: Dict[int, Sequence[torch.Tensor]] = {_SRC: sources, _DST: destinations, _EXP_AVG: exp_avgs,
                                                 _EXP_AVG_SQ: exp_avg_sqs, _STEP: steps}
     lists.update({col: lst for col, lst in optional.items() if lst is not None})
@@ -313,7 +342,7 @@ def multi_tensor_adam_(
             for t in lst:
                 if t.device != device:
                     raise ValueError("all tensors must be on one device")
-        for t in chain(sources, destinations, grads, *(lists.get(c, ()) for c in (_SAVE_SRC, _SAVE_GRAD, _EXTRAP))):
+        for t in chain(sources, destinations, grads, *(lists.get(c, ()) for c in (_SAVE_SRC, _SAVE_GRAD, _EXTRAP, _PRIOR))):
             if t.dtype != dtype or not t.is_contiguous():
                 raise ValueError("parameter-like tensors must share one dtype and be contiguous")
         meta, chunks, total = _build_tables(lists, sources, hyper_rows, chunk, device)
@@ -331,9 +360,10 @@ def multi_tensor_adam_(
 
     _multi_tensor_adam_kernel[(cache["total"],)](
         cache["chunks"], cache["meta"], cache["grad_table"], hyper, float(grad_scale), float(extrapolation_scale),
+        float(prior_scale),
         PDTYPE=_TL_DTYPES[dtype], BLOCK=block, CHUNK=chunk, PVEC=pvec, META_COLS=_META_COLS,
         EPS_TORCH=eps_mode == "torch", DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=max_exp_avg_sqs is not None,
         MAXIMIZE=bool(maximize), SAVE_SRC=save_sources_to is not None, SAVE_GRAD=save_grads_to is not None,
-        EXTRAP=extrapolate_to is not None, ALIGNED=cache["aligned"] and cache["grad_aligned"],
+        EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=bool(commit_state), ALIGNED=cache["aligned"] and cache["grad_aligned"],
         INTERPRET=device.type != "cuda", num_warps=num_warps,
     )

@@ -409,3 +409,51 @@ def test_tensor_over_2_pow_31_elements():
     torch.testing.assert_close(x[-4101:].float(), expect, rtol=0, atol=1e-3)
     torch.testing.assert_close(m[-5:], 0.1 * g[-5:].float())
     assert x[: 2 ** 20].float().eq(1.25).all()
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_uncommitted_then_prior_equals_two_committed_steps(amsgrad):
+    """The optimistic closure pair: an extrapolation with commit_state=False leaves the moments as they
+    were; the main step with prior_grads advances them with the previous gradient first (at t-1) and
+    then with the new one (at t), equal to the float64 model of two sequential steps."""
+    gen = torch.Generator().manual_seed(11)
+    sizes = [7, 1000, 4099]
+    xs = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes]
+    prev = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes]
+    new = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes]
+    ms = [(torch.randn(n, generator=gen) * 0.1).to(DEVICE) for n in sizes]
+    vs = [(torch.rand(n, generator=gen) * 0.1).to(DEVICE) for n in sizes]
+    vmaxs = [v * 1.5 for v in vs] if amsgrad else None
+    rows = [1, 2, 0]
+    hyper = _hyper(HYPER_ROWS)
+    alpha, t0 = 0.5, 4.0
+    snap_m, snap_v = [m.clone() for m in ms], [v.clone() for v in vs]
+    steps = [torch.tensor(t0 + 1, device=DEVICE) for _ in sizes]
+    y = [torch.full_like(x, float("nan")) for x in xs]
+    saved = [torch.full_like(x, float("nan")) for x in xs]
+    multi_tensor_adam_(xs, prev, ms, vs, steps, y, hyper, rows, max_exp_avg_sqs=vmaxs, grad_scale=alpha,
+                       save_sources_to=saved, commit_state=False)
+    for i in range(len(sizes)):
+        assert torch.equal(ms[i], snap_m[i]) and torch.equal(vs[i], snap_v[i])
+        assert torch.equal(saved[i], xs[i])
+        ref_y, *_ = ref_adam(xs[i].double(), alpha * prev[i].double(), ms[i].double(), vs[i].double(),
+                             None if vmaxs is None else vmaxs[i].double(), t0 + 1, HYPER_ROWS[rows[i]], "also",
+                             False, amsgrad)
+        _assert_close(y[i], ref_y, 1e-5, 1e-7, "extrapolated point")
+    prev_buf = [p.clone() for p in prev]  # save_grads_to aliases prior_grads, as in the optimizer
+    out = [torch.full_like(x, float("nan")) for x in xs]
+    steps = [torch.tensor(t0 + 2, device=DEVICE) for _ in sizes]
+    vmax_before = None if vmaxs is None else [v.clone() for v in vmaxs]
+    multi_tensor_adam_(saved, new, ms, vs, steps, out, hyper, rows, max_exp_avg_sqs=vmaxs, prior_grads=prev_buf,
+                       prior_scale=alpha, save_grads_to=prev_buf)
+    for i in range(len(sizes)):
+        h = HYPER_ROWS[rows[i]]
+        x64 = xs[i].double()
+        _, m1, v1, vm1 = ref_adam(x64, alpha * prev[i].double(), snap_m[i].double(), snap_v[i].double(),
+                                  None if vmaxs is None else vmax_before[i].double(), t0 + 1, h, "also", False,
+                                  amsgrad)
+        ref_x, m2, v2, _ = ref_adam(x64, new[i].double(), m1, v1, vm1, t0 + 2, h, "also", False, amsgrad)
+        _assert_close(out[i], ref_x, 1e-5, 1e-7, "main step")
+        _assert_close(ms[i], m2, 1e-5, 2e-7, "m")
+        _assert_close(vs[i], v2, 1e-5, 1e-8, "v")
+        assert torch.equal(prev_buf[i], new[i])

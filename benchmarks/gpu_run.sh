@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On a CUDA machine: install the checkout, run the whole test suite on the GPU, then the GPU
+# benchmarks. Logs and JSON go to $OUT (default benchmarks/results). Usage: bash benchmarks/gpu_run.sh [tests|bench|all]
+set -u
+what=${1:-all}
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+  echo "editable install failed (see install.log); importing from the checkout instead"
+  ln -sfn ../kernels also_fused/kernels
+  export PYTHONPATH=$PWD
+fi
+python3 -c "import torch, triton, also_fused; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+status=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -n 60 | tee "$OUT/tests.log"
+  status=${PIPESTATUS[0]}
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  python3 benchmarks/bench_theta.py --out "$OUT/theta.json" 2>&1 | tail -n 40
+  python3 benchmarks/bench_pi.py --out "$OUT/pi.json" 2>&1 | tail -n 25
+  python3 benchmarks/bench_step.py --out "$OUT/step.json" 2>&1 | tail -n 30
+fi
+exit $status
