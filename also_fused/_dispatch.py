@@ -57,7 +57,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class HyperTable:
-    """Per-row (lr, beta1, beta2, eps, weight_decay) on the device, refreshed only when a value changes."""
+    """The kernels' hyper-parameter table on the device, rebuilt only when a value changes."""
 
     def __init__(self) -> None:
         self._tables: dict[torch.device, tuple[tuple, Tensor]] = {}
@@ -67,7 +67,9 @@ class HyperTable:
         cached = self._tables.get(device)
         if cached is not None and cached[0] == key:
             return cached[1]
-        host = torch.tensor(rows, dtype=torch.float32).reshape(len(rows), 5)
+        from .kernels.multi_tensor_adam import hyper_table
+
+        host = hyper_table(rows)
         table = cached[1] if cached is not None and cached[1].shape == host.shape else None
         if table is None:
             table = torch.empty_like(host, device=device)

@@ -67,7 +67,9 @@ WORKLOADS = {
 BYTES_PER_PARAM = {
     "adam": lambda p: 3 * p + 16,           # read x, g, m, v; write x, m, v
     "extrap": lambda p: 4 * p + 16,         # read x, g, m, v; write x1, y, m, v
-    "closure_pair": lambda p: 8 * p + 32,   # two passes: (x, g_prev -> y, x saved) and (x, g -> x, g saved)
+    # two passes: (x, g_prev, m, v -> y, x saved; moments not written) and
+    # (x saved, g, g_prev, m, v -> x, m, v, g saved): 60 B per fp32 param
+    "closure_pair": lambda p: 9 * p + 24,
 }
 
 
@@ -123,7 +125,7 @@ class Setup:
         self.m = [torch.randn(s, device=DEV, generator=gen) * 1e-4 for s in shapes]
         self.v = [torch.rand(s, device=DEV, generator=gen) * 1e-6 + 1e-8 for s in shapes]
         self.steps = [torch.full((), 10.0, device=DEV) for _ in shapes]
-        self.hyper = torch.tensor([[LR, BETAS[0], BETAS[1], EPS, WD]], device=DEV)
+        self.hyper = mta.hyper_table([(LR, BETAS[0], BETAS[1], EPS, WD)], DEV)
         self.rows = [0] * len(shapes)
         self.numel = sum(p.numel() for p in self.params)
         self.k = 0
@@ -160,11 +162,12 @@ def ours(setup: Setup, mode: str, caches: List[dict], rotate: bool = True) -> Ca
             torch._foreach_add_(s.steps, 1.0)
             # extrapolation: y = x + AdamStep(x, g_prev) into the param, x saved
             mta.multi_tensor_adam_(s.params, gprev, s.m, s.v, s.steps, s.params, s.hyper, s.rows,
-                                   save_sources_to=saved, cache=cache)
+                                   save_sources_to=saved, commit_state=False, cache=cache)
             torch._foreach_add_(s.steps, 1.0)
-            # main step from the saved x with the new gradient, which is kept for the next extrapolation
+            # main step from the saved x: the moments advance with g_prev, then with the new gradient,
+            # which is kept for the next extrapolation
             mta.multi_tensor_adam_(saved, grads(), s.m, s.v, s.steps, s.params, s.hyper, s.rows,
-                                   save_grads_to=gprev, cache=cache2)
+                                   prior_grads=gprev, save_grads_to=gprev, cache=cache2)
         return fn
     raise ValueError(mode)
 

@@ -14,6 +14,7 @@ This module imports only torch and triton.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from itertools import chain
 from typing import Any, Dict, List, Optional, Sequence
@@ -23,7 +24,20 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-__all__ = ["multi_tensor_adam_", "KERNEL_CONFIG"]
+__all__ = ["multi_tensor_adam_", "hyper_table", "KERNEL_CONFIG", "HYPER_COLS"]
+
+HYPER_COLS = 9
+
+
+def hyper_table(rows: Sequence[Sequence[float]], device: Any = "cpu") -> torch.Tensor:
+    """float32 [len(rows), 9] table from (lr, beta1, beta2, eps, weight_decay) rows.
+
+    1 - beta and log(beta) are computed here in float64: rounding beta to float32 first would
+    move 1 - beta2 (and the bias correction) by about 1e-5 relative for beta2 = 0.999.
+    """
+    full = [(lr, b1, b2, eps, wd, 1.0 - b1, 1.0 - b2, math.log(b1) if b1 > 0 else -math.inf,
+             math.log(b2) if b2 > 0 else -math.inf) for lr, b1, b2, eps, wd in rows]
+    return torch.tensor(full, dtype=torch.float32, device=device).reshape(len(rows), HYPER_COLS)
 
 # Columns of the per-tensor metadata table (int64, one 128-byte row per tensor).
 _SRC, _DST, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _SAVE_SRC, _SAVE_GRAD, _EXTRAP, _STEP, _NUMEL, _HROW, _PRIOR = range(12)
@@ -38,10 +52,10 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 @triton.jit
-def _one_minus_pow(beta, t, INTERPRET: tl.constexpr):
+def _one_minus_pow(log_beta, t, INTERPRET: tl.constexpr):
     # 1 - beta**t computed as -expm1(t*log(beta)): no cancellation when beta**t is close to 1.
     if INTERPRET:
-        lg = t * tl.log(beta)
+        lg = t * log_beta
         u = tl.exp(lg)
         lu = tl.log(tl.maximum(u, 1e-30))
         lu = tl.where(lu == 0.0, 1.0, lu)
@@ -49,14 +63,14 @@ def _one_minus_pow(beta, t, INTERPRET: tl.constexpr):
         em1 = tl.where(u < 0.5, u - 1.0, em1)
         res = -em1
     else:
-        res = -libdevice.expm1(t * libdevice.log1p(beta - 1.0))
+        res = -libdevice.expm1(t * log_beta)
     return res
 
 
 @triton.jit
-def _step_scalars(lr, b1, b2, t, EPS_TORCH: tl.constexpr, INTERPRET: tl.constexpr):
-    bc1 = _one_minus_pow(b1, t, INTERPRET)
-    bc2 = _one_minus_pow(b2, t, INTERPRET)
+def _step_scalars(lr, log_b1, log_b2, t, EPS_TORCH: tl.constexpr, INTERPRET: tl.constexpr):
+    bc1 = _one_minus_pow(log_b1, t, INTERPRET)
+    bc2 = _one_minus_pow(log_b2, t, INTERPRET)
     if EPS_TORCH:
         step_size = lr / bc1
         inv_sqrt_bc2 = 1.0 / tl.sqrt_rn(bc2)
@@ -67,20 +81,20 @@ def _step_scalars(lr, b1, b2, t, EPS_TORCH: tl.constexpr, INTERPRET: tl.constexp
 
 
 @triton.jit
-def _moments(x, d, m, v, vmax, b1, b2, wd, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
+def _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
     if not DECOUPLED:
         d = d + wd * x
-    m = b1 * m + (1.0 - b1) * d
-    v = b2 * v + (1.0 - b2) * (d * d)
+    m = b1 * m + omb1 * d
+    v = b2 * v + omb2 * (d * d)
     if AMSGRAD:
         vmax = tl.maximum(vmax, v)
     return m, v, vmax
 
 
 @triton.jit
-def _adam_math(x, d, m, v, vmax, lr, b1, b2, eps, wd, step_size, inv_sqrt_bc2,
+def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, inv_sqrt_bc2,
                EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
-    m, v, vmax = _moments(x, d, m, v, vmax, b1, b2, wd, DECOUPLED, AMSGRAD)
+    m, v, vmax = _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED, AMSGRAD)
     if DECOUPLED:
         x = x * (1.0 - lr * wd)
     if AMSGRAD:
@@ -97,7 +111,7 @@ def _adam_math(x, d, m, v, vmax, lr, b1, b2, eps, wd, step_size, inv_sqrt_bc2,
 
 @triton.jit
 def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, prior, rem,
-                gscale_a, gscale_b, gscale_p, lr, b1, b2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
                 PDTYPE: tl.constexpr, BLOCK: tl.constexpr, PVEC: tl.constexpr, MASKED: tl.constexpr,
                 EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
                 SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
@@ -125,20 +139,20 @@ def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, s
     if PRIOR:
         # the moments first advance with the previous gradient (read before save_grad may overwrite it)
         p_raw = tl.load(prior + poffs, mask=mask)
-        m, v, vmax = _moments(x_raw.to(tl.float32), p_raw.to(tl.float32) * gscale_p, m, v, vmax, b1, b2, wd,
+        m, v, vmax = _moments(x_raw.to(tl.float32), p_raw.to(tl.float32) * gscale_p, m, v, vmax, b1, b2, omb1, omb2, wd,
                               DECOUPLED, AMSGRAD)
     if SAVE_SRC:
         tl.store(save_src + poffs, x_raw, mask=mask)
     if SAVE_GRAD:
         tl.store(save_grad + poffs, g_raw, mask=mask)
     g = g_raw.to(tl.float32)
-    x, m, v, vmax = _adam_math(x_raw.to(tl.float32), g * gscale_a, m, v, vmax, lr, b1, b2, eps, wd, ss_a, ib_a,
+    x, m, v, vmax = _adam_math(x_raw.to(tl.float32), g * gscale_a, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a,
                                EPS_TORCH, DECOUPLED, AMSGRAD)
     x_out = x.to(PDTYPE)
     tl.store(dst + poffs, x_out, mask=mask)
     if EXTRAP:
         # The second step starts from the stored first iterate, as two separate calls would.
-        y, m, v, vmax = _adam_math(x_out.to(tl.float32), g * gscale_b, m, v, vmax, lr, b1, b2, eps, wd, ss_b, ib_b,
+        y, m, v, vmax = _adam_math(x_out.to(tl.float32), g * gscale_b, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_b, ib_b,
                                    EPS_TORCH, DECOUPLED, AMSGRAD)
         tl.store(extrap + poffs, y.to(PDTYPE), mask=mask)
     if COMMIT:
@@ -162,7 +176,7 @@ def _multi_tensor_adam_kernel(
     PDTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, PVEC: tl.constexpr, META_COLS: tl.constexpr,
     EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
-    PRIOR: tl.constexpr, COMMIT: tl.constexpr,
+    PRIOR: tl.constexpr, COMMIT: tl.constexpr, HYPER_COLS: tl.constexpr,
     ALIGNED: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # One program = one chunk (up to CHUNK elements) of one tensor; the chunk table packs
@@ -196,12 +210,16 @@ def _multi_tensor_adam_kernel(
         prior = _param_ptr(row, 11, PDTYPE, ALIGNED)
     t = tl.load(tl.load(row + 8).to(tl.pointer_type(tl.float32)))
     numel = tl.load(row + 9)
-    hyper = hyper_ptr + tl.load(row + 10) * 5
+    hyper = hyper_ptr + tl.load(row + 10) * HYPER_COLS
     lr = tl.load(hyper)
     b1 = tl.load(hyper + 1)
     b2 = tl.load(hyper + 2)
     eps = tl.load(hyper + 3)
     wd = tl.load(hyper + 4)
+    omb1 = tl.load(hyper + 5)
+    omb2 = tl.load(hyper + 6)
+    log_b1 = tl.load(hyper + 7)
+    log_b2 = tl.load(hyper + 8)
 
     gscale_a = grad_scale
     gscale_b = extrap_scale
@@ -211,10 +229,10 @@ def _multi_tensor_adam_kernel(
         gscale_b = -gscale_b
         gscale_p = -gscale_p
     if EXTRAP:
-        ss_a, ib_a = _step_scalars(lr, b1, b2, t - 1.0, EPS_TORCH, INTERPRET)
-        ss_b, ib_b = _step_scalars(lr, b1, b2, t, EPS_TORCH, INTERPRET)
+        ss_a, ib_a = _step_scalars(lr, log_b1, log_b2, t - 1.0, EPS_TORCH, INTERPRET)
+        ss_b, ib_b = _step_scalars(lr, log_b1, log_b2, t, EPS_TORCH, INTERPRET)
     else:
-        ss_a, ib_a = _step_scalars(lr, b1, b2, t, EPS_TORCH, INTERPRET)
+        ss_a, ib_a = _step_scalars(lr, log_b1, log_b2, t, EPS_TORCH, INTERPRET)
         ss_b = ss_a
         ib_b = ib_a
 
@@ -225,13 +243,13 @@ def _multi_tensor_adam_kernel(
         if off + BLOCK <= end:
             _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
                         save_src + off, save_grad + off, extrap + off, prior + off, BLOCK,
-                        gscale_a, gscale_b, gscale_p, lr, b1, b2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                        gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
                         PDTYPE, BLOCK, PVEC, False, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
                         PRIOR, COMMIT)
         elif off < end:
             _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
                         save_src + off, save_grad + off, extrap + off, prior + off, (end - off).to(tl.int32),
-                        gscale_a, gscale_b, gscale_p, lr, b1, b2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                        gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
                         PDTYPE, BLOCK, PVEC, True, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
                         PRIOR, COMMIT)
 
@@ -300,7 +318,7 @@ def multi_tensor_adam_(
 ) -> None:
     """Adam step for every tensor i in one kernel launch: destinations[i] = sources[i] + AdamStep.
 
-    Hyper-parameters come from ``hyper[hyper_rows[i]] = (lr, beta1, beta2, eps, weight_decay)``; ``steps[i]``
+    Hyper-parameters come from row ``hyper_rows[i]`` of ``hyper = hyper_table(rows)``; ``steps[i]``
     is a 0-d float32 device tensor holding t (already incremented). ``eps_mode="also"`` adds eps to sqrt(v)
     before the bias correction, ``"torch"`` after it (torch.optim.Adam). With ``extrapolate_to`` two steps
     run: destinations <- x1 = x + AdamStep(x, grad_scale*g; t-1), extrapolate_to <- x1 + AdamStep(x1,
@@ -336,8 +354,10 @@ def multi_tensor_adam_(
     if cache is None:
         cache = {}
     if cache.get("key") != key:
-        if hyper.dtype != torch.float32 or hyper.device != device or not hyper.is_contiguous():
-            raise ValueError("hyper must be a contiguous float32 tensor on the parameters' device")
+        if (hyper.dtype != torch.float32 or hyper.device != device or not hyper.is_contiguous()
+                or hyper.dim() != 2 or hyper.shape[1] != HYPER_COLS):
+            raise ValueError(f"hyper must be a contiguous float32 [rows, {HYPER_COLS}] tensor on the parameters' "
+                             f"device (see hyper_table)")
         for lst in lists.values():
             for t in lst:
                 if t.device != device:
@@ -364,6 +384,7 @@ def multi_tensor_adam_(
         PDTYPE=_TL_DTYPES[dtype], BLOCK=block, CHUNK=chunk, PVEC=pvec, META_COLS=_META_COLS,
         EPS_TORCH=eps_mode == "torch", DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=max_exp_avg_sqs is not None,
         MAXIMIZE=bool(maximize), SAVE_SRC=save_sources_to is not None, SAVE_GRAD=save_grads_to is not None,
-        EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=bool(commit_state), ALIGNED=cache["aligned"] and cache["grad_aligned"],
+        EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=bool(commit_state),
+        HYPER_COLS=HYPER_COLS, ALIGNED=cache["aligned"] and cache["grad_aligned"],
         INTERPRET=device.type != "cuda", num_warps=num_warps,
     )
