@@ -14,12 +14,12 @@ fi
 python3 -c "import torch, triton, also_fused; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -n 60 | tee "$OUT/tests.log"
+  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -n 60 | tee "$OUT/tests.log"
   status=${PIPESTATUS[0]}
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 benchmarks/bench_theta.py --out "$OUT/theta.json" 2>&1 | tail -n 40
-  python3 benchmarks/bench_pi.py --out "$OUT/pi.json" 2>&1 | tail -n 25
-  python3 benchmarks/bench_step.py --out "$OUT/step.json" 2>&1 | tail -n 30
+  timeout 240 python3 benchmarks/bench_theta.py --out "$OUT/theta.json" > "$OUT/theta.log" 2>&1; tail -n 40 "$OUT/theta.log"
+  timeout 90 python3 benchmarks/bench_pi.py --out "$OUT/pi.json" > "$OUT/pi.log" 2>&1; tail -n 25 "$OUT/pi.log"
+  timeout 150 python3 benchmarks/bench_step.py --out "$OUT/step.json" 2>&1 | tail -n 30
 fi
 exit $status
