@@ -14,8 +14,9 @@ fi
 python3 -c "import torch, triton, also_fused; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -n 60 | tee "$OUT/tests.log"
-  status=${PIPESTATUS[0]}
+  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} > "$OUT/tests.log" 2>&1
+  status=$?
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 240 python3 benchmarks/bench_theta.py --out "$OUT/theta.json" > "$OUT/theta.log" 2>&1; tail -n 40 "$OUT/theta.log"

@@ -26,17 +26,18 @@ from triton.language.extra import libdevice
 
 __all__ = ["multi_tensor_adam_", "hyper_table", "KERNEL_CONFIG", "HYPER_COLS"]
 
-HYPER_COLS = 9
+HYPER_COLS = 10
 
 
 def hyper_table(rows: Sequence[Sequence[float]], device: Any = "cpu") -> torch.Tensor:
-    """float32 [len(rows), 9] table from (lr, beta1, beta2, eps, weight_decay) rows.
+    """float32 [len(rows), 10] table from (lr, beta1, beta2, eps, weight_decay) rows.
 
-    1 - beta and log(beta) are computed here in float64: rounding beta to float32 first would
-    move 1 - beta2 (and the bias correction) by about 1e-5 relative for beta2 = 0.999.
+    1 - beta, log(beta) and the decoupled decay factor 1 - lr*wd are computed here in float64:
+    rounding beta to float32 first would move 1 - beta2 (and the bias correction) by about 1e-5
+    relative for beta2 = 0.999, and 1 - lr*wd in float32 loses most digits of lr*wd.
     """
     full = [(lr, b1, b2, eps, wd, 1.0 - b1, 1.0 - b2, math.log(b1) if b1 > 0 else -math.inf,
-             math.log(b2) if b2 > 0 else -math.inf) for lr, b1, b2, eps, wd in rows]
+             math.log(b2) if b2 > 0 else -math.inf, 1.0 - lr * wd) for lr, b1, b2, eps, wd in rows]
     return torch.tensor(full, dtype=torch.float32, device=device).reshape(len(rows), HYPER_COLS)
 
 # Columns of the per-tensor metadata table (int64, one 128-byte row per tensor).
@@ -96,7 +97,7 @@ def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, inv
                EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
     m, v, vmax = _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED, AMSGRAD)
     if DECOUPLED:
-        x = x * (1.0 - lr * wd)
+        x = x * wd  # under DECOUPLED the caller passes the decay factor 1 - lr*wd as wd
     if AMSGRAD:
         vd = vmax
     else:
@@ -220,6 +221,8 @@ def _multi_tensor_adam_kernel(
     omb2 = tl.load(hyper + 6)
     log_b1 = tl.load(hyper + 7)
     log_b2 = tl.load(hyper + 8)
+    if DECOUPLED:
+        wd = tl.load(hyper + 9)  # 1 - lr*wd, computed in float64 on the host
 
     gscale_a = grad_scale
     gscale_b = extrap_scale

@@ -91,7 +91,7 @@ def test_state_dict_loads_into_torch_and_back():
     cross_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
     gen = torch.Generator().manual_seed(5)
     for _ in range(10):
-        grads = [torch.randn(p.shape, generator=gen) for p in ours]
+        grads = [torch.randn(p.shape, generator=gen).to(DEVICE) for p in ours]
         for params in (ours, theirs, fresh_a, fresh_b):
             for p, g in zip(params, grads):
                 p.grad = g.clone()

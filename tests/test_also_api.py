@@ -76,7 +76,8 @@ def test_state_dict_stores_iterate_in_loop_api():
     assert not torch.equal(W.detach(), x)
     with pytest.raises(RuntimeError, match="train"):
         opt.eval()
-        opt.weighted_loss(W.sum() * torch.ones(cfg.batch), torch.zeros(cfg.batch, dtype=torch.long)).backward()
+        opt.weighted_loss(W.sum() * torch.ones(cfg.batch, device=DEVICE),
+                          torch.zeros(cfg.batch, dtype=torch.long, device=DEVICE)).backward()
         opt.step()
     opt.train()
 
@@ -92,7 +93,7 @@ def stepped(api="closure", mode="optimistic", steps=3):
 
 def good_batch(cfg):
     X, Y, ids, _ = next(iter(batches(dataclasses.replace(cfg, seed=7))))
-    return X.float(), Y.float(), ids
+    return X.float().to(DEVICE), Y.float().to(DEVICE), ids.to(DEVICE)
 
 
 BAD_IDS = {
@@ -196,7 +197,7 @@ def test_mixing_apis_in_optimistic_mode_is_refused():
     cfg, W, b, opt = stepped(api="loop")
     X, Y, ids = good_batch(cfg)
     with pytest.raises(RuntimeError, match="API"):
-        opt.step(lambda pi, s: (torch.ones(len(ids)), None), ids)
+        opt.step(lambda pi, s: (torch.ones(len(ids), device=DEVICE), None), ids)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -232,7 +233,7 @@ def test_gradient_accumulation_equals_one_big_batch(mode):
     Wa, ba, opt_a = make_package(cfg, DEVICE, "reference")
     Wb, bb, opt_b = make_package(cfg, DEVICE, "reference")
     for X, Y, ids, _ in data:
-        X, Y = X.float(), Y.float()
+        X, Y, ids = X.float().to(DEVICE), Y.float().to(DEVICE), ids.to(DEVICE)
         opt_a.zero_grad()
         opt_a.weighted_loss(((X @ Wa + ba - Y) ** 2).mean(1), ids).backward()
         mean_a = opt_a.step()

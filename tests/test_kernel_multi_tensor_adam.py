@@ -43,10 +43,10 @@ def ref_adam(x, d, m, v, vmax, t, h, eps_mode, decoupled, amsgrad):
     """Float64 model of one Adam step; d already scaled (and negated for maximize)."""
     h = [float(u) for u in h]
     if len(h) == 5:  # a (lr, beta1, beta2, eps, wd) row: the table's extra columns in float64
-        h += [1 - h[1], 1 - h[2], math.log(h[1]), math.log(h[2])]
-    lr, b1, b2, eps, wd, omb1, omb2, log_b1, log_b2 = h
+        h += [1 - h[1], 1 - h[2], math.log(h[1]), math.log(h[2]), 1 - h[0] * h[4]]
+    lr, b1, b2, eps, wd, omb1, omb2, log_b1, log_b2, decay = h
     if decoupled:
-        x = x * (1 - lr * wd)
+        x = x * decay
     else:
         d = d + wd * x
     m = b1 * m + omb1 * d
