@@ -73,19 +73,20 @@ def _step_scalars(lr, log_b1, log_b2, t, EPS_TORCH: tl.constexpr, INTERPRET: tl.
     bc1 = _one_minus_pow(log_b1, t, INTERPRET)
     bc2 = _one_minus_pow(log_b2, t, INTERPRET)
     if EPS_TORCH:
-        step_size = lr / bc1
-        inv_sqrt_bc2 = 1.0 / tl.sqrt_rn(bc2)
+        step_size = tl.div_rn(lr, bc1)
+        sqrt_bc2 = tl.sqrt_rn(bc2)
     else:
         step_size = lr * tl.sqrt_rn(bc2) / bc1
-        inv_sqrt_bc2 = bc2 * 0.0 + 1.0
-    return step_size, inv_sqrt_bc2
+        sqrt_bc2 = bc2 * 0.0 + 1.0  # unused in this mode
+    return step_size, sqrt_bc2
 
 
 @triton.jit
 def _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
     if not DECOUPLED:
         d = d + wd * x
-    m = b1 * m + omb1 * d
+    # m <- lerp(m, d, 1 - b1), evaluated as torch.lerp does
+    m = tl.where(omb1 < 0.5, m + omb1 * (d - m), d - (d - m) * (1.0 - omb1))
     v = b2 * v + omb2 * (d * d)
     if AMSGRAD:
         vmax = tl.maximum(vmax, v)
@@ -93,7 +94,7 @@ def _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED: tl.constexpr, 
 
 
 @triton.jit
-def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, inv_sqrt_bc2,
+def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, sqrt_bc2,
                EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
     m, v, vmax = _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED, AMSGRAD)
     if DECOUPLED:
@@ -102,11 +103,12 @@ def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, inv
         vd = vmax
     else:
         vd = v
+    # correctly rounded sqrt and division, in torch's order of operations, for parity with torch.optim
     if EPS_TORCH:
-        denom = tl.sqrt(vd) * inv_sqrt_bc2 + eps
+        denom = tl.div_rn(tl.sqrt_rn(vd), sqrt_bc2) + eps
     else:
-        denom = tl.sqrt(vd) + eps
-    x = x - step_size * (m / denom)
+        denom = tl.sqrt_rn(vd) + eps
+    x = x - step_size * tl.div_rn(m, denom)
     return x, m, v, vmax
 
 

@@ -440,8 +440,8 @@ def test_uncommitted_then_prior_equals_two_committed_steps(amsgrad):
     for i in range(len(sizes)):
         assert torch.equal(ms[i], snap_m[i]) and torch.equal(vs[i], snap_v[i])
         assert torch.equal(saved[i], xs[i])
-        ref_y, *_ = ref_adam(xs[i].double(), alpha * prev[i].double(), ms[i].double(), vs[i].double(),
-                             None if vmaxs is None else vmaxs[i].double(), t0 + 1, HYPER_ROWS[rows[i]], "also",
+        ref_y, *_ = ref_adam(xs[i].double().cpu(), alpha * prev[i].double().cpu(), ms[i].double().cpu(),
+                             vs[i].double().cpu(), None if vmaxs is None else vmaxs[i].double().cpu(), t0 + 1, HYPER_ROWS[rows[i]], "also",
                              False, amsgrad)
         _assert_close(y[i], ref_y, 1e-5, 1e-7, "extrapolated point")
     prev_buf = [p.clone() for p in prev]  # save_grads_to aliases prior_grads, as in the optimizer
@@ -452,11 +452,11 @@ def test_uncommitted_then_prior_equals_two_committed_steps(amsgrad):
                        prior_scale=alpha, save_grads_to=prev_buf)
     for i in range(len(sizes)):
         h = HYPER_ROWS[rows[i]]
-        x64 = xs[i].double()
-        _, m1, v1, vm1 = ref_adam(x64, alpha * prev[i].double(), snap_m[i].double(), snap_v[i].double(),
-                                  None if vmaxs is None else vmax_before[i].double(), t0 + 1, h, "also", False,
-                                  amsgrad)
-        ref_x, m2, v2, _ = ref_adam(x64, new[i].double(), m1, v1, vm1, t0 + 2, h, "also", False, amsgrad)
+        x64 = xs[i].double().cpu()
+        _, m1, v1, vm1 = ref_adam(x64, alpha * prev[i].double().cpu(), snap_m[i].double().cpu(),
+                                  snap_v[i].double().cpu(), None if vmaxs is None else vmax_before[i].double().cpu(),
+                                  t0 + 1, h, "also", False, amsgrad)
+        ref_x, m2, v2, _ = ref_adam(x64, new[i].double().cpu(), m1, v1, vm1, t0 + 2, h, "also", False, amsgrad)
         _assert_close(out[i], ref_x, 1e-5, 1e-7, "main step")
         _assert_close(ms[i], m2, 1e-5, 2e-7, "m")
         _assert_close(vs[i], v2, 1e-5, 1e-8, "v")

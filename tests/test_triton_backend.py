@@ -57,9 +57,10 @@ def test_triton_follows_reference(mode, api):
 def test_low_precision_params(dtype):
     cfg = Config(api="loop", dtype=dtype, steps=STEPS // 2)
     golden, x, opt, _ = run(cfg, DEVICE, "triton")
-    # the interpreter's float32 -> 16-bit cast truncates instead of rounding to nearest, which biases
-    # every stored param a little more than the GPU's rounding does
-    tol = 2e-2 if ON_GPU else 6e-2
+    # steps of lr = 3e-3 are about one bf16 ulp of the bias, so storage rounding dominates the drift
+    # from the unrounded float64 model; the interpreter's float32 -> 16-bit cast truncates instead of
+    # rounding to nearest, which biases every stored param more than the GPU's rounding does
+    tol = 3e-2 if ON_GPU else 6e-2
     for got, want in zip(x, golden.params):
         assert rel(got, want) <= tol
 
