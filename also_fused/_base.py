@@ -1,7 +1,7 @@
 """What Adam, AdamW and ALSO share: state layout, backend choice, bucketing, state_dict handling."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -42,8 +42,11 @@ class AdamFamily(torch.optim.Optimizer):
                     raise TypeError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
         self.backend = backend
         self._resolved: dict[torch.device, str] = {}
-        self._kernel_caches: dict[tuple, dict] = {}
         self._hyper_table = _dispatch.HyperTable()
+        # prepared tensor lists per (pass, set of params with a gradient); any change to the set or
+        # layout of state tensors bumps _state_version and so rebuilds them
+        self._plans: dict[tuple, tuple[int, list[dict]]] = {}
+        self._state_version = 0
 
     # ----------------------------------------------------------------- helpers
     def _backend_for(self, device: torch.device) -> str:
@@ -64,6 +67,7 @@ class AdamFamily(torch.optim.Optimizer):
     def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
         if "step" not in state:
+            self._state_version += 1
             state["step"] = torch.zeros((), dtype=torch.float32, device=self._step_device(p))
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
@@ -72,33 +76,61 @@ class AdamFamily(torch.optim.Optimizer):
                                                            memory_format=torch.contiguous_format)
         return state
 
-    @staticmethod
-    def _check_grad(p: Tensor) -> None:
-        if p.grad.is_sparse:
-            raise RuntimeError("sparse gradients are not supported")
-        if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
-            raise RuntimeError(f"gradient of shape {tuple(p.grad.shape)}, dtype {p.grad.dtype}, device "
-                               f"{p.grad.device} does not match its parameter ({tuple(p.shape)}, {p.dtype}, "
-                               f"{p.device})")
-        if not p.is_contiguous() or not p.grad.is_contiguous():
-            raise RuntimeError("parameters and their gradients must be contiguous")
+    def _grad_items(self) -> list[tuple[Tensor, int]]:
+        """(param, group index) of every param with a gradient; sparse or strided gradients are refused.
 
-    def _cache(self, key: tuple) -> dict:
-        return self._kernel_caches.setdefault(key, {})
+        torch itself keeps a .grad's shape, dtype and device equal to its param's."""
+        items = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    if g.layout is not torch.strided:
+                        raise RuntimeError("sparse gradients are not supported")
+                    if not g.is_contiguous() or not p.is_contiguous():
+                        raise RuntimeError("parameters and their gradients must be contiguous")
+                    items.append((p, gi))
+        return items
 
-    def _update(self, key: tuple, sources: list[Tensor], grads: list[Tensor], states: list[dict],
-                destinations: list[Tensor], rows: list[int], **flags: Any) -> None:
-        """One fused update of a bucket: tensors on one device with one dtype and one set of flags."""
-        if not sources:
-            return
-        backend = self._backend_for(sources[0].device)
-        amsgrad = "max_exp_avg_sq" in states[0]
+    def _plans_for(self, tag: str, items: list[tuple[Tensor, int]], flag_names: tuple[str, ...],
+                   per_tensor: dict[str, Callable[[Tensor, dict], Tensor]]) -> list[dict]:
+        """One plan per (device, dtype, flags) bucket of ``items``: the tensor lists of its update.
+
+        ``per_tensor`` maps a list name ("sources", "destinations", "prior_grads", ...) to a function
+        of (param, state). Plans are reused while the params and the state layout are unchanged.
+        """
+        key = (tag, tuple(map(id, (p for p, _ in items))))
+        cached = self._plans.get(key)
+        if cached is not None and cached[0] == self._state_version:
+            return cached[1]
+        # a build that creates state tensors bumps the version: it is rebuilt once more next time,
+        # when lists chosen by the presence of a state entry (e.g. the iterate) see it
+        version = self._state_version
+        plans = []
+        for bkey, bucket in self._buckets(items, *flag_names).items():
+            params = [p for p, _ in bucket]
+            states = [self._init_state(p, bkey[2]) for p in params]
+            plan = dict(key=bkey, params=params, states=states, rows=[gi for _, gi in bucket],
+                        steps=[s["step"] for s in states], exp_avgs=[s["exp_avg"] for s in states],
+                        exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                        max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if bkey[2] else None,
+                        lists={name: [fn(p, s) for p, s in zip(params, states)] for name, fn in per_tensor.items()},
+                        backend=self._backend_for(params[0].device), cache={})
+            plans.append(plan)
+        if len(self._plans) > 64:
+            self._plans.clear()
+        self._plans[key] = (version, plans)
+        return plans
+
+    def _run_plan(self, plan: dict, grads: list[Tensor], advances: int, **flags: Any) -> None:
+        """Advance the plan's step counts and run its fused update (one launch on the Triton path)."""
+        torch._foreach_add_(plan["steps"], float(advances))
+        lists = dict(plan["lists"])
+        sources, destinations = lists.pop("sources"), lists.pop("destinations")
         _dispatch.adam_update(
-            backend, sources, grads,
-            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states], destinations, self._hyper_rows(), rows,
-            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None,
-            hyper_table=self._hyper_table, cache=self._cache(key), **flags)
+            plan["backend"], sources, grads, plan["exp_avgs"], plan["exp_avg_sqs"], plan["steps"], destinations,
+            self._hyper_rows(), plan["rows"], max_exp_avg_sqs=plan["max_exp_avg_sqs"],
+            hyper_table=self._hyper_table, cache=plan["cache"], **lists, **flags)
 
     # -------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -106,6 +138,7 @@ class AdamFamily(torch.optim.Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
+        self._state_version += 1
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved_state:
@@ -130,10 +163,3 @@ class AdamFamily(torch.optim.Optimizer):
             key = (p.device, p.dtype) + tuple(bool(group.get(f, False)) for f in flag_names)
             buckets.setdefault(key, []).append((p, gi))
         return buckets
-
-
-def check_finite_or_raise(tensor: Tensor, what: str) -> Optional[str]:
-    """Return an error message when ``tensor`` holds NaN or inf (one host sync), else None."""
-    if not bool(torch.isfinite(tensor).all()):
-        return f"{what} contain NaN or inf"
-    return None

@@ -106,7 +106,7 @@ def adam_update(
 
     table = (hyper_table or HyperTable()).get(hyper, sources[0].device)
     multi_tensor_adam_(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, table, hyper_rows,
-                       cache=cache, **flags)
+                       cache=cache, static_lists=cache is not None, **flags)
 
 
 def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor,

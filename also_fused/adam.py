@@ -53,20 +53,12 @@ class Adam(AdamFamily):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items = []
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._check_grad(p)
-                    items.append((p, gi))
-        for key, bucket in self._buckets(items, "amsgrad", "maximize", "decoupled_weight_decay").items():
-            _, _, amsgrad, maximize, decoupled = key
-            params = [p for p, _ in bucket]
-            states = [self._init_state(p, amsgrad) for p in params]
-            torch._foreach_add_([s["step"] for s in states], 1.0)
-            self._update(("step",) + key, params, [p.grad for p in params], states, params,
-                         [gi for _, gi in bucket], eps_mode="torch", maximize=maximize,
-                         decoupled_weight_decay=decoupled)
+        items = self._grad_items()
+        for plan in self._plans_for("step", items, ("amsgrad", "maximize", "decoupled_weight_decay"),
+                                    dict(sources=lambda p, s: p, destinations=lambda p, s: p)):
+            _, _, _, maximize, decoupled = plan["key"]
+            self._run_plan(plan, [p.grad for p in plan["params"]], 1, eps_mode="torch", maximize=maximize,
+                           decoupled_weight_decay=decoupled)
         return loss
 
 

@@ -252,39 +252,24 @@ class ALSO(AdamFamily):
         return [(p, self.state[p]) for g in self.param_groups for p in g["params"]
                 if key in self.state.get(p, {})]
 
-    def _grad_items(self) -> list[tuple[Tensor, int]]:
-        items = []
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._check_grad(p)
-                    items.append((p, gi))
-        return items
-
     def _adam(self, tag: str, items: list[tuple[Tensor, int]], advances: int,
-              sources: Callable[[Tensor, dict], Tensor],
-              destinations: Callable[[Tensor, dict], Tensor],
-              grads: Callable[[Tensor, dict], Tensor] = lambda p, s: p.grad,
-              **flags: Any) -> None:
-        """Bucket ``items`` by device/dtype/amsgrad, advance their step counts and run one update each."""
-        per_tensor_keys = ("save_sources_to", "save_grads_to", "extrapolate_to", "prior_grads")
-        for key, bucket in self._buckets(items, "amsgrad").items():
-            params = [p for p, _ in bucket]
-            states = [self._init_state(p, key[2]) for p in params]
-            torch._foreach_add_([s["step"] for s in states], float(advances))
-            extra = {k: [v(p, s) for p, s in zip(params, states)] for k, v in flags.items()
-                     if k in per_tensor_keys and v is not None}
-            scalars = {k: v for k, v in flags.items() if k not in per_tensor_keys}
-            self._update((tag,) + key, [sources(p, s) for p, s in zip(params, states)],
-                         [grads(p, s) for p, s in zip(params, states)], states,
-                         [destinations(p, s) for p, s in zip(params, states)], [gi for _, gi in bucket],
-                         eps_mode="also", **extra, **scalars)
+              grads: Callable[[Tensor, dict], Tensor] = lambda p, s: p.grad, **flags: Any) -> None:
+        """Run ALSO's Adam update on ``items`` (one launch per device/dtype/amsgrad bucket).
 
-    @staticmethod
-    def _buffer(state: dict, key: str, like: Tensor) -> Tensor:
+        Callable flags give per-tensor lists (sources, destinations, save_*_to, prior_grads,
+        extrapolate_to) as functions of (param, state); the others are passed as they are.
+        """
+        per_tensor = {k: v for k, v in flags.items() if callable(v)}
+        scalars = {k: v for k, v in flags.items() if not callable(v)}
+        for plan in self._plans_for(tag, items, ("amsgrad",), per_tensor):
+            self._run_plan(plan, [grads(p, s) for p, s in zip(plan["params"], plan["states"])], advances,
+                           eps_mode="also", **scalars)
+
+    def _buffer(self, state: dict, key: str, like: Tensor) -> Tensor:
         buf = state.get(key)
         if buf is None:
             buf = state[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+            self._state_version += 1
         return buf
 
     def _extrapolate_closure(self) -> list[tuple[Tensor, dict]]:
@@ -309,6 +294,7 @@ class ALSO(AdamFamily):
         buf = self._saved_x.get(p)
         if buf is None:
             buf = self._saved_x[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            self._state_version += 1
         return buf
 
     def _restore(self, moved: list[tuple[Tensor, dict]]) -> None:
@@ -394,6 +380,7 @@ class ALSO(AdamFamily):
         for p, _ in lost:
             p.copy_(self._saved_x[p])
             del self.state[p]["prev_grad"]
+        self._state_version += 1
 
     def _step_loop(self) -> Tensor:
         if not self._recorded:

@@ -43,6 +43,8 @@ def hyper_table(rows: Sequence[Sequence[float]], device: Any = "cpu") -> torch.T
 # Columns of the per-tensor metadata table (int64, one 128-byte row per tensor).
 _SRC, _DST, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _SAVE_SRC, _SAVE_GRAD, _EXTRAP, _STEP, _NUMEL, _HROW, _PRIOR = range(12)
 _META_COLS = 16
+# columns that may hold the user's parameters, whose storage can change behind the optimizer's back
+_PARAM_COLS = (_SRC, _DST, _SAVE_SRC, _EXTRAP)
 
 # (BLOCK elements per loop iteration, iterations per program, num_warps, PVEC: 0 or the max contiguous
 # param-dtype elements per access), keyed by the param element size. Chosen by a sweep on an H100
@@ -320,6 +322,7 @@ def multi_tensor_adam_(
     prior_scale: float = 1.0,
     commit_state: bool = True,
     cache: Optional[Dict[str, Any]] = None,
+    static_lists: bool = False,
 ) -> None:
     """Adam step for every tensor i in one kernel launch: destinations[i] = sources[i] + AdamStep.
 
@@ -330,7 +333,10 @@ def multi_tensor_adam_(
     extrapolation_scale*g; t). ``save_sources_to`` / ``save_grads_to`` receive copies of x / the raw grad.
     ``prior_grads``: the moments first advance with ``prior_scale * prior_grads`` from x (the optimistic
     extrapolation's advance, committed by the main step); ``commit_state=False`` leaves the moments unwritten.
-    ``cache`` (a dict kept by the caller) holds the device tables between calls.
+    ``cache`` (a dict kept by the caller) holds the device tables between calls. With ``static_lists`` the
+    caller promises that when it passes the very same list objects again, the optimizer-owned tensors in
+    them (moments, steps, prior/saved gradients) have not moved; only the param-like lists and the grads are
+    then re-read, which keeps the host cost of a step low for hundreds of tensors.
     """
     n = len(sources)
     if n == 0:
@@ -354,11 +360,18 @@ def multi_tensor_adam_(
     block, iters, num_warps, pvec = KERNEL_CONFIG[dtype.itemsize]
     chunk = block * iters
 
-    ptrs = tuple(map(_data_ptr, chain.from_iterable(lists.values())))
-    key = (n, dtype, device, tuple(lists), ptrs, tuple(hyper_rows), hyper.data_ptr(), chunk)
     if cache is None:
         cache = {}
+    if static_lists:
+        # the list objects stay referenced by the cache, so their ids cannot be reused by new lists
+        owned = tuple(map(id, chain(lists.values(), (hyper_rows,))))
+        moving = tuple(map(_data_ptr, chain.from_iterable(lists[c] for c in _PARAM_COLS if c in lists)))
+        key = ("static", n, dtype, device, tuple(lists), owned, moving, hyper.data_ptr(), chunk)
+    else:
+        key = (n, dtype, device, tuple(lists), tuple(map(_data_ptr, chain.from_iterable(lists.values()))),
+               tuple(hyper_rows), hyper.data_ptr(), chunk)
     if cache.get("key") != key:
+        ptrs = tuple(map(_data_ptr, chain.from_iterable(lists.values())))
         if (hyper.dtype != torch.float32 or hyper.device != device or not hyper.is_contiguous()
                 or hyper.dim() != 2 or hyper.shape[1] != HYPER_COLS):
             raise ValueError(f"hyper must be a contiguous float32 [rows, {HYPER_COLS}] tensor on the parameters' "
@@ -373,7 +386,7 @@ def multi_tensor_adam_(
         meta, chunks, total = _build_tables(lists, sources, hyper_rows, chunk, device)
         cache.clear()
         cache.update(key=key, meta=meta, chunks=chunks, total=total, aligned=(_or_all(ptrs) & 15) == 0,
-                     grad_ptrs=None, grad_table=None, grad_aligned=False)
+                     grad_ptrs=None, grad_table=None, grad_aligned=False, lists=(list(lists.values()), hyper_rows))
     if cache["total"] == 0:
         return
 
