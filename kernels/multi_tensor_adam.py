@@ -405,4 +405,6 @@ def multi_tensor_adam_(
         EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=bool(commit_state),
         HYPER_COLS=HYPER_COLS, ALIGNED=cache["aligned"] and cache["grad_aligned"],
         INTERPRET=device.type != "cuda", num_warps=num_warps,
+        # torch.optim rounds every elementwise op; without contraction the drop-ins follow it closely
+        enable_fp_fusion=eps_mode != "torch",
     )
