@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import _dispatch
@@ -51,6 +52,11 @@ class ALSO(AdamFamily):
     S_j = mean of the batch's losses of group j, and the model's loss is
     ``sum_{j present} pi_j mean_j / sum_{j present} pi_j`` (``loss_scale`` does not apply).
 
+    Under torch.distributed (``process_group``, or the default group when it is initialised with
+    more than one rank) the pi step uses the losses of every rank, so that pi stays bitwise equal
+    across ranks; with ``batch_size`` = the per-rank batch, N ranks follow the trajectory of one
+    process on the concatenated batch (DDP averages the theta gradients).
+
     ``step()`` returns the mean per-sample loss of the step as a 0-dim tensor (no host sync for it).
     With ``validate=True`` (default) bad group ids and non-finite losses raise ValueError before
     anything changes, at the cost of one host sync per call.
@@ -77,6 +83,7 @@ class ALSO(AdamFamily):
         backend: str = "auto",
         validate: bool = True,
         group_reduction: str = "sum",
+        process_group: Optional[Any] = None,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
         if group_reduction not in REDUCTIONS:
@@ -114,6 +121,7 @@ class ALSO(AdamFamily):
         self.pi_eps = float(eps)
         self.validate = validate
         self.group_reduction = group_reduction
+        self.process_group = process_group
         self.device = self.param_groups[0]["params"][0].device
         self._pi_backend = self._backend_for(self.device)
         if pi_init_host is None:
@@ -314,10 +322,63 @@ class ALSO(AdamFamily):
             losses = losses / F.group_counts_per_sample(ids, self.n_groups)
         return losses
 
-    def _pi_step(self, ids: Tensor, losses: Tensor, second_out: Optional[Tensor] = None) -> None:
-        losses = self._pi_losses(ids, losses)
-        _dispatch.pi_update(self._pi_backend, self._pi, ids, losses, out=self._pi, second_out=second_out,
-                            **self._pi_hyper())
+    def _reduce_group(self) -> Optional[Any]:
+        if self.process_group is not None:
+            return self.process_group
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
+
+    def _pi_inputs(self, ids: Tensor, losses: Tensor) -> tuple[Optional[Tensor], Tensor]:
+        """What the pi step consumes: (ids, per-sample terms), or (None, dense sums S) after an all-reduce.
+
+        Distributed: the dense per-group sums (and counts, for group means) are all-reduced when that
+        moves fewer bytes than all-gathering the (id, loss) pairs of every rank; otherwise the pairs
+        are gathered in rank order. Either way every rank reduces the same values in the same order.
+        """
+        group = self._reduce_group()
+        if group is None:
+            return ids, self._pi_losses(ids, losses)
+        world = dist.get_world_size(group)
+        losses = losses.float()
+        if 4 * self.n_groups <= 12 * ids.numel() * world:
+            sums = F.scatter_group_losses(losses, ids, self.n_groups)
+            if self.group_reduction == "mean":
+                counts = torch.zeros_like(sums).index_add_(0, ids, torch.ones_like(losses))
+                both = torch.stack([sums, counts])
+                dist.all_reduce(both, group=group)
+                sums = both[0] / both[1].clamp_min(1.0)
+            else:
+                dist.all_reduce(sums, group=group)
+            return None, sums
+        size = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+        sizes = [torch.empty_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size, group=group)
+        sizes_host = [int(s) for s in sizes]
+        longest = max(sizes_host)
+        pad = longest - ids.numel()
+        ids_padded = torch.cat([ids, ids.new_zeros(pad)])
+        losses_padded = torch.cat([losses, losses.new_zeros(pad)])
+        all_ids = [torch.empty_like(ids_padded) for _ in range(world)]
+        all_losses = [torch.empty_like(losses_padded) for _ in range(world)]
+        dist.all_gather(all_ids, ids_padded, group=group)
+        dist.all_gather(all_losses, losses_padded, group=group)
+        ids = torch.cat([t[:n] for t, n in zip(all_ids, sizes_host)])
+        losses = torch.cat([t[:n] for t, n in zip(all_losses, sizes_host)])
+        return ids, self._pi_losses(ids, losses)
+
+    def _pi_apply(self, inputs: tuple[Optional[Tensor], Tensor], out: Tensor,
+                  second_out: Optional[Tensor] = None) -> None:
+        """out = PiUpdate(pi, G); second_out = PiUpdate(out, G)."""
+        ids, terms = inputs
+        hyper = self._pi_hyper()
+        if ids is not None:
+            _dispatch.pi_update(self._pi_backend, self._pi, ids, terms, out=out, second_out=second_out, **hyper)
+            return
+        new = F.pi_update_from_sums(self._pi, terms, **hyper)
+        if second_out is not None:
+            second_out.copy_(F.pi_update_from_sums(new, terms, **hyper))
+        out.copy_(new)
 
     # ---------------------------------------------------------------- steps
     def _step_closure(self, closure: Closure, group_ids: Union[Tensor, Sequence[int]]) -> Tensor:
@@ -328,11 +389,10 @@ class ALSO(AdamFamily):
         try:
             if optimistic:
                 moved = self._extrapolate_closure()
-                if self._prev_ids is None:
+                if self._prev_losses is None:
                     self._pi_mid.copy_(self._pi)
                 else:
-                    _dispatch.pi_update(self._pi_backend, self._pi, self._prev_ids, self._prev_losses,
-                                        out=self._pi_mid, **self._pi_hyper())
+                    self._pi_apply((self._prev_ids, self._prev_losses), out=self._pi_mid)
             weights = self._pi_mid if optimistic else self._pi
             self._recorded.clear()
             if self.group_reduction == "mean":
@@ -363,8 +423,10 @@ class ALSO(AdamFamily):
             self._adam("main", fresh, 1, sources=lambda p, s: p, destinations=lambda p, s: p,
                        save_grads_to=lambda p, s: self._buffer(s, "prev_grad", p))
             self._drop_lost_gradients(moved, {p for p, _ in items})
-            self._prev_ids, self._prev_losses = ids, self._pi_losses(ids, losses)
-        self._pi_step(ids, losses)
+        pi_inputs = self._pi_inputs(ids, losses)
+        if optimistic:
+            self._prev_ids, self._prev_losses = pi_inputs
+        self._pi_apply(pi_inputs, out=self._pi)
         return losses.float().mean()
 
     def _drop_lost_gradients(self, moved: list[tuple[Tensor, dict]], with_grad: set) -> None:
@@ -397,7 +459,7 @@ class ALSO(AdamFamily):
         self._set_api("loop")
         if self.mode == "descent-ascent":
             self._adam("step", items, 1, sources=lambda p, s: p, destinations=lambda p, s: p)
-            self._pi_step(ids, losses)
+            self._pi_apply(self._pi_inputs(ids, losses), out=self._pi)
         else:
             # x_{k+1} = x_k + AdamStep(x_k, d) and y_{k+1} = x_{k+1} + AdamStep(x_{k+1}, alpha d) in one pass
             self._adam("fused", items, 2, sources=lambda p, s: s.get("iterate", p),
@@ -407,7 +469,7 @@ class ALSO(AdamFamily):
             stale = [(p, s) for p, s in self._params_with("iterate") if p not in with_grad]
             if stale:  # no gradient: no extrapolation, the param sits at x
                 torch._foreach_copy_([p for p, _ in stale], [s["iterate"] for _, s in stale])
-            self._pi_step(ids, losses, second_out=self._pi_mid)
+            self._pi_apply(self._pi_inputs(ids, losses), out=self._pi, second_out=self._pi_mid)
         return losses.mean()
 
     # ----------------------------------------------------------- state_dict

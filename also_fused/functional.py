@@ -102,12 +102,19 @@ def pi_update_reference(
 
     A uniform pi_reg (``log_pi_reg=None``) adds a constant to z, which the softmax cancels.
     """
+    sums = scatter_group_losses(losses, group_ids, pi.numel())
+    return pi_update_from_sums(pi, sums, pi_lr=pi_lr, pi_decay=pi_decay, temperature=temperature, eps=eps,
+                               log_pi_reg=log_pi_reg)
+
+
+def pi_update_from_sums(pi: Tensor, sums: Tensor, *, pi_lr: float, pi_decay: float, temperature: float, eps: float,
+                        log_pi_reg: Optional[Tensor] = None) -> Tensor:
+    """PiUpdate from the dense per-group sums S (= -G) of the batch."""
     c = pi_decay * pi_lr
     # float64 here: a float32 sum of ~1e5 near-equal terms drifts by ~1e-6 per step
     z = torch.log(pi.double() + eps)
     if log_pi_reg is not None:
         z = z.add(log_pi_reg.double(), alpha=c)
-    sums = scatter_group_losses(losses, group_ids, pi.numel())
     z = z.add_(sums.double(), alpha=pi_lr).div_((1.0 + c) * temperature)
     return torch.softmax(z, dim=0).float()
 
