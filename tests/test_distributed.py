@@ -19,6 +19,10 @@ import torch.multiprocessing as mp
 import also_fused
 
 WORLD = 2
+# two GPUs: NCCL and the Triton kernels; otherwise gloo on the CPU with the reference path
+ON_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= WORLD
+DIST_BACKEND = "nccl" if ON_GPUS else "gloo"
+OPT_BACKEND = "triton" if ON_GPUS else "reference"
 PER_RANK = 6
 STEPS = 12
 D_IN, D_OUT = 5, 3
@@ -46,12 +50,12 @@ def data(case):
     return out
 
 
-def build(case, batch_size, wrap=None):
+def build(case, batch_size, device, wrap=None):
     torch.manual_seed(0)
-    model = torch.nn.Linear(D_IN, D_OUT)
+    model = torch.nn.Linear(D_IN, D_OUT).to(device)
     net = wrap(model) if wrap else model
     opt = also_fused.ALSO(model.parameters(), case["n_groups"], batch_size=batch_size, mode=case["mode"],
-                          pi_lr=0.2, backend="reference", group_reduction=case.get("group_reduction", "sum"))
+                          pi_lr=0.2, backend=OPT_BACKEND, group_reduction=case.get("group_reduction", "sum"))
     return model, net, opt
 
 
@@ -73,19 +77,22 @@ def train_step(net, opt, api, X, Y, ids):
 
 
 def worker(rank, case, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group(DIST_BACKEND, init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        model, net, opt = build(case, PER_RANK, wrap=torch.nn.parallel.DistributedDataParallel)
+        device = torch.device(f"cuda:{rank}" if ON_GPUS else "cpu")
+        if ON_GPUS:
+            torch.cuda.set_device(device)
+        model, net, opt = build(case, PER_RANK, device, wrap=torch.nn.parallel.DistributedDataParallel)
         same_pi = []
         for X, Y, ids in data(case):
             part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-            train_step(net, opt, case["api"], X[part], Y[part], ids[part])
+            train_step(net, opt, case["api"], X[part].to(device), Y[part].to(device), ids[part].to(device))
             gathered = [torch.empty_like(opt.pi) for _ in range(WORLD)]
             dist.all_gather(gathered, opt.pi)
             same_pi.append(all(torch.equal(gathered[0], g) for g in gathered))
         opt.eval()
-        torch.save(dict(params=[p.detach().clone() for p in model.parameters()], pi=opt.pi.clone(),
+        torch.save(dict(params=[p.detach().cpu().clone() for p in model.parameters()], pi=opt.pi.cpu().clone(),
                         same_pi=same_pi), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -98,10 +105,12 @@ def test_ddp_matches_single_process_on_the_concatenated_batch(case):
         init_file = os.path.join(tmp, "init")
         mp.spawn(worker, args=(case, init_file, tmp), nprocs=WORLD, join=True)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
-    model, net, opt = build(case, WORLD * PER_RANK)
+    device = torch.device("cuda:0" if ON_GPUS else "cpu")
+    model, net, opt = build(case, WORLD * PER_RANK, device)
     for X, Y, ids in data(case):
-        train_step(net, opt, case["api"], X, Y, ids)
+        train_step(net, opt, case["api"], X.to(device), Y.to(device), ids.to(device))
     opt.eval()
+    model, pi = model.cpu(), opt.pi.cpu()
     # under group means the theta gradient of each rank uses its own counts and pi mass (documented),
     # so only the sum reduction reproduces the single process exactly
     exact = case.get("group_reduction", "sum") == "sum"
@@ -109,8 +118,8 @@ def test_ddp_matches_single_process_on_the_concatenated_batch(case):
         assert all(r["same_pi"]), "pi differs between ranks"
         for got, want in zip(r["params"], model.parameters()):
             assert torch.allclose(got, want.detach(), rtol=1e-5, atol=1e-6) or not exact
-        assert torch.allclose(r["pi"], opt.pi, rtol=1e-5, atol=1e-7) or not exact
-    assert not torch.allclose(opt.pi, torch.full_like(opt.pi, 1.0 / case["n_groups"]), atol=1e-4)
+        assert torch.allclose(r["pi"], pi, rtol=1e-5, atol=1e-7) or not exact
+    assert not torch.allclose(pi, torch.full_like(pi, 1.0 / case["n_groups"]), atol=1e-4)
     for r in ranks[1:]:
         assert torch.equal(r["pi"], ranks[0]["pi"])
         for a, b in zip(r["params"], ranks[0]["params"]):
