@@ -59,7 +59,9 @@ class ALSO(AdamFamily):
 
     ``step()`` returns the mean per-sample loss of the step as a 0-dim tensor (no host sync for it).
     With ``validate=True`` (default) bad group ids and non-finite losses raise ValueError before
-    anything changes, at the cost of one host sync per call.
+    anything changes, at the cost of host syncs. ``validate=False`` skips these checks (no sync):
+    on CUDA it needs the Triton kernels, which ignore out-of-range ids instead of touching memory
+    outside pi; the step is then taken with the remaining samples.
     """
 
     def __init__(
@@ -124,6 +126,9 @@ class ALSO(AdamFamily):
         self.process_group = process_group
         self.device = self.param_groups[0]["params"][0].device
         self._pi_backend = self._backend_for(self.device)
+        if not validate and self.device.type == "cuda" and (self._pi_backend != "triton" or group_reduction != "sum"):
+            raise ValueError("validate=False on CUDA needs backend 'triton' and group_reduction='sum': only those "
+                             "kernels mask out-of-range group ids instead of reading outside pi")
         if pi_init_host is None:
             self._pi = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float32, device=self.device)
         else:
