@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench-cpu bench-gpu clean
+.PHONY: test test-fast demo tune bench-cpu bench-gpu clean
 
 $(STAMP): setup.py requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo_digits.py
+
+tune: $(STAMP)
+	$(PY) examples/tune_digits.py
 
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py
