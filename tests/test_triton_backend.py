@@ -39,6 +39,16 @@ def test_also_matches_golden(mode, api, variant):
 
 @pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
 @pytest.mark.parametrize("api", ["closure", "loop"])
+def test_group_mean_matches_golden(mode, api):
+    cfg = Config(mode=mode, api=api, steps=STEPS, group_reduction="mean", pi_lr=0.3, lose_grad_every=4)
+    golden, x, opt, _ = run(cfg, DEVICE, "triton")
+    for got, want in zip(x, golden.params):
+        assert rel(got, want) <= 1e-5
+    assert rel(opt.pi, golden.pi) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("api", ["closure", "loop"])
 def test_triton_follows_reference(mode, api):
     """The kernels and the reference path agree closely step by step (not only at the end)."""
     cfg = Config(mode=mode, api=api, steps=10, lose_grad_every=4, n_groups=1000, batch=16)
