@@ -1,5 +1,6 @@
-# `make test` and `make demo` do all the set-up on a fresh machine: a virtual environment in .venv
-# with the pinned CPU requirements and this package installed in editable mode.
+# `make test` and `make demo` (and `make tune`, `make bench-cpu`) do all the set-up on a fresh machine:
+# a virtual environment in .venv with the pinned CPU requirements and this package installed in
+# editable mode.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
