@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo tune bench-cpu bench-gpu clean
+.PHONY: test demo tune bench-cpu bench-gpu clean
 
 $(STAMP): setup.py requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ tune: $(STAMP)
 
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py
+
+# on a CUDA machine whose python3 has torch and triton: tests on the GPU, then the GPU benchmarks
+bench-gpu:
+	bash benchmarks/gpu_run.sh all
 
 clean:
 	rm -rf $(VENV) build *.egg-info
