@@ -31,9 +31,9 @@ from also_fused.kernels.multi_tensor_adam import hyper_table, multi_tensor_adam_
 ON_GPU = DEVICE == "cuda"
 
 # examples per property: small in the interpreter (CI, 2 CPU cores), more on the GPU
-N_ADAM = 300 if ON_GPU else 100
-N_PI = 400 if ON_GPU else 150
-N_LOSS = 300 if ON_GPU else 120
+N_ADAM = 300 if ON_GPU else 200
+N_PI = 400 if ON_GPU else 250
+N_LOSS = 300 if ON_GPU else 150
 MAX_NUMEL = 100_000 if ON_GPU else 5000  # elements of one Adam tensor
 MAX_GROUPS = 300_000 if ON_GPU else 2000
 MAX_PI_BATCH = 5000 if ON_GPU else 300
