@@ -42,6 +42,8 @@ class AdamFamily(torch.optim.Optimizer):
                     raise TypeError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
         self.backend = backend
         self._resolved: dict[torch.device, str] = {}
+        for device in {p.device for group in self.param_groups for p in group["params"]}:
+            self._backend_for(device)  # refuse a device the chosen backend cannot run on, before any step
         self._hyper_table = _dispatch.HyperTable()
         # prepared tensor lists per (pass, set of params with a gradient); any change to the set or
         # layout of state tensors bumps _state_version and so rebuilds them

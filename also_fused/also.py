@@ -193,6 +193,7 @@ class ALSO(AdamFamily):
         """
         if closure is None:
             if group_ids is not None:
+                self._recorded.clear()  # as for every rejected loop step: the batch is dropped
                 raise TypeError("group_ids is given without a closure; the loop API takes them in weighted_loss()")
             return self._step_loop()
         if group_ids is None:
@@ -222,7 +223,12 @@ class ALSO(AdamFamily):
     # --------------------------------------------------------------- checks
     def _as_ids(self, group_ids: Union[Tensor, Sequence[int]]) -> Tensor:
         if not isinstance(group_ids, Tensor):
-            group_ids = torch.as_tensor(list(group_ids), dtype=torch.int64)
+            values = list(group_ids)
+            if not values:
+                raise ValueError("group_ids is empty: a step needs at least one sample")
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise ValueError("group_ids must be integers (a list of ints or an integer tensor)")
+            group_ids = torch.as_tensor(values, dtype=torch.int64)
         if group_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
         if group_ids.dim() != 1:
@@ -317,8 +323,11 @@ class ALSO(AdamFamily):
 
     # ------------------------------------------------------------------- pi
     def _pi_hyper(self) -> dict[str, Any]:
+        # with c = pi_decay * pi_lr = 0 the KL term vanishes; dropping it avoids 0 * log(0) = NaN
+        # for a pi_reg with zero entries
+        log_pi_reg = self._log_pi_reg if self.pi_decay * self.pi_lr != 0.0 else None
         return dict(pi_lr=self.pi_lr, pi_decay=self.pi_decay, temperature=self.pi_temperature,
-                    eps=self.pi_eps, log_pi_reg=self._log_pi_reg)
+                    eps=self.pi_eps, log_pi_reg=log_pi_reg)
 
     def _pi_losses(self, ids: Tensor, losses: Tensor) -> Tensor:
         """The per-sample terms whose per-group sums make S: l_i, or l_i / c_i for group means."""
@@ -388,6 +397,7 @@ class ALSO(AdamFamily):
     # ---------------------------------------------------------------- steps
     def _step_closure(self, closure: Closure, group_ids: Union[Tensor, Sequence[int]]) -> Tensor:
         ids = self._as_ids(group_ids)
+        previous_api = self._api
         self._set_api("closure")
         optimistic = self.mode == "optimistic"
         moved: list[tuple[Tensor, dict]] = []
@@ -414,6 +424,7 @@ class ALSO(AdamFamily):
         except BaseException:
             self._restore(moved)  # the rejected step leaves the params and the state as they were
             self._recorded.clear()
+            self._api = previous_api
             raise
         self._recorded.clear()
 

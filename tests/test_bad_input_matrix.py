@@ -310,18 +310,6 @@ class Case:
     xfail_if: Callable = lambda backend, mode: True
 
 
-XFAIL_FLOAT_LIST = ("group_ids given as a Python list are converted with torch.as_tensor(list(ids), dtype=int64), "
-                    "which silently truncates floats and turns bools into 0/1; a float/bool id tensor is refused")
-XFAIL_FIRST_STEP = ("a rejected FIRST closure-API step still records the API (_set_api runs before the closure): "
-                    "state_dict()['also'] changes ('api' None -> 'closure', 'pi_mid' dropped) and, in optimistic "
-                    "mode, the loop API is refused afterwards")
-XFAIL_ZERO_REG = ("pi_reg with a zero entry and pi_decay = 0 (c = 0): c * log(pi_reg) = 0 * -inf = NaN in both the "
-                  "reference and the kernel, so pi becomes all NaN after the first step")
-XFAIL_KEPT_BATCH = ("step(group_ids=...) without a closure raises TypeError but keeps the batch recorded by "
-                    "weighted_loss() (other rejected loop steps drop it): re-running the batch then counts its "
-                    "losses twice in the pi step")
-XFAIL_DEVICES = ("backend='triton' with a CPU param next to CUDA ones: the constructor accepts it, the first step "
-                 "runs the closure, creates the CUDA params' Adam state and only then raises for the CPU bucket")
 
 CASES: list[Case] = []
 for _api in ("closure", "loop"):
@@ -331,9 +319,9 @@ for _api in ("closure", "loop"):
         Case("ids_float_tensor", "step", ids_case(lambda i: i.float()), _api, ValueError, "integer tensor"),
         Case("ids_bool_tensor", "step", ids_case(lambda i: i > 1), _api, ValueError, "integer tensor"),
         Case("ids_float_list", "step", ids_case(lambda i: [float(v) + 0.5 for v in i.tolist()]), _api, ValueError,
-             "integer", xfail=XFAIL_FLOAT_LIST),
+             "integer"),
         Case("ids_bool_list", "step", ids_case(lambda i: [bool(v > 1) for v in i.tolist()]), _api, ValueError,
-             "integer", xfail=XFAIL_FLOAT_LIST),
+             "integer"),
         Case("ids_wrong_length", "step", ids_case(lambda i: i[:-1]), _api, ValueError, "must have shape"),
         Case("ids_2d", "step", ids_case(lambda i: i.view(2, -1)), _api, ValueError, "1-D"),
         Case("ids_empty_batch", "step", ids_case(lambda i: i[:0]), _api, ValueError, "empty"),
@@ -348,8 +336,7 @@ for _api in ("closure", "loop"):
         Case("losses_2d", "step", losses_case(lambda l: l.unsqueeze(1)), _api, ValueError, "must have shape"),
         Case("losses_integer", "step", losses_case(lambda l: (l * 100).long()), _api, ValueError, "floating point"),
         Case("sparse_gradient", "step", sparse_gradient, _api, RuntimeError, "sparse"),
-        Case("nan_on_first_step", "step", losses_case(lambda l: l * NAN), _api, ValueError, "NaN or inf", warm=0,
-             xfail=XFAIL_FIRST_STEP if _api == "closure" else None),
+        Case("nan_on_first_step", "step", losses_case(lambda l: l * NAN), _api, ValueError, "NaN or inf", warm=0),
     ]
 CASES += [
     Case("closure_wrong_length", "step", closure_result_case(lambda l: (l[:-1], None)), "closure", ValueError,
@@ -365,8 +352,7 @@ CASES += [
     Case("closure_raises", "step", closure_raises, "closure", KeyError, "user code failed"),
     Case("closure_without_group_ids", "step", step_without_ids, "closure", TypeError, "needs group_ids"),
     Case("loop_step_nothing_recorded", "step", step_with_nothing_recorded, "loop", RuntimeError, "weighted_loss"),
-    Case("loop_step_given_group_ids", "step", step_loop_with_ids, "loop", TypeError, "without a closure",
-         xfail=XFAIL_KEPT_BATCH),
+    Case("loop_step_given_group_ids", "step", step_loop_with_ids, "loop", TypeError, "without a closure"),
     Case("loop_losses_not_a_tensor", "step", weighted_loss_of_a_list, "loop", TypeError, "must be a tensor"),
     Case("n_groups_zero", "construct", construct(n_groups=0), exc=ValueError, match="n_groups"),
     Case("pi_reg_wrong_length", "construct", construct(pi_reg=[0.5, 0.5]), exc=ValueError, match="pi_reg has"),
@@ -381,9 +367,8 @@ CASES += [
     Case("float64_param", "construct", construct_with(lambda: torch.randn(3, dtype=torch.float64, device=DEVICE)),
          exc=TypeError, match="float32, bfloat16 or float16"),
     Case("mixed_dtype_params", "works", mixed_dtypes_work),
-    Case("params_on_several_devices", "works", several_devices_work_or_raise, cuda_only=True,
-         xfail=XFAIL_DEVICES, xfail_if=lambda backend, mode: backend == "triton"),
-    Case("zero_pi_reg_entry_without_kl", "works", zero_pi_reg_entry_without_kl, xfail=XFAIL_ZERO_REG),
+    Case("params_on_several_devices", "works", several_devices_work_or_raise, cuda_only=True),
+    Case("zero_pi_reg_entry_without_kl", "works", zero_pi_reg_entry_without_kl),
 ]
 N_BAD_INPUTS = len(CASES)
 
