@@ -9,29 +9,13 @@ import torch
 
 import also_fused
 from conftest import DEVICE
-from harness import Config, batches, make_package, package_step
+from harness import Config, assert_same, batches, make_package, package_step
 
 
 def snapshot(opt, params):
     """Every tensor the optimizer and the params hold, cloned, for bitwise comparison."""
     sd = copy.deepcopy(opt.state_dict())
     return sd, [p.detach().clone() for p in params]
-
-
-def assert_same(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a.cpu(), b.cpu()), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 # ----------------------------------------------------------------------------- resume

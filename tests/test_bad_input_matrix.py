@@ -21,6 +21,7 @@ import torch
 
 import also_fused
 from conftest import DEVICE, triton_importable
+from harness import assert_same
 
 ON_GPU = DEVICE == "cuda"
 MODES = ("optimistic", "descent-ascent")
@@ -31,23 +32,6 @@ NAN = float("nan")
 
 
 # ------------------------------------------------------------------------------ helpers
-def assert_same(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), path
-        assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device, path
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{path}: keys {sorted(a)} vs {sorted(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} vs {b!r}"
-
-
 def batch(k: int, device=DEVICE):
     gen = torch.Generator().manual_seed(100 + k)
     X = torch.randn(B, D_IN, generator=gen)
