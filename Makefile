@@ -25,6 +25,8 @@ tune: $(STAMP)
 
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks/test_bench_cpu.py --benchmark-sort=name \
+		--benchmark-columns=median,iqr,rounds --benchmark-json=benchmarks/results/cpu_pytest_benchmark.json
 
 # on a CUDA machine whose python3 has torch and triton: tests on the GPU, then the GPU benchmarks
 bench-gpu:
