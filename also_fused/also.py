@@ -167,7 +167,7 @@ class ALSO(AdamFamily):
         weights = self._pi_mid if self.mode == "optimistic" else self._pi
         if self.group_reduction == "mean":
             # each call normalises by its own micro-batch's counts; the pi step counts the whole step
-            sample_weights = F.group_mean_sample_weights(weights, ids, F.group_counts_per_sample(ids, self.n_groups))
+            sample_weights = F.group_mean_sample_weights(weights, ids, self.n_groups)
             loss = (sample_weights.to(losses.dtype) * losses).sum().float()
         else:
             loss = _dispatch.weighted_loss(self._pi_backend, weights, ids, losses, self.loss_scale)
@@ -411,8 +411,7 @@ class ALSO(AdamFamily):
             weights = self._pi_mid if optimistic else self._pi
             self._recorded.clear()
             if self.group_reduction == "mean":
-                counts = F.group_counts_per_sample(ids, self.n_groups)
-                selected, scale = F.group_mean_sample_weights(weights, ids, counts), 1.0
+                selected, scale = F.group_mean_sample_weights(weights, ids, self.n_groups), 1.0
             else:
                 selected, scale = weights[ids], self.loss_scale
             with torch.enable_grad():

@@ -78,12 +78,12 @@ def group_counts_per_sample(group_ids: Tensor, n_groups: int) -> Tensor:
     return counts[group_ids]
 
 
-def group_mean_sample_weights(pi: Tensor, group_ids: Tensor, counts: Tensor) -> Tensor:
+def group_mean_sample_weights(pi: Tensor, group_ids: Tensor, n_groups: int) -> Tensor:
     """w_i = pi[g_i] / (c_i * M), M = sum of pi over the groups present (= sum_i pi[g_i] / c_i).
 
     sum_i w_i l_i = sum_{j present} pi_j mean_j / M: group-mean reduction of the weighted loss.
     """
-    per_sample = pi.detach()[group_ids].float() / counts
+    per_sample = pi.detach()[group_ids].float() / group_counts_per_sample(group_ids, n_groups)
     return per_sample / per_sample.sum()
 
 
