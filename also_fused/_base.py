@@ -13,6 +13,20 @@ FP32_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 PARAM_DTYPE_STATE_KEYS = ("iterate", "prev_grad", "extrapolated")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed
+    DTensor = None
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The shard this rank holds of a DTensor (FSDP2 params, grads and state), else ``t`` itself.
+
+    The shard shares storage with the DTensor, so updating it in place updates the DTensor."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t._local_tensor
+    return t
+
 
 def check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
     if isinstance(lr, Tensor):
@@ -98,10 +112,13 @@ class AdamFamily(torch.optim.Optimizer):
                    per_tensor: dict[str, Callable[[Tensor, dict], Tensor]]) -> list[dict]:
         """One plan per (device, dtype, flags) bucket of ``items``: the tensor lists of its update.
 
-        ``per_tensor`` maps a list name ("sources", "destinations", "prior_grads", ...) to a function
+        The lists hold local shards (``local_tensor``): the update of a DTensor param is the
+        update of its shard, elementwise, with state sharded like the param. ``per_tensor`` maps a list name ("sources", "destinations", "prior_grads", ...) to a function
         of (param, state). Plans are reused while the params and the state layout are unchanged.
         """
-        key = (tag, tuple(map(id, (p for p, _ in items))))
+        # keyed by the local tensors: FSDP2 may give a DTensor param a new shard object (e.g. when
+        # loading a model state_dict), and a plan must never keep updating a stale one
+        key = (tag, tuple(id(local_tensor(p)) for p, _ in items))
         cached = self._plans.get(key)
         if cached is not None and cached[0] == self._state_version:
             return cached[1]
@@ -113,10 +130,12 @@ class AdamFamily(torch.optim.Optimizer):
             params = [p for p, _ in bucket]
             states = [self._init_state(p, bkey[2]) for p in params]
             plan = dict(key=bkey, params=params, states=states, rows=[gi for _, gi in bucket],
-                        steps=[s["step"] for s in states], exp_avgs=[s["exp_avg"] for s in states],
-                        exp_avg_sqs=[s["exp_avg_sq"] for s in states],
-                        max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if bkey[2] else None,
-                        lists={name: [fn(p, s) for p, s in zip(params, states)] for name, fn in per_tensor.items()},
+                        steps=[s["step"] for s in states],
+                        exp_avgs=[local_tensor(s["exp_avg"]) for s in states],
+                        exp_avg_sqs=[local_tensor(s["exp_avg_sq"]) for s in states],
+                        max_exp_avg_sqs=[local_tensor(s["max_exp_avg_sq"]) for s in states] if bkey[2] else None,
+                        lists={name: [local_tensor(fn(p, s)) for p, s in zip(params, states)]
+                               for name, fn in per_tensor.items()},
                         backend=self._backend_for(params[0].device), cache={})
             plans.append(plan)
         if len(self._plans) > 64:
@@ -127,6 +146,7 @@ class AdamFamily(torch.optim.Optimizer):
     def _run_plan(self, plan: dict, grads: list[Tensor], advances: int, **flags: Any) -> None:
         """Advance the plan's step counts and run its fused update (one launch on the Triton path)."""
         torch._foreach_add_(plan["steps"], float(advances))
+        grads = [local_tensor(g) for g in grads]
         lists = dict(plan["lists"])
         sources, destinations = lists.pop("sources"), lists.pop("destinations")
         _dispatch.adam_update(
@@ -139,6 +159,7 @@ class AdamFamily(torch.optim.Optimizer):
         """torch.optim's loading, except that moments stay float32 and ``step`` goes where this path reads it."""
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
+        self._check_saved_state(saved_ids, saved_state)
         super().load_state_dict(state_dict)
         self._state_version += 1
         params = [p for g in self.param_groups for p in g["params"]]
@@ -156,6 +177,23 @@ class AdamFamily(torch.optim.Optimizer):
                 else:
                     fixed[key] = value.detach().to(device=p.device, dtype=p.dtype).clone()
             self.state[p] = fixed
+
+    def _check_saved_state(self, saved_ids: list, saved_state: dict) -> None:
+        """Refuse, before anything changes, state tensors that cannot belong to their param."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in saved_state.get(saved_id, {}).items():
+                if not isinstance(value, Tensor) or key == "step":
+                    continue
+                if value.shape != p.shape:
+                    raise ValueError(f"state {key!r} of param {saved_id} has shape {tuple(value.shape)}, "
+                                     f"the param has {tuple(p.shape)}")
+                sharded_param = DTensor is not None and isinstance(p, DTensor)
+                if sharded_param != (DTensor is not None and isinstance(value, DTensor)):
+                    raise ValueError(
+                        f"state {key!r} of param {saved_id} is {'not ' if sharded_param else ''}a DTensor "
+                        f"but its param is{'' if sharded_param else ' not'}: load sharded (FSDP2) state "
+                        "through torch.distributed.checkpoint.state_dict (also_fused.checkpoint for ALSO)")
 
     def _buckets(self, items: Iterable[tuple[Tensor, int]], *flag_names: str) -> dict[tuple, list]:
         """Group (param, group index) pairs by device, dtype and the per-group flags named."""
