@@ -142,6 +142,7 @@ class ALSO(AdamFamily):
         self._saved_x: dict[Tensor, Tensor] = {}  # closure API: x while the params hold the extrapolation
         self._api: Optional[str] = None
         self._training = True
+        self._staged_extra: Optional[dict[str, Any]] = None  # set by also_fused.checkpoint before loading
 
     # ------------------------------------------------------------------ public
     @property
@@ -204,21 +205,28 @@ class ALSO(AdamFamily):
         """Put the extrapolated point back into the params (optimistic loop API); no-op otherwise."""
         if self._training:
             return
-        with torch.no_grad():
-            for p, state in self._params_with("extrapolated"):
-                p.copy_(state.pop("extrapolated"))
+        self._swap_points("extrapolated", "iterate")
         self._training = True
 
     def eval(self) -> None:
-        """Put the iterate x into the params for evaluation or saving (optimistic loop API); no-op otherwise."""
+        """Put the iterate x into the params for evaluation or saving (optimistic loop API); no-op otherwise.
+
+        The state then holds the extrapolated point y under ``"extrapolated"`` instead of x under
+        ``"iterate"`` (one extra buffer per param either way)."""
         if not self._training:
             return
-        with torch.no_grad():
-            for p, state in self._params_with("iterate"):
-                if self._api == "loop":
-                    state["extrapolated"] = p.clone()
-                    p.copy_(state["iterate"])
+        if self._api == "loop":
+            self._swap_points("iterate", "extrapolated")
         self._training = False
+
+    @torch.no_grad()
+    def _swap_points(self, held: str, into: str) -> None:
+        """Params take the point stored under ``held``; the point they held is stored under ``into``."""
+        for p, state in self._params_with(held):
+            state[into] = p.clone(memory_format=torch.contiguous_format)
+            p.copy_(state.pop(held))
+        self._plans.clear()  # the cached plans hold the popped buffers
+        self._state_version += 1
 
     # --------------------------------------------------------------- checks
     def _as_ids(self, group_ids: Union[Tensor, Sequence[int]]) -> Tensor:
@@ -489,30 +497,41 @@ class ALSO(AdamFamily):
 
     # ----------------------------------------------------------- state_dict
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state (per-param Adam state, the iterate x, d_prev) plus an ``"also"`` entry
-        with pi, pi_mid, pi_reg, the previous batch and the hyper-parameters of the pi step."""
+        """torch.optim's state (per-param Adam state, the iterate x or extrapolated point y, d_prev)
+        plus an ``"also"`` entry with pi, pi_mid, pi_reg, the previous batch and the hyper-parameters
+        of the pi step. For FSDP2 and torch.distributed.checkpoint use ``also_fused.checkpoint``."""
         sd = super().state_dict()
-        sd["also"] = dict(
-            n_groups=self.n_groups, mode=self.mode, group_reduction=self.group_reduction,
-            loss_scale=self.loss_scale, alpha=self.alpha,
-            pi_lr=self.pi_lr, pi_decay=self.pi_decay, pi_temperature=self.pi_temperature, pi_eps=self.pi_eps,
-            pi=self._pi, pi_mid=self._pi_mid if self._api != "closure" else None, pi_reg=self._pi_reg, prev_ids=self._prev_ids,
-            prev_losses=self._prev_losses, api=self._api, training=self._training,
-        )
+        sd["also"] = self._extra_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("also", None)
         if extra is None:
+            extra, self._staged_extra = self._staged_extra, None
+        if extra is None:
             raise ValueError("not an ALSO state_dict: the 'also' entry is missing")
+        self._check_extra(extra)
+        super().load_state_dict(state_dict)
+        self._load_extra_state(extra)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return dict(
+            n_groups=self.n_groups, mode=self.mode, group_reduction=self.group_reduction,
+            loss_scale=self.loss_scale, alpha=self.alpha,
+            pi_lr=self.pi_lr, pi_decay=self.pi_decay, pi_temperature=self.pi_temperature, pi_eps=self.pi_eps,
+            pi=self._pi, pi_mid=self._pi_mid if self._api != "closure" else None, pi_reg=self._pi_reg,
+            prev_ids=self._prev_ids, prev_losses=self._prev_losses, api=self._api, training=self._training,
+        )
+
+    def _check_extra(self, extra: dict[str, Any]) -> None:
         mine = (self.n_groups, self.mode, self.group_reduction)
         theirs = (extra["n_groups"], extra["mode"], extra.get("group_reduction", "sum"))
         if theirs != mine:
             raise ValueError(f"state_dict is for (n_groups, mode, group_reduction) = {theirs}; this optimizer "
                              f"has {mine}")
-        super().load_state_dict(state_dict)
 
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
         def to_device(t: Optional[Tensor]) -> Optional[Tensor]:
             return None if t is None else t.detach().to(self.device).clone()
 
@@ -529,3 +548,11 @@ class ALSO(AdamFamily):
         self._api = extra["api"]
         self._training = bool(extra["training"])
         self._recorded.clear()
+
+    def _materialize_state(self) -> None:
+        """Create the Adam state of every trainable param that has none yet (zeros, step 0: the same
+        as a lazy first creation), so that a checkpoint template lists every param's state."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._init_state(p, bool(group["amsgrad"]))

@@ -51,13 +51,18 @@ def test_state_dict_stores_iterate_in_loop_api():
     for X, Y, ids, use_bias in batches(cfg):
         package_step(opt, W, b, "loop", X, Y, ids, use_bias, DEVICE, cfg.dtype)
     x = opt.state_dict()["state"][0]["iterate"].clone()
-    assert not torch.equal(x, W.detach())  # params hold the extrapolated point
+    y = W.detach().clone()
+    assert not torch.equal(x, y)  # params hold the extrapolated point
     opt.eval()
+    # the params hold x, the state y in place of x: still one extra buffer per param
     assert torch.equal(W.detach(), x)
-    assert torch.equal(opt.state_dict()["state"][0]["iterate"], x)
+    assert "iterate" not in opt.state_dict()["state"][0]
+    assert torch.equal(opt.state_dict()["state"][0]["extrapolated"], y)
     opt.eval()  # idempotent
+    assert torch.equal(W.detach(), x)
     opt.train()
-    assert not torch.equal(W.detach(), x)
+    assert torch.equal(W.detach(), y) and torch.equal(opt.state_dict()["state"][0]["iterate"], x)
+    assert "extrapolated" not in opt.state_dict()["state"][0]
     with pytest.raises(RuntimeError, match="train"):
         opt.eval()
         opt.weighted_loss(W.sum() * torch.ones(cfg.batch, device=DEVICE),
