@@ -55,7 +55,9 @@ class ALSO(AdamFamily):
     Under torch.distributed (``process_group``, or the default group when it is initialised with
     more than one rank) the pi step uses the losses of every rank, so that pi stays bitwise equal
     across ranks; with ``batch_size`` = the per-rank batch, N ranks follow the trajectory of one
-    process on the concatenated batch (DDP averages the theta gradients).
+    process on the concatenated batch, for both reductions, given that the theta gradients are
+    averaged over the same group (DDP and FSDP2 do). With FSDP2 the params are DTensors and the
+    update runs on the local shards; checkpoint through ``also_fused.checkpoint``.
 
     ``step()`` returns the mean per-sample loss of the step as a 0-dim tensor (no host sync for it).
     With ``validate=True`` (default) bad group ids and non-finite losses raise ValueError before
@@ -168,7 +170,7 @@ class ALSO(AdamFamily):
         weights = self._pi_mid if self.mode == "optimistic" else self._pi
         if self.group_reduction == "mean":
             # each call normalises by its own micro-batch's counts; the pi step counts the whole step
-            sample_weights = F.group_mean_sample_weights(weights, ids, self.n_groups)
+            sample_weights = self._group_mean_weights(weights, ids)
             loss = (sample_weights.to(losses.dtype) * losses).sum().float()
         else:
             loss = _dispatch.weighted_loss(self._pi_backend, weights, ids, losses, self.loss_scale)
@@ -373,21 +375,48 @@ class ALSO(AdamFamily):
             else:
                 dist.all_reduce(sums, group=group)
             return None, sums
-        size = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+        ids, losses = self._gather_ragged([ids, losses], group)
+        return ids, self._pi_losses(ids, losses)
+
+    @staticmethod
+    def _gather_ragged(tensors: list[Tensor], group: Any) -> list[Tensor]:
+        """Each 1-D tensor (one length per rank) concatenated over the ranks in rank order."""
+        world = dist.get_world_size(group)
+        n = tensors[0].numel()
+        size = torch.tensor([n], dtype=torch.int64, device=tensors[0].device)
         sizes = [torch.empty_like(size) for _ in range(world)]
         dist.all_gather(sizes, size, group=group)
         sizes_host = [int(s) for s in sizes]
         longest = max(sizes_host)
-        pad = longest - ids.numel()
-        ids_padded = torch.cat([ids, ids.new_zeros(pad)])
-        losses_padded = torch.cat([losses, losses.new_zeros(pad)])
-        all_ids = [torch.empty_like(ids_padded) for _ in range(world)]
-        all_losses = [torch.empty_like(losses_padded) for _ in range(world)]
-        dist.all_gather(all_ids, ids_padded, group=group)
-        dist.all_gather(all_losses, losses_padded, group=group)
-        ids = torch.cat([t[:n] for t, n in zip(all_ids, sizes_host)])
-        losses = torch.cat([t[:n] for t, n in zip(all_losses, sizes_host)])
-        return ids, self._pi_losses(ids, losses)
+        out = []
+        for t in tensors:
+            padded = torch.cat([t, t.new_zeros(longest - n)])
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded, group=group)
+            out.append(torch.cat([part[:k] for part, k in zip(parts, sizes_host)]))
+        return out
+
+    def _group_mean_weights(self, pi: Tensor, ids: Tensor) -> Tensor:
+        """Per-sample weights of the group-mean loss; distributed, from the counts of every rank.
+
+        With C the counts over all ranks and M the pi mass of the groups present on any rank,
+        rank r weighs its samples by world * pi[g_i] / (C[g_i] M): the gradient average over the
+        ranks (DDP, FSDP) is then the gradient of the group-mean loss of the whole batch."""
+        group = self._reduce_group()
+        if group is None:
+            return F.group_mean_sample_weights(pi, ids, self.n_groups)
+        world = dist.get_world_size(group)
+        ones = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        counts = torch.zeros(self.n_groups, dtype=torch.float32, device=ids.device)
+        if 4 * self.n_groups <= 12 * ids.numel() * world:
+            counts.index_add_(0, ids, ones)
+            dist.all_reduce(counts, group=group)
+        else:
+            all_ids, = self._gather_ragged([ids], group)
+            counts.index_add_(0, all_ids, torch.ones(all_ids.shape, dtype=torch.float32, device=ids.device))
+        pi = pi.detach().float()
+        present_mass = (pi * (counts > 0)).sum()
+        return pi[ids] / counts[ids] * (world / present_mass)
 
     def _pi_apply(self, inputs: tuple[Optional[Tensor], Tensor], out: Tensor,
                   second_out: Optional[Tensor] = None) -> None:
@@ -419,7 +448,7 @@ class ALSO(AdamFamily):
             weights = self._pi_mid if optimistic else self._pi
             self._recorded.clear()
             if self.group_reduction == "mean":
-                selected, scale = F.group_mean_sample_weights(weights, ids, self.n_groups), 1.0
+                selected, scale = self._group_mean_weights(weights, ids), 1.0
             else:
                 selected, scale = weights[ids], self.loss_scale
             with torch.enable_grad():
