@@ -1,10 +1,12 @@
-"""One DDP training step of a GPT-2-124M-shaped model on every GPU of the host: ALSO vs torch Adam fused.
+"""One DDP or FSDP2 training step of a GPT-2-124M-shaped model on every GPU of the host: ALSO vs torch Adam fused.
 
 The model has GPT-2 124M's parameter shapes (tied 50257x768 embedding, 12 blocks of 768->2304,
 768->768, 768->3072, 3072->768 linears with layer norms) applied as a residual MLP stack (no
 attention), so forward, backward, the DDP all-reduce and the optimizer step are all real. Times
 the whole step (zero_grad, forward, per-sample loss, backward, step) with CUDA events, median of
-many steps after warm-up, on rank 0. Run: torchrun --nproc-per-node=N benchmarks/bench_ddp.py
+many steps after warm-up, on rank 0, and the optimizer step alone. With ``--wrap fsdp2`` every
+block and the root are ``fully_shard``-ed (DTensor params, sharded state).
+Run: torchrun --nproc-per-node=N benchmarks/bench_ddp.py [--wrap ddp|fsdp2]
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 import triton
 
 import also_fused
+import also_fused._base
 
 VOCAB, D, LAYERS, CTX = 50257, 768, 12, 1024
 
@@ -56,19 +59,34 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="sequences per rank")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ddp_step.json"))
+    parser.add_argument("--wrap", choices=("ddp", "fsdp2"), default="ddp")
+    parser.add_argument("--out", default=None, help="default: results/<wrap>_step.json")
     args = parser.parse_args()
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{args.wrap}_step.json")
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank)
     gen = torch.Generator(device="cuda").manual_seed(rank)
     n_groups = 10
+    # copy bandwidth of this GPU, for the optimizer step's share of it (bytes per local param element:
+    # Adam reads p, g, m, v and writes p, m, v; the optimistic loop API also reads and writes x)
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() * 4 / (triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200) * 1e-3)
+    del src, dst
     records = []
     for name in ("torch Adam fused", "also_fused Adam", "ALSO descent-ascent (loop API)",
                  "ALSO optimistic (loop API)"):
         torch.manual_seed(0)
         model = GPT2Shaped().cuda()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        if args.wrap == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            ddp = fully_shard(model)
+        else:
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
         if name == "torch Adam fused":
             opt = torch.optim.Adam(model.parameters(), weight_decay=1e-3, fused=True)
         elif name == "also_fused Adam":
@@ -76,8 +94,8 @@ def main():
         else:
             mode = "optimistic" if "optimistic" in name else "descent-ascent"
             opt = also_fused.ALSO(model.parameters(), n_groups, batch_size=args.batch, mode=mode)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
+        start, before_step, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        times, step_times = [], []
         for k in range(10 + args.iters):
             tokens = torch.randint(0, VOCAB, (args.batch, args.seq), device="cuda", generator=gen)
             ids = torch.randint(0, n_groups, (args.batch,), device="cuda", generator=gen)
@@ -91,13 +109,21 @@ def main():
                 opt.weighted_loss(losses, ids).backward()
             else:
                 losses.mean().backward()
+            before_step.record()
             opt.step()
             end.record()
             end.synchronize()
             if k >= 10:
                 times.append(start.elapsed_time(end))
-        records.append(dict(workload=f"DDP x{world}, GPT-2-124M-shaped residual MLP stack, {args.batch}x{args.seq} "
-                                     f"tokens per rank, fp32", impl=name, median_ms=statistics.median(times),
+                step_times.append(before_step.elapsed_time(end))
+        local_numel = sum(also_fused._base.local_tensor(p).numel() for p in model.parameters())
+        step_bytes = (36 if "optimistic" in name else 28) * local_numel
+        step_ms = statistics.median(step_times)
+        records.append(dict(step_bytes_per_rank=step_bytes, copy_bandwidth_tb_s=copy_bw / 1e12,
+                            step_pct_of_copy_bandwidth=100 * step_bytes / (step_ms * 1e-3) / copy_bw,
+                            workload=f"{args.wrap.upper()} x{world}, GPT-2-124M-shaped residual MLP stack, "
+                                     f"{args.batch}x{args.seq} tokens per rank, fp32", impl=name,
+                            median_ms=statistics.median(times), step_median_ms=statistics.median(step_times),
                             world_size=world, device=torch.cuda.get_device_name(), torch=torch.__version__,
                             triton=triton.__version__, date=datetime.date.today().isoformat()))
         del ddp, model, opt
@@ -106,9 +132,11 @@ def main():
         base = records[0]["median_ms"]
         for r in records:
             r["ratio_vs_torch_fused"] = r["median_ms"] / base
-            print(f"{r['impl']:35s} {r['median_ms']:8.2f} ms  x{r['ratio_vs_torch_fused']:.2f}", flush=True)
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
+            print(f"{r['impl']:35s} {r['median_ms']:8.2f} ms  x{r['ratio_vs_torch_fused']:.2f}   "
+                  f"optimizer step {r['step_median_ms']:6.2f} ms = {r['step_pct_of_copy_bandwidth']:.0f}% of copy "
+                  f"bandwidth ({r['copy_bandwidth_tb_s']:.2f} TB/s)", flush=True)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
             json.dump(records, f, indent=1)
     dist.destroy_process_group()
 

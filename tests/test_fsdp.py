@@ -39,7 +39,7 @@ N_GROUPS = 5
 CASES = [
     dict(opt="also", mode="optimistic", api="closure"),
     dict(opt="also", mode="optimistic", api="loop"),
-    dict(opt="also", mode="descent-ascent", api="closure"),
+    dict(opt="also", mode="descent-ascent", api="closure", group_reduction="mean"),
     dict(opt="also", mode="descent-ascent", api="loop", amsgrad=True),
     dict(opt="adam"),
 ]
@@ -73,7 +73,8 @@ def build(case, batch_size, device, mesh=None, seed=0):
         opt = also_fused.Adam(model.parameters(), lr=0.05, weight_decay=0.01, backend=case["backend"])
     else:
         opt = also_fused.ALSO(model.parameters(), N_GROUPS, batch_size=batch_size, mode=case["mode"], lr=0.05,
-                              pi_lr=0.2, amsgrad=case.get("amsgrad", False), backend=case["backend"])
+                              pi_lr=0.2, amsgrad=case.get("amsgrad", False), backend=case["backend"],
+                              group_reduction=case.get("group_reduction", "sum"))
     return model, opt
 
 
