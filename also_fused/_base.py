@@ -1,7 +1,7 @@
 """What Adam, AdamW and ALSO share: state layout, backend choice, bucketing, state_dict handling."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor

@@ -8,21 +8,14 @@ means count the samples of every rank).
 """
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import also_fused
+from distributed_harness import ON_GPUS, WORLD, joined, run_ranks, same_on_all_ranks, save_rank
 
-WORLD = 2
 # two GPUs: NCCL and the Triton kernels; otherwise gloo on the CPU with the reference path
-ON_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= WORLD
-DIST_BACKEND = "nccl" if ON_GPUS else "gloo"
 OPT_BACKEND = "triton" if ON_GPUS else "reference"
 PER_RANK = 6
 STEPS = 12
@@ -77,35 +70,23 @@ def train_step(net, opt, api, X, Y, ids):
         opt.step()
 
 
-def worker(rank, case, init_file, out_dir):
-    dist.init_process_group(DIST_BACKEND, init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        device = torch.device(f"cuda:{rank}" if ON_GPUS else "cpu")
-        if ON_GPUS:
-            torch.cuda.set_device(device)
+def worker(rank, init_file, out_dir, case):
+    with joined(rank, init_file) as device:
         model, net, opt = build(case, PER_RANK, device, wrap=torch.nn.parallel.DistributedDataParallel)
         same_pi = []
         for X, Y, ids in data(case):
             part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
             train_step(net, opt, case["api"], X[part].to(device), Y[part].to(device), ids[part].to(device))
-            gathered = [torch.empty_like(opt.pi) for _ in range(WORLD)]
-            dist.all_gather(gathered, opt.pi)
-            same_pi.append(all(torch.equal(gathered[0], g) for g in gathered))
+            same_pi.append(same_on_all_ranks(opt.pi))
         opt.eval()
-        torch.save(dict(params=[p.detach().cpu().clone() for p in model.parameters()], pi=opt.pi.cpu().clone(),
-                        same_pi=same_pi), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        save_rank(out_dir, rank, dict(params=[p.detach().cpu().clone() for p in model.parameters()],
+                                      pi=opt.pi.cpu().clone(), same_pi=same_pi))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_ddp_matches_single_process_on_the_concatenated_batch(case):
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        mp.spawn(worker, args=(case, init_file, tmp), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    ranks = run_ranks(worker, case)
     device = torch.device("cuda:0" if ON_GPUS else "cpu")
     model, net, opt = build(case, WORLD * PER_RANK, device)
     for X, Y, ids in data(case):

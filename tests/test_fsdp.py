@@ -11,14 +11,13 @@ the Triton kernels.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import also_fused
+from distributed_harness import ON_GPUS, WORLD, joined, run_ranks, same_on_all_ranks, save_rank
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 dcp = pytest.importorskip("torch.distributed.checkpoint")
@@ -28,9 +27,6 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from also_fused import checkpoint  # noqa: E402
 
-WORLD = 2
-ON_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= WORLD
-DIST_BACKEND = "nccl" if ON_GPUS else "gloo"
 PER_RANK = 6
 STEPS = 9
 SAVE_AFTER = 4
@@ -127,13 +123,8 @@ def load(path, model, opt):
     checkpoint.set_optimizer_state_dict(model, opt, sd["optim"])
 
 
-def worker(rank, case, init_file, out_dir):
-    dist.init_process_group(DIST_BACKEND, init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        device = torch.device(f"cuda:{rank}" if ON_GPUS else "cpu")
-        if ON_GPUS:
-            torch.cuda.set_device(device)
+def worker(rank, init_file, out_dir, case):
+    with joined(rank, init_file) as device:
         mesh = init_device_mesh(device.type, (WORLD,))
         part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         batches = [(X[part].to(device), Y[part].to(device), ids[part].to(device)) for X, Y, ids in data()]
@@ -146,9 +137,7 @@ def worker(rank, case, init_file, out_dir):
         for k, batch in enumerate(batches):
             train_step(model, opt, case, *batch)
             if is_also:
-                gathered = [torch.empty_like(opt.pi) for _ in range(WORLD)]
-                dist.all_gather(gathered, opt.pi)
-                same_pi.append(all(torch.equal(gathered[0], g) for g in gathered))
+                same_pi.append(same_on_all_ranks(opt.pi))
             if k + 1 == SAVE_AFTER:
                 if is_also:
                     opt.eval()  # on every rank: the iterate x into the shards, then saved in eval mode
@@ -176,13 +165,11 @@ def worker(rank, case, init_file, out_dir):
             opt2.eval()
         resumed_state = local_state(model2, opt2)
         resumed_params = [p.to_local().detach().cpu().clone() for p in model2.parameters()]
-        torch.save(dict(full_params=full_params, local_params=local_params, resumed_params=resumed_params,
-                        final_state=final_state, resumed_state=resumed_state, same_pi=same_pi,
-                        sharded_like_params=sharded_like_params, loop_optimistic=loop_optimistic,
-                        pi=opt.pi.cpu().clone() if is_also else None),
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        save_rank(out_dir, rank, dict(full_params=full_params, local_params=local_params,
+                                      resumed_params=resumed_params, final_state=final_state,
+                                      resumed_state=resumed_state, same_pi=same_pi,
+                                      sharded_like_params=sharded_like_params, loop_optimistic=loop_optimistic,
+                                      pi=opt.pi.cpu().clone() if is_also else None))
 
 
 def reference_run(case, device):
@@ -216,10 +203,7 @@ def assert_states_equal(a, b):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_fsdp2_matches_single_process_and_resumes_bitwise(case):
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        mp.spawn(worker, args=(case, init_file, tmp), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    ranks = run_ranks(worker, case)
     device = torch.device("cuda:0" if ON_GPUS else "cpu")
     want_params, want_pi = reference_run(case, device)
     assert [p.shape[0] for p in ranks[1]["local_params"]] == [3, 3, 0, 0]  # uneven and empty shards

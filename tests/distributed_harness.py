@@ -1,0 +1,62 @@
+"""What the 2-process tests share: start the ranks, join a process group, compare pi across ranks.
+
+Two GPUs: NCCL and the Triton kernels; otherwise gloo on the CPU."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+ON_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= WORLD
+DIST_BACKEND = "nccl" if ON_GPUS else "gloo"
+
+
+def run_ranks(worker: Callable[..., None], *args: Any) -> list[dict]:
+    """Run ``worker(rank, init_file, out_dir, *args)`` on WORLD processes; each saves ``rank{r}.pt``
+    with ``save_rank``; returns what they saved, in rank order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [os.path.join(tmp, f"rank{r}.pt") for r in range(WORLD)]
+        try:
+            mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp) + args, nprocs=WORLD, join=True)
+        except mp.ProcessExitedException as exc:
+            # gloo can abort a process while it tears its group down, after the work is done and
+            # saved; a rank that died before saving its result still fails the test
+            if not all(os.path.exists(f) for f in files):
+                raise
+            warnings.warn(f"a rank died after saving its result: {exc}")
+        return [torch.load(f, weights_only=False) for f in files]
+
+
+def save_rank(out_dir: str, rank: int, result: dict) -> None:
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    torch.save(result, path + ".part")
+    os.replace(path + ".part", path)  # the file exists only once it is whole
+
+
+@contextlib.contextmanager
+def joined(rank: int, init_file: str) -> Iterator[torch.device]:
+    """This process as rank ``rank`` of the group; yields its device."""
+    dist.init_process_group(DIST_BACKEND, init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        device = torch.device(f"cuda:{rank}" if ON_GPUS else "cpu")
+        if ON_GPUS:
+            torch.cuda.set_device(device)
+        yield device
+        dist.barrier()  # no rank tears its group down while another still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def same_on_all_ranks(t: torch.Tensor) -> bool:
+    """Whether every rank holds bitwise the same tensor."""
+    gathered = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(gathered, t)
+    return all(torch.equal(gathered[0], g) for g in gathered)
