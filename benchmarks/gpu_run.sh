@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine: install the checkout, run the whole test suite on the GPU, then the GPU
-# benchmarks. Logs and JSON go to $OUT (default benchmarks/results). Usage: bash benchmarks/gpu_run.sh [tests|bench|all]
+# benchmarks. Logs and JSON go to $OUT (default benchmarks/results).
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|distributed]; "distributed" needs 2+ GPUs: the
+# DDP and FSDP2 tests with NCCL and the Triton kernels, then one DDP and one FSDP2 training step timed.
 set -u
 what=${1:-all}
 OUT=${OUT:-benchmarks/results}
@@ -22,5 +24,18 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 240 python3 benchmarks/bench_theta.py --out "$OUT/theta.json" > "$OUT/theta.log" 2>&1; tail -n 40 "$OUT/theta.log"
   timeout 90 python3 benchmarks/bench_pi.py --out "$OUT/pi.json" > "$OUT/pi.log" 2>&1; tail -n 25 "$OUT/pi.log"
   timeout 150 python3 benchmarks/bench_step.py --out "$OUT/step.json" 2>&1 | tail -n 30
+fi
+if [ "$what" = distributed ]; then
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider --durations=5 \
+    tests/test_distributed.py tests/test_fsdp.py > "$OUT/distributed_tests.log" 2>&1
+  status=$?
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/distributed_tests.log" | tail -n 20
+  for wrap in ddp fsdp2; do
+    timeout 150 torchrun --nproc-per-node="$n" benchmarks/bench_ddp.py --wrap $wrap \
+      --out "$OUT/${wrap}_step.json" > "$OUT/bench_${wrap}.log" 2>&1 || status=1
+    tail -n 6 "$OUT/bench_${wrap}.log"
+  done
 fi
 exit $status
