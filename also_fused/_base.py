@@ -101,9 +101,10 @@ class AdamFamily(torch.optim.Optimizer):
             for p in group["params"]:
                 g = p.grad
                 if g is not None:
+                    g = local_tensor(g)  # a plain tensor's properties cost less to read than a DTensor's
                     if g.layout is not torch.strided:
                         raise RuntimeError("sparse gradients are not supported")
-                    if not g.is_contiguous() or not p.is_contiguous():
+                    if not g.is_contiguous() or not local_tensor(p).is_contiguous():
                         raise RuntimeError("parameters and their gradients must be contiguous")
                     items.append((p, gi))
         return items

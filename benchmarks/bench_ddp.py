@@ -4,7 +4,8 @@ The model has GPT-2 124M's parameter shapes (tied 50257x768 embedding, 12 blocks
 768->768, 768->3072, 3072->768 linears with layer norms) applied as a residual MLP stack (no
 attention), so forward, backward, the DDP all-reduce and the optimizer step are all real. Times
 the whole step (zero_grad, forward, per-sample loss, backward, step) with CUDA events, median of
-many steps after warm-up, on rank 0, and the optimizer step alone. With ``--wrap fsdp2`` every
+many steps after warm-up, on rank 0, and the optimizer step alone (GPU time between events, and
+the host time of the ``step()`` call). With ``--wrap fsdp2`` every
 block and the root are ``fully_shard``-ed (DTensor params, sharded state).
 Run: torchrun --nproc-per-node=N benchmarks/bench_ddp.py [--wrap ddp|fsdp2]
 """
@@ -15,6 +16,7 @@ import datetime
 import json
 import os
 import statistics
+import time
 
 import torch
 import torch.distributed as dist
@@ -54,6 +56,13 @@ class GPT2Shaped(torch.nn.Module):
         return self.ln_f(x) @ self.wte.weight.t()
 
 
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200) * 1e-3)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8, help="sequences per rank")
@@ -70,13 +79,10 @@ def main():
     n_groups = 10
     # copy bandwidth of this GPU, for the optimizer step's share of it (bytes per local param element:
     # Adam reads p, g, m, v and writes p, m, v; the optimistic loop API also reads and writes x)
-    src = torch.randn(1 << 28, device="cuda")
-    dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() * 4 / (triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200) * 1e-3)
-    del src, dst
+    copy_bw = copy_bandwidth()
     records = []
     for name in ("torch Adam fused", "also_fused Adam", "ALSO descent-ascent (loop API)",
-                 "ALSO optimistic (loop API)"):
+                 "ALSO optimistic (loop API)", "ALSO optimistic (loop API, validate=False)"):
         torch.manual_seed(0)
         model = GPT2Shaped().cuda()
         if args.wrap == "fsdp2":
@@ -93,9 +99,10 @@ def main():
             opt = also_fused.Adam(model.parameters(), weight_decay=1e-3)
         else:
             mode = "optimistic" if "optimistic" in name else "descent-ascent"
-            opt = also_fused.ALSO(model.parameters(), n_groups, batch_size=args.batch, mode=mode)
+            opt = also_fused.ALSO(model.parameters(), n_groups, batch_size=args.batch, mode=mode,
+                                  validate="validate=False" not in name)
         start, before_step, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        times, step_times = [], []
+        times, step_times, host_times = [], [], []
         for k in range(10 + args.iters):
             tokens = torch.randint(0, VOCAB, (args.batch, args.seq), device="cuda", generator=gen)
             ids = torch.randint(0, n_groups, (args.batch,), device="cuda", generator=gen)
@@ -110,12 +117,15 @@ def main():
             else:
                 losses.mean().backward()
             before_step.record()
+            host_start = time.perf_counter()
             opt.step()
+            host_end = time.perf_counter()
             end.record()
             end.synchronize()
             if k >= 10:
                 times.append(start.elapsed_time(end))
                 step_times.append(before_step.elapsed_time(end))
+                host_times.append((host_end - host_start) * 1e3)
         local_numel = sum(also_fused._base.local_tensor(p).numel() for p in model.parameters())
         step_bytes = (36 if "optimistic" in name else 28) * local_numel
         step_ms = statistics.median(step_times)
@@ -124,6 +134,7 @@ def main():
                             workload=f"{args.wrap.upper()} x{world}, GPT-2-124M-shaped residual MLP stack, "
                                      f"{args.batch}x{args.seq} tokens per rank, fp32", impl=name,
                             median_ms=statistics.median(times), step_median_ms=statistics.median(step_times),
+                            step_host_median_ms=statistics.median(host_times),
                             world_size=world, device=torch.cuda.get_device_name(), torch=torch.__version__,
                             triton=triton.__version__, date=datetime.date.today().isoformat()))
         del ddp, model, opt
@@ -134,7 +145,8 @@ def main():
             r["ratio_vs_torch_fused"] = r["median_ms"] / base
             print(f"{r['impl']:35s} {r['median_ms']:8.2f} ms  x{r['ratio_vs_torch_fused']:.2f}   "
                   f"optimizer step {r['step_median_ms']:6.2f} ms = {r['step_pct_of_copy_bandwidth']:.0f}% of copy "
-                  f"bandwidth ({r['copy_bandwidth_tb_s']:.2f} TB/s)", flush=True)
+                  f"bandwidth ({r['copy_bandwidth_tb_s']:.2f} TB/s), host {r['step_host_median_ms']:.2f} ms",
+                  flush=True)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             json.dump(records, f, indent=1)
