@@ -45,10 +45,17 @@ args_of() {
     api_resume_rest) echo "tests/test_also_api.py -k 'resume_is_bitwise and (loop-optimistic-True or loop-descent-ascent)'" ;;
     api_misc)        echo "tests/test_also_api.py -k 'not ($API_A) and not resume_is_bitwise'" ;;
     determinism)     echo "tests/test_long_runs.py::test_gpu_runs_are_bitwise_deterministic" ;;
+    # the long tests with ALSO_FUSED_SHORT_TESTS=1 (fewer steps and examples, the same code paths)
+    short_golden_variants) echo "tests/test_also_golden.py -k test_variants" ;;
+    short_golden_matrix) echo "tests/test_also_golden.py -k 'test_matrix or test_group_mean_reduction'" ;;
+    short_props_adam) echo "tests/test_properties.py::test_multi_tensor_adam_matches_reference" ;;
+    short_determinism) echo "tests/test_long_runs.py::test_gpu_runs_are_bitwise_deterministic" ;;
+    short_simplex)   echo "tests/test_kernel_group_pi.py -k stays_on_simplex_long" ;;
+    tb_last)         echo "tests/test_triton_backend.py -k 'resume_bitwise_triton and loop-descent-ascent or bad_ids_leave'" ;;
     *) return 1 ;;
   esac
 }
-ALL="adam adam_2p31 group_pi triton_backend graphs graphs_cached dropin_determinism api_a api_b golden_variants golden_matrix golden_rest props_adam props_pi props_wloss props_rgd badref_opt badref_da badtriton losses group_pi_rest triton_backend_rest api_b_rest tb_golden_rest tb_follow_lowprec tb_dropins_resume_badids api_resume_rest api_misc determinism"
+ALL="short_golden_variants short_golden_matrix short_props_adam short_determinism short_simplex tb_last adam adam_2p31 group_pi triton_backend graphs graphs_cached dropin_determinism api_a api_b golden_variants golden_matrix golden_rest props_adam props_pi props_wloss props_rgd badref_opt badref_da badtriton losses group_pi_rest triton_backend_rest api_b_rest tb_golden_rest tb_follow_lowprec tb_dropins_resume_badids api_resume_rest api_misc determinism"
 if [ "${1:-list}" = list ]; then for c in $ALL; do printf '%-20s %s\n' "$c" "$(args_of "$c")"; done; exit 0; fi
 for c in "$@"; do args_of "$c" >/dev/null || { echo "unknown chunk: $c (try: list)"; exit 2; }; done
 
@@ -82,6 +89,7 @@ run_chunk() {
   local nocache=1; [ "$c" = graphs_cached ] && nocache=
   echo "# chunk $c: PYTORCH_NO_CUDA_MEMORY_CACHING=${nocache:-unset} timeout -s INT $CHUNK_TIMEOUT compute-sanitizer --tool memcheck --error-exitcode 99 $cmd" > "$log"
   t0=$(date +%s)
+  case "$c" in short_*) export ALSO_FUSED_SHORT_TESTS=1 ;; *) unset ALSO_FUSED_SHORT_TESTS ;; esac
   if [ -n "$nocache" ]; then export PYTORCH_NO_CUDA_MEMORY_CACHING=1; else unset PYTORCH_NO_CUDA_MEMORY_CACHING; fi
   # at the limit the process group gets SIGINT (pytest then prints how far it got; the sanitizer exits
   # without an ERROR SUMMARY, though it prints each error report as it happens)

@@ -10,6 +10,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# ALSO_FUSED_SHORT_TESTS=1: fewer steps and examples with every code path still taken, for runs
+# under compute-sanitizer (tens of times slower)
+SHORT = os.environ.get("ALSO_FUSED_SHORT_TESTS", "0") not in ("", "0")
 
 
 def triton_importable() -> bool:

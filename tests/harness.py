@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 import also_fused
+from conftest import SHORT
 from golden import GoldenALSO
 
 D_IN, D_OUT = 5, 3
@@ -18,7 +19,7 @@ class Config:
     api: str = "closure"
     n_groups: int = 4
     batch: int = 8
-    steps: int = 200
+    steps: int = 20 if SHORT else 200
     amsgrad: bool = False
     weight_decay: float = 1e-3
     alpha: float = 1.0

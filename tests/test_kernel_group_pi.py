@@ -21,6 +21,7 @@ from also_fused.kernels import group_pi  # noqa: E402
 from also_fused.kernels.group_pi import SMALL_MAX, pi_update  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+from conftest import SHORT  # noqa: E402
 DEV = "cuda" if CUDA else "cpu"
 
 
@@ -273,7 +274,7 @@ def test_stays_on_simplex_long(n: int, optimistic: bool, path: Optional[str]) ->
     small path and 2*10^4 on the large one; in the interpreter as many kernel steps as fit in 5 s
     (small path, about 900 on a laptop-class CPU) or 3 s (large path, about 100), at least 50."""
     if CUDA:
-        steps = 100_000 if n <= SMALL_MAX else 20_000
+        steps = (100_000 if n <= SMALL_MAX else 20_000) // (50 if SHORT else 1)
         assert run_simplex_loop(n, steps, 1e9, optimistic, path) == steps
     else:
         done = run_simplex_loop(n, 100_000, 5.0 if n <= SMALL_MAX else 3.0, optimistic, path)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE
+from conftest import DEVICE, SHORT
 
 ON_GPU = DEVICE == "cuda"
 MODES = ("optimistic", "descent-ascent")
@@ -166,7 +166,7 @@ def test_gpu_memory_flat_over_training_run(mode):
     assert torch.isfinite(opt.pi).all() and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def _run_for_determinism(mode: str, api: str, seed: int, steps: int = 1000):
+def _run_for_determinism(mode: str, api: str, seed: int, steps: int = 50 if SHORT else 1000):
     model, opt, data = _setup(mode, seed)
     for k in range(steps):
         _train_step(model, opt, data[k % len(data)], api)

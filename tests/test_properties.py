@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, SHORT
 
 pytest.importorskip("triton")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
@@ -34,6 +34,8 @@ ON_GPU = DEVICE == "cuda"
 N_ADAM = 300 if ON_GPU else 200
 N_PI = 400 if ON_GPU else 250
 N_LOSS = 300 if ON_GPU else 150
+if SHORT:
+    N_ADAM = N_PI = N_LOSS = 20
 MAX_NUMEL = 100_000 if ON_GPU else 5000  # elements of one Adam tensor
 MAX_GROUPS = 300_000 if ON_GPU else 2000
 MAX_PI_BATCH = 5000 if ON_GPU else 300
