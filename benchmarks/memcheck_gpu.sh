@@ -51,11 +51,12 @@ args_of() {
     short_props_adam) echo "tests/test_properties.py::test_multi_tensor_adam_matches_reference" ;;
     short_determinism) echo "tests/test_long_runs.py::test_gpu_runs_are_bitwise_deterministic" ;;
     short_simplex)   echo "tests/test_kernel_group_pi.py -k stays_on_simplex_long" ;;
+    short_long_runs) echo "tests/test_long_runs.py -k 'not deterministic and not reference'" ;;
     tb_last)         echo "tests/test_triton_backend.py -k 'resume_bitwise_triton and loop-descent-ascent or bad_ids_leave'" ;;
     *) return 1 ;;
   esac
 }
-ALL="short_golden_variants short_golden_matrix short_props_adam short_determinism short_simplex tb_last adam adam_2p31 group_pi triton_backend graphs graphs_cached dropin_determinism api_a api_b golden_variants golden_matrix golden_rest props_adam props_pi props_wloss props_rgd badref_opt badref_da badtriton losses group_pi_rest triton_backend_rest api_b_rest tb_golden_rest tb_follow_lowprec tb_dropins_resume_badids api_resume_rest api_misc determinism"
+ALL="short_golden_variants short_golden_matrix short_props_adam short_determinism short_simplex short_long_runs tb_last adam adam_2p31 group_pi triton_backend graphs graphs_cached dropin_determinism api_a api_b golden_variants golden_matrix golden_rest props_adam props_pi props_wloss props_rgd badref_opt badref_da badtriton losses group_pi_rest triton_backend_rest api_b_rest tb_golden_rest tb_follow_lowprec tb_dropins_resume_badids api_resume_rest api_misc determinism"
 if [ "${1:-list}" = list ]; then for c in $ALL; do printf '%-20s %s\n' "$c" "$(args_of "$c")"; done; exit 0; fi
 for c in "$@"; do args_of "$c" >/dev/null || { echo "unknown chunk: $c (try: list)"; exit 2; }; done
 

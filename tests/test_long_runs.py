@@ -77,8 +77,9 @@ def run_pi_steps(backend: str, device: str, n: int, steps: int, block: int, B: i
 def _pi_runs():
     runs = [pytest.param("reference", "cpu", 64, 100_000, 1000, id="reference-cpu-64groups-100000steps")]
     if ON_GPU:
-        runs += [pytest.param("triton", DEVICE, 64, 100_000, 1000, id="triton-cuda-64groups-100000steps"),
-                 pytest.param("triton", DEVICE, 3000, 100_000, 1000, id="triton-cuda-3000groups-100000steps")]
+        steps = 2000 if SHORT else 100_000
+        runs += [pytest.param("triton", DEVICE, 64, steps, 1000, id=f"triton-cuda-64groups-{steps}steps"),
+                 pytest.param("triton", DEVICE, 3000, steps, 1000, id=f"triton-cuda-3000groups-{steps}steps")]
     else:
         runs += [pytest.param("triton", "cpu", 64, 2000, 100, id="triton-interpreter-64groups-2000steps"),
                  pytest.param("triton", "cpu", 1000, 200, 10, id="triton-interpreter-1000groups-200steps")]
@@ -149,7 +150,7 @@ def _train_step(model, opt, batch, api: str) -> None:
 @pytest.mark.skipif(not ON_GPU, reason="CUDA only: measures torch.cuda.memory_allocated()")
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_memory_flat_over_training_run(mode):
-    steps, warmup, every = 10_000, 200, 1000
+    steps, warmup, every = (1000, 100, 100) if SHORT else (10_000, 200, 1000)
     model, opt, data = _setup(mode, seed=0)
     for k in range(warmup):
         _train_step(model, opt, data[k % len(data)], "loop")
