@@ -19,13 +19,15 @@ except ImportError:  # a torch build without torch.distributed
     DTensor = None
 
 
+def is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
 def local_tensor(t: Tensor) -> Tensor:
     """The shard this rank holds of a DTensor (FSDP2 params, grads and state), else ``t`` itself.
 
     The shard shares storage with the DTensor, so updating it in place updates the DTensor."""
-    if DTensor is not None and isinstance(t, DTensor):
-        return t._local_tensor
-    return t
+    return t._local_tensor if is_dtensor(t) else t
 
 
 def check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
@@ -160,10 +162,10 @@ class AdamFamily(torch.optim.Optimizer):
         """torch.optim's loading, except that moments stay float32 and ``step`` goes where this path reads it."""
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
-        self._check_saved_state(saved_ids, saved_state)
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._check_saved_state(saved_ids, saved_state, params)
         super().load_state_dict(state_dict)
         self._state_version += 1
-        params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved_state:
                 continue
@@ -179,9 +181,9 @@ class AdamFamily(torch.optim.Optimizer):
                     fixed[key] = value.detach().to(device=p.device, dtype=p.dtype).clone()
             self.state[p] = fixed
 
-    def _check_saved_state(self, saved_ids: list, saved_state: dict) -> None:
+    @staticmethod
+    def _check_saved_state(saved_ids: list, saved_state: dict, params: list[Tensor]) -> None:
         """Refuse, before anything changes, state tensors that cannot belong to their param."""
-        params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             for key, value in saved_state.get(saved_id, {}).items():
                 if not isinstance(value, Tensor) or key == "step":
@@ -189,8 +191,8 @@ class AdamFamily(torch.optim.Optimizer):
                 if value.shape != p.shape:
                     raise ValueError(f"state {key!r} of param {saved_id} has shape {tuple(value.shape)}, "
                                      f"the param has {tuple(p.shape)}")
-                sharded_param = DTensor is not None and isinstance(p, DTensor)
-                if sharded_param != (DTensor is not None and isinstance(value, DTensor)):
+                sharded_param = is_dtensor(p)
+                if sharded_param != is_dtensor(value):
                     raise ValueError(
                         f"state {key!r} of param {saved_id} is {'not ' if sharded_param else ''}a DTensor "
                         f"but its param is{'' if sharded_param else ' not'}: load sharded (FSDP2) state "

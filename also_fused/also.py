@@ -228,7 +228,6 @@ class ALSO(AdamFamily):
             state[into] = p.clone(memory_format=torch.contiguous_format)
             p.copy_(state.pop(held))
         self._plans.clear()  # the cached plans hold the popped buffers
-        self._state_version += 1
 
     # --------------------------------------------------------------- checks
     def _as_ids(self, group_ids: Union[Tensor, Sequence[int]]) -> Tensor:
@@ -363,12 +362,11 @@ class ALSO(AdamFamily):
         group = self._reduce_group()
         if group is None:
             return ids, self._pi_losses(ids, losses)
-        world = dist.get_world_size(group)
         losses = losses.float()
-        if 4 * self.n_groups <= 12 * ids.numel() * world:
+        if self._dense_is_cheaper(ids.numel(), group):
             sums = F.scatter_group_losses(losses, ids, self.n_groups)
             if self.group_reduction == "mean":
-                counts = torch.zeros_like(sums).index_add_(0, ids, torch.ones_like(losses))
+                counts = F.group_counts(ids, self.n_groups)
                 both = torch.stack([sums, counts])
                 dist.all_reduce(both, group=group)
                 sums = both[0] / both[1].clamp_min(1.0)
@@ -377,6 +375,11 @@ class ALSO(AdamFamily):
             return None, sums
         ids, losses = self._gather_ragged([ids, losses], group)
         return ids, self._pi_losses(ids, losses)
+
+    def _dense_is_cheaper(self, n_samples: int, group: Any) -> bool:
+        """Whether an all-reduce of n_groups floats moves fewer bytes than all-gathering 12-byte
+        (id, loss) pairs of every rank."""
+        return 4 * self.n_groups <= 12 * n_samples * dist.get_world_size(group)
 
     @staticmethod
     def _gather_ragged(tensors: list[Tensor], group: Any) -> list[Tensor]:
@@ -405,15 +408,12 @@ class ALSO(AdamFamily):
         group = self._reduce_group()
         if group is None:
             return F.group_mean_sample_weights(pi, ids, self.n_groups)
-        world = dist.get_world_size(group)
-        ones = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
-        counts = torch.zeros(self.n_groups, dtype=torch.float32, device=ids.device)
-        if 4 * self.n_groups <= 12 * ids.numel() * world:
-            counts.index_add_(0, ids, ones)
+        if self._dense_is_cheaper(ids.numel(), group):
+            counts = F.group_counts(ids, self.n_groups)
             dist.all_reduce(counts, group=group)
         else:
-            all_ids, = self._gather_ragged([ids], group)
-            counts.index_add_(0, all_ids, torch.ones(all_ids.shape, dtype=torch.float32, device=ids.device))
+            counts = F.group_counts(self._gather_ragged([ids], group)[0], self.n_groups)
+        world = dist.get_world_size(group)
         pi = pi.detach().float()
         present_mass = (pi * (counts > 0)).sum()
         return pi[ids] / counts[ids] * (world / present_mass)

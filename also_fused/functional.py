@@ -71,11 +71,15 @@ def scatter_group_losses(losses: Tensor, group_ids: Tensor, n_groups: int) -> Te
     return sums
 
 
+def group_counts(group_ids: Tensor, n_groups: int) -> Tensor:
+    """C_j = number of samples of the batch in group j (float32 [n_groups]); no host sync."""
+    counts = torch.zeros(n_groups, dtype=torch.float32, device=group_ids.device)
+    return counts.index_add_(0, group_ids, torch.ones(group_ids.shape, dtype=torch.float32, device=group_ids.device))
+
+
 def group_counts_per_sample(group_ids: Tensor, n_groups: int) -> Tensor:
     """c_i = number of samples of the batch in group g_i (float32 [B]); dense count, no host sync."""
-    counts = torch.zeros(n_groups, dtype=torch.float32, device=group_ids.device)
-    counts.index_add_(0, group_ids, torch.ones(group_ids.shape, dtype=torch.float32, device=group_ids.device))
-    return counts[group_ids]
+    return group_counts(group_ids, n_groups)[group_ids]
 
 
 def group_mean_sample_weights(pi: Tensor, group_ids: Tensor, n_groups: int) -> Tensor:

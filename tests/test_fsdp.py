@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import also_fused
 from distributed_harness import ON_GPUS, WORLD, joined, run_ranks, same_on_all_ranks, save_rank
+from harness import assert_same
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 dcp = pytest.importorskip("torch.distributed.checkpoint")
@@ -184,22 +185,6 @@ def reference_run(case, device):
     return [p.detach().cpu() for p in model.parameters()], (opt.pi.cpu() if case["opt"] == "also" else None)
 
 
-def assert_states_equal(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if key == "also":
-            for name, value in a[key].items():
-                other = b[key][name]
-                if isinstance(value, torch.Tensor):
-                    assert torch.equal(value, other), name
-                else:
-                    assert value == other, name
-        elif isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_fsdp2_matches_single_process_and_resumes_bitwise(case):
@@ -218,7 +203,7 @@ def test_fsdp2_matches_single_process_and_resumes_bitwise(case):
         # the run restored from the checkpoint is the uninterrupted run, bit for bit
         for a, b in zip(r["resumed_params"], r["local_params"]):
             assert torch.equal(a, b)
-        assert_states_equal(r["resumed_state"], r["final_state"])
+        assert_same(r["resumed_state"], r["final_state"])
         if r["loop_optimistic"]:
             assert any(k.endswith(".optimistic_buffer") for k in r["final_state"])
             assert r["final_state"]["also"]["training"] is False
