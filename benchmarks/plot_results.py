@@ -47,6 +47,12 @@ def ordered(values):
     return list(OrderedDict.fromkeys(values))
 
 
+def impl_colors(records) -> list[str]:
+    """Bar colours: torch blue, the published optimizer grey, this package red."""
+    return ["tab:blue" if r["impl"].startswith("torch") else "tab:gray" if r["impl"].startswith("published")
+            else "tab:red" for r in records]
+
+
 def plot_theta(records, out: Path) -> None:
     workloads = ordered(r["workload"] for r in records)
     dtypes = ordered(r["dtype"] for r in records)
@@ -123,8 +129,7 @@ def plot_step(records, out: Path) -> None:
     base = next(r["median_ms"] for r in records if r["impl"] == "torch Adam fused")
     recs = records[::-1]
     fig, ax = plt.subplots(figsize=(11, 0.42 * len(recs) + 1.6))
-    colors = ["tab:blue" if r["impl"].startswith("torch") else "tab:gray" if r["impl"].startswith("published")
-              else "tab:red" for r in recs]
+    colors = impl_colors(recs)
     y = np.arange(len(recs))
     ax.barh(y, [r["median_ms"] for r in recs], color=colors)
     for yi, r in zip(y, recs):
@@ -148,8 +153,7 @@ def plot_cpu(records, out: Path) -> None:
     base = next(r["median_ms"] for r in records if r["impl"] == "torch Adam (foreach=False)")
     recs = records[::-1]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(recs) + 1.6))
-    colors = ["tab:blue" if r["impl"].startswith("torch") else "tab:gray" if r["impl"].startswith("published")
-              else "tab:red" for r in recs]
+    colors = impl_colors(recs)
     y = np.arange(len(recs))
     ratios = [r["median_ms"] / base for r in recs]
     ax.barh(y, ratios, color=colors)
