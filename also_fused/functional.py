@@ -191,7 +191,8 @@ def adam_update_reference(
     """One Adam-style update of many tensors: the reference twin of ``kernels.multi_tensor_adam_``.
 
     For tensor i with hyper-parameters ``hyper[hyper_rows[i]] = (lr, beta1, beta2, eps, wd)`` and
-    ``t = steps[i]`` (the step count of the LAST moment advance of this call):
+    ``steps[i]`` the step count before the call (advanced by one per moment advance below, and
+    written back when ``commit_state``):
       1. ``prior_grads``: the moments first advance with ``prior_scale * prior_grads`` from x;
       2. x1 = x + AdamStep(x, grad_scale * grad) is written to ``destinations``;
       3. ``extrapolate_to``: y = x1 + AdamStep(x1, extrapolation_scale * grad) is written there
@@ -208,7 +209,7 @@ def adam_update_reference(
                          decoupled=decoupled_weight_decay)
         apply_kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, eps_mode=eps_mode,
                         decoupled=decoupled_weight_decay)
-        t = float(steps[i]) - n_advances + 1
+        t = float(steps[i]) + 1
         grad, m, v = grads[i], exp_avgs[i], exp_avg_sqs[i]
         vmax = None if max_exp_avg_sqs is None else max_exp_avg_sqs[i]
         xf = x.float()
@@ -228,3 +229,5 @@ def adam_update_reference(
             _apply_step(x1, m, v if vmax is None else vmax, t + 1, extrapolate_to[i], **apply_kw)
         if save_grads_to is not None:  # last: it may alias prior_grads
             save_grads_to[i].copy_(grad)
+    if commit_state:
+        torch._foreach_add_(list(steps), float(n_advances))

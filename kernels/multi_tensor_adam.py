@@ -9,7 +9,7 @@ Per element, with d = grad_scale * grad (negated when maximize) and x the source
 instead of the L2 term). The launcher keeps the device tables (tensor addresses, per-program chunks) in
 a caller-owned dict, so that a call whose tensors did not move issues one kernel launch and nothing else.
 
-This module imports only torch and triton.
+This module imports only torch, triton and its siblings ``error_word`` and ``layout``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-__all__ = ["multi_tensor_adam_", "hyper_table", "KERNEL_CONFIG", "HYPER_COLS"]
+from .error_word import zero_word
+from .layout import dense_like
+
+__all__ = ["multi_tensor_adam_", "hyper_table", "hyper_rows_float64", "KERNEL_CONFIG", "HYPER_COLS"]
 
 HYPER_COLS = 10
 
@@ -36,9 +39,13 @@ def hyper_table(rows: Sequence[Sequence[float]], device: Any = "cpu") -> torch.T
     rounding beta to float32 first would move 1 - beta2 (and the bias correction) by about 1e-5
     relative for beta2 = 0.999, and 1 - lr*wd in float32 loses most digits of lr*wd.
     """
-    full = [(lr, b1, b2, eps, wd, 1.0 - b1, 1.0 - b2, math.log(b1) if b1 > 0 else -math.inf,
+    return torch.tensor(hyper_rows_float64(rows), dtype=torch.float32, device=device).reshape(len(rows), HYPER_COLS)
+
+
+def hyper_rows_float64(rows: Sequence[Sequence[float]]) -> List[tuple]:
+    """The rows of ``hyper_table`` as Python floats (float64), before rounding to float32."""
+    return [(lr, b1, b2, eps, wd, 1.0 - b1, 1.0 - b2, math.log(b1) if b1 > 0 else -math.inf,
              math.log(b2) if b2 > 0 else -math.inf, 1.0 - lr * wd) for lr, b1, b2, eps, wd in rows]
-    return torch.tensor(full, dtype=torch.float32, device=device).reshape(len(rows), HYPER_COLS)
 
 # Columns of the per-tensor metadata table (int64, one 128-byte row per tensor).
 _SRC, _DST, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _SAVE_SRC, _SAVE_GRAD, _EXTRAP, _STEP, _NUMEL, _HROW, _PRIOR = range(12)
@@ -177,7 +184,7 @@ def _param_ptr(row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexp
 
 @triton.jit
 def _multi_tensor_adam_kernel(
-    chunks_ptr, meta_ptr, grads_ptr, hyper_ptr, grad_scale, extrap_scale, prior_scale,
+    chunks_ptr, meta_ptr, grads_ptr, hyper_ptr, error_ptr, tickets_ptr, grad_scale, extrap_scale, prior_scale,
     PDTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, PVEC: tl.constexpr, META_COLS: tl.constexpr,
     EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
@@ -213,7 +220,8 @@ def _multi_tensor_adam_kernel(
     prior = grad
     if PRIOR:
         prior = _param_ptr(row, 11, PDTYPE, ALIGNED)
-    t = tl.load(tl.load(row + 8).to(tl.pointer_type(tl.float32)))
+    step_ptr = tl.load(row + 8).to(tl.pointer_type(tl.float32))
+    t_before = tl.load(step_ptr)
     numel = tl.load(row + 9)
     hyper = hyper_ptr + tl.load(row + 10) * HYPER_COLS
     lr = tl.load(hyper)
@@ -235,6 +243,8 @@ def _multi_tensor_adam_kernel(
         gscale_a = -gscale_a
         gscale_b = -gscale_b
         gscale_p = -gscale_p
+    # t of the last moment advance of this call: one per update, plus the prior's and the extrapolation's
+    t = t_before + (1 + PRIOR + EXTRAP)
     if EXTRAP:
         ss_a, ib_a = _step_scalars(lr, log_b1, log_b2, t - 1.0, EPS_TORCH, INTERPRET)
         ss_b, ib_b = _step_scalars(lr, log_b1, log_b2, t, EPS_TORCH, INTERPRET)
@@ -244,21 +254,41 @@ def _multi_tensor_adam_kernel(
         ib_b = ib_a
 
     end = tl.minimum(start + CHUNK, numel)
-    # Full blocks without a mask (a mask built from a run-time length blocks 16-byte accesses), then the tail.
-    for i in range(0, CHUNK // BLOCK):
-        off = start + i * BLOCK
-        if off + BLOCK <= end:
-            _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                        save_src + off, save_grad + off, extrap + off, prior + off, BLOCK,
-                        gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
-                        PDTYPE, BLOCK, PVEC, False, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
-                        PRIOR, COMMIT)
-        elif off < end:
-            _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                        save_src + off, save_grad + off, extrap + off, prior + off, (end - off).to(tl.int32),
-                        gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
-                        PDTYPE, BLOCK, PVEC, True, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
-                        PRIOR, COMMIT)
+    # A set error word (bad input found on the device) turns the update into a restore: the
+    # destination takes the source where they differ, nothing else is written.
+    rejected = tl.load(error_ptr) != 0
+    if rejected:
+        if tl.load(row) != tl.load(row + 1):  # source and destination addresses differ
+            for i in range(0, CHUNK // BLOCK):
+                offs = start + i * BLOCK + tl.arange(0, BLOCK)
+                tl.store(dst + offs, tl.load(src + offs, mask=offs < end), mask=offs < end)
+    else:
+        # Full blocks without a mask (a mask built from a run-time length blocks 16-byte accesses), then the tail.
+        for i in range(0, CHUNK // BLOCK):
+            off = start + i * BLOCK
+            if off + BLOCK <= end:
+                _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
+                            save_src + off, save_grad + off, extrap + off, prior + off, BLOCK,
+                            gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                            PDTYPE, BLOCK, PVEC, False, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
+                            PRIOR, COMMIT)
+            elif off < end:
+                _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
+                            save_src + off, save_grad + off, extrap + off, prior + off, (end - off).to(tl.int32),
+                            gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                            PDTYPE, BLOCK, PVEC, True, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
+                            PRIOR, COMMIT)
+        if COMMIT:
+            # The step count moves once every program of this tensor has read it: the program that
+            # draws the last ticket writes it and resets the ticket for the next launch.
+            n_chunks = tl.maximum(tl.cdiv(numel, CHUNK), 1)
+            last = n_chunks == 1
+            if not last:
+                last = tl.atomic_add(tickets_ptr + tid, 1) == n_chunks - 1
+            if last:
+                tl.store(step_ptr, t)
+                if n_chunks > 1:
+                    tl.atomic_xchg(tickets_ptr + tid, 0)
 
 
 _data_ptr = torch.Tensor.data_ptr
@@ -285,18 +315,18 @@ def _build_tables(lists: Dict[int, Sequence[torch.Tensor]], sources: Sequence[to
     numels = [t.numel() for t in sources]
     meta[:, _NUMEL] = torch.tensor(numels, dtype=torch.int64)
     meta[:, _HROW] = torch.tensor(list(hyper_rows), dtype=torch.int64)
-    counts = torch.tensor([(ne + chunk - 1) // chunk for ne in numels], dtype=torch.int64)
+    # an empty tensor still gets one program: it advances the step count
+    counts = torch.tensor([max(1, (ne + chunk - 1) // chunk) for ne in numels], dtype=torch.int64)
     total = int(counts.sum())
-    if total:
-        tid = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
-        first = torch.cumsum(counts, 0) - counts
-        within = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(first, counts)
-        chunks = (tid << 32) | within
-    else:
-        chunks = torch.zeros(0, dtype=torch.int64)
+    tid = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
+    first = torch.cumsum(counts, 0) - counts
+    within = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(first, counts)
+    chunks = (tid << 32) | within
     if device.type == "cuda":
         meta, chunks = meta.pin_memory(), chunks.pin_memory()
-    return meta.to(device, non_blocking=True), chunks.to(device, non_blocking=True), total
+    tickets = torch.zeros(n, dtype=torch.int32, device=device)
+    return meta.to(device, non_blocking=True), chunks.to(device, non_blocking=True), total, tickets
+
 
 
 def multi_tensor_adam_(
@@ -323,11 +353,16 @@ def multi_tensor_adam_(
     commit_state: bool = True,
     cache: Optional[Dict[str, Any]] = None,
     static_lists: bool = False,
+    error_word: Optional[torch.Tensor] = None,
 ) -> None:
     """Adam step for every tensor i in one kernel launch: destinations[i] = sources[i] + AdamStep.
 
     Hyper-parameters come from row ``hyper_rows[i]`` of ``hyper = hyper_table(rows)``; ``steps[i]``
-    is a 0-d float32 device tensor holding t (already incremented). ``eps_mode="also"`` adds eps to sqrt(v)
+    is a 0-d float32 device tensor holding the step count t0 before the call: the updates use
+    t0 + 1 (+1 for ``prior_grads``, +1 more for the extrapolation), and the kernel writes that count
+    back when ``commit_state`` (so a step needs no separate launch to advance it). ``error_word``
+    (0-d int32 on the device): where it is non-zero the call changes nothing but copying each source to
+    its destination when they differ (a rejected step leaves the params at x). ``eps_mode="also"`` adds eps to sqrt(v)
     before the bias correction, ``"torch"`` after it (torch.optim.Adam). With ``extrapolate_to`` two steps
     run: destinations <- x1 = x + AdamStep(x, grad_scale*g; t-1), extrapolate_to <- x1 + AdamStep(x1,
     extrapolation_scale*g; t). ``save_sources_to`` / ``save_grads_to`` receive copies of x / the raw grad.
@@ -381,30 +416,41 @@ def multi_tensor_adam_(
                 if t.device != device:
                     raise ValueError("all tensors must be on one device")
         for t in chain(sources, destinations, grads, *(lists.get(c, ()) for c in (_SAVE_SRC, _SAVE_GRAD, _EXTRAP, _PRIOR))):
-            if t.dtype != dtype or not t.is_contiguous():
-                raise ValueError("parameter-like tensors must share one dtype and be contiguous")
-        meta, chunks, total = _build_tables(lists, sources, hyper_rows, chunk, device)
+            if t.dtype != dtype:
+                raise ValueError("parameter-like tensors must share one dtype")
+        for col, lst in chain(lists.items(), ((None, grads),)):
+            if col == _STEP:
+                continue
+            for t, src in zip(lst, sources):
+                if not dense_like(t, src):
+                    raise ValueError("every tensor must be dense in the layout of its source (contiguous, or "
+                                     "channels_last with the same strides): the update runs over flat storage")
+        meta, chunks, total, tickets = _build_tables(lists, sources, hyper_rows, chunk, device)
         cache.clear()
-        cache.update(key=key, meta=meta, chunks=chunks, total=total, aligned=(_or_all(ptrs) & 15) == 0,
-                     grad_ptrs=None, grad_table=None, grad_aligned=False, lists=(list(lists.values()), hyper_rows))
-    if cache["total"] == 0:
-        return
+        cache.update(key=key, meta=meta, chunks=chunks, total=total, tickets=tickets,
+                     aligned=(_or_all(ptrs) & 15) == 0, grad_ptrs=None, grad_table=None, grad_aligned=False,
+                     lists=(list(lists.values()), hyper_rows), constexprs=None)
 
     grad_ptrs = tuple(map(_data_ptr, grads))
     if grad_ptrs != cache["grad_ptrs"]:
         cache["grad_table"] = _to_device_async(list(grad_ptrs), device)
         cache["grad_ptrs"] = grad_ptrs
         cache["grad_aligned"] = (_or_all(grad_ptrs) & 15) == 0
+        cache["constexprs"] = None
 
+    flags = (eps_mode, bool(decoupled_weight_decay), bool(maximize), bool(commit_state))
+    constexprs = cache["constexprs"]
+    if constexprs is None or constexprs[0] != flags:
+        constexprs = cache["constexprs"] = (flags, dict(
+            PDTYPE=_TL_DTYPES[dtype], BLOCK=block, CHUNK=chunk, PVEC=pvec, META_COLS=_META_COLS,
+            EPS_TORCH=eps_mode == "torch", DECOUPLED=flags[1], AMSGRAD=max_exp_avg_sqs is not None,
+            MAXIMIZE=flags[2], SAVE_SRC=save_sources_to is not None, SAVE_GRAD=save_grads_to is not None,
+            EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=flags[3],
+            HYPER_COLS=HYPER_COLS, ALIGNED=cache["aligned"] and cache["grad_aligned"],
+            INTERPRET=device.type != "cuda", num_warps=num_warps,
+            # torch.optim rounds every elementwise op; without contraction the drop-ins follow it closely
+            enable_fp_fusion=eps_mode != "torch"))
     _multi_tensor_adam_kernel[(cache["total"],)](
-        cache["chunks"], cache["meta"], cache["grad_table"], hyper, float(grad_scale), float(extrapolation_scale),
-        float(prior_scale),
-        PDTYPE=_TL_DTYPES[dtype], BLOCK=block, CHUNK=chunk, PVEC=pvec, META_COLS=_META_COLS,
-        EPS_TORCH=eps_mode == "torch", DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=max_exp_avg_sqs is not None,
-        MAXIMIZE=bool(maximize), SAVE_SRC=save_sources_to is not None, SAVE_GRAD=save_grads_to is not None,
-        EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=bool(commit_state),
-        HYPER_COLS=HYPER_COLS, ALIGNED=cache["aligned"] and cache["grad_aligned"],
-        INTERPRET=device.type != "cuda", num_warps=num_warps,
-        # torch.optim rounds every elementwise op; without contraction the drop-ins follow it closely
-        enable_fp_fusion=eps_mode != "torch",
-    )
+        cache["chunks"], cache["meta"], cache["grad_table"], hyper,
+        zero_word(device) if error_word is None else error_word, cache["tickets"],
+        float(grad_scale), float(extrapolation_scale), float(prior_scale), **constexprs[1])

@@ -108,8 +108,6 @@ def _check_step(out_x, snap_x, ref_x, dtype, what):
 def _run_and_check(pb, grads, *, eps_mode, decoupled, maximize, grad_scale, cache=None, n_steps=1):
     amsgrad = pb.vmax is not None
     for _ in range(n_steps):
-        for s in pb.steps:
-            s += 1
         snap = pb.snapshot()
         g64 = [g.double().cpu() for g in grads]
         multi_tensor_adam_(pb.params, grads, pb.m, pb.v, pb.steps, pb.dst, pb.hyper, pb.rows,
@@ -118,8 +116,9 @@ def _run_and_check(pb, grads, *, eps_mode, decoupled, maximize, grad_scale, cach
         for i in range(len(pb.params)):
             d = g64[i] * grad_scale * (-1 if maximize else 1)
             vmax0 = snap["vmax"][i] if amsgrad else None
-            rx, rm, rv, rvmax = ref_adam(snap["x"][i], d, snap["m"][i], snap["v"][i], vmax0, snap["t"][i],
+            rx, rm, rv, rvmax = ref_adam(snap["x"][i], d, snap["m"][i], snap["v"][i], vmax0, snap["t"][i] + 1,
                                          snap["h"][pb.rows[i]], eps_mode, decoupled, amsgrad)
+            assert float(pb.steps[i]) == snap["t"][i] + 1, "the kernel advances each step count once"
             _check_step(pb.dst[i], snap["x"][i], rx, pb.dtype, f"x[{i}]")
             _assert_close(pb.m[i], rm, 1e-6, 1e-6, f"m[{i}]")
             _assert_close(pb.v[i], rv, 1e-6, 1e-12, f"v[{i}]")
@@ -165,8 +164,6 @@ def test_free_running_trajectory_fp32():
     h = pb.hyper.double().cpu()
     cache = {}
     for _ in range(10):
-        for s in pb.steps:
-            s += 1
         grads = pb.new_grads()
         multi_tensor_adam_(pb.params, grads, pb.m, pb.v, pb.steps, pb.params, pb.hyper, pb.rows,
                            max_exp_avg_sqs=pb.vmax, cache=cache)
@@ -190,7 +187,7 @@ def test_bias_correction_precision(eps_mode):
         grads = [torch.tensor([1.0, -2.0, 0.5], device=DEVICE) for _ in ts]
         m = [torch.zeros(3, device=DEVICE) for _ in ts]
         v = [torch.zeros(3, device=DEVICE) for _ in ts]
-        steps = [torch.tensor(t, device=DEVICE) for t in ts]
+        steps = [torch.tensor(t - 1, device=DEVICE) for t in ts]  # the counts before the step
         multi_tensor_adam_(params, grads, m, v, steps, params, hyper, [row] * len(ts), eps_mode=eps_mode)
         for p, t in zip(params, ts):
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
@@ -216,11 +213,12 @@ def test_extrapolate_two_steps(dtype, eps_mode, amsgrad):
         t = snap["t"][i]
         vm = snap["vmax"][i] if amsgrad else None
         h = snap["h"][pb.rows[i]]
-        x1, m, v, vm = ref_adam(snap["x"][i], gs * g, snap["m"][i], snap["v"][i], vm, t - 1, h, eps_mode, False,
+        x1, m, v, vm = ref_adam(snap["x"][i], gs * g, snap["m"][i], snap["v"][i], vm, t + 1, h, eps_mode, False,
                                 amsgrad)
         _check_step(pb.dst[i], snap["x"][i], x1, dtype, f"x1[{i}]")
         x1_stored = pb.dst[i].double().cpu()  # the second step starts from the stored iterate
-        y, m, v, vm = ref_adam(x1_stored, es * g, m, v, vm, t, h, eps_mode, False, amsgrad)
+        y, m, v, vm = ref_adam(x1_stored, es * g, m, v, vm, t + 2, h, eps_mode, False, amsgrad)
+        assert float(pb.steps[i]) == t + 2
         _check_step(ext[i], x1_stored, y, dtype, f"y[{i}]")
         _assert_close(pb.m[i], m, 1e-6, 1e-6, f"m[{i}]")
         _assert_close(pb.v[i], v, 1e-6, 1e-12, f"v[{i}]")
@@ -235,13 +233,10 @@ def test_extrapolate_equals_two_calls_fp32():
     grads = a.new_grads()
     ext = [torch.full_like(p, float("nan")) for p in a.params]
     multi_tensor_adam_(a.params, grads, a.m, a.v, a.steps, a.dst, a.hyper, a.rows, extrapolate_to=ext)
-    for s in b.steps:
-        s -= 1
     multi_tensor_adam_(b.params, grads, b.m, b.v, b.steps, b.params, b.hyper, b.rows)
     x1 = [p.clone() for p in b.params]
-    for s in b.steps:
-        s += 1
     multi_tensor_adam_(b.params, grads, b.m, b.v, b.steps, b.params, b.hyper, b.rows)
+    assert [float(t) for t in a.steps] == [float(t) for t in b.steps]
     for i in range(len(SIZES)):
         torch.testing.assert_close(a.dst[i], x1[i], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(ext[i], b.params[i], rtol=1e-6, atol=1e-7)
@@ -263,7 +258,7 @@ def test_save_sources_and_grads(dtype):
         assert torch.equal(saved_x[i], pb.params[i])
         assert torch.equal(saved_g[i], grads[i])  # raw gradient: before grad_scale and maximize
         d = -0.25 * grads[i].double().cpu()
-        rx, _, _, _ = ref_adam(snap["x"][i], d, snap["m"][i], snap["v"][i], None, snap["t"][i],
+        rx, _, _, _ = ref_adam(snap["x"][i], d, snap["m"][i], snap["v"][i], None, snap["t"][i] + 1,
                                snap["h"][pb.rows[i]], "also", False, False)
         _check_step(pb.dst[i], snap["x"][i], rx, dtype, f"x[{i}]")
 
@@ -291,8 +286,6 @@ def test_torch_mode_matches_torch_optim(decoupled, amsgrad, maximize, wd):
         for p, g in zip(ref, grads):
             p.grad = g.clone()
         opt.step()
-        for s in steps:
-            s += 1
         multi_tensor_adam_(params, grads, m, v, steps, params, hyper, [0] * len(params), max_exp_avg_sqs=vmax,
                            eps_mode="torch", decoupled_weight_decay=decoupled, maximize=maximize, cache=cache)
     for p, r, p0 in zip(params, ref, init):
@@ -350,7 +343,7 @@ def test_empty_and_zero_sized():
     step = [torch.ones((), device=DEVICE)]
     cache = {}
     multi_tensor_adam_(z[:1], z[1:2], z[2:3], z[3:4], step, z[:1], hyper, [0], cache=cache)
-    assert cache["total"] == 0
+    assert cache["total"] == 1 and float(step[0]) == 2.0  # one program, which advances the step count
     with pytest.raises(ValueError):
         multi_tensor_adam_(z[:2], z[1:2], z[2:3], z[3:4], step, z[:1], hyper, [0])
     with pytest.raises(ValueError):
@@ -369,7 +362,7 @@ def test_cuda_graph_capture_matches_eager():
         multi_tensor_adam_(pb.params, grads, pb.m, pb.v, pb.steps, pb.params, pb.hyper, pb.rows,
                            max_exp_avg_sqs=pb.vmax, extrapolate_to=ext, save_grads_to=saved, cache=cache)
 
-    state = lambda: [t.clone() for t in pb.params + pb.m + pb.v + pb.vmax]  # noqa: E731
+    state = lambda: [t.clone() for t in pb.params + pb.m + pb.v + pb.vmax + pb.steps]  # noqa: E731
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -380,12 +373,12 @@ def test_cuda_graph_capture_matches_eager():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
-    for t, b in zip(pb.params + pb.m + pb.v + pb.vmax, before):
+    for t, b in zip(pb.params + pb.m + pb.v + pb.vmax + pb.steps, before):
         t.copy_(b)
     graph.replay()
     torch.cuda.synchronize()
     replayed, ext_r = state(), [e.clone() for e in ext]
-    for t, b in zip(pb.params + pb.m + pb.v + pb.vmax, before):
+    for t, b in zip(pb.params + pb.m + pb.v + pb.vmax + pb.steps, before):
         t.copy_(b)
     call()
     torch.cuda.synchronize()
@@ -407,7 +400,7 @@ def test_tensor_over_2_pow_31_elements():
     m = torch.zeros(n, device=DEVICE)
     v = torch.zeros(n, device=DEVICE)
     hyper = _hyper([(0.25, 0.9, 0.999, 1e-8, 0.0)])
-    multi_tensor_adam_([x], [g], [m], [v], [torch.ones((), device=DEVICE)], [x], hyper, [0])
+    multi_tensor_adam_([x], [g], [m], [v], [torch.zeros((), device=DEVICE)], [x], hyper, [0])
     # first step: x - lr * sign(g) (up to eps); the last elements sit beyond 2**31
     expect = 1 - 0.25 * torch.sign(g[-4101:].float())
     torch.testing.assert_close(x[-4101:].float(), expect, rtol=0, atol=1e-3)
@@ -432,13 +425,13 @@ def test_uncommitted_then_prior_equals_two_committed_steps(amsgrad):
     hyper = _hyper(HYPER_ROWS)
     alpha, t0 = 0.5, 4.0
     snap_m, snap_v = [m.clone() for m in ms], [v.clone() for v in vs]
-    steps = [torch.tensor(t0 + 1, device=DEVICE) for _ in sizes]
+    steps = [torch.tensor(t0, device=DEVICE) for _ in sizes]
     y = [torch.full_like(x, float("nan")) for x in xs]
     saved = [torch.full_like(x, float("nan")) for x in xs]
     multi_tensor_adam_(xs, prev, ms, vs, steps, y, hyper, rows, max_exp_avg_sqs=vmaxs, grad_scale=alpha,
                        save_sources_to=saved, commit_state=False)
     for i in range(len(sizes)):
-        assert torch.equal(ms[i], snap_m[i]) and torch.equal(vs[i], snap_v[i])
+        assert torch.equal(ms[i], snap_m[i]) and torch.equal(vs[i], snap_v[i]) and float(steps[i]) == t0
         assert torch.equal(saved[i], xs[i])
         ref_y, *_ = ref_adam(xs[i].double().cpu(), alpha * prev[i].double().cpu(), ms[i].double().cpu(),
                              vs[i].double().cpu(), None if vmaxs is None else vmaxs[i].double().cpu(), t0 + 1, HYPER_ROWS[rows[i]], "also",
@@ -446,7 +439,6 @@ def test_uncommitted_then_prior_equals_two_committed_steps(amsgrad):
         _assert_close(y[i], ref_y, 1e-5, 1e-7, "extrapolated point")
     prev_buf = [p.clone() for p in prev]  # save_grads_to aliases prior_grads, as in the optimizer
     out = [torch.full_like(x, float("nan")) for x in xs]
-    steps = [torch.tensor(t0 + 2, device=DEVICE) for _ in sizes]
     vmax_before = None if vmaxs is None else [v.clone() for v in vmaxs]
     multi_tensor_adam_(saved, new, ms, vs, steps, out, hyper, rows, max_exp_avg_sqs=vmaxs, prior_grads=prev_buf,
                        prior_scale=alpha, save_grads_to=prev_buf)
@@ -460,4 +452,32 @@ def test_uncommitted_then_prior_equals_two_committed_steps(amsgrad):
         _assert_close(out[i], ref_x, 1e-5, 1e-7, "main step")
         _assert_close(ms[i], m2, 1e-5, 2e-7, "m")
         _assert_close(vs[i], v2, 1e-5, 1e-8, "v")
-        assert torch.equal(prev_buf[i], new[i])
+        assert torch.equal(prev_buf[i], new[i]) and float(steps[i]) == t0 + 2
+
+
+@pytest.mark.parametrize("separate_dst", [False, True])
+def test_set_error_word_changes_nothing_but_restoring_the_params(separate_dst):
+    """A rejected step: moments, step counts, saved gradients and the extrapolation stay as they were;
+    a destination apart from its source takes the source (the params go back to x)."""
+    pb = Problem(SIZES, torch.float32, HYPER_ROWS, amsgrad=True, separate_dst=separate_dst, seed=31)
+    grads = pb.new_grads()
+    ext = [torch.full_like(p, 7.0) for p in pb.params]
+    saved_g = [torch.full_like(p, 5.0) for p in pb.params]
+    snap = pb.snapshot()
+    word = torch.tensor(2, dtype=torch.int32, device=DEVICE)
+    cache = {}
+    multi_tensor_adam_(pb.params, grads, pb.m, pb.v, pb.steps, pb.dst, pb.hyper, pb.rows, max_exp_avg_sqs=pb.vmax,
+                       extrapolate_to=ext, save_grads_to=saved_g, error_word=word, cache=cache)
+    after = pb.snapshot()
+    for key in ("x", "m", "v", "vmax"):
+        for a, b in zip(after[key], snap[key]):
+            assert torch.equal(a, b), key
+    assert after["t"] == snap["t"]
+    for i in range(len(SIZES)):
+        assert torch.equal(pb.dst[i], pb.params[i])
+        assert ext[i].eq(7.0).all() and saved_g[i].eq(5.0).all()
+    word.zero_()  # the same call, accepted now, advances everything once
+    multi_tensor_adam_(pb.params, grads, pb.m, pb.v, pb.steps, pb.dst, pb.hyper, pb.rows, max_exp_avg_sqs=pb.vmax,
+                       extrapolate_to=ext, save_grads_to=saved_g, error_word=word, cache=cache)
+    assert [float(t) for t in pb.steps] == [t + 2 for t in snap["t"]]
+    assert all(torch.equal(g, s) for g, s in zip(grads, saved_g))

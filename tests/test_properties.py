@@ -242,15 +242,20 @@ def test_multi_tensor_adam_matches_reference(data):
         snap = {k: [f64(t) for t in kern[k]] if kern[k] is not None else None for k in ("x", "m", "v", "vmax", "prior")}
         g64 = [f64(g) for g in grads]
 
-        F.adam_update_reference(ref["x"], grads, ref["m"], ref["v"], steps, ref["dst"], rows, hrows,
+        # both paths advance the counts they are given (when committing): the reference gets copies
+        t_before = [float(s) for s in steps]
+        ref_steps = [s.clone() for s in steps]
+        F.adam_update_reference(ref["x"], grads, ref["m"], ref["v"], ref_steps, ref["dst"], rows, hrows,
                                 **lists(ref), **flags)
         multi_tensor_adam_(kern["x"], grads, kern["m"], kern["v"], steps, kern["dst"], table, hrows,
                            **lists(kern), **flags, cache=cache, static_lists=static)
+        advanced = n_adv if flags["commit_state"] else 0
+        assert [float(s) for s in steps] == [float(s) for s in ref_steps] == [t + advanced for t in t_before]
 
         y_half = half = None
         if extrap:
-            # The reference re-run as its two halves: the main update with t - 1 (that is how
-            # adam_update_reference counts t), then the extrapolation from the KERNEL's stored x1,
+            # The reference re-run as its two halves: the main update (from the counts before the
+            # call), then the extrapolation (from one count more) from the KERNEL's stored x1,
             # so that y is compared from the same rounded input; its moments then match the
             # kernel's final ones as well.
             half = dict(m=[s.to(DEVICE, torch.float32) for s in snap["m"]],
@@ -258,21 +263,22 @@ def test_multi_tensor_adam_matches_reference(data):
                         vmax=[s.to(DEVICE, torch.float32) for s in snap["vmax"]] if amsgrad else None)
             main_flags = {k: v for k, v in flags.items() if k != "extrapolation_scale"}
             x_tmp = [s.to(DEVICE, dtype) for s in snap["x"]]
-            F.adam_update_reference(x_tmp, grads, half["m"], half["v"], [s - 1 for s in steps],
+            F.adam_update_reference(x_tmp, grads, half["m"], half["v"], [torch.tensor(t) for t in t_before],
                                     [torch.empty_like(t) for t in x_tmp], rows, hrows, max_exp_avg_sqs=half["vmax"],
                                     prior_grads=[s.to(DEVICE, dtype) for s in snap["prior"]] if prior else None,
                                     **main_flags)
             second = {k: v for k, v in flags.items() if k not in ("extrapolation_scale", "prior_scale")}
             second["grad_scale"] = flags["extrapolation_scale"]
             y_half = [torch.empty_like(t) for t in x_tmp]
-            F.adam_update_reference([t.clone() for t in kern["dst"]], grads, half["m"], half["v"], steps, y_half,
+            F.adam_update_reference([t.clone() for t in kern["dst"]], grads, half["m"], half["v"],
+                                    [torch.tensor(t + n_adv - 1) for t in t_before], y_half,
                                     rows, hrows, max_exp_avg_sqs=half["vmax"], **second)
 
         tflags = dict(flags, amsgrad=amsgrad)
         sign = -1.0 if flags["maximize"] else 1.0
         for i in range(nt):
             row = rows[hrows[i]]
-            t = float(steps[i])
+            t = t_before[i] + n_adv  # the count of the last moment advance
             x0 = snap["x"][i]
             adv = []
             if prior:

@@ -1,0 +1,24 @@
+"""The device error word: bad input found by a kernel, kept on the device until the host can read it.
+
+Kernels that read a batch OR these bits into a 0-d int32 word; the update kernels read the word and
+write nothing (beyond restoring params) while it is non-zero. A word that stays zero is shared per
+device for calls that check nothing.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+ID_OUT_OF_RANGE = 1
+NON_FINITE_LOSS = 2
+
+_ZERO_WORDS: Dict[torch.device, torch.Tensor] = {}
+
+
+def zero_word(device: torch.device) -> torch.Tensor:
+    """A word no kernel ever sets, for calls without checks."""
+    word = _ZERO_WORDS.get(device)
+    if word is None:
+        word = _ZERO_WORDS[device] = torch.zeros((), dtype=torch.int32, device=device)
+    return word

@@ -1,0 +1,14 @@
+"""Which tensors an elementwise kernel may treat as flat storage together (imports only torch)."""
+from __future__ import annotations
+
+import torch
+
+
+def dense_like(t: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether ``t`` covers its storage densely in the same element order as ``like``: both contiguous,
+    or equal strides in a dense layout (channels_last). An elementwise update may then run over the
+    flat storage of both."""
+    if t.is_contiguous() and like.is_contiguous():
+        return True
+    return t.stride() == like.stride() and (t.is_contiguous(memory_format=torch.channels_last)
+                                            or t.is_contiguous(memory_format=torch.channels_last_3d))
