@@ -36,6 +36,7 @@ import triton.language as tl
 
 
 from ._interpreter import enable_interpreter_compat
+from .error_word import zero_word
 
 enable_interpreter_compat()
 
@@ -72,12 +73,13 @@ def _log_f64(z):
 
 
 @triton.jit
-def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, n, B,
+def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, err_ptr, n, B,
                      a, c, lr, eps,
                      HAS_REG: tl.constexpr, SECOND: tl.constexpr, NPAD: tl.constexpr,
                      BK: tl.constexpr):
     j = tl.arange(0, NPAD)
     jm = j < n
+    keep = tl.load(err_ptr) == 0  # a set error word: the step was rejected, nothing is written
     s = tl.zeros([NPAD], dtype=tl.float32)
     for k0 in range(0, B, BK):
         k = k0 + tl.arange(0, BK)
@@ -96,14 +98,14 @@ def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, n, B
     y = tl.where(jm, (x + lr * s) * a, float("-inf"))
     e = tl.where(jm, tl.exp(y - tl.max(y, axis=0)), 0.0)
     o = e / tl.sum(e, axis=0)
-    tl.store(out_ptr + j, o, mask=jm)
+    tl.store(out_ptr + j, o, mask=jm & keep)
     if SECOND:
         x2 = tl.log(o + eps)
         if HAS_REG:
             x2 = x2 + c * r
         y2 = tl.where(jm, (x2 + lr * s) * a, float("-inf"))
         e2 = tl.where(jm, tl.exp(y2 - tl.max(y2, axis=0)), 0.0)
-        tl.store(out2_ptr + j, e2 / tl.sum(e2, axis=0), mask=jm)
+        tl.store(out2_ptr + j, e2 / tl.sum(e2, axis=0), mask=jm & keep)
 
 
 @triton.jit
@@ -209,12 +211,13 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, n, B, P,
 
 
 @triton.jit
-def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, n, B, P, Q, range_len,
+def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, n, B, P, Q, range_len,
                      a, c, lr, eps,
                      HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, CLEAR: tl.constexpr,
                      BLOCK: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
     pid = tl.program_id(0)
     own_base = ws_ptr + 2 * P
+    keep = tl.load(err_ptr) == 0  # a set error word: the step was rejected, pi is not written
     # Reference M: max of the range maxima and (sparse) of the owners' true logits.
     mv = tl.full([PB], float("-inf"), dtype=tl.float32)
     for k0 in range(0, P, PB):
@@ -268,7 +271,7 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, n, B, P, Q, range_
         if DENSE_S:
             sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
         y = _logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S)
-        tl.store(out_ptr + idx, tl.exp((y - M) - shift) * inv_z, mask=msk)
+        tl.store(out_ptr + idx, tl.exp((y - M) - shift) * inv_z, mask=msk & keep)
     if (not DENSE_S) or CLEAR:
         # Entries stored above by other threads of this program are overwritten (sparse) or
         # read (the loss sums being cleared) below.
@@ -283,7 +286,7 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, n, B, P, Q, range_
                 tl.store(s_ptr + g, tl.zeros([SB], dtype=tl.float32), mask=mine)
             else:
                 y = tl.load(own_base + 3 * B + i, mask=mine, other=0.0).to(tl.float32)
-                tl.store(out_ptr + g, tl.exp((y - M) - shift) * inv_z, mask=mine)
+                tl.store(out_ptr + g, tl.exp((y - M) - shift) * inv_z, mask=mine & keep)
 
 
 _SM_COUNT: dict = {}
@@ -346,14 +349,15 @@ def _check(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor,
 def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *,
               pi_lr: float, pi_decay: float, temperature: float, eps: float,
               log_pi_reg: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-              second_out: Optional[torch.Tensor] = None,
+              second_out: Optional[torch.Tensor] = None, error_word: Optional[torch.Tensor] = None,
               _path: Optional[str] = None) -> torch.Tensor:
     """out = softmax(z / T), z_j = (log(pi_j + eps) + c log pi_reg_j + pi_lr S_j) / (1 + c).
 
     S_j is the sum of the losses of the samples with id j, c = pi_decay * pi_lr.  ``log_pi_reg=None``
     means a uniform pi_reg (its term cancels).  ``out`` may be ``pi`` (in place).  With
     ``second_out``, PiUpdate(out, G) with the same G is written there as well.  Ids outside
-    [0, n_groups) are ignored.  Returns ``out``.  ``_path`` ("sparse" / "dense") forces a
+    [0, n_groups) are ignored.  While ``error_word`` (0-d int32 on the device) is non-zero nothing is
+    written.  Returns ``out``.  ``_path`` ("sparse" / "dense") forces a
     large-n_groups variant (tests).
     """
     group_ids = group_ids.contiguous()
@@ -373,12 +377,13 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
     lpr = log_pi_reg if has_reg else pi
     second = second_out is not None
     on_cpu = pi.device.type != "cuda"
+    err = zero_word(pi.device) if error_word is None else error_word
 
     if n <= SMALL_MAX:
         npad = max(16, triton.next_power_of_2(n))
         bk = max(16, 8192 // npad)
         _pi_small_kernel[(1,)](pi, lpr, group_ids, losses, out,
-                               second_out if second else out, n, B, a, c, lr, eps,
+                               second_out if second else out, err, n, B, a, c, lr, eps,
                                HAS_REG=has_reg, SECOND=second, NPAD=npad, BK=bk,
                                num_warps=4 if npad <= 64 else 8)
         return out
@@ -409,7 +414,7 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
                                   num_warps=8)
 
     def write(src: torch.Tensor, dst: torch.Tensor, clear: bool) -> None:
-        _pi_write_kernel[(P,)](src, lpr, sbuf, dst, ws, n, B, P, Q, range_len, *scal,
+        _pi_write_kernel[(P,)](src, lpr, sbuf, dst, ws, err, n, B, P, Q, range_len, *scal,
                                HAS_REG=has_reg, DENSE_S=dense_s, CLEAR=clear, BLOCK=block,
                                PB=pb, SB=_SCAN, num_warps=8)
 

@@ -10,7 +10,7 @@ order, so the result does not depend on scheduling.  Each backward is one elemen
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -48,19 +48,57 @@ def _finish_sum(acc, scale, out_ptr, part_ptr, cnt_ptr, SINGLE: tl.constexpr, PB
 
 
 @triton.jit
-def _weighted_fwd_kernel(pi_ptr, ids_ptr, loss_ptr, out_ptr, part_ptr, cnt_ptr, n, B, chunk,
-                         scale, SINGLE: tl.constexpr, BLOCK: tl.constexpr, PB: tl.constexpr):
+def _bad_bits(m, ok, x):
+    # per sample: ID_OUT_OF_RANGE (1) where its id is outside [0, n), NON_FINITE_LOSS (2) where its loss is NaN or inf
+    ids_bad = tl.where(m, tl.where(ok, 0, 1), 0)
+    losses_bad = tl.where(m & ((x != x) | (tl.abs(x) == float("inf"))), 2, 0)
+    return ids_bad | losses_bad
+
+
+@triton.jit
+def _or_reduce(bad):
+    return tl.max(bad & 1, axis=0) | tl.max(bad & 2, axis=0)
+
+
+@triton.jit
+def _weighted_fwd_kernel(pi_ptr, ids_ptr, loss_ptr, out_ptr, part_ptr, cnt_ptr, err_ptr, n, B, chunk,
+                         scale, SINGLE: tl.constexpr, BLOCK: tl.constexpr, PB: tl.constexpr,
+                         CHECK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * chunk
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
     for off in range(0, chunk, BLOCK):
         i = start + off + tl.arange(0, BLOCK)
         m = i < B
         g = tl.load(ids_ptr + i, mask=m, other=-1)
         ok = m & (g >= 0) & (g < n)
         w = tl.load(pi_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(loss_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        acc += w * x
+        x = tl.load(loss_ptr + i, mask=m, other=0.0).to(tl.float32)
+        acc += tl.where(ok, w * x, 0.0)
+        if CHECK:
+            bad = bad | _bad_bits(m, ok, x)
+    if CHECK:
+        bits = _or_reduce(bad)
+        if bits != 0:
+            tl.atomic_or(err_ptr, bits)
     _finish_sum(acc, scale, out_ptr, part_ptr, cnt_ptr, SINGLE, PB)
+
+
+@triton.jit
+def _check_batch_kernel(ids_ptr, loss_ptr, err_ptr, n, B, HAS_IDS: tl.constexpr, HAS_LOSSES: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < B
+    ok = m
+    x = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_IDS:
+        g = tl.load(ids_ptr + i, mask=m, other=0)
+        ok = m & (g >= 0) & (g < n)
+    if HAS_LOSSES:
+        x = tl.load(loss_ptr + i, mask=m, other=0.0).to(tl.float32)
+    bits = _or_reduce(_bad_bits(m, ok, x))
+    if bits != 0:
+        tl.atomic_or(err_ptr, bits)
 
 
 @triton.jit
@@ -132,15 +170,16 @@ def _check_losses(losses: torch.Tensor) -> None:
 class _WeightedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor,
-                loss_scale: float, chunk: int) -> torch.Tensor:
+                loss_scale: float, chunk: int, error_word: Optional[torch.Tensor]) -> torch.Tensor:
         B = losses.shape[0]
         out = torch.empty((), dtype=torch.float32, device=losses.device)
         nprog, ch, single, pb = _reduce_grid(B, chunk)
         part = out if single else torch.empty(nprog, dtype=torch.float32, device=losses.device)
         cnt = out if single else _counter(losses.device)
-        _weighted_fwd_kernel[(nprog,)](pi, group_ids, losses, out, part, cnt, pi.shape[0], B, ch,
-                                       float(loss_scale), SINGLE=single, BLOCK=_BLOCK, PB=pb,
-                                       num_warps=4)
+        check = error_word is not None
+        _weighted_fwd_kernel[(nprog,)](pi, group_ids, losses, out, part, cnt, error_word if check else out,
+                                       pi.shape[0], B, ch, float(loss_scale), SINGLE=single, BLOCK=_BLOCK,
+                                       PB=pb, CHECK=check, num_warps=4)
         ctx.save_for_backward(pi, group_ids)
         ctx.loss_scale = float(loss_scale)
         ctx.loss_dtype = losses.dtype
@@ -155,14 +194,29 @@ class _WeightedLoss(torch.autograd.Function):
             _weighted_bwd_kernel[(triton.cdiv(B, _BLOCK),)](
                 pi, group_ids, grad_out.contiguous().to(torch.float32), grad, pi.shape[0], B,
                 ctx.loss_scale, BLOCK=_BLOCK, num_warps=4)
-        return None, None, grad, None, None
+        return None, None, grad, None, None, None
+
+
+def flag_bad_batch_(error_word: torch.Tensor, n_groups: int, group_ids: Optional[torch.Tensor] = None,
+                    losses: Optional[torch.Tensor] = None) -> None:
+    """OR into ``error_word`` ID_OUT_OF_RANGE if an id lies outside [0, n_groups) and NON_FINITE_LOSS if a
+    loss is NaN or inf (either input may be omitted); no host sync."""
+    ref = group_ids if group_ids is not None else losses
+    B = ref.shape[0]
+    if B == 0:
+        return
+    _check_batch_kernel[(triton.cdiv(B, _BLOCK),)](
+        group_ids if group_ids is not None else ref, losses if losses is not None else ref, error_word,
+        n_groups, B, HAS_IDS=group_ids is not None, HAS_LOSSES=losses is not None, BLOCK=_BLOCK, num_warps=4)
 
 
 def weighted_loss(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor,
-                  loss_scale: float, *, _chunk: int = _CHUNK) -> torch.Tensor:
+                  loss_scale: float, *, error_word: Optional[torch.Tensor] = None,
+                  _chunk: int = _CHUNK) -> torch.Tensor:
     """loss_scale * sum_i pi[g_i] * l_i as a 0-dim float32 tensor; gradient flows into losses only.
 
-    Ids outside [0, len(pi)) contribute 0 and get gradient 0.
+    Ids outside [0, len(pi)) contribute 0 and get gradient 0. With ``error_word`` the same pass ORs
+    the bits of ``flag_bad_batch_`` into it.
     """
     _check_losses(losses)
     if group_ids.dim() != 1 or group_ids.shape[0] != losses.shape[0]:
@@ -174,7 +228,7 @@ def weighted_loss(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tenso
     if pi.device != losses.device or group_ids.device != losses.device:
         raise ValueError("pi, group_ids and losses must be on one device")
     return _WeightedLoss.apply(pi.detach().contiguous(), group_ids.contiguous(),
-                               losses.contiguous(), loss_scale, _chunk)
+                               losses.contiguous(), loss_scale, _chunk, error_word)
 
 
 class _RGDLoss(torch.autograd.Function):
