@@ -1,12 +1,13 @@
 """What Adam, AdamW and ALSO share: state layout, backend choice, bucketing, state_dict handling."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
 
 from . import _dispatch
+from .kernels.layout import dense_like
 
 # state entries kept in float32 whatever the param dtype; the others follow the param
 FP32_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -30,17 +31,38 @@ def local_tensor(t: Tensor) -> Tensor:
     return t._local_tensor if is_dtensor(t) else t
 
 
-def check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+def check_hyperparameters(lr: Any, betas: Any, eps: float, weight_decay: float, *,
+                          foreach: Optional[bool] = None, capturable: bool = False) -> None:
+    """torch.optim.Adam's checks, with its exception types; ``lr`` and ``betas`` may be 1-element tensors."""
     if isinstance(lr, Tensor):
-        raise TypeError("lr must be a Python float (a tensor lr is not supported)")
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
-    if len(betas) != 2 or not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-        raise ValueError(f"Invalid betas: {betas} (each must lie in [0, 1))")
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas} (two values expected)")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            if foreach and not capturable:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+
+
+def as_scalar(value: Any) -> Any:
+    """A 1-element tensor hyper-parameter as a 0-dim tensor (as torch.optim keeps it); floats unchanged."""
+    return value.reshape(()) if isinstance(value, Tensor) and value.dim() != 0 else value
 
 
 class AdamFamily(torch.optim.Optimizer):
@@ -78,37 +100,47 @@ class AdamFamily(torch.optim.Optimizer):
         # the reference path reads t on the host; the kernels read it on the device (no sync)
         return p.device if self._backend_for(p.device) == "triton" else torch.device("cpu")
 
-    def _hyper_rows(self) -> list[tuple[float, float, float, float, float]]:
-        return [(float(g["lr"]), float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]),
-                 float(g["weight_decay"])) for g in self.param_groups]
+    def _hyper_rows(self) -> list[tuple[Any, Any, Any, Any, Any]]:
+        """(lr, beta1, beta2, eps, weight_decay) of every param group, floats or tensors as the user set them."""
+        return [(g["lr"], *g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups]
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
         if "step" not in state:
             self._state_version += 1
             state["step"] = torch.zeros((), dtype=torch.float32, device=self._step_device(p))
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            # laid out like the param (channels_last stays channels_last): the kernels run elementwise
+            # over the flat storage of param, gradient and state together
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             if amsgrad:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
-                                                           memory_format=torch.contiguous_format)
+                state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
         return state
 
     def _grad_items(self) -> list[tuple[Tensor, int]]:
-        """(param, group index) of every param with a gradient; sparse or strided gradients are refused.
+        """(param, group index) of every param with a gradient; sparse gradients are refused, and so are
+        params and gradients that are not dense in one shared layout (contiguous or channels_last).
 
-        torch itself keeps a .grad's shape, dtype and device equal to its param's."""
+        Runs every step over every param, so it reads as little as it can: torch itself keeps a
+        .grad's shape, dtype and device equal to its param's."""
         items = []
+        append = items.append
+        dtensor = DTensor
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 g = p.grad
-                if g is not None:
-                    g = local_tensor(g)  # a plain tensor's properties cost less to read than a DTensor's
-                    if g.layout is not torch.strided:
-                        raise RuntimeError("sparse gradients are not supported")
-                    if not g.is_contiguous() or not local_tensor(p).is_contiguous():
-                        raise RuntimeError("parameters and their gradients must be contiguous")
-                    items.append((p, gi))
+                if g is None:
+                    continue
+                local = p
+                if dtensor is not None and isinstance(g, dtensor):
+                    # a plain tensor's properties cost less to read than a DTensor's
+                    g, local = g._local_tensor, p._local_tensor
+                if g.layout is not torch.strided:
+                    raise RuntimeError("sparse gradients are not supported")
+                if not (g.is_contiguous() and local.is_contiguous()) and not dense_like(g, local):
+                    raise RuntimeError("parameters and their gradients must be dense in one layout "
+                                       "(contiguous, or channels_last with equal strides)")
+                append((p, gi))
         return items
 
     def _plans_for(self, tag: str, items: list[tuple[Tensor, int]], flag_names: tuple[str, ...],
@@ -121,7 +153,10 @@ class AdamFamily(torch.optim.Optimizer):
         """
         # keyed by the local tensors: FSDP2 may give a DTensor param a new shard object (e.g. when
         # loading a model state_dict), and a plan must never keep updating a stale one
-        key = (tag, tuple(id(local_tensor(p)) for p, _ in items))
+        if DTensor is None:
+            key = (tag, tuple([id(p) for p, _ in items]))
+        else:
+            key = (tag, tuple([id(p._local_tensor if isinstance(p, DTensor) else p) for p, _ in items]))
         cached = self._plans.get(key)
         if cached is not None and cached[0] == self._state_version:
             return cached[1]
@@ -139,23 +174,24 @@ class AdamFamily(torch.optim.Optimizer):
                         max_exp_avg_sqs=[local_tensor(s["max_exp_avg_sq"]) for s in states] if bkey[2] else None,
                         lists={name: [local_tensor(fn(p, s)) for p, s in zip(params, states)]
                                for name, fn in per_tensor.items()},
-                        backend=self._backend_for(params[0].device), cache={})
+                        backend=self._backend_for(params[0].device), cache={},
+                        has_dtensors=any(is_dtensor(p) for p in params))
             plans.append(plan)
         if len(self._plans) > 64:
             self._plans.clear()
         self._plans[key] = (version, plans)
         return plans
 
-    def _run_plan(self, plan: dict, grads: list[Tensor], advances: int, **flags: Any) -> None:
-        """Advance the plan's step counts and run its fused update (one launch on the Triton path)."""
-        torch._foreach_add_(plan["steps"], float(advances))
-        grads = [local_tensor(g) for g in grads]
+    def _run_plan(self, plan: dict, grads: list[Tensor], error_word: Optional[Tensor] = None, **flags: Any) -> None:
+        """Run the plan's fused update (one launch on the Triton path); it advances the step counts too."""
+        if plan["has_dtensors"]:
+            grads = [local_tensor(g) for g in grads]
         lists = dict(plan["lists"])
         sources, destinations = lists.pop("sources"), lists.pop("destinations")
         _dispatch.adam_update(
             plan["backend"], sources, grads, plan["exp_avgs"], plan["exp_avg_sqs"], plan["steps"], destinations,
             self._hyper_rows(), plan["rows"], max_exp_avg_sqs=plan["max_exp_avg_sqs"],
-            hyper_table=self._hyper_table, cache=plan["cache"], **lists, **flags)
+            hyper_table=self._hyper_table, cache=plan["cache"], error_word=error_word, **lists, **flags)
 
     # -------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -175,10 +211,8 @@ class AdamFamily(torch.optim.Optimizer):
                     fixed[key] = value
                 elif key == "step":
                     fixed[key] = value.detach().to(device=self._step_device(p), dtype=torch.float32).clone()
-                elif key in FP32_STATE_KEYS:
-                    fixed[key] = value.detach().to(device=p.device, dtype=torch.float32).clone()
                 else:
-                    fixed[key] = value.detach().to(device=p.device, dtype=p.dtype).clone()
+                    fixed[key] = _like_param(value, p, torch.float32 if key in FP32_STATE_KEYS else p.dtype)
             self.state[p] = fixed
 
     @staticmethod
@@ -206,3 +240,11 @@ class AdamFamily(torch.optim.Optimizer):
             key = (p.device, p.dtype) + tuple(bool(group.get(f, False)) for f in flag_names)
             buckets.setdefault(key, []).append((p, gi))
         return buckets
+
+
+def _like_param(value: Tensor, p: Tensor, dtype: torch.dtype) -> Tensor:
+    """A copy of a saved state tensor on the param's device, in ``dtype`` and in the param's layout."""
+    value = value.detach().to(device=p.device, dtype=dtype)
+    if is_dtensor(value) or value.stride() == p.stride():
+        return value.clone()
+    return torch.empty_like(p, dtype=dtype).copy_(value)

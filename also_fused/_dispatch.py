@@ -57,27 +57,68 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class HyperTable:
-    """The kernels' hyper-parameter table on the device, rebuilt only when a value changes."""
+    """The kernels' hyper-parameter table on the device, rewritten in place only when a value changes.
+
+    Float rows go through a few pinned host buffers that are reused only once the copy out of them
+    has finished (an event query, never a wait), so an lr schedule costs one small asynchronous copy
+    per step and no host sync. Rows holding tensors (a tensor ``lr`` or ``betas``, as for a captured
+    step driven by a scheduler) are computed on the device every call, without leaving it.
+    """
 
     def __init__(self) -> None:
-        self._tables: dict[torch.device, tuple[tuple, Tensor]] = {}
+        self._tables: dict[torch.device, tuple[Any, Tensor]] = {}
+        self._staging: dict[torch.device, list[tuple[Tensor, torch.cuda.Event]]] = {}
 
-    def get(self, rows: Sequence[tuple[float, ...]], device: torch.device) -> Tensor:
+    def get(self, rows: Sequence[tuple[Any, ...]], device: torch.device) -> Tensor:
+        if any(isinstance(v, Tensor) for row in rows for v in row):
+            table = torch.stack([_device_hyper_row(row, device) for row in rows]).float()
+            self._tables.pop(device, None)
+            return table
         key = tuple(rows)
         cached = self._tables.get(device)
         if cached is not None and cached[0] == key:
             return cached[1]
-        from .kernels.multi_tensor_adam import hyper_table
-
-        host = hyper_table(rows)
-        table = cached[1] if cached is not None and cached[1].shape == host.shape else None
-        if table is None:
-            table = torch.empty_like(host, device=device)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        table.copy_(host, non_blocking=True)
+        table = cached[1] if cached is not None and cached[1].shape[0] == len(rows) else None
+        if device.type != "cuda":
+            host = _kernels().hyper_table(rows)
+            if table is None:
+                table = torch.empty_like(host, device=device)
+            table.copy_(host)
+        else:
+            staging, event = self._free_staging(device, len(rows))
+            staging.numpy()[:] = _kernels().hyper_rows_float64(rows)  # float64 -> float32, rounded to nearest
+            if table is None:
+                table = torch.empty(staging.shape, dtype=torch.float32, device=device)
+            table.copy_(staging, non_blocking=True)
+            event.record()
+            self._staging[device].append((staging, event))
         self._tables[device] = (key, table)
         return table
+
+    def _free_staging(self, device: torch.device, n_rows: int) -> tuple[Tensor, torch.cuda.Event]:
+        """A pinned buffer whose last copy has completed (a new one if every buffer is still in flight)."""
+        slots = self._staging.setdefault(device, [])
+        for i, (buf, event) in enumerate(slots):
+            if buf.shape[0] == n_rows and event.query():
+                del slots[i]
+                return buf, event
+        if len(slots) >= 8:
+            slots.pop(0)  # still in flight: the caching host allocator keeps it alive until its copy is done
+        cols = _kernels().HYPER_COLS
+        return torch.empty(n_rows, cols, dtype=torch.float32, pin_memory=True), torch.cuda.Event()
+
+
+def _kernels() -> Any:
+    from .kernels import multi_tensor_adam
+
+    return multi_tensor_adam
+
+
+def _device_hyper_row(row: tuple[Any, ...], device: torch.device) -> Tensor:
+    """(lr, beta1, beta2, eps, wd) with tensor entries -> the table row of ``hyper_table``, in float64 on the device."""
+    lr, b1, b2, eps, wd = (torch.as_tensor(v, dtype=torch.float64).to(device, non_blocking=True).reshape(())
+                           for v in row)
+    return torch.stack([lr, b1, b2, eps, wd, 1.0 - b1, 1.0 - b2, torch.log(b1), torch.log(b2), 1.0 - lr * wd])
 
 
 def adam_update(
@@ -88,30 +129,38 @@ def adam_update(
     exp_avg_sqs: Sequence[Tensor],
     steps: Sequence[Tensor],
     destinations: Sequence[Tensor],
-    hyper: Sequence[tuple[float, float, float, float, float]],
+    hyper: Sequence[tuple[Any, Any, Any, Any, Any]],
     hyper_rows: Sequence[int],
     *,
     hyper_table: Optional[HyperTable] = None,
     cache: Optional[dict] = None,
+    error_word: Optional[Tensor] = None,
     **flags: Any,
 ) -> None:
-    """One Adam-style update of a list of tensors sharing one device and one param dtype."""
+    """One Adam-style update of a list of tensors sharing one device and one param dtype.
+
+    ``steps`` hold the counts before the call; both paths advance them (see ``adam_update_reference``).
+    ``error_word`` (kernels only): a non-zero device word makes the update a no-op that restores the params.
+    """
     if len(sources) == 0:
         return
     if backend == "reference":
-        F.adam_update_reference(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, hyper,
+        rows = [tuple(float(v) for v in row) for row in hyper]
+        F.adam_update_reference(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, rows,
                                 hyper_rows, **flags)
         return
     from .kernels.multi_tensor_adam import multi_tensor_adam_
 
     table = (hyper_table or HyperTable()).get(hyper, sources[0].device)
     multi_tensor_adam_(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, table, hyper_rows,
-                       cache=cache, static_lists=cache is not None, **flags)
+                       cache=cache, static_lists=cache is not None, error_word=error_word, **flags)
 
 
 def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor,
-              second_out: Optional[Tensor] = None, **hyper: Any) -> None:
-    """out = PiUpdate(pi, G); second_out = PiUpdate(out, G) (optimistic loop API)."""
+              second_out: Optional[Tensor] = None, error_word: Optional[Tensor] = None, **hyper: Any) -> None:
+    """out = PiUpdate(pi, G); second_out = PiUpdate(out, G) (optimistic loop API).
+
+    ``error_word`` (kernels only): nothing is written while it is non-zero."""
     if backend == "reference":
         new = F.pi_update_reference(pi, group_ids, losses, **hyper)
         out.copy_(new)
@@ -120,12 +169,22 @@ def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, ou
         return
     from .kernels.group_pi import pi_update as pi_update_kernel
 
-    pi_update_kernel(pi, group_ids, losses, out=out, second_out=second_out, **hyper)
+    pi_update_kernel(pi, group_ids, losses, out=out, second_out=second_out, error_word=error_word, **hyper)
 
 
-def weighted_loss(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, loss_scale: float) -> Tensor:
+def weighted_loss(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, loss_scale: float,
+                  error_word: Optional[Tensor] = None) -> Tensor:
+    """loss_scale * sum_i pi[g_i] l_i; on the kernels, bad ids and non-finite losses also set ``error_word``."""
     if backend == "reference":
         return F.weighted_loss_reference(pi, group_ids, losses, loss_scale)
     from .kernels.losses import weighted_loss as weighted_loss_kernel
 
-    return weighted_loss_kernel(pi, group_ids, losses, loss_scale)
+    return weighted_loss_kernel(pi, group_ids, losses, loss_scale, error_word=error_word)
+
+
+def flag_bad_batch(error_word: Tensor, n_groups: int, group_ids: Optional[Tensor] = None,
+                   losses: Optional[Tensor] = None) -> None:
+    """Set the error word's bits for out-of-range ids and non-finite losses, on the device (kernels only)."""
+    from .kernels.losses import flag_bad_batch_
+
+    flag_bad_batch_(error_word, n_groups, group_ids, losses)

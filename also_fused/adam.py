@@ -1,12 +1,16 @@
 """Drop-in Adam and AdamW: torch.optim's formulas, one fused update per device and dtype."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
 
-from ._base import AdamFamily, check_hyperparameters
+from ._base import AdamFamily, as_scalar, check_hyperparameters
+
+
+_FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay")
+_IN_PLACE = dict(sources=lambda p, s: p, destinations=lambda p, s: p)
 
 
 class Adam(AdamFamily):
@@ -23,8 +27,8 @@ class Adam(AdamFamily):
     def __init__(
         self,
         params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        lr: Union[float, Tensor] = 1e-3,
+        betas: tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         amsgrad: bool = False,
@@ -37,27 +41,28 @@ class Adam(AdamFamily):
         decoupled_weight_decay: Optional[bool] = None,
         backend: str = "auto",
     ) -> None:
-        check_hyperparameters(lr, betas, eps, weight_decay)
+        check_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
         if differentiable:
             raise NotImplementedError("differentiable=True is not supported by also_fused optimizers")
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+        defaults = dict(lr=as_scalar(lr), betas=tuple(map(as_scalar, betas)), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        """One update of every parameter that has a gradient; returns ``closure()`` when given."""
+        """One update of every parameter that has a gradient; returns ``closure()`` when given.
+
+        Under ``torch.compile`` the step runs eagerly (a graph break): it is one fused launch already."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items = self._grad_items()
-        for plan in self._plans_for("step", items, ("amsgrad", "maximize", "decoupled_weight_decay"),
-                                    dict(sources=lambda p, s: p, destinations=lambda p, s: p)):
+        for plan in self._plans_for("step", self._grad_items(), _FLAGS, _IN_PLACE):
             _, _, _, maximize, decoupled = plan["key"]
-            self._run_plan(plan, [p.grad for p in plan["params"]], 1, eps_mode="torch", maximize=maximize,
+            self._run_plan(plan, [p.grad for p in plan["params"]], eps_mode="torch", maximize=maximize,
                            decoupled_weight_decay=decoupled)
         return loss
 
@@ -70,8 +75,8 @@ class AdamW(Adam):
     def __init__(
         self,
         params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        lr: Union[float, Tensor] = 1e-3,
+        betas: tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
