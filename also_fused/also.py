@@ -9,7 +9,8 @@ from torch import Tensor
 
 from . import _dispatch
 from . import functional as F
-from ._base import AdamFamily, check_hyperparameters
+from ._base import AdamFamily, as_scalar, check_hyperparameters
+from ._input_errors import DeviceInputErrors
 
 MODES = ("optimistic", "descent-ascent")
 REDUCTIONS = ("sum", "mean")
@@ -60,10 +61,17 @@ class ALSO(AdamFamily):
     update runs on the local shards; checkpoint through ``also_fused.checkpoint``.
 
     ``step()`` returns the mean per-sample loss of the step as a 0-dim tensor (no host sync for it).
-    With ``validate=True`` (default) bad group ids and non-finite losses raise ValueError before
-    anything changes, at the cost of host syncs. ``validate=False`` skips these checks (no sync):
-    on CUDA it needs the Triton kernels, which ignore out-of-range ids instead of touching memory
-    outside pi; the step is then taken with the remaining samples.
+    With ``validate=True`` (default) group ids outside [0, n_groups) and non-finite losses reject
+    the step: params, Adam state, step counts and pi stay exactly as they were, and ValueError
+    names the step. The reference path checks on the host and raises in the call that got the bad
+    input. The Triton kernels check on the device, with no host sync: the rejected step (and any
+    step queued after it before the host can read the result) is a no-op on the GPU, and the error
+    is raised by the first ``weighted_loss()``, ``step()`` or ``train()`` after the GPU has finished
+    that step, or by ``eval()``, ``state_dict()``, ``load_state_dict()`` and ``check_errors()``,
+    which wait for it (on a CPU the word is read at once, so there the call itself raises).
+    ``validate=False`` skips these checks: on CUDA it needs the Triton kernels, which ignore
+    out-of-range ids instead of touching memory outside pi; the step is then taken with the
+    remaining samples.
     """
 
     def __init__(
@@ -76,8 +84,8 @@ class ALSO(AdamFamily):
         alpha: float = 1.0,
         pi_reg: Optional[Union[Tensor, Sequence[float]]] = None,
         pi_init: Optional[Union[Tensor, Sequence[float]]] = None,
-        betas: tuple[float, float] = (0.9, 0.999),
-        lr: float = 1e-3,
+        betas: tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999),
+        lr: Union[float, Tensor] = 1e-3,
         weight_decay: float = 1e-3,
         pi_lr: float = 1e-3,
         pi_decay: float = 1e-2,
@@ -112,7 +120,8 @@ class ALSO(AdamFamily):
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         pi_reg_host = _as_simplex(pi_reg, n_groups, "pi_reg")
         pi_init_host = _as_simplex(pi_init, n_groups, "pi_init")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        defaults = dict(lr=as_scalar(lr), betas=tuple(map(as_scalar, betas)), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad)
         super().__init__(params, defaults, backend)
 
         self.n_groups = n_groups
@@ -145,6 +154,10 @@ class ALSO(AdamFamily):
         self._api: Optional[str] = None
         self._training = True
         self._staged_extra: Optional[dict[str, Any]] = None  # set by also_fused.checkpoint before loading
+        # validation on the kernels' path runs on the device (no host sync; see _input_errors.py)
+        self._errors = DeviceInputErrors(self.device, n_groups) if validate and self._pi_backend == "triton" else None
+        self._journal: Optional[list[tuple]] = None  # state entries created or dropped by the step under way
+        self._steps_taken = 0
 
     # ------------------------------------------------------------------ public
     @property
@@ -159,23 +172,37 @@ class ALSO(AdamFamily):
             return torch.full_like(self._pi, 1.0 / self.n_groups)
         return self._pi_reg
 
+    @torch.compiler.disable
     def weighted_loss(self, losses: Tensor, group_ids: Union[Tensor, Sequence[int]]) -> Tensor:
         """``loss_scale * sum_i pi[g_i] * l_i`` for the loop API, differentiable in the losses.
 
         Records the detached losses for the pi step of the next ``step()``; call it once per
         micro-batch when accumulating gradients. In optimistic mode pi is the extrapolated pi_mid.
         """
+        self._poll_errors()
         ids = self._as_ids(group_ids)
         self._check_losses(losses, ids, finite=False)
         weights = self._pi_mid if self.mode == "optimistic" else self._pi
+        word = None if self._errors is None else self._errors.word
         if self.group_reduction == "mean":
+            if word is not None:
+                _dispatch.flag_bad_batch(word, self.n_groups, ids, losses.detach())
+                self._errors.check_now("this weighted_loss() call")
             # each call normalises by its own micro-batch's counts; the pi step counts the whole step
-            sample_weights = self._group_mean_weights(weights, ids)
+            sample_weights = self._group_mean_weights(weights, self._safe_ids(ids))
             loss = (sample_weights.to(losses.dtype) * losses).sum().float()
         else:
-            loss = _dispatch.weighted_loss(self._pi_backend, weights, ids, losses, self.loss_scale)
+            loss = _dispatch.weighted_loss(self._pi_backend, weights, ids, losses, self.loss_scale, error_word=word)
+            if word is not None:
+                self._errors.check_now("this weighted_loss() call")
         self._recorded.append((ids, losses.detach()))
         return loss
+
+    def check_errors(self, wait: bool = True) -> None:
+        """Raise now for bad input that the device found in an earlier step (see ``validate``).
+
+        With ``wait=False`` only what the GPU has already finished is looked at (no host sync)."""
+        self._poll_errors(wait)
 
     def select_batch(
         self, threshold: float, strategy: str = "pi", order: str = "desc",
@@ -184,6 +211,7 @@ class ALSO(AdamFamily):
         """Draw ``max(1, n_groups - cutoff)`` distinct ids, cutoff where pi's sorted cumulative mass reaches ``threshold``."""
         return F.select_batch_reference(self._pi, threshold, strategy, order, generator)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None,
              group_ids: Optional[Union[Tensor, Sequence[int]]] = None) -> Tensor:
@@ -205,6 +233,7 @@ class ALSO(AdamFamily):
 
     def train(self) -> None:
         """Put the extrapolated point back into the params (optimistic loop API); no-op otherwise."""
+        self._poll_errors()
         if self._training:
             return
         self._swap_points("extrapolated", "iterate")
@@ -214,7 +243,9 @@ class ALSO(AdamFamily):
         """Put the iterate x into the params for evaluation or saving (optimistic loop API); no-op otherwise.
 
         The state then holds the extrapolated point y under ``"extrapolated"`` instead of x under
-        ``"iterate"`` (one extra buffer per param either way)."""
+        ``"iterate"`` (one extra buffer per param either way). Waits for the device's check of the
+        steps before it, so that an error is raised before the model is evaluated or saved."""
+        self._poll_errors(wait=True)
         if not self._training:
             return
         if self._api == "loop":
@@ -225,7 +256,7 @@ class ALSO(AdamFamily):
     def _swap_points(self, held: str, into: str) -> None:
         """Params take the point stored under ``held``; the point they held is stored under ``into``."""
         for p, state in self._params_with(held):
-            state[into] = p.clone(memory_format=torch.contiguous_format)
+            state[into] = p.clone()
             p.copy_(state.pop(held))
         self._plans.clear()  # the cached plans hold the popped buffers
 
@@ -249,7 +280,7 @@ class ALSO(AdamFamily):
                 raise ValueError(f"group_ids are on {group_ids.device}, pi is on {self.device}")
             group_ids = group_ids.to(self.device, non_blocking=True)
         group_ids = group_ids.long()
-        if self.validate:
+        if self.validate and self._errors is None:  # the reference path checks here, with a host sync
             bad = ((group_ids < 0) | (group_ids >= self.n_groups)).any()
             if bool(bad):
                 lo, hi = int(group_ids.min()), int(group_ids.max())
@@ -266,8 +297,53 @@ class ALSO(AdamFamily):
                              f"got {tuple(losses.shape)}")
         if losses.device != self.device:
             raise ValueError(f"per-sample losses are on {losses.device}, pi is on {self.device}")
-        if finite and self.validate and not bool(torch.isfinite(losses).all()):
+        if finite and self.validate and self._errors is None and not bool(torch.isfinite(losses).all()):
             raise ValueError("per-sample losses contain NaN or inf; the step was not taken")
+
+    def _poll_errors(self, wait: bool = False) -> None:
+        if self._errors is not None:
+            self._errors.poll(wait)
+
+    def _safe_ids(self, ids: Tensor) -> Tensor:
+        """Ids for torch indexing ops while out-of-range ids may still be in them (device checks:
+        the step will be rejected anyway, but an index outside pi must never be read)."""
+        return ids.clamp(0, self.n_groups - 1) if self._errors is not None and self._errors.deferred else ids
+
+    def _begin_step(self, api_before: Optional[str]) -> None:
+        """Start recording what this step does to the host-side state, to undo it if the device rejects it."""
+        if self._errors is not None:
+            self._journal = [("scalars", api_before, self._prev_ids, self._prev_losses)]
+
+    def _finish_step(self) -> None:
+        self._steps_taken += 1
+        if self._errors is None:
+            return
+        journal, self._journal = self._journal, None
+        self._errors.after_step(self._steps_taken, lambda: self._undo(journal))
+
+    def _undo(self, journal: list[tuple]) -> None:
+        """Revert the host-side effects of a step the device rejected (its device-side work was a no-op)."""
+        for entry in reversed(journal):
+            if entry[0] == "scalars":
+                self._api, self._prev_ids, self._prev_losses = entry[1:]
+            elif entry[0] == "created":
+                _, p, key = entry
+                state = self.state.get(p, {})
+                state.pop(key, None)
+                if not state:
+                    self.state.pop(p, None)
+            else:  # "dropped"
+                _, p, key, value = entry
+                self.state[p][key] = value
+        self._recorded.clear()
+        self._state_version += 1
+        self._plans.clear()
+
+    def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
+        if self._journal is not None and "step" not in self.state.get(p, {}):
+            keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+            self._journal.extend(("created", p, key) for key in keys)
+        return super()._init_state(p, amsgrad)
 
     def _set_api(self, api: str) -> None:
         if self.mode == "optimistic" and self._api not in (None, api):
@@ -280,24 +356,29 @@ class ALSO(AdamFamily):
         return [(p, self.state[p]) for g in self.param_groups for p in g["params"]
                 if key in self.state.get(p, {})]
 
-    def _adam(self, tag: str, items: list[tuple[Tensor, int]], advances: int,
-              grads: Callable[[Tensor, dict], Tensor] = lambda p, s: p.grad, **flags: Any) -> None:
+    def _adam(self, tag: str, items: list[tuple[Tensor, int]],
+              grads: Optional[Callable[[Tensor, dict], Tensor]] = None, **flags: Any) -> None:
         """Run ALSO's Adam update on ``items`` (one launch per device/dtype/amsgrad bucket).
 
         Callable flags give per-tensor lists (sources, destinations, save_*_to, prior_grads,
-        extrapolate_to) as functions of (param, state); the others are passed as they are.
+        extrapolate_to) as functions of (param, state); the others are passed as they are. A
+        committing update reads the device error word: a rejected step only restores the params.
         """
         per_tensor = {k: v for k, v in flags.items() if callable(v)}
         scalars = {k: v for k, v in flags.items() if not callable(v)}
+        word = self._errors.word if self._errors is not None and scalars.get("commit_state", True) else None
         for plan in self._plans_for(tag, items, ("amsgrad",), per_tensor):
-            self._run_plan(plan, [grads(p, s) for p, s in zip(plan["params"], plan["states"])], advances,
-                           eps_mode="also", **scalars)
+            plan_grads = ([p.grad for p in plan["params"]] if grads is None
+                          else [grads(p, s) for p, s in zip(plan["params"], plan["states"])])
+            self._run_plan(plan, plan_grads, word, eps_mode="also", **scalars)
 
     def _buffer(self, state: dict, key: str, like: Tensor) -> Tensor:
         buf = state.get(key)
         if buf is None:
-            buf = state[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+            buf = state[key] = torch.empty_like(like)
             self._state_version += 1
+            if self._journal is not None:
+                self._journal.append(("created", like, key))
         return buf
 
     def _extrapolate_closure(self) -> list[tuple[Tensor, dict]]:
@@ -310,18 +391,17 @@ class ALSO(AdamFamily):
                 if "prev_grad" in state:
                     items.append((p, gi))
                     moved.append((p, state))
-        # steps advance here for the bias correction and are put back: the main pass commits them
-        self._adam("extrapolate", items, 1, sources=lambda p, s: p, destinations=lambda p, s: p,
+        # uncommitted (t + 1 for the bias correction, moments and step count unwritten): the main pass
+        # commits this advance; not gated by the error word, since a rejected main pass restores x from it
+        self._adam("extrapolate", items, sources=lambda p, s: p, destinations=lambda p, s: p,
                    grads=lambda p, s: s["prev_grad"], grad_scale=self.alpha,
                    save_sources_to=lambda p, s: self._saved_x_buffer(p), commit_state=False)
-        if moved:
-            torch._foreach_sub_([s["step"] for _, s in moved], 1.0)
         return moved
 
     def _saved_x_buffer(self, p: Tensor) -> Tensor:
         buf = self._saved_x.get(p)
         if buf is None:
-            buf = self._saved_x[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            buf = self._saved_x[p] = torch.empty_like(p)
             self._state_version += 1
         return buf
 
@@ -360,6 +440,9 @@ class ALSO(AdamFamily):
         are gathered in rank order. Either way every rank reduces the same values in the same order.
         """
         group = self._reduce_group()
+        if group is None and self.group_reduction == "sum":
+            return ids, losses.float()
+        ids = self._safe_ids(ids)  # torch's scatter and gather ops below index with them
         if group is None:
             return ids, self._pi_losses(ids, losses)
         losses = losses.float()
@@ -420,22 +503,41 @@ class ALSO(AdamFamily):
 
     def _pi_apply(self, inputs: tuple[Optional[Tensor], Tensor], out: Tensor,
                   second_out: Optional[Tensor] = None) -> None:
-        """out = PiUpdate(pi, G); second_out = PiUpdate(out, G)."""
+        """out = PiUpdate(pi, G); second_out = PiUpdate(out, G); nothing changes while the error word is set."""
         ids, terms = inputs
         hyper = self._pi_hyper()
+        word = None if self._errors is None else self._errors.word
         if ids is not None:
-            _dispatch.pi_update(self._pi_backend, self._pi, ids, terms, out=out, second_out=second_out, **hyper)
+            _dispatch.pi_update(self._pi_backend, self._pi, ids, terms, out=out, second_out=second_out,
+                                error_word=word, **hyper)
             return
         new = F.pi_update_from_sums(self._pi, terms, **hyper)
-        if second_out is not None:
-            second_out.copy_(F.pi_update_from_sums(new, terms, **hyper))
+        second = None if second_out is None else F.pi_update_from_sums(new, terms, **hyper)
+        if word is not None:
+            rejected = word != 0
+            new = torch.where(rejected, out, new)
+            second = None if second is None else torch.where(rejected, second_out, second)
+        if second is not None:
+            second_out.copy_(second)
         out.copy_(new)
+
+    def _share_error_word(self) -> None:
+        """Distributed: every rank rejects the step if any rank found bad input (pi stays equal on all)."""
+        group = self._reduce_group()
+        if self._errors is not None and group is not None:
+            dist.all_reduce(self._errors.word, op=dist.ReduceOp.MAX, group=group)
 
     # ---------------------------------------------------------------- steps
     def _step_closure(self, closure: Closure, group_ids: Union[Tensor, Sequence[int]]) -> Tensor:
+        self._poll_errors()
         ids = self._as_ids(group_ids)
+        if self._errors is not None:
+            _dispatch.flag_bad_batch(self._errors.word, self.n_groups, group_ids=ids)
+            self._errors.check_now("this step")
+        safe_ids = self._safe_ids(ids)
         previous_api = self._api
         self._set_api("closure")
+        self._begin_step(previous_api)
         optimistic = self.mode == "optimistic"
         moved: list[tuple[Tensor, dict]] = []
         try:
@@ -448,37 +550,43 @@ class ALSO(AdamFamily):
             weights = self._pi_mid if optimistic else self._pi
             self._recorded.clear()
             if self.group_reduction == "mean":
-                selected, scale = self._group_mean_weights(weights, ids), 1.0
+                selected, scale = self._group_mean_weights(weights, safe_ids), 1.0
             else:
-                selected, scale = weights[ids], self.loss_scale
+                selected, scale = weights[safe_ids], self.loss_scale
             with torch.enable_grad():
                 result = closure(selected, scale)
             losses = result[0] if isinstance(result, (tuple, list)) else result
             self._check_losses(losses, ids, finite=True)
             losses = losses.detach()
+            if self._errors is not None:
+                _dispatch.flag_bad_batch(self._errors.word, self.n_groups, losses=losses)
+                self._errors.check_now("this step")
             items = self._grad_items()
         except BaseException:
             self._restore(moved)  # the rejected step leaves the params and the state as they were
             self._recorded.clear()
             self._api = previous_api
+            self._journal = None
             raise
         self._recorded.clear()
+        self._share_error_word()
 
         if not optimistic:
-            self._adam("step", items, 1, sources=lambda p, s: p, destinations=lambda p, s: p)
+            self._adam("step", items, sources=lambda p, s: p, destinations=lambda p, s: p)
         else:
             with_prev = [(p, gi) for p, gi in items if "prev_grad" in self.state.get(p, {})]
             fresh = [(p, gi) for p, gi in items if "prev_grad" not in self.state.get(p, {})]
-            self._adam("main_prior", with_prev, 2, sources=lambda p, s: self._saved_x[p],
+            self._adam("main_prior", with_prev, sources=lambda p, s: self._saved_x[p],
                        destinations=lambda p, s: p, prior_grads=lambda p, s: s["prev_grad"],
                        prior_scale=self.alpha, save_grads_to=lambda p, s: s["prev_grad"])
-            self._adam("main", fresh, 1, sources=lambda p, s: p, destinations=lambda p, s: p,
+            self._adam("main", fresh, sources=lambda p, s: p, destinations=lambda p, s: p,
                        save_grads_to=lambda p, s: self._buffer(s, "prev_grad", p))
             self._drop_lost_gradients(moved, {p for p, _ in items})
         pi_inputs = self._pi_inputs(ids, losses)
         if optimistic:
             self._prev_ids, self._prev_losses = pi_inputs
         self._pi_apply(pi_inputs, out=self._pi)
+        self._finish_step()
         return losses.float().mean()
 
     def _drop_lost_gradients(self, moved: list[tuple[Tensor, dict]], with_grad: set) -> None:
@@ -489,51 +597,67 @@ class ALSO(AdamFamily):
                 if p not in with_grad and "prev_grad" in self.state.get(p, {})]
         if not lost:
             return
-        self._adam("commit", lost, 1, sources=lambda p, s: self._saved_x[p], destinations=lambda p, s: p,
+        self._adam("commit", lost, sources=lambda p, s: self._saved_x[p], destinations=lambda p, s: p,
                    grads=lambda p, s: s["prev_grad"], grad_scale=self.alpha)
         for p, _ in lost:
             p.copy_(self._saved_x[p])
-            del self.state[p]["prev_grad"]
+            dropped = self.state[p].pop("prev_grad")
+            if self._journal is not None:
+                self._journal.append(("dropped", p, "prev_grad", dropped))
         self._state_version += 1
 
     def _step_loop(self) -> Tensor:
+        self._poll_errors()
         if not self._recorded:
             raise RuntimeError("step() without a closure needs the per-sample losses: compute the loss with "
                                "opt.weighted_loss(losses, group_ids) before backward()")
         if self.mode == "optimistic" and not self._training:
             self._recorded.clear()
             raise RuntimeError("the optimizer is in eval() mode (params hold the iterate x): call train() first")
-        ids = torch.cat([i for i, _ in self._recorded])
-        losses = torch.cat([l.float() for _, l in self._recorded])
+        ids = torch.cat([i for i, _ in self._recorded]) if len(self._recorded) > 1 else self._recorded[0][0]
+        losses = torch.cat([l.float() for _, l in self._recorded]) if len(self._recorded) > 1 \
+            else self._recorded[0][1].float()
         self._recorded.clear()  # a rejected step drops its batch: zero the grads and run it again
         self._check_losses(losses, ids, finite=True)
         items = self._grad_items()
+        previous_api = self._api
         self._set_api("loop")
+        self._begin_step(previous_api)
+        self._share_error_word()
         if self.mode == "descent-ascent":
-            self._adam("step", items, 1, sources=lambda p, s: p, destinations=lambda p, s: p)
+            self._adam("step", items, sources=lambda p, s: p, destinations=lambda p, s: p)
             self._pi_apply(self._pi_inputs(ids, losses), out=self._pi)
         else:
             # x_{k+1} = x_k + AdamStep(x_k, d) and y_{k+1} = x_{k+1} + AdamStep(x_{k+1}, alpha d) in one pass
-            self._adam("fused", items, 2, sources=lambda p, s: s.get("iterate", p),
+            self._adam("fused", items, sources=lambda p, s: s.get("iterate", p),
                        destinations=lambda p, s: self._buffer(s, "iterate", p),
                        extrapolate_to=lambda p, s: p, extrapolation_scale=self.alpha)
             with_grad = {p for p, _ in items}
             stale = [(p, s) for p, s in self._params_with("iterate") if p not in with_grad]
-            if stale:  # no gradient: no extrapolation, the param sits at x
-                torch._foreach_copy_([p for p, _ in stale], [s["iterate"] for _, s in stale])
+            if stale:  # no gradient: no extrapolation, the param sits at x (unless the step is rejected)
+                if self._errors is None:
+                    torch._foreach_copy_([p for p, _ in stale], [s["iterate"] for _, s in stale])
+                else:
+                    rejected = self._errors.word != 0
+                    for p, state in stale:
+                        p.copy_(torch.where(rejected, p, state["iterate"]))
             self._pi_apply(self._pi_inputs(ids, losses), out=self._pi, second_out=self._pi_mid)
+        self._finish_step()
         return losses.mean()
 
     # ----------------------------------------------------------- state_dict
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state (per-param Adam state, the iterate x or extrapolated point y, d_prev)
         plus an ``"also"`` entry with pi, pi_mid, pi_reg, the previous batch and the hyper-parameters
-        of the pi step. For FSDP2 and torch.distributed.checkpoint use ``also_fused.checkpoint``."""
+        of the pi step. For FSDP2 and torch.distributed.checkpoint use ``also_fused.checkpoint``.
+        Waits for the device's check of the steps before it (an error is raised before saving)."""
+        self._poll_errors(wait=True)
         sd = super().state_dict()
         sd["also"] = self._extra_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._poll_errors(wait=True)
         state_dict = dict(state_dict)
         extra = state_dict.pop("also", None)
         if extra is None:
