@@ -1,6 +1,7 @@
 # `make test` and `make demo` (and `make tune`, `make bench-cpu`) do all the set-up on a fresh machine:
 # a virtual environment in .venv with the pinned CPU requirements and this package installed in
-# editable mode.
+# editable mode, which also compiles the fast CPU update (also_fused/csrc; skipped without a C++
+# compiler, and the CPU path then falls back to the reference).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test demo tune bench-cpu bench-gpu clean
 
-$(STAMP): setup.py requirements/cpu.txt
+$(STAMP): setup.py requirements/cpu.txt also_fused/csrc/cpu_adam.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/cpu.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
@@ -33,4 +34,4 @@ bench-gpu:
 	bash benchmarks/gpu_run.sh all
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info also_fused/_cpu_adam*.so

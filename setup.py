@@ -1,4 +1,35 @@
+import warnings
+
 from setuptools import setup
+
+
+def cpu_extension():
+    """The single-pass CPU update (also_fused._cpu_adam), built against the installed torch.
+
+    Optional: without torch at build time or without a C++ compiler the package installs without
+    it, and the CPU optimizers fall back to the reference path (with one warning at run time)."""
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return {}
+
+    class OptionalBuild(BuildExtension):
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # no compiler, or a compile error: install the Python package alone
+                warnings.warn(f"also_fused: the CPU extension was not built ({type(exc).__name__}: {exc}); "
+                              "the CPU optimizers will use the reference path")
+
+    ext = CppExtension(
+        "also_fused._cpu_adam",
+        ["also_fused/csrc/cpu_adam.cpp"],
+        # no FMA contraction: every instruction-set variant computes the same bits
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
+        extra_link_args=["-fopenmp"],
+    )
+    return dict(ext_modules=[ext], cmdclass={"build_ext": OptionalBuild})
+
 
 setup(
     name="also_fused",
@@ -16,4 +47,5 @@ setup(
         "demo": ["scikit-learn", "matplotlib"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
     },
+    **cpu_extension(),
 )

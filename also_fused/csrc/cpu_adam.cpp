@@ -1,0 +1,445 @@
+// One pass over memory for every Adam-style update of also_fused on CPU tensors.
+//
+// Per tensor i with hyper-parameters (lr, beta1, beta2, eps, wd) and step count t:
+//   d = s * g (+ wd * x unless decoupled);  m = lerp(m, d, 1 - beta1);  v = beta2 v + (1 - beta2) d^2
+//   x_new = x - lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps)        ("also": ALGORITHM.md sec. 3)
+//   x_new = x - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)         ("torch": torch.optim.Adam)
+// with bc_k = 1 - beta_k^t (AdamW first scales x by 1 - lr*wd), plus the optional prior advance,
+// the optional extrapolation from x_new and the optional copies of x and g, exactly as
+// also_fused.functional.adam_update_reference states them. Each element is read once and written
+// once; the arithmetic is float32 in the order of the reference's torch ops, never contracted into
+// FMA (the build passes -ffp-contract=off), so every instruction-set variant gives the same bits.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(_MSC_VER)
+#define ALSO_FUSED_INLINE __forceinline
+#else
+#define ALSO_FUSED_INLINE inline __attribute__((always_inline))
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ALSO_FUSED_X86 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 256;      // elements staged in local arrays (L1) at a time
+constexpr int64_t kChunk = 1 << 15;  // elements per parallel task
+
+enum WeightDecay : int { kNoDecay = 0, kCoupled = 1, kDecoupled = 2 };
+
+struct Apply {   // x_new = x (* decay) - step * m / denom at one step count
+  float step;    // lr*sqrt(bc2)/bc1 ("also") or lr/bc1 ("torch")
+  float bc2_sqrt;
+};
+
+struct Flags {
+  bool has_prior, has_extrap, amsgrad, commit;
+};
+
+struct Job;
+using RangeFn = void (*)(const Job&, const Flags&, int64_t, int64_t);
+
+struct Job {
+  const void* src;
+  void* dst;
+  const void* grad;
+  const void* prior;   // nullable
+  void* extrap;        // nullable
+  void* save_src;      // nullable
+  void* save_grad;     // nullable
+  float* m;
+  float* v;
+  float* vmax;         // nullable
+  int64_t n;
+  float prior_scale, main_scale, extrap_scale;
+  float wd, lerp_w, beta2, one_minus_beta2, eps, decay;
+  Apply main_apply, extrap_apply;
+  RangeFn fn;
+};
+
+// Loop-invariant coefficients, passed by value into the loops so that no store in a loop can be
+// taken for a write to them.
+struct Coef {
+  float wd, lerp_coef, b2, c2, eps, decay;
+  uint32_t lerp_mask;  // all ones: torch.lerp's |w| < 0.5 branch
+  explicit Coef(const Job& j)
+      : wd(j.wd), b2(j.beta2), c2(j.one_minus_beta2), eps(j.eps), decay(j.decay) {
+    const bool small = std::abs(j.lerp_w) < 0.5f;
+    lerp_coef = small ? j.lerp_w : j.lerp_w - 1.0f;
+    lerp_mask = small ? 0xffffffffu : 0u;
+  }
+};
+
+// Bitwise select: a where mask is all ones, b where it is zero (keeps the loops free of branches).
+ALSO_FUSED_INLINE float blend(uint32_t mask, float a, float b) {
+  uint32_t ua, ub;
+  std::memcpy(&ua, &a, sizeof(float));
+  std::memcpy(&ub, &b, sizeof(float));
+  const uint32_t r = (ua & mask) | (ub & ~mask);
+  float out;
+  std::memcpy(&out, &r, sizeof(float));
+  return out;
+}
+
+// d = s*g (+ wd*x); m <- lerp(m, d, w); v <- b2 v + c2 d d; vmax <- max(vmax, v) (NaN-propagating
+// like torch.maximum). Returns the second moment the denominator uses.
+template <bool AMS, int WD>
+ALSO_FUSED_INLINE float moments(Coef c, float s, float g, float x, float& m, float& v, float& vm) {
+  float d = g * s;
+  if constexpr (WD == kCoupled) d = d + c.wd * x;
+  // torch.lerp: m + w (d - m) for |w| < 0.5, else d - (d - m)(1 - w) = d + (w - 1)(d - m)
+  m = blend(c.lerp_mask, m, d) + c.lerp_coef * (d - m);
+  v = v * c.b2 + c.c2 * d * d;
+  if constexpr (AMS) {
+    const uint32_t take = 0u - static_cast<uint32_t>((v > vm) | (v != v));
+    vm = blend(take, v, vm);
+    return vm;
+  }
+  return v;
+}
+
+template <bool ALSO, int WD>
+ALSO_FUSED_INLINE float step_to(Coef c, const Apply& a, float x, float m, float vv) {
+  if constexpr (WD == kDecoupled) x = x * c.decay;
+  float denom;
+  if constexpr (ALSO) {
+    denom = std::sqrt(vv) + c.eps;
+  } else {
+    denom = std::sqrt(vv) / a.bc2_sqrt + c.eps;
+  }
+  return x + (-a.step) * m / denom;  // addcdiv's order: x + (value * m) / denom
+}
+
+// The prior advance alone (moments from x, no step).
+template <bool AMS, int WD>
+ALSO_FUSED_INLINE void prior_loop(Coef c, float s, const float* __restrict g, const float* __restrict x,
+                                  const float* __restrict m_in, const float* __restrict v_in,
+                                  const float* __restrict vm_in, float* __restrict m_out, float* __restrict v_out,
+                                  float* __restrict vm_out, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    float m = m_in[k], v = v_in[k], vm = AMS ? vm_in[k] : 0.0f;
+    moments<AMS, WD>(c, s, g[k], x[k], m, v, vm);
+    m_out[k] = m;
+    v_out[k] = v;
+    if constexpr (AMS) vm_out[k] = vm;
+  }
+}
+
+// One advance and step into out; with EXTRAP (float32 params: x_new needs no rounding) a second
+// advance with s2 from x_new and a second step into y.
+template <bool AMS, bool ALSO, int WD, bool EXTRAP>
+ALSO_FUSED_INLINE void step_loop(Coef c, float s, Apply a, float s2, Apply a2, const float* __restrict g,
+                                 const float* __restrict x, const float* __restrict m_in,
+                                 const float* __restrict v_in, const float* __restrict vm_in,
+                                 float* __restrict m_out, float* __restrict v_out, float* __restrict vm_out,
+                                 float* __restrict out, float* __restrict y, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    float m = m_in[k], v = v_in[k], vm = AMS ? vm_in[k] : 0.0f;
+    const float gk = g[k];
+    float vv = moments<AMS, WD>(c, s, gk, x[k], m, v, vm);
+    const float x1 = step_to<ALSO, WD>(c, a, x[k], m, vv);
+    out[k] = x1;
+    if constexpr (EXTRAP) {
+      vv = moments<AMS, WD>(c, s2, gk, x1, m, v, vm);
+      y[k] = step_to<ALSO, WD>(c, a2, x1, m, vv);
+    }
+    m_out[k] = m;
+    v_out[k] = v;
+    if constexpr (AMS) vm_out[k] = vm;
+  }
+}
+
+template <typename P>
+ALSO_FUSED_INLINE void to_float(const P* __restrict in, float* __restrict out, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(in[k]);
+}
+
+template <typename P>
+ALSO_FUSED_INLINE void from_float(const float* __restrict in, P* __restrict out, int64_t n) {
+  if constexpr (std::is_same_v<P, float>) {
+    std::memcpy(out, in, sizeof(float) * n);
+  } else {
+    for (int64_t k = 0; k < n; ++k) out[k] = static_cast<P>(in[k]);
+  }
+}
+
+// Elements [begin, end) of one tensor, kBlock at a time: the inputs are read (float32 ones in
+// place, others converted into local arrays), the results go to local arrays, and only then is
+// anything stored. Sources may therefore be destinations or extrapolation targets, and
+// save_grads_to may be prior_grads.
+template <typename P, bool AMS, bool ALSO, int WD>
+ALSO_FUSED_INLINE void run_range(const Job& j, const Flags& f, int64_t begin, int64_t end) {
+  constexpr bool kF32 = std::is_same_v<P, float>;
+  alignas(64) float xb[kBlock], gb[kBlock], pb[kBlock];
+  alignas(64) float m1[kBlock], v1[kBlock], vm1[kBlock];
+  alignas(64) float m2[kBlock], v2[kBlock], vm2[kBlock];
+  alignas(64) float out[kBlock], y[kBlock];
+  const Coef c(j);
+  for (int64_t off = begin; off < end; off += kBlock) {
+    const int64_t n = std::min(kBlock, end - off);
+    const P* src = static_cast<const P*>(j.src) + off;
+    const P* grad = static_cast<const P*>(j.grad) + off;
+    if (j.save_src != nullptr) std::memcpy(static_cast<P*>(j.save_src) + off, src, sizeof(P) * n);
+    const float* x;
+    const float* g;
+    if constexpr (kF32) {
+      x = src;
+      g = grad;
+    } else {
+      to_float(src, xb, n);
+      to_float(grad, gb, n);
+      x = xb;
+      g = gb;
+    }
+    const float* m_in = j.m + off;
+    const float* v_in = j.v + off;
+    const float* vm_in = AMS ? j.vmax + off : nullptr;
+    if (f.has_prior) {
+      const P* prior = static_cast<const P*>(j.prior) + off;
+      const float* pg;
+      if constexpr (kF32) {
+        pg = prior;
+      } else {
+        to_float(prior, pb, n);
+        pg = pb;
+      }
+      prior_loop<AMS, WD>(c, j.prior_scale, pg, x, m_in, v_in, vm_in, m1, v1, vm1, n);
+      m_in = m1;
+      v_in = v1;
+      vm_in = vm1;
+    }
+    float* m_fin = m2;
+    float* v_fin = v2;
+    float* vm_fin = vm2;
+    if (kF32 && f.has_extrap) {
+      step_loop<AMS, ALSO, WD, true>(c, j.main_scale, j.main_apply, j.extrap_scale, j.extrap_apply, g, x, m_in, v_in,
+                                     vm_in, m2, v2, vm2, out, y, n);
+      from_float(out, static_cast<P*>(j.dst) + off, n);
+      from_float(y, static_cast<P*>(j.extrap) + off, n);
+    } else {
+      step_loop<AMS, ALSO, WD, false>(c, j.main_scale, j.main_apply, 0.0f, j.main_apply, g, x, m_in, v_in, vm_in, m2,
+                                      v2, vm2, out, nullptr, n);
+      from_float(out, static_cast<P*>(j.dst) + off, n);
+      if (f.has_extrap) {
+        // the extrapolation starts from x_new as stored, i.e. rounded to the param dtype
+        to_float(static_cast<const P*>(j.dst) + off, xb, n);
+        step_loop<AMS, ALSO, WD, false>(c, j.extrap_scale, j.extrap_apply, 0.0f, j.extrap_apply, g, xb, m2, v2, vm2,
+                                        m1, v1, vm1, y, nullptr, n);
+        from_float(y, static_cast<P*>(j.extrap) + off, n);
+        m_fin = m1;
+        v_fin = v1;
+        vm_fin = vm1;
+      }
+    }
+    if (f.commit) {
+      std::memcpy(j.m + off, m_fin, sizeof(float) * n);
+      std::memcpy(j.v + off, v_fin, sizeof(float) * n);
+      if (AMS) std::memcpy(j.vmax + off, vm_fin, sizeof(float) * n);
+    }
+    if (j.save_grad != nullptr) std::memcpy(static_cast<P*>(j.save_grad) + off, grad, sizeof(P) * n);
+  }
+}
+
+template <typename P, bool AMS, bool ALSO, int WD>
+void range_baseline(const Job& j, const Flags& f, int64_t begin, int64_t end) {
+  run_range<P, AMS, ALSO, WD>(j, f, begin, end);
+}
+
+#ifdef ALSO_FUSED_X86
+template <typename P, bool AMS, bool ALSO, int WD>
+__attribute__((target("avx2"))) void range_avx2(const Job& j, const Flags& f, int64_t begin, int64_t end) {
+  run_range<P, AMS, ALSO, WD>(j, f, begin, end);
+}
+#endif
+
+bool has_avx2() {
+#ifdef ALSO_FUSED_X86
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+template <typename P, bool AMS, bool ALSO, int WD>
+RangeFn pick_isa() {
+#ifdef ALSO_FUSED_X86
+  if (has_avx2()) return &range_avx2<P, AMS, ALSO, WD>;
+#endif
+  return &range_baseline<P, AMS, ALSO, WD>;
+}
+
+template <typename P, bool AMS, bool ALSO>
+RangeFn pick_wd(int wd) {
+  switch (wd) {
+    case kNoDecay:
+      return pick_isa<P, AMS, ALSO, kNoDecay>();
+    case kCoupled:
+      return pick_isa<P, AMS, ALSO, kCoupled>();
+    default:
+      return pick_isa<P, AMS, ALSO, kDecoupled>();
+  }
+}
+
+template <typename P>
+RangeFn pick(bool amsgrad, bool eps_also, int wd) {
+  if (amsgrad) return eps_also ? pick_wd<P, true, true>(wd) : pick_wd<P, true, false>(wd);
+  return eps_also ? pick_wd<P, false, true>(wd) : pick_wd<P, false, false>(wd);
+}
+
+RangeFn pick_for(at::ScalarType dtype, bool amsgrad, bool eps_also, int wd) {
+  switch (dtype) {
+    case at::kFloat:
+      return pick<float>(amsgrad, eps_also, wd);
+    case at::kBFloat16:
+      return pick<c10::BFloat16>(amsgrad, eps_also, wd);
+    default:
+      return pick<c10::Half>(amsgrad, eps_also, wd);
+  }
+}
+
+struct Task {
+  int64_t job, begin, end;
+};
+
+void run_all(const std::vector<Job>& jobs, const Flags& f) {
+  std::vector<Task> tasks;
+  int64_t total = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(jobs.size()); ++i) {
+    for (int64_t b = 0; b < jobs[i].n; b += kChunk) tasks.push_back(Task{i, b, std::min(b + kChunk, jobs[i].n)});
+    total += jobs[i].n;
+  }
+  auto body = [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const Job& j = jobs[tasks[t].job];
+      j.fn(j, f, tasks[t].begin, tasks[t].end);
+    }
+  };
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  if (n_tasks == 0) return;
+  if (total < 2 * kChunk) {
+    body(0, n_tasks);  // too small to pay for waking the thread pool
+  } else {
+    at::parallel_for(0, n_tasks, 1, body);
+  }
+}
+
+bool usable(const at::Tensor& t, at::ScalarType dtype, int64_t numel) {
+  return t.defined() && t.device().is_cpu() && t.layout() == at::kStrided && t.scalar_type() == dtype &&
+         t.is_contiguous() && t.numel() == numel && !t.is_conj() && !t.is_neg();
+}
+
+bool list_ok(const std::vector<at::Tensor>& list, size_t n) { return list.empty() || list.size() == n; }
+
+}  // namespace
+
+// Returns false, having changed nothing, when the inputs are outside what this kernel handles
+// (the caller then runs the reference); true when the update is done. Empty lists stand for None.
+bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::Tensor>& grads,
+                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                 const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& steps,
+                 const std::vector<at::Tensor>& destinations, const std::vector<std::vector<double>>& hyper,
+                 const std::vector<int64_t>& hyper_rows, bool eps_also, bool decoupled, bool maximize,
+                 double grad_scale, const std::vector<at::Tensor>& save_sources_to,
+                 const std::vector<at::Tensor>& save_grads_to, const std::vector<at::Tensor>& extrapolate_to,
+                 double extrapolation_scale, const std::vector<at::Tensor>& prior_grads, double prior_scale,
+                 bool commit_state) {
+  const size_t count = sources.size();
+  if (count == 0) return true;
+  if (grads.size() != count || exp_avgs.size() != count || exp_avg_sqs.size() != count ||
+      steps.size() != count || destinations.size() != count || hyper_rows.size() != count ||
+      !list_ok(max_exp_avg_sqs, count) || !list_ok(save_sources_to, count) || !list_ok(save_grads_to, count) ||
+      !list_ok(extrapolate_to, count) || !list_ok(prior_grads, count)) {
+    return false;
+  }
+  const Flags flags{!prior_grads.empty(), !extrapolate_to.empty(), !max_exp_avg_sqs.empty(), commit_state};
+  if (!commit_state && (flags.has_prior || flags.has_extrap)) return false;
+  const at::ScalarType pdt = sources[0].scalar_type();
+  if (pdt != at::kFloat && pdt != at::kBFloat16 && pdt != at::kHalf) return false;
+  const int n_adv = 1 + (flags.has_prior ? 1 : 0) + (flags.has_extrap ? 1 : 0);
+  const double sign = maximize ? -1.0 : 1.0;
+
+  std::vector<Job> jobs;
+  jobs.reserve(count);
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t n = sources[i].numel();
+    if (!usable(sources[i], pdt, n) || !usable(grads[i], pdt, n) || !usable(destinations[i], pdt, n) ||
+        !usable(exp_avgs[i], at::kFloat, n) || !usable(exp_avg_sqs[i], at::kFloat, n) ||
+        (flags.amsgrad && !usable(max_exp_avg_sqs[i], at::kFloat, n)) ||
+        (flags.has_prior && !usable(prior_grads[i], pdt, n)) ||
+        (flags.has_extrap && !usable(extrapolate_to[i], pdt, n)) ||
+        (!save_sources_to.empty() && !usable(save_sources_to[i], pdt, n)) ||
+        (!save_grads_to.empty() && !usable(save_grads_to[i], pdt, n))) {
+      return false;
+    }
+    const at::Tensor& st = steps[i];
+    if (!st.defined() || !st.device().is_cpu() || st.numel() != 1 ||
+        (st.scalar_type() != at::kFloat && st.scalar_type() != at::kDouble)) {
+      return false;
+    }
+    const int64_t row = hyper_rows[i];
+    if (row < 0 || row >= static_cast<int64_t>(hyper.size()) || hyper[row].size() != 5) return false;
+    const double lr = hyper[row][0], beta1 = hyper[row][1], beta2 = hyper[row][2], eps = hyper[row][3],
+                 wd = hyper[row][4];
+    // t of the main step: the last advance of this call has t = steps[i]
+    const double t_last = st.scalar_type() == at::kFloat ? static_cast<double>(*st.const_data_ptr<float>())
+                                                          : *st.const_data_ptr<double>();
+    const double t_main = t_last - n_adv + 1 + (flags.has_prior ? 1 : 0);
+    auto make_apply = [&](double t) {
+      const double bc1 = 1.0 - std::pow(beta1, t), bc2 = 1.0 - std::pow(beta2, t);
+      const double step = eps_also ? lr * std::sqrt(bc2) / bc1 : lr / bc1;
+      return Apply{static_cast<float>(step), static_cast<float>(std::sqrt(bc2))};
+    };
+
+    Job j{};
+    j.src = sources[i].const_data_ptr();
+    j.dst = destinations[i].data_ptr();
+    j.grad = grads[i].const_data_ptr();
+    j.prior = flags.has_prior ? prior_grads[i].const_data_ptr() : nullptr;
+    j.extrap = flags.has_extrap ? extrapolate_to[i].data_ptr() : nullptr;
+    j.save_src = save_sources_to.empty() ? nullptr : save_sources_to[i].data_ptr();
+    j.save_grad = save_grads_to.empty() ? nullptr : save_grads_to[i].data_ptr();
+    j.m = exp_avgs[i].data_ptr<float>();
+    j.v = exp_avg_sqs[i].data_ptr<float>();
+    j.vmax = flags.amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr;
+    j.n = n;
+    j.prior_scale = static_cast<float>(sign * prior_scale);
+    j.main_scale = static_cast<float>(sign * grad_scale);
+    j.extrap_scale = static_cast<float>(sign * extrapolation_scale);
+    j.wd = static_cast<float>(wd);
+    j.lerp_w = static_cast<float>(1.0 - beta1);
+    j.beta2 = static_cast<float>(beta2);
+    j.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+    j.eps = static_cast<float>(eps);
+    j.decay = static_cast<float>(1.0 - lr * wd);
+    j.main_apply = make_apply(t_main);
+    j.extrap_apply = make_apply(t_main + 1);
+    const int wd_mode = wd == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kCoupled);
+    j.fn = pick_for(pdt, flags.amsgrad, eps_also, wd_mode);
+    jobs.push_back(j);
+  }
+
+  pybind11::gil_scoped_release no_gil;
+  run_all(jobs, flags);
+  return true;
+}
+
+std::string instruction_set() { return has_avx2() ? "avx2" : "baseline"; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Single-pass Adam-style updates of also_fused on CPU tensors";
+  m.def("adam_update", &adam_update, "One Adam-style update of many CPU tensors in one pass over memory");
+  m.def("instruction_set", &instruction_set, "The vector instruction set the update runs with");
+}
