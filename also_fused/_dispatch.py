@@ -8,10 +8,12 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import cpu_fused
 from . import functional as F
 
 BACKENDS = ("auto", "reference", "triton")
 _warned_fallback = False
+_warned_cpu_fallback = False
 
 
 def triton_available() -> tuple[bool, str]:
@@ -31,10 +33,18 @@ def interpreter_enabled() -> bool:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map "auto" | "reference" | "triton" to the path that runs for tensors on ``device``."""
-    global _warned_fallback
+    global _warned_fallback, _warned_cpu_fallback
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
+        return "reference"
+    if backend == "auto" and device.type == "cpu":
+        ok, why = cpu_fused.available()
+        if ok:
+            return "cpu"
+        if not _warned_cpu_fallback:
+            warnings.warn(f"also_fused: fast CPU path unavailable ({why}); using the reference path on cpu")
+            _warned_cpu_fallback = True
         return "reference"
     ok, why = triton_available()
     runs_here = device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
@@ -149,6 +159,9 @@ def adam_update(
         F.adam_update_reference(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, rows,
                                 hyper_rows, **flags)
         return
+    if backend == "cpu":
+        cpu_fused.adam_update(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, hyper, hyper_rows, **flags)
+        return
     from .kernels.multi_tensor_adam import multi_tensor_adam_
 
     table = (hyper_table or HyperTable()).get(hyper, sources[0].device)
@@ -161,7 +174,7 @@ def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, ou
     """out = PiUpdate(pi, G); second_out = PiUpdate(out, G) (optimistic loop API).
 
     ``error_word`` (kernels only): nothing is written while it is non-zero."""
-    if backend == "reference":
+    if backend in ("reference", "cpu"):
         new = F.pi_update_reference(pi, group_ids, losses, **hyper)
         out.copy_(new)
         if second_out is not None:
@@ -175,7 +188,7 @@ def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, ou
 def weighted_loss(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, loss_scale: float,
                   error_word: Optional[Tensor] = None) -> Tensor:
     """loss_scale * sum_i pi[g_i] l_i; on the kernels, bad ids and non-finite losses also set ``error_word``."""
-    if backend == "reference":
+    if backend in ("reference", "cpu"):
         return F.weighted_loss_reference(pi, group_ids, losses, loss_scale)
     from .kernels.losses import weighted_loss as weighted_loss_kernel
 

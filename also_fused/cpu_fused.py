@@ -1,0 +1,132 @@
+"""The fast CPU path: Adam-style updates of CPU tensors in one pass over memory.
+
+It computes what ``functional.adam_update_reference`` states, with the same arguments:
+
+* torch's formula (``eps_mode="torch"``, the Adam/AdamW drop-ins) on float32 params updated in
+  place runs torch's own fused CPU kernel (``torch._fused_adam_`` / ``torch._fused_adamw_``), one
+  call per param group: ``p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)``, bitwise what
+  ``torch.optim.Adam(fused=True)`` computes;
+* everything else (ALSO's ``x - lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps)``, the optimistic
+  extrapolation fused with the main step, the prior advance, the copies of x and g, bf16/fp16
+  params) runs the compiled extension ``also_fused._cpu_adam``: every element is read once and
+  written once, in float32, in the reference's order of operations;
+* whatever neither handles (e.g. non-contiguous tensors) runs the reference itself.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+try:
+    from . import _cpu_adam
+    _IMPORT_ERROR = ""
+except ImportError as exc:  # not built (no C++ compiler at install), or built for another torch
+    _cpu_adam = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_torch_fused_ok: Optional[bool] = None
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the compiled single-pass update imports, else (False, why)."""
+    if _cpu_adam is None:
+        return False, f"the extension also_fused._cpu_adam did not import ({_IMPORT_ERROR})"
+    return True, ""
+
+
+def torch_fused_available() -> bool:
+    """Whether this torch has the fused Adam kernel for CPU tensors (torch >= 2.4)."""
+    global _torch_fused_ok
+    if _torch_fused_ok is None:
+        try:
+            p, g = torch.zeros(1), torch.ones(1)
+            torch._fused_adam_([p], [g], [torch.zeros(1)], [torch.zeros(1)], [], [torch.ones(())], lr=1e-3,
+                               beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+            _torch_fused_ok = bool(torch.isfinite(p).all()) and float(p) != 0.0
+        except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+            _torch_fused_ok = False
+    return _torch_fused_ok
+
+
+def _all_contiguous(*lists: Sequence[Tensor]) -> bool:
+    return all(t.is_contiguous() for tensors in lists for t in tensors)
+
+
+def _torch_fused_step(params: list[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                      exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Optional[Sequence[Tensor]],
+                      steps: Sequence[Tensor], hyper: Sequence[tuple[float, float, float, float, float]],
+                      hyper_rows: Sequence[int], decoupled: bool, maximize: bool) -> None:
+    """torch.optim.Adam/AdamW's fused CPU update in place, one call per hyper-parameter row."""
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    rows = sorted(set(hyper_rows))
+    for row in rows:
+        if len(rows) == 1:
+            idx = None
+            pick = list
+        else:
+            idx = [i for i, r in enumerate(hyper_rows) if r == row]
+            pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+        lr, beta1, beta2, eps, weight_decay = hyper[row]
+        kernel(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
+               [] if max_exp_avg_sqs is None else pick(max_exp_avg_sqs), pick(steps), lr=lr, beta1=beta1,
+               beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=max_exp_avg_sqs is not None,
+               maximize=maximize)
+
+
+def adam_update(
+    sources: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    destinations: Sequence[Tensor],
+    hyper: Sequence[tuple[float, float, float, float, float]],
+    hyper_rows: Sequence[int],
+    *,
+    max_exp_avg_sqs: Optional[Sequence[Tensor]] = None,
+    eps_mode: str = "also",
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    grad_scale: float = 1.0,
+    save_sources_to: Optional[Sequence[Tensor]] = None,
+    save_grads_to: Optional[Sequence[Tensor]] = None,
+    extrapolate_to: Optional[Sequence[Tensor]] = None,
+    extrapolation_scale: float = 1.0,
+    prior_grads: Optional[Sequence[Tensor]] = None,
+    prior_scale: float = 1.0,
+    commit_state: bool = True,
+) -> None:
+    """``functional.adam_update_reference`` on CPU tensors, in one pass over memory where it can.
+
+    Same arguments, same contract: ``steps`` already hold the step count of the last moment
+    advance of this call; see the reference for the meaning of every flag.
+    """
+    if len(sources) == 0:
+        return
+    if not commit_state and (prior_grads is not None or extrapolate_to is not None):
+        raise ValueError("commit_state=False only applies to a single update")
+    plain = (prior_grads is None and extrapolate_to is None and save_sources_to is None and save_grads_to is None
+             and commit_state and grad_scale == 1.0)
+    if (eps_mode == "torch" and plain and sources[0].dtype == torch.float32 and torch_fused_available()
+            and all(s is d for s, d in zip(sources, destinations))
+            and _all_contiguous(sources, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or ())):
+        _torch_fused_step(list(sources), grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, hyper_rows,
+                          decoupled_weight_decay, maximize)
+        return
+    if _cpu_adam is not None and _cpu_adam.adam_update(
+            list(sources), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or ()),
+            list(steps), list(destinations), [tuple(map(float, row)) for row in hyper], list(hyper_rows),
+            eps_mode == "also", decoupled_weight_decay, maximize, float(grad_scale), list(save_sources_to or ()),
+            list(save_grads_to or ()), list(extrapolate_to or ()), float(extrapolation_scale),
+            list(prior_grads or ()), float(prior_scale), commit_state):
+        return
+    F.adam_update_reference(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, hyper, hyper_rows,
+                            max_exp_avg_sqs=max_exp_avg_sqs, eps_mode=eps_mode,
+                            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_scale=grad_scale,
+                            save_sources_to=save_sources_to, save_grads_to=save_grads_to,
+                            extrapolate_to=extrapolate_to, extrapolation_scale=extrapolation_scale,
+                            prior_grads=prior_grads, prior_scale=prior_scale, commit_state=commit_state)
