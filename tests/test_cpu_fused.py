@@ -1,0 +1,456 @@
+"""The fast CPU path (backend="auto" on CPU tensors, also_fused.cpu_fused).
+
+Checked the way the reference path is: ALSO trajectories against the float64 golden model (same
+tolerances, 200 steps, both modes and APIs), one update per step count and param group against a
+float64 AdamStep, the drop-ins against torch.optim, bitwise resume, the bad-input matrix, and
+every flag of the update against ``functional.adam_update_reference``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import also_fused
+import test_adam_dropin as dropin
+import test_also_api as api_tests
+import test_bad_input_matrix as bad_inputs
+from also_fused import _dispatch, cpu_fused
+from also_fused import functional as F
+from conftest import SHORT
+from golden import adam_delta
+from harness import Config, rel, run
+from test_also_golden import MATRIX, TOL, VARIANTS, check
+
+CPU = torch.device("cpu")
+needs_extension = pytest.mark.skipif(not cpu_fused.available()[0], reason=cpu_fused.available()[1])
+
+
+def check_cpu(cfg: Config, tol: float = TOL):
+    """test_also_golden's check on CPU tensors with backend "auto", which must be the fast path."""
+    golden, opt = check(cfg, backend="auto", device="cpu", tol=tol)
+    assert opt._backend_for(CPU) == "cpu"
+    return golden, opt
+
+
+# ------------------------------------------------------------------------------ selection
+@needs_extension
+def test_auto_on_cpu_is_the_fast_path_and_reference_stays_selectable():
+    p = torch.nn.Parameter(torch.randn(3))
+    for make in (lambda b: also_fused.Adam([p], backend=b), lambda b: also_fused.AdamW([p], backend=b),
+                 lambda b: also_fused.ALSO([p], n_groups=2, batch_size=2, backend=b)):
+        assert make("auto")._backend_for(CPU) == "cpu"
+        assert make("reference")._backend_for(CPU) == "reference"
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("api", ["closure", "loop"])
+def test_fast_path_never_falls_back_to_the_reference(monkeypatch, api, mode, dtype):
+    """Every Adam update of a run (fresh params, lost gradients, amsgrad) runs a compiled kernel."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CPU path fell back to the reference update")
+
+    monkeypatch.setattr(F, "adam_update_reference", refuse)
+    run(Config(mode=mode, api=api, dtype=dtype, amsgrad=True, lose_grad_every=3, steps=12), "cpu", "auto")
+    p = torch.nn.Parameter(torch.randn(7, dtype=dtype))
+    for cls in (also_fused.Adam, also_fused.AdamW):
+        opt = cls([p], amsgrad=True, weight_decay=0.1)
+        for _ in range(3):
+            p.grad = torch.randn(7, dtype=dtype)
+            opt.step()
+
+
+# -------------------------------------------------------------------- ALSO vs float64
+@needs_extension
+@pytest.mark.parametrize("cfg", MATRIX, ids=lambda c: f"{c.mode}-{c.api}-ams{int(c.amsgrad)}-wd{c.weight_decay}")
+def test_matrix(cfg):
+    check_cpu(cfg)
+
+
+@needs_extension
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("api", ["closure", "loop"])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variants(name, mode, api):
+    check_cpu(Config(mode=mode, api=api, **VARIANTS[name]))
+
+
+@needs_extension
+@pytest.mark.parametrize("mode,api", [("optimistic", "closure"), ("descent-ascent", "closure"),
+                                      ("descent-ascent", "loop")])
+def test_lr_scheduler_and_group_lrs(mode, api):
+    """Two param groups with their own lr under a StepLR schedule (the harness's default groups)."""
+    cfg = Config(mode=mode, api=api, scheduler_gamma=0.99, lose_grad_every=4, amsgrad=True)
+    _, opt = check_cpu(cfg)
+    assert opt.param_groups[0]["lr"] < 1e-2 * 0.99 ** (cfg.steps - 1)
+    assert opt.param_groups[0]["lr"] != opt.param_groups[1]["lr"]
+
+
+@needs_extension
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("api", ["closure", "loop"])
+def test_group_mean_reduction(mode, api):
+    check_cpu(Config(mode=mode, api=api, group_reduction="mean", pi_lr=0.3, lose_grad_every=3))
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("api", ["closure", "loop"])
+def test_low_precision_params(dtype, mode, api):
+    """bf16/fp16 params, fp32 state: as near the float64 model as the reference path is (the
+    rounding of the stored params dominates; test_also_golden's bound 2e-2 for optimistic mode)."""
+    cfg = Config(mode=mode, api=api, dtype=dtype, steps=50)
+    golden, x, opt, _ = run(cfg, "cpu", "auto")
+    assert opt._backend_for(CPU) == "cpu"
+    _, x_ref, _, _ = run(cfg, "cpu", "reference")
+    for got, ref, want in zip(x, x_ref, golden.params):
+        bound = 2e-2 if mode == "optimistic" else max(2e-2, 1.1 * rel(ref, want))
+        assert rel(got, want) <= bound
+        assert rel(got, ref) <= 2e-2
+    for state in opt.state.values():
+        assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
+        for key in ("iterate", "prev_grad"):
+            if key in state:
+                assert state[key].dtype == dtype
+
+
+# --------------------------------------------- one update per step count and param group
+STEP_COUNTS = [1, 2, 3, 10, 100, 1000, 10**4, 10**5]
+ROWS = [(1e-2, 0.9, 0.999, 1.1920928955078125e-07, 1e-3),
+        (3e-3, 0.8, 0.99, 1e-2, 0.0),      # eps comparable to sqrt(v): its placement matters
+        (1e-3, 0.3, 0.9, 1e-6, 5e-2)]      # beta1 < 0.5: torch.lerp's other branch
+
+
+def float64_update(x, g, m, v, t, row, eps_mode):
+    """AdamStep of ALGORITHM.md sec. 3 ("also") or torch.optim.Adam's step ("torch") in float64."""
+    lr, beta1, beta2, eps, wd = row
+    state = dict(t=t - 1, m=m.double(), v=v.double(), vmax=torch.zeros_like(v, dtype=torch.float64))
+    if eps_mode == "also":
+        return x.double() + adam_delta(state, x.double(), g.double(), lr, (beta1, beta2), eps, wd, False)
+    d = g.double() + wd * x.double()
+    m1 = beta1 * m.double() + (1 - beta1) * d
+    v1 = beta2 * v.double() + (1 - beta2) * d * d
+    bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+    return x.double() - lr / bc1 * m1 / (v1.sqrt() / math.sqrt(bc2) + eps)
+
+
+@pytest.mark.parametrize("eps_mode", ["also", "torch"])
+def test_each_step_count_and_param_group_against_float64(eps_mode):
+    """One call updates tensors of different step counts and hyper-parameter rows; each update
+    agrees to float32 rounding with the float64 step for its own t and row."""
+    gen = torch.Generator().manual_seed(3)
+    cases = [(t, r) for t in STEP_COUNTS for r in range(len(ROWS))]
+    # small |x|: the float32 rounding of x + delta stays far below the tolerance on delta
+    xs = [torch.randn(300, generator=gen) * 1e-3 for _ in cases]
+    gs = [torch.randn(300, generator=gen) * 1e-2 for _ in cases]
+    ms = [torch.randn(300, generator=gen) * 1e-3 for _ in cases]
+    vs = [torch.rand(300, generator=gen) * 1e-4 for _ in cases]
+    want = [float64_update(x, g, m, v, t, ROWS[r], eps_mode) for x, g, m, v, (t, r) in zip(xs, gs, ms, vs, cases)]
+    params = [x.clone() for x in xs]
+    cpu_fused.adam_update(params, gs, [m.clone() for m in ms], [v.clone() for v in vs],
+                          [torch.tensor(float(t)) for t, _ in cases], params, ROWS, [r for _, r in cases],
+                          eps_mode=eps_mode)
+    for got, w, x, case in zip(params, want, xs, cases):
+        # the step itself (not just x + step) agrees to a few float32 roundings
+        assert rel(got.double() - x.double(), w - x.double()) <= 1e-5, case
+
+
+# ------------------------------------------------------- every flag against the reference
+SIZES = [1, 7, 255, 256, 257, 1000, 100_003]  # block tails, and more than one parallel task
+FLAG_SETS = {
+    "plain": dict(),
+    "torch_eps": dict(eps_mode="torch"),
+    "adamw_maximize": dict(eps_mode="torch", decoupled_weight_decay=True, maximize=True),
+    "also_decoupled": dict(decoupled_weight_decay=True),
+    "scaled_uncommitted": dict(grad_scale=0.5, commit_state=False, save_sources="copy"),
+    "extrapolate": dict(extrapolate=True, extrapolation_scale=0.7),
+    "extrapolate_in_place": dict(extrapolate=True, in_place=True),
+    "prior_saves": dict(prior=True, prior_scale=1.3, save_grads="prior", new_dst=True),
+    "saves": dict(save_sources="copy", save_grads="prior"),
+    "prior_scaled_maximize": dict(prior=True, prior_scale=0.5, grad_scale=2.0, maximize=True),
+}
+
+
+def update_inputs(dtype, amsgrad, spec, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def params():
+        return [(torch.randn(n, generator=gen) * 0.5).to(dtype) for n in SIZES]
+
+    x, g, prior = params(), params(), params()
+    state = dict(m=[torch.randn(n, generator=gen) * 0.1 for n in SIZES],
+                 v=[torch.rand(n, generator=gen) * 0.01 for n in SIZES])
+    state["vmax"] = [v * torch.rand(v.shape, generator=gen) * 2 for v in state["v"]] if amsgrad else None
+    steps = [torch.tensor(float(5 + i)) for i in range(len(SIZES))]
+    return x, g, prior, state, steps
+
+
+def run_update(fn, dtype, amsgrad, spec):
+    """Apply ``fn`` (the reference or cpu_fused.adam_update) to fresh copies; return every output."""
+    x, g, prior, state, steps = update_inputs(dtype, amsgrad, spec)
+    spec = dict(spec)
+    in_place = spec.pop("in_place", False)
+    kw = {k: v for k, v in spec.items() if k not in ("extrapolate", "prior", "save_sources", "save_grads", "new_dst")}
+    out = dict(x=x, m=state["m"], v=state["v"], vmax=state["vmax"])
+    dst = x  # sources updated in place
+    if spec.get("extrapolate"):
+        if in_place:  # the optimistic loop API's first step: the params are source and target
+            dst = out["dst"] = [torch.empty_like(t) for t in x]
+            kw["extrapolate_to"] = x
+        else:  # later steps: the iterate is updated in place, the params receive the extrapolation
+            kw["extrapolate_to"] = out["y"] = [torch.empty_like(t) for t in x]
+    elif spec.get("new_dst"):  # the closure API's main step: from the saved x into the params
+        dst = out["dst"] = [torch.empty_like(t) for t in x]
+    if spec.get("prior"):
+        kw["prior_grads"] = prior
+        out["prior"] = prior
+    if spec.get("save_sources"):
+        kw["save_sources_to"] = out["saved_x"] = [torch.empty_like(t) for t in x]
+    if spec.get("save_grads") == "prior":
+        kw["save_grads_to"] = prior  # aliasing, as the closure API's main step uses it
+    hyper = [(1e-2, 0.9, 0.999, 1e-6, 1e-2), (3e-3, 0.8, 0.99, 1e-3, 0.0)]
+    rows = [i % 2 for i in range(len(SIZES))]
+    fn(x, g, state["m"], state["v"], steps, dst, hyper, rows, max_exp_avg_sqs=state["vmax"], **kw)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+@needs_extension
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", sorted(FLAG_SETS))
+def test_every_flag_matches_the_reference(name, dtype, amsgrad):
+    spec = FLAG_SETS[name]
+    want = run_update(F.adam_update_reference, dtype, amsgrad, spec)
+    got = run_update(cpu_fused.adam_update, dtype, amsgrad, spec)
+    assert got.keys() == want.keys()
+    # one float32 rounding apart; a 16-bit param may then round to the neighbouring value
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for key in want:
+        for a, b in zip(got[key], want[key]):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            if key in ("saved_x", "prior"):
+                assert torch.equal(a, b), key  # copies are exact
+            else:
+                assert rel(a, b) <= tol, (key, rel(a, b))
+
+
+@needs_extension
+def test_uncommitted_update_leaves_the_state_alone():
+    x, g, _, state, steps = update_inputs(torch.float32, True, {})
+    before = copy.deepcopy(state)
+    dst = [torch.empty_like(t) for t in x]
+    cpu_fused.adam_update(x, g, state["m"], state["v"], steps, dst, [(1e-2, 0.9, 0.999, 1e-6, 0.0)], [0] * len(x),
+                          max_exp_avg_sqs=state["vmax"], commit_state=False)
+    for key in before:
+        for a, b in zip(state[key], before[key]):
+            assert torch.equal(a, b)
+
+
+def test_commit_state_false_with_extrapolation_is_refused_like_the_reference():
+    x, g, prior, state, steps = update_inputs(torch.float32, False, {})
+    for fn in (F.adam_update_reference, cpu_fused.adam_update):
+        with pytest.raises(ValueError, match="commit_state"):
+            fn(x, g, state["m"], state["v"], steps, x, [(1e-2, 0.9, 0.999, 1e-6, 0.0)], [0] * len(x),
+               prior_grads=prior, commit_state=False)
+
+
+@needs_extension
+def test_unsupported_inputs_run_the_reference():
+    """A layout the kernel does not take (a non-contiguous moment) leaves it untouched and the
+    update to the reference: the result is bitwise the reference's."""
+    def inputs():
+        gen = torch.Generator().manual_seed(0)
+        x = [torch.randn(6, 4, generator=gen)]
+        g = [torch.randn(6, 4, generator=gen)]
+        m = [torch.randn(4, 6, generator=gen).t()]  # strided view
+        v = [torch.rand(6, 4, generator=gen)]
+        return x, g, m, v, [torch.tensor(3.0)]
+
+    hyper, rows = [(1e-2, 0.9, 0.999, 1e-6, 1e-2)], [0]
+    x1, g1, m1, v1, s1 = inputs()
+    F.adam_update_reference(x1, g1, m1, v1, s1, x1, hyper, rows)
+    for eps_mode in ("also", "torch"):
+        x2, g2, m2, v2, s2 = inputs()
+        before = [t.clone() for t in x2 + m2 + v2]
+        args = (x2, g2, m2, v2, [], s2, x2, hyper, rows, eps_mode == "also", False, False, 1.0, [], [], [], 1.0, [],
+                1.0, True)
+        assert also_fused._cpu_adam.adam_update(*args) is False
+        assert all(torch.equal(a, b) for a, b in zip(x2 + m2 + v2, before))
+        cpu_fused.adam_update(x2, g2, m2, v2, s2, x2, hyper, rows, eps_mode=eps_mode)
+        if eps_mode == "also":
+            assert torch.equal(x2[0], x1[0]) and torch.equal(m2[0], m1[0]) and torch.equal(v2[0], v1[0])
+
+
+# ------------------------------------------------------------------ Adam / AdamW drop-ins
+def run_against(ours_cls, theirs, kwargs, steps=100, grouped=False, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen) for s in dropin.shapes() + [(300, 257)]]
+    ours = [torch.nn.Parameter(t.clone().to(dtype)) for t in init]
+    ref = [torch.nn.Parameter(t.clone().to(dtype)) for t in init]
+
+    def groups(ps):
+        if not grouped:
+            return ps
+        return [dict(params=ps[:2], lr=1e-2), dict(params=ps[2:], lr=1e-3, weight_decay=0.2)]
+
+    opt_a = ours_cls(groups(ours), backend="auto", **kwargs)
+    opt_b = theirs(groups(ref), **kwargs)
+    assert opt_a._backend_for(CPU) == "cpu"
+    for _ in range(steps):
+        for p, q in zip(ours, ref):
+            g = torch.randn(p.shape, generator=gen).to(dtype)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    return ours, ref, opt_a, opt_b
+
+
+@needs_extension
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("kwargs", dropin.CASES, ids=str)
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_dropins_match_torch(name, kwargs, grouped):
+    """Against torch.optim's single-tensor path (test_adam_dropin's tolerance), and bitwise against
+    its fused CPU path, whose kernel the float32 drop-ins call."""
+    ours, ref, _, _ = run_against(getattr(also_fused, name),
+                                  lambda ps, **kw: getattr(torch.optim, name)(ps, foreach=False, **kw), kwargs,
+                                  grouped=grouped)
+    dropin.assert_close(ours, ref)
+    if cpu_fused.torch_fused_available():
+        ours, fused, _, _ = run_against(getattr(also_fused, name),
+                                        lambda ps, **kw: getattr(torch.optim, name)(ps, fused=True, **kw), kwargs,
+                                        grouped=grouped)
+        for a, b in zip(ours, fused):
+            assert torch.equal(a, b)
+
+
+@needs_extension
+@pytest.mark.parametrize("kwargs", dropin.CASES, ids=str)
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_dropins_without_torch_fused_kernel(monkeypatch, name, kwargs):
+    """A torch without the fused CPU kernel: the extension computes torch's formula instead."""
+    monkeypatch.setattr(cpu_fused, "_torch_fused_ok", False)
+    ours, ref, _, _ = run_against(getattr(also_fused, name),
+                                  lambda ps, **kw: getattr(torch.optim, name)(ps, foreach=False, **kw), kwargs)
+    dropin.assert_close(ours, ref)
+
+
+@needs_extension
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_dropins_bf16_params_follow_the_reference(name):
+    """bf16 params with float32 state (the extension) stay with the reference path's trajectory."""
+    ours, ref, _, _ = run_against(getattr(also_fused, name),
+                                  lambda ps, **kw: getattr(also_fused, name)(ps, backend="reference", **kw),
+                                  dict(weight_decay=0.05, amsgrad=True), dtype=torch.bfloat16)
+    for a, b in zip(ours, ref):
+        assert rel(a.detach().float(), b.detach().float()) <= 2e-2
+
+
+@needs_extension
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_dropin_scheduler(name):
+    gen = torch.Generator().manual_seed(1)
+    init = [torch.randn(s, generator=gen) for s in dropin.shapes()]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_a = getattr(also_fused, name)([dict(params=ours[:2], lr=1e-2), dict(params=ours[2:], weight_decay=0.3)])
+    opt_b = getattr(torch.optim, name)([dict(params=theirs[:2], lr=1e-2), dict(params=theirs[2:], weight_decay=0.3)],
+                                       foreach=False)
+    sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=50)
+    sched_b = torch.optim.lr_scheduler.CosineAnnealingLR(opt_b, T_max=50)
+    for _ in range(60):
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_a.step(), opt_b.step(), sched_a.step(), sched_b.step()
+    dropin.assert_close(ours, theirs)
+
+
+# ----------------------------------------------------------------------- bitwise resume
+@needs_extension
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("api", ["closure", "loop"])
+def test_resume_is_bitwise(api, mode, amsgrad):
+    api_tests.test_resume_is_bitwise(api, mode, amsgrad, backend="auto", device="cpu")
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_dropin_resume_is_bitwise(name, dtype):
+    k, more = 20, 30
+    gen = torch.Generator().manual_seed(4)
+    init = [torch.randn(s, generator=gen).to(dtype) for s in dropin.shapes()]
+    grads = [[torch.randn(t.shape, generator=gen).to(dtype) for t in init] for _ in range(k + more)]
+
+    def stepped(params, opt, rounds):
+        for gs in rounds:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+
+    kw = dict(amsgrad=True, weight_decay=0.05)
+    full = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = getattr(also_fused, name)(full, **kw)
+    stepped(full, opt, grads)
+    half = [torch.nn.Parameter(t.clone()) for t in init]
+    opt2 = getattr(also_fused, name)(half, **kw)
+    stepped(half, opt2, grads[:k])
+    saved = copy.deepcopy(opt2.state_dict())
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in half]
+    opt3 = getattr(also_fused, name)(resumed, **kw)
+    opt3.load_state_dict(saved)
+    stepped(resumed, opt3, grads[k:])
+    for a, b in zip(resumed, full):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------- bad input
+def _bad_input_params():
+    out = []
+    for case in bad_inputs.CASES:
+        if "reference" not in case.backends or case.cuda_only:
+            continue
+        for mode in bad_inputs.MODES:
+            label = case.name + (f"-{case.api}" if case.api else "")
+            marks = [needs_extension]
+            if case.xfail and case.xfail_if("reference", mode):
+                marks.append(pytest.mark.xfail(strict=True, reason=case.xfail))
+            out.append(pytest.param(case, mode, id=f"{label}-{mode}", marks=marks))
+    return out
+
+
+@pytest.mark.skipif(bad_inputs.DEVICE != "cpu", reason="the matrix builds its tensors on the test device")
+@pytest.mark.parametrize("case,mode", _bad_input_params())
+def test_bad_input(case, mode):
+    """test_bad_input_matrix on the fast path: clear errors, the optimizer unchanged, then bitwise
+    the twin that never saw the bad input."""
+    bad_inputs.test_bad_input(case, "auto", mode)
+
+
+# ----------------------------------------------------------------------------- fallback
+def test_missing_extension_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    monkeypatch.setattr(cpu_fused, "_cpu_adam", None)
+    monkeypatch.setattr(cpu_fused, "_IMPORT_ERROR", "ImportError: not built")
+    monkeypatch.setattr(_dispatch, "_warned_cpu_fallback", False)
+    with pytest.warns(UserWarning, match="fast CPU path unavailable.*not built"):
+        opt = also_fused.ALSO([torch.nn.Parameter(torch.randn(3))], n_groups=2, batch_size=2)
+    assert opt._backend_for(CPU) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adam = also_fused.Adam([torch.nn.Parameter(torch.randn(3))])
+    assert adam._backend_for(CPU) == "reference"
+    # and the reference path runs: the same trajectory as backend="reference"
+    cfg = Config(mode="optimistic", api="loop", steps=20 if SHORT else 40, lose_grad_every=3)
+    _, x_auto, o_auto, _ = run(cfg, "cpu", "auto")
+    _, x_ref, o_ref, _ = run(cfg, "cpu", "reference")
+    for a, b in zip(x_auto, x_ref):
+        assert torch.equal(a, b)
+    assert torch.equal(o_auto.pi, o_ref.pi)
