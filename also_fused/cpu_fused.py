@@ -14,6 +14,7 @@ It computes what ``functional.adam_update_reference`` states, with the same argu
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional, Sequence
 
 import torch
@@ -26,7 +27,12 @@ try:
     _IMPORT_ERROR = ""
 except ImportError as exc:  # not built (no C++ compiler at install), or built for another torch
     _cpu_adam = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    try:
+        _built = importlib.util.find_spec(f"{__package__}._cpu_adam") is not None
+    except (ImportError, ValueError):
+        _built = False
+    _IMPORT_ERROR = (f"{type(exc).__name__}: {exc}" if _built else
+                     "it was not built; reinstalling the package with a C++ compiler builds it")
 
 _torch_fused_ok: Optional[bool] = None
 
@@ -34,7 +40,7 @@ _torch_fused_ok: Optional[bool] = None
 def available() -> tuple[bool, str]:
     """(True, "") when the compiled single-pass update imports, else (False, why)."""
     if _cpu_adam is None:
-        return False, f"the extension also_fused._cpu_adam did not import ({_IMPORT_ERROR})"
+        return False, f"the extension also_fused._cpu_adam: {_IMPORT_ERROR}"
     return True, ""
 
 
