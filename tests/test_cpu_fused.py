@@ -173,6 +173,7 @@ FLAG_SETS = {
     "extrapolate_in_place": dict(extrapolate=True, in_place=True),
     "prior_saves": dict(prior=True, prior_scale=1.3, save_grads="prior", new_dst=True),
     "saves": dict(save_sources="copy", save_grads="prior"),
+    "new_dst_scaled": dict(new_dst=True, grad_scale=0.7),
     "prior_scaled_maximize": dict(prior=True, prior_scale=0.5, grad_scale=2.0, maximize=True),
 }
 
@@ -238,6 +239,19 @@ def test_every_flag_matches_the_reference(name, dtype, amsgrad):
                 assert torch.equal(a, b), key  # copies are exact
             else:
                 assert rel(a, b) <= tol, (key, rel(a, b))
+
+
+@needs_extension
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_in_memory_and_staged_loops_give_the_same_bits(amsgrad):
+    """The optimistic update with the iterate updated in place (the single in-memory loop) and with
+    the params as source and extrapolation target (staged through local arrays): same bits."""
+    steady = run_update(cpu_fused.adam_update, torch.float32, amsgrad, FLAG_SETS["extrapolate"])
+    first = run_update(cpu_fused.adam_update, torch.float32, amsgrad,
+                       dict(FLAG_SETS["extrapolate"], in_place=True))
+    for key, other in (("x", "dst"), ("y", "x"), ("m", "m"), ("v", "v")) + ((("vmax", "vmax"),) if amsgrad else ()):
+        for a, b in zip(steady[key], first[other]):
+            assert torch.equal(a, b), key
 
 
 @needs_extension

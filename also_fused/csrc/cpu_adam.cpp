@@ -66,6 +66,8 @@ struct Job {
   float prior_scale, main_scale, extrap_scale;
   float wd, lerp_w, beta2, one_minus_beta2, eps, decay;
   Apply main_apply, extrap_apply;
+  bool direct;    // the single in-memory loop applies (see run_range)
+  bool in_place;  // destinations are the sources
   RangeFn fn;
 };
 
@@ -122,42 +124,40 @@ ALSO_FUSED_INLINE float step_to(Coef c, const Apply& a, float x, float m, float 
   return x + (-a.step) * m / denom;  // addcdiv's order: x + (value * m) / denom
 }
 
-// The prior advance alone (moments from x, no step).
+// The prior advance alone: moments from x, in place, no step.
 template <bool AMS, int WD>
 ALSO_FUSED_INLINE void prior_loop(Coef c, float s, const float* __restrict g, const float* __restrict x,
-                                  const float* __restrict m_in, const float* __restrict v_in,
-                                  const float* __restrict vm_in, float* __restrict m_out, float* __restrict v_out,
-                                  float* __restrict vm_out, int64_t n) {
+                                  float* __restrict m, float* __restrict v, float* __restrict vm, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
-    float m = m_in[k], v = v_in[k], vm = AMS ? vm_in[k] : 0.0f;
-    moments<AMS, WD>(c, s, g[k], x[k], m, v, vm);
-    m_out[k] = m;
-    v_out[k] = v;
-    if constexpr (AMS) vm_out[k] = vm;
+    float mk = m[k], vk = v[k], vmk = AMS ? vm[k] : 0.0f;
+    moments<AMS, WD>(c, s, g[k], x[k], mk, vk, vmk);
+    m[k] = mk;
+    v[k] = vk;
+    if constexpr (AMS) vm[k] = vmk;
   }
 }
 
-// One advance and step into out; with EXTRAP (float32 params: x_new needs no rounding) a second
-// advance with s2 from x_new and a second step into y.
-template <bool AMS, bool ALSO, int WD, bool EXTRAP>
+// One advance (moments in place) and step from x into x_out; with EXTRAP (float32 params: x_new
+// needs no rounding) a second advance with s2 from x_new and a second step into y. INPLACE: x is
+// read from x_out and x_in is not used, so that every pointer that is accessed is restrict.
+template <bool AMS, bool ALSO, int WD, bool EXTRAP, bool INPLACE>
 ALSO_FUSED_INLINE void step_loop(Coef c, float s, Apply a, float s2, Apply a2, const float* __restrict g,
-                                 const float* __restrict x, const float* __restrict m_in,
-                                 const float* __restrict v_in, const float* __restrict vm_in,
-                                 float* __restrict m_out, float* __restrict v_out, float* __restrict vm_out,
-                                 float* __restrict out, float* __restrict y, int64_t n) {
+                                 const float* __restrict x_in, float* __restrict x_out, float* __restrict m,
+                                 float* __restrict v, float* __restrict vm, float* __restrict y, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
-    float m = m_in[k], v = v_in[k], vm = AMS ? vm_in[k] : 0.0f;
+    float mk = m[k], vk = v[k], vmk = AMS ? vm[k] : 0.0f;
     const float gk = g[k];
-    float vv = moments<AMS, WD>(c, s, gk, x[k], m, v, vm);
-    const float x1 = step_to<ALSO, WD>(c, a, x[k], m, vv);
-    out[k] = x1;
+    const float xk = INPLACE ? x_out[k] : x_in[k];
+    float vv = moments<AMS, WD>(c, s, gk, xk, mk, vk, vmk);
+    const float x1 = step_to<ALSO, WD>(c, a, xk, mk, vv);
+    x_out[k] = x1;
     if constexpr (EXTRAP) {
-      vv = moments<AMS, WD>(c, s2, gk, x1, m, v, vm);
-      y[k] = step_to<ALSO, WD>(c, a2, x1, m, vv);
+      vv = moments<AMS, WD>(c, s2, gk, x1, mk, vk, vmk);
+      y[k] = step_to<ALSO, WD>(c, a2, x1, mk, vv);
     }
-    m_out[k] = m;
-    v_out[k] = v;
-    if constexpr (AMS) vm_out[k] = vm;
+    m[k] = mk;
+    v[k] = vk;
+    if constexpr (AMS) vm[k] = vmk;
   }
 }
 
@@ -175,23 +175,50 @@ ALSO_FUSED_INLINE void from_float(const float* __restrict in, P* __restrict out,
   }
 }
 
-// Elements [begin, end) of one tensor, kBlock at a time: the inputs are read (float32 ones in
-// place, others converted into local arrays), the results go to local arrays, and only then is
-// anything stored. Sources may therefore be destinations or extrapolation targets, and
-// save_grads_to may be prior_grads.
+// Elements [begin, end) of one tensor, kBlock at a time. The direct path (float32 params, state
+// committed, destinations equal to or apart from the sources, extrapolation targets apart from
+// both) updates the tensors' memory in place in one loop. The staged path reads the inputs (16-bit
+// ones converted) and the moments into local arrays, computes there, and only then stores: it
+// takes any aliasing (e.g. the extrapolation target being the source, on the first optimistic
+// step). Either way x is copied to save_src before anything is written, and g to save_grad after
+// everything is read (save_grads_to may be prior_grads).
 template <typename P, bool AMS, bool ALSO, int WD>
 ALSO_FUSED_INLINE void run_range(const Job& j, const Flags& f, int64_t begin, int64_t end) {
   constexpr bool kF32 = std::is_same_v<P, float>;
-  alignas(64) float xb[kBlock], gb[kBlock], pb[kBlock];
-  alignas(64) float m1[kBlock], v1[kBlock], vm1[kBlock];
-  alignas(64) float m2[kBlock], v2[kBlock], vm2[kBlock];
-  alignas(64) float out[kBlock], y[kBlock];
+  alignas(64) float xb[kBlock], gb[kBlock], pb[kBlock], mb[kBlock], vb[kBlock], vmb[kBlock], ob[kBlock], yb[kBlock];
   const Coef c(j);
   for (int64_t off = begin; off < end; off += kBlock) {
     const int64_t n = std::min(kBlock, end - off);
     const P* src = static_cast<const P*>(j.src) + off;
     const P* grad = static_cast<const P*>(j.grad) + off;
     if (j.save_src != nullptr) std::memcpy(static_cast<P*>(j.save_src) + off, src, sizeof(P) * n);
+    if constexpr (kF32) {
+      if (j.direct) {
+        float* m = j.m + off;
+        float* v = j.v + off;
+        float* vm = AMS ? j.vmax + off : nullptr;
+        float* dst = static_cast<float*>(j.dst) + off;
+        float* y = f.has_extrap ? static_cast<float*>(j.extrap) + off : nullptr;
+        if (f.has_prior) prior_loop<AMS, WD>(c, j.prior_scale, static_cast<const float*>(j.prior) + off, src, m, v, vm, n);
+        if (f.has_extrap) {
+          if (j.in_place) {
+            step_loop<AMS, ALSO, WD, true, true>(c, j.main_scale, j.main_apply, j.extrap_scale, j.extrap_apply, grad,
+                                                 nullptr, dst, m, v, vm, y, n);
+          } else {
+            step_loop<AMS, ALSO, WD, true, false>(c, j.main_scale, j.main_apply, j.extrap_scale, j.extrap_apply, grad,
+                                                  src, dst, m, v, vm, y, n);
+          }
+        } else if (j.in_place) {
+          step_loop<AMS, ALSO, WD, false, true>(c, j.main_scale, j.main_apply, 0.0f, j.main_apply, grad, nullptr, dst,
+                                                m, v, vm, nullptr, n);
+        } else {
+          step_loop<AMS, ALSO, WD, false, false>(c, j.main_scale, j.main_apply, 0.0f, j.main_apply, grad, src, dst, m,
+                                                 v, vm, nullptr, n);
+        }
+        if (j.save_grad != nullptr) std::memcpy(static_cast<P*>(j.save_grad) + off, grad, sizeof(P) * n);
+        continue;
+      }
+    }
     const float* x;
     const float* g;
     if constexpr (kF32) {
@@ -203,9 +230,9 @@ ALSO_FUSED_INLINE void run_range(const Job& j, const Flags& f, int64_t begin, in
       x = xb;
       g = gb;
     }
-    const float* m_in = j.m + off;
-    const float* v_in = j.v + off;
-    const float* vm_in = AMS ? j.vmax + off : nullptr;
+    std::memcpy(mb, j.m + off, sizeof(float) * n);
+    std::memcpy(vb, j.v + off, sizeof(float) * n);
+    if (AMS) std::memcpy(vmb, j.vmax + off, sizeof(float) * n);
     if (f.has_prior) {
       const P* prior = static_cast<const P*>(j.prior) + off;
       const float* pg;
@@ -215,38 +242,28 @@ ALSO_FUSED_INLINE void run_range(const Job& j, const Flags& f, int64_t begin, in
         to_float(prior, pb, n);
         pg = pb;
       }
-      prior_loop<AMS, WD>(c, j.prior_scale, pg, x, m_in, v_in, vm_in, m1, v1, vm1, n);
-      m_in = m1;
-      v_in = v1;
-      vm_in = vm1;
+      prior_loop<AMS, WD>(c, j.prior_scale, pg, x, mb, vb, vmb, n);
     }
-    float* m_fin = m2;
-    float* v_fin = v2;
-    float* vm_fin = vm2;
     if (kF32 && f.has_extrap) {
-      step_loop<AMS, ALSO, WD, true>(c, j.main_scale, j.main_apply, j.extrap_scale, j.extrap_apply, g, x, m_in, v_in,
-                                     vm_in, m2, v2, vm2, out, y, n);
-      from_float(out, static_cast<P*>(j.dst) + off, n);
-      from_float(y, static_cast<P*>(j.extrap) + off, n);
+      step_loop<AMS, ALSO, WD, true, false>(c, j.main_scale, j.main_apply, j.extrap_scale, j.extrap_apply, g, x, ob,
+                                            mb, vb, vmb, yb, n);
+      from_float(ob, static_cast<P*>(j.dst) + off, n);
     } else {
-      step_loop<AMS, ALSO, WD, false>(c, j.main_scale, j.main_apply, 0.0f, j.main_apply, g, x, m_in, v_in, vm_in, m2,
-                                      v2, vm2, out, nullptr, n);
-      from_float(out, static_cast<P*>(j.dst) + off, n);
+      step_loop<AMS, ALSO, WD, false, false>(c, j.main_scale, j.main_apply, 0.0f, j.main_apply, g, x, ob, mb, vb, vmb,
+                                             nullptr, n);
+      from_float(ob, static_cast<P*>(j.dst) + off, n);
       if (f.has_extrap) {
         // the extrapolation starts from x_new as stored, i.e. rounded to the param dtype
         to_float(static_cast<const P*>(j.dst) + off, xb, n);
-        step_loop<AMS, ALSO, WD, false>(c, j.extrap_scale, j.extrap_apply, 0.0f, j.extrap_apply, g, xb, m2, v2, vm2,
-                                        m1, v1, vm1, y, nullptr, n);
-        from_float(y, static_cast<P*>(j.extrap) + off, n);
-        m_fin = m1;
-        v_fin = v1;
-        vm_fin = vm1;
+        step_loop<AMS, ALSO, WD, false, false>(c, j.extrap_scale, j.extrap_apply, 0.0f, j.extrap_apply, g, xb, yb, mb,
+                                               vb, vmb, nullptr, n);
       }
     }
+    if (f.has_extrap) from_float(yb, static_cast<P*>(j.extrap) + off, n);
     if (f.commit) {
-      std::memcpy(j.m + off, m_fin, sizeof(float) * n);
-      std::memcpy(j.v + off, v_fin, sizeof(float) * n);
-      if (AMS) std::memcpy(j.vmax + off, vm_fin, sizeof(float) * n);
+      std::memcpy(j.m + off, mb, sizeof(float) * n);
+      std::memcpy(j.v + off, vb, sizeof(float) * n);
+      if (AMS) std::memcpy(j.vmax + off, vmb, sizeof(float) * n);
     }
     if (j.save_grad != nullptr) std::memcpy(static_cast<P*>(j.save_grad) + off, grad, sizeof(P) * n);
   }
@@ -343,6 +360,31 @@ bool usable(const at::Tensor& t, at::ScalarType dtype, int64_t numel) {
 
 bool list_ok(const std::vector<at::Tensor>& list, size_t n) { return list.empty() || list.size() == n; }
 
+struct Span {
+  uintptr_t lo, hi;
+};
+
+Span span(const at::Tensor& t) {
+  const auto lo = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return Span{lo, lo + static_cast<uintptr_t>(t.numel()) * t.element_size()};
+}
+
+bool apart(Span a, Span b) { return a.hi <= b.lo || b.hi <= a.lo; }
+
+// Whether the single in-memory loop may run: no array it writes overlaps another array it
+// touches (the destination may be the source itself).
+bool direct_ok(const std::vector<Span>& written, const std::vector<Span>& read) {
+  for (size_t a = 0; a < written.size(); ++a) {
+    for (size_t b = a + 1; b < written.size(); ++b) {
+      if (!apart(written[a], written[b])) return false;
+    }
+    for (const Span& r : read) {
+      if (!apart(written[a], r)) return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 // Returns false, having changed nothing, when the inputs are outside what this kernel handles
@@ -426,6 +468,17 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
     j.decay = static_cast<float>(1.0 - lr * wd);
     j.main_apply = make_apply(t_main);
     j.extrap_apply = make_apply(t_main + 1);
+    j.in_place = j.src == j.dst;
+    j.direct = false;
+    if (pdt == at::kFloat && commit_state) {
+      std::vector<Span> written{span(destinations[i]), span(exp_avgs[i]), span(exp_avg_sqs[i])};
+      std::vector<Span> read{span(grads[i])};
+      if (!j.in_place) read.push_back(span(sources[i]));
+      if (flags.amsgrad) written.push_back(span(max_exp_avg_sqs[i]));
+      if (flags.has_extrap) written.push_back(span(extrapolate_to[i]));
+      if (flags.has_prior) read.push_back(span(prior_grads[i]));
+      j.direct = direct_ok(written, read);
+    }
     const int wd_mode = wd == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kCoupled);
     j.fn = pick_for(pdt, flags.amsgrad, eps_also, wd_mode);
     jobs.push_back(j);
