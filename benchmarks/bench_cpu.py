@@ -1,9 +1,12 @@
-"""CPU benchmark of one optimizer step: also_fused's reference path vs torch.optim.Adam, in one run.
+"""CPU benchmark of one optimizer step: also_fused against torch's fused CPU Adam/AdamW, interleaved.
 
-Workload: 4.7M float32 params in 60 tensors (30 weight matrices and 30 biases), random non-zero
-gradients, n_groups = 10, batch 256. Times the whole ``step()`` call: warm-up, then the median of
-many runs. Writes JSON records to benchmarks/results/ and prints a table with ratios to
-torch.optim.Adam(foreach=False).
+Workloads (float32, 30 weight matrices and 30 biases, random non-zero gradients, n_groups 10,
+batch 256): "4.7M", the model of issue 13 (390 x 400 weights), with every implementation; and the
+sweep sizes "1M" and "19M" (square weights of width 180 and 790) with the main ones. Every round
+steps every implementation of a workload once, in a shuffled order, so that changes in the
+machine's load hit all of them alike. The table reports the median over rounds and the ratio to
+torch.optim.Adam(fused=True) (AdamW rows: to torch.optim.AdamW(fused=True)). Writes JSON records
+to benchmarks/results/cpu_step.json.
 """
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -24,49 +29,39 @@ import also_fused  # noqa: E402
 from published_loop import PublishedStyleALSO  # noqa: E402
 
 N_GROUPS, BATCH = 10, 256
+WORKLOADS = {"4.7M": [(390, 400)] * 30 + [(400,)] * 30,
+             "1M": [(180, 180)] * 30 + [(180,)] * 30,
+             "19M": [(790, 790)] * 30 + [(790,)] * 30}
+ADAM_FUSED, ADAMW_FUSED = "torch Adam (fused=True)", "torch AdamW (fused=True)"
+# the done-when bounds of issue 13 (x torch fused, same run)
+TARGETS = {"also_fused Adam": 1.15, "also_fused AdamW": 1.15, "also_fused ALSO descent-ascent, loop": 1.35,
+           "also_fused ALSO optimistic, loop": 2.4}
 
 
-def make_params(seed=0):
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_params(shapes, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(390, 400)] * 30 + [(400,)] * 30
     return [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
 
 
-def bench(step_fn, params, grads, warmup, iters):
-    times = []
-    for k in range(warmup + iters):
-        for p, g in zip(params, grads[k % len(grads)]):
-            p.grad = g
-        t0 = time.perf_counter()
-        step_fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times[warmup:])
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_step.json"))
-    args = parser.parse_args()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the progress bar is optional
-        tqdm = lambda x, **k: x  # noqa: E731
-
-    gen = torch.Generator().manual_seed(1)
-    template = make_params()
-    grads = [[torch.randn(p.shape, generator=gen) for p in template] for _ in range(2)]
-    ids = torch.randint(0, N_GROUPS, (BATCH,), generator=gen)
-    losses = torch.rand(BATCH, generator=gen) + 0.5
-    n_params = sum(p.numel() for p in template)
-
+def implementations(ids: torch.Tensor, losses: torch.Tensor, full: bool) -> dict[str, Callable]:
+    """name -> build(params) -> step function. ``full`` adds the context rows."""
     def closure(pi_sel, scale):
         return losses, None
 
-    def also_step(mode, api):
+    def also_step(mode, api, backend="auto"):
         def build(params):
-            opt = also_fused.ALSO(params, N_GROUPS, batch_size=BATCH, mode=mode, backend="reference")
+            opt = also_fused.ALSO(params, N_GROUPS, batch_size=BATCH, mode=mode, backend=backend)
             if api == "closure":
                 return lambda: opt.step(closure, ids)
 
@@ -85,32 +80,104 @@ def main():
     impls = {
         "torch Adam (foreach=False)": lambda ps: torch.optim.Adam(ps, weight_decay=1e-3, foreach=False).step,
         "torch Adam (foreach=True)": lambda ps: torch.optim.Adam(ps, weight_decay=1e-3, foreach=True).step,
-        "also_fused Adam (reference)": lambda ps: also_fused.Adam(ps, weight_decay=1e-3, backend="reference").step,
-        "published-style ALSO descent-ascent": published("descent-ascent"),
-        "published-style ALSO optimistic": published("optimistic"),
-        "also_fused ALSO descent-ascent, closure": also_step("descent-ascent", "closure"),
+        ADAM_FUSED: lambda ps: torch.optim.Adam(ps, weight_decay=1e-3, fused=True).step,
+        ADAMW_FUSED: lambda ps: torch.optim.AdamW(ps, weight_decay=1e-3, fused=True).step,
+        "also_fused Adam": lambda ps: also_fused.Adam(ps, weight_decay=1e-3).step,
+        "also_fused AdamW": lambda ps: also_fused.AdamW(ps, weight_decay=1e-3).step,
         "also_fused ALSO descent-ascent, loop": also_step("descent-ascent", "loop"),
-        "also_fused ALSO optimistic, closure": also_step("optimistic", "closure"),
+        "also_fused ALSO descent-ascent, closure": also_step("descent-ascent", "closure"),
         "also_fused ALSO optimistic, loop": also_step("optimistic", "loop"),
+        "also_fused ALSO optimistic, closure": also_step("optimistic", "closure"),
     }
-    results = {}
-    for name in tqdm(list(impls), desc="cpu step benchmark"):
-        params = make_params()
-        results[name] = bench(impls[name](params), params, grads, args.warmup, args.iters)
-    base = results["torch Adam (foreach=False)"]
-    meta = dict(device=f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                torch=torch.__version__, date=datetime.date.today().isoformat(),
-                workload=f"{n_params / 1e6:.1f}M fp32 params in {len(template)} tensors, n_groups {N_GROUPS}, "
-                         f"batch {BATCH}")
-    records = [dict(meta, impl=name, median_ms=ms, ratio_vs_torch_adam_single=ms / base,
-                    bytes_per_step=None) for name, ms in results.items()]
+    if full:
+        impls.update({
+            "also_fused Adam (reference)": lambda ps: also_fused.Adam(ps, weight_decay=1e-3, backend="reference").step,
+            "also_fused ALSO descent-ascent, loop (reference)": also_step("descent-ascent", "loop", "reference"),
+            "also_fused ALSO optimistic, loop (reference)": also_step("optimistic", "loop", "reference"),
+            "published-style ALSO descent-ascent": published("descent-ascent"),
+            "published-style ALSO optimistic": published("optimistic"),
+        })
+    return impls
+
+
+def bench_workload(shapes, impls: dict[str, Callable], warmup: int, rounds: int, seed: int) -> dict[str, list]:
+    """Step times (ms) per implementation, all stepped once per round in a shuffled order."""
+    gen = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
+    params = {name: make_params(shapes) for name in impls}
+    steps = {name: build(params[name]) for name, build in impls.items()}
+    order = list(impls)
+    rng = random.Random(seed)
+    times: dict[str, list] = {name: [] for name in impls}
+    for k in range(warmup + rounds):
+        rng.shuffle(order)
+        for name in order:
+            for p, g in zip(params[name], grads[k % 2]):
+                p.grad = g
+            t0 = time.perf_counter()
+            steps[name]()
+            elapsed = time.perf_counter() - t0
+            if k >= warmup:
+                times[name].append(1e3 * elapsed)
+    return times
+
+
+def baseline_of(name: str) -> str:
+    return ADAMW_FUSED if "AdamW" in name else ADAM_FUSED
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--workloads", default="4.7M,1M,19M", help="comma-separated, from " + ", ".join(WORKLOADS))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled order within a round")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_step.json"))
+    args = parser.parse_args()
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, N_GROUPS, (BATCH,), generator=gen)
+    losses = torch.rand(BATCH, generator=gen) + 0.5
+    backend = also_fused.Adam([torch.nn.Parameter(torch.zeros(1))])._backend_for(torch.device("cpu"))
+    meta = dict(device=f"CPU {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
+                torch=torch.__version__, date=datetime.date.today().isoformat(), backend_auto=backend)
+    records = []
+    for w in args.workloads.split(","):
+        shapes = WORKLOADS[w]
+        n_params = sum(torch.Size(s).numel() for s in shapes)
+        full = w == "4.7M"
+        rounds = args.rounds if n_params < 10e6 else max(10, args.rounds // 2)
+        times = bench_workload(shapes, implementations(ids, losses, full), args.warmup, rounds, args.seed)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        for name, t in times.items():
+            q = statistics.quantiles(t, n=4)
+            records.append(dict(meta, workload=f"{w}: {n_params / 1e6:.1f}M fp32 params in {len(shapes)} tensors, "
+                                                f"n_groups {N_GROUPS}, batch {BATCH}",
+                                size=w, impl=name, median_ms=med[name], p25_ms=q[0], p75_ms=q[2], rounds=len(t),
+                                baseline=baseline_of(name), ratio_vs_torch_fused=med[name] / med[baseline_of(name)]))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(records, f, indent=1)
-    print(f"\n{meta['workload']}; {meta['device']}; torch {meta['torch']}; {meta['date']}")
-    print("| implementation | median ms/step | x torch Adam (foreach=False) |\n|---|---|---|")
-    for name, ms in results.items():
-        print(f"| {name} | {ms:.2f} | {ms / base:.2f} |")
+
+    print(f"\n{meta['device']}; torch {meta['torch']}; {meta['date']}; backend='auto' on CPU runs {backend!r}")
+    for w in ordered(r["size"] for r in records):
+        rows = [r for r in records if r["size"] == w]
+        print(f"\n{rows[0]['workload']} ({rows[0]['rounds']} interleaved rounds)")
+        print("| implementation | median ms/step (p25-p75) | x torch fused |\n|---|---|---|")
+        for r in rows:
+            print(f"| {r['impl']} | {r['median_ms']:.2f} ({r['p25_ms']:.2f}-{r['p75_ms']:.2f}) | "
+                  f"{r['ratio_vs_torch_fused']:.2f} |")
+    print("\nissue 13 bounds (x torch fused):")
+    for w in ordered(r["size"] for r in records):
+        for r in records:
+            if r["size"] == w and r["impl"] in TARGETS:
+                bound = TARGETS[r["impl"]]
+                verdict = "ok" if r["ratio_vs_torch_fused"] <= bound else "ABOVE"
+                print(f"  {w:5s} {r['impl']:40s} {r['ratio_vs_torch_fused']:5.2f} <= {bound:4.2f} {verdict}")
+
+
+def ordered(values):
+    return list(dict.fromkeys(values))
 
 
 if __name__ == "__main__":
