@@ -137,10 +137,10 @@ ALSO_FUSED_INLINE void prior_loop(Coef c, float s, const float* __restrict g, co
   }
 }
 
-// One advance (moments in place) and step from x into x_out; with EXTRAP (float32 params: x_new
-// needs no rounding) a second advance with s2 from x_new and a second step into y. INPLACE: x is
-// read from x_out and x_in is not used, so that every pointer that is accessed is restrict.
-template <bool AMS, bool ALSO, int WD, bool EXTRAP, bool INPLACE>
+// One advance (moments in place unless !COMMIT) and step from x into x_out; with EXTRAP (float32
+// params: x_new needs no rounding) a second advance with s2 from x_new and a second step into y.
+// INPLACE: x is read from x_out and x_in is not used, so that every pointer accessed is restrict.
+template <bool AMS, bool ALSO, int WD, bool EXTRAP, bool INPLACE, bool COMMIT = true>
 ALSO_FUSED_INLINE void step_loop(Coef c, float s, Apply a, float s2, Apply a2, const float* __restrict g,
                                  const float* __restrict x_in, float* __restrict x_out, float* __restrict m,
                                  float* __restrict v, float* __restrict vm, float* __restrict y, int64_t n) {
@@ -155,9 +155,11 @@ ALSO_FUSED_INLINE void step_loop(Coef c, float s, Apply a, float s2, Apply a2, c
       vv = moments<AMS, WD>(c, s2, gk, x1, mk, vk, vmk);
       y[k] = step_to<ALSO, WD>(c, a2, x1, mk, vv);
     }
-    m[k] = mk;
-    v[k] = vk;
-    if constexpr (AMS) vm[k] = vmk;
+    if constexpr (COMMIT) {
+      m[k] = mk;
+      v[k] = vk;
+      if constexpr (AMS) vm[k] = vmk;
+    }
   }
 }
 
@@ -175,9 +177,9 @@ ALSO_FUSED_INLINE void from_float(const float* __restrict in, P* __restrict out,
   }
 }
 
-// Elements [begin, end) of one tensor, kBlock at a time. The direct path (float32 params, state
-// committed, destinations equal to or apart from the sources, extrapolation targets apart from
-// both) updates the tensors' memory in place in one loop. The staged path reads the inputs (16-bit
+// Elements [begin, end) of one tensor, kBlock at a time. The direct path (float32 params,
+// destinations equal to or apart from the sources, extrapolation targets apart from both) updates
+// the tensors' memory in place in one loop. The staged path reads the inputs (16-bit
 // ones converted) and the moments into local arrays, computes there, and only then stores: it
 // takes any aliasing (e.g. the extrapolation target being the source, on the first optimistic
 // step). Either way x is copied to save_src before anything is written, and g to save_grad after
@@ -200,7 +202,15 @@ ALSO_FUSED_INLINE void run_range(const Job& j, const Flags& f, int64_t begin, in
         float* dst = static_cast<float*>(j.dst) + off;
         float* y = f.has_extrap ? static_cast<float*>(j.extrap) + off : nullptr;
         if (f.has_prior) prior_loop<AMS, WD>(c, j.prior_scale, static_cast<const float*>(j.prior) + off, src, m, v, vm, n);
-        if (f.has_extrap) {
+        if (!f.commit) {  // a single update whose moments are not kept (neither prior nor extrapolation)
+          if (j.in_place) {
+            step_loop<AMS, ALSO, WD, false, true, false>(c, j.main_scale, j.main_apply, 0.0f, j.main_apply, grad,
+                                                         nullptr, dst, m, v, vm, nullptr, n);
+          } else {
+            step_loop<AMS, ALSO, WD, false, false, false>(c, j.main_scale, j.main_apply, 0.0f, j.main_apply, grad,
+                                                          src, dst, m, v, vm, nullptr, n);
+          }
+        } else if (f.has_extrap) {
           if (j.in_place) {
             step_loop<AMS, ALSO, WD, true, true>(c, j.main_scale, j.main_apply, j.extrap_scale, j.extrap_apply, grad,
                                                  nullptr, dst, m, v, vm, y, n);
@@ -470,7 +480,7 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
     j.extrap_apply = make_apply(t_main + 1);
     j.in_place = j.src == j.dst;
     j.direct = false;
-    if (pdt == at::kFloat && commit_state) {
+    if (pdt == at::kFloat) {
       std::vector<Span> written{span(destinations[i]), span(exp_avgs[i]), span(exp_avg_sqs[i])};
       std::vector<Span> read{span(grads[i])};
       if (!j.in_place) read.push_back(span(sources[i]));
