@@ -34,7 +34,7 @@
 
 namespace {
 
-constexpr int64_t kBlock = 256;      // elements staged in local arrays (L1) at a time
+constexpr int64_t kBlock = 256;      // elements per inner block (held in local arrays when staged)
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel task
 
 enum WeightDecay : int { kNoDecay = 0, kCoupled = 1, kDecoupled = 2 };
