@@ -10,17 +10,21 @@ It computes what ``functional.adam_update_reference`` states, with the same argu
   extrapolation fused with the main step, the prior advance, the copies of x and g, bf16/fp16
   params) runs the compiled extension ``also_fused._cpu_adam``: every element is read once and
   written once, in float32, in the reference's order of operations;
-* whatever neither handles (e.g. non-contiguous tensors) runs the reference itself.
+* whatever neither handles (e.g. strided views) runs the reference itself.
+
+As in the reference, ``steps`` hold the counts before the call and the update advances them
+(one per moment advance) when it commits the state.
 """
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import functional as F
+from .kernels.layout import dense_like
 
 try:
     from . import _cpu_adam
@@ -58,16 +62,20 @@ def torch_fused_available() -> bool:
     return _torch_fused_ok
 
 
-def _all_contiguous(*lists: Sequence[Tensor]) -> bool:
-    return all(t.is_contiguous() for tensors in lists for t in tensors)
+def _flat_alike(params: Sequence[Tensor], *lists: Sequence[Tensor]) -> bool:
+    """Whether every tensor covers its storage densely in its param's element order (contiguous, or
+    the param's channels_last strides), as torch's fused kernel, which runs over flat storage, needs."""
+    return all(dense_like(t, p) for tensors in lists for t, p in zip(tensors, params))
 
 
 def _torch_fused_step(params: list[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                       exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Optional[Sequence[Tensor]],
                       steps: Sequence[Tensor], hyper: Sequence[tuple[float, float, float, float, float]],
                       hyper_rows: Sequence[int], decoupled: bool, maximize: bool) -> None:
-    """torch.optim.Adam/AdamW's fused CPU update in place, one call per hyper-parameter row."""
+    """torch.optim.Adam/AdamW's fused CPU update in place, one call per hyper-parameter row; like
+    torch.optim, the step counts advance first (the kernel reads the count of this step)."""
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    torch._foreach_add_(list(steps), 1.0)
     rows = sorted(set(hyper_rows))
     for row in rows:
         if len(rows) == 1:
@@ -90,7 +98,7 @@ def adam_update(
     exp_avg_sqs: Sequence[Tensor],
     steps: Sequence[Tensor],
     destinations: Sequence[Tensor],
-    hyper: Sequence[tuple[float, float, float, float, float]],
+    hyper: Sequence[tuple[Any, Any, Any, Any, Any]],
     hyper_rows: Sequence[int],
     *,
     max_exp_avg_sqs: Optional[Sequence[Tensor]] = None,
@@ -108,24 +116,25 @@ def adam_update(
 ) -> None:
     """``functional.adam_update_reference`` on CPU tensors, in one pass over memory where it can.
 
-    Same arguments, same contract: ``steps`` already hold the step count of the last moment
-    advance of this call; see the reference for the meaning of every flag.
+    Same arguments, same contract (see the reference for the meaning of every flag); hyper-parameter
+    values may be 1-element tensors, read as floats.
     """
     if len(sources) == 0:
         return
     if not commit_state and (prior_grads is not None or extrapolate_to is not None):
         raise ValueError("commit_state=False only applies to a single update")
+    hyper = [tuple(float(v) for v in row) for row in hyper]
     plain = (prior_grads is None and extrapolate_to is None and save_sources_to is None and save_grads_to is None
              and commit_state and grad_scale == 1.0)
     if (eps_mode == "torch" and plain and sources[0].dtype == torch.float32 and torch_fused_available()
             and all(s is d for s, d in zip(sources, destinations))
-            and _all_contiguous(sources, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or ())):
+            and _flat_alike(sources, sources, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or ())):
         _torch_fused_step(list(sources), grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, hyper_rows,
                           decoupled_weight_decay, maximize)
         return
     if _cpu_adam is not None and _cpu_adam.adam_update(
             list(sources), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or ()),
-            list(steps), list(destinations), [tuple(map(float, row)) for row in hyper], list(hyper_rows),
+            list(steps), list(destinations), hyper, list(hyper_rows),
             eps_mode == "also", decoupled_weight_decay, maximize, float(grad_scale), list(save_sources_to or ()),
             list(save_grads_to or ()), list(extrapolate_to or ()), float(extrapolation_scale),
             list(prior_grads or ()), float(prior_scale), commit_state):

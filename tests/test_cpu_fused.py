@@ -153,9 +153,10 @@ def test_each_step_count_and_param_group_against_float64(eps_mode):
     vs = [torch.rand(300, generator=gen) * 1e-4 for _ in cases]
     want = [float64_update(x, g, m, v, t, ROWS[r], eps_mode) for x, g, m, v, (t, r) in zip(xs, gs, ms, vs, cases)]
     params = [x.clone() for x in xs]
-    cpu_fused.adam_update(params, gs, [m.clone() for m in ms], [v.clone() for v in vs],
-                          [torch.tensor(float(t)) for t, _ in cases], params, ROWS, [r for _, r in cases],
-                          eps_mode=eps_mode)
+    steps = [torch.tensor(float(t - 1)) for t, _ in cases]  # the counts before the update
+    cpu_fused.adam_update(params, gs, [m.clone() for m in ms], [v.clone() for v in vs], steps, params, ROWS,
+                          [r for _, r in cases], eps_mode=eps_mode)
+    assert [float(s) for s in steps] == [float(t) for t, _ in cases]
     for got, w, x, case in zip(params, want, xs, cases):
         # the step itself (not just x + step) agrees to a few float32 roundings
         assert rel(got.double() - x.double(), w - x.double()) <= 1e-5, case
@@ -198,7 +199,7 @@ def run_update(fn, dtype, amsgrad, spec):
     spec = dict(spec)
     in_place = spec.pop("in_place", False)
     kw = {k: v for k, v in spec.items() if k not in ("extrapolate", "prior", "save_sources", "save_grads", "new_dst")}
-    out = dict(x=x, m=state["m"], v=state["v"], vmax=state["vmax"])
+    out = dict(x=x, m=state["m"], v=state["v"], vmax=state["vmax"], steps=steps)
     dst = x  # sources updated in place
     if spec.get("extrapolate"):
         if in_place:  # the optimistic loop API's first step: the params are source and target
@@ -235,8 +236,8 @@ def test_every_flag_matches_the_reference(name, dtype, amsgrad):
     for key in want:
         for a, b in zip(got[key], want[key]):
             assert a.dtype == b.dtype and a.shape == b.shape
-            if key in ("saved_x", "prior"):
-                assert torch.equal(a, b), key  # copies are exact
+            if key in ("saved_x", "prior", "steps"):
+                assert torch.equal(a, b), key  # copies and step counts are exact
             else:
                 assert rel(a, b) <= tol, (key, rel(a, b))
 

@@ -5,7 +5,8 @@
 //   x_new = x - lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps)        ("also": ALGORITHM.md sec. 3)
 //   x_new = x - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)         ("torch": torch.optim.Adam)
 // with bc_k = 1 - beta_k^t (AdamW first scales x by 1 - lr*wd), plus the optional prior advance,
-// the optional extrapolation from x_new and the optional copies of x and g, exactly as
+// the optional extrapolation from x_new, the optional copies of x and g, and the step counts
+// advanced by one per moment advance (when the state is committed), exactly as
 // also_fused.functional.adam_update_reference states them. Each element is read once and written
 // once; the arithmetic is float32 in the order of the reference's torch ops, never contracted into
 // FMA (the build passes -ffp-contract=off), so every instruction-set variant gives the same bits.
@@ -363,9 +364,16 @@ void run_all(const std::vector<Job>& jobs, const Flags& f) {
   }
 }
 
-bool usable(const at::Tensor& t, at::ScalarType dtype, int64_t numel) {
-  return t.defined() && t.device().is_cpu() && t.layout() == at::kStrided && t.scalar_type() == dtype &&
-         t.is_contiguous() && t.numel() == numel && !t.is_conj() && !t.is_neg();
+// A CPU tensor of ``dtype`` that covers its storage densely in the same element order as ``like``
+// (both contiguous, or equal strides in a dense layout such as channels_last): the update then runs
+// over the flat storage of all of them together.
+bool usable(const at::Tensor& t, at::ScalarType dtype, const at::Tensor& like) {
+  if (!t.defined() || !t.device().is_cpu() || t.layout() != at::kStrided || t.scalar_type() != dtype ||
+      t.sizes() != like.sizes() || t.is_conj() || t.is_neg()) {
+    return false;
+  }
+  return (t.is_contiguous() && like.is_contiguous()) ||
+         (t.strides() == like.strides() && t.is_non_overlapping_and_dense());
 }
 
 bool list_ok(const std::vector<at::Tensor>& list, size_t n) { return list.empty() || list.size() == n; }
@@ -426,14 +434,15 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
   std::vector<Job> jobs;
   jobs.reserve(count);
   for (size_t i = 0; i < count; ++i) {
-    const int64_t n = sources[i].numel();
-    if (!usable(sources[i], pdt, n) || !usable(grads[i], pdt, n) || !usable(destinations[i], pdt, n) ||
-        !usable(exp_avgs[i], at::kFloat, n) || !usable(exp_avg_sqs[i], at::kFloat, n) ||
-        (flags.amsgrad && !usable(max_exp_avg_sqs[i], at::kFloat, n)) ||
-        (flags.has_prior && !usable(prior_grads[i], pdt, n)) ||
-        (flags.has_extrap && !usable(extrapolate_to[i], pdt, n)) ||
-        (!save_sources_to.empty() && !usable(save_sources_to[i], pdt, n)) ||
-        (!save_grads_to.empty() && !usable(save_grads_to[i], pdt, n))) {
+    const at::Tensor& x = sources[i];
+    const int64_t n = x.numel();
+    if (!usable(x, pdt, x) || !usable(grads[i], pdt, x) || !usable(destinations[i], pdt, x) ||
+        !usable(exp_avgs[i], at::kFloat, x) || !usable(exp_avg_sqs[i], at::kFloat, x) ||
+        (flags.amsgrad && !usable(max_exp_avg_sqs[i], at::kFloat, x)) ||
+        (flags.has_prior && !usable(prior_grads[i], pdt, x)) ||
+        (flags.has_extrap && !usable(extrapolate_to[i], pdt, x)) ||
+        (!save_sources_to.empty() && !usable(save_sources_to[i], pdt, x)) ||
+        (!save_grads_to.empty() && !usable(save_grads_to[i], pdt, x))) {
       return false;
     }
     const at::Tensor& st = steps[i];
@@ -445,10 +454,10 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
     if (row < 0 || row >= static_cast<int64_t>(hyper.size()) || hyper[row].size() != 5) return false;
     const double lr = hyper[row][0], beta1 = hyper[row][1], beta2 = hyper[row][2], eps = hyper[row][3],
                  wd = hyper[row][4];
-    // t of the main step: the last advance of this call has t = steps[i]
-    const double t_last = st.scalar_type() == at::kFloat ? static_cast<double>(*st.const_data_ptr<float>())
-                                                          : *st.const_data_ptr<double>();
-    const double t_main = t_last - n_adv + 1 + (flags.has_prior ? 1 : 0);
+    // steps[i] is the count before the call: the first advance has t = steps[i] + 1
+    const double t_before = st.scalar_type() == at::kFloat ? static_cast<double>(*st.const_data_ptr<float>())
+                                                            : *st.const_data_ptr<double>();
+    const double t_main = t_before + 1 + (flags.has_prior ? 1 : 0);
     auto make_apply = [&](double t) {
       const double bc1 = 1.0 - std::pow(beta1, t), bc2 = 1.0 - std::pow(beta2, t);
       const double step = eps_also ? lr * std::sqrt(bc2) / bc1 : lr / bc1;
@@ -494,8 +503,19 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
     jobs.push_back(j);
   }
 
-  pybind11::gil_scoped_release no_gil;
-  run_all(jobs, flags);
+  {
+    pybind11::gil_scoped_release no_gil;
+    run_all(jobs, flags);
+  }
+  if (commit_state) {
+    for (const at::Tensor& st : steps) {
+      if (st.scalar_type() == at::kFloat) {
+        *st.data_ptr<float>() += static_cast<float>(n_adv);
+      } else {
+        *st.data_ptr<double>() += n_adv;
+      }
+    }
+  }
   return true;
 }
 
