@@ -44,6 +44,7 @@ def fused(params, grads, m, v, steps, eps):
 
 
 def extension(sources, grads, m, v, steps, destinations, extrapolate_to=()):
+    """also_fused's single-pass update (``steps``: the counts before it, advanced by it)."""
     ok = _cpu_adam.adam_update(sources, grads, m, v, [], steps, destinations, [(LR, BETA1, BETA2, EPS, WD)],
                                [0] * len(sources), True, False, False, 1.0, [], [], list(extrapolate_to), 1.0, [],
                                1.0, True)
@@ -90,11 +91,11 @@ def accuracy():
         want = -step_size(t) * m1 / (v1.sqrt() + EPS)
         errs = []
         for route in ("fused", "extension"):
-            xs, ms, vs, st = [x.clone()], [m.clone()], [v.clone()], [torch.tensor(float(t))]
-            if route == "fused":
-                fused(xs, [g], ms, vs, st, eps_prime(t))
-            else:
-                extension(xs, [g], ms, vs, st, xs)
+            xs, ms, vs = [x.clone()], [m.clone()], [v.clone()]
+            if route == "fused":  # torch's kernel reads the count of this step
+                fused(xs, [g], ms, vs, [torch.tensor(float(t))], eps_prime(t))
+            else:  # the extension reads the count before the step and advances it
+                extension(xs, [g], ms, vs, [torch.tensor(float(t - 1))], xs)
             got = xs[0].double() - x.double()
             errs.append(float((got - want).norm() / want.norm()))
         print(f"| {t} | {errs[0]:.1e} | {errs[1]:.1e} |")
