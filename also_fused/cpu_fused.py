@@ -76,14 +76,12 @@ def _torch_fused_step(params: list[Tensor], grads: Sequence[Tensor], exp_avgs: S
     torch.optim, the step counts advance first (the kernel reads the count of this step)."""
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     torch._foreach_add_(list(steps), 1.0)
-    rows = sorted(set(hyper_rows))
-    for row in rows:
-        if len(rows) == 1:
-            idx = None
-            pick = list
-        else:
-            idx = [i for i, r in enumerate(hyper_rows) if r == row]
-            pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+    for row in sorted(set(hyper_rows)):
+        idx = [i for i, r in enumerate(hyper_rows) if r == row]
+
+        def pick(seq: Sequence[Tensor]) -> list[Tensor]:
+            return list(seq) if len(idx) == len(params) else [seq[i] for i in idx]
+
         lr, beta1, beta2, eps, weight_decay = hyper[row]
         kernel(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
                [] if max_exp_avg_sqs is None else pick(max_exp_avg_sqs), pick(steps), lr=lr, beta1=beta1,
