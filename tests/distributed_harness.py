@@ -4,6 +4,7 @@ Two GPUs: NCCL and the Triton kernels; otherwise gloo on the CPU."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import tempfile
 import warnings
@@ -43,7 +44,10 @@ def save_rank(out_dir: str, rank: int, result: dict) -> None:
 @contextlib.contextmanager
 def joined(rank: int, init_file: str) -> Iterator[torch.device]:
     """This process as rank ``rank`` of the group; yields its device."""
-    dist.init_process_group(DIST_BACKEND, init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # a bounded timeout: a rank stuck in a collective or in the teardown fails in minutes, not after
+    # the default half hour (a rank that dies after saving its result is tolerated by run_ranks)
+    dist.init_process_group(DIST_BACKEND, init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         torch.set_num_threads(1)
         device = torch.device(f"cuda:{rank}" if ON_GPUS else "cpu")
