@@ -11,7 +11,7 @@ def rgd_loss(per_sample_losses: Tensor, temperature: float, backend: str = "auto
     """mean_i exp(min(l_i, T)/(T+1)) * l_i with the weights treated as constants (ALGORITHM.md sec. 8).
 
     ``temperature`` T is the clipping threshold. On CUDA (``backend="auto"``) forward and backward
-    are each one fused kernel; elsewhere the reference path runs.
+    are each one fused kernel; elsewhere (the CPU path too) the reference runs.
     """
     if not isinstance(per_sample_losses, Tensor) or not per_sample_losses.is_floating_point():
         raise TypeError("per_sample_losses must be a floating-point tensor")
@@ -21,8 +21,8 @@ def rgd_loss(per_sample_losses: Tensor, temperature: float, backend: str = "auto
         raise ValueError("per_sample_losses is empty")
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if _dispatch.resolve_backend(backend, per_sample_losses.device) == "reference":
-        return F.rgd_loss_reference(per_sample_losses, temperature)
+    if _dispatch.resolve_backend(backend, per_sample_losses.device) != "triton":
+        return F.rgd_loss_reference(per_sample_losses, temperature)  # the CPU path has no loss kernel of its own
     from .kernels.losses import rgd_loss as rgd_loss_kernel
 
     return rgd_loss_kernel(per_sample_losses, temperature)
