@@ -59,14 +59,15 @@ def test_matches_torch(name, kwargs):
     assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])  # "auto" on CPU tensors: the fast CPU path
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
-def test_param_groups_and_scheduler(name):
+def test_param_groups_and_scheduler(name, backend):
     gen = torch.Generator().manual_seed(1)
     init = [torch.randn(s, generator=gen) for s in shapes()]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
     opt_a = getattr(also_fused, name)([dict(params=ours[:2], lr=1e-2), dict(params=ours[2:], weight_decay=0.3)],
-                                      backend="reference")
+                                      backend=backend)
     opt_b = getattr(torch.optim, name)([dict(params=theirs[:2], lr=1e-2), dict(params=theirs[2:], weight_decay=0.3)],
                                        foreach=False)
     sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=50)

@@ -367,26 +367,6 @@ def test_dropins_bf16_params_follow_the_reference(name):
         assert rel(a.detach().float(), b.detach().float()) <= 2e-2
 
 
-@needs_extension
-@pytest.mark.parametrize("name", ["Adam", "AdamW"])
-def test_dropin_scheduler(name):
-    gen = torch.Generator().manual_seed(1)
-    init = [torch.randn(s, generator=gen) for s in dropin.shapes()]
-    ours = [torch.nn.Parameter(t.clone()) for t in init]
-    theirs = [torch.nn.Parameter(t.clone()) for t in init]
-    opt_a = getattr(also_fused, name)([dict(params=ours[:2], lr=1e-2), dict(params=ours[2:], weight_decay=0.3)])
-    opt_b = getattr(torch.optim, name)([dict(params=theirs[:2], lr=1e-2), dict(params=theirs[2:], weight_decay=0.3)],
-                                       foreach=False)
-    sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=50)
-    sched_b = torch.optim.lr_scheduler.CosineAnnealingLR(opt_b, T_max=50)
-    for _ in range(60):
-        for p, q in zip(ours, theirs):
-            g = torch.randn(p.shape, generator=gen)
-            p.grad, q.grad = g.clone(), g.clone()
-        opt_a.step(), opt_b.step(), sched_a.step(), sched_b.step()
-    dropin.assert_close(ours, theirs)
-
-
 # ----------------------------------------------------------------------- bitwise resume
 @needs_extension
 @pytest.mark.parametrize("amsgrad", [False, True])
