@@ -25,7 +25,7 @@ def run_ranks(worker: Callable[..., None], *args: Any) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         files = [os.path.join(tmp, f"rank{r}.pt") for r in range(WORLD)]
         try:
-            mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp) + args, nprocs=WORLD, join=True)
+            mp.spawn(_run_then_exit, args=(worker, os.path.join(tmp, "init"), tmp) + args, nprocs=WORLD, join=True)
         except mp.ProcessExitedException as exc:
             # gloo can abort a process while it tears its group down, after the work is done and
             # saved; a rank that died before saving its result still fails the test
@@ -33,6 +33,15 @@ def run_ranks(worker: Callable[..., None], *args: Any) -> list[dict]:
                 raise
             warnings.warn(f"a rank died after saving its result: {exc}")
         return [torch.load(f, weights_only=False) for f in files]
+
+
+def _run_then_exit(rank: int, worker: Callable[..., None], *args: Any) -> None:
+    """Run the worker, then end the process at once. Its result is saved and its process group is
+    destroyed by then; letting Python tear down the DDP model's reducer can deadlock inside torch
+    (the gloo worker thread waits for the GIL that the destructor joining it holds), which hung
+    whole test runs here."""
+    worker(rank, *args)
+    os._exit(0)
 
 
 def save_rank(out_dir: str, rank: int, result: dict) -> None:
