@@ -137,7 +137,7 @@ class AdamFamily(torch.optim.Optimizer):
                     g, local = g._local_tensor, p._local_tensor
                 if g.layout is not torch.strided:
                     raise RuntimeError("sparse gradients are not supported")
-                if not (g.is_contiguous() and local.is_contiguous()) and not dense_like(g, local):
+                if not dense_like(g, local):
                     raise RuntimeError("parameters and their gradients must be dense in one layout "
                                        "(contiguous, or channels_last with equal strides)")
                 append((p, gi))

@@ -154,13 +154,10 @@ def adam_update(
     """
     if len(sources) == 0:
         return
-    if backend == "reference":
-        rows = [tuple(float(v) for v in row) for row in hyper]
-        F.adam_update_reference(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, rows,
-                                hyper_rows, **flags)
-        return
-    if backend == "cpu":
-        cpu_fused.adam_update(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, hyper, hyper_rows, **flags)
+    if backend in ("reference", "cpu"):
+        rows = [tuple(float(v) for v in row) for row in hyper]  # a tensor lr or beta is read on the host here
+        update = F.adam_update_reference if backend == "reference" else cpu_fused.adam_update
+        update(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, rows, hyper_rows, **flags)
         return
     from .kernels.multi_tensor_adam import multi_tensor_adam_
 

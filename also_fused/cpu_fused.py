@@ -18,7 +18,7 @@ As in the reference, ``steps`` hold the counts before the call and the update ad
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -96,7 +96,7 @@ def adam_update(
     exp_avg_sqs: Sequence[Tensor],
     steps: Sequence[Tensor],
     destinations: Sequence[Tensor],
-    hyper: Sequence[tuple[Any, Any, Any, Any, Any]],
+    hyper: Sequence[tuple[float, float, float, float, float]],
     hyper_rows: Sequence[int],
     *,
     max_exp_avg_sqs: Optional[Sequence[Tensor]] = None,
@@ -114,14 +114,12 @@ def adam_update(
 ) -> None:
     """``functional.adam_update_reference`` on CPU tensors, in one pass over memory where it can.
 
-    Same arguments, same contract (see the reference for the meaning of every flag); hyper-parameter
-    values may be 1-element tensors, read as floats.
+    Same arguments, same contract (see the reference for the meaning of every flag).
     """
     if len(sources) == 0:
         return
     if not commit_state and (prior_grads is not None or extrapolate_to is not None):
         raise ValueError("commit_state=False only applies to a single update")
-    hyper = [tuple(float(v) for v in row) for row in hyper]
     plain = (prior_grads is None and extrapolate_to is None and save_sources_to is None and save_grads_to is None
              and commit_state and grad_scale == 1.0)
     if (eps_mode == "torch" and plain and sources[0].dtype == torch.float32 and torch_fused_available()
