@@ -179,7 +179,7 @@ class ALSO(AdamFamily):
         Records the detached losses for the pi step of the next ``step()``; call it once per
         micro-batch when accumulating gradients. In optimistic mode pi is the extrapolated pi_mid.
         """
-        self._poll_errors()
+        self.check_errors(wait=False)
         ids = self._as_ids(group_ids)
         self._check_losses(losses, ids, finite=False)
         weights = self._pi_mid if self.mode == "optimistic" else self._pi
@@ -202,7 +202,8 @@ class ALSO(AdamFamily):
         """Raise now for bad input that the device found in an earlier step (see ``validate``).
 
         With ``wait=False`` only what the GPU has already finished is looked at (no host sync)."""
-        self._poll_errors(wait)
+        if self._errors is not None:
+            self._errors.poll(wait)
 
     def select_batch(
         self, threshold: float, strategy: str = "pi", order: str = "desc",
@@ -233,7 +234,7 @@ class ALSO(AdamFamily):
 
     def train(self) -> None:
         """Put the extrapolated point back into the params (optimistic loop API); no-op otherwise."""
-        self._poll_errors()
+        self.check_errors(wait=False)
         if self._training:
             return
         self._swap_points("extrapolated", "iterate")
@@ -245,7 +246,7 @@ class ALSO(AdamFamily):
         The state then holds the extrapolated point y under ``"extrapolated"`` instead of x under
         ``"iterate"`` (one extra buffer per param either way). Waits for the device's check of the
         steps before it, so that an error is raised before the model is evaluated or saved."""
-        self._poll_errors(wait=True)
+        self.check_errors()
         if not self._training:
             return
         if self._api == "loop":
@@ -299,10 +300,6 @@ class ALSO(AdamFamily):
             raise ValueError(f"per-sample losses are on {losses.device}, pi is on {self.device}")
         if finite and self.validate and self._errors is None and not bool(torch.isfinite(losses).all()):
             raise ValueError("per-sample losses contain NaN or inf; the step was not taken")
-
-    def _poll_errors(self, wait: bool = False) -> None:
-        if self._errors is not None:
-            self._errors.poll(wait)
 
     def _safe_ids(self, ids: Tensor) -> Tensor:
         """Ids for torch indexing ops while out-of-range ids may still be in them (device checks:
@@ -529,7 +526,7 @@ class ALSO(AdamFamily):
 
     # ---------------------------------------------------------------- steps
     def _step_closure(self, closure: Closure, group_ids: Union[Tensor, Sequence[int]]) -> Tensor:
-        self._poll_errors()
+        self.check_errors(wait=False)
         ids = self._as_ids(group_ids)
         if self._errors is not None:
             _dispatch.flag_bad_batch(self._errors.word, self.n_groups, group_ids=ids)
@@ -607,7 +604,7 @@ class ALSO(AdamFamily):
         self._state_version += 1
 
     def _step_loop(self) -> Tensor:
-        self._poll_errors()
+        self.check_errors(wait=False)
         if not self._recorded:
             raise RuntimeError("step() without a closure needs the per-sample losses: compute the loss with "
                                "opt.weighted_loss(losses, group_ids) before backward()")
@@ -651,13 +648,13 @@ class ALSO(AdamFamily):
         plus an ``"also"`` entry with pi, pi_mid, pi_reg, the previous batch and the hyper-parameters
         of the pi step. For FSDP2 and torch.distributed.checkpoint use ``also_fused.checkpoint``.
         Waits for the device's check of the steps before it (an error is raised before saving)."""
-        self._poll_errors(wait=True)
+        self.check_errors()
         sd = super().state_dict()
         sd["also"] = self._extra_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._poll_errors(wait=True)
+        self.check_errors()
         state_dict = dict(state_dict)
         extra = state_dict.pop("also", None)
         if extra is None:
