@@ -25,7 +25,7 @@ def run_ranks(worker: Callable[..., None], *args: Any) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         files = [os.path.join(tmp, f"rank{r}.pt") for r in range(WORLD)]
         try:
-            mp.spawn(_run_then_exit, args=(worker, os.path.join(tmp, "init"), tmp) + args, nprocs=WORLD, join=True)
+            mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp) + args, nprocs=WORLD, join=True)
         except mp.ProcessExitedException as exc:
             # gloo can abort a process while it tears its group down, after the work is done and
             # saved; a rank that died before saving its result still fails the test
@@ -33,15 +33,6 @@ def run_ranks(worker: Callable[..., None], *args: Any) -> list[dict]:
                 raise
             warnings.warn(f"a rank died after saving its result: {exc}")
         return [torch.load(f, weights_only=False) for f in files]
-
-
-def _run_then_exit(rank: int, worker: Callable[..., None], *args: Any) -> None:
-    """Run the worker, then end the process at once. Its result is saved and its process group is
-    destroyed by then; letting Python tear down the DDP model's reducer can deadlock inside torch
-    (the gloo worker thread waits for the GIL that the destructor joining it holds), which hung
-    whole test runs here."""
-    worker(rank, *args)
-    os._exit(0)
 
 
 def save_rank(out_dir: str, rank: int, result: dict) -> None:
@@ -52,7 +43,10 @@ def save_rank(out_dir: str, rank: int, result: dict) -> None:
 
 @contextlib.contextmanager
 def joined(rank: int, init_file: str) -> Iterator[torch.device]:
-    """This process as rank ``rank`` of the group; yields its device."""
+    """This process as rank ``rank`` of the group; yields its device. The process ends when the block
+    has run without error (save the result inside it): letting Python free the worker's DDP model
+    afterwards can deadlock inside torch (the reducer's destructor joins gloo's worker thread, which
+    waits for the GIL to drop a tensor), and it hung whole test runs here."""
     # a bounded timeout: a rank stuck in a collective or in the teardown fails in minutes, not after
     # the default half hour (a rank that dies after saving its result is tolerated by run_ranks)
     dist.init_process_group(DIST_BACKEND, init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -66,6 +60,7 @@ def joined(rank: int, init_file: str) -> Iterator[torch.device]:
         dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # only after a block without error: an exception still reaches mp.spawn
 
 
 def same_on_all_ranks(t: torch.Tensor) -> bool:
