@@ -1,3 +1,4 @@
+import os
 import warnings
 
 from setuptools import setup
@@ -6,8 +7,10 @@ from setuptools import setup
 def cpu_extension():
     """The single-pass CPU update (also_fused._cpu_adam), built against the installed torch.
 
-    Optional: without torch at build time or without a C++ compiler the package installs without
+    Optional: skipped when ALSO_FUSED_NO_CPU_EXTENSION=1; without torch at build time or without a C++ compiler the package installs without
     it, and the CPU optimizers fall back to the reference path (with one warning at run time)."""
+    if os.environ.get("ALSO_FUSED_NO_CPU_EXTENSION", "0") not in ("", "0"):
+        return {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:

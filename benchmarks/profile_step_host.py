@@ -1,7 +1,9 @@
-"""Where the host time of ``opt.step()`` goes: cProfile around the optimizer calls of a small training loop.
+"""Where the host time of ``opt.step()`` goes: cProfile around the optimizer calls of a training loop.
 
-MLP 512-1024-1024-10 at batch 256 with a cosine lr schedule (the host-bound case of bench_training.py);
-the forward and backward run outside the profiler. Prints the mean host us per call and the top entries.
+``--model mlp``: MLP 512-1024-1024-10 at batch 256 (the host-bound case of bench_training.py);
+``--model gpt2``: HuggingFace GPT-2 124M from its config (148 tensors), batch 4 x 128 tokens.
+A cosine lr schedule runs; the forward and backward run outside the profiler. Prints the host us per
+call (without and with cProfile) and the top entries by total and cumulative time.
 """
 from __future__ import annotations
 
@@ -9,64 +11,101 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import time
 
 import torch
 
 import also_fused
 
+NAMES = ("torch AdamW fused", "also_fused AdamW", "ALSO descent-ascent", "ALSO optimistic")
 
-def build(name: str, model: torch.nn.Module):
+
+def build_model(kind: str, device: str):
+    if kind == "gpt2":
+        import transformers
+
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).to(device)
+        tokens = torch.randint(0, 50257, (4, 129), device=device)
+        groups = torch.randint(0, 4, (4,), device=device)
+
+        def per_sample(m):
+            logits = m(tokens[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+            return loss.view(4, -1).mean(1), groups
+
+        return model, per_sample, 4, 4
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                                torch.nn.ReLU(), torch.nn.Linear(1024, 10)).to(device)
+    x = torch.randn(256, 512, device=device)
+    y = torch.randint(0, 10, (256,), device=device)
+    return model, lambda m: (torch.nn.functional.cross_entropy(m(x), y, reduction="none"), y), 10, 256
+
+
+def build_opt(name: str, model: torch.nn.Module, n_groups: int, batch: int):
     if name == "torch AdamW fused":
         return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if name == "also_fused AdamW":
         return also_fused.AdamW(model.parameters(), lr=1e-4)
     mode = "descent-ascent" if "descent" in name else "optimistic"
-    return also_fused.ALSO(model.parameters(), 10, batch_size=256, mode=mode, lr=1e-4)
+    return also_fused.ALSO(model.parameters(), n_groups, batch_size=batch, mode=mode, lr=1e-4)
+
+
+def run(name: str, args, profile: bool) -> tuple[float, float, str]:
+    torch.manual_seed(0)
+    model, per_sample, n_groups, batch = build_model(args.model, "cuda")
+    opt = build_opt(name, model, n_groups, batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10_000)
+    prof = cProfile.Profile() if profile else None
+    step_us, loss_us = [], []
+    for k in range(args.steps + 20):
+        losses, ids = per_sample(model)
+        torch.cuda.synchronize()
+        timed = k >= 20
+        if timed and prof:
+            prof.enable()
+        t0 = time.perf_counter()
+        loss = opt.weighted_loss(losses, ids) if isinstance(opt, also_fused.ALSO) else losses.mean()
+        t1 = time.perf_counter()
+        if timed and prof:
+            prof.disable()
+        loss.backward()
+        torch.cuda.synchronize()
+        if timed and prof:
+            prof.enable()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        if timed:
+            if prof:
+                prof.disable()
+            step_us.append((t3 - t2) * 1e6)
+            loss_us.append((t1 - t0) * 1e6)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    text = ""
+    if prof:
+        for key in ("tottime", "cumulative"):
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats(key).print_stats(args.top)
+            text += f"--- by {key}\n" + "\n".join(out.getvalue().splitlines()[6:]) + "\n"
+    return statistics.median(step_us), statistics.median(loss_us), text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--top", type=int, default=18)
+    parser.add_argument("--model", choices=("mlp", "gpt2"), default="mlp")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--impls", default=",".join(NAMES))
     args = parser.parse_args()
-    device = "cuda"
-    x = torch.randn(256, 512, device=device)
-    y = torch.randint(0, 10, (256,), device=device)
-    for name in ("torch AdamW fused", "also_fused AdamW", "ALSO descent-ascent", "ALSO optimistic"):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
-                                    torch.nn.ReLU(), torch.nn.Linear(1024, 10)).to(device)
-        opt = build(name, model)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10_000)
-        prof = cProfile.Profile()
-        host = 0.0
-        for k in range(args.steps + 20):
-            losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
-            timed = k >= 20
-            if timed:
-                prof.enable()
-            t0 = time.perf_counter()
-            loss = opt.weighted_loss(losses, y) if isinstance(opt, also_fused.ALSO) else None
-            t1 = time.perf_counter()
-            if timed:
-                prof.disable()
-            (losses.mean() if loss is None else loss).backward()
-            if timed:
-                prof.enable()
-            t2 = time.perf_counter()
-            opt.step()
-            t3 = time.perf_counter()
-            if timed:
-                prof.disable()
-                host += (t1 - t0) + (t3 - t2)
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
-        print(f"=== {name}: {1e6 * host / args.steps:.1f} us host per step (weighted_loss + step, under cProfile)")
-        print("\n".join(out.getvalue().splitlines()[6:]))
+    for name in args.impls.split(","):
+        step, loss, _ = run(name, args, profile=False)
+        pstep, ploss, text = run(name, args, profile=True)
+        print(f"=== {args.model} / {name}: host us median step() {step:.0f}, weighted_loss {loss:.0f} "
+              f"(under cProfile: {pstep:.0f} / {ploss:.0f})")
+        print(text, flush=True)
 
 
 if __name__ == "__main__":
