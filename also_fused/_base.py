@@ -1,6 +1,7 @@
 """What Adam, AdamW and ALSO share: state layout, backend choice, bucketing, state_dict handling."""
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -13,6 +14,7 @@ from .kernels.layout import dense_like
 FP32_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 PARAM_DTYPE_STATE_KEYS = ("iterate", "prev_grad", "extrapolated")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_is_contiguous = Tensor.is_contiguous
 
 try:
     from torch.distributed.tensor import DTensor
@@ -87,6 +89,9 @@ class AdamFamily(torch.optim.Optimizer):
         # layout of state tensors bumps _state_version and so rebuilds them
         self._plans: dict[tuple, tuple[int, list[dict]]] = {}
         self._state_version = 0
+        # per pass: the signature of the last step (params, which had gradients, flags, state version)
+        # and its plans with the positions of their gradients, for _plans_with_grads
+        self._last_step: dict[str, tuple] = {}
 
     # ----------------------------------------------------------------- helpers
     def _backend_for(self, device: torch.device) -> str:
@@ -143,6 +148,40 @@ class AdamFamily(torch.optim.Optimizer):
                 append((p, gi))
         return items
 
+    def _plans_with_grads(self, tag: str, flag_names: tuple[str, ...],
+                          per_tensor: dict[str, Callable[[Tensor, dict], Tensor]]) -> list[tuple[dict, list[Tensor]]]:
+        """The plans of ``_plans_for(tag, _grad_items(), ...)``, each with its gradients.
+
+        When the params, which of them have a gradient, the flags and the state layout are those of the
+        last call, the plans are reused after a few whole-list checks (no Python loop over the params):
+        the gradients are plain dense tensors in their param's layout, as autograd makes them."""
+        groups = self.param_groups
+        flat = list(chain.from_iterable([g["params"] for g in groups]))
+        grads = [p.grad for p in flat]
+        signature = (tuple(map(id, flat)), tuple(map(type, grads)),
+                     tuple([tuple([g.get(f, False) for f in flag_names]) for g in groups]), self._state_version)
+        last = self._last_step.get(tag)
+        if last is not None and last[0] == signature:
+            out = []
+            for plan, positions, contiguous in last[1]:
+                plan_grads = [grads[i] for i in positions]
+                if contiguous:
+                    if not all(map(_is_contiguous, plan_grads)):
+                        break
+                elif not all(map(dense_like, plan_grads, plan["params"])):
+                    break
+                out.append((plan, plan_grads))
+            else:
+                return out
+        items = self._grad_items()
+        plans = self._plans_for(tag, items, flag_names, per_tensor)
+        position = {id(p): i for i, p in enumerate(flat)}
+        entries = [(plan, [position[id(p)] for p in plan["params"]], all(map(_is_contiguous, plan["params"])))
+                   for plan in plans]
+        if not any(plan["has_dtensors"] for plan in plans):
+            self._last_step[tag] = (signature, entries)
+        return [(plan, [grads[i] for i in positions]) for plan, positions, _ in entries]
+
     def _plans_for(self, tag: str, items: list[tuple[Tensor, int]], flag_names: tuple[str, ...],
                    per_tensor: dict[str, Callable[[Tensor, dict], Tensor]]) -> list[dict]:
         """One plan per (device, dtype, flags) bucket of ``items``: the tensor lists of its update.
@@ -153,10 +192,11 @@ class AdamFamily(torch.optim.Optimizer):
         """
         # keyed by the local tensors: FSDP2 may give a DTensor param a new shard object (e.g. when
         # loading a model state_dict), and a plan must never keep updating a stale one
+        flags = tuple([tuple([bool(g.get(f, False)) for f in flag_names]) for g in self.param_groups])
         if DTensor is None:
-            key = (tag, tuple([id(p) for p, _ in items]))
+            key = (tag, flags, tuple([id(p) for p, _ in items]))
         else:
-            key = (tag, tuple([id(p._local_tensor if isinstance(p, DTensor) else p) for p, _ in items]))
+            key = (tag, flags, tuple([id(p._local_tensor if isinstance(p, DTensor) else p) for p, _ in items]))
         cached = self._plans.get(key)
         if cached is not None and cached[0] == self._state_version:
             return cached[1]
@@ -172,8 +212,7 @@ class AdamFamily(torch.optim.Optimizer):
                         exp_avgs=[local_tensor(s["exp_avg"]) for s in states],
                         exp_avg_sqs=[local_tensor(s["exp_avg_sq"]) for s in states],
                         max_exp_avg_sqs=[local_tensor(s["max_exp_avg_sq"]) for s in states] if bkey[2] else None,
-                        lists={name: [local_tensor(fn(p, s)) for p, s in zip(params, states)]
-                               for name, fn in per_tensor.items()},
+                        lists=self._tensor_lists(per_tensor, params, states),
                         backend=self._backend_for(params[0].device), cache={},
                         has_dtensors=any(is_dtensor(p) for p in params))
             plans.append(plan)
@@ -181,6 +220,17 @@ class AdamFamily(torch.optim.Optimizer):
             self._plans.clear()
         self._plans[key] = (version, plans)
         return plans
+
+    @staticmethod
+    def _tensor_lists(per_tensor: dict[str, Callable[[Tensor, dict], Tensor]], params: list[Tensor],
+                      states: list[dict]) -> dict[str, list[Tensor]]:
+        """name -> [local_tensor(fn(param, state))]; names mapped to one function share one list (the
+        launcher then reads an in-place update's params once)."""
+        built: dict[Any, list[Tensor]] = {}
+        for fn in per_tensor.values():
+            if fn not in built:
+                built[fn] = [local_tensor(fn(p, s)) for p, s in zip(params, states)]
+        return {name: built[fn] for name, fn in per_tensor.items()}
 
     def _run_plan(self, plan: dict, grads: list[Tensor], error_word: Optional[Tensor] = None, **flags: Any) -> None:
         """Run the plan's fused update (one launch on the Triton path); it advances the step counts too."""

@@ -67,55 +67,46 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class HyperTable:
-    """The kernels' hyper-parameter table on the device, rewritten in place only when a value changes.
+    """The kernels' hyper-parameters: a device table rewritten in place only when a value changes, and
+    the per-step values (lr, 1 - lr*wd) as launch arguments where the kernel takes them.
 
-    Float rows go through a few pinned host buffers that are reused only once the copy out of them
-    has finished (an event query, never a wait), so an lr schedule costs one small asynchronous copy
-    per step and no host sync. Rows holding tensors (a tensor ``lr`` or ``betas``, as for a captured
-    step driven by a scheduler) are computed on the device every call, without leaving it.
+    With at most ``MAX_LR_ARGS`` param groups of float hyper-parameters, an lr schedule changes only
+    the launch arguments: the table is keyed by the betas, eps and weight decay. Otherwise a changed
+    row is uploaded through reused pinned buffers (``kernels.staging``): one small asynchronous copy,
+    no host sync. Rows holding tensors (a tensor ``lr`` or ``betas``, as for a captured step driven by
+    a scheduler) are computed on the device every call, without leaving it.
     """
 
     def __init__(self) -> None:
         self._tables: dict[torch.device, tuple[Any, Tensor]] = {}
-        self._staging: dict[torch.device, list[tuple[Tensor, torch.cuda.Event]]] = {}
+        self._uploads: Optional[Any] = None
 
-    def get(self, rows: Sequence[tuple[Any, ...]], device: torch.device) -> Tensor:
+    def get(self, rows: Sequence[tuple[Any, ...]], device: torch.device
+            ) -> tuple[Tensor, Optional[list[tuple[float, float]]]]:
+        """(table, lr_args) for ``multi_tensor_adam_``; lr_args is None when the table's lr columns apply."""
         if any(isinstance(v, Tensor) for row in rows for v in row):
             table = torch.stack([_device_hyper_row(row, device) for row in rows]).float()
             self._tables.pop(device, None)
-            return table
-        key = tuple(rows)
+            return table, None
+        lr_args = None
+        if len(rows) <= _kernels().MAX_LR_ARGS:
+            lr_args = [(lr, 1.0 - lr * wd) for lr, _, _, _, wd in rows]
+            key = tuple(row[1:] for row in rows)
+        else:
+            key = tuple(rows)
         cached = self._tables.get(device)
         if cached is not None and cached[0] == key:
-            return cached[1]
+            return cached[1], lr_args
         table = cached[1] if cached is not None and cached[1].shape[0] == len(rows) else None
-        if device.type != "cuda":
-            host = _kernels().hyper_table(rows)
-            if table is None:
-                table = torch.empty_like(host, device=device)
-            table.copy_(host)
-        else:
-            staging, event = self._free_staging(device, len(rows))
-            staging.numpy()[:] = _kernels().hyper_rows_float64(rows)  # float64 -> float32, rounded to nearest
-            if table is None:
-                table = torch.empty(staging.shape, dtype=torch.float32, device=device)
-            table.copy_(staging, non_blocking=True)
-            event.record()
-            self._staging[device].append((staging, event))
-        self._tables[device] = (key, table)
-        return table
+        if table is None:
+            table = torch.empty(len(rows), _kernels().HYPER_COLS, dtype=torch.float32, device=device)
+        if self._uploads is None:
+            from .kernels.staging import PinnedUploader
 
-    def _free_staging(self, device: torch.device, n_rows: int) -> tuple[Tensor, torch.cuda.Event]:
-        """A pinned buffer whose last copy has completed (a new one if every buffer is still in flight)."""
-        slots = self._staging.setdefault(device, [])
-        for i, (buf, event) in enumerate(slots):
-            if buf.shape[0] == n_rows and event.query():
-                del slots[i]
-                return buf, event
-        if len(slots) >= 8:
-            slots.pop(0)  # still in flight: the caching host allocator keeps it alive until its copy is done
-        cols = _kernels().HYPER_COLS
-        return torch.empty(n_rows, cols, dtype=torch.float32, pin_memory=True), torch.cuda.Event()
+            self._uploads = PinnedUploader()
+        self._uploads.upload(_kernels().hyper_rows_float64(rows), table)
+        self._tables[device] = (key, table)
+        return table, lr_args
 
 
 def _kernels() -> Any:
@@ -161,9 +152,10 @@ def adam_update(
         return
     from .kernels.multi_tensor_adam import multi_tensor_adam_
 
-    table = (hyper_table or HyperTable()).get(hyper, sources[0].device)
+    table, lr_args = (hyper_table or HyperTable()).get(hyper, sources[0].device)
     multi_tensor_adam_(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, table, hyper_rows,
-                       cache=cache, static_lists=cache is not None, error_word=error_word, **flags)
+                       cache=cache, static_lists=cache is not None, error_word=error_word, lr_args=lr_args,
+                       **flags)
 
 
 def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor,

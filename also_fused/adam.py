@@ -10,7 +10,13 @@ from ._base import AdamFamily, as_scalar, check_hyperparameters
 
 
 _FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay")
-_IN_PLACE = dict(sources=lambda p, s: p, destinations=lambda p, s: p)
+
+
+def _param(p: Tensor, state: dict) -> Tensor:
+    return p
+
+
+_IN_PLACE = dict(sources=_param, destinations=_param)
 
 
 class Adam(AdamFamily):
@@ -60,10 +66,9 @@ class Adam(AdamFamily):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for plan in self._plans_for("step", self._grad_items(), _FLAGS, _IN_PLACE):
+        for plan, grads in self._plans_with_grads("step", _FLAGS, _IN_PLACE):
             _, _, _, maximize, decoupled = plan["key"]
-            self._run_plan(plan, [p.grad for p in plan["params"]], eps_mode="torch", maximize=maximize,
-                           decoupled_weight_decay=decoupled)
+            self._run_plan(plan, grads, eps_mode="torch", maximize=maximize, decoupled_weight_decay=decoupled)
         return loss
 
 

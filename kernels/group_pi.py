@@ -36,6 +36,7 @@ import triton.language as tl
 
 
 from ._interpreter import enable_interpreter_compat
+from .launch import launch
 from .error_word import zero_word
 
 enable_interpreter_compat()
@@ -382,10 +383,9 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
     if n <= SMALL_MAX:
         npad = max(16, triton.next_power_of_2(n))
         bk = max(16, 8192 // npad)
-        _pi_small_kernel[(1,)](pi, lpr, group_ids, losses, out,
-                               second_out if second else out, err, n, B, a, c, lr, eps,
-                               HAS_REG=has_reg, SECOND=second, NPAD=npad, BK=bk,
-                               num_warps=4 if npad <= 64 else 8)
+        launch(_pi_small_kernel, 1, pi.device, pi, lpr, group_ids, losses, out,
+               second_out if second else out, err, n, B, a, c, lr, eps,
+               HAS_REG=has_reg, SECOND=second, NPAD=npad, BK=bk, num_warps=4 if npad <= 64 else 8)
         return out
 
     if _path is None:

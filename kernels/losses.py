@@ -18,6 +18,7 @@ import triton.language as tl
 
 
 from ._interpreter import enable_interpreter_compat
+from .launch import launch
 
 enable_interpreter_compat()
 
@@ -177,9 +178,9 @@ class _WeightedLoss(torch.autograd.Function):
         part = out if single else torch.empty(nprog, dtype=torch.float32, device=losses.device)
         cnt = out if single else _counter(losses.device)
         check = error_word is not None
-        _weighted_fwd_kernel[(nprog,)](pi, group_ids, losses, out, part, cnt, error_word if check else out,
-                                       pi.shape[0], B, ch, float(loss_scale), SINGLE=single, BLOCK=_BLOCK,
-                                       PB=pb, CHECK=check, num_warps=4)
+        launch(_weighted_fwd_kernel, nprog, losses.device, pi, group_ids, losses, out, part, cnt,
+               error_word if check else out, pi.shape[0], B, ch, float(loss_scale), SINGLE=single, BLOCK=_BLOCK,
+               PB=pb, CHECK=check)
         ctx.save_for_backward(pi, group_ids)
         ctx.loss_scale = float(loss_scale)
         ctx.loss_dtype = losses.dtype
@@ -191,9 +192,9 @@ class _WeightedLoss(torch.autograd.Function):
         B = group_ids.shape[0]
         grad = torch.empty(B, dtype=ctx.loss_dtype, device=group_ids.device)
         if B > 0:
-            _weighted_bwd_kernel[(triton.cdiv(B, _BLOCK),)](
-                pi, group_ids, grad_out.contiguous().to(torch.float32), grad, pi.shape[0], B,
-                ctx.loss_scale, BLOCK=_BLOCK, num_warps=4)
+            launch(_weighted_bwd_kernel, triton.cdiv(B, _BLOCK), grad.device,
+                   pi, group_ids, grad_out.contiguous().to(torch.float32), grad, pi.shape[0], B,
+                   ctx.loss_scale, BLOCK=_BLOCK)
         return None, None, grad, None, None, None
 
 
@@ -205,9 +206,9 @@ def flag_bad_batch_(error_word: torch.Tensor, n_groups: int, group_ids: Optional
     B = ref.shape[0]
     if B == 0:
         return
-    _check_batch_kernel[(triton.cdiv(B, _BLOCK),)](
-        group_ids if group_ids is not None else ref, losses if losses is not None else ref, error_word,
-        n_groups, B, HAS_IDS=group_ids is not None, HAS_LOSSES=losses is not None, BLOCK=_BLOCK, num_warps=4)
+    launch(_check_batch_kernel, triton.cdiv(B, _BLOCK), ref.device,
+           group_ids if group_ids is not None else ref, losses if losses is not None else ref, error_word,
+           n_groups, B, HAS_IDS=group_ids is not None, HAS_LOSSES=losses is not None, BLOCK=_BLOCK)
 
 
 def weighted_loss(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor,
@@ -240,8 +241,8 @@ class _RGDLoss(torch.autograd.Function):
         nprog, ch, single, pb = _reduce_grid(B, chunk)
         part = out if single else torch.empty(nprog, dtype=torch.float32, device=losses.device)
         cnt = out if single else _counter(losses.device)
-        _rgd_fwd_kernel[(nprog,)](losses, out, part, cnt, B, ch, T, 1.0 / (T + 1.0), 1.0 / B,
-                                  SINGLE=single, BLOCK=_BLOCK, PB=pb, num_warps=4)
+        launch(_rgd_fwd_kernel, nprog, losses.device, losses, out, part, cnt, B, ch, T, 1.0 / (T + 1.0), 1.0 / B,
+               SINGLE=single, BLOCK=_BLOCK, PB=pb)
         ctx.save_for_backward(losses)
         ctx.temperature = T
         return out
@@ -252,9 +253,8 @@ class _RGDLoss(torch.autograd.Function):
         B = losses.shape[0]
         T = ctx.temperature
         grad = torch.empty_like(losses)
-        _rgd_bwd_kernel[(triton.cdiv(B, _BLOCK),)](
-            losses, grad_out.contiguous().to(torch.float32), grad, B, T, 1.0 / (T + 1.0),
-            1.0 / B, BLOCK=_BLOCK, num_warps=4)
+        launch(_rgd_bwd_kernel, triton.cdiv(B, _BLOCK), losses.device,
+               losses, grad_out.contiguous().to(torch.float32), grad, B, T, 1.0 / (T + 1.0), 1.0 / B, BLOCK=_BLOCK)
         return grad, None, None
 
 

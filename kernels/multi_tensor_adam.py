@@ -17,7 +17,7 @@ import functools
 import math
 import operator
 from itertools import chain
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -25,11 +25,15 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .error_word import zero_word
+from .launch import Launcher
 from .layout import dense_like
+from .staging import PinnedUploader
 
-__all__ = ["multi_tensor_adam_", "hyper_table", "hyper_rows_float64", "KERNEL_CONFIG", "HYPER_COLS"]
+__all__ = ["multi_tensor_adam_", "hyper_table", "hyper_rows_float64", "KERNEL_CONFIG", "HYPER_COLS", "MAX_LR_ARGS"]
 
 HYPER_COLS = 10
+# at most this many hyper rows may take lr and the decay factor as launch arguments (``lr_args``)
+MAX_LR_ARGS = 4
 
 
 def hyper_table(rows: Sequence[Sequence[float]], device: Any = "cpu") -> torch.Tensor:
@@ -183,8 +187,22 @@ def _param_ptr(row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexp
 
 
 @triton.jit
+def _pick(row, a0, a1, a2, a3, N: tl.constexpr):
+    # the argument of hyper row ``row`` among the first N (rows are 0..N-1 when N > 0)
+    v = a0
+    if N > 1:
+        v = tl.where(row == 1, a1, v)
+    if N > 2:
+        v = tl.where(row == 2, a2, v)
+    if N > 3:
+        v = tl.where(row == 3, a3, v)
+    return v
+
+
+@triton.jit
 def _multi_tensor_adam_kernel(
     chunks_ptr, meta_ptr, grads_ptr, hyper_ptr, error_ptr, tickets_ptr, grad_scale, extrap_scale, prior_scale,
+    lr0, lr1, lr2, lr3, df0, df1, df2, df3, N_LR_ARGS: tl.constexpr,
     PDTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, PVEC: tl.constexpr, META_COLS: tl.constexpr,
     EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
@@ -223,8 +241,14 @@ def _multi_tensor_adam_kernel(
     step_ptr = tl.load(row + 8).to(tl.pointer_type(tl.float32))
     t_before = tl.load(step_ptr)
     numel = tl.load(row + 9)
-    hyper = hyper_ptr + tl.load(row + 10) * HYPER_COLS
-    lr = tl.load(hyper)
+    hrow = tl.load(row + 10)
+    hyper = hyper_ptr + hrow * HYPER_COLS
+    # lr and the decoupled decay factor change every step under a schedule: with few param groups they
+    # come as launch arguments, so the table only changes when the betas, eps or weight decay do
+    if N_LR_ARGS > 0:
+        lr = _pick(hrow, lr0, lr1, lr2, lr3, N_LR_ARGS)
+    else:
+        lr = tl.load(hyper)
     b1 = tl.load(hyper + 1)
     b2 = tl.load(hyper + 2)
     eps = tl.load(hyper + 3)
@@ -233,8 +257,11 @@ def _multi_tensor_adam_kernel(
     omb2 = tl.load(hyper + 6)
     log_b1 = tl.load(hyper + 7)
     log_b2 = tl.load(hyper + 8)
-    if DECOUPLED:
-        wd = tl.load(hyper + 9)  # 1 - lr*wd, computed in float64 on the host
+    if DECOUPLED:  # 1 - lr*wd, computed in float64 on the host
+        if N_LR_ARGS > 0:
+            wd = _pick(hrow, df0, df1, df2, df3, N_LR_ARGS)
+        else:
+            wd = tl.load(hyper + 9)
 
     gscale_a = grad_scale
     gscale_b = extrap_scale
@@ -292,18 +319,17 @@ def _multi_tensor_adam_kernel(
 
 
 _data_ptr = torch.Tensor.data_ptr
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _or_all(ptrs: Sequence[int]) -> int:
     return functools.reduce(operator.or_, ptrs, 0)
 
 
-def _to_device_async(values: List[int], device: torch.device) -> torch.Tensor:
-    """int64 host list -> device tensor without a host sync (pinned staging when on CUDA)."""
-    if device.type == "cuda":
-        host = torch.tensor(values, dtype=torch.int64, pin_memory=True)
-        return host.to(device, non_blocking=True)
-    return torch.tensor(values, dtype=torch.int64, device=device)
+def _stream_of(device: torch.device) -> Optional[int]:
+    if device.type != "cuda" or _current_stream is None:
+        return None
+    return _current_stream(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _build_tables(lists: Dict[int, Sequence[torch.Tensor]], sources: Sequence[torch.Tensor],
@@ -354,6 +380,7 @@ def multi_tensor_adam_(
     cache: Optional[Dict[str, Any]] = None,
     static_lists: bool = False,
     error_word: Optional[torch.Tensor] = None,
+    lr_args: Optional[Sequence[Tuple[float, float]]] = None,
 ) -> None:
     """Adam step for every tensor i in one kernel launch: destinations[i] = sources[i] + AdamStep.
 
@@ -368,6 +395,9 @@ def multi_tensor_adam_(
     extrapolation_scale*g; t). ``save_sources_to`` / ``save_grads_to`` receive copies of x / the raw grad.
     ``prior_grads``: the moments first advance with ``prior_scale * prior_grads`` from x (the optimistic
     extrapolation's advance, committed by the main step); ``commit_state=False`` leaves the moments unwritten.
+    ``lr_args``: (lr, 1 - lr*weight_decay) of hyper rows 0..k-1 (k <= MAX_LR_ARGS, every ``hyper_rows``
+    entry below k), rounded to float32 like the table and used instead of the table's columns 0 and 9,
+    so that an lr schedule changes launch arguments, not the table.
     ``cache`` (a dict kept by the caller) holds the device tables between calls. With ``static_lists`` the
     caller promises that when it passes the very same list objects again, the optimizer-owned tensors in
     them (moments, steps, prior/saved gradients) have not moved; only the param-like lists and the grads are
@@ -380,77 +410,108 @@ def multi_tensor_adam_(
         raise ValueError(f"eps_mode must be 'also' or 'torch', got {eps_mode!r}")
     if not commit_state and (prior_grads is not None or extrapolate_to is not None):
         raise ValueError("commit_state=False only applies to a single update")
+    n_lr = 0 if lr_args is None else len(lr_args)
+    if n_lr > MAX_LR_ARGS:
+        raise ValueError(f"lr_args takes at most {MAX_LR_ARGS} rows, got {n_lr}")
     optional = {_MAX_EXP_AVG_SQ: max_exp_avg_sqs, _SAVE_SRC: save_sources_to, _SAVE_GRAD: save_grads_to,
                 _EXTRAP: extrapolate_to, _PRIOR: prior_grads}
     lists: Dict[int, Sequence[torch.Tensor]] = {_SRC: sources, _DST: destinations, _EXP_AVG: exp_avgs,
                                                 _EXP_AVG_SQ: exp_avg_sqs, _STEP: steps}
     lists.update({col: lst for col, lst in optional.items() if lst is not None})
-    lengths = {len(lst) for lst in lists.values()} | {len(grads), len(hyper_rows)}
-    if lengths != {n}:
-        raise ValueError("all tensor lists and hyper_rows must have the same length")
     device = sources[0].device
     dtype = sources[0].dtype
-    if dtype not in _TL_DTYPES:
-        raise TypeError(f"unsupported parameter dtype {dtype}")
-    block, iters, num_warps, pvec = KERNEL_CONFIG[dtype.itemsize]
-    chunk = block * iters
 
     if cache is None:
         cache = {}
     if static_lists:
-        # the list objects stay referenced by the cache, so their ids cannot be reused by new lists
+        # the list objects stay referenced by the cache, so their ids cannot be reused by new lists; a
+        # list passed in two roles (sources and destinations of an in-place update) is read once
         owned = tuple(map(id, chain(lists.values(), (hyper_rows,))))
-        moving = tuple(map(_data_ptr, chain.from_iterable(lists[c] for c in _PARAM_COLS if c in lists)))
-        key = ("static", n, dtype, device, tuple(lists), owned, moving, hyper.data_ptr(), chunk)
+        param_lists = {id(lists[c]): lists[c] for c in _PARAM_COLS if c in lists}
+        moving = tuple(map(_data_ptr, chain.from_iterable(param_lists.values())))
+        key = ("static", n, dtype, device, owned, moving, hyper.data_ptr())
     else:
         key = (n, dtype, device, tuple(lists), tuple(map(_data_ptr, chain.from_iterable(lists.values()))),
-               tuple(hyper_rows), hyper.data_ptr(), chunk)
+               tuple(hyper_rows), hyper.data_ptr())
     if cache.get("key") != key:
-        ptrs = tuple(map(_data_ptr, chain.from_iterable(lists.values())))
-        if (hyper.dtype != torch.float32 or hyper.device != device or not hyper.is_contiguous()
-                or hyper.dim() != 2 or hyper.shape[1] != HYPER_COLS):
-            raise ValueError(f"hyper must be a contiguous float32 [rows, {HYPER_COLS}] tensor on the parameters' "
-                             f"device (see hyper_table)")
-        for lst in lists.values():
-            for t in lst:
-                if t.device != device:
-                    raise ValueError("all tensors must be on one device")
-        for t in chain(sources, destinations, grads, *(lists.get(c, ()) for c in (_SAVE_SRC, _SAVE_GRAD, _EXTRAP, _PRIOR))):
-            if t.dtype != dtype:
-                raise ValueError("parameter-like tensors must share one dtype")
-        for col, lst in chain(lists.items(), ((None, grads),)):
-            if col == _STEP:
-                continue
-            for t, src in zip(lst, sources):
-                if not dense_like(t, src):
-                    raise ValueError("every tensor must be dense in the layout of its source (contiguous, or "
-                                     "channels_last with the same strides): the update runs over flat storage")
+        _check_call(lists, grads, sources, destinations, hyper, hyper_rows, device, dtype)
+        block, iters, num_warps, pvec = KERNEL_CONFIG[dtype.itemsize]
+        chunk = block * iters
         meta, chunks, total, tickets = _build_tables(lists, sources, hyper_rows, chunk, device)
+        ptrs = tuple(map(_data_ptr, chain.from_iterable(lists.values())))
         cache.clear()
         cache.update(key=key, meta=meta, chunks=chunks, total=total, tickets=tickets,
                      aligned=(_or_all(ptrs) & 15) == 0, grad_ptrs=None, grad_table=None, grad_aligned=False,
-                     lists=(list(lists.values()), hyper_rows), constexprs=None)
+                     lists=(list(lists.values()), hyper_rows), constexprs=None, max_row=max(hyper_rows),
+                     config=(block, chunk, num_warps, pvec), uploads=PinnedUploader(), stream=None)
+    if n_lr and cache["max_row"] >= n_lr:
+        raise ValueError(f"lr_args has {n_lr} rows but a tensor uses hyper row {cache['max_row']}")
 
     grad_ptrs = tuple(map(_data_ptr, grads))
     if grad_ptrs != cache["grad_ptrs"]:
-        cache["grad_table"] = _to_device_async(list(grad_ptrs), device)
+        if len(grad_ptrs) != n:
+            raise ValueError("all tensor lists and hyper_rows must have the same length")
+        stream = _stream_of(device)
+        if cache["grad_table"] is None or stream != cache["stream"]:
+            # rewritten in place below: ordered after the kernels that read it only on one stream
+            cache["grad_table"] = torch.empty(n, dtype=torch.int64, device=device)
+            cache["stream"] = stream
+        cache["uploads"].upload(grad_ptrs, cache["grad_table"])
         cache["grad_ptrs"] = grad_ptrs
         cache["grad_aligned"] = (_or_all(grad_ptrs) & 15) == 0
         cache["constexprs"] = None
 
-    flags = (eps_mode, bool(decoupled_weight_decay), bool(maximize), bool(commit_state))
+    flags = (eps_mode, bool(decoupled_weight_decay), bool(maximize), bool(commit_state), n_lr)
     constexprs = cache["constexprs"]
     if constexprs is None or constexprs[0] != flags:
-        constexprs = cache["constexprs"] = (flags, dict(
-            PDTYPE=_TL_DTYPES[dtype], BLOCK=block, CHUNK=chunk, PVEC=pvec, META_COLS=_META_COLS,
+        block, chunk, num_warps, pvec = cache["config"]
+        constexprs = cache["constexprs"] = (flags, Launcher(_multi_tensor_adam_kernel, dict(
+            N_LR_ARGS=n_lr, PDTYPE=_TL_DTYPES[dtype], BLOCK=block, CHUNK=chunk, PVEC=pvec, META_COLS=_META_COLS,
             EPS_TORCH=eps_mode == "torch", DECOUPLED=flags[1], AMSGRAD=max_exp_avg_sqs is not None,
             MAXIMIZE=flags[2], SAVE_SRC=save_sources_to is not None, SAVE_GRAD=save_grads_to is not None,
             EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=flags[3],
             HYPER_COLS=HYPER_COLS, ALIGNED=cache["aligned"] and cache["grad_aligned"],
-            INTERPRET=device.type != "cuda", num_warps=num_warps,
+            INTERPRET=device.type != "cuda"),
             # torch.optim rounds every elementwise op; without contraction the drop-ins follow it closely
-            enable_fp_fusion=eps_mode != "torch"))
-    _multi_tensor_adam_kernel[(cache["total"],)](
-        cache["chunks"], cache["meta"], cache["grad_table"], hyper,
-        zero_word(device) if error_word is None else error_word, cache["tickets"],
-        float(grad_scale), float(extrapolation_scale), float(prior_scale), **constexprs[1])
+            dict(num_warps=num_warps, enable_fp_fusion=eps_mode != "torch")))
+    if n_lr:
+        lrs = [float(a[0]) for a in lr_args] + [0.0] * (MAX_LR_ARGS - n_lr)
+        decays = [float(a[1]) for a in lr_args] + [1.0] * (MAX_LR_ARGS - n_lr)
+    else:
+        lrs, decays = _NO_LR_ARGS
+    constexprs[1](cache["total"], device, cache["chunks"], cache["meta"], cache["grad_table"], hyper,
+                  zero_word(device) if error_word is None else error_word, cache["tickets"],
+                  float(grad_scale), float(extrapolation_scale), float(prior_scale), *lrs, *decays)
+
+
+_NO_LR_ARGS = ([0.0] * MAX_LR_ARGS, [1.0] * MAX_LR_ARGS)
+
+
+def _check_call(lists: Dict[int, Sequence[torch.Tensor]], grads: Sequence[torch.Tensor],
+                sources: Sequence[torch.Tensor], destinations: Sequence[torch.Tensor], hyper: torch.Tensor,
+                hyper_rows: Sequence[int], device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse lists the kernel cannot run over (checked when the device tables are built)."""
+    n = len(sources)
+    lengths = {len(lst) for lst in lists.values()} | {len(grads), len(hyper_rows)}
+    if lengths != {n}:
+        raise ValueError("all tensor lists and hyper_rows must have the same length")
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"unsupported parameter dtype {dtype}")
+    if (hyper.dtype != torch.float32 or hyper.device != device or not hyper.is_contiguous()
+            or hyper.dim() != 2 or hyper.shape[1] != HYPER_COLS):
+        raise ValueError(f"hyper must be a contiguous float32 [rows, {HYPER_COLS}] tensor on the parameters' "
+                         f"device (see hyper_table)")
+    for lst in lists.values():
+        for t in lst:
+            if t.device != device:
+                raise ValueError("all tensors must be on one device")
+    for t in chain(sources, destinations, grads, *(lists.get(c, ()) for c in (_SAVE_SRC, _SAVE_GRAD, _EXTRAP, _PRIOR))):
+        if t.dtype != dtype:
+            raise ValueError("parameter-like tensors must share one dtype")
+    for col, lst in chain(lists.items(), ((None, grads),)):
+        if col == _STEP:
+            continue
+        for t, src in zip(lst, sources):
+            if not dense_like(t, src):
+                raise ValueError("every tensor must be dense in the layout of its source (contiguous, or "
+                                 "channels_last with the same strides): the update runs over flat storage")

@@ -1,0 +1,125 @@
+"""The drop-ins' per-step fast path: plans reused while nothing changed, re-planned when something did.
+
+Every case runs the same steps on also_fused and on torch.optim (single-tensor path) and compares the
+params, on each path that runs here (reference, the CPU path, the Triton kernels on CUDA or in the
+interpreter). The lr schedule reaches the kernel as launch arguments for up to MAX_LR_ARGS param
+groups and through the device table beyond: both must give the same bits.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import also_fused
+from conftest import DEVICE, triton_importable
+from test_adam_dropin import assert_close
+
+BACKENDS = ["reference", "auto"] + (["triton"] if triton_importable() else [])
+SHAPES = [(7, 5), (13,), (1,), (3, 4, 2), (6,), (2, 2)]
+
+
+def make_pair(name, n_groups, backend, **kwargs):
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=gen) for s in SHAPES]
+    ours = [torch.nn.Parameter(t.clone().to(DEVICE)) for t in init]
+    theirs = [torch.nn.Parameter(t.clone().to(DEVICE)) for t in init]
+
+    def groups(ps):
+        per = -(-len(ps) // n_groups)
+        return [dict(params=ps[i:i + per], lr=1e-2 * (1 + k), weight_decay=0.05 * k)
+                for k, i in enumerate(range(0, len(ps), per))]
+
+    opt_a = getattr(also_fused, name)(groups(ours), backend=backend, **kwargs)
+    opt_b = getattr(torch.optim, name)(groups(theirs), foreach=False, **kwargs)
+    return ours, theirs, opt_a, opt_b, gen
+
+
+def set_grads(ours, theirs, gen, pool=None, k=0, skip=()):
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        if i in skip:
+            p.grad = q.grad = None
+            continue
+        g = torch.randn(p.shape, generator=gen).to(DEVICE)
+        if pool is not None:  # gradients at alternating addresses, as set_to_none=True gives them
+            buf = pool.setdefault((i, k % 2), torch.empty_like(g))
+            p.grad = buf.copy_(g)
+        else:
+            p.grad = g.clone()
+        q.grad = g.clone()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_groups", [1, 2, 4, 6])  # 6 > MAX_LR_ARGS: the table path
+def test_schedule_and_moving_grads_match_torch(backend, n_groups):
+    ours, theirs, opt_a, opt_b, gen = make_pair("AdamW", n_groups, backend)
+    sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=12)
+    sched_b = torch.optim.lr_scheduler.CosineAnnealingLR(opt_b, T_max=12)
+    pool = {}
+    for k in range(14):
+        set_grads(ours, theirs, gen, pool=pool, k=k)
+        opt_a.step(), opt_b.step(), sched_a.step(), sched_b.step()
+    assert_close(ours, theirs)
+
+
+@pytest.mark.skipif(not triton_importable(), reason="triton is not installed")
+def test_lr_launch_arguments_equal_the_table_bitwise():
+    """The same groups, once through lr launch arguments (4 groups) and once through the table (5 groups,
+    the fifth without params): identical bits."""
+    results = []
+    for extra_group in (False, True):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in SHAPES[:4]]
+        groups = [dict(params=[p], lr=1e-2 / (k + 1), weight_decay=0.1 * k) for k, p in enumerate(params)]
+        if extra_group:
+            groups.append(dict(params=[torch.nn.Parameter(torch.zeros(1, device=DEVICE))], lr=0.5))
+        opt = also_fused.AdamW(groups, backend="triton")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+            opt.step()
+            sched.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_changes_between_steps_are_seen(backend):
+    """Flags flipped, a param losing and regaining its gradient, a param group added, a param's storage
+    replaced: each step after the change follows torch."""
+    ours, theirs, opt_a, opt_b, gen = make_pair("Adam", 2, backend)
+    for k in range(12):
+        if k == 3:
+            for opt in (opt_a, opt_b):
+                opt.param_groups[0]["maximize"] = True
+        if k == 6:
+            extra_a = torch.nn.Parameter(torch.ones(4, device=DEVICE))
+            extra_b = torch.nn.Parameter(torch.ones(4, device=DEVICE))
+            opt_a.add_param_group(dict(params=[extra_a], lr=3e-2))
+            opt_b.add_param_group(dict(params=[extra_b], lr=3e-2))
+            ours.append(extra_a), theirs.append(extra_b)
+        if k == 8:
+            with torch.no_grad():
+                for p in (ours[0], theirs[0]):
+                    p.data = p.data.clone() + 1.0
+        set_grads(ours, theirs, gen, skip=(1,) if k in (4, 5) else ())
+        opt_a.step(), opt_b.step()
+    assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_gradient_refused_after_fast_steps(backend):
+    ours, theirs, opt_a, _, gen = make_pair("Adam", 1, backend)
+    for _ in range(3):
+        set_grads(ours, theirs, gen)
+        opt_a.step()
+    before = [p.detach().clone() for p in ours]
+    state_before = {k: v.clone() for k, v in opt_a.state[ours[0]].items()}
+    ours[0].grad = torch.randn(ours[0].shape).to(DEVICE).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt_a.step()
+    for a, b in zip(ours, before):
+        assert torch.equal(a.detach(), b)
+    for k, v in opt_a.state[ours[0]].items():
+        assert torch.equal(v, state_before[k])
