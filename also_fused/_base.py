@@ -10,10 +10,12 @@ from torch import Tensor
 from . import _dispatch
 from .kernels.layout import dense_like
 
-# state entries kept in float32 whatever the param dtype; the others follow the param
-FP32_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# the moments, stored at the optimizer's state precision; the other state entries follow the param
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 PARAM_DTYPE_STATE_KEYS = ("iterate", "prev_grad", "extrapolated")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# state_precision -> the moments' dtype (None: the param's, as torch.optim keeps them)
+STATE_PRECISIONS = {"param": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 _is_contiguous = Tensor.is_contiguous
 
 try:
@@ -70,9 +72,13 @@ def as_scalar(value: Any) -> Any:
 class AdamFamily(torch.optim.Optimizer):
     """Base of the Adam-style optimizers here: one fused update per (device, dtype, flags) bucket."""
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str) -> None:
+    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str,
+                 state_precision: str = "float32") -> None:
         if backend not in _dispatch.BACKENDS:
             raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+        if state_precision not in STATE_PRECISIONS:
+            raise ValueError(f"state_precision must be one of {tuple(STATE_PRECISIONS)}, got {state_precision!r}")
+        self.state_precision = state_precision
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -116,11 +122,16 @@ class AdamFamily(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32, device=self._step_device(p))
             # laid out like the param (channels_last stays channels_last): the kernels run elementwise
             # over the flat storage of param, gradient and state together
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            dtype = self._moment_dtype(p)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
             if amsgrad:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
         return state
+
+    def _moment_dtype(self, p: Tensor) -> torch.dtype:
+        """The dtype the moments of ``p`` are stored in (the update itself runs in float32)."""
+        return STATE_PRECISIONS[self.state_precision] or p.dtype
 
     def _grad_items(self) -> list[tuple[Tensor, int]]:
         """(param, group index) of every param with a gradient; sparse gradients are refused, and so are
@@ -245,7 +256,8 @@ class AdamFamily(torch.optim.Optimizer):
 
     # -------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's loading, except that moments stay float32 and ``step`` goes where this path reads it."""
+        """torch.optim's loading, except that moments take this optimizer's state precision and ``step`` goes
+        where this path reads it."""
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -262,7 +274,7 @@ class AdamFamily(torch.optim.Optimizer):
                 elif key == "step":
                     fixed[key] = value.detach().to(device=self._step_device(p), dtype=torch.float32).clone()
                 else:
-                    fixed[key] = _like_param(value, p, torch.float32 if key in FP32_STATE_KEYS else p.dtype)
+                    fixed[key] = _like_param(value, p, self._moment_dtype(p) if key in MOMENT_KEYS else p.dtype)
             self.state[p] = fixed
 
     @staticmethod

@@ -26,6 +26,11 @@ class Adam(AdamFamily):
     with g = grad + weight_decay * p (L2), or with p *= 1 - lr*weight_decay first when
     ``decoupled_weight_decay`` (AdamW). ``foreach``, ``fused`` and ``capturable`` are accepted for
     signature compatibility: the Triton path is always fused and never syncs the host.
+
+    ``state_precision``: the dtype of the moments. ``"param"`` (default) keeps them in the param's
+    dtype, as torch.optim does (same memory, same state_dict dtypes); ``"float32"`` keeps float32
+    moments for bf16/fp16 params; ``"bfloat16"`` halves the state of float32 params. The update is
+    computed in float32 either way and the moments are rounded once when stored.
     """
 
     _decoupled_default = False
@@ -46,6 +51,7 @@ class Adam(AdamFamily):
         fused: Optional[bool] = None,
         decoupled_weight_decay: Optional[bool] = None,
         backend: str = "auto",
+        state_precision: str = "param",
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
         if differentiable:
@@ -54,7 +60,7 @@ class Adam(AdamFamily):
             decoupled_weight_decay = self._decoupled_default
         defaults = dict(lr=as_scalar(lr), betas=tuple(map(as_scalar, betas)), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, state_precision)
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -92,7 +98,8 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         backend: str = "auto",
+        state_precision: str = "param",
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend)
+                         decoupled_weight_decay=True, backend=backend, state_precision=state_precision)

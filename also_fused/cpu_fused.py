@@ -2,10 +2,10 @@
 
 It computes what ``functional.adam_update_reference`` states, with the same arguments:
 
-* torch's formula (``eps_mode="torch"``, the Adam/AdamW drop-ins) on float32 params updated in
-  place runs torch's own fused CPU kernel (``torch._fused_adam_`` / ``torch._fused_adamw_``), one
-  call per param group: ``p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)``, bitwise what
-  ``torch.optim.Adam(fused=True)`` computes;
+* torch's formula (``eps_mode="torch"``, the Adam/AdamW drop-ins) on params updated in place with
+  moments in the param dtype (torch.optim's own layout) runs torch's own fused CPU kernel
+  (``torch._fused_adam_`` / ``torch._fused_adamw_``), one call per param group:
+  ``p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)``, bitwise what ``torch.optim.Adam(fused=True)`` computes;
 * everything else (ALSO's ``x - lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps)``, the optimistic
   extrapolation fused with the main step, the prior advance, the copies of x and g, bf16/fp16
   params) runs the compiled extension ``also_fused._cpu_adam``: every element is read once and
@@ -122,7 +122,8 @@ def adam_update(
         raise ValueError("commit_state=False only applies to a single update")
     plain = (prior_grads is None and extrapolate_to is None and save_sources_to is None and save_grads_to is None
              and commit_state and grad_scale == 1.0)
-    if (eps_mode == "torch" and plain and sources[0].dtype == torch.float32 and torch_fused_available()
+    # torch's fused kernel keeps the moments in the param dtype, as the drop-ins do by default
+    if (eps_mode == "torch" and plain and exp_avgs[0].dtype == sources[0].dtype and torch_fused_available()
             and all(s is d for s, d in zip(sources, destinations))
             and _flat_alike(sources, sources, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or ())):
         _torch_fused_step(list(sources), grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, hyper_rows,

@@ -198,7 +198,9 @@ def adam_update_reference(
       3. ``extrapolate_to``: y = x1 + AdamStep(x1, extrapolation_scale * grad) is written there
          (from x1 as stored, i.e. rounded to the param dtype).
     ``commit_state=False`` leaves the moments untouched. ``save_sources_to`` / ``save_grads_to``
-    receive copies of x / the raw grad. One tensor at a time: on a CPU that keeps it in cache.
+    receive copies of x / the raw grad. Moments stored below float32 (bf16, fp16) are read into float32,
+    carried in float32 through all the advances of the call and rounded to nearest once when written
+    back. One tensor at a time: on a CPU that keeps it in cache.
     """
     if not commit_state and (prior_grads is not None or extrapolate_to is not None):
         raise ValueError("commit_state=False only applies to a single update")
@@ -210,8 +212,10 @@ def adam_update_reference(
         apply_kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, eps_mode=eps_mode,
                         decoupled=decoupled_weight_decay)
         t = float(steps[i]) + 1
-        grad, m, v = grads[i], exp_avgs[i], exp_avg_sqs[i]
-        vmax = None if max_exp_avg_sqs is None else max_exp_avg_sqs[i]
+        grad, stored = grads[i], (exp_avgs[i], exp_avg_sqs[i], None if max_exp_avg_sqs is None else max_exp_avg_sqs[i])
+        # the moments are carried in float32 through the call and rounded once when stored (a no-op copy-free
+        # view for float32 moments)
+        m, v, vmax = (None if t is None else t.float() for t in stored)
         xf = x.float()
         if save_sources_to is not None:
             save_sources_to[i].copy_(x)
@@ -229,5 +233,9 @@ def adam_update_reference(
             _apply_step(x1, m, v if vmax is None else vmax, t + 1, extrapolate_to[i], **apply_kw)
         if save_grads_to is not None:  # last: it may alias prior_grads
             save_grads_to[i].copy_(grad)
+        if commit_state:
+            for kept, computed in zip(stored, (m, v, vmax)):
+                if kept is not None and kept is not computed:
+                    kept.copy_(computed)
     if commit_state:
         torch._foreach_add_(list(steps), float(n_advances))

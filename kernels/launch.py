@@ -3,8 +3,8 @@
 ``kernel[grid](*args, **constexprs)`` binds, specialises and hashes every argument on each call: tens
 of microseconds of host time, paid once per kernel per optimizer step. A ``Launcher`` makes the first
 launch of each specialisation that way, keeps the compiled kernel it returns, and launches that
-directly afterwards. Triton specialises pointer arguments on 16-byte alignment and integers on being
-1 or a multiple of 16; the launcher keys its compiled kernels on exactly those properties, and takes
+directly afterwards. Triton specialises pointer arguments on their element type and 16-byte alignment, and integers on
+being 1 or a multiple of 16 and on their width; the launcher keys its compiled kernels on those, and takes
 Triton's own path whenever it cannot reuse one safely (launch hooks installed, the interpreter, a
 device other than the current one, a Triton without these internals).
 """
@@ -67,8 +67,8 @@ class Launcher:
     def _specialisation(args: Sequence[Any]) -> Optional[tuple]:
         spec = []
         for a in args:
-            if isinstance(a, torch.Tensor):
-                spec.append(a.data_ptr() & 15 == 0)
+            if isinstance(a, torch.Tensor):  # the pointer's element type and alignment
+                spec.append((a.dtype, a.data_ptr() & 15 == 0))
             elif isinstance(a, bool) or isinstance(a, float):
                 spec.append(type(a))
             elif isinstance(a, int):

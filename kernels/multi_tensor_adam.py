@@ -95,6 +95,17 @@ def _step_scalars(lr, log_b1, log_b2, t, EPS_TORCH: tl.constexpr, INTERPRET: tl.
 
 
 @triton.jit
+def _to_storage(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    # float32 -> DTYPE rounded to nearest even. Triton's CPU interpreter truncates float32 -> bfloat16, so
+    # there the rounding is done on the bits first (the cast of the rounded value is then exact).
+    if INTERPRET and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
 def _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
     if not DECOUPLED:
         d = d + wd * x
@@ -128,8 +139,8 @@ def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, sqr
 @triton.jit
 def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, prior, rem,
                 gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
-                PDTYPE: tl.constexpr, BLOCK: tl.constexpr, PVEC: tl.constexpr, MASKED: tl.constexpr,
-                EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                PDTYPE: tl.constexpr, MDTYPE: tl.constexpr, BLOCK: tl.constexpr, PVEC: tl.constexpr,
+                MVEC: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
                 SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
                 PRIOR: tl.constexpr, COMMIT: tl.constexpr):
     # Pointers are already advanced to this block; rem = elements left in the chunk (only read when MASKED).
@@ -140,16 +151,21 @@ def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, s
         poffs = tl.max_contiguous(tl.arange(0, BLOCK), PVEC)
     else:
         poffs = offs
+    if MVEC > 0:  # moments stored in 2 bytes: the same narrower accesses
+        moffs = tl.max_contiguous(tl.arange(0, BLOCK), MVEC)
+    else:
+        moffs = offs
     if MASKED:
         mask = offs < rem
     else:
         mask = None
     x_raw = tl.load(src + poffs, mask=mask)
     g_raw = tl.load(grad + poffs, mask=mask)
-    m = tl.load(exp_avg + offs, mask=mask)
-    v = tl.load(exp_avg_sq + offs, mask=mask)
+    # the moments are read into float32 and rounded once when stored (MDTYPE below float32)
+    m = tl.load(exp_avg + moffs, mask=mask).to(tl.float32)
+    v = tl.load(exp_avg_sq + moffs, mask=mask).to(tl.float32)
     if AMSGRAD:
-        vmax = tl.load(max_exp_avg_sq + offs, mask=mask)
+        vmax = tl.load(max_exp_avg_sq + moffs, mask=mask).to(tl.float32)
     else:
         vmax = v
     if PRIOR:
@@ -164,18 +180,18 @@ def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, s
     g = g_raw.to(tl.float32)
     x, m, v, vmax = _adam_math(x_raw.to(tl.float32), g * gscale_a, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a,
                                EPS_TORCH, DECOUPLED, AMSGRAD)
-    x_out = x.to(PDTYPE)
+    x_out = _to_storage(x, PDTYPE, INTERPRET)
     tl.store(dst + poffs, x_out, mask=mask)
     if EXTRAP:
         # The second step starts from the stored first iterate, as two separate calls would.
         y, m, v, vmax = _adam_math(x_out.to(tl.float32), g * gscale_b, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_b, ib_b,
                                    EPS_TORCH, DECOUPLED, AMSGRAD)
-        tl.store(extrap + poffs, y.to(PDTYPE), mask=mask)
+        tl.store(extrap + poffs, _to_storage(y, PDTYPE, INTERPRET), mask=mask)
     if COMMIT:
-        tl.store(exp_avg + offs, m, mask=mask)
-        tl.store(exp_avg_sq + offs, v, mask=mask)
+        tl.store(exp_avg + moffs, _to_storage(m, MDTYPE, INTERPRET), mask=mask)
+        tl.store(exp_avg_sq + moffs, _to_storage(v, MDTYPE, INTERPRET), mask=mask)
         if AMSGRAD:
-            tl.store(max_exp_avg_sq + offs, vmax, mask=mask)
+            tl.store(max_exp_avg_sq + moffs, _to_storage(vmax, MDTYPE, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -203,7 +219,8 @@ def _pick(row, a0, a1, a2, a3, N: tl.constexpr):
 def _multi_tensor_adam_kernel(
     chunks_ptr, meta_ptr, grads_ptr, hyper_ptr, error_ptr, tickets_ptr, grad_scale, extrap_scale, prior_scale,
     lr0, lr1, lr2, lr3, df0, df1, df2, df3, N_LR_ARGS: tl.constexpr,
-    PDTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, PVEC: tl.constexpr, META_COLS: tl.constexpr,
+    PDTYPE: tl.constexpr, MDTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, PVEC: tl.constexpr,
+    MVEC: tl.constexpr, META_COLS: tl.constexpr,
     EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
     PRIOR: tl.constexpr, COMMIT: tl.constexpr, HYPER_COLS: tl.constexpr,
@@ -218,8 +235,8 @@ def _multi_tensor_adam_kernel(
 
     src = _param_ptr(row, 0, PDTYPE, ALIGNED)
     dst = _param_ptr(row, 1, PDTYPE, ALIGNED)
-    exp_avg = _param_ptr(row, 2, tl.float32, ALIGNED)
-    exp_avg_sq = _param_ptr(row, 3, tl.float32, ALIGNED)
+    exp_avg = _param_ptr(row, 2, MDTYPE, ALIGNED)
+    exp_avg_sq = _param_ptr(row, 3, MDTYPE, ALIGNED)
     grad = tl.load(grads_ptr + tid).to(tl.pointer_type(PDTYPE))
     if ALIGNED:
         grad = tl.multiple_of(grad, 16)
@@ -228,7 +245,7 @@ def _multi_tensor_adam_kernel(
     save_grad = grad
     extrap = dst
     if AMSGRAD:
-        max_exp_avg_sq = _param_ptr(row, 4, tl.float32, ALIGNED)
+        max_exp_avg_sq = _param_ptr(row, 4, MDTYPE, ALIGNED)
     if SAVE_SRC:
         save_src = _param_ptr(row, 5, PDTYPE, ALIGNED)
     if SAVE_GRAD:
@@ -297,13 +314,13 @@ def _multi_tensor_adam_kernel(
                 _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
                             save_src + off, save_grad + off, extrap + off, prior + off, BLOCK,
                             gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
-                            PDTYPE, BLOCK, PVEC, False, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
+                            PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, False, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
                             PRIOR, COMMIT)
             elif off < end:
                 _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
                             save_src + off, save_grad + off, extrap + off, prior + off, (end - off).to(tl.int32),
                             gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
-                            PDTYPE, BLOCK, PVEC, True, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
+                            PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, True, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
                             PRIOR, COMMIT)
         if COMMIT:
             # The step count moves once every program of this tensor has read it: the program that
@@ -442,7 +459,7 @@ def multi_tensor_adam_(
         cache.clear()
         cache.update(key=key, meta=meta, chunks=chunks, total=total, tickets=tickets,
                      aligned=(_or_all(ptrs) & 15) == 0, grad_ptrs=None, grad_table=None, grad_aligned=False,
-                     lists=(list(lists.values()), hyper_rows), constexprs=None, max_row=max(hyper_rows),
+                     lists=(list(lists.values()), hyper_rows), launchers={}, max_row=max(hyper_rows),
                      config=(block, chunk, num_warps, pvec), uploads=PinnedUploader(), stream=None)
     if n_lr and cache["max_row"] >= n_lr:
         raise ValueError(f"lr_args has {n_lr} rows but a tensor uses hyper row {cache['max_row']}")
@@ -459,29 +476,29 @@ def multi_tensor_adam_(
         cache["uploads"].upload(grad_ptrs, cache["grad_table"])
         cache["grad_ptrs"] = grad_ptrs
         cache["grad_aligned"] = (_or_all(grad_ptrs) & 15) == 0
-        cache["constexprs"] = None
 
-    flags = (eps_mode, bool(decoupled_weight_decay), bool(maximize), bool(commit_state), n_lr)
-    constexprs = cache["constexprs"]
-    if constexprs is None or constexprs[0] != flags:
+    flags = (eps_mode, bool(decoupled_weight_decay), bool(maximize), bool(commit_state), n_lr,
+             cache["aligned"] and cache["grad_aligned"])
+    launcher = cache["launchers"].get(flags)
+    if launcher is None:
         block, chunk, num_warps, pvec = cache["config"]
-        constexprs = cache["constexprs"] = (flags, Launcher(_multi_tensor_adam_kernel, dict(
-            N_LR_ARGS=n_lr, PDTYPE=_TL_DTYPES[dtype], BLOCK=block, CHUNK=chunk, PVEC=pvec, META_COLS=_META_COLS,
+        launcher = cache["launchers"][flags] = Launcher(_multi_tensor_adam_kernel, dict(
+            N_LR_ARGS=n_lr, PDTYPE=_TL_DTYPES[dtype], MDTYPE=_TL_DTYPES[exp_avgs[0].dtype], BLOCK=block, CHUNK=chunk,
+            PVEC=pvec, MVEC=4 if exp_avgs[0].dtype.itemsize == 2 else 0, META_COLS=_META_COLS,
             EPS_TORCH=eps_mode == "torch", DECOUPLED=flags[1], AMSGRAD=max_exp_avg_sqs is not None,
             MAXIMIZE=flags[2], SAVE_SRC=save_sources_to is not None, SAVE_GRAD=save_grads_to is not None,
             EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=flags[3],
-            HYPER_COLS=HYPER_COLS, ALIGNED=cache["aligned"] and cache["grad_aligned"],
-            INTERPRET=device.type != "cuda"),
+            HYPER_COLS=HYPER_COLS, ALIGNED=flags[5], INTERPRET=device.type != "cuda"),
             # torch.optim rounds every elementwise op; without contraction the drop-ins follow it closely
-            dict(num_warps=num_warps, enable_fp_fusion=eps_mode != "torch")))
+            dict(num_warps=num_warps, enable_fp_fusion=eps_mode != "torch"))
     if n_lr:
         lrs = [float(a[0]) for a in lr_args] + [0.0] * (MAX_LR_ARGS - n_lr)
         decays = [float(a[1]) for a in lr_args] + [1.0] * (MAX_LR_ARGS - n_lr)
     else:
         lrs, decays = _NO_LR_ARGS
-    constexprs[1](cache["total"], device, cache["chunks"], cache["meta"], cache["grad_table"], hyper,
-                  zero_word(device) if error_word is None else error_word, cache["tickets"],
-                  float(grad_scale), float(extrapolation_scale), float(prior_scale), *lrs, *decays)
+    launcher(cache["total"], device, cache["chunks"], cache["meta"], cache["grad_table"], hyper,
+             zero_word(device) if error_word is None else error_word, cache["tickets"],
+             float(grad_scale), float(extrapolation_scale), float(prior_scale), *lrs, *decays)
 
 
 _NO_LR_ARGS = ([0.0] * MAX_LR_ARGS, [1.0] * MAX_LR_ARGS)
@@ -508,6 +525,12 @@ def _check_call(lists: Dict[int, Sequence[torch.Tensor]], grads: Sequence[torch.
     for t in chain(sources, destinations, grads, *(lists.get(c, ()) for c in (_SAVE_SRC, _SAVE_GRAD, _EXTRAP, _PRIOR))):
         if t.dtype != dtype:
             raise ValueError("parameter-like tensors must share one dtype")
+    moment_dtype = lists[_EXP_AVG][0].dtype
+    if moment_dtype not in _TL_DTYPES:
+        raise TypeError(f"unsupported moment dtype {moment_dtype}")
+    for t in chain(*(lists.get(c, ()) for c in (_EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ))):
+        if t.dtype != moment_dtype:
+            raise ValueError("the moments must share one dtype")
     for col, lst in chain(lists.items(), ((None, grads),)):
         if col == _STEP:
             continue

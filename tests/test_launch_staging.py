@@ -23,15 +23,17 @@ def test_launcher_follows_alignment_and_integer_specialisation():
     from also_fused.kernels.launch import Launcher
 
     launch = Launcher(_axpb_kernel, dict(BLOCK=64), dict(num_warps=1))
-    base = torch.arange(300, dtype=torch.float32, device=DEVICE)
-    # aligned, then views at odd offsets (not 16-byte aligned), then n = 1 and multiples of 16, and back
+    # aligned, then views at odd offsets (not 16-byte aligned), then n = 1 and multiples of 16, and back;
+    # the element type changes between calls too
     cases = [(0, 200, 3), (1, 150, 5), (3, 16, 1), (0, 1, 7), (2, 33, 16), (0, 200, -2), (1, 150, 0)]
-    for offset, n, b in cases * 2:
-        x = base[offset:offset + n]
-        y = torch.zeros(n + 5, device=DEVICE)
-        launch(triton.cdiv(n, 64), x.device, x, y, 0.5, n, b)
-        torch.testing.assert_close(y[:n], x * 0.5 + b, rtol=0, atol=0)
-        assert torch.count_nonzero(y[n:]) == 0
+    for dtype in (torch.float32, torch.float16, torch.float64, torch.float32):
+        base = torch.arange(300, dtype=dtype, device=DEVICE)
+        for offset, n, b in cases * 2:
+            x = base[offset:offset + n]
+            y = torch.zeros(n + 5, dtype=dtype, device=DEVICE)
+            launch(triton.cdiv(n, 64), x.device, x, y, 0.5, n, b)
+            torch.testing.assert_close(y[:n], x * 0.5 + b, rtol=0, atol=0)
+            assert torch.count_nonzero(y[n:]) == 0
 
 
 def test_pinned_uploads_arrive_in_order():
