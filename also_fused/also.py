@@ -1,7 +1,7 @@
 """ALSO: Adam on the parameters plus KL-regularised mirror ascent on group weights pi (ALGORITHM.md)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
