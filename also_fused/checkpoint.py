@@ -1,10 +1,11 @@
 """ALSO's optimizer state through torch.distributed.checkpoint (FSDP2 shards, DDP replicas).
 
 Drop-ins for ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` and
-``set_optimizer_state_dict``. Two things differ from torch.optim's optimizers, so ALSO needs them:
+``set_optimizer_state_dict``. Two things differ from torch.optim's optimizers, so ALSO (and its
+theta update alone, ``also_fused.theta.ThetaAdam``) needs them:
 
 * pi and the rest of ALSO's replicated state (pi_mid, pi_reg, the previous batch, the API in use)
-  travel as one ``"also"`` entry, which torch's functions would drop;
+  travel as one ``"also"`` entry (``"theta"`` for ThetaAdam), which torch's functions would drop;
 * in optimistic mode each param has one extra buffer whose name depends on the API and on
   ``eval()``: the iterate x (loop API, training), the extrapolated point y (loop API, eval) or
   d_prev (closure API). It is saved as ``"optimistic_buffer"``, with ``"optimistic_buffer_holds"``
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint import state_dict as dsd
 
-from .also import ALSO
+from .theta import ThetaAdam
 
 BUFFER = "optimistic_buffer"
 HOLDS = "optimistic_buffer_holds"
@@ -35,9 +36,10 @@ def get_optimizer_state_dict(model: nn.Module, optimizer: Any, *,
                              options: Optional[dsd.StateDictOptions] = None) -> dict[str, Any]:
     """The optimizer's state_dict for ``dcp.save`` / as the template of ``dcp.load`` (keys are FQNs).
 
-    For ALSO, every trainable param gets its Adam state first (zeros, step 0, as a first step would
-    create it), so that a fresh optimizer's template lists everything a checkpoint can hold."""
-    if not isinstance(optimizer, ALSO):
+    For ALSO and ThetaAdam, every trainable param gets its Adam state first (zeros, step 0, as a
+    first step would create it), so that a fresh optimizer's template lists everything a checkpoint
+    can hold."""
+    if not isinstance(optimizer, ThetaAdam):
         return dsd.get_optimizer_state_dict(model, optimizer, options=options)
     _refuse_flattened(options)
     optimizer._materialize_state()
@@ -59,7 +61,7 @@ def get_optimizer_state_dict(model: nn.Module, optimizer: Any, *,
                 entries[HOLDS] = NO_BUFFER
             state[fqn] = entries
         osd["state"] = state
-    osd["also"] = _pack(optimizer._extra_state())
+    osd[optimizer._EXTRA_KEY] = _pack(optimizer._extra_state())
     return osd
 
 
@@ -68,14 +70,14 @@ def set_optimizer_state_dict(model: nn.Module, optimizer: Any, optim_state_dict:
     """Load what ``get_optimizer_state_dict`` gave (after ``dcp.load`` filled it) into ``optimizer``.
 
     A mismatched checkpoint (n_groups, mode or group_reduction) raises ValueError before anything changes."""
-    if not isinstance(optimizer, ALSO):
+    if not isinstance(optimizer, ThetaAdam):
         dsd.set_optimizer_state_dict(model, optimizer, optim_state_dict, options=options)
         return
     _refuse_flattened(options)
     osd = dict(optim_state_dict)
-    blob = osd.pop("also", None)
+    blob = osd.pop(optimizer._EXTRA_KEY, None)
     if blob is None:
-        raise ValueError("the optimizer state has no 'also' entry: save it with "
+        raise ValueError(f"the optimizer state has no {optimizer._EXTRA_KEY!r} entry: save it with "
                          "also_fused.checkpoint.get_optimizer_state_dict")
     extra = _unpack(blob)
     optimizer._check_extra(extra)

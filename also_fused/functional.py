@@ -91,6 +91,25 @@ def group_mean_sample_weights(pi: Tensor, group_ids: Tensor, n_groups: int) -> T
     return per_sample / per_sample.sum()
 
 
+def group_mean_sample_weights_from_counts(pi: Tensor, group_ids: Tensor, counts: Tensor, scale: int) -> Tensor:
+    """w_i = scale * pi[g_i] / (C[g_i] M), M = sum of pi over the groups with C_j > 0.
+
+    C counts a larger batch that holds this one (every rank's, with ``scale`` = the number of
+    ranks): the average over the ranks of sum_i w_i l_i is then the group-mean loss of that batch.
+    """
+    pi = pi.detach().float()
+    present_mass = (pi * (counts > 0)).sum()
+    return pi[group_ids] / counts[group_ids] * (scale / present_mass)
+
+
+def pi_step_terms(losses: Tensor, group_ids: Tensor, n_groups: int, reduction: str) -> Tensor:
+    """The per-sample terms whose per-group sums make S: l_i ("sum"), or l_i / c_i ("mean": S_j = mean_j)."""
+    losses = losses.float()
+    if reduction == "mean":
+        losses = losses / group_counts_per_sample(group_ids, n_groups)
+    return losses
+
+
 def pi_update_reference(
     pi: Tensor,
     group_ids: Tensor,

@@ -1,9 +1,10 @@
-"""Long-tailed digits: Adam vs class-balanced Adam vs RGD vs ALSO, mean and worst-class test accuracy.
+"""Long-tailed digits: Adam vs class-balanced Adam vs RGD vs ALSO vs GroupWeights + AdamW, mean and
+worst-class test accuracy.
 
 scikit-learn's bundled 8x8 digits (no download). The training split is made long-tailed: class c
 keeps n_max * 20^(-c/9) samples; the test split is untouched. An MLP 64-64-10 trains with each
 method for the same number of epochs over several seeds. On CUDA the Triton kernels run; on a CPU
-the reference path does. The table is printed and written, with the per-seed numbers as JSON and a
+the CPU path does. The table is printed and written, with the per-seed numbers as JSON and a
 bar plot, to examples/results/demo_<device>.{md,json,png}.
 
 The functions here (data, model, training, table, plot) are reused by tune_digits.py.
@@ -36,6 +37,8 @@ METHODS = {
     "ALSO (uniform pi)": dict(kind="also"),
     "ALSO (pi_init = pi_reg ~ 1/n)": dict(kind="also", prior="inverse_count"),
     "ALSO (group mean)": dict(kind="also", group_reduction="mean"),
+    # pi alone (descent-ascent) beside torch's fused AdamW: ALSO (group mean) without the optimistic theta
+    "GroupWeights + AdamW (group mean)": dict(kind="group_weights", group_reduction="mean"),
 }
 
 
@@ -46,7 +49,7 @@ def default_hparams(method: str, lr: float = 3e-3) -> dict:
     hp = {"lr": lr, "weight_decay": 1e-3}
     if spec["kind"] == "rgd":
         hp["temperature"] = 1.0
-    if spec["kind"] == "also":
+    if spec["kind"] in ("also", "group_weights"):
         hp["pi_lr"] = 0.1 if spec.get("group_reduction") == "mean" else 1e-3
         hp["pi_decay"] = 1e-2
     return hp
@@ -109,12 +112,17 @@ def train(method: str, data, seed: int, device: str, epochs: int, batch: int, hp
     counts = torch.bincount(y_tr, minlength=N_CLASSES).float()
     inv = (1.0 / counts) / (1.0 / counts).sum()
     is_also = spec["kind"] == "also"
+    weights = None  # GroupWeights beside torch's AdamW
     if is_also:
         prior = inv if spec.get("prior") == "inverse_count" else None
         opt = also_fused.ALSO(model.parameters(), n_groups=N_CLASSES, batch_size=batch, lr=hp["lr"],
                               weight_decay=hp["weight_decay"], mode="optimistic", pi_lr=hp["pi_lr"],
                               pi_decay=hp["pi_decay"], pi_init=prior, pi_reg=prior,
                               group_reduction=spec.get("group_reduction", "sum"))
+    elif spec["kind"] == "group_weights":
+        opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"], fused=True)
+        weights = also_fused.GroupWeights(N_CLASSES, batch_size=batch, pi_lr=hp["pi_lr"], pi_decay=hp["pi_decay"],
+                                          group_reduction=spec.get("group_reduction", "sum"), device=device)
     else:
         opt = also_fused.Adam(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
     class_weight = (inv * N_CLASSES).to(device) if spec.get("class_balanced") else None
@@ -130,6 +138,8 @@ def train(method: str, data, seed: int, device: str, epochs: int, batch: int, hp
             losses = F.cross_entropy(model(xb), yb, reduction="none")
             if is_also:
                 opt.weighted_loss(losses, yb).backward()
+            elif weights is not None:
+                weights.weighted_loss(losses, yb).backward()
             elif spec["kind"] == "rgd":
                 also_fused.rgd_loss(losses, temperature=hp["temperature"]).backward()
             elif class_weight is not None:
@@ -137,6 +147,8 @@ def train(method: str, data, seed: int, device: str, epochs: int, batch: int, hp
             else:
                 losses.mean().backward()
             opt.step()
+            if weights is not None:
+                weights.step()
             if device == "cuda":
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - t0)
@@ -251,7 +263,8 @@ def main() -> None:
     stem.with_suffix(".md").write_text(
         f"# Long-tailed digits demo ({env['device']}, {env['date']})\n\n{header}\n\n"
         f"MLP 64-64-10, test accuracy and worst-class test accuracy, mean ± std over seeds 0-{args.seeds - 1}; "
-        f"ms/step is the median optimizer step (zero_grad, forward, backward, step). ALSO runs in optimistic mode.\n\n"
+        f"ms/step is the median optimizer step (zero_grad, forward, backward, step). ALSO runs in optimistic mode; "
+        f"GroupWeights (descent-ascent) beside torch.optim.AdamW(fused=True).\n\n"
         f"Settings: {settings}.\n\n{text}\n\nWall time {elapsed:.0f} s. Plot: `{stem.name}.png`.\n")
     stem.with_suffix(".json").write_text(json.dumps(
         {**env, "experiment": "long-tailed digits demo", "train_per_class": counts, "n_test": len(data[3]),

@@ -3,8 +3,9 @@
 The search the ALSO authors recommend: Optuna's TPE sampler (seeded), lr and weight_decay
 log-uniform; for ALSO pi_lr in [1e-5, 1e-3] and pi_decay in [1e-3, 1] log-uniform with pi_init =
 pi_reg fixed (uniform, or static weights proportional to 1/n_class); the RGD temperature for RGD.
-ALSO with group means (group_reduction="mean") searches pi_lr in [1e-3, 0.3] instead: the group-mean
-form needs, and tolerates, a much larger pi step than the published group-sum form.
+ALSO with group means (group_reduction="mean"), and GroupWeights + AdamW (group means too), search
+pi_lr in [1e-3, 0.3] instead: the group-mean form needs, and tolerates, a much larger pi step than the
+published group-sum form.
 
 Every method gets the same number of trials. A trial trains on the training part of each of the
 stratified validation folds carved from the long-tailed training set and scores the worst-class
@@ -33,7 +34,7 @@ def search_space(method: str) -> dict:
     space = {"lr": (1e-4, 3e-2), "weight_decay": (1e-6, 1e-2)}
     if spec["kind"] == "rgd":
         space["temperature"] = (0.1, 10.0)
-    if spec["kind"] == "also":
+    if spec["kind"] in ("also", "group_weights"):
         space["pi_lr"] = (1e-3, 0.3) if spec.get("group_reduction") == "mean" else (1e-5, 1e-3)
         space["pi_decay"] = (1e-3, 1.0)
     return space

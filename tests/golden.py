@@ -118,3 +118,45 @@ class GoldenALSO:
         self.G_prev = G
         self.pi = self._pi_update(self.pi, G)
         return losses
+
+
+def sgd_delta(state: dict, x: torch.Tensor, d: torch.Tensor, lr: float, wd: float) -> torch.Tensor:
+    """torch.optim.SGD without momentum: delta = -lr * (d + wd * x)."""
+    return -lr * (d + wd * x)
+
+
+def torch_adam_delta(state: dict, x: torch.Tensor, d: torch.Tensor, lr: float, betas, eps: float,
+                     wd: float) -> torch.Tensor:
+    """torch.optim.Adam (L2 decay coupled): -lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps), which is
+    AdamStep of sec. 3 with eps * sqrt(1 - b2^t) in place of eps."""
+    t = state["t"] + 1
+    return adam_delta(state, x, d, lr, betas, eps * math.sqrt(1 - betas[1] ** t), wd, amsgrad=False)
+
+
+class GoldenGroupWeights:
+    """The pi side alone in float64 (sec. 4-6): the weights of the model's loss, then PiUpdate.
+
+    ``weights(ids)`` gives (w, scale) with loss = scale * sum_i w_i l_i, from pi (descent-ascent) or
+    from pi_mid = PiUpdate(pi, G_prev) (optimistic, pi before the first step); ``step`` takes the
+    mirror-ascent step from pi with the batch's G."""
+
+    def __init__(self, n_groups: int, *, loss_scale: float, mode: str = "descent-ascent", pi_lr: float = 1e-3,
+                 pi_decay: float = 1e-2, temperature: float = 1.0, eps: float = 1.1920928955078125e-07,
+                 reduction: str = "sum") -> None:
+        self.n_groups, self.loss_scale, self.mode, self.reduction = n_groups, loss_scale, mode, reduction
+        self.hyper = dict(pi_lr=pi_lr, pi_decay=pi_decay, temperature=temperature, eps=eps)
+        self.pi_reg = torch.full((n_groups,), 1.0 / n_groups, dtype=f64)
+        self.pi = self.pi_reg.clone()
+        self.G_prev: Optional[torch.Tensor] = None
+
+    def pi_mid(self) -> torch.Tensor:
+        if self.mode == "descent-ascent" or self.G_prev is None:
+            return self.pi
+        return pi_update(self.pi, self.G_prev, pi_reg=self.pi_reg, **self.hyper)
+
+    def weights(self, ids: torch.Tensor):
+        return sample_weights(self.pi_mid(), ids, self.loss_scale, self.reduction)
+
+    def step(self, losses: torch.Tensor, ids: torch.Tensor) -> None:
+        self.G_prev = group_gradient(losses, ids, self.n_groups, self.reduction)
+        self.pi = pi_update(self.pi, self.G_prev, pi_reg=self.pi_reg, **self.hyper)

@@ -1,0 +1,381 @@
+"""The group weights pi as a component: KL-regularised mirror ascent on the simplex, beside any optimizer."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import _checks, _collectives, _dispatch
+from . import functional as F
+from ._input_errors import DeviceInputErrors
+
+GroupIds = Union[Tensor, Sequence[int]]
+Simplex = Optional[Union[Tensor, Sequence[float]]]
+PiInputs = tuple[Optional[Tensor], Tensor]  # (ids, per-sample terms), or (None, dense per-group sums S)
+STATE_KEYS = ("n_groups", "mode", "loss_scale", "pi_lr", "pi_decay", "pi_temperature", "pi_eps", "pi", "pi_mid",
+              "pi_reg", "prev_ids", "prev_losses")
+# attribute name -> state_dict key of the float hyper-parameters
+FLOAT_STATE = (("loss_scale", "loss_scale"), ("pi_lr", "pi_lr"), ("pi_decay", "pi_decay"),
+               ("pi_temperature", "pi_temperature"), ("eps", "pi_eps"))
+
+
+class GroupWeights:
+    """Group weights pi for distributionally robust training with any optimizer (ALGORITHM.md sec. 1, 4).
+
+    ``weighted_loss(l, g) = loss_scale * sum_i pi[g_i] l_i`` is the model's loss; ``step()`` then takes
+    the mirror-ascent step ``pi <- softmax((log(pi+eps) + c log(pi_reg) + pi_lr S) / ((1+c) T))``,
+    c = pi_decay * pi_lr, S_j the sum of the losses of group j recorded since the last step::
+
+        loss = weights.weighted_loss(per_sample_losses, group_ids)
+        loss.backward(); optimizer.step(); weights.step()
+
+    ``weighted_loss`` may be called once per micro-batch: every loss recorded since the last
+    ``step()`` feeds the next pi step. ``mode="optimistic"`` weighs the losses with the extrapolated
+    ``pi_mid = PiUpdate(pi, G_prev)`` instead of pi (ALGORITHM.md sec. 6). ``group_reduction="mean"``
+    uses group means: S_j = the mean loss of group j, and the loss is
+    ``sum_{j present} pi_j mean_j / sum_{j present} pi_j`` (``loss_scale`` does not apply).
+
+    Under torch.distributed (``process_group``, or the default group when it has several ranks) the
+    pi step uses every rank's losses, so pi stays bitwise equal on every rank; with ``batch_size`` =
+    the per-rank batch, N ranks follow one process on the concatenated batch (given that the
+    gradients are averaged over the same ranks, as DDP and FSDP2 do). Every rank must make every call.
+
+    Bad input (ids outside [0, n_groups), NaN or inf losses, wrong shapes, dtypes or devices)
+    raises ValueError or TypeError and leaves pi, pi_mid and the rest of the state exactly as they
+    were. Shapes, dtypes and devices are checked at once. With ``validate=True`` the values are
+    checked too: on the reference path (CPU) on the host, ids by ``weighted_loss()`` and finiteness
+    by ``step()``; on the Triton kernels on the device, without a host sync: the rejected step is a
+    no-op there, and the error is raised by the first ``weighted_loss()`` or ``step()`` after the
+    GPU has finished that step, or by ``check_errors()``, ``state_dict()`` or ``load_state_dict()``,
+    which wait for it (on a CPU at once). The batches recorded since are dropped: run them again.
+    The theta optimizer is the caller's: it is not rolled back. ``validate=False`` skips the value
+    checks (on CUDA it needs the Triton kernels and the sum reduction, which ignore bad ids).
+    """
+
+    def __init__(
+        self,
+        n_groups: int,
+        *,
+        loss_scale: Optional[float] = None,
+        batch_size: Optional[int] = None,
+        mode: str = "descent-ascent",
+        pi_lr: float = 1e-3,
+        pi_decay: float = 1e-2,
+        pi_reg: Simplex = None,
+        pi_init: Simplex = None,
+        pi_temperature: float = 1.0,
+        eps: float = F.FLOAT32_EPS,
+        group_reduction: str = "sum",
+        process_group: Optional[Any] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        validate: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        _checks.check_choice("group_reduction", group_reduction, _checks.REDUCTIONS)
+        _checks.positive_int("n_groups", n_groups)
+        _checks.check_choice("mode", mode, _checks.MODES)
+        loss_scale = _checks.resolve_loss_scale(n_groups, loss_scale, batch_size, group_reduction)
+        _checks.check_pi_hyperparameters(pi_lr, pi_decay, pi_temperature)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        pi_reg_host = _checks.as_simplex(pi_reg, n_groups, "pi_reg")
+        pi_init_host = _checks.as_simplex(pi_init, n_groups, "pi_init")
+        device = _as_device(device)
+        self._backend = _dispatch.resolve_backend(backend, device)
+        if not validate and device.type == "cuda" and (self._backend != "triton" or group_reduction != "sum"):
+            raise ValueError("validate=False on CUDA needs backend 'triton' and group_reduction='sum': only those "
+                             "kernels mask out-of-range group ids instead of reading outside pi")
+        self.n_groups = n_groups
+        self.mode = mode
+        self.loss_scale = loss_scale
+        self.pi_lr = float(pi_lr)
+        self.pi_decay = float(pi_decay)
+        self.pi_temperature = float(pi_temperature)
+        self.eps = float(eps)
+        self.group_reduction = group_reduction
+        self.process_group = process_group
+        self.device = device
+        self.validate = validate
+        if pi_init_host is None:
+            self._pi = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float32, device=device)
+        else:
+            self._pi = pi_init_host.to(device)
+        self._pi_reg = None if pi_reg_host is None else pi_reg_host.to(device)
+        self._log_pi_reg = None if self._pi_reg is None else torch.log(self._pi_reg)
+        self._pi_mid = self._pi.clone() if mode == "optimistic" else None
+        # ALSO's closure API: the previous batch, whose G extrapolates pi at the start of the next step
+        self._prev_ids: Optional[Tensor] = None
+        self._prev_losses: Optional[Tensor] = None
+        self._recorded: list[tuple[Tensor, Tensor]] = []  # (ids, losses) since the last step
+        # validation on the kernels' path runs on the device (no host sync; see _input_errors.py)
+        self._errors = DeviceInputErrors(device, n_groups) if validate and self._backend == "triton" else None
+        self._steps_taken = 0
+
+    # ------------------------------------------------------------------ public
+    @property
+    def pi(self) -> Tensor:
+        """The current group weights, float32 [n_groups] (do not modify in place)."""
+        return self._pi
+
+    @property
+    def pi_mid(self) -> Tensor:
+        """The weights ``weighted_loss`` uses: pi_mid = PiUpdate(pi, G_prev) in optimistic mode, else pi."""
+        return self._pi_mid if self.mode == "optimistic" else self._pi
+
+    @property
+    def pi_reg(self) -> Tensor:
+        """The KL anchor, float32 [n_groups] (uniform unless given)."""
+        if self._pi_reg is None:
+            return torch.full_like(self._pi, 1.0 / self.n_groups)
+        return self._pi_reg
+
+    @torch.compiler.disable
+    def weighted_loss(self, losses: Tensor, group_ids: GroupIds) -> Tensor:
+        """``loss_scale * sum_i w[g_i] l_i`` with w = pi (pi_mid in optimistic mode), differentiable in the losses.
+
+        Records the detached losses for the next ``step()``. With the mean reduction each call
+        normalises by its own micro-batch's counts; the pi step uses the counts of the whole step.
+        """
+        self.check_errors(wait=False)
+        ids = self._as_ids(group_ids)
+        self._check_losses(losses, ids, finite=False)
+        weights = self.pi_mid
+        word = None if self._errors is None else self._errors.word
+        if self.group_reduction == "mean":
+            self._flag_bad("this weighted_loss() call", ids, losses.detach())
+            sample_weights = self._group_mean_weights(weights, self._safe_ids(ids))
+            loss = (sample_weights.to(losses.dtype) * losses).sum().float()
+        else:
+            loss = _dispatch.weighted_loss(self._backend, weights, ids, losses, self.loss_scale, error_word=word)
+            if word is not None:
+                self._errors.check_now("this weighted_loss() call")
+        self._recorded.append((ids, losses.detach()))
+        return loss
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(self) -> Tensor:
+        """pi <- PiUpdate(pi, G), G from every loss recorded since the last step (optimistic mode: then
+        pi_mid <- PiUpdate(pi, G) as well); returns their mean as a 0-dim tensor (no host sync)."""
+        self.check_errors(wait=False)
+        ids, losses = self._take_recorded()
+        self._check_losses(losses, ids, finite=True)
+        before = self._host_state()
+        self._share_error_word()
+        self._ascend(ids, losses)
+        self._finish_step(lambda: self._restore_host_state(before))
+        return losses.mean()
+
+    def check_errors(self, wait: bool = True) -> None:
+        """Raise now for bad input that the device found in an earlier step (see ``validate``).
+
+        With ``wait=False`` only what the GPU has already finished is looked at (no host sync)."""
+        if self._errors is not None:
+            self._errors.poll(wait)
+
+    def select_batch(self, threshold: float, strategy: str = "pi", order: str = "desc",
+                     generator: Optional[torch.Generator] = None) -> tuple[int, Tensor]:
+        """Draw ``max(1, n_groups - cutoff)`` distinct ids, cutoff where pi's sorted cumulative mass reaches ``threshold``."""
+        return F.select_batch_reference(self._pi, threshold, strategy, order, generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        """pi, pi_mid, pi_reg, the previous batch and the hyper-parameters of the pi step (the tensors
+        themselves, as torch.optim's state_dict: copy or save them). Waits for the device's check of the
+        steps before it, so that an error is raised before saving."""
+        self.check_errors()
+        return self._state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()`` (ALSO's ``"also"`` entry too); a state of another n_groups, mode or
+        group_reduction raises ValueError and changes nothing."""
+        self.check_errors()
+        self._check_state(state_dict)
+        self._load_state(state_dict)
+
+    # -------------------------------------------------------------- input checks
+    def _as_ids(self, group_ids: GroupIds) -> Tensor:
+        # the reference path reads the values on the host; the kernels check them on the device
+        return _checks.as_ids(group_ids, self.n_groups, self.device, self.validate and self._errors is None)
+
+    def _check_losses(self, losses: Any, ids: Tensor, finite: bool) -> None:
+        _checks.check_losses(losses, ids, self.device, finite and self.validate and self._errors is None)
+
+    def _flag_bad(self, what: str, ids: Optional[Tensor] = None, losses: Optional[Tensor] = None) -> None:
+        """Kernels' path: set the error word for bad ids or losses (on a CPU: raise now, naming ``what``)."""
+        if self._errors is not None:
+            _dispatch.flag_bad_batch(self._errors.word, self.n_groups, ids, losses)
+            self._errors.check_now(what)
+
+    def _safe_ids(self, ids: Tensor) -> Tensor:
+        """Ids for torch indexing ops while out-of-range ids may still be in them (device checks:
+        the step will be rejected anyway, but an index outside pi must never be read)."""
+        return ids.clamp(0, self.n_groups - 1) if self._errors is not None and self._errors.deferred else ids
+
+    # ------------------------------------------------- the steps (ALSO calls these too)
+    def _take_recorded(self) -> tuple[Tensor, Tensor]:
+        """The ids and float32 losses recorded since the last step, concatenated; the record is emptied
+        (a rejected step drops its batches: zero the grads and run them again)."""
+        if not self._recorded:
+            raise RuntimeError("step() needs the per-sample losses: compute the loss with "
+                               "weighted_loss(losses, group_ids) before backward()")
+        if len(self._recorded) > 1:
+            ids = torch.cat([i for i, _ in self._recorded])
+            losses = torch.cat([l.float() for _, l in self._recorded])
+        else:
+            ids, losses = self._recorded[0][0], self._recorded[0][1].float()
+        self._recorded.clear()
+        return ids, losses
+
+    def _ascend(self, ids: Tensor, losses: Tensor) -> None:
+        """pi <- PiUpdate(pi, G); optimistic: pi_mid <- PiUpdate(new pi, G), in the same launch."""
+        second = self._pi_mid if self.mode == "optimistic" else None
+        self._pi_apply(self._pi_inputs(ids, losses), out=self._pi, second_out=second)
+
+    def _closure_weights(self, ids: Tensor) -> tuple[Tensor, float]:
+        """ALSO's closure API: (pi_selected, loss_scale) for the closure. In optimistic mode pi_mid =
+        PiUpdate(pi, G_prev) is computed first from the previous batch (a copy of pi before it)."""
+        weights = self._pi
+        if self.mode == "optimistic":
+            if self._prev_losses is None:
+                self._pi_mid.copy_(self._pi)
+            else:
+                self._pi_apply((self._prev_ids, self._prev_losses), out=self._pi_mid)
+            weights = self._pi_mid
+        self._recorded.clear()
+        ids = self._safe_ids(ids)
+        if self.group_reduction == "mean":
+            return self._group_mean_weights(weights, ids), 1.0
+        return weights[ids], self.loss_scale
+
+    def _closure_losses(self, result: Any, ids: Tensor) -> Tensor:
+        """ALSO's closure API: the detached per-sample losses of the closure's result, checked."""
+        losses = result[0] if isinstance(result, (tuple, list)) else result
+        self._check_losses(losses, ids, finite=True)
+        losses = losses.detach()
+        self._flag_bad("this step", losses=losses)
+        return losses
+
+    def _ascend_closure(self, ids: Tensor, losses: Tensor) -> None:
+        """ALSO's closure API: pi <- PiUpdate(pi, G); optimistic mode keeps G for the next pi_mid."""
+        inputs = self._pi_inputs(ids, losses)
+        if self.mode == "optimistic":
+            self._prev_ids, self._prev_losses = inputs
+        self._pi_apply(inputs, out=self._pi)
+
+    def _share_error_word(self) -> None:
+        """Distributed: every rank rejects the step if any rank found bad input (pi stays equal on all)."""
+        group = self._group()
+        if self._errors is not None and group is not None:
+            _collectives.share_error_word(self._errors.word, group)
+
+    def _host_state(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        return self._prev_ids, self._prev_losses
+
+    def _restore_host_state(self, saved: tuple[Optional[Tensor], Optional[Tensor]]) -> None:
+        """Undo the host side of a step the device rejected (its device side was a no-op)."""
+        self._prev_ids, self._prev_losses = saved
+        self._recorded.clear()
+
+    def _finish_step(self, undo: Callable[[], None]) -> None:
+        """Count the step; on the kernels' path queue its error word, with ``undo`` for a rejection."""
+        self._steps_taken += 1
+        if self._errors is not None:
+            self._errors.after_step(self._steps_taken, undo)
+
+    # ---------------------------------------------------------------- pi math
+    def _group(self) -> Optional[Any]:
+        return _collectives.reduce_group(self.process_group)
+
+    def _pi_hyper(self) -> dict[str, Any]:
+        # with c = pi_decay * pi_lr = 0 the KL term vanishes; dropping it avoids 0 * log(0) = NaN
+        # for a pi_reg with zero entries
+        log_pi_reg = self._log_pi_reg if self.pi_decay * self.pi_lr != 0.0 else None
+        return dict(pi_lr=self.pi_lr, pi_decay=self.pi_decay, temperature=self.pi_temperature,
+                    eps=self.eps, log_pi_reg=log_pi_reg)
+
+    def _pi_inputs(self, ids: Tensor, losses: Tensor) -> PiInputs:
+        """What the pi step consumes: (ids, per-sample terms), or (None, dense S) over every rank."""
+        group = self._group()
+        if group is None and self.group_reduction == "sum":
+            return ids, losses.float()
+        ids = self._safe_ids(ids)  # torch's scatter and gather ops below index with them
+        if group is None:
+            return ids, F.pi_step_terms(losses, ids, self.n_groups, self.group_reduction)
+        return _collectives.pi_step_inputs(ids, losses, self.n_groups, self.group_reduction, group)
+
+    def _pi_apply(self, inputs: PiInputs, out: Tensor, second_out: Optional[Tensor] = None) -> None:
+        """out = PiUpdate(pi, G); second_out = PiUpdate(out, G); nothing changes while the error word is set."""
+        ids, terms = inputs
+        hyper = self._pi_hyper()
+        word = None if self._errors is None else self._errors.word
+        if ids is not None:
+            _dispatch.pi_update(self._backend, self._pi, ids, terms, out=out, second_out=second_out,
+                                error_word=word, **hyper)
+            return
+        new = F.pi_update_from_sums(self._pi, terms, **hyper)
+        second = None if second_out is None else F.pi_update_from_sums(new, terms, **hyper)
+        if word is not None:
+            rejected = word != 0
+            new = torch.where(rejected, out, new)
+            second = None if second is None else torch.where(rejected, second_out, second)
+        if second is not None:
+            second_out.copy_(second)
+        out.copy_(new)
+
+    def _group_mean_weights(self, pi: Tensor, ids: Tensor) -> Tensor:
+        """Per-sample weights of the group-mean loss; distributed, from the counts of every rank, so
+        that the gradient average over the ranks is the gradient of the whole batch's group-mean loss."""
+        group = self._group()
+        if group is None:
+            return F.group_mean_sample_weights(pi, ids, self.n_groups)
+        counts = _collectives.group_counts(ids, self.n_groups, group)
+        return F.group_mean_sample_weights_from_counts(pi, ids, counts, _collectives.world_size(group))
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict[str, Any]:
+        return dict(n_groups=self.n_groups, mode=self.mode, group_reduction=self.group_reduction,
+                    loss_scale=self.loss_scale, pi_lr=self.pi_lr, pi_decay=self.pi_decay,
+                    pi_temperature=self.pi_temperature, pi_eps=self.eps, pi=self._pi, pi_mid=self._pi_mid,
+                    pi_reg=self._pi_reg, prev_ids=self._prev_ids, prev_losses=self._prev_losses)
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """Refuse, before anything changes, a state that does not belong to these group weights."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
+        missing = [key for key in STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"not a group-weights state_dict: {missing} missing")
+        mine = (self.n_groups, self.mode, self.group_reduction)
+        theirs = (state["n_groups"], state["mode"], state.get("group_reduction", "sum"))
+        if theirs != mine:
+            raise ValueError(f"state_dict is for (n_groups, mode, group_reduction) = {theirs}; this one has {mine}")
+        for key in ("pi", "pi_mid", "pi_reg"):
+            value = state[key]
+            if (value is None and key != "pi") or (isinstance(value, Tensor) and value.shape == (self.n_groups,)):
+                continue
+            raise ValueError(f"state_dict entry {key!r} must be a tensor of shape ({self.n_groups},)")
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        def to_device(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.detach().to(self.device).clone()
+
+        for name, key in FLOAT_STATE:
+            setattr(self, name, float(state[key]))
+        self._pi = to_device(state["pi"]).float()
+        self._pi_mid = to_device(state["pi_mid"])
+        if self._pi_mid is None and self.mode == "optimistic":
+            self._pi_mid = self._pi.clone()  # ALSO's closure API: recomputed at the start of every step
+        self._pi_reg = to_device(state["pi_reg"])
+        self._log_pi_reg = None if self._pi_reg is None else torch.log(self._pi_reg)
+        self._prev_ids = to_device(state["prev_ids"])
+        self._prev_losses = to_device(state["prev_losses"])
+        self._recorded.clear()
+
+
+def _as_device(device: Optional[Union[str, torch.device]]) -> torch.device:
+    """The device of pi: CPU by default; a CUDA device without an index is the current one."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device

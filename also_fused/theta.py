@@ -1,0 +1,286 @@
+"""ALSO's update of the parameters theta: Adam with ALSO's eps and coupled decay, and the optimistic extrapolation."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from . import functional as F
+from ._base import AdamFamily, as_scalar, check_hyperparameters
+from ._input_errors import DeviceInputErrors
+
+Moved = list[tuple[Tensor, dict]]  # closure API: params holding the extrapolated point, with their state
+Journal = list[tuple]  # state entries created ("created", p, key) or dropped ("dropped", p, key, value) by a step
+
+
+class ThetaAdam(AdamFamily):
+    """ALSO's theta step: ``x <- x - lr sqrt(1-b2^t)/(1-b1^t) m/(sqrt(v)+eps)``, m and v from d + wd*x (ALGORITHM.md sec. 3).
+
+    eps is added to sqrt(v) before the bias correction (unlike torch.optim.Adam) and the weight
+    decay is coupled into the gradient. ``mode="optimistic"`` (sec. 6, loop form) follows each step
+    with the extrapolation ``y = x + AdamStep(x, alpha*d)`` in the same pass: the params then hold
+    y, where the next gradient is taken, and the Adam state advances twice per step; ``eval()``
+    puts the iterate x into the params, ``train()`` y again. ``ALSO`` is this update plus a
+    ``GroupWeights``; alone, with a ``GroupWeights`` beside it, it gives ALSO's loop API results.
+    A param without a gradient is skipped (optimistic mode: it goes back to x).
+    """
+
+    _EXTRA_KEY = "theta"  # the state_dict entry that holds what torch.optim's state does not
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: Union[float, Tensor] = 1e-3,
+        betas: tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999),
+        eps: float = F.FLOAT32_EPS,
+        weight_decay: float = 1e-3,
+        amsgrad: bool = False,
+        mode: str = "descent-ascent",
+        alpha: float = 1.0,
+        backend: str = "auto",
+    ) -> None:
+        check_hyperparameters(lr, betas, eps, weight_decay)
+        _checks.check_choice("mode", mode, _checks.MODES)
+        if not alpha >= 0.0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        defaults = dict(lr=as_scalar(lr), betas=tuple(map(as_scalar, betas)), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad)
+        super().__init__(params, defaults, backend)
+        self.mode = mode
+        self.alpha = float(alpha)
+        self._saved_x: dict[Tensor, Tensor] = {}  # closure API: x while the params hold the extrapolation
+        self._api: Optional[str] = None
+        self._training = True
+        self._staged_extra: Optional[dict[str, Any]] = None  # set by also_fused.checkpoint before loading
+        self._errors: Optional[DeviceInputErrors] = None  # the device error word of the batch (ALSO's)
+        self._journal: Optional[Journal] = None  # kept while a step can still be rejected by the device
+
+    # ------------------------------------------------------------------ public
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One step from the params' gradients (torch.optim's closure re-evaluates the loss first)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_training()
+        items = self._grad_items()
+        self._set_api("loop")
+        self._update(items)
+        return loss
+
+    def train(self) -> None:
+        """Put the extrapolated point back into the params (optimistic loop API); no-op otherwise."""
+        self._check_pending(wait=False)
+        if self._training:
+            return
+        self._swap_points("extrapolated", "iterate")
+        self._training = True
+
+    def eval(self) -> None:
+        """Put the iterate x into the params for evaluation or saving (optimistic loop API); no-op otherwise.
+
+        The state then holds the extrapolated point y under ``"extrapolated"`` instead of x under
+        ``"iterate"`` (one extra buffer per param either way). Waits for the device's check of the
+        steps before it, so that an error is raised before the model is evaluated or saved."""
+        self._check_pending(wait=True)
+        if not self._training:
+            return
+        if self._api == "loop":
+            self._swap_points("iterate", "extrapolated")
+        self._training = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state (per-param Adam state, the iterate x or extrapolated point y, d_prev)
+        plus one entry with the rest. Waits for the device's check of the steps before it."""
+        self._check_pending(wait=True)
+        sd = super().state_dict()
+        sd[self._EXTRA_KEY] = self._extra_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_pending(wait=True)
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(self._EXTRA_KEY, None)
+        if extra is None:
+            extra, self._staged_extra = self._staged_extra, None
+        if extra is None:
+            raise ValueError(f"the {self._EXTRA_KEY!r} entry is missing: not a state_dict of {type(self).__name__}")
+        self._check_extra(extra)
+        super().load_state_dict(state_dict)
+        self._load_extra_state(extra)
+
+    # ------------------------------------------------------------ the updates
+    def _update(self, items: list[tuple[Tensor, int]]) -> None:
+        """Loop API: x <- x + AdamStep(x, d); optimistic: x is kept in the state, the params get
+        y = x + AdamStep(x, alpha d) (one pass), and params without a gradient go back to x."""
+        if self.mode == "descent-ascent":
+            self._adam("step", items, sources=lambda p, s: p, destinations=lambda p, s: p)
+            return
+        self._adam("fused", items, sources=lambda p, s: s.get("iterate", p),
+                   destinations=lambda p, s: self._buffer(s, "iterate", p),
+                   extrapolate_to=lambda p, s: p, extrapolation_scale=self.alpha)
+        with_grad = {p for p, _ in items}
+        stale = [(p, s) for p, s in self._params_with("iterate") if p not in with_grad]
+        if stale:  # no gradient: no extrapolation, the param sits at x (unless the step is rejected)
+            if self._errors is None:
+                torch._foreach_copy_([p for p, _ in stale], [s["iterate"] for _, s in stale])
+            else:
+                rejected = self._errors.word != 0
+                for p, state in stale:
+                    p.copy_(torch.where(rejected, p, state["iterate"]))
+
+    def _extrapolate_closure(self) -> Moved:
+        """Closure API: y = x + AdamStep(x, alpha*d_prev) into the params, x saved; the Adam state is not yet written."""
+        moved = []
+        items = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "prev_grad" in state:
+                    items.append((p, gi))
+                    moved.append((p, state))
+        # uncommitted (t + 1 for the bias correction, moments and step count unwritten): the main pass
+        # commits this advance; not gated by the error word, since a rejected main pass restores x from it
+        self._adam("extrapolate", items, sources=lambda p, s: p, destinations=lambda p, s: p,
+                   grads=lambda p, s: s["prev_grad"], grad_scale=self.alpha,
+                   save_sources_to=lambda p, s: self._saved_x_buffer(p), commit_state=False)
+        return moved
+
+    def _update_closure(self, items: list[tuple[Tensor, int]], moved: Moved) -> None:
+        """Closure API: x <- x + AdamStep(x, d) (optimistic: the extrapolation's advance committed first, d kept as d_prev)."""
+        if self.mode == "descent-ascent":
+            self._adam("step", items, sources=lambda p, s: p, destinations=lambda p, s: p)
+            return
+        with_prev = [(p, gi) for p, gi in items if "prev_grad" in self.state.get(p, {})]
+        fresh = [(p, gi) for p, gi in items if "prev_grad" not in self.state.get(p, {})]
+        self._adam("main_prior", with_prev, sources=lambda p, s: self._saved_x[p],
+                   destinations=lambda p, s: p, prior_grads=lambda p, s: s["prev_grad"],
+                   prior_scale=self.alpha, save_grads_to=lambda p, s: s["prev_grad"])
+        self._adam("main", fresh, sources=lambda p, s: p, destinations=lambda p, s: p,
+                   save_grads_to=lambda p, s: self._buffer(s, "prev_grad", p))
+        self._drop_lost_gradients(moved, {p for p, _ in items})
+
+    def _drop_lost_gradients(self, moved: Moved, with_grad: set) -> None:
+        """A param extrapolated with d_prev but without a gradient now: the extrapolation's Adam
+        advance is committed (as published), d_prev is dropped, and the param goes back to x
+        (deliberate fix: the published optimizer leaves it at the extrapolated point)."""
+        lost = [(p, gi) for gi, g in enumerate(self.param_groups) for p in g["params"]
+                if p not in with_grad and "prev_grad" in self.state.get(p, {})]
+        if not lost:
+            return
+        self._adam("commit", lost, sources=lambda p, s: self._saved_x[p], destinations=lambda p, s: p,
+                   grads=lambda p, s: s["prev_grad"], grad_scale=self.alpha)
+        for p, _ in lost:
+            p.copy_(self._saved_x[p])
+            dropped = self.state[p].pop("prev_grad")
+            if self._journal is not None:
+                self._journal.append(("dropped", p, "prev_grad", dropped))
+        self._state_version += 1
+
+    def _restore(self, moved: Moved) -> None:
+        """Closure API: put the saved x back into the params."""
+        if moved:
+            torch._foreach_copy_([p for p, _ in moved], [self._saved_x[p] for p, _ in moved])
+
+    def _adam(self, tag: str, items: list[tuple[Tensor, int]],
+              grads: Optional[Callable[[Tensor, dict], Tensor]] = None, **flags: Any) -> None:
+        """Run ALSO's Adam update on ``items`` (one launch per device/dtype/amsgrad bucket).
+
+        Callable flags give per-tensor lists (sources, destinations, save_*_to, prior_grads,
+        extrapolate_to) as functions of (param, state); the others are passed as they are. A
+        committing update reads the device error word: a rejected step only restores the params.
+        """
+        per_tensor = {k: v for k, v in flags.items() if callable(v)}
+        scalars = {k: v for k, v in flags.items() if not callable(v)}
+        word = self._errors.word if self._errors is not None and scalars.get("commit_state", True) else None
+        for plan in self._plans_for(tag, items, ("amsgrad",), per_tensor):
+            plan_grads = ([p.grad for p in plan["params"]] if grads is None
+                          else [grads(p, s) for p, s in zip(plan["params"], plan["states"])])
+            self._run_plan(plan, plan_grads, word, eps_mode="also", **scalars)
+
+    # ------------------------------------------------------------ bookkeeping
+    def _check_pending(self, wait: bool) -> None:
+        """Raise for bad input the device found in an earlier step (ALSO: its group weights' check)."""
+
+    def _check_training(self) -> None:
+        if self.mode == "optimistic" and not self._training:
+            raise RuntimeError("the optimizer is in eval() mode (params hold the iterate x): call train() first")
+
+    def _set_api(self, api: str) -> None:
+        if self.mode == "optimistic" and self._api not in (None, api):
+            raise RuntimeError(f"this optimizer was stepped with the {self._api} API; optimistic mode cannot "
+                               f"switch to the {api} API (the params hold a different point)")
+        self._api = api
+
+    def _params_with(self, key: str) -> list[tuple[Tensor, dict]]:
+        return [(p, self.state[p]) for g in self.param_groups for p in g["params"]
+                if key in self.state.get(p, {})]
+
+    @torch.no_grad()
+    def _swap_points(self, held: str, into: str) -> None:
+        """Params take the point stored under ``held``; the point they held is stored under ``into``."""
+        for p, state in self._params_with(held):
+            state[into] = p.clone()
+            p.copy_(state.pop(held))
+        self._plans.clear()  # the cached plans hold the popped buffers
+
+    def _buffer(self, state: dict, key: str, like: Tensor) -> Tensor:
+        buf = state.get(key)
+        if buf is None:
+            buf = state[key] = torch.empty_like(like)
+            self._state_version += 1
+            if self._journal is not None:
+                self._journal.append(("created", like, key))
+        return buf
+
+    def _saved_x_buffer(self, p: Tensor) -> Tensor:
+        buf = self._saved_x.get(p)
+        if buf is None:
+            buf = self._saved_x[p] = torch.empty_like(p)
+            self._state_version += 1
+        return buf
+
+    def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
+        if self._journal is not None and "step" not in self.state.get(p, {}):
+            keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+            self._journal.extend(("created", p, key) for key in keys)
+        return super()._init_state(p, amsgrad)
+
+    def _undo_journal(self, journal: Journal) -> None:
+        """Revert the state entries a step the device rejected created or dropped (its device side was a no-op)."""
+        for entry in reversed(journal):
+            if entry[0] == "created":
+                _, p, key = entry
+                state = self.state.get(p, {})
+                state.pop(key, None)
+                if not state:
+                    self.state.pop(p, None)
+            else:  # "dropped"
+                _, p, key, value = entry
+                self.state[p][key] = value
+        self._state_version += 1
+        self._plans.clear()
+
+    def _materialize_state(self) -> None:
+        """Create the Adam state of every trainable param that has none yet (zeros, step 0: the same
+        as a lazy first creation), so that a checkpoint template lists every param's state."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._init_state(p, bool(group["amsgrad"]))
+
+    def _extra_state(self) -> dict[str, Any]:
+        return dict(mode=self.mode, alpha=self.alpha, api=self._api, training=self._training)
+
+    def _check_extra(self, extra: dict[str, Any]) -> None:
+        if extra.get("mode") != self.mode:
+            raise ValueError(f"state_dict is for mode {extra.get('mode')!r}; this optimizer has {self.mode!r}")
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.alpha = float(extra["alpha"])
+        self._api = extra["api"]
+        self._training = bool(extra["training"])
