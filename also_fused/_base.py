@@ -8,14 +8,17 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from . import functional as F
 from .kernels.layout import dense_like
 
 # the moments, stored at the optimizer's state precision; the other state entries follow the param
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 PARAM_DTYPE_STATE_KEYS = ("iterate", "prev_grad", "extrapolated")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# state_precision -> the moments' dtype (None: the param's, as torch.optim keeps them)
-STATE_PRECISIONS = {"param": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# state_precision -> the moments' dtype (None: the param's, as torch.optim keeps them; int8: 8-bit codes
+# with block scales, see functional.quantize_moment_)
+STATE_PRECISIONS = {"param": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")
 _is_contiguous = Tensor.is_contiguous
 
 try:
@@ -124,10 +127,23 @@ class AdamFamily(torch.optim.Optimizer):
             # over the flat storage of param, gradient and state together
             dtype = self._moment_dtype(p)
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.uint8 if dtype == torch.int8 else dtype)
+            if dtype == torch.int8:
+                for key in SCALE_KEYS:
+                    state[key] = torch.zeros(F.quant_blocks(p.numel()), dtype=torch.float32, device=p.device)
             if amsgrad:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
         return state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "state_precision", None) == "int8":
+            params = param_group["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            if param_group.get("amsgrad", self.defaults.get("amsgrad", False)):
+                raise ValueError("state_precision='int8' does not support amsgrad")
+            if any(is_dtensor(p) for p in params):
+                raise NotImplementedError("state_precision='int8' does not support sharded (DTensor) params yet")
+        super().add_param_group(param_group)
 
     def _moment_dtype(self, p: Tensor) -> torch.dtype:
         """The dtype the moments of ``p`` are stored in (the update itself runs in float32)."""
@@ -225,7 +241,10 @@ class AdamFamily(torch.optim.Optimizer):
                         max_exp_avg_sqs=[local_tensor(s["max_exp_avg_sq"]) for s in states] if bkey[2] else None,
                         lists=self._tensor_lists(per_tensor, params, states),
                         backend=self._backend_for(params[0].device), cache={},
-                        has_dtensors=any(is_dtensor(p) for p in params))
+                        has_dtensors=any(is_dtensor(p) for p in params),
+                        scales=dict(exp_avg_scales=[s["exp_avg_scale"] for s in states],
+                                    exp_avg_sq_scales=[s["exp_avg_sq_scale"] for s in states])
+                        if "exp_avg_scale" in states[0] else {})
             plans.append(plan)
         if len(self._plans) > 64:
             self._plans.clear()
@@ -252,7 +271,8 @@ class AdamFamily(torch.optim.Optimizer):
         _dispatch.adam_update(
             plan["backend"], sources, grads, plan["exp_avgs"], plan["exp_avg_sqs"], plan["steps"], destinations,
             self._hyper_rows(), plan["rows"], max_exp_avg_sqs=plan["max_exp_avg_sqs"],
-            hyper_table=self._hyper_table, cache=plan["cache"], error_word=error_word, **lists, **flags)
+            hyper_table=self._hyper_table, cache=plan["cache"], error_word=error_word, **plan["scales"], **lists,
+            **flags)
 
     # -------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -267,15 +287,43 @@ class AdamFamily(torch.optim.Optimizer):
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved_state:
                 continue
-            fixed = {}
-            for key, value in saved_state[saved_id].items():
+            saved = saved_state[saved_id]
+            fixed = self._moments_as_saved(saved, p)
+            for key, value in saved.items():
+                if key in fixed or key in SCALE_KEYS:
+                    continue
                 if not isinstance(value, Tensor):
                     fixed[key] = value
                 elif key == "step":
                     fixed[key] = value.detach().to(device=self._step_device(p), dtype=torch.float32).clone()
-                else:
+                elif not (key == "max_exp_avg_sq" and self.state_precision == "int8"):
                     fixed[key] = _like_param(value, p, self._moment_dtype(p) if key in MOMENT_KEYS else p.dtype)
             self.state[p] = fixed
+
+    def _moments_as_saved(self, saved: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
+        """exp_avg and exp_avg_sq of a saved state in this optimizer's precision: copied when the formats
+        agree, otherwise decoded from 8-bit codes or encoded into them (functional.quantize_moment_)."""
+        out: dict[str, Tensor] = {}
+        to_codes = self.state_precision == "int8"
+        for key, scale_key, signed in (("exp_avg", "exp_avg_scale", True), ("exp_avg_sq", "exp_avg_sq_scale", False)):
+            value = saved.get(key)
+            if not isinstance(value, Tensor):
+                continue
+            value = value.detach().to(p.device)
+            from_codes = scale_key in saved
+            if from_codes and to_codes:
+                out[key] = _like_param(value, p, value.dtype)
+                out[scale_key] = saved[scale_key].detach().to(p.device, torch.float32).clone()
+            elif from_codes:
+                values = F.dequantize_moment(value, saved[scale_key].detach().to(p.device, torch.float32), signed)
+                out[key] = _like_param(values, p, self._moment_dtype(p))
+            elif to_codes:
+                out[key] = torch.empty_like(p, dtype=F.QUANT_DTYPES[signed])
+                out[scale_key] = torch.empty(F.quant_blocks(p.numel()), dtype=torch.float32, device=p.device)
+                F.quantize_moment_(_like_param(value, p, torch.float32), out[key], out[scale_key], signed)
+            else:
+                out[key] = _like_param(value, p, self._moment_dtype(p))
+        return out
 
     @staticmethod
     def _check_saved_state(saved_ids: list, saved_state: dict, params: list[Tensor]) -> None:
@@ -283,6 +331,11 @@ class AdamFamily(torch.optim.Optimizer):
         for saved_id, p in zip(saved_ids, params):
             for key, value in saved_state.get(saved_id, {}).items():
                 if not isinstance(value, Tensor) or key == "step":
+                    continue
+                if key in SCALE_KEYS:
+                    if value.numel() != F.quant_blocks(p.numel()):
+                        raise ValueError(f"state {key!r} of param {saved_id} has {value.numel()} block scales, "
+                                         f"the param needs {F.quant_blocks(p.numel())}")
                     continue
                 if value.shape != p.shape:
                     raise ValueError(f"state {key!r} of param {saved_id} has shape {tuple(value.shape)}, "

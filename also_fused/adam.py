@@ -27,10 +27,12 @@ class Adam(AdamFamily):
     ``decoupled_weight_decay`` (AdamW). ``foreach``, ``fused`` and ``capturable`` are accepted for
     signature compatibility: the Triton path is always fused and never syncs the host.
 
-    ``state_precision``: the dtype of the moments. ``"param"`` (default) keeps them in the param's
+    ``state_precision``: how the moments are stored. ``"param"`` (default) keeps them in the param's
     dtype, as torch.optim does (same memory, same state_dict dtypes); ``"float32"`` keeps float32
-    moments for bf16/fp16 params; ``"bfloat16"`` halves the state of float32 params. The update is
-    computed in float32 either way and the moments are rounded once when stored.
+    moments for bf16/fp16 params; ``"bfloat16"`` halves the state of float32 params; ``"int8"`` stores
+    8-bit codes with one float32 scale per 1024 elements (about 2 bytes per param for both moments;
+    no amsgrad; the code is stated in ``functional.quantize_moment_``). The update is computed in
+    float32 either way and the moments are rounded or encoded once when stored.
     """
 
     _decoupled_default = False

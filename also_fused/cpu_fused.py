@@ -111,6 +111,8 @@ def adam_update(
     prior_grads: Optional[Sequence[Tensor]] = None,
     prior_scale: float = 1.0,
     commit_state: bool = True,
+    exp_avg_scales: Optional[Sequence[Tensor]] = None,
+    exp_avg_sq_scales: Optional[Sequence[Tensor]] = None,
 ) -> None:
     """``functional.adam_update_reference`` on CPU tensors, in one pass over memory where it can.
 
@@ -120,6 +122,15 @@ def adam_update(
         return
     if not commit_state and (prior_grads is not None or extrapolate_to is not None):
         raise ValueError("commit_state=False only applies to a single update")
+    if exp_avg_scales is not None:  # 8-bit moments: the reference
+        F.adam_update_reference(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, hyper, hyper_rows,
+                                max_exp_avg_sqs=max_exp_avg_sqs, eps_mode=eps_mode,
+                                decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+                                grad_scale=grad_scale, save_sources_to=save_sources_to, save_grads_to=save_grads_to,
+                                extrapolate_to=extrapolate_to, extrapolation_scale=extrapolation_scale,
+                                prior_grads=prior_grads, prior_scale=prior_scale, commit_state=commit_state,
+                                exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales)
+        return
     plain = (prior_grads is None and extrapolate_to is None and save_sources_to is None and save_grads_to is None
              and commit_state and grad_scale == 1.0)
     # torch's fused kernel keeps the moments in the param dtype, as the drop-ins do by default

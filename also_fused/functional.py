@@ -184,6 +184,59 @@ def select_batch_reference(
     return batch_size, ids.to(pi.device)
 
 
+# 8-bit moments (state_precision="int8"): codes per element and one float32 scale per block of
+# QUANT_BLOCK consecutive elements of the tensor's storage (the block's largest |value|).
+# m (signed):   m = a * sign(q) * (q/127)^2,  q = sign(m) * floor(127 * sqrt(|m|/a) + 1/2)
+# v (unsigned): v = a * (q/255)^4,            q = floor(255 * (v/a)^(1/4) + 1/2)
+# The square and fourth-root companding gives small values many codes: v's code stays non-zero
+# wherever m's does (v ~ m^2 relative to their scales), so m / sqrt(v) never divides by a zero v.
+QUANT_BLOCK = 1024
+QUANT_DTYPES = {True: torch.int8, False: torch.uint8}  # signed (m), unsigned (v)
+
+
+def quant_blocks(numel: int) -> int:
+    """The number of scales of a tensor of ``numel`` elements."""
+    return -(-numel // QUANT_BLOCK)
+
+
+def _flat(t: Tensor) -> Tensor:
+    # the storage of a dense tensor (contiguous or channels_last) in memory order
+    return t.as_strided((t.numel(),), (1,))
+
+
+def dequantize_moment(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
+    """float32 values of 8-bit codes (same shape and layout as ``codes``), computed as the kernel does."""
+    q = codes.float()
+    a = scales.repeat_interleave(QUANT_BLOCK)[:q.numel()]
+    flat = _flat(q)
+    if signed:
+        values = flat * flat.abs() * a / 16129.0
+    else:
+        t = flat / 255.0
+        t2 = t * t
+        values = t2 * t2 * a
+    out = torch.empty_like(q)
+    _flat(out).copy_(values)
+    return out
+
+
+def quantize_moment_(values: Tensor, codes: Tensor, scales: Tensor, signed: bool) -> None:
+    """Write the 8-bit codes and block scales of float32 ``values`` into ``codes`` and ``scales``."""
+    flat = _flat(values.float())
+    n = flat.numel()
+    padded = torch.zeros(quant_blocks(n) * QUANT_BLOCK, dtype=torch.float32, device=flat.device)
+    padded[:n] = flat.abs()
+    a = padded.view(-1, QUANT_BLOCK).amax(dim=1)
+    scales.copy_(a)
+    r = flat.abs() / torch.where(a > 0, a, torch.ones_like(a)).repeat_interleave(QUANT_BLOCK)[:n]
+    if signed:
+        q = torch.floor(torch.sqrt(r) * 127.0 + 0.5).clamp_(max=127.0)
+        q = torch.where(flat < 0, -q, q)
+    else:
+        q = torch.floor(torch.sqrt(torch.sqrt(r)) * 255.0 + 0.5).clamp_(max=255.0)
+    _flat(codes).copy_(q.to(codes.dtype))
+
+
 def adam_update_reference(
     sources: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -206,6 +259,8 @@ def adam_update_reference(
     prior_grads: Optional[Sequence[Tensor]] = None,
     prior_scale: float = 1.0,
     commit_state: bool = True,
+    exp_avg_scales: Optional[Sequence[Tensor]] = None,
+    exp_avg_sq_scales: Optional[Sequence[Tensor]] = None,
 ) -> None:
     """One Adam-style update of many tensors: the reference twin of ``kernels.multi_tensor_adam_``.
 
@@ -219,7 +274,9 @@ def adam_update_reference(
     ``commit_state=False`` leaves the moments untouched. ``save_sources_to`` / ``save_grads_to``
     receive copies of x / the raw grad. Moments stored below float32 (bf16, fp16) are read into float32,
     carried in float32 through all the advances of the call and rounded to nearest once when written
-    back. One tensor at a time: on a CPU that keeps it in cache.
+    back. With ``exp_avg_scales`` / ``exp_avg_sq_scales`` the moments are 8-bit codes (int8 m, uint8 v,
+    see ``quantize_moment_``): decoded at the start of the call and encoded once at its end.
+    One tensor at a time: on a CPU that keeps it in cache.
     """
     if not commit_state and (prior_grads is not None or extrapolate_to is not None):
         raise ValueError("commit_state=False only applies to a single update")
@@ -235,6 +292,12 @@ def adam_update_reference(
         # the moments are carried in float32 through the call and rounded once when stored (a no-op copy-free
         # view for float32 moments)
         m, v, vmax = (None if t is None else t.float() for t in stored)
+        quantized = exp_avg_scales is not None
+        if quantized:
+            if vmax is not None:
+                raise ValueError("8-bit moments do not support amsgrad")
+            m = dequantize_moment(stored[0], exp_avg_scales[i], signed=True)
+            v = dequantize_moment(stored[1], exp_avg_sq_scales[i], signed=False)
         xf = x.float()
         if save_sources_to is not None:
             save_sources_to[i].copy_(x)
@@ -252,7 +315,10 @@ def adam_update_reference(
             _apply_step(x1, m, v if vmax is None else vmax, t + 1, extrapolate_to[i], **apply_kw)
         if save_grads_to is not None:  # last: it may alias prior_grads
             save_grads_to[i].copy_(grad)
-        if commit_state:
+        if commit_state and quantized:
+            quantize_moment_(m, stored[0], exp_avg_scales[i], signed=True)
+            quantize_moment_(v, stored[1], exp_avg_sq_scales[i], signed=False)
+        elif commit_state:
             for kept, computed in zip(stored, (m, v, vmax)):
                 if kept is not None and kept is not computed:
                     kept.copy_(computed)

@@ -34,6 +34,8 @@ __all__ = ["multi_tensor_adam_", "hyper_table", "hyper_rows_float64", "KERNEL_CO
 HYPER_COLS = 10
 # at most this many hyper rows may take lr and the decay factor as launch arguments (``lr_args``)
 MAX_LR_ARGS = 4
+# elements per scale of 8-bit moments (functional.QUANT_BLOCK): one program's block
+QUANT_BLOCK = 1024
 
 
 def hyper_table(rows: Sequence[Sequence[float]], device: Any = "cpu") -> torch.Tensor:
@@ -52,7 +54,8 @@ def hyper_rows_float64(rows: Sequence[Sequence[float]]) -> List[tuple]:
              math.log(b2) if b2 > 0 else -math.inf, 1.0 - lr * wd) for lr, b1, b2, eps, wd in rows]
 
 # Columns of the per-tensor metadata table (int64, one 128-byte row per tensor).
-_SRC, _DST, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _SAVE_SRC, _SAVE_GRAD, _EXTRAP, _STEP, _NUMEL, _HROW, _PRIOR = range(12)
+(_SRC, _DST, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _SAVE_SRC, _SAVE_GRAD, _EXTRAP, _STEP, _NUMEL, _HROW, _PRIOR,
+ _M_SCALE, _V_SCALE) = range(14)
 _META_COLS = 16
 # columns that may hold the user's parameters, whose storage can change behind the optimizer's back
 _PARAM_COLS = (_SRC, _DST, _SAVE_SRC, _EXTRAP)
@@ -106,6 +109,37 @@ def _to_storage(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _dequantize(q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr):
+    # 8-bit codes -> float32, as functional.dequantize_moment: m = a q|q| / 127^2, v = a (q/255)^4
+    q = tl.load(q_ptr + offs, mask=mask).to(tl.float32)
+    a = tl.load(scale_ptr)
+    if SIGNED:
+        x = tl.div_rn(q * tl.abs(q) * a, 16129.0)
+    else:
+        t = tl.div_rn(q, 255.0)
+        t2 = t * t
+        x = t2 * t2 * a
+    return x
+
+
+@triton.jit
+def _quantize_store(x, q_ptr, scale_ptr, offs, mask, MASKED: tl.constexpr, SIGNED: tl.constexpr):
+    # float32 -> 8-bit codes and the block's scale, as functional.quantize_moment_
+    ax = tl.abs(x)
+    if MASKED:
+        ax = tl.where(mask, ax, 0.0)
+    a = tl.max(ax, axis=0)
+    r = tl.div_rn(ax, tl.where(a > 0.0, a, 1.0))
+    if SIGNED:
+        q = tl.minimum(tl.floor(tl.sqrt_rn(r) * 127.0 + 0.5), 127.0)
+        tl.store(q_ptr + offs, tl.where(x < 0.0, -q, q).to(tl.int8), mask=mask)
+    else:
+        q = tl.minimum(tl.floor(tl.sqrt_rn(tl.sqrt_rn(r)) * 255.0 + 0.5), 255.0)
+        tl.store(q_ptr + offs, q.to(tl.uint8), mask=mask)
+    tl.store(scale_ptr, a)
+
+
+@triton.jit
 def _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
     if not DECOUPLED:
         d = d + wd * x
@@ -137,12 +171,13 @@ def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, sqr
 
 
 @triton.jit
-def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, prior, rem,
+def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, prior, m_scale,
+                v_scale, rem,
                 gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
                 PDTYPE: tl.constexpr, MDTYPE: tl.constexpr, BLOCK: tl.constexpr, PVEC: tl.constexpr,
                 MVEC: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
                 SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
-                PRIOR: tl.constexpr, COMMIT: tl.constexpr):
+                PRIOR: tl.constexpr, COMMIT: tl.constexpr, QUANT: tl.constexpr):
     # Pointers are already advanced to this block; rem = elements left in the chunk (only read when MASKED).
     offs = tl.arange(0, BLOCK)
     if PVEC > 0:
@@ -162,8 +197,12 @@ def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, s
     x_raw = tl.load(src + poffs, mask=mask)
     g_raw = tl.load(grad + poffs, mask=mask)
     # the moments are read into float32 and rounded once when stored (MDTYPE below float32)
-    m = tl.load(exp_avg + moffs, mask=mask).to(tl.float32)
-    v = tl.load(exp_avg_sq + moffs, mask=mask).to(tl.float32)
+    if QUANT:  # 8-bit codes with one scale per block (this block)
+        m = _dequantize(exp_avg, m_scale, moffs, mask, True)
+        v = _dequantize(exp_avg_sq, v_scale, moffs, mask, False)
+    else:
+        m = tl.load(exp_avg + moffs, mask=mask).to(tl.float32)
+        v = tl.load(exp_avg_sq + moffs, mask=mask).to(tl.float32)
     if AMSGRAD:
         vmax = tl.load(max_exp_avg_sq + moffs, mask=mask).to(tl.float32)
     else:
@@ -187,7 +226,10 @@ def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, s
         y, m, v, vmax = _adam_math(x_out.to(tl.float32), g * gscale_b, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_b, ib_b,
                                    EPS_TORCH, DECOUPLED, AMSGRAD)
         tl.store(extrap + poffs, _to_storage(y, PDTYPE, INTERPRET), mask=mask)
-    if COMMIT:
+    if COMMIT and QUANT:
+        _quantize_store(m, exp_avg, m_scale, moffs, mask, MASKED, True)
+        _quantize_store(v, exp_avg_sq, v_scale, moffs, mask, MASKED, False)
+    elif COMMIT:
         tl.store(exp_avg + moffs, _to_storage(m, MDTYPE, INTERPRET), mask=mask)
         tl.store(exp_avg_sq + moffs, _to_storage(v, MDTYPE, INTERPRET), mask=mask)
         if AMSGRAD:
@@ -223,7 +265,7 @@ def _multi_tensor_adam_kernel(
     MVEC: tl.constexpr, META_COLS: tl.constexpr,
     EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
-    PRIOR: tl.constexpr, COMMIT: tl.constexpr, HYPER_COLS: tl.constexpr,
+    PRIOR: tl.constexpr, COMMIT: tl.constexpr, QUANT: tl.constexpr, HYPER_COLS: tl.constexpr,
     ALIGNED: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # One program = one chunk (up to CHUNK elements) of one tensor; the chunk table packs
@@ -235,8 +277,17 @@ def _multi_tensor_adam_kernel(
 
     src = _param_ptr(row, 0, PDTYPE, ALIGNED)
     dst = _param_ptr(row, 1, PDTYPE, ALIGNED)
-    exp_avg = _param_ptr(row, 2, MDTYPE, ALIGNED)
-    exp_avg_sq = _param_ptr(row, 3, MDTYPE, ALIGNED)
+    if QUANT:
+        exp_avg = _param_ptr(row, 2, tl.int8, ALIGNED)
+        exp_avg_sq = _param_ptr(row, 3, tl.uint8, ALIGNED)
+        # one scale per CHUNK (= the quantisation block) of the tensor
+        m_scale = tl.load(row + 12).to(tl.pointer_type(tl.float32)) + start // CHUNK
+        v_scale = tl.load(row + 13).to(tl.pointer_type(tl.float32)) + start // CHUNK
+    else:
+        exp_avg = _param_ptr(row, 2, MDTYPE, ALIGNED)
+        exp_avg_sq = _param_ptr(row, 3, MDTYPE, ALIGNED)
+        m_scale = tl.load(row + 8).to(tl.pointer_type(tl.float32))  # not read
+        v_scale = m_scale
     grad = tl.load(grads_ptr + tid).to(tl.pointer_type(PDTYPE))
     if ALIGNED:
         grad = tl.multiple_of(grad, 16)
@@ -312,16 +363,17 @@ def _multi_tensor_adam_kernel(
             off = start + i * BLOCK
             if off + BLOCK <= end:
                 _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                            save_src + off, save_grad + off, extrap + off, prior + off, BLOCK,
+                            save_src + off, save_grad + off, extrap + off, prior + off, m_scale, v_scale, BLOCK,
                             gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
                             PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, False, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
-                            PRIOR, COMMIT)
+                            PRIOR, COMMIT, QUANT)
             elif off < end:
                 _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                            save_src + off, save_grad + off, extrap + off, prior + off, (end - off).to(tl.int32),
+                            save_src + off, save_grad + off, extrap + off, prior + off, m_scale, v_scale,
+                            (end - off).to(tl.int32),
                             gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
                             PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, True, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
-                            PRIOR, COMMIT)
+                            PRIOR, COMMIT, QUANT)
         if COMMIT:
             # The step count moves once every program of this tensor has read it: the program that
             # draws the last ticket writes it and resets the ticket for the next launch.
@@ -398,6 +450,8 @@ def multi_tensor_adam_(
     static_lists: bool = False,
     error_word: Optional[torch.Tensor] = None,
     lr_args: Optional[Sequence[Tuple[float, float]]] = None,
+    exp_avg_scales: Optional[Sequence[torch.Tensor]] = None,
+    exp_avg_sq_scales: Optional[Sequence[torch.Tensor]] = None,
 ) -> None:
     """Adam step for every tensor i in one kernel launch: destinations[i] = sources[i] + AdamStep.
 
@@ -415,6 +469,8 @@ def multi_tensor_adam_(
     ``lr_args``: (lr, 1 - lr*weight_decay) of hyper rows 0..k-1 (k <= MAX_LR_ARGS, every ``hyper_rows``
     entry below k), rounded to float32 like the table and used instead of the table's columns 0 and 9,
     so that an lr schedule changes launch arguments, not the table.
+    ``exp_avg_scales`` / ``exp_avg_sq_scales``: 8-bit moments (int8 m, uint8 v codes, one float32 scale
+    per 1024 elements; ``functional.quantize_moment_`` states the code), decoded and re-encoded in the pass.
     ``cache`` (a dict kept by the caller) holds the device tables between calls. With ``static_lists`` the
     caller promises that when it passes the very same list objects again, the optimizer-owned tensors in
     them (moments, steps, prior/saved gradients) have not moved; only the param-like lists and the grads are
@@ -430,8 +486,13 @@ def multi_tensor_adam_(
     n_lr = 0 if lr_args is None else len(lr_args)
     if n_lr > MAX_LR_ARGS:
         raise ValueError(f"lr_args takes at most {MAX_LR_ARGS} rows, got {n_lr}")
+    if (exp_avg_scales is None) != (exp_avg_sq_scales is None):
+        raise ValueError("8-bit moments need both exp_avg_scales and exp_avg_sq_scales")
+    quant = exp_avg_scales is not None
+    if quant and max_exp_avg_sqs is not None:
+        raise ValueError("8-bit moments do not support amsgrad")
     optional = {_MAX_EXP_AVG_SQ: max_exp_avg_sqs, _SAVE_SRC: save_sources_to, _SAVE_GRAD: save_grads_to,
-                _EXTRAP: extrapolate_to, _PRIOR: prior_grads}
+                _EXTRAP: extrapolate_to, _PRIOR: prior_grads, _M_SCALE: exp_avg_scales, _V_SCALE: exp_avg_sq_scales}
     lists: Dict[int, Sequence[torch.Tensor]] = {_SRC: sources, _DST: destinations, _EXP_AVG: exp_avgs,
                                                 _EXP_AVG_SQ: exp_avg_sqs, _STEP: steps}
     lists.update({col: lst for col, lst in optional.items() if lst is not None})
@@ -454,6 +515,8 @@ def multi_tensor_adam_(
         _check_call(lists, grads, sources, destinations, hyper, hyper_rows, device, dtype)
         block, iters, num_warps, pvec = KERNEL_CONFIG[dtype.itemsize]
         chunk = block * iters
+        if quant and chunk != QUANT_BLOCK:
+            raise ValueError(f"8-bit moments need {QUANT_BLOCK}-element programs, this configuration has {chunk}")
         meta, chunks, total, tickets = _build_tables(lists, sources, hyper_rows, chunk, device)
         ptrs = tuple(map(_data_ptr, chain.from_iterable(lists.values())))
         cache.clear()
@@ -478,13 +541,13 @@ def multi_tensor_adam_(
         cache["grad_aligned"] = (_or_all(grad_ptrs) & 15) == 0
 
     flags = (eps_mode, bool(decoupled_weight_decay), bool(maximize), bool(commit_state), n_lr,
-             cache["aligned"] and cache["grad_aligned"])
+             cache["aligned"] and cache["grad_aligned"], quant)
     launcher = cache["launchers"].get(flags)
     if launcher is None:
         block, chunk, num_warps, pvec = cache["config"]
         launcher = cache["launchers"][flags] = Launcher(_multi_tensor_adam_kernel, dict(
-            N_LR_ARGS=n_lr, PDTYPE=_TL_DTYPES[dtype], MDTYPE=_TL_DTYPES[exp_avgs[0].dtype], BLOCK=block, CHUNK=chunk,
-            PVEC=pvec, MVEC=4 if exp_avgs[0].dtype.itemsize == 2 else 0, META_COLS=_META_COLS,
+            N_LR_ARGS=n_lr, PDTYPE=_TL_DTYPES[dtype], MDTYPE=tl.int8 if quant else _TL_DTYPES[exp_avgs[0].dtype], BLOCK=block, CHUNK=chunk,
+            PVEC=pvec, MVEC=4 if exp_avgs[0].dtype.itemsize < 4 else 0, META_COLS=_META_COLS, QUANT=quant,
             EPS_TORCH=eps_mode == "torch", DECOUPLED=flags[1], AMSGRAD=max_exp_avg_sqs is not None,
             MAXIMIZE=flags[2], SAVE_SRC=save_sources_to is not None, SAVE_GRAD=save_grads_to is not None,
             EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=flags[3],
@@ -525,14 +588,28 @@ def _check_call(lists: Dict[int, Sequence[torch.Tensor]], grads: Sequence[torch.
     for t in chain(sources, destinations, grads, *(lists.get(c, ()) for c in (_SAVE_SRC, _SAVE_GRAD, _EXTRAP, _PRIOR))):
         if t.dtype != dtype:
             raise ValueError("parameter-like tensors must share one dtype")
+    if _M_SCALE in lists:
+        for col, code in ((_EXP_AVG, torch.int8), (_EXP_AVG_SQ, torch.uint8)):
+            if any(t.dtype != code for t in lists[col]):
+                raise ValueError("8-bit moments are int8 (exp_avg) and uint8 (exp_avg_sq) codes")
+        for col in (_M_SCALE, _V_SCALE):
+            for t, src in zip(lists[col], sources):
+                if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != -(-src.numel() // QUANT_BLOCK):
+                    raise ValueError(f"each 8-bit moment needs a contiguous float32 scale per {QUANT_BLOCK} elements")
+        return _check_layouts(lists, grads, sources)
     moment_dtype = lists[_EXP_AVG][0].dtype
     if moment_dtype not in _TL_DTYPES:
         raise TypeError(f"unsupported moment dtype {moment_dtype}")
     for t in chain(*(lists.get(c, ()) for c in (_EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ))):
         if t.dtype != moment_dtype:
             raise ValueError("the moments must share one dtype")
+    _check_layouts(lists, grads, sources)
+
+
+def _check_layouts(lists: Dict[int, Sequence[torch.Tensor]], grads: Sequence[torch.Tensor],
+                   sources: Sequence[torch.Tensor]) -> None:
     for col, lst in chain(lists.items(), ((None, grads),)):
-        if col == _STEP:
+        if col in (_STEP, _M_SCALE, _V_SCALE):
             continue
         for t, src in zip(lst, sources):
             if not dense_like(t, src):
