@@ -177,37 +177,49 @@ class AdamFamily(torch.optim.Optimizer):
 
     def _plans_with_grads(self, tag: str, flag_names: tuple[str, ...],
                           per_tensor: dict[str, Callable[[Tensor, dict], Tensor]]) -> list[tuple[dict, list[Tensor]]]:
-        """The plans of ``_plans_for(tag, _grad_items(), ...)``, each with its gradients.
-
-        When the params, which of them have a gradient, the flags and the state layout are those of the
-        last call, the plans are reused after a few whole-list checks (no Python loop over the params):
-        the gradients are plain dense tensors in their param's layout, as autograd makes them."""
-        groups = self.param_groups
-        flat = list(chain.from_iterable([g["params"] for g in groups]))
-        grads = [p.grad for p in flat]
-        signature = (tuple(map(id, flat)), tuple(map(type, grads)),
-                     tuple([tuple([g.get(f, False) for f in flag_names]) for g in groups]), self._state_version)
-        last = self._last_step.get(tag)
-        if last is not None and last[0] == signature:
-            out = []
-            for plan, positions, contiguous in last[1]:
-                plan_grads = [grads[i] for i in positions]
-                if contiguous:
-                    if not all(map(_is_contiguous, plan_grads)):
-                        break
-                elif not all(map(dense_like, plan_grads, plan["params"])):
-                    break
-                out.append((plan, plan_grads))
-            else:
-                return out
-        items = self._grad_items()
-        plans = self._plans_for(tag, items, flag_names, per_tensor)
+        """The plans of ``_plans_for(tag, _grad_items(), ...)``, each with its gradients: those of the last
+        step when ``_reused_plans`` finds nothing changed, else built (and remembered for the next step)."""
+        reused = self._reused_plans(tag, flag_names)
+        if reused is not None:
+            return reused
+        signature, flat, grads = self._step_signature(flag_names)
+        plans = self._plans_for(tag, self._grad_items(), flag_names, per_tensor)
         position = {id(p): i for i, p in enumerate(flat)}
         entries = [(plan, [position[id(p)] for p in plan["params"]], all(map(_is_contiguous, plan["params"])))
                    for plan in plans]
         if not any(plan["has_dtensors"] for plan in plans):
             self._last_step[tag] = (signature, entries)
         return [(plan, [grads[i] for i in positions]) for plan, positions, _ in entries]
+
+    def _reused_plans(self, tag: str, flag_names: tuple[str, ...]) -> Optional[list[tuple[dict, list[Tensor]]]]:
+        """The last step's plans of ``tag`` with this step's gradients, if the params, which of them have a
+        gradient, the flags and the state layout are unchanged and the gradients are plain dense tensors in
+        their param's layout (as autograd makes them); else None. A few whole-list checks, no Python loop
+        over the params, and nothing is built or changed."""
+        last = self._last_step.get(tag)
+        if last is None:
+            return None
+        signature, _, grads = self._step_signature(flag_names)
+        if last[0] != signature:
+            return None
+        out = []
+        for plan, positions, contiguous in last[1]:
+            plan_grads = [grads[i] for i in positions]
+            if contiguous:
+                if not all(map(_is_contiguous, plan_grads)):
+                    return None
+            elif not all(map(dense_like, plan_grads, plan["params"])):
+                return None
+            out.append((plan, plan_grads))
+        return out
+
+    def _step_signature(self, flag_names: tuple[str, ...]) -> tuple[tuple, list[Tensor], list[Optional[Tensor]]]:
+        groups = self.param_groups
+        flat = list(chain.from_iterable([g["params"] for g in groups]))
+        grads = [p.grad for p in flat]
+        signature = (tuple(map(id, flat)), tuple(map(type, grads)),
+                     tuple([tuple([g.get(f, False) for f in flag_names]) for g in groups]), self._state_version)
+        return signature, flat, grads
 
     def _plans_for(self, tag: str, items: list[tuple[Tensor, int]], flag_names: tuple[str, ...],
                    per_tensor: dict[str, Callable[[Tensor, dict], Tensor]]) -> list[dict]:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .kernels.error_word import ID_OUT_OF_RANGE, NON_FINITE_LOSS
+from .kernels.staging import current_stream
 
 Undo = Callable[[], None]
 
@@ -36,7 +37,7 @@ class DeviceInputErrors:
             host, event = self._spare.pop() if self._spare else (
                 torch.empty((), dtype=torch.int32, pin_memory=True), torch.cuda.Event())
             host.copy_(self.word, non_blocking=True)
-            event.record()
+            event.record(current_stream(self.word.device))
         else:
             host, event = self.word.clone(), None
         self._pending.append((step_index, host, event, undo))

@@ -180,10 +180,12 @@ class ALSO(ThetaAdam):
         ids, losses = self.weights._take_recorded()  # a rejected step drops its batch: run it again
         self._check_training()
         self.weights._check_losses(losses, ids, finite=True)
-        items = self._grad_items()
+        reused = self._reused_plans(self._loop_tag(), ("amsgrad",))
+        if reused is None:
+            self._grad_items()  # refuses bad gradients before anything changes
         undo_token = self._begin_step("loop")
         self.weights._share_error_word()
-        self._update(items)
+        self._update(reused)
         self.weights._ascend(ids, losses)
         self._finish_step(undo_token)
         return losses.mean()

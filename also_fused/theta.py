@@ -15,6 +15,14 @@ Moved = list[tuple[Tensor, dict]]  # closure API: params holding the extrapolate
 Journal = list[tuple]  # state entries created ("created", p, key) or dropped ("dropped", p, key, value) by a step
 
 
+def _param(p: Tensor, state: dict) -> Tensor:
+    return p
+
+
+def _iterate_or_param(p: Tensor, state: dict) -> Tensor:
+    return state.get("iterate", p)
+
+
 class ThetaAdam(AdamFamily):
     """ALSO's theta step: ``x <- x - lr sqrt(1-b2^t)/(1-b1^t) m/(sqrt(v)+eps)``, m and v from d + wd*x (ALGORITHM.md sec. 3).
 
@@ -56,6 +64,7 @@ class ThetaAdam(AdamFamily):
         self._staged_extra: Optional[dict[str, Any]] = None  # set by also_fused.checkpoint before loading
         self._errors: Optional[DeviceInputErrors] = None  # the device error word of the batch (ALSO's)
         self._journal: Optional[Journal] = None  # kept while a step can still be rejected by the device
+        self._stale: tuple[Any, list] = (None, [])  # optimistic loop API: params at x without a gradient
 
     # ------------------------------------------------------------------ public
     @torch.compiler.disable
@@ -67,9 +76,11 @@ class ThetaAdam(AdamFamily):
             with torch.enable_grad():
                 loss = closure()
         self._check_training()
-        items = self._grad_items()
+        reused = self._reused_plans(self._loop_tag(), ("amsgrad",))
+        if reused is None:
+            self._grad_items()  # refuses bad gradients before anything changes
         self._set_api("loop")
-        self._update(items)
+        self._update(reused)
         return loss
 
     def train(self) -> None:
@@ -114,17 +125,32 @@ class ThetaAdam(AdamFamily):
         self._load_extra_state(extra)
 
     # ------------------------------------------------------------ the updates
-    def _update(self, items: list[tuple[Tensor, int]]) -> None:
+    def _loop_tag(self) -> str:
+        return "step" if self.mode == "descent-ascent" else "fused"
+
+    def _update(self, reused: Optional[list[tuple[dict, list[Tensor]]]] = None) -> None:
         """Loop API: x <- x + AdamStep(x, d); optimistic: x is kept in the state, the params get
-        y = x + AdamStep(x, alpha d) (one pass), and params without a gradient go back to x."""
+        y = x + AdamStep(x, alpha d) (one pass), and params without a gradient go back to x.
+
+        ``reused``: the plans ``_reused_plans`` found unchanged since the last step (else they are built)."""
         if self.mode == "descent-ascent":
-            self._adam("step", items, sources=lambda p, s: p, destinations=lambda p, s: p)
+            per_tensor = dict(sources=_param, destinations=_param)
+            scalars: dict[str, Any] = {}
+        else:
+            per_tensor = dict(sources=_iterate_or_param, destinations=self._iterate_buffer, extrapolate_to=_param)
+            scalars = dict(extrapolation_scale=self.alpha)
+        if reused is None:
+            reused = self._plans_with_grads(self._loop_tag(), ("amsgrad",), per_tensor)
+        word = self._errors.word if self._errors is not None else None
+        for plan, grads in reused:
+            self._run_plan(plan, grads, word, eps_mode="also", **scalars)
+        if self.mode == "descent-ascent":
             return
-        self._adam("fused", items, sources=lambda p, s: s.get("iterate", p),
-                   destinations=lambda p, s: self._buffer(s, "iterate", p),
-                   extrapolate_to=lambda p, s: p, extrapolation_scale=self.alpha)
-        with_grad = {p for p, _ in items}
-        stale = [(p, s) for p, s in self._params_with("iterate") if p not in with_grad]
+        key = (self._state_version, tuple([id(plan) for plan, _ in reused]))
+        if self._stale[0] != key:
+            with_grad = {id(p) for plan, _ in reused for p in plan["params"]}
+            self._stale = (key, [(p, s) for p, s in self._params_with("iterate") if id(p) not in with_grad])
+        stale = self._stale[1]
         if stale:  # no gradient: no extrapolation, the param sits at x (unless the step is rejected)
             if self._errors is None:
                 torch._foreach_copy_([p for p, _ in stale], [s["iterate"] for _, s in stale])
@@ -227,6 +253,9 @@ class ThetaAdam(AdamFamily):
             state[into] = p.clone()
             p.copy_(state.pop(held))
         self._plans.clear()  # the cached plans hold the popped buffers
+
+    def _iterate_buffer(self, p: Tensor, state: dict) -> Tensor:
+        return self._buffer(state, "iterate", p)
 
     def _buffer(self, state: dict, key: str, like: Tensor) -> Tensor:
         buf = state.get(key)

@@ -19,6 +19,19 @@ _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
 _HALF = _RING // 2
 
 
+_last_streams: Dict[int, Tuple[int, "torch.cuda.Stream"]] = {}
+
+
+def current_stream(device: torch.device) -> "torch.cuda.Stream":
+    """torch.cuda.current_stream(device), without its per-call cost while the current stream is unchanged."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    raw = _current_stream(index)
+    last = _last_streams.get(index)
+    if last is None or last[0] != raw:
+        last = _last_streams[index] = (raw, torch.cuda.current_stream(index))
+    return last[1]
+
+
 class _Ring:
     def __init__(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device, raw_stream: int) -> None:
         self.buf = torch.empty((_RING,) + shape, dtype=dtype, pin_memory=True)
@@ -26,7 +39,7 @@ class _Ring:
         self.events: List[Optional[torch.cuda.Event]] = [None, None]  # after the last copy of each half
         self.next = 0
         self.raw_stream = raw_stream
-        self.stream = torch.cuda.current_stream(device)
+        self.stream = current_stream(device)
 
 
 class PinnedUploader:
