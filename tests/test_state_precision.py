@@ -189,10 +189,10 @@ def test_int8_trains_like_float32(backend):
         x = torch.randn(512, 64, generator=gen)
         y = (x @ w_true + 0.1 * torch.randn(512, 8, generator=gen)).to(DEVICE)
         x = x.to(DEVICE)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 8)).to(DEVICE)
-        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 8))
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.1, generator=gen.manual_seed(p.numel()))
+        model = model.to(DEVICE)
         opt = also_fused.AdamW(model.parameters(), lr=3e-3, state_precision=precision, backend=backend)
         for _ in range(150):
             loss = torch.nn.functional.mse_loss(model(x), y)
