@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
+import sys
 import time
 
 import torch
 
-import also_fused
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+import also_fused  # noqa: E402
+from results_io import write_records  # noqa: E402
 
 
 def gpt2_params(device: str) -> list[torch.nn.Parameter]:
@@ -81,11 +82,7 @@ def main() -> None:
                              date=datetime.date.today().isoformat()))
         print(f"{name:22s} host us/step median {med:7.1f} (p10 {v[len(v) // 10]:7.1f}, p90 {v[9 * len(v) // 10]:7.1f})"
               f"  x torch fused: {med / torch_median:.2f}")
-    gpu = torch.cuda.get_device_name().split()[-1].lower()
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"host_step_{gpu}.json"), "w") as f:
-        json.dump(records, f, indent=1)
-
+    print("wrote", write_records(records, "host_step"))
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -22,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import also_fused  # noqa: E402
 from bench_theta import gpt2_shapes  # noqa: E402
+from results_io import write_records  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PRECISIONS = ("param", "float32", "bfloat16", "int8")
 MOMENT_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 
@@ -131,11 +130,7 @@ def main() -> None:
         pct = "-" if r["pct_copy_bw"] is None else f"{r['pct_copy_bw']:.0f}"
         print(f"| {r['workload']} | {r['param_dtype']} | {r['impl']} | {r['ms']:.3f} | {r['speed_vs_torch_fused']:.2f} "
               f"| {pct} | {r['state_bytes_per_param']:.2f} |")
-    gpu = torch.cuda.get_device_name().split()[-1].lower()
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"state_precision_{gpu}.json"), "w") as f:
-        json.dump(records, f, indent=1)
-
+    print("wrote", write_records(records, "state_precision"))
 
 if __name__ == "__main__":
     main()
