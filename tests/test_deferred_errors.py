@@ -9,7 +9,6 @@ continues exactly like a twin that never saw the bad input.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import DEVICE, triton_importable
 from harness import assert_same
