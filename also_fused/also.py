@@ -47,7 +47,8 @@ class ALSO(ThetaAdam):
       optimistic mode the params hold the extrapolated point after ``step()``; ``eval()`` puts the
       iterate x back into them, ``train()`` the extrapolated point.
 
-    ``group_reduction="mean"``, ``process_group`` (torch.distributed: pi bitwise equal on every
+    ``state_precision`` stores the Adam moments as the drop-ins' option does ("float32" by default,
+    "bfloat16", "param", "int8"); ``group_reduction="mean"``, ``process_group`` (torch.distributed: pi bitwise equal on every
     rank, N ranks follow one process on the concatenated batch) and ``validate`` are those of
     ``GroupWeights``. A rejected step (group ids outside [0, n_groups), non-finite losses) leaves the
     params, the Adam state, the step counts and pi exactly as they were, and ValueError names it:
@@ -86,9 +87,10 @@ class ALSO(ThetaAdam):
         validate: bool = True,
         group_reduction: str = "sum",
         process_group: Optional[Any] = None,
+        state_precision: str = "float32",
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         mode=mode, alpha=alpha, backend=backend)
+                         mode=mode, alpha=alpha, backend=backend, state_precision=state_precision)
         self.weights = GroupWeights(
             n_groups, loss_scale=loss_scale, batch_size=batch_size, mode=mode, pi_lr=pi_lr, pi_decay=pi_decay,
             pi_reg=pi_reg, pi_init=pi_init, pi_temperature=pi_temperature, eps=eps,

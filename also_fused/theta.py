@@ -48,6 +48,7 @@ class ThetaAdam(AdamFamily):
         mode: str = "descent-ascent",
         alpha: float = 1.0,
         backend: str = "auto",
+        state_precision: str = "float32",
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
         _checks.check_choice("mode", mode, _checks.MODES)
@@ -55,7 +56,7 @@ class ThetaAdam(AdamFamily):
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         defaults = dict(lr=as_scalar(lr), betas=tuple(map(as_scalar, betas)), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, state_precision)
         self.mode = mode
         self.alpha = float(alpha)
         self._saved_x: dict[Tensor, Tensor] = {}  # closure API: x while the params hold the extrapolation
@@ -274,10 +275,11 @@ class ThetaAdam(AdamFamily):
         return buf
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
-        if self._journal is not None and "step" not in self.state.get(p, {}):
-            keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-            self._journal.extend(("created", p, key) for key in keys)
-        return super()._init_state(p, amsgrad)
+        before = set(self.state.get(p, {}))
+        state = super()._init_state(p, amsgrad)
+        if self._journal is not None:
+            self._journal.extend(("created", p, key) for key in state if key not in before)
+        return state
 
     def _undo_journal(self, journal: Journal) -> None:
         """Revert the state entries a step the device rejected created or dropped (its device side was a no-op)."""

@@ -229,3 +229,46 @@ def test_state_dict_converts_between_precisions(direction):
             scale = float(a.abs().max()) + 1e-30
             assert float((a - b).abs().max()) <= 0.02 * scale
     train(other, other.param_groups[0]["params"], 2, start=3)  # and it steps on
+
+
+# ------------------------------------------------------------------- ALSO's theta side
+@pytest.mark.parametrize("precision,tol", [("bfloat16", 2e-2), ("int8", 5e-2)])
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("api", ["loop", "closure"])
+def test_also_at_lower_precision_stays_near_its_golden_model(precision, tol, mode, api):
+    """The float64 model keeps float32-exact moments; rounding (bf16) or 8-bit coding of the stored moments
+    moves the trajectory by at most ``tol`` (relative) over 40 steps, params and pi."""
+    from harness import Config, rel, run
+
+    for backend in BACKENDS:
+        cfg = Config(mode=mode, api=api, steps=40, extra=dict(state_precision=precision))
+        golden, x, opt, _ = run(cfg, DEVICE, backend)
+        for got, want in zip(x, golden.params):
+            assert rel(got, want) <= tol, (backend, rel(got, want))
+        assert rel(opt.pi, golden.pi) <= tol
+        moments = opt.state[opt.param_groups[0]["params"][0]]["exp_avg"]
+        assert moments.dtype == (torch.int8 if precision == "int8" else torch.bfloat16)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+def test_also_resumes_bitwise_at_lower_precision(precision, mode):
+    from harness import Config, batches, make_package, package_step
+
+    cfg = Config(mode=mode, api="loop", steps=12, extra=dict(state_precision=precision))
+    backend = BACKENDS[-1]
+    Wp, bp, opt = make_package(cfg, DEVICE, backend)
+    data = list(batches(cfg))
+    for X, Y, ids, use_bias in data[:6]:
+        package_step(opt, Wp, bp, "loop", X, Y, ids, use_bias, DEVICE, cfg.dtype)
+    saved = copy.deepcopy(opt.state_dict())
+    saved_params = [Wp.detach().clone(), bp.detach().clone()]
+    for X, Y, ids, use_bias in data[6:]:
+        package_step(opt, Wp, bp, "loop", X, Y, ids, use_bias, DEVICE, cfg.dtype)
+    W2, b2, opt2 = make_package(cfg, DEVICE, backend)
+    with torch.no_grad():
+        W2.copy_(saved_params[0]), b2.copy_(saved_params[1])
+    opt2.load_state_dict(saved)
+    for X, Y, ids, use_bias in data[6:]:
+        package_step(opt2, W2, b2, "loop", X, Y, ids, use_bias, DEVICE, cfg.dtype)
+    assert torch.equal(Wp, W2) and torch.equal(bp, b2) and torch.equal(opt.pi, opt2.pi)
