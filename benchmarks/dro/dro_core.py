@@ -16,6 +16,12 @@ same objective; see ``search_space``):
 * ALSO, mode "optimistic" or "descent-ascent", group_reduction "sum" (published) or "mean",
   uniform pi_init = pi_reg, alpha 1, ALSO's own Adam on theta (L2 coupled into the gradient).
 
+Two more rows, to read the ALSO rows by: "ALSO pi fixed" (a control: descent-ascent with pi_lr =
+pi_decay = 0, so pi stays uniform and only ALSO's Adam step on the plain batch mean is left; it
+separates what pi adds from what ALSO's theta update does) and "ALSO opt sum, pi ~ 1/n" (the
+published group-sum form with pi_init = pi_reg proportional to the inverse group frequency, the
+setting that worked in the long-tailed demo; not run where every group has one sample).
+
 GroupDRO and ALSO. ALSO in descent-ascent mode with group_reduction="mean", pi_decay=0, temperature
 1 and pi_lr = eta takes the same pi step as GroupDRO's q step: with S_j the batch mean loss of a
 present group j (0 for an absent one), ``pi_j <- softmax(log(pi + eps) + eta S)_j`` =
@@ -64,6 +70,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "ALSO opt mean": dict(kind="also", mode="optimistic", reduction="mean"),
     "ALSO DA sum": dict(kind="also", mode="descent-ascent", reduction="sum"),
     "ALSO DA mean": dict(kind="also", mode="descent-ascent", reduction="mean"),
+    # a control: ALSO with pi frozen at uniform (its Adam step on the plain batch mean)
+    "ALSO pi fixed": dict(kind="also", mode="descent-ascent", reduction="sum", fixed_pi=True),
+    # the published group-sum form started and anchored at inverse group frequencies (the analogue of IW)
+    "ALSO opt sum, pi ~ 1/n": dict(kind="also", mode="optimistic", reduction="sum", prior="inverse_frequency"),
 }
 METHOD_LONG_NAMES = {
     "ERM": "ERM (AdamW, batch mean)",
@@ -74,6 +84,10 @@ METHOD_LONG_NAMES = {
     "ALSO opt mean": "ALSO, optimistic, group_reduction='mean'",
     "ALSO DA sum": "ALSO, descent-ascent, group_reduction='sum'",
     "ALSO DA mean": "ALSO, descent-ascent, group_reduction='mean'",
+    "ALSO pi fixed": "control: ALSO descent-ascent with pi_lr = pi_decay = 0, i.e. ALSO's Adam (L2 coupled into "
+                     "the gradient) on the plain batch mean; what the pi step adds is the difference to it",
+    "ALSO opt sum, pi ~ 1/n": "ALSO, optimistic, group_reduction='sum', pi_init = pi_reg proportional to 1/n_j "
+                              "(inverse group frequency)",
 }
 # every range is sampled log-uniformly; the same for every method that has the hyper-parameter
 COMMON_SPACE = {"lr": (1e-4, 3e-2), "weight_decay": (1e-6, 1e-1)}
@@ -102,7 +116,7 @@ def search_space(method: str, task) -> dict[str, tuple[float, float]]:
         space["eta"] = STEP_RANGE
     elif spec["kind"] == "rgd":
         space["temperature"] = RGD_TEMPERATURE_RANGE
-    elif spec["kind"] == "also":
+    elif spec["kind"] == "also" and not spec.get("fixed_pi"):
         space["pi_lr"] = STEP_RANGE
         space["pi_decay"] = PI_DECAY_RANGE
     return space
@@ -161,9 +175,14 @@ def train_run(task, method: str, hp: dict[str, float], seed: int, evaluate_test:
     opt: torch.optim.Optimizer
     dro = None
     if spec["kind"] == "also":
+        prior = None
+        if spec.get("prior") == "inverse_frequency":
+            counts = torch.bincount(group_ids, minlength=n_groups).double()
+            prior = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts)).cpu()
         opt = also_fused.ALSO(params, n_groups=n_groups, batch_size=batch, mode=spec["mode"],
                               group_reduction=spec["reduction"], lr=hp["lr"], weight_decay=hp["weight_decay"],
-                              pi_lr=hp["pi_lr"], pi_decay=hp["pi_decay"], backend=task.backend)
+                              pi_lr=hp.get("pi_lr", 0.0), pi_decay=hp.get("pi_decay", 0.0), pi_init=prior,
+                              pi_reg=prior, backend=task.backend)
     else:
         opt = also_fused.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
     if spec["kind"] == "groupdro":

@@ -9,7 +9,8 @@ needs far more data to learn) and in size. Every source has its own validation a
 computed exactly and reported beside the losses ("excess" = loss - that bound).
 
 Methods (benchmarks/dro/dro_core.py): with n_groups = K (group = source) ERM, importance weighting
-by source frequency, GroupDRO, RGD and ALSO (both modes, both reductions); with n_groups = the
+by source frequency, GroupDRO, RGD and ALSO (both modes, both reductions; and the two rows that
+help read them: ALSO with pi fixed, ALSO's group-sum form with pi ~ 1/n); with n_groups = the
 number of training documents (object-level weighting) GroupDRO and the four ALSO variants. Every
 method gets the same number of Optuna TPE trials on the worst-source validation loss (model
 selection over training time by the same objective), then seeds 0-4 with the tuned setting.
@@ -220,7 +221,8 @@ def make_task(**kwargs) -> SourcesTask:
     return SourcesTask(**kwargs)
 
 
-SOURCE_METHODS = ["ERM", "IW", "GroupDRO", "RGD", "ALSO opt sum", "ALSO opt mean", "ALSO DA sum", "ALSO DA mean"]
+SOURCE_METHODS = ["ERM", "IW", "GroupDRO", "RGD", "ALSO opt sum", "ALSO opt mean", "ALSO DA sum", "ALSO DA mean",
+                  "ALSO pi fixed", "ALSO opt sum, pi ~ 1/n"]
 DOCUMENT_METHODS = [f"{m} [documents]" for m in ("GroupDRO", "ALSO opt sum", "ALSO opt mean", "ALSO DA sum",
                                                   "ALSO DA mean")]
 METRICS = [("worst_source_loss", "worst-source test loss"), ("avg_loss", "average test loss"),
@@ -237,8 +239,9 @@ def run(smoke: bool, device: str, trials: int, seeds: int, workers: int, out: Pa
     t0 = time.perf_counter()
     results = core.run_methods([(make_task, task_kwargs, m) for m in methods], trials, seeds, workers, log=log)
     doc = core.results_document(task, results, trials, seeds, workers, time.perf_counter() - t0, extra={
-        "omitted": {"ERM, RGD [documents]": "they do not use groups: the same runs as with sources",
-                    "IW [documents]": "one group per document: every weight is 1, the same run as ERM"}})
+        "omitted": {"ERM, RGD, ALSO pi fixed [documents]": "they do not use groups: the same runs as with sources",
+                    "IW, ALSO opt sum, pi ~ 1/n [documents]": "one group per document: every group frequency is 1, "
+                                                              "the same runs as ERM and ALSO opt sum"}})
     write(doc, out)
     log(f"wrote {out.with_suffix('.json')} ({doc['wall_s']:.0f} s)")
     return doc

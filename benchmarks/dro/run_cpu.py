@@ -26,11 +26,12 @@ import tasks_cpu  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_METHODS = list(core.METHODS)
-# one group per sample: the group-frequency weights are all 1, so IW would repeat ERM's runs
+# one group per sample: the group frequencies are all 1, so IW and the 1/n prior would repeat runs
 TASK_METHODS = {"long_tailed": ALL_METHODS, "spurious": ALL_METHODS,
-                "noisy_labels": [m for m in ALL_METHODS if m != "IW"]}
-OMITTED = {"noisy_labels": {"IW": "one group per training sample: every group-frequency weight is 1, the same "
-                                  "runs as ERM"}}
+                "noisy_labels": [m for m in ALL_METHODS if m not in ("IW", "ALSO opt sum, pi ~ 1/n")]}
+OMITTED = {"noisy_labels": {
+    "IW": "one group per training sample: every group-frequency weight is 1, the same runs as ERM",
+    "ALSO opt sum, pi ~ 1/n": "one group per training sample: the prior is uniform, the same runs as ALSO opt sum"}}
 METRICS = {
     "long_tailed": [("worst_group_acc", "worst-class test acc (%)"), ("acc", "average test acc (%)")],
     "spurious": [("worst_group_acc", "worst-group test acc (%)"), ("acc", "average test acc (%)")],
