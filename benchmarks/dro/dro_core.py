@@ -134,7 +134,8 @@ class GroupDRO:
 
     def group_means(self, losses: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         sums = torch.zeros(self.n_groups, device=losses.device, dtype=losses.dtype).index_add(0, group_ids, losses)
-        counts = torch.bincount(group_ids, minlength=self.n_groups).to(losses.dtype)
+        # index_add, not bincount: no host sync on CUDA
+        counts = torch.zeros_like(sums).index_add(0, group_ids, torch.ones_like(losses))
         return sums / counts.clamp_min(1.0)
 
     @torch.no_grad()
@@ -146,6 +147,16 @@ class GroupDRO:
         means = self.group_means(losses, group_ids)
         self.update(means)
         return (self.q.to(means.dtype) * means).sum()
+
+
+def selection_key(task, metrics: dict[str, Any]) -> tuple[float, ...]:
+    """Larger is better: the validation objective, then the task's tie-breaks (each with its own
+    direction); non-finite values rank last. Used to pick the evaluation of a run and the best trial."""
+    out = []
+    for key, direction in [(task.objective_key, task.direction), *task.tie_breaks]:
+        value = metrics[key]
+        out.append((1.0 if direction == "maximize" else -1.0) * value if _finite(value) else -math.inf)
+    return tuple(out)
 
 
 class Diverged(Exception):
@@ -192,12 +203,8 @@ def train_run(task, method: str, hp: dict[str, float], seed: int, evaluate_test:
         present = int((counts > 0).sum())
         iw = torch.where(counts > 0, n / (present * counts.clamp_min(1.0)), torch.zeros_like(counts))
 
-    sign = 1.0 if task.direction == "maximize" else -1.0
-
-    def score(metrics: dict[str, float]) -> tuple[float, float]:
-        primary, secondary = metrics[task.objective_key], metrics[task.secondary_key]
-        return (sign * primary if _finite(primary) else -math.inf,
-                sign * secondary if _finite(secondary) else -math.inf)
+    def score(metrics: dict[str, Any]) -> tuple[float, ...]:
+        return selection_key(task, metrics)
 
     evaluations: list[dict[str, Any]] = []
     best: Optional[dict[str, Any]] = None
@@ -289,20 +296,19 @@ def tune_and_test(task_factory: Callable, task_kwargs: dict, method: str, trials
         run = train_run(task, method, hp, TRIAL_SEED, evaluate_test=False)
         trial.set_user_attr("diverged", run["diverged"])
         trial.set_user_attr("selected_epoch", run.get("selected_epoch"))
+        trial.set_user_attr("val", None if run["val"] is None else
+                            {k: v for k, v in run["val"].items() if isinstance(v, (int, float))})
         if run["val"] is None:
-            trial.set_user_attr("secondary", None)
             return task.worst_value
-        trial.set_user_attr("secondary", run["val"][task.secondary_key])
         value = run["objective"]
         return value if _finite(value) else task.worst_value
 
     study = optuna.create_study(direction=task.direction, sampler=optuna.samplers.TPESampler(seed=sampler_seed))
     study.optimize(objective, n_trials=trials)
-    sign = 1.0 if task.direction == "maximize" else -1.0
-
-    def rank(t):  # ties on the objective (coarse accuracies) go to the better secondary, then the earlier trial
-        sec = t.user_attrs.get("secondary")
-        return (sign * t.value, sign * sec if _finite(sec) else -math.inf, -t.number)
+    def rank(t):  # ties on the objective (coarse accuracies) go to the task's tie-breaks, then the earlier trial
+        val = t.user_attrs.get("val")
+        worst = (-math.inf,) * (1 + len(task.tie_breaks))
+        return (selection_key(task, val) if val is not None else worst) + (-t.number,)
 
     done = [t for t in study.trials if t.value is not None]
     best = max(done, key=rank)
@@ -404,7 +410,7 @@ def results_document(task, results: list[dict[str, Any]], trials: int, seeds: in
             "sampler": "optuna TPESampler", "sampler_seed": sampler_seed, "trials_per_method": trials,
             "trial_seed": TRIAL_SEED, "seeds": list(range(seeds)),
             "objective": task.objective_text, "objective_key": task.objective_key,
-            "direction": task.direction, "tie_break": task.secondary_key,
+            "direction": task.direction, "tie_breaks": [list(t) for t in task.tie_breaks],
             "model_selection": "the evaluation (every eval_every steps and at the end) with the best validation "
                                "objective; test metrics are those of that evaluation",
             "epochs": task.epochs, "batch": task.batch, "eval_every_steps": task.eval_every,
@@ -446,24 +452,30 @@ def plot(doc: dict[str, Any], keys: list[tuple[str, str]], path, ylabel: str, lo
     x = np.arange(len(rows))
     width = 0.8 / len(keys)
     colors = ("tab:red", "tab:blue", "tab:green", "tab:purple")
+    finite = [r["mean"].get(k) for r in rows for k, _ in keys if _finite(r["mean"].get(k, math.nan))]
+    span = (max(finite) - min(finite) + 1e-9) if finite else 1.0
+    if finite and not lower_is_better:
+        low, high = max(0.0, min(finite) - 0.3 * span - 5), max(finite) + 0.15 * span + 2
+    elif finite:
+        low, high = max(0.0, min(finite) - 0.6 * span), max(finite) + 0.3 * span
     for i, (k, label) in enumerate(keys):
         means = [r["mean"].get(k, np.nan) for r in rows]
         stds = [r["std"].get(k, 0.0) for r in rows]
         off = (i - (len(keys) - 1) / 2) * width
         bars = top.bar(x + off, means, width, yerr=stds, capsize=3, label=label, color=colors[i % 4], alpha=0.85)
-        for b, m in zip(bars, means):
-            if np.isfinite(m):
-                top.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{m:.3g}", ha="center", va="bottom",
-                         fontsize=7)
+        if finite:
+            for b, m in zip(bars, means):  # the mean, written at the foot of its bar
+                if np.isfinite(m):
+                    top.text(b.get_x() + b.get_width() / 2, low + 0.02 * (high - low), f"{m:.3g}", ha="center",
+                             va="bottom", fontsize=7, color="white", fontweight="bold", rotation=90)
     top.set_xticks(x)
-    top.set_xticklabels([r["method"].replace(" [", "\n[") for r in rows], fontsize=8)
+    if len(rows) > 10:
+        top.set_xticklabels([r["method"] for r in rows], fontsize=8, rotation=30, ha="right")
+    else:
+        top.set_xticklabels([r["method"].replace(", ", ",\n") for r in rows], fontsize=8)
     top.set_ylabel(ylabel)
-    finite = [r["mean"].get(k) for r in rows for k, _ in keys if _finite(r["mean"].get(k, math.nan))]
-    if finite and not lower_is_better:
-        top.set_ylim(max(0.0, min(finite) - 0.15 * (max(finite) - min(finite) + 1e-9) - 5), max(finite) * 1.06)
-    elif finite:
-        span = max(finite) - min(finite) + 1e-9
-        top.set_ylim(max(0.0, min(finite) - 0.5 * span), max(finite) + 0.5 * span)
+    if finite:
+        top.set_ylim(low, high)
     top.grid(axis="y", alpha=0.3)
     top.legend(fontsize=8, loc="best")
     smoke = " (SMOKE RUN: not results)" if doc.get("smoke") else ""
@@ -475,7 +487,7 @@ def plot(doc: dict[str, Any], keys: list[tuple[str, str]], path, ylabel: str, lo
         values = [t["value"] for t in r["trials"] if t["value"] is not None]
         best = [sign * max(sign * v for v in values[:j + 1]) for j in range(len(values))]
         bottom.step(range(1, len(best) + 1), best, where="post", label=r["method"],
-                    linestyle=("-", "--", ":", "-.")[i % 4], linewidth=1.5)
+                    linestyle=("-", "--", ":", "-.")[i % 4], linewidth=1.5, marker=".", markersize=3)
     from matplotlib.ticker import MaxNLocator
 
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))

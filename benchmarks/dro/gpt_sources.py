@@ -146,7 +146,7 @@ class SourcesTask:
     name = "gpt_sources"
     direction = "minimize"
     objective_key = "worst_source_loss"
-    secondary_key = "avg_loss"
+    tie_breaks = [("avg_loss", "minimize")]
     objective_text = "worst-source validation loss (nats/token), minimised"
     metric_text = ("per-source held-out loss (nats/token, the mean over its documents of the mean next-token "
                    "cross-entropy); worst_source_loss: the largest; avg_loss: their mean (equal documents per "
@@ -270,13 +270,17 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="also_fused backend for ALSO (auto, triton, reference)")
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/dro/results/gpt_sources[_smoke])")
+    parser.add_argument("--replot", action="store_true", help="rewrite the table and plot from the JSON at --out")
     args = parser.parse_args()
+    out = Path(args.out) if args.out else RESULTS / ("gpt_sources_smoke" if args.smoke else "gpt_sources")
+    if args.replot:
+        write(json.loads(out.with_suffix(".json").read_text()), out)
+        return
     if args.device == "cpu":
         torch.set_num_threads(1)
     trials = args.trials if args.trials is not None else (1 if args.smoke else 8)
     seeds = args.seeds if args.seeds is not None else (1 if args.smoke else 5)
     workers = args.workers if args.workers is not None else (4 if args.device.startswith("cuda") else 1)
-    out = Path(args.out) if args.out else RESULTS / ("gpt_sources_smoke" if args.smoke else "gpt_sources")
     doc = run(args.smoke, args.device, trials, seeds, workers, out, args.backend, args.methods)
     print(core.markdown_table(doc, METRICS, digits=3))
 
