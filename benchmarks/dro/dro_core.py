@@ -16,11 +16,14 @@ same objective; see ``search_space``):
 * ALSO, mode "optimistic" or "descent-ascent", group_reduction "sum" (published) or "mean",
   uniform pi_init = pi_reg, alpha 1, ALSO's own Adam on theta (L2 coupled into the gradient).
 
-Two more rows, to read the ALSO rows by: "ALSO pi fixed" (a control: descent-ascent with pi_lr =
-pi_decay = 0, so pi stays uniform and only ALSO's Adam step on the plain batch mean is left; it
-separates what pi adds from what ALSO's theta update does) and "ALSO opt sum, pi ~ 1/n" (the
-published group-sum form with pi_init = pi_reg proportional to the inverse group frequency, the
-setting that worked in the long-tailed demo; not run where every group has one sample).
+Three more rows, to read the ALSO rows by. Two controls with pi frozen at uniform (descent-ascent,
+pi_lr = pi_decay = 0): "ALSO sum, pi fixed" is ALSO's Adam step on the plain batch mean (it
+separates what pi adds from what ALSO's theta update does), "ALSO mean, pi fixed" the same on the
+group-balanced loss (with uniform pi the mean reduction's loss is the average of the group means,
+IW's objective in expectation). And "ALSO opt sum, pi ~ 1/n": the published group-sum form with
+pi_init = pi_reg proportional to the inverse group frequency, the setting that worked in the
+long-tailed demo. None of the three is run where every group has one sample (they would repeat
+other rows).
 
 GroupDRO and ALSO. ALSO in descent-ascent mode with group_reduction="mean", pi_decay=0, temperature
 1 and pi_lr = eta takes the same pi step as GroupDRO's q step: with S_j the batch mean loss of a
@@ -70,8 +73,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "ALSO opt mean": dict(kind="also", mode="optimistic", reduction="mean"),
     "ALSO DA sum": dict(kind="also", mode="descent-ascent", reduction="sum"),
     "ALSO DA mean": dict(kind="also", mode="descent-ascent", reduction="mean"),
-    # a control: ALSO with pi frozen at uniform (its Adam step on the plain batch mean)
-    "ALSO pi fixed": dict(kind="also", mode="descent-ascent", reduction="sum", fixed_pi=True),
+    # controls: ALSO with pi frozen at uniform, on the plain batch mean and on the group-balanced loss
+    "ALSO sum, pi fixed": dict(kind="also", mode="descent-ascent", reduction="sum", fixed_pi=True),
+    "ALSO mean, pi fixed": dict(kind="also", mode="descent-ascent", reduction="mean", fixed_pi=True),
     # the published group-sum form started and anchored at inverse group frequencies (the analogue of IW)
     "ALSO opt sum, pi ~ 1/n": dict(kind="also", mode="optimistic", reduction="sum", prior="inverse_frequency"),
 }
@@ -84,8 +88,10 @@ METHOD_LONG_NAMES = {
     "ALSO opt mean": "ALSO, optimistic, group_reduction='mean'",
     "ALSO DA sum": "ALSO, descent-ascent, group_reduction='sum'",
     "ALSO DA mean": "ALSO, descent-ascent, group_reduction='mean'",
-    "ALSO pi fixed": "control: ALSO descent-ascent with pi_lr = pi_decay = 0, i.e. ALSO's Adam (L2 coupled into "
-                     "the gradient) on the plain batch mean; what the pi step adds is the difference to it",
+    "ALSO sum, pi fixed": "control: ALSO descent-ascent, group_reduction='sum', pi_lr = pi_decay = 0, i.e. ALSO's "
+                          "Adam (L2 coupled into the gradient) on the plain batch mean",
+    "ALSO mean, pi fixed": "control: ALSO descent-ascent, group_reduction='mean', pi_lr = pi_decay = 0, i.e. "
+                           "ALSO's Adam on the average of the batch's group mean losses (group-balanced)",
     "ALSO opt sum, pi ~ 1/n": "ALSO, optimistic, group_reduction='sum', pi_init = pi_reg proportional to 1/n_j "
                               "(inverse group frequency)",
 }

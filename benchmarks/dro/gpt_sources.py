@@ -1,21 +1,22 @@
 """DRO benchmark, GPU task: a small GPT on data sources of different difficulty and size.
 
-K = 4 synthetic sources (no download), each a Markov chain over one shared vocabulary of 32 tokens
+K = 4 synthetic sources (no download), each a Markov chain over one shared vocabulary of 16 tokens
 whose transition rows are drawn from a Dirichlet distribution: the smaller its concentration, the
-lower the chain's entropy. Every document is 65 tokens of one chain (the first token uniform); the
-model predicts tokens 2-65. The sources differ in entropy, in order (one chain of order 2, which
+lower the chain's entropy. Every document is 65 tokens of one chain (the first one or two tokens,
+the chain's order, uniform); the model predicts tokens 2-65. The sources differ in entropy, in order (one chain of order 2, which
 needs far more data to learn) and in size. Every source has its own validation and test documents
 (equally many per source). The expected loss of a predictor that knows the source's chain is
 computed exactly and reported beside the losses ("excess" = loss - that bound).
 
 Methods (benchmarks/dro/dro_core.py): with n_groups = K (group = source) ERM, importance weighting
-by source frequency, GroupDRO, RGD and ALSO (both modes, both reductions; and the two rows that
-help read them: ALSO with pi fixed, ALSO's group-sum form with pi ~ 1/n); with n_groups = the
-number of training documents (object-level weighting) GroupDRO and the four ALSO variants. Every
-method gets the same number of Optuna TPE trials on the worst-source validation loss (model
-selection over training time by the same objective), then seeds 0-4 with the tuned setting.
+by source frequency, GroupDRO, RGD and ALSO (both modes, both reductions), and the rows that help
+read them (ALSO with pi fixed on either reduction, ALSO's group-sum form with pi ~ 1/n); with
+n_groups = the number of training documents (object-level weighting) GroupDRO and the four ALSO
+variants. Every method gets the same number of Optuna TPE trials on the worst-source validation
+loss (model selection over training time by the same objective), then seeds 0-4 with the tuned
+setting.
 
-    python benchmarks/dro/gpt_sources.py            # CUDA: the full task (about 5 minutes on one H200)
+    python benchmarks/dro/gpt_sources.py            # CUDA: the full task (sized for at most ~5 min on one H200)
     python benchmarks/dro/gpt_sources.py --smoke    # CPU: a tiny configuration (under a minute), for CI
 
 Writes benchmarks/dro/results/gpt_sources.{json,png,md} (``--smoke``: gpt_sources_smoke.*, marked
@@ -222,7 +223,7 @@ def make_task(**kwargs) -> SourcesTask:
 
 
 SOURCE_METHODS = ["ERM", "IW", "GroupDRO", "RGD", "ALSO opt sum", "ALSO opt mean", "ALSO DA sum", "ALSO DA mean",
-                  "ALSO pi fixed", "ALSO opt sum, pi ~ 1/n"]
+                  "ALSO sum, pi fixed", "ALSO mean, pi fixed", "ALSO opt sum, pi ~ 1/n"]
 DOCUMENT_METHODS = [f"{m} [documents]" for m in ("GroupDRO", "ALSO opt sum", "ALSO opt mean", "ALSO DA sum",
                                                   "ALSO DA mean")]
 METRICS = [("worst_source_loss", "worst-source test loss"), ("avg_loss", "average test loss"),
@@ -239,9 +240,10 @@ def run(smoke: bool, device: str, trials: int, seeds: int, workers: int, out: Pa
     t0 = time.perf_counter()
     results = core.run_methods([(make_task, task_kwargs, m) for m in methods], trials, seeds, workers, log=log)
     doc = core.results_document(task, results, trials, seeds, workers, time.perf_counter() - t0, extra={
-        "omitted": {"ERM, RGD, ALSO pi fixed [documents]": "they do not use groups: the same runs as with sources",
-                    "IW, ALSO opt sum, pi ~ 1/n [documents]": "one group per document: every group frequency is 1, "
-                                                              "the same runs as ERM and ALSO opt sum"}})
+        "omitted": {"ERM, RGD, ALSO sum, pi fixed [documents]": "they do not use groups: the same runs as with sources",
+                    "IW, ALSO opt sum, pi ~ 1/n, ALSO mean, pi fixed [documents]":
+                        "one group per document: every group frequency is 1, the same runs as ERM, ALSO opt sum and "
+                        "ALSO sum, pi fixed"}})
     write(doc, out)
     log(f"wrote {out.with_suffix('.json')} ({doc['wall_s']:.0f} s)")
     return doc

@@ -26,12 +26,16 @@ import tasks_cpu  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_METHODS = list(core.METHODS)
-# one group per sample: the group frequencies are all 1, so IW and the 1/n prior would repeat runs
-TASK_METHODS = {"long_tailed": ALL_METHODS, "spurious": ALL_METHODS,
-                "noisy_labels": [m for m in ALL_METHODS if m not in ("IW", "ALSO opt sum, pi ~ 1/n")]}
-OMITTED = {"noisy_labels": {
+# one group per sample: the group frequencies are all 1, so IW, the 1/n prior and the group-balanced
+# control would repeat other rows
+PER_SAMPLE_OMITTED = {
     "IW": "one group per training sample: every group-frequency weight is 1, the same runs as ERM",
-    "ALSO opt sum, pi ~ 1/n": "one group per training sample: the prior is uniform, the same runs as ALSO opt sum"}}
+    "ALSO opt sum, pi ~ 1/n": "one group per training sample: the prior is uniform, the same runs as ALSO opt sum",
+    "ALSO mean, pi fixed": "one group per training sample: the group-balanced loss is the batch mean, the same "
+                           "runs as ALSO sum, pi fixed"}
+TASK_METHODS = {"long_tailed": ALL_METHODS, "spurious": ALL_METHODS,
+                "noisy_labels": [m for m in ALL_METHODS if m not in PER_SAMPLE_OMITTED]}
+OMITTED = {"noisy_labels": PER_SAMPLE_OMITTED}
 METRICS = {
     "long_tailed": [("worst_group_acc", "worst-class test acc (%)"), ("acc", "average test acc (%)")],
     "spurious": [("worst_group_acc", "worst-group test acc (%)"), ("acc", "average test acc (%)")],
