@@ -260,8 +260,9 @@ def train_run(task, method: str, hp: dict[str, float], seed: int, evaluate_test:
                 step += 1
                 if step % eval_every == 0 or step == total_steps:
                     evaluate()
-                    if not _finite(evaluations[-1]["val"][task.objective_key]):
-                        raise Diverged
+                    val = evaluations[-1]["val"]
+                    if not all(_finite(val[k]) for k in [task.objective_key, *(k for k, _ in task.tie_breaks)]):
+                        raise Diverged  # a non-finite validation loss or objective: the run has blown up
     except (Diverged, ValueError) as exc:  # ALSO refuses non-finite losses with ValueError
         if isinstance(exc, ValueError) and "NaN or inf" not in str(exc):
             raise
