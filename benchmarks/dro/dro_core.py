@@ -54,12 +54,12 @@ import math
 import os
 import platform
 import statistics
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import also_fused
 
@@ -500,8 +500,8 @@ def plot(doc: dict[str, Any], keys: list[tuple[str, str]], path, ylabel: str, lo
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.set_xlabel("trial")
     bottom.set_ylabel("best so far")
-    bottom.set_title(f"Optuna TPE, {doc['protocol']['trials_per_method']} trials per method: "
-                     f"{doc['protocol']['objective']}", fontsize=9)
+    bottom.set_title(textwrap.fill(f"Optuna TPE, {doc['protocol']['trials_per_method']} trials per method: "
+                                   f"{doc['protocol']['objective']}", 140), fontsize=9)
     bottom.grid(alpha=0.3)
     bottom.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
