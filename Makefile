@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo tune bench-cpu bench-gpu clean
+.PHONY: test demo tune bench-cpu bench-dro bench-gpu clean
 
 $(STAMP): setup.py requirements/cpu.txt also_fused/csrc/cpu_adam.cpp
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ bench-cpu: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py
 	$(PY) -m pytest -q -p no:cacheprovider benchmarks/test_bench_cpu.py --benchmark-sort=name \
 		--benchmark-columns=median,iqr,rounds --benchmark-json=benchmarks/results/cpu_pytest_benchmark.json
+
+# the DRO benchmark's CPU tasks (long-tailed classes, spurious patch, flipped labels): Optuna-tuned methods,
+# 5 seeds; results, plots and tables in benchmarks/dro/results/. Its GPU task: benchmarks/dro/gpt_sources.py
+bench-dro: $(STAMP)
+	$(PY) benchmarks/dro/run_cpu.py
 
 # on a CUDA machine whose python3 has torch and triton: tests on the GPU, then the GPU benchmarks
 bench-gpu:

@@ -1,0 +1,118 @@
+"""DRO benchmark, CPU tasks (``make bench-dro``): long-tailed classes, a spurious patch, flipped labels.
+
+Every method is tuned with the same number of Optuna TPE trials on the task's validation objective
+(carved from the training data), with model selection over epochs by that objective, then trained
+with the tuned setting over seeds 0-4 and scored on the test split at its selected epoch. See
+dro_core.py for the methods (GroupDRO written out, and how it maps to ALSO's pi step) and
+tasks_cpu.py for the data. Writes benchmarks/dro/results/<task>.{json,png,md}.
+
+    python benchmarks/dro/run_cpu.py                      # the three tasks, 30 trials, 5 seeds
+    python benchmarks/dro/run_cpu.py --tasks spurious --trials 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dro_core as core  # noqa: E402
+import tasks_cpu  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALL_METHODS = list(core.METHODS)
+# one group per sample: the group frequencies are all 1, so IW, the 1/n prior and the group-balanced
+# control would repeat other rows
+PER_SAMPLE_OMITTED = {
+    "IW": "one group per training sample: every group-frequency weight is 1, the same runs as ERM",
+    "ALSO opt sum, pi ~ 1/n": "one group per training sample: the prior is uniform, the same runs as ALSO opt sum",
+    "ALSO mean, pi fixed": "one group per training sample: the group-balanced loss is the batch mean, the same "
+                           "runs as ALSO sum, pi fixed"}
+TASK_METHODS = {"long_tailed": ALL_METHODS, "spurious": ALL_METHODS,
+                "noisy_labels": [m for m in ALL_METHODS if m not in PER_SAMPLE_OMITTED]}
+OMITTED = {"noisy_labels": PER_SAMPLE_OMITTED}
+METRICS = {
+    "long_tailed": [("worst_group_acc", "worst-class test acc (%)"), ("acc", "average test acc (%)")],
+    "spurious": [("worst_group_acc", "worst-group test acc (%)"), ("acc", "average test acc (%)")],
+    "noisy_labels": [("acc", "clean test acc (%)"), ("worst_group_acc", "worst-class clean test acc (%)")],
+}
+
+
+def run(tasks: list[str], trials: int, seeds: int, workers: int, out_dir: Path, smoke: bool = False,
+        methods: list[str] | None = None, log=print) -> dict[str, dict[str, Any]]:
+    """Tune and test every method (of ``methods``, default all) of every task; write and return one
+    results document per task."""
+    jobs, owners = [], []
+    for name in tasks:
+        for method in TASK_METHODS[name]:
+            if methods and method not in methods:
+                continue
+            jobs.append((tasks_cpu.make_task, {"name": name, "smoke": smoke}, method))
+            owners.append(name)
+    log(f"{len(jobs)} (task, method) jobs, {trials} trials + {seeds} seeds each, {workers} worker(s)"
+        f"{' [SMOKE]' if smoke else ''}")
+    t0 = time.perf_counter()
+    results = core.run_methods(jobs, trials, seeds, workers, log=log)
+    wall = time.perf_counter() - t0
+    docs = {}
+    for name in tasks:
+        task = tasks_cpu.make_task(name, smoke=smoke)
+        rows = [r for r, owner in zip(results, owners) if owner == name]
+        if not rows:
+            continue
+        doc = core.results_document(task, rows, trials, seeds, workers, wall, extra={
+            "wall_s_note": "wall time of all the tasks run together (they share the worker processes); "
+                           "tune_s and seeds_s of every method are its own",
+            "omitted": OMITTED.get(name, {})})
+        write(doc, out_dir / (name + ("_smoke" if smoke else "")))
+        docs[name] = doc
+    return docs
+
+
+def write(doc: dict[str, Any], stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    keys = METRICS[doc["task"]]
+    table = core.markdown_table(doc, keys)
+    label = "SMOKE RUN (a tiny configuration for CI; not results)\n\n" if doc["smoke"] else ""
+    p = doc["protocol"]
+    stem.with_suffix(".md").write_text(
+        f"# {doc['title']}\n\n{label}{doc['machine']}, torch {doc['torch']}, optuna {doc['optuna']}, {doc['date']}. "
+        f"Optuna TPE, {p['trials_per_method']} trials per method; objective: {p['objective']}; "
+        f"{p['epochs']} epochs, batch {p['batch']}, model selection over epochs by the objective; "
+        f"test metrics at the selected epoch, mean ± std over seeds {p['seeds']}.\n\n{table}\n")
+    core.plot(doc, keys, stem.with_suffix(".png"), "% (mean ± std over seeds)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="*", default=list(tasks_cpu.TASKS), choices=list(tasks_cpu.TASKS))
+    parser.add_argument("--trials", type=int, default=30, help="Optuna trials per method (the same for every method)")
+    parser.add_argument("--methods", nargs="*", default=None, choices=ALL_METHODS, help="a subset of the methods")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=min(2, torch.get_num_threads()),
+                        help="(task, method) jobs run in parallel processes, one thread each")
+    parser.add_argument("--smoke", action="store_true", help="2 epochs per run (with --trials/--seeds: seconds)")
+    parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--replot", action="store_true", help="rewrite the tables and plots from the JSON in --out-dir")
+    args = parser.parse_args()
+    if args.replot:
+        for name in args.tasks:
+            stem = Path(args.out_dir) / (name + ("_smoke" if args.smoke else ""))
+            if stem.with_suffix(".json").exists():
+                write(json.loads(stem.with_suffix(".json").read_text()), stem)
+        return
+    t0 = time.perf_counter()
+    docs = run(args.tasks, args.trials, args.seeds, args.workers, Path(args.out_dir), args.smoke, args.methods)
+    for name, doc in docs.items():
+        print(f"\n{doc['title']}\n" + core.markdown_table(doc, METRICS[name]))
+    print(f"\nwrote {', '.join(docs)} to {args.out_dir} in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
