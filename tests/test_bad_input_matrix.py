@@ -46,7 +46,8 @@ def batch(k: int, device=DEVICE):
 class Run:
     """A small regression model and its ALSO, stepped ``warm`` times with good batches."""
 
-    def __init__(self, backend: str, mode: str, api: str, device=DEVICE, warm: int = WARM_STEPS) -> None:
+    def __init__(self, backend: str, mode: str, api: str, device=DEVICE, warm: int = WARM_STEPS,
+                 state_precision: str = "float32") -> None:
         gen = torch.Generator().manual_seed(0)
         self.device, self.api = device, api
         self.W = torch.nn.Parameter(torch.randn(D_IN, D_OUT, generator=gen).to(device))
@@ -55,7 +56,7 @@ class Run:
         self.E = torch.nn.Parameter(torch.randn(N_GROUPS, D_OUT, generator=gen).to(device))
         self.params = [self.W, self.b, self.E]
         self.opt = also_fused.ALSO(self.params, n_groups=N_GROUPS, batch_size=B, mode=mode, backend=backend,
-                                   pi_lr=0.1, lr=1e-2)
+                                   pi_lr=0.1, lr=1e-2, state_precision=state_precision)
         self.k = 0
         for _ in range(warm):
             self.good_step()
@@ -397,6 +398,26 @@ def test_bad_input(case: Case, backend: str, mode: str):
     assert_same(victim.snapshot(), before)
     # afterwards the optimizer carries on exactly like one that never saw the bad input
     twin = Run(backend, mode, case.api, device, warm=case.warm)
+    victim.good_step()
+    twin.good_step()
+    assert_same(victim.snapshot(), twin.snapshot())
+
+
+def _int8_params():
+    """The cases on a warm optimizer again, with 8-bit Adam moments (codes and block scales in the state)."""
+    return [p for p in _params() if p.values[0].kind == "step" and not p.marks]
+
+
+@pytest.mark.parametrize("case,backend,mode", _int8_params())
+def test_bad_input_with_8bit_moments(case: Case, backend: str, mode: str):
+    device = case.device or DEVICE
+    victim = Run(backend, mode, case.api, device, warm=case.warm, state_precision="int8")
+    before = victim.snapshot()
+    with pytest.raises(case.exc, match=case.match):
+        case.fn(victim)
+        victim.opt.check_errors()
+    assert_same(victim.snapshot(), before)
+    twin = Run(backend, mode, case.api, device, warm=case.warm, state_precision="int8")
     victim.good_step()
     twin.good_step()
     assert_same(victim.snapshot(), twin.snapshot())

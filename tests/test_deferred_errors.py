@@ -33,8 +33,8 @@ def bad_step(r: Run, bad_ids: bool) -> None:
         r.opt.step()
 
 
-def deferred_run(mode: str, api: str) -> Run:
-    r = Run("triton", mode, api)
+def deferred_run(mode: str, api: str, state_precision: str = "float32") -> Run:
+    r = Run("triton", mode, api, state_precision=state_precision)
     r.opt._errors.deferred = True
     return r
 
@@ -42,14 +42,15 @@ def deferred_run(mode: str, api: str) -> Run:
 @pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
 @pytest.mark.parametrize("api", ["closure", "loop"])
 @pytest.mark.parametrize("bad_ids", [True, False], ids=["ids", "nan"])
-def test_rejected_step_is_a_noop_and_raises_later(mode, api, bad_ids):
-    victim = deferred_run(mode, api)
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_rejected_step_is_a_noop_and_raises_later(mode, api, bad_ids, precision):
+    victim = deferred_run(mode, api, precision)
     before = victim.snapshot()
     bad_step(victim, bad_ids)  # no error yet: the device has not been read
     with pytest.raises(ValueError, match=("must lie in" if bad_ids else "NaN or inf") + r".*step 3 was not taken"):
         victim.opt.check_errors()
     assert_same(victim.snapshot(), before)
-    twin = Run("triton", mode, api)
+    twin = Run("triton", mode, api, state_precision=precision)
     victim.good_step()
     twin.good_step()
     assert_same(victim.snapshot(), twin.snapshot())
@@ -77,17 +78,18 @@ def test_steps_queued_after_a_rejected_one_are_undone_too(mode, api, monkeypatch
     assert_same(victim.snapshot(), twin.snapshot())
 
 
-def test_first_step_rejected_leaves_no_state():
-    """Lazily created state (moments, the iterate, d_prev) of a rejected first step is removed again."""
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_first_step_rejected_leaves_no_state(precision):
+    """Lazily created state (moments and 8-bit scales, the iterate, d_prev) of a rejected first step is removed again."""
     for mode in ("optimistic", "descent-ascent"):
         for api in ("closure", "loop"):
-            victim = Run("triton", mode, api, warm=0)
+            victim = Run("triton", mode, api, warm=0, state_precision=precision)
             victim.opt._errors.deferred = True
             bad_step(victim, bad_ids=False)
             with pytest.raises(ValueError, match="step 1 was not taken"):
                 victim.opt.state_dict()  # waits for the device's verdict before saving
             assert len(victim.opt.state) == 0
-            twin = Run("triton", mode, api, warm=0)
+            twin = Run("triton", mode, api, warm=0, state_precision=precision)
             victim.good_step()
             twin.good_step()
             assert_same(victim.snapshot(), twin.snapshot())
