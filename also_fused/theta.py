@@ -254,6 +254,7 @@ class ThetaAdam(AdamFamily):
             state[into] = p.clone()
             p.copy_(state.pop(held))
         self._plans.clear()  # the cached plans hold the popped buffers
+        self._state_version += 1  # and so do the last step's, kept for reuse
 
     def _iterate_buffer(self, p: Tensor, state: dict) -> Tensor:
         return self._buffer(state, "iterate", p)

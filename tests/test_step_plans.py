@@ -123,3 +123,25 @@ def test_sparse_gradient_refused_after_fast_steps(backend):
         assert torch.equal(a.detach(), b)
     for k, v in opt_a.state[ours[0]].items():
         assert torch.equal(v, state_before[k])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("api", ["loop", "closure"])
+def test_eval_and_train_between_steps_change_nothing(backend, api):
+    """Optimistic ALSO: eval() and train() swap the buffers the step's plans point at; the steps after them
+    (reusing nothing stale) follow a twin that never called them, bitwise."""
+    from harness import Config, batches, make_package, package_step
+
+    cfg = Config(mode="optimistic", api=api, steps=8)
+    runs = []
+    for interrupt in (False, True):
+        Wp, bp, opt = make_package(cfg, DEVICE, backend)
+        for k, (X, Y, ids, use_bias) in enumerate(batches(cfg)):
+            package_step(opt, Wp, bp, api, X, Y, ids, use_bias, DEVICE, cfg.dtype)
+            if interrupt and k in (2, 5):
+                opt.eval()
+                opt.train()
+        opt.eval()
+        runs.append([Wp.detach().clone(), bp.detach().clone(), opt.pi.clone()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
