@@ -122,17 +122,9 @@ def adam_update(
         return
     if not commit_state and (prior_grads is not None or extrapolate_to is not None):
         raise ValueError("commit_state=False only applies to a single update")
-    if exp_avg_scales is not None:  # 8-bit moments: the reference
-        F.adam_update_reference(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, hyper, hyper_rows,
-                                max_exp_avg_sqs=max_exp_avg_sqs, eps_mode=eps_mode,
-                                decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-                                grad_scale=grad_scale, save_sources_to=save_sources_to, save_grads_to=save_grads_to,
-                                extrapolate_to=extrapolate_to, extrapolation_scale=extrapolation_scale,
-                                prior_grads=prior_grads, prior_scale=prior_scale, commit_state=commit_state,
-                                exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales)
-        return
+    quantized = exp_avg_scales is not None  # 8-bit moments: the reference
     plain = (prior_grads is None and extrapolate_to is None and save_sources_to is None and save_grads_to is None
-             and commit_state and grad_scale == 1.0)
+             and commit_state and grad_scale == 1.0 and not quantized)
     # torch's fused kernel keeps the moments in the param dtype, as the drop-ins do by default
     if (eps_mode == "torch" and plain and exp_avgs[0].dtype == sources[0].dtype and torch_fused_available()
             and all(s is d for s, d in zip(sources, destinations))
@@ -140,7 +132,7 @@ def adam_update(
         _torch_fused_step(list(sources), grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, hyper_rows,
                           decoupled_weight_decay, maximize)
         return
-    if _cpu_adam is not None and _cpu_adam.adam_update(
+    if not quantized and _cpu_adam is not None and _cpu_adam.adam_update(
             list(sources), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or ()),
             list(steps), list(destinations), hyper, list(hyper_rows),
             eps_mode == "also", decoupled_weight_decay, maximize, float(grad_scale), list(save_sources_to or ()),
@@ -152,4 +144,5 @@ def adam_update(
                             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_scale=grad_scale,
                             save_sources_to=save_sources_to, save_grads_to=save_grads_to,
                             extrapolate_to=extrapolate_to, extrapolation_scale=extrapolation_scale,
-                            prior_grads=prior_grads, prior_scale=prior_scale, commit_state=commit_state)
+                            prior_grads=prior_grads, prior_scale=prior_scale, commit_state=commit_state,
+                            exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales)
