@@ -67,6 +67,11 @@ def check_hyperparameters(lr: Any, betas: Any, eps: float, weight_decay: float, 
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
+def param_itself(p: Tensor, state: dict) -> Tensor:
+    """The param (the sources and destinations of an in-place update)."""
+    return p
+
+
 def as_scalar(value: Any) -> Any:
     """A 1-element tensor hyper-parameter as a 0-dim tensor (as torch.optim keeps it); floats unchanged."""
     return value.reshape(()) if isinstance(value, Tensor) and value.dim() != 0 else value

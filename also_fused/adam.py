@@ -6,17 +6,11 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from ._base import AdamFamily, as_scalar, check_hyperparameters
+from ._base import AdamFamily, as_scalar, check_hyperparameters, param_itself
 
 
 _FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay")
-
-
-def _param(p: Tensor, state: dict) -> Tensor:
-    return p
-
-
-_IN_PLACE = dict(sources=_param, destinations=_param)
+_IN_PLACE = dict(sources=param_itself, destinations=param_itself)
 
 
 class Adam(AdamFamily):

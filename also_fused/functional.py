@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .kernels.layout import QUANT_BLOCK, quant_blocks
+
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
 
@@ -190,13 +192,7 @@ def select_batch_reference(
 # v (unsigned): v = a * (q/255)^4,            q = floor(255 * (v/a)^(1/4) + 1/2)
 # The square and fourth-root companding gives small values many codes: v's code stays non-zero
 # wherever m's does (v ~ m^2 relative to their scales), so m / sqrt(v) never divides by a zero v.
-QUANT_BLOCK = 1024
 QUANT_DTYPES = {True: torch.int8, False: torch.uint8}  # signed (m), unsigned (v)
-
-
-def quant_blocks(numel: int) -> int:
-    """The number of scales of a tensor of ``numel`` elements."""
-    return -(-numel // QUANT_BLOCK)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -281,6 +277,9 @@ def adam_update_reference(
     if not commit_state and (prior_grads is not None or extrapolate_to is not None):
         raise ValueError("commit_state=False only applies to a single update")
     n_advances = 1 + (prior_grads is not None) + (extrapolate_to is not None)
+    quantized = exp_avg_scales is not None
+    if quantized and max_exp_avg_sqs is not None:
+        raise ValueError("8-bit moments do not support amsgrad")
     for i, x in enumerate(sources):
         lr, beta1, beta2, eps, weight_decay = hyper[hyper_rows[i]]
         moment_kw = dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
@@ -289,15 +288,14 @@ def adam_update_reference(
                         decoupled=decoupled_weight_decay)
         t = float(steps[i]) + 1
         grad, stored = grads[i], (exp_avgs[i], exp_avg_sqs[i], None if max_exp_avg_sqs is None else max_exp_avg_sqs[i])
-        # the moments are carried in float32 through the call and rounded once when stored (a no-op copy-free
-        # view for float32 moments)
-        m, v, vmax = (None if t is None else t.float() for t in stored)
-        quantized = exp_avg_scales is not None
+        # the moments are carried in float32 through the call and rounded (or encoded) once when stored;
+        # .float() of float32 moments is the tensor itself
         if quantized:
-            if vmax is not None:
-                raise ValueError("8-bit moments do not support amsgrad")
             m = dequantize_moment(stored[0], exp_avg_scales[i], signed=True)
             v = dequantize_moment(stored[1], exp_avg_sq_scales[i], signed=False)
+            vmax = None
+        else:
+            m, v, vmax = (None if t is None else t.float() for t in stored)
         xf = x.float()
         if save_sources_to is not None:
             save_sources_to[i].copy_(x)

@@ -8,15 +8,11 @@ from torch import Tensor
 
 from . import _checks
 from . import functional as F
-from ._base import AdamFamily, as_scalar, check_hyperparameters
+from ._base import AdamFamily, as_scalar, check_hyperparameters, param_itself
 from ._input_errors import DeviceInputErrors
 
 Moved = list[tuple[Tensor, dict]]  # closure API: params holding the extrapolated point, with their state
 Journal = list[tuple]  # state entries created ("created", p, key) or dropped ("dropped", p, key, value) by a step
-
-
-def _param(p: Tensor, state: dict) -> Tensor:
-    return p
 
 
 def _iterate_or_param(p: Tensor, state: dict) -> Tensor:
@@ -135,10 +131,10 @@ class ThetaAdam(AdamFamily):
 
         ``reused``: the plans ``_reused_plans`` found unchanged since the last step (else they are built)."""
         if self.mode == "descent-ascent":
-            per_tensor = dict(sources=_param, destinations=_param)
+            per_tensor = dict(sources=param_itself, destinations=param_itself)
             scalars: dict[str, Any] = {}
         else:
-            per_tensor = dict(sources=_iterate_or_param, destinations=self._iterate_buffer, extrapolate_to=_param)
+            per_tensor = dict(sources=_iterate_or_param, destinations=self._iterate_buffer, extrapolate_to=param_itself)
             scalars = dict(extrapolation_scale=self.alpha)
         if reused is None:
             reused = self._plans_with_grads(self._loop_tag(), ("amsgrad",), per_tensor)

@@ -14,12 +14,13 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from .staging import raw_stream
+
 try:
     from triton import knobs as _knobs
 except ImportError:  # an older Triton: always take its own path
     _knobs = None
 
-_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton reads
 
 
 def _no_launch_hooks() -> bool:
@@ -46,11 +47,11 @@ class Launcher:
         if (compiled is not None and _no_launch_hooks()
                 and device.index == torch.cuda.current_device()):
             full = self._full_args(args)
-            compiled.run(grid, 1, 1, _current_stream(device.index), compiled.function, compiled.packed_metadata,
+            compiled.run(grid, 1, 1, raw_stream(device), compiled.function, compiled.packed_metadata,
                          None, None, None, *full)
             return
         compiled = self.kernel[(grid,)](*args, **self.constexprs, **self.options)
-        if (key is not None and _current_stream is not None and hasattr(compiled, "packed_metadata")
+        if (key is not None and hasattr(compiled, "packed_metadata")
                 and device.index == torch.cuda.current_device()):
             self._compiled[key] = compiled
 

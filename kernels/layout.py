@@ -12,3 +12,12 @@ def dense_like(t: torch.Tensor, like: torch.Tensor) -> bool:
         return True
     return t.stride() == like.stride() and (t.is_contiguous(memory_format=torch.channels_last)
                                             or t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+# 8-bit moments keep one scale per block of this many consecutive elements of a tensor's storage
+QUANT_BLOCK = 1024
+
+
+def quant_blocks(numel: int) -> int:
+    """The number of block scales of a tensor of ``numel`` elements."""
+    return -(-numel // QUANT_BLOCK)

@@ -26,16 +26,14 @@ from triton.language.extra import libdevice
 
 from .error_word import zero_word
 from .launch import Launcher
-from .layout import dense_like
-from .staging import PinnedUploader
+from .layout import QUANT_BLOCK, dense_like, quant_blocks
+from .staging import PinnedUploader, raw_stream
 
 __all__ = ["multi_tensor_adam_", "hyper_table", "hyper_rows_float64", "KERNEL_CONFIG", "HYPER_COLS", "MAX_LR_ARGS"]
 
 HYPER_COLS = 10
 # at most this many hyper rows may take lr and the decay factor as launch arguments (``lr_args``)
 MAX_LR_ARGS = 4
-# elements per scale of 8-bit moments (functional.QUANT_BLOCK): one program's block
-QUANT_BLOCK = 1024
 
 
 def hyper_table(rows: Sequence[Sequence[float]], device: Any = "cpu") -> torch.Tensor:
@@ -388,17 +386,10 @@ def _multi_tensor_adam_kernel(
 
 
 _data_ptr = torch.Tensor.data_ptr
-_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _or_all(ptrs: Sequence[int]) -> int:
     return functools.reduce(operator.or_, ptrs, 0)
-
-
-def _stream_of(device: torch.device) -> Optional[int]:
-    if device.type != "cuda" or _current_stream is None:
-        return None
-    return _current_stream(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _build_tables(lists: Dict[int, Sequence[torch.Tensor]], sources: Sequence[torch.Tensor],
@@ -531,7 +522,7 @@ def multi_tensor_adam_(
     if grad_ptrs != cache["grad_ptrs"]:
         if len(grad_ptrs) != n:
             raise ValueError("all tensor lists and hyper_rows must have the same length")
-        stream = _stream_of(device)
+        stream = raw_stream(device)
         if cache["grad_table"] is None or stream != cache["stream"]:
             # rewritten in place below: ordered after the kernels that read it only on one stream
             cache["grad_table"] = torch.empty(n, dtype=torch.int64, device=device)
@@ -594,7 +585,7 @@ def _check_call(lists: Dict[int, Sequence[torch.Tensor]], grads: Sequence[torch.
                 raise ValueError("8-bit moments are int8 (exp_avg) and uint8 (exp_avg_sq) codes")
         for col in (_M_SCALE, _V_SCALE):
             for t, src in zip(lists[col], sources):
-                if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != -(-src.numel() // QUANT_BLOCK):
+                if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != quant_blocks(src.numel()):
                     raise ValueError(f"each 8-bit moment needs a contiguous float32 scale per {QUANT_BLOCK} elements")
         return _check_layouts(lists, grads, sources)
     moment_dtype = lists[_EXP_AVG][0].dtype

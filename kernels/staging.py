@@ -13,19 +13,27 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 _RING = 16
-# the raw id of the current stream, cheaply (Triton reads it the same way); torch's public call otherwise
-_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
-    lambda index: torch.cuda.current_stream(index).cuda_stream)
 _HALF = _RING // 2
-
+# the raw id of the current stream, cheaply (Triton reads it the same way); torch's public call otherwise
+_raw_stream_of_index = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 _last_streams: Dict[int, Tuple[int, "torch.cuda.Stream"]] = {}
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def raw_stream(device: torch.device) -> Optional[int]:
+    """The handle of the current CUDA stream of ``device`` (None for a device that is not CUDA)."""
+    return _raw_stream_of_index(_index(device)) if device.type == "cuda" else None
+
+
 def current_stream(device: torch.device) -> "torch.cuda.Stream":
     """torch.cuda.current_stream(device), without its per-call cost while the current stream is unchanged."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    raw = _current_stream(index)
+    index = _index(device)
+    raw = _raw_stream_of_index(index)
     last = _last_streams.get(index)
     if last is None or last[0] != raw:
         last = _last_streams[index] = (raw, torch.cuda.current_stream(index))
@@ -57,16 +65,16 @@ class PinnedUploader:
             out.copy_(torch.tensor(values, dtype=out.dtype).reshape(out.shape))
             return out
         key = (tuple(out.shape), out.dtype)
-        raw_stream = _current_stream(out.device.index)
+        stream = raw_stream(out.device)
         ring = self._rings.get(key)
-        if ring is None or ring.raw_stream != raw_stream:
-            ring = self._rings[key] = _Ring(key[0], out.dtype, out.device, raw_stream)
+        if ring is None or ring.raw_stream != stream:
+            ring = self._rings[key] = _Ring(key[0], out.dtype, out.device, stream)
         i = ring.next
         if i % _HALF == 0:
             event = ring.events[i // _HALF]
             if event is not None and not event.query():
                 # that half is still in flight
-                ring = self._rings[key] = _Ring(key[0], out.dtype, out.device, raw_stream)
+                ring = self._rings[key] = _Ring(key[0], out.dtype, out.device, stream)
         slot, host = ring.slots[i]
         host[...] = values  # float64 -> float32 rounds to nearest
         out.copy_(slot, non_blocking=True)
