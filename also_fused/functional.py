@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .kernels.layout import QUANT_BLOCK, quant_blocks
+from .kernels.layout import QUANT_BLOCK, QUANT_M_STEP, QUANT_MIN_NORMAL, QUANT_V_STEP, quant_blocks
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -187,11 +187,15 @@ def select_batch_reference(
 
 
 # 8-bit moments (state_precision="int8"): codes per element and one float32 scale per block of
-# QUANT_BLOCK consecutive elements of the tensor's storage (the block's largest |value|).
-# m (signed):   m = a * sign(q) * (q/127)^2,  q = sign(m) * floor(127 * sqrt(|m|/a) + 1/2)
-# v (unsigned): v = a * (q/255)^4,            q = floor(255 * (v/a)^(1/4) + 1/2)
+# QUANT_BLOCK consecutive elements of the tensor's storage (the block's largest |value| a).
+# m (signed):   m = a * sign(q) * (q/127)^2,  q = sign(m) * round(127 * sqrt(|m|/a))
+# v (unsigned): v = a * (q/255)^4,            q = round(255 * (v/a)^(1/4))
+# (round: to the nearest integer, halves to even)
 # The square and fourth-root companding gives small values many codes: v's code stays non-zero
 # wherever m's does (v ~ m^2 relative to their scales), so m / sqrt(v) never divides by a zero v.
+# In float32, as the kernel evaluates it: |m|/a is |m| * (1/a) with one division per block, decoding
+# multiplies the exact integer q|q| (or q^2 q^2) by the block's step a * (1/127^2) (or a * (1/255^4)), and
+# a block whose a lies below float32's smallest normal number (1.2e-38) is stored as zeros.
 QUANT_DTYPES = {True: torch.int8, False: torch.uint8}  # signed (m), unsigned (v)
 
 
@@ -202,16 +206,16 @@ def _flat(t: Tensor) -> Tensor:
 
 def dequantize_moment(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
     """float32 values of 8-bit codes (same shape and layout as ``codes``), computed as the kernel does."""
-    q = codes.float()
-    a = scales.repeat_interleave(QUANT_BLOCK)[:q.numel()]
-    flat = _flat(q)
+    q = _flat(codes.float())
+    step = QUANT_M_STEP if signed else QUANT_V_STEP
+    steps = (scales.float() * torch.tensor(step, dtype=torch.float32, device=scales.device))
+    steps = steps.repeat_interleave(QUANT_BLOCK)[:q.numel()]
     if signed:
-        values = flat * flat.abs() * a / 16129.0
+        values = (q * q.abs()) * steps
     else:
-        t = flat / 255.0
-        t2 = t * t
-        values = t2 * t2 * a
-    out = torch.empty_like(q)
+        q2 = q * q
+        values = (q2 * q2) * steps
+    out = torch.empty_like(codes, dtype=torch.float32)
     _flat(out).copy_(values)
     return out
 
@@ -223,13 +227,16 @@ def quantize_moment_(values: Tensor, codes: Tensor, scales: Tensor, signed: bool
     padded = torch.zeros(quant_blocks(n) * QUANT_BLOCK, dtype=torch.float32, device=flat.device)
     padded[:n] = flat.abs()
     a = padded.view(-1, QUANT_BLOCK).amax(dim=1)
-    scales.copy_(a)
-    r = flat.abs() / torch.where(a > 0, a, torch.ones_like(a)).repeat_interleave(QUANT_BLOCK)[:n]
+    normal = a >= QUANT_MIN_NORMAL
+    one = torch.ones_like(a)
+    inverse = torch.where(normal, one / torch.where(normal, a, one), torch.zeros_like(a))
+    scales.copy_(torch.where(normal, a, torch.zeros_like(a)))
+    r = flat.abs() * inverse.repeat_interleave(QUANT_BLOCK)[:n]
     if signed:
-        q = torch.floor(torch.sqrt(r) * 127.0 + 0.5).clamp_(max=127.0)
+        q = torch.round((torch.sqrt(r) * 127.0).clamp_(max=127.0))
         q = torch.where(flat < 0, -q, q)
     else:
-        q = torch.floor(torch.sqrt(torch.sqrt(r)) * 255.0 + 0.5).clamp_(max=255.0)
+        q = torch.round((torch.sqrt(torch.sqrt(r)) * 255.0).clamp_(max=255.0))
     _flat(codes).copy_(q.to(codes.dtype))
 
 

@@ -21,3 +21,9 @@ QUANT_BLOCK = 1024
 def quant_blocks(numel: int) -> int:
     """The number of block scales of a tensor of ``numel`` elements."""
     return -(-numel // QUANT_BLOCK)
+
+# decoding steps of the 8-bit codes, float32 values: m = q|q| * (scale * QUANT_M_STEP), v = q^2 q^2 * (scale *
+# QUANT_V_STEP); blocks whose largest |value| lies below QUANT_MIN_NORMAL (float32's smallest normal) are zeros
+QUANT_M_STEP = float(torch.tensor(1.0 / 127**2, dtype=torch.float32))
+QUANT_V_STEP = float(torch.tensor(1.0 / 255**4, dtype=torch.float32))
+QUANT_MIN_NORMAL = float(torch.finfo(torch.float32).tiny)

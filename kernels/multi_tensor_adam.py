@@ -27,6 +27,7 @@ from triton.language.extra import libdevice
 from .error_word import zero_word
 from .launch import Launcher
 from .layout import QUANT_BLOCK, dense_like, quant_blocks
+from .layout import QUANT_M_STEP, QUANT_MIN_NORMAL, QUANT_V_STEP
 from .staging import PinnedUploader, raw_stream
 
 __all__ = ["multi_tensor_adam_", "hyper_table", "hyper_rows_float64", "KERNEL_CONFIG", "HYPER_COLS", "MAX_LR_ARGS"]
@@ -62,6 +63,19 @@ _PARAM_COLS = (_SRC, _DST, _SAVE_SRC, _EXTRAP)
 # param-dtype elements per access), keyed by the param element size. Chosen by a sweep on an H100
 # (benchmarks/NOTES_theta.md): one 1024-element block per program beat 2 to 32 blocks per program.
 KERNEL_CONFIG: Dict[int, tuple] = {4: (1024, 1, 4, 0), 2: (1024, 1, 4, 4)}
+# where the moments are stored narrower than float32, keyed by (param, moment) element sizes: with every
+# tensor in 2 bytes, 16-byte accesses (PVEC 8); chosen by ``bench_state_precision.py --sweep`` on an H200
+STATE_CONFIG: Dict[Tuple[int, int], tuple] = {(2, 2): (1024, 2, 4, 8), (2, 1): (1024, 1, 4, 8)}
+
+
+def kernel_config(param_dtype: torch.dtype, moment_dtype: torch.dtype) -> tuple:
+    """(BLOCK, iterations, num_warps, PVEC) of a launch over these param and moment dtypes."""
+    return STATE_CONFIG.get((param_dtype.itemsize, moment_dtype.itemsize), KERNEL_CONFIG[param_dtype.itemsize])
+
+# the 8-bit code's constants (kernels/layout.py), as float32 constants of the kernels
+M_STEP = tl.constexpr(QUANT_M_STEP)
+V_STEP = tl.constexpr(QUANT_V_STEP)
+MIN_NORMAL = tl.constexpr(QUANT_MIN_NORMAL)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -107,16 +121,27 @@ def _to_storage(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _small_int_to_float(i):
+    # exact for |i| < 2^22, without the quarter-rate integer-to-float conversion: 1.5*2^23 + i as float bits
+    return (i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def _round_to_int(y):
+    # round half to even for |y| < 2^22 (float32 addition rounds so), without the quarter-rate conversion
+    return (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
 def _dequantize(q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr):
-    # 8-bit codes -> float32, as functional.dequantize_moment: m = a q|q| / 127^2, v = a (q/255)^4
-    q = tl.load(q_ptr + offs, mask=mask).to(tl.float32)
+    # 8-bit codes -> float32, as functional.dequantize_moment: m = q|q| (a/127^2), v = q^2 q^2 (a/255^4)
+    q = _small_int_to_float(tl.load(q_ptr + offs, mask=mask).to(tl.int32))
     a = tl.load(scale_ptr)
     if SIGNED:
-        x = tl.div_rn(q * tl.abs(q) * a, 16129.0)
+        x = (q * tl.abs(q)) * (a * M_STEP)
     else:
-        t = tl.div_rn(q, 255.0)
-        t2 = t * t
-        x = t2 * t2 * a
+        q2 = q * q
+        x = (q2 * q2) * (a * V_STEP)
     return x
 
 
@@ -127,14 +152,16 @@ def _quantize_store(x, q_ptr, scale_ptr, offs, mask, MASKED: tl.constexpr, SIGNE
     if MASKED:
         ax = tl.where(mask, ax, 0.0)
     a = tl.max(ax, axis=0)
-    r = tl.div_rn(ax, tl.where(a > 0.0, a, 1.0))
+    normal = a >= MIN_NORMAL  # a block below float32's smallest normal number is stored as zeros
+    inv = tl.where(normal, tl.div_rn(1.0, tl.where(normal, a, 1.0)), 0.0)
+    r = ax * inv
     if SIGNED:
-        q = tl.minimum(tl.floor(tl.sqrt_rn(r) * 127.0 + 0.5), 127.0)
+        q = _round_to_int(tl.minimum(tl.sqrt_rn(r) * 127.0, 127.0))
         tl.store(q_ptr + offs, tl.where(x < 0.0, -q, q).to(tl.int8), mask=mask)
     else:
-        q = tl.minimum(tl.floor(tl.sqrt_rn(tl.sqrt_rn(r)) * 255.0 + 0.5), 255.0)
+        q = _round_to_int(tl.minimum(tl.sqrt_rn(tl.sqrt_rn(r)) * 255.0, 255.0))
         tl.store(q_ptr + offs, q.to(tl.uint8), mask=mask)
-    tl.store(scale_ptr, a)
+    tl.store(scale_ptr, tl.where(normal, a, 0.0))
 
 
 @triton.jit
@@ -278,9 +305,9 @@ def _multi_tensor_adam_kernel(
     if QUANT:
         exp_avg = _param_ptr(row, 2, tl.int8, ALIGNED)
         exp_avg_sq = _param_ptr(row, 3, tl.uint8, ALIGNED)
-        # one scale per CHUNK (= the quantisation block) of the tensor
-        m_scale = tl.load(row + 12).to(tl.pointer_type(tl.float32)) + start // CHUNK
-        v_scale = tl.load(row + 13).to(tl.pointer_type(tl.float32)) + start // CHUNK
+        # one scale per BLOCK (= the quantisation block) of the tensor
+        m_scale = tl.load(row + 12).to(tl.pointer_type(tl.float32)) + start // BLOCK
+        v_scale = tl.load(row + 13).to(tl.pointer_type(tl.float32)) + start // BLOCK
     else:
         exp_avg = _param_ptr(row, 2, MDTYPE, ALIGNED)
         exp_avg_sq = _param_ptr(row, 3, MDTYPE, ALIGNED)
@@ -361,13 +388,13 @@ def _multi_tensor_adam_kernel(
             off = start + i * BLOCK
             if off + BLOCK <= end:
                 _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                            save_src + off, save_grad + off, extrap + off, prior + off, m_scale, v_scale, BLOCK,
+                            save_src + off, save_grad + off, extrap + off, prior + off, m_scale + i, v_scale + i, BLOCK,
                             gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
                             PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, False, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
                             PRIOR, COMMIT, QUANT)
             elif off < end:
                 _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                            save_src + off, save_grad + off, extrap + off, prior + off, m_scale, v_scale,
+                            save_src + off, save_grad + off, extrap + off, prior + off, m_scale + i, v_scale + i,
                             (end - off).to(tl.int32),
                             gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
                             PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, True, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
@@ -504,10 +531,10 @@ def multi_tensor_adam_(
                tuple(hyper_rows), hyper.data_ptr())
     if cache.get("key") != key:
         _check_call(lists, grads, sources, destinations, hyper, hyper_rows, device, dtype)
-        block, iters, num_warps, pvec = KERNEL_CONFIG[dtype.itemsize]
+        block, iters, num_warps, pvec = kernel_config(dtype, exp_avgs[0].dtype)
         chunk = block * iters
-        if quant and chunk != QUANT_BLOCK:
-            raise ValueError(f"8-bit moments need {QUANT_BLOCK}-element programs, this configuration has {chunk}")
+        if quant and block != QUANT_BLOCK:
+            raise ValueError(f"8-bit moments need {QUANT_BLOCK}-element blocks, this configuration has {block}")
         meta, chunks, total, tickets = _build_tables(lists, sources, hyper_rows, chunk, device)
         ptrs = tuple(map(_data_ptr, chain.from_iterable(lists.values())))
         cache.clear()
@@ -538,7 +565,7 @@ def multi_tensor_adam_(
         block, chunk, num_warps, pvec = cache["config"]
         launcher = cache["launchers"][flags] = Launcher(_multi_tensor_adam_kernel, dict(
             N_LR_ARGS=n_lr, PDTYPE=_TL_DTYPES[dtype], MDTYPE=tl.int8 if quant else _TL_DTYPES[exp_avgs[0].dtype], BLOCK=block, CHUNK=chunk,
-            PVEC=pvec, MVEC=4 if exp_avgs[0].dtype.itemsize < 4 else 0, META_COLS=_META_COLS, QUANT=quant,
+            PVEC=pvec, MVEC=(pvec or 4) if exp_avgs[0].dtype.itemsize < 4 else 0, META_COLS=_META_COLS, QUANT=quant,
             EPS_TORCH=eps_mode == "torch", DECOUPLED=flags[1], AMSGRAD=max_exp_avg_sqs is not None,
             MAXIMIZE=flags[2], SAVE_SRC=save_sources_to is not None, SAVE_GRAD=save_grads_to is not None,
             EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=flags[3],

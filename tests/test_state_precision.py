@@ -157,6 +157,24 @@ def test_quantisation_error_within_its_derived_bound(signed):
     assert torch.equal(scales[:4], x.abs()[:4096].view(4, 1024).amax(1))
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantisation_of_zero_and_subnormal_blocks(signed):
+    """A block of zeros, or one whose largest |value| is below float32's smallest normal number, is stored as
+    zeros (scale 0, codes 0) and decodes to zeros; its neighbours keep their own scales."""
+    from also_fused import functional as F
+
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.cat([torch.zeros(1024), torch.full((1024,), tiny / 4), torch.linspace(-1.0, 1.0, 1000).abs() + 0.5])
+    x = x if not signed else x * torch.where(torch.arange(x.numel()) % 2 == 0, 1.0, -1.0)
+    codes = torch.empty(x.numel(), dtype=F.QUANT_DTYPES[signed])
+    scales = torch.empty(F.quant_blocks(x.numel()))
+    F.quantize_moment_(x, codes, scales, signed)
+    assert scales[0] == 0 and scales[1] == 0 and scales[2] == x[2048:].abs().max()
+    assert torch.all(codes[:2048] == 0)
+    back = F.dequantize_moment(codes, scales, signed)
+    assert torch.all(back[:2048] == 0) and torch.isfinite(back).all()
+
+
 def test_int8_paths_agree():
     """The kernels and the CPU path against the reference: codes equal up to one step where float32 rounding
     of the update differs, scales and params within rounding."""
@@ -176,6 +194,30 @@ def test_int8_paths_agree():
                 assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
             torch.testing.assert_close(opt.state[p]["exp_avg_scale"], ref_opt.state[q]["exp_avg_scale"], rtol=1e-5,
                                        atol=0)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels")
+@pytest.mark.parametrize("iterations", [2, 4])
+def test_int8_kernel_with_several_blocks_per_program(monkeypatch, iterations):
+    """Programs that cover several 1024-element blocks (each with its own scale) agree with the reference."""
+    from also_fused.kernels import multi_tensor_adam as mta
+
+    monkeypatch.setitem(mta.STATE_CONFIG, (4, 1), (1024, iterations, 4, 0))
+    runs = {}
+    for backend in ("reference", "triton"):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter((torch.randn(s, generator=gen) * torch.logspace(-3, 0, s[0]).unsqueeze(-1))
+                                     .to(DEVICE)) for s in [(3000, 1), (5000, 1)]]
+        opt = also_fused.AdamW(params, lr=1e-2, state_precision="int8", backend=backend)
+        train(opt, params, 3)
+        runs[backend] = (params, opt)
+    (ref_params, ref_opt), (params, opt) = runs["reference"], runs["triton"]
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key in ("exp_avg_scale", "exp_avg_sq_scale"):
+            torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key], rtol=1e-5, atol=0)
+        diff = (opt.state[p]["exp_avg_sq"].int() - ref_opt.state[q]["exp_avg_sq"].int()).abs()
+        assert int(diff.max()) <= 1
 
 
 # the kernels' agreement with the reference is tested above; the interpreter is too slow for 300 steps
