@@ -80,8 +80,12 @@ def main() -> None:
     parser.add_argument("--workloads", default="gpt2_124m,gpt2_1.3b")
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead: time also_fused's kernel configurations (warps, vector width) per precision")
     args = parser.parse_args()
     bw = copy_bandwidth()
+    if args.sweep:
+        return sweep(args, bw)
     shapes_of = {"gpt2_124m": gpt2_shapes(768, 12), "gpt2_1.3b": gpt2_shapes(2048, 24)}
     records = []
     for workload in args.workloads.split(","):
@@ -131,6 +135,55 @@ def main() -> None:
         print(f"| {r['workload']} | {r['param_dtype']} | {r['impl']} | {r['ms']:.3f} | {r['speed_vs_torch_fused']:.2f} "
               f"| {pct} | {r['state_bytes_per_param']:.2f} |")
     print("wrote", write_records(records, "state_precision"))
+
+# candidate (BLOCK, iterations, num_warps, PVEC) per (param element size, state precision)
+SWEEP_CONFIGS = {
+    (4, "param"): [(1024, 1, 4, 0), (1024, 1, 8, 0)],
+    (4, "bfloat16"): [(1024, 1, 4, 0), (1024, 1, 8, 0)],
+    (4, "int8"): [(1024, 1, 4, 0), (1024, 2, 4, 0), (1024, 4, 4, 0), (1024, 1, 8, 0)],
+    (2, "float32"): [(1024, 1, 4, 4), (1024, 1, 4, 8)],
+    (2, "param"): [(1024, 1, 4, 4), (1024, 1, 4, 8), (1024, 2, 4, 8), (1024, 1, 8, 8)],
+    (2, "int8"): [(1024, 1, 4, 8), (1024, 2, 4, 8), (1024, 4, 4, 8)],
+}
+
+
+def sweep(args, bw: float) -> None:
+    """Step time and % of copy of every candidate kernel configuration, on the first workload's shapes."""
+    from also_fused.kernels import multi_tensor_adam as mta
+
+    shapes = {"gpt2_124m": gpt2_shapes(768, 12), "gpt2_1.3b": gpt2_shapes(2048, 24)}[args.workloads.split(",")[-1]]
+    n = sum(torch.Size(s).numel() for s in shapes)
+    records = []
+    moment_size = {"float32": 4, "bfloat16": 2, "int8": 1}
+    for (psize, precision), configs in SWEEP_CONFIGS.items():
+        pdtype = torch.float32 if psize == 4 else torch.bfloat16
+        key = (psize, moment_size.get(precision, psize))
+        saved = mta.STATE_CONFIG.get(key)
+        default = mta.kernel_config(pdtype, {4: torch.float32, 2: torch.bfloat16, 1: torch.int8}[key[1]])
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        grad_sets = [[torch.randn(s, device="cuda", dtype=pdtype, generator=gen) * 1e-2 for s in shapes]
+                     for _ in range(2)]
+        for config in configs:
+            mta.STATE_CONFIG[key] = config
+            params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=pdtype, generator=gen)) for s in shapes]
+            opt = also_fused.AdamW(params, lr=1e-4, state_precision=precision)
+            ms = time_step(opt, params, grad_sets, args.warmup, args.iters)
+            mb = pdtype.itemsize if precision == "param" else MOMENT_BYTES[precision]
+            moved = bytes_per_param(pdtype.itemsize, mb) * n
+            records.append(dict(param_dtype=str(pdtype).replace("torch.", ""), precision=precision,
+                                config=list(config), default=config == default, ms=ms,
+                                pct_copy_bw=100 * moved / (ms * 1e-3) / bw, copy_bw_tbs=bw / 1e12,
+                                device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat()))
+            print(f"{records[-1]['param_dtype']} {precision} {config}{' (default)' if config == default else ''}: "
+                  f"{ms:.3f} ms, {records[-1]['pct_copy_bw']:.0f}% of copy", flush=True)
+            del opt, params
+            torch.cuda.empty_cache()
+        if saved is None:
+            mta.STATE_CONFIG.pop(key, None)
+        else:
+            mta.STATE_CONFIG[key] = saved
+    print("wrote", write_records(records, "state_precision_sweep"))
+
 
 if __name__ == "__main__":
     main()
