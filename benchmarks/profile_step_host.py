@@ -57,7 +57,7 @@ def run(name: str, args, profile: bool) -> tuple[float, float, str]:
     opt = build_opt(name, model, n_groups, batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10_000)
     prof = cProfile.Profile() if profile else None
-    step_us, loss_us = [], []
+    step_us, loss_us, backward_us = [], [], []
     for k in range(args.steps + 20):
         losses, ids = per_sample(model)
         torch.cuda.synchronize()
@@ -70,6 +70,7 @@ def run(name: str, args, profile: bool) -> tuple[float, float, str]:
         if timed and prof:
             prof.disable()
         loss.backward()
+        t1b = time.perf_counter()
         torch.cuda.synchronize()
         if timed and prof:
             prof.enable()
@@ -81,6 +82,7 @@ def run(name: str, args, profile: bool) -> tuple[float, float, str]:
                 prof.disable()
             step_us.append((t3 - t2) * 1e6)
             loss_us.append((t1 - t0) * 1e6)
+            backward_us.append((t1b - t1) * 1e6)
         sched.step()
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
@@ -90,7 +92,7 @@ def run(name: str, args, profile: bool) -> tuple[float, float, str]:
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats(key).print_stats(args.top)
             text += f"--- by {key}\n" + "\n".join(out.getvalue().splitlines()[6:]) + "\n"
-    return statistics.median(step_us), statistics.median(loss_us), text
+    return statistics.median(step_us), statistics.median(loss_us), statistics.median(backward_us), text
 
 
 def main() -> None:
@@ -101,10 +103,10 @@ def main() -> None:
     parser.add_argument("--impls", default=",".join(NAMES))
     args = parser.parse_args()
     for name in args.impls.split(","):
-        step, loss, _ = run(name, args, profile=False)
-        pstep, ploss, text = run(name, args, profile=True)
-        print(f"=== {args.model} / {name}: host us median step() {step:.0f}, weighted_loss {loss:.0f} "
-              f"(under cProfile: {pstep:.0f} / {ploss:.0f})")
+        step, loss, backward, _ = run(name, args, profile=False)
+        pstep, ploss, _, text = run(name, args, profile=True)
+        print(f"=== {args.model} / {name}: host us median step() {step:.0f}, loss {loss:.0f}, backward {backward:.0f} "
+              f"(under cProfile: step {pstep:.0f} / loss {ploss:.0f})")
         print(text, flush=True)
 
 
