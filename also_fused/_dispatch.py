@@ -159,11 +159,15 @@ def adam_update(
 
 
 def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor,
-              second_out: Optional[Tensor] = None, error_word: Optional[Tensor] = None, **hyper: Any) -> None:
-    """out = PiUpdate(pi, G); second_out = PiUpdate(out, G) (optimistic loop API).
+              second_out: Optional[Tensor] = None, error_word: Optional[Tensor] = None,
+              mean_out: Optional[Tensor] = None, **hyper: Any) -> None:
+    """out = PiUpdate(pi, G); second_out = PiUpdate(out, G) (optimistic loop API); ``mean_out`` = the
+    losses' mean (a 0-d float32 tensor, if given).
 
     ``error_word`` (kernels only): nothing is written while it is non-zero."""
     if backend in ("reference", "cpu"):
+        if mean_out is not None:
+            mean_out.copy_(losses.float().mean())
         new = F.pi_update_reference(pi, group_ids, losses, **hyper)
         out.copy_(new)
         if second_out is not None:
@@ -171,7 +175,8 @@ def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, ou
         return
     from .kernels.group_pi import pi_update as pi_update_kernel
 
-    pi_update_kernel(pi, group_ids, losses, out=out, second_out=second_out, error_word=error_word, **hyper)
+    pi_update_kernel(pi, group_ids, losses, out=out, second_out=second_out, error_word=error_word,
+                     mean_out=mean_out, **hyper)
 
 
 def weighted_loss(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, loss_scale: float,

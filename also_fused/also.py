@@ -188,9 +188,9 @@ class ALSO(ThetaAdam):
         undo_token = self._begin_step("loop")
         self.weights._share_error_word()
         self._update(reused)
-        self.weights._ascend(ids, losses)
+        mean = self.weights._ascend(ids, losses)
         self._finish_step(undo_token)
-        return losses.mean()
+        return mean
 
     def _begin_step(self, api: str) -> tuple[Optional[str], tuple]:
         """Switch to ``api`` and start recording what the step does to the host-side state, to undo it

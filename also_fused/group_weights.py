@@ -163,9 +163,9 @@ class GroupWeights:
         self._check_losses(losses, ids, finite=True)
         before = self._host_state()
         self._share_error_word()
-        self._ascend(ids, losses)
+        mean = self._ascend(ids, losses)
         self._finish_step(lambda: self._restore_host_state(before))
-        return losses.mean()
+        return mean
 
     def check_errors(self, wait: bool = True) -> None:
         """Raise now for bad input that the device found in an earlier step (see ``validate``).
@@ -227,10 +227,11 @@ class GroupWeights:
         self._recorded.clear()
         return ids, losses
 
-    def _ascend(self, ids: Tensor, losses: Tensor) -> None:
-        """pi <- PiUpdate(pi, G); optimistic: pi_mid <- PiUpdate(new pi, G), in the same launch."""
+    def _ascend(self, ids: Tensor, losses: Tensor) -> Tensor:
+        """pi <- PiUpdate(pi, G); optimistic: pi_mid <- PiUpdate(new pi, G), in the same launch. Returns the
+        losses' mean (0-d; computed by the pi step's own launch where it reads the per-sample losses)."""
         second = self._pi_mid if self.mode == "optimistic" else None
-        self._pi_apply(self._pi_inputs(ids, losses), out=self._pi, second_out=second)
+        return self._pi_apply(self._pi_inputs(ids, losses), out=self._pi, second_out=second, losses=losses)
 
     def _closure_weights(self, ids: Tensor) -> tuple[Tensor, float]:
         """ALSO's closure API: (pi_selected, loss_scale) for the closure. In optimistic mode pi_mid =
@@ -304,15 +305,23 @@ class GroupWeights:
             return ids, F.pi_step_terms(losses, ids, self.n_groups, self.group_reduction)
         return _collectives.pi_step_inputs(ids, losses, self.n_groups, self.group_reduction, group)
 
-    def _pi_apply(self, inputs: PiInputs, out: Tensor, second_out: Optional[Tensor] = None) -> None:
-        """out = PiUpdate(pi, G); second_out = PiUpdate(out, G); nothing changes while the error word is set."""
+    def _pi_apply(self, inputs: PiInputs, out: Tensor, second_out: Optional[Tensor] = None,
+                  losses: Optional[Tensor] = None) -> Optional[Tensor]:
+        """out = PiUpdate(pi, G); second_out = PiUpdate(out, G); nothing changes while the error word is set.
+        With ``losses`` (the per-sample losses), returns their mean as a 0-d float32 tensor."""
         ids, terms = inputs
         hyper = self._pi_hyper()
         word = None if self._errors is None else self._errors.word
         if ids is not None:
+            mean = None
+            if losses is not None:
+                if terms is losses:  # the sum reduction: the pi step reads these very losses
+                    mean = torch.empty((), dtype=torch.float32, device=losses.device)
+                else:
+                    mean = losses.mean()
             _dispatch.pi_update(self._backend, self._pi, ids, terms, out=out, second_out=second_out,
-                                error_word=word, **hyper)
-            return
+                                error_word=word, mean_out=mean if terms is losses else None, **hyper)
+            return mean
         new = F.pi_update_from_sums(self._pi, terms, **hyper)
         second = None if second_out is None else F.pi_update_from_sums(new, terms, **hyper)
         if word is not None:
@@ -322,6 +331,7 @@ class GroupWeights:
         if second is not None:
             second_out.copy_(second)
         out.copy_(new)
+        return None if losses is None else losses.mean()
 
     def _group_mean_weights(self, pi: Tensor, ids: Tensor) -> Tensor:
         """Per-sample weights of the group-mean loss; distributed, from the counts of every rank, so

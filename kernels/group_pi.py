@@ -74,14 +74,15 @@ def _log_f64(z):
 
 
 @triton.jit
-def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, err_ptr, n, B,
+def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, err_ptr, mean_ptr, n, B,
                      a, c, lr, eps,
                      HAS_REG: tl.constexpr, SECOND: tl.constexpr, NPAD: tl.constexpr,
-                     BK: tl.constexpr):
+                     BK: tl.constexpr, MEAN: tl.constexpr):
     j = tl.arange(0, NPAD)
     jm = j < n
     keep = tl.load(err_ptr) == 0  # a set error word: the step was rejected, nothing is written
     s = tl.zeros([NPAD], dtype=tl.float32)
+    total = tl.zeros([BK], dtype=tl.float32)
     for k0 in range(0, B, BK):
         k = k0 + tl.arange(0, BK)
         km = k < B
@@ -89,6 +90,10 @@ def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, err_
         lk = tl.load(loss_ptr + k, mask=km, other=0.0).to(tl.float32)
         hit = g[None, :] == j[:, None]
         s += tl.sum(tl.where(hit, lk[None, :], 0.0), axis=1)
+        if MEAN:
+            total += lk
+    if MEAN:  # the batch's mean loss, step()'s return value (written whether or not the step is taken)
+        tl.store(mean_ptr, tl.sum(total, axis=0) / B)
     p = tl.load(pi_ptr + j, mask=jm, other=1.0)
     r = tl.zeros([NPAD], dtype=tl.float32)
     if HAS_REG:
@@ -351,14 +356,15 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
               pi_lr: float, pi_decay: float, temperature: float, eps: float,
               log_pi_reg: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
               second_out: Optional[torch.Tensor] = None, error_word: Optional[torch.Tensor] = None,
-              _path: Optional[str] = None) -> torch.Tensor:
+              mean_out: Optional[torch.Tensor] = None, _path: Optional[str] = None) -> torch.Tensor:
     """out = softmax(z / T), z_j = (log(pi_j + eps) + c log pi_reg_j + pi_lr S_j) / (1 + c).
 
     S_j is the sum of the losses of the samples with id j, c = pi_decay * pi_lr.  ``log_pi_reg=None``
     means a uniform pi_reg (its term cancels).  ``out`` may be ``pi`` (in place).  With
     ``second_out``, PiUpdate(out, G) with the same G is written there as well.  Ids outside
     [0, n_groups) are ignored.  While ``error_word`` (0-d int32 on the device) is non-zero nothing is
-    written.  Returns ``out``.  ``_path`` ("sparse" / "dense") forces a
+    written.  ``mean_out`` (0-d float32): receives the mean of the losses.  Returns ``out``.  ``_path``
+    ("sparse" / "dense") forces a
     large-n_groups variant (tests).
     """
     group_ids = group_ids.contiguous()
@@ -368,6 +374,8 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
         out = torch.empty_like(pi)
     n = pi.shape[0]
     B = group_ids.shape[0]
+    if mean_out is not None and (n == 0 or n > SMALL_MAX):
+        mean_out.copy_(losses.float().mean())
     if n == 0:
         return out
     c = float(pi_decay) * float(pi_lr)
@@ -384,8 +392,9 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
         npad = max(16, triton.next_power_of_2(n))
         bk = max(16, 8192 // npad)
         launch(_pi_small_kernel, 1, pi.device, pi, lpr, group_ids, losses, out,
-               second_out if second else out, err, n, B, a, c, lr, eps,
-               HAS_REG=has_reg, SECOND=second, NPAD=npad, BK=bk, num_warps=4 if npad <= 64 else 8)
+               second_out if second else out, err, out if mean_out is None else mean_out, n, B, a, c, lr, eps,
+               HAS_REG=has_reg, SECOND=second, NPAD=npad, BK=bk, MEAN=mean_out is not None,
+               num_warps=4 if npad <= 64 else 8)
         return out
 
     if _path is None:

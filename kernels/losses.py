@@ -6,7 +6,9 @@
 
 Each forward is one kernel: one program for batches up to ``_SINGLE_MAX``; above that every program
 writes a partial sum and the last program to finish (a ticket counter) adds the partials in program
-order, so the result does not depend on scheduling.  Each backward is one elementwise kernel.
+order, so the result does not depend on scheduling.  Each backward is one elementwise kernel. The
+weighted loss of float32 losses is instead one kernel for the per-sample weights s * pi[g_i] and
+``torch.dot``, so that its backward runs inside torch's autograd engine, without Python.
 """
 from __future__ import annotations
 
@@ -83,6 +85,23 @@ def _weighted_fwd_kernel(pi_ptr, ids_ptr, loss_ptr, out_ptr, part_ptr, cnt_ptr, 
         if bits != 0:
             tl.atomic_or(err_ptr, bits)
     _finish_sum(acc, scale, out_ptr, part_ptr, cnt_ptr, SINGLE, PB)
+
+
+@triton.jit
+def _sample_weights_kernel(pi_ptr, ids_ptr, loss_ptr, w_ptr, err_ptr, n, B, scale, CHECK: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    # w_i = scale * pi[g_i] (0 for an id outside [0, n)); with CHECK the batch's error bits too
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < B
+    g = tl.load(ids_ptr + i, mask=m, other=-1)
+    ok = m & (g >= 0) & (g < n)
+    w = tl.load(pi_ptr + g, mask=ok, other=0.0).to(tl.float32)
+    tl.store(w_ptr + i, scale * w, mask=m)
+    if CHECK:
+        x = tl.load(loss_ptr + i, mask=m, other=0.0).to(tl.float32)
+        bits = _or_reduce(_bad_bits(m, ok, x))
+        if bits != 0:
+            tl.atomic_or(err_ptr, bits)
 
 
 @triton.jit
@@ -228,8 +247,24 @@ def weighted_loss(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tenso
         raise ValueError("pi must be a 1-D floating tensor")
     if pi.device != losses.device or group_ids.device != losses.device:
         raise ValueError("pi, group_ids and losses must be on one device")
+    if losses.dtype == torch.float32 and _chunk == _CHUNK:
+        return _weighted_loss_native(pi.detach().contiguous(), group_ids.contiguous(), losses.contiguous(),
+                                     loss_scale, error_word)
     return _WeightedLoss.apply(pi.detach().contiguous(), group_ids.contiguous(),
                                losses.contiguous(), loss_scale, _chunk, error_word)
+
+
+def _weighted_loss_native(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, loss_scale: float,
+                          error_word: Optional[torch.Tensor]) -> torch.Tensor:
+    # float32 losses: the per-sample weights from one kernel, then torch.dot, whose backward (grad * w)
+    # torch's autograd runs without Python: less host time per step than a Python autograd Function
+    B = losses.shape[0]
+    w = torch.empty(B, dtype=torch.float32, device=losses.device)
+    if B:
+        check = error_word is not None
+        launch(_sample_weights_kernel, triton.cdiv(B, _BLOCK), losses.device, pi, group_ids, losses, w,
+               error_word if check else w, pi.shape[0], B, float(loss_scale), CHECK=check, BLOCK=_BLOCK)
+    return torch.dot(w, losses)
 
 
 class _RGDLoss(torch.autograd.Function):
