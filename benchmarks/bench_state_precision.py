@@ -120,6 +120,8 @@ def main() -> None:
                     pct_copy_bw=None if moved is None else 100 * moved / (ms * 1e-3) / bw,
                     copy_bw_tbs=bw / 1e12, device=torch.cuda.get_device_name(), torch=torch.__version__,
                     date=datetime.date.today().isoformat()))
+                print(f"{workload} {records[-1]['param_dtype']} {name}: {ms:.3f} ms"
+                      + ("" if moved is None else f", {records[-1]['pct_copy_bw']:.0f}% of copy"), flush=True)
                 del opt, params
                 torch.cuda.empty_cache()
             base = next(r["ms"] for r in records if r["workload"] == workload and r["impl"] == "torch AdamW fused"
