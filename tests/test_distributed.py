@@ -30,6 +30,9 @@ CASES = [
     dict(mode="descent-ascent", api="closure", n_groups=1000),
     dict(mode="optimistic", api="closure", n_groups=4, group_reduction="mean"),
     dict(mode="descent-ascent", api="loop", n_groups=1000, group_reduction="mean"),
+    # the theta side's moments stored at lower precision: every rank holds the same (replicated) state
+    dict(mode="descent-ascent", api="loop", n_groups=4, state_precision="int8"),
+    dict(mode="optimistic", api="closure", n_groups=4, state_precision="bfloat16"),
 ]
 
 
@@ -49,7 +52,8 @@ def build(case, batch_size, device, wrap=None):
     model = torch.nn.Linear(D_IN, D_OUT).to(device)
     net = wrap(model) if wrap else model
     opt = also_fused.ALSO(model.parameters(), case["n_groups"], batch_size=batch_size, mode=case["mode"],
-                          pi_lr=0.2, backend=OPT_BACKEND, group_reduction=case.get("group_reduction", "sum"))
+                          pi_lr=0.2, backend=OPT_BACKEND, group_reduction=case.get("group_reduction", "sum"),
+                          state_precision=case.get("state_precision", "float32"))
     return model, net, opt
 
 
@@ -79,8 +83,10 @@ def worker(rank, init_file, out_dir, case):
             train_step(net, opt, case["api"], X[part].to(device), Y[part].to(device), ids[part].to(device))
             same_pi.append(same_on_all_ranks(opt.pi))
         opt.eval()
+        state = [{k: v.detach().cpu().clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+                 for p in model.parameters()]
         save_rank(out_dir, rank, dict(params=[p.detach().cpu().clone() for p in model.parameters()],
-                                      pi=opt.pi.cpu().clone(), same_pi=same_pi))
+                                      pi=opt.pi.cpu().clone(), same_pi=same_pi, state=state))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -103,3 +109,8 @@ def test_ddp_matches_single_process_on_the_concatenated_batch(case):
         assert torch.equal(r["pi"], ranks[0]["pi"])
         for a, b in zip(r["params"], ranks[0]["params"]):
             assert torch.equal(a, b)
+        for a, b in zip(r["state"], ranks[0]["state"]):  # codes and scales too, at every precision
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if "state_precision" in case:
+        moments = ranks[0]["state"][0]["exp_avg"]
+        assert moments.dtype == {"int8": torch.int8, "bfloat16": torch.bfloat16}[case["state_precision"]]
