@@ -8,8 +8,9 @@ It computes what ``functional.adam_update_reference`` states, with the same argu
   ``p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)``, bitwise what ``torch.optim.Adam(fused=True)`` computes;
 * everything else (ALSO's ``x - lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps)``, the optimistic
   extrapolation fused with the main step, the prior advance, the copies of x and g, bf16/fp16
-  params) runs the compiled extension ``also_fused._cpu_adam``: every element is read once and
-  written once, in float32, in the reference's order of operations;
+  params, moments stored in another dtype or as 8-bit codes) runs the compiled extension
+  ``also_fused._cpu_adam``: every element is read once and written once, in float32, in the
+  reference's order of operations (8-bit codes decoded and encoded per 1024-element block);
 * whatever neither handles (e.g. strided views) runs the reference itself.
 
 As in the reference, ``steps`` hold the counts before the call and the update advances them
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .kernels.layout import dense_like
+from .kernels.layout import QUANT_M_STEP, QUANT_MIN_NORMAL, QUANT_V_STEP, dense_like
 
 try:
     from . import _cpu_adam
@@ -39,6 +40,8 @@ except ImportError as exc:  # not built (no C++ compiler at install), or built f
                      "it was not built; reinstalling the package with a C++ compiler builds it")
 
 _torch_fused_ok: Optional[bool] = None
+# the 8-bit code's decoding steps and smallest normal block (see functional.quantize_moment_)
+_QUANT_CONSTANTS = [QUANT_M_STEP, QUANT_V_STEP, QUANT_MIN_NORMAL]
 
 
 def available() -> tuple[bool, str]:
@@ -122,7 +125,7 @@ def adam_update(
         return
     if not commit_state and (prior_grads is not None or extrapolate_to is not None):
         raise ValueError("commit_state=False only applies to a single update")
-    quantized = exp_avg_scales is not None  # 8-bit moments: the reference
+    quantized = exp_avg_scales is not None
     plain = (prior_grads is None and extrapolate_to is None and save_sources_to is None and save_grads_to is None
              and commit_state and grad_scale == 1.0 and not quantized)
     # torch's fused kernel keeps the moments in the param dtype, as the drop-ins do by default
@@ -132,12 +135,13 @@ def adam_update(
         _torch_fused_step(list(sources), grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, hyper_rows,
                           decoupled_weight_decay, maximize)
         return
-    if not quantized and _cpu_adam is not None and _cpu_adam.adam_update(
+    if _cpu_adam is not None and _cpu_adam.adam_update(
             list(sources), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or ()),
             list(steps), list(destinations), hyper, list(hyper_rows),
             eps_mode == "also", decoupled_weight_decay, maximize, float(grad_scale), list(save_sources_to or ()),
             list(save_grads_to or ()), list(extrapolate_to or ()), float(extrapolation_scale),
-            list(prior_grads or ()), float(prior_scale), commit_state):
+            list(prior_grads or ()), float(prior_scale), commit_state, list(exp_avg_scales or ()),
+            list(exp_avg_sq_scales or ()), _QUANT_CONSTANTS):
         return
     F.adam_update_reference(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, hyper, hyper_rows,
                             max_exp_avg_sqs=max_exp_avg_sqs, eps_mode=eps_mode,

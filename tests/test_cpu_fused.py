@@ -242,6 +242,62 @@ def test_every_flag_matches_the_reference(name, dtype, amsgrad):
                 assert rel(a, b) <= tol, (key, rel(a, b))
 
 
+def run_update_stored(fn, dtype, storage, spec):
+    """``run_update`` with the moments stored as ``storage`` (bf16/fp16, or "int8" codes with block scales)."""
+    def stored_fn(x, g, m, v, steps, dst, hyper, rows, max_exp_avg_sqs=None, **kw):
+        if storage == "int8":
+            codes = []
+            for values, signed in ((m, True), (v, False)):
+                q = [torch.empty(t.shape, dtype=F.QUANT_DTYPES[signed]) for t in values]
+                a = [torch.empty(F.quant_blocks(t.numel())) for t in values]
+                for t, qt, at in zip(values, q, a):
+                    F.quantize_moment_(t, qt, at, signed)
+                codes.append((q, a))
+            (qm, am), (qv, av) = codes
+            fn(x, g, qm, qv, steps, dst, hyper, rows, exp_avg_scales=am, exp_avg_sq_scales=av, **kw)
+            stored_out.update(m=qm, v=qv, m_scale=am, v_scale=av)
+        else:
+            sm, sv = [t.to(storage) for t in m], [t.to(storage) for t in v]
+            fn(x, g, sm, sv, steps, dst, hyper, rows, **kw)
+            stored_out.update(m=sm, v=sv)
+
+    stored_out: dict = {}
+    out = run_update(stored_fn, dtype, False, spec)
+    out.update(stored_out)
+    return out
+
+
+@needs_extension
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, "int8"], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(FLAG_SETS))
+def test_stored_moments_match_the_reference(monkeypatch, name, dtype, storage):
+    """Moments stored in 16 bits or as 8-bit codes run the compiled update too (never the reference),
+    one float32 rounding from the reference: params and scales within it, 16-bit moments within one
+    rounding of their dtype, codes equal but for a rare neighbouring code at a rounding boundary."""
+    spec = FLAG_SETS[name]
+    want = run_update_stored(F.adam_update_reference, dtype, storage, spec)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CPU path fell back to the reference update")
+
+    monkeypatch.setattr(F, "adam_update_reference", refuse)
+    got = run_update_stored(cpu_fused.adam_update, dtype, storage, spec)
+    assert got.keys() == want.keys()
+    for key in want:
+        for a, b in zip(got[key], want[key]):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            if key in ("saved_x", "prior", "steps"):
+                assert torch.equal(a, b), key
+            elif a.dtype in (torch.int8, torch.uint8):
+                diff = (a.int() - b.int()).abs()
+                assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.01, key
+            elif key in ("m", "v"):
+                assert rel(a.float(), b.float()) <= (1e-2 if a.dtype != torch.float32 else 1e-6), key
+            else:
+                assert rel(a.float(), b.float()) <= (1e-6 if a.dtype == torch.float32 else 1e-2), (key, rel(a, b))
+
+
 @needs_extension
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_in_memory_and_staged_loops_give_the_same_bits(amsgrad):
@@ -294,7 +350,7 @@ def test_unsupported_inputs_run_the_reference():
         x2, g2, m2, v2, s2 = inputs()
         before = [t.clone() for t in x2 + m2 + v2]
         args = (x2, g2, m2, v2, [], s2, x2, hyper, rows, eps_mode == "also", False, False, 1.0, [], [], [], 1.0, [],
-                1.0, True)
+                1.0, True, [], [], [])
         assert also_fused._cpu_adam.adam_update(*args) is False
         assert all(torch.equal(a, b) for a, b in zip(x2 + m2 + v2, before))
         cpu_fused.adam_update(x2, g2, m2, v2, s2, x2, hyper, rows, eps_mode=eps_mode)

@@ -10,6 +10,9 @@
 // also_fused.functional.adam_update_reference states them. Each element is read once and written
 // once; the arithmetic is float32 in the order of the reference's torch ops, never contracted into
 // FMA (the build passes -ffp-contract=off), so every instruction-set variant gives the same bits.
+// Moments stored below float32 (bf16, fp16, or 8-bit codes with one float32 scale per 1024
+// elements, functional.quantize_moment_) are read into float32, carried through the call and
+// rounded (encoded) once when written back, as the reference does.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -36,7 +39,11 @@
 namespace {
 
 constexpr int64_t kBlock = 256;      // elements per inner block (held in local arrays when staged)
-constexpr int64_t kChunk = 1 << 15;  // elements per parallel task
+constexpr int64_t kQuantBlock = 1024;  // elements per scale of 8-bit moments (kernels/layout.QUANT_BLOCK)
+constexpr int64_t kChunk = 1 << 15;  // elements per parallel task (a multiple of kQuantBlock)
+
+// how the moments are stored
+enum MomentKind : int { kMomentF32 = 0, kMomentBF16 = 1, kMomentF16 = 2, kMomentCodes = 3 };
 
 enum WeightDecay : int { kNoDecay = 0, kCoupled = 1, kDecoupled = 2 };
 
@@ -60,9 +67,17 @@ struct Job {
   void* extrap;        // nullable
   void* save_src;      // nullable
   void* save_grad;     // nullable
-  float* m;
+  float* m;            // float32 moments (kMomentF32)
   float* v;
   float* vmax;         // nullable
+  void* m_raw;         // the moments as stored (any kind)
+  void* v_raw;
+  void* vmax_raw;      // nullable
+  float* m_scale;      // kMomentCodes: one scale per kQuantBlock elements
+  float* v_scale;
+  float m_step, v_step;      // the codes' decoding steps (kernels/layout.QUANT_M_STEP, QUANT_V_STEP)
+  float min_normal;          // blocks below it are stored as zeros (QUANT_MIN_NORMAL)
+  int mkind;
   int64_t n;
   float prior_scale, main_scale, extrap_scale;
   float wd, lerp_w, beta2, one_minus_beta2, eps, decay;
@@ -178,6 +193,95 @@ ALSO_FUSED_INLINE void from_float(const float* __restrict in, P* __restrict out,
   }
 }
 
+// 8-bit codes of one block -> float32: m = q|q| * (a * m_step), v = q^2 q^2 * (a * v_step).
+ALSO_FUSED_INLINE void decode_block(const int8_t* __restrict qm, const uint8_t* __restrict qv, float am, float av,
+                                    float m_step, float v_step, float* __restrict m, float* __restrict v, int64_t n) {
+  const float sm = am * m_step, sv = av * v_step;
+  for (int64_t k = 0; k < n; ++k) {
+    const float q = static_cast<float>(qm[k]);
+    m[k] = (q * std::abs(q)) * sm;
+    const float u = static_cast<float>(qv[k]);
+    const float u2 = u * u;
+    v[k] = (u2 * u2) * sv;
+  }
+}
+
+// float32 -> 8-bit codes of one block and its scale a = max |x| (zeros below min_normal):
+// m: sign(x) round(min(127 sqrt(|x|/a), 127)); v: round(min(255 (x/a)^(1/4), 255)), |x|/a as |x| * (1/a);
+// round: to nearest, halves to even (nearbyint in the default rounding mode, as torch.round).
+template <bool SIGNED>
+ALSO_FUSED_INLINE float encode_block(const float* __restrict x, void* __restrict codes, float min_normal,
+                                     int64_t n) {
+  float a = 0.0f;
+  for (int64_t k = 0; k < n; ++k) a = std::max(a, std::abs(x[k]));
+  const bool normal = a >= min_normal;
+  const float inv = normal ? 1.0f / a : 0.0f;
+  for (int64_t k = 0; k < n; ++k) {
+    const float r = std::abs(x[k]) * inv;
+    if constexpr (SIGNED) {
+      const float q = std::nearbyint(std::min(std::sqrt(r) * 127.0f, 127.0f));
+      static_cast<int8_t*>(codes)[k] = static_cast<int8_t>(static_cast<int32_t>(x[k] < 0.0f ? -q : q));
+    } else {
+      const float q = std::nearbyint(std::min(std::sqrt(std::sqrt(r)) * 255.0f, 255.0f));
+      static_cast<uint8_t*>(codes)[k] = static_cast<uint8_t>(static_cast<int32_t>(q));
+    }
+  }
+  return normal ? a : 0.0f;
+}
+
+template <typename M>
+ALSO_FUSED_INLINE void load_moment(const void* raw, int64_t off, float* out, int64_t n) {
+  to_float(static_cast<const M*>(raw) + off, out, n);
+}
+
+// The staged path's moments: stored -> float32 arrays, and back (rounded to nearest or encoded).
+ALSO_FUSED_INLINE void load_moments(const Job& j, bool ams, int64_t off, int64_t n, float* m, float* v, float* vm) {
+  switch (j.mkind) {
+    case kMomentBF16:
+      load_moment<c10::BFloat16>(j.m_raw, off, m, n);
+      load_moment<c10::BFloat16>(j.v_raw, off, v, n);
+      if (ams) load_moment<c10::BFloat16>(j.vmax_raw, off, vm, n);
+      return;
+    case kMomentF16:
+      load_moment<c10::Half>(j.m_raw, off, m, n);
+      load_moment<c10::Half>(j.v_raw, off, v, n);
+      if (ams) load_moment<c10::Half>(j.vmax_raw, off, vm, n);
+      return;
+    case kMomentCodes:
+      decode_block(static_cast<const int8_t*>(j.m_raw) + off, static_cast<const uint8_t*>(j.v_raw) + off,
+                   j.m_scale[off / kQuantBlock], j.v_scale[off / kQuantBlock], j.m_step, j.v_step, m, v, n);
+      return;
+    default:
+      std::memcpy(m, j.m + off, sizeof(float) * n);
+      std::memcpy(v, j.v + off, sizeof(float) * n);
+      if (ams) std::memcpy(vm, j.vmax + off, sizeof(float) * n);
+  }
+}
+
+ALSO_FUSED_INLINE void store_moments(const Job& j, bool ams, int64_t off, int64_t n, const float* m, const float* v,
+                                     const float* vm) {
+  switch (j.mkind) {
+    case kMomentBF16:
+      from_float(m, static_cast<c10::BFloat16*>(j.m_raw) + off, n);
+      from_float(v, static_cast<c10::BFloat16*>(j.v_raw) + off, n);
+      if (ams) from_float(vm, static_cast<c10::BFloat16*>(j.vmax_raw) + off, n);
+      return;
+    case kMomentF16:
+      from_float(m, static_cast<c10::Half*>(j.m_raw) + off, n);
+      from_float(v, static_cast<c10::Half*>(j.v_raw) + off, n);
+      if (ams) from_float(vm, static_cast<c10::Half*>(j.vmax_raw) + off, n);
+      return;
+    case kMomentCodes:
+      j.m_scale[off / kQuantBlock] = encode_block<true>(m, static_cast<int8_t*>(j.m_raw) + off, j.min_normal, n);
+      j.v_scale[off / kQuantBlock] = encode_block<false>(v, static_cast<uint8_t*>(j.v_raw) + off, j.min_normal, n);
+      return;
+    default:
+      std::memcpy(j.m + off, m, sizeof(float) * n);
+      std::memcpy(j.v + off, v, sizeof(float) * n);
+      if (ams) std::memcpy(j.vmax + off, vm, sizeof(float) * n);
+  }
+}
+
 // Elements [begin, end) of one tensor, kBlock at a time. The direct path (float32 params,
 // destinations equal to or apart from the sources, extrapolation targets apart from both) updates
 // the tensors' memory in place in one loop. The staged path reads the inputs (16-bit
@@ -188,10 +292,13 @@ ALSO_FUSED_INLINE void from_float(const float* __restrict in, P* __restrict out,
 template <typename P, bool AMS, bool ALSO, int WD>
 ALSO_FUSED_INLINE void run_range(const Job& j, const Flags& f, int64_t begin, int64_t end) {
   constexpr bool kF32 = std::is_same_v<P, float>;
-  alignas(64) float xb[kBlock], gb[kBlock], pb[kBlock], mb[kBlock], vb[kBlock], vmb[kBlock], ob[kBlock], yb[kBlock];
+  // 8-bit moments: one quantisation block at a time (tasks start on block boundaries)
+  alignas(64) float xb[kQuantBlock], gb[kQuantBlock], pb[kQuantBlock], mb[kQuantBlock], vb[kQuantBlock],
+      vmb[kQuantBlock], ob[kQuantBlock], yb[kQuantBlock];
   const Coef c(j);
-  for (int64_t off = begin; off < end; off += kBlock) {
-    const int64_t n = std::min(kBlock, end - off);
+  const int64_t block = j.mkind == kMomentCodes ? kQuantBlock : kBlock;
+  for (int64_t off = begin; off < end; off += block) {
+    const int64_t n = std::min(block, end - off);
     const P* src = static_cast<const P*>(j.src) + off;
     const P* grad = static_cast<const P*>(j.grad) + off;
     if (j.save_src != nullptr) std::memcpy(static_cast<P*>(j.save_src) + off, src, sizeof(P) * n);
@@ -241,9 +348,7 @@ ALSO_FUSED_INLINE void run_range(const Job& j, const Flags& f, int64_t begin, in
       x = xb;
       g = gb;
     }
-    std::memcpy(mb, j.m + off, sizeof(float) * n);
-    std::memcpy(vb, j.v + off, sizeof(float) * n);
-    if (AMS) std::memcpy(vmb, j.vmax + off, sizeof(float) * n);
+    load_moments(j, AMS, off, n, mb, vb, vmb);
     if (f.has_prior) {
       const P* prior = static_cast<const P*>(j.prior) + off;
       const float* pg;
@@ -271,11 +376,7 @@ ALSO_FUSED_INLINE void run_range(const Job& j, const Flags& f, int64_t begin, in
       }
     }
     if (f.has_extrap) from_float(yb, static_cast<P*>(j.extrap) + off, n);
-    if (f.commit) {
-      std::memcpy(j.m + off, mb, sizeof(float) * n);
-      std::memcpy(j.v + off, vb, sizeof(float) * n);
-      if (AMS) std::memcpy(j.vmax + off, vmb, sizeof(float) * n);
-    }
+    if (f.commit) store_moments(j, AMS, off, n, mb, vb, vmb);
     if (j.save_grad != nullptr) std::memcpy(static_cast<P*>(j.save_grad) + off, grad, sizeof(P) * n);
   }
 }
@@ -415,15 +516,25 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
                  double grad_scale, const std::vector<at::Tensor>& save_sources_to,
                  const std::vector<at::Tensor>& save_grads_to, const std::vector<at::Tensor>& extrapolate_to,
                  double extrapolation_scale, const std::vector<at::Tensor>& prior_grads, double prior_scale,
-                 bool commit_state) {
+                 bool commit_state, const std::vector<at::Tensor>& exp_avg_scales,
+                 const std::vector<at::Tensor>& exp_avg_sq_scales, const std::vector<double>& quant_constants) {
   const size_t count = sources.size();
   if (count == 0) return true;
   if (grads.size() != count || exp_avgs.size() != count || exp_avg_sqs.size() != count ||
       steps.size() != count || destinations.size() != count || hyper_rows.size() != count ||
       !list_ok(max_exp_avg_sqs, count) || !list_ok(save_sources_to, count) || !list_ok(save_grads_to, count) ||
-      !list_ok(extrapolate_to, count) || !list_ok(prior_grads, count)) {
+      !list_ok(extrapolate_to, count) || !list_ok(prior_grads, count) || !list_ok(exp_avg_scales, count) ||
+      exp_avg_scales.size() != exp_avg_sq_scales.size()) {
     return false;
   }
+  const bool codes = !exp_avg_scales.empty();
+  if (codes && (!max_exp_avg_sqs.empty() || quant_constants.size() != 3)) return false;
+  const at::ScalarType mdt = codes ? at::kChar : exp_avgs[0].scalar_type();
+  const int mkind = codes ? kMomentCodes
+                          : (mdt == at::kFloat ? kMomentF32
+                                               : (mdt == at::kBFloat16 ? kMomentBF16
+                                                                       : (mdt == at::kHalf ? kMomentF16 : -1)));
+  if (mkind < 0) return false;
   const Flags flags{!prior_grads.empty(), !extrapolate_to.empty(), !max_exp_avg_sqs.empty(), commit_state};
   if (!commit_state && (flags.has_prior || flags.has_extrap)) return false;
   const at::ScalarType pdt = sources[0].scalar_type();
@@ -437,13 +548,22 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
     const at::Tensor& x = sources[i];
     const int64_t n = x.numel();
     if (!usable(x, pdt, x) || !usable(grads[i], pdt, x) || !usable(destinations[i], pdt, x) ||
-        !usable(exp_avgs[i], at::kFloat, x) || !usable(exp_avg_sqs[i], at::kFloat, x) ||
-        (flags.amsgrad && !usable(max_exp_avg_sqs[i], at::kFloat, x)) ||
+        !usable(exp_avgs[i], mdt, x) || !usable(exp_avg_sqs[i], codes ? at::kByte : mdt, x) ||
+        (flags.amsgrad && !usable(max_exp_avg_sqs[i], mdt, x)) ||
         (flags.has_prior && !usable(prior_grads[i], pdt, x)) ||
         (flags.has_extrap && !usable(extrapolate_to[i], pdt, x)) ||
         (!save_sources_to.empty() && !usable(save_sources_to[i], pdt, x)) ||
         (!save_grads_to.empty() && !usable(save_grads_to[i], pdt, x))) {
       return false;
+    }
+    if (codes) {
+      const int64_t blocks = (n + kQuantBlock - 1) / kQuantBlock;
+      for (const at::Tensor* sc : {&exp_avg_scales[i], &exp_avg_sq_scales[i]}) {
+        if (!sc->defined() || !sc->device().is_cpu() || sc->scalar_type() != at::kFloat || !sc->is_contiguous() ||
+            sc->numel() != blocks) {
+          return false;
+        }
+      }
     }
     const at::Tensor& st = steps[i];
     if (!st.defined() || !st.device().is_cpu() || st.numel() != 1 ||
@@ -472,9 +592,20 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
     j.extrap = flags.has_extrap ? extrapolate_to[i].data_ptr() : nullptr;
     j.save_src = save_sources_to.empty() ? nullptr : save_sources_to[i].data_ptr();
     j.save_grad = save_grads_to.empty() ? nullptr : save_grads_to[i].data_ptr();
-    j.m = exp_avgs[i].data_ptr<float>();
-    j.v = exp_avg_sqs[i].data_ptr<float>();
-    j.vmax = flags.amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr;
+    j.mkind = mkind;
+    j.m_raw = exp_avgs[i].data_ptr();
+    j.v_raw = exp_avg_sqs[i].data_ptr();
+    j.vmax_raw = flags.amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
+    j.m = mkind == kMomentF32 ? static_cast<float*>(j.m_raw) : nullptr;
+    j.v = mkind == kMomentF32 ? static_cast<float*>(j.v_raw) : nullptr;
+    j.vmax = mkind == kMomentF32 ? static_cast<float*>(j.vmax_raw) : nullptr;
+    if (codes) {
+      j.m_scale = exp_avg_scales[i].data_ptr<float>();
+      j.v_scale = exp_avg_sq_scales[i].data_ptr<float>();
+      j.m_step = static_cast<float>(quant_constants[0]);
+      j.v_step = static_cast<float>(quant_constants[1]);
+      j.min_normal = static_cast<float>(quant_constants[2]);
+    }
     j.n = n;
     j.prior_scale = static_cast<float>(sign * prior_scale);
     j.main_scale = static_cast<float>(sign * grad_scale);
@@ -489,7 +620,7 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
     j.extrap_apply = make_apply(t_main + 1);
     j.in_place = j.src == j.dst;
     j.direct = false;
-    if (pdt == at::kFloat) {
+    if (pdt == at::kFloat && mkind == kMomentF32) {
       std::vector<Span> written{span(destinations[i]), span(exp_avgs[i]), span(exp_avg_sqs[i])};
       std::vector<Span> read{span(grads[i])};
       if (!j.in_place) read.push_back(span(sources[i]));
