@@ -54,14 +54,17 @@ def make_params(shapes, seed=0):
     return [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
 
 
-def implementations(ids: torch.Tensor, losses: torch.Tensor, full: bool) -> dict[str, Callable]:
-    """name -> build(params) -> step function. ``full`` adds the context rows."""
+def implementations(ids: torch.Tensor, losses: torch.Tensor, full: bool,
+                    precisions: bool = False) -> dict[str, Callable]:
+    """name -> build(params) -> step function. ``full`` adds the context rows, ``precisions`` the
+    state_precision rows (moments in bf16 or as 8-bit codes)."""
     def closure(pi_sel, scale):
         return losses, None
 
-    def also_step(mode, api, backend="auto"):
+    def also_step(mode, api, backend="auto", state_precision="float32"):
         def build(params):
-            opt = also_fused.ALSO(params, N_GROUPS, batch_size=BATCH, mode=mode, backend=backend)
+            opt = also_fused.ALSO(params, N_GROUPS, batch_size=BATCH, mode=mode, backend=backend,
+                                  state_precision=state_precision)
             if api == "closure":
                 return lambda: opt.step(closure, ids)
 
@@ -97,6 +100,12 @@ def implementations(ids: torch.Tensor, losses: torch.Tensor, full: bool) -> dict
             "published-style ALSO descent-ascent": published("descent-ascent"),
             "published-style ALSO optimistic": published("optimistic"),
         })
+    if precisions:
+        for precision in ("bfloat16", "int8"):
+            impls[f"also_fused AdamW {precision}"] = (
+                lambda ps, precision=precision: also_fused.AdamW(ps, weight_decay=1e-3, state_precision=precision).step)
+            impls[f"also_fused ALSO optimistic, loop, {precision}"] = also_step("optimistic", "loop",
+                                                                              state_precision=precision)
     return impls
 
 
@@ -131,6 +140,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workloads", default="4.7M,1M,19M", help="comma-separated, from " + ", ".join(WORKLOADS))
+    parser.add_argument("--precisions", action="store_true",
+                        help="add also_fused AdamW and ALSO with bf16 and 8-bit moments (state_precision)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled order within a round")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_step.json"))
     args = parser.parse_args()
@@ -147,7 +158,7 @@ def main():
         n_params = sum(torch.Size(s).numel() for s in shapes)
         full = w == "4.7M"
         rounds = args.rounds if n_params < 10e6 else max(10, args.rounds // 2)
-        times = bench_workload(shapes, implementations(ids, losses, full), args.warmup, rounds, args.seed)
+        times = bench_workload(shapes, implementations(ids, losses, full, args.precisions), args.warmup, rounds, args.seed)
         med = {name: statistics.median(t) for name, t in times.items()}
         for name, t in times.items():
             q = statistics.quantiles(t, n=4)
