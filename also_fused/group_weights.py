@@ -313,15 +313,11 @@ class GroupWeights:
         hyper = self._pi_hyper()
         word = None if self._errors is None else self._errors.word
         if ids is not None:
-            mean = None
-            if losses is not None:
-                if terms is losses:  # the sum reduction: the pi step reads these very losses
-                    mean = torch.empty((), dtype=torch.float32, device=losses.device)
-                else:
-                    mean = losses.mean()
+            # the sum reduction: the pi step reads these very losses and writes their mean too
+            mean_out = torch.empty((), dtype=torch.float32, device=terms.device) if terms is losses else None
             _dispatch.pi_update(self._backend, self._pi, ids, terms, out=out, second_out=second_out,
-                                error_word=word, mean_out=mean if terms is losses else None, **hyper)
-            return mean
+                                error_word=word, mean_out=mean_out, **hyper)
+            return mean_out if mean_out is not None or losses is None else losses.mean()
         new = F.pi_update_from_sums(self._pi, terms, **hyper)
         second = None if second_out is None else F.pi_update_from_sums(new, terms, **hyper)
         if word is not None:
