@@ -67,12 +67,9 @@ struct Job {
   void* extrap;        // nullable
   void* save_src;      // nullable
   void* save_grad;     // nullable
-  float* m;            // float32 moments (kMomentF32)
-  float* v;
-  float* vmax;         // nullable
-  void* m_raw;         // the moments as stored (any kind)
-  void* v_raw;
-  void* vmax_raw;      // nullable
+  void* m;             // the moments as stored (float32, 16-bit or 8-bit codes: mkind)
+  void* v;
+  void* vmax;          // nullable
   float* m_scale;      // kMomentCodes: one scale per kQuantBlock elements
   float* v_scale;
   float m_step, v_step;      // the codes' decoding steps (kernels/layout.QUANT_M_STEP, QUANT_V_STEP)
@@ -238,23 +235,23 @@ ALSO_FUSED_INLINE void load_moment(const void* raw, int64_t off, float* out, int
 ALSO_FUSED_INLINE void load_moments(const Job& j, bool ams, int64_t off, int64_t n, float* m, float* v, float* vm) {
   switch (j.mkind) {
     case kMomentBF16:
-      load_moment<c10::BFloat16>(j.m_raw, off, m, n);
-      load_moment<c10::BFloat16>(j.v_raw, off, v, n);
-      if (ams) load_moment<c10::BFloat16>(j.vmax_raw, off, vm, n);
+      load_moment<c10::BFloat16>(j.m, off, m, n);
+      load_moment<c10::BFloat16>(j.v, off, v, n);
+      if (ams) load_moment<c10::BFloat16>(j.vmax, off, vm, n);
       return;
     case kMomentF16:
-      load_moment<c10::Half>(j.m_raw, off, m, n);
-      load_moment<c10::Half>(j.v_raw, off, v, n);
-      if (ams) load_moment<c10::Half>(j.vmax_raw, off, vm, n);
+      load_moment<c10::Half>(j.m, off, m, n);
+      load_moment<c10::Half>(j.v, off, v, n);
+      if (ams) load_moment<c10::Half>(j.vmax, off, vm, n);
       return;
     case kMomentCodes:
-      decode_block(static_cast<const int8_t*>(j.m_raw) + off, static_cast<const uint8_t*>(j.v_raw) + off,
+      decode_block(static_cast<const int8_t*>(j.m) + off, static_cast<const uint8_t*>(j.v) + off,
                    j.m_scale[off / kQuantBlock], j.v_scale[off / kQuantBlock], j.m_step, j.v_step, m, v, n);
       return;
     default:
-      std::memcpy(m, j.m + off, sizeof(float) * n);
-      std::memcpy(v, j.v + off, sizeof(float) * n);
-      if (ams) std::memcpy(vm, j.vmax + off, sizeof(float) * n);
+      load_moment<float>(j.m, off, m, n);
+      load_moment<float>(j.v, off, v, n);
+      if (ams) load_moment<float>(j.vmax, off, vm, n);
   }
 }
 
@@ -262,23 +259,23 @@ ALSO_FUSED_INLINE void store_moments(const Job& j, bool ams, int64_t off, int64_
                                      const float* vm) {
   switch (j.mkind) {
     case kMomentBF16:
-      from_float(m, static_cast<c10::BFloat16*>(j.m_raw) + off, n);
-      from_float(v, static_cast<c10::BFloat16*>(j.v_raw) + off, n);
-      if (ams) from_float(vm, static_cast<c10::BFloat16*>(j.vmax_raw) + off, n);
+      from_float(m, static_cast<c10::BFloat16*>(j.m) + off, n);
+      from_float(v, static_cast<c10::BFloat16*>(j.v) + off, n);
+      if (ams) from_float(vm, static_cast<c10::BFloat16*>(j.vmax) + off, n);
       return;
     case kMomentF16:
-      from_float(m, static_cast<c10::Half*>(j.m_raw) + off, n);
-      from_float(v, static_cast<c10::Half*>(j.v_raw) + off, n);
-      if (ams) from_float(vm, static_cast<c10::Half*>(j.vmax_raw) + off, n);
+      from_float(m, static_cast<c10::Half*>(j.m) + off, n);
+      from_float(v, static_cast<c10::Half*>(j.v) + off, n);
+      if (ams) from_float(vm, static_cast<c10::Half*>(j.vmax) + off, n);
       return;
     case kMomentCodes:
-      j.m_scale[off / kQuantBlock] = encode_block<true>(m, static_cast<int8_t*>(j.m_raw) + off, j.min_normal, n);
-      j.v_scale[off / kQuantBlock] = encode_block<false>(v, static_cast<uint8_t*>(j.v_raw) + off, j.min_normal, n);
+      j.m_scale[off / kQuantBlock] = encode_block<true>(m, static_cast<int8_t*>(j.m) + off, j.min_normal, n);
+      j.v_scale[off / kQuantBlock] = encode_block<false>(v, static_cast<uint8_t*>(j.v) + off, j.min_normal, n);
       return;
     default:
-      std::memcpy(j.m + off, m, sizeof(float) * n);
-      std::memcpy(j.v + off, v, sizeof(float) * n);
-      if (ams) std::memcpy(j.vmax + off, vm, sizeof(float) * n);
+      from_float(m, static_cast<float*>(j.m) + off, n);
+      from_float(v, static_cast<float*>(j.v) + off, n);
+      if (ams) from_float(vm, static_cast<float*>(j.vmax) + off, n);
   }
 }
 
@@ -304,9 +301,9 @@ ALSO_FUSED_INLINE void run_range(const Job& j, const Flags& f, int64_t begin, in
     if (j.save_src != nullptr) std::memcpy(static_cast<P*>(j.save_src) + off, src, sizeof(P) * n);
     if constexpr (kF32) {
       if (j.direct) {
-        float* m = j.m + off;
-        float* v = j.v + off;
-        float* vm = AMS ? j.vmax + off : nullptr;
+        float* m = static_cast<float*>(j.m) + off;
+        float* v = static_cast<float*>(j.v) + off;
+        float* vm = AMS ? static_cast<float*>(j.vmax) + off : nullptr;
         float* dst = static_cast<float*>(j.dst) + off;
         float* y = f.has_extrap ? static_cast<float*>(j.extrap) + off : nullptr;
         if (f.has_prior) prior_loop<AMS, WD>(c, j.prior_scale, static_cast<const float*>(j.prior) + off, src, m, v, vm, n);
@@ -593,12 +590,9 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
     j.save_src = save_sources_to.empty() ? nullptr : save_sources_to[i].data_ptr();
     j.save_grad = save_grads_to.empty() ? nullptr : save_grads_to[i].data_ptr();
     j.mkind = mkind;
-    j.m_raw = exp_avgs[i].data_ptr();
-    j.v_raw = exp_avg_sqs[i].data_ptr();
-    j.vmax_raw = flags.amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
-    j.m = mkind == kMomentF32 ? static_cast<float*>(j.m_raw) : nullptr;
-    j.v = mkind == kMomentF32 ? static_cast<float*>(j.v_raw) : nullptr;
-    j.vmax = mkind == kMomentF32 ? static_cast<float*>(j.vmax_raw) : nullptr;
+    j.m = exp_avgs[i].data_ptr();
+    j.v = exp_avg_sqs[i].data_ptr();
+    j.vmax = flags.amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
     if (codes) {
       j.m_scale = exp_avg_scales[i].data_ptr<float>();
       j.v_scale = exp_avg_sq_scales[i].data_ptr<float>();
