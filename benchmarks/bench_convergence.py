@@ -72,7 +72,7 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def run_one(name, pdtype, make_opt, args, corpus, init_state, train_batches, eval_batches) -> dict:
+def run_one(name, pdtype, make_opt, args, init_state, train_batches, eval_batches) -> dict:
     import transformers
 
     config = transformers.GPT2Config(**args.model_config)
@@ -162,7 +162,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     train_batches = corpus.batch(args.steps * args.batch, gen).split(args.batch)  # every batch a fresh one
     eval_batches = corpus.batch(8 * args.batch, gen).split(args.batch)
-    runs = [run_one(name, pdtype, make, args, corpus, init_state, train_batches, eval_batches)
+    runs = [run_one(name, pdtype, make, args, init_state, train_batches, eval_batches)
             for name, pdtype, make in RUNS]
     base = runs[0]["final_eval_loss"]
     for r in runs:

@@ -156,12 +156,12 @@ def sweep(args, bw: float) -> None:
     shapes = {"gpt2_124m": gpt2_shapes(768, 12), "gpt2_1.3b": gpt2_shapes(2048, 24)}[args.workloads.split(",")[-1]]
     n = sum(torch.Size(s).numel() for s in shapes)
     records = []
-    moment_size = {"float32": 4, "bfloat16": 2, "int8": 1}
     for (psize, precision), configs in SWEEP_CONFIGS.items():
         pdtype = torch.float32 if psize == 4 else torch.bfloat16
-        key = (psize, moment_size.get(precision, psize))
+        mb = psize if precision == "param" else MOMENT_BYTES[precision]
+        key = (psize, mb)
         saved = mta.STATE_CONFIG.get(key)
-        default = mta.kernel_config(pdtype, {4: torch.float32, 2: torch.bfloat16, 1: torch.int8}[key[1]])
+        default = mta.kernel_config(*key)
         gen = torch.Generator(device="cuda").manual_seed(0)
         grad_sets = [[torch.randn(s, device="cuda", dtype=pdtype, generator=gen) * 1e-2 for s in shapes]
                      for _ in range(2)]
@@ -170,7 +170,6 @@ def sweep(args, bw: float) -> None:
             params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=pdtype, generator=gen)) for s in shapes]
             opt = also_fused.AdamW(params, lr=1e-4, state_precision=precision)
             ms = time_step(opt, params, grad_sets, args.warmup, args.iters)
-            mb = pdtype.itemsize if precision == "param" else MOMENT_BYTES[precision]
             moved = bytes_per_param(pdtype.itemsize, mb) * n
             records.append(dict(param_dtype=str(pdtype).replace("torch.", ""), precision=precision,
                                 config=list(config), default=config == default, ms=ms,

@@ -68,9 +68,9 @@ KERNEL_CONFIG: Dict[int, tuple] = {4: (1024, 1, 4, 0), 2: (1024, 1, 4, 4)}
 STATE_CONFIG: Dict[Tuple[int, int], tuple] = {(2, 2): (1024, 2, 4, 8), (2, 1): (1024, 1, 4, 8)}
 
 
-def kernel_config(param_dtype: torch.dtype, moment_dtype: torch.dtype) -> tuple:
-    """(BLOCK, iterations, num_warps, PVEC) of a launch over these param and moment dtypes."""
-    return STATE_CONFIG.get((param_dtype.itemsize, moment_dtype.itemsize), KERNEL_CONFIG[param_dtype.itemsize])
+def kernel_config(param_size: int, moment_size: int) -> tuple:
+    """(BLOCK, iterations, num_warps, PVEC) of a launch over params and moments of these element sizes."""
+    return STATE_CONFIG.get((param_size, moment_size), KERNEL_CONFIG[param_size])
 
 # the 8-bit code's constants (kernels/layout.py), as float32 constants of the kernels
 M_STEP = tl.constexpr(QUANT_M_STEP)
@@ -531,7 +531,7 @@ def multi_tensor_adam_(
                tuple(hyper_rows), hyper.data_ptr())
     if cache.get("key") != key:
         _check_call(lists, grads, sources, destinations, hyper, hyper_rows, device, dtype)
-        block, iters, num_warps, pvec = kernel_config(dtype, exp_avgs[0].dtype)
+        block, iters, num_warps, pvec = kernel_config(dtype.itemsize, exp_avgs[0].dtype.itemsize)
         chunk = block * iters
         if quant and block != QUANT_BLOCK:
             raise ValueError(f"8-bit moments need {QUANT_BLOCK}-element blocks, this configuration has {block}")
