@@ -3,10 +3,14 @@
 ``kernel[grid](*args, **constexprs)`` binds, specialises and hashes every argument on each call: tens
 of microseconds of host time, paid once per kernel per optimizer step. A ``Launcher`` makes the first
 launch of each specialisation that way, keeps the compiled kernel it returns, and launches that
-directly afterwards. Triton specialises pointer arguments on their element type and 16-byte alignment, and integers on
-being 1 or a multiple of 16 and on their width; the launcher keys its compiled kernels on those, and takes
-Triton's own path whenever it cannot reuse one safely (launch hooks installed, the interpreter, a
-device other than the current one, a Triton without these internals).
+directly afterwards: through Triton's C launch function when the kernel needs no scratch memory, with
+the tensors' addresses read once and passed as integers (given tensors, Triton's launcher asks the
+driver for each one's device address on every call; the first launch of a specialisation still
+passes the tensors, so the driver has checked that each is device-accessible). Triton specialises
+pointer arguments on their element type and 16-byte alignment, and integers on being 1 or a multiple
+of 16 and on their width; the launcher keys its compiled kernels on those, and takes Triton's own path
+whenever it cannot reuse one safely (launch hooks installed, the interpreter, a device other than the
+current one, a Triton without these internals).
 """
 from __future__ import annotations
 
@@ -39,23 +43,28 @@ class Launcher:
         names = list(kernel.arg_names)
         runtime = [i for i, name in enumerate(names) if name not in constexprs]
         self._layout = (len(names), runtime, {names.index(k): v for k, v in constexprs.items() if k in names})
-        self._compiled: Dict[tuple, Any] = {}
+        # constexprs after every runtime argument (the usual order): the full list is the runtime values + these
+        self._tail = ([constexprs[name] for name in names[len(runtime):]]
+                      if runtime == list(range(len(runtime))) else None)
+        self._compiled: Dict[tuple, tuple] = {}
 
     def __call__(self, grid: int, device: torch.device, *args: Any) -> None:
-        key = self._specialisation(args) if device.type == "cuda" and _knobs is not None else None
-        compiled = self._compiled.get(key) if key is not None else None
-        if (compiled is not None and _no_launch_hooks()
-                and device.index == torch.cuda.current_device()):
-            full = self._full_args(args)
-            compiled.run(grid, 1, 1, raw_stream(device), compiled.function, compiled.packed_metadata,
-                         None, None, None, *full)
-            return
+        key = None
+        if device.type == "cuda" and _knobs is not None:
+            key, raw = self._specialisation(args)
+            entry = self._compiled.get(key) if key is not None else None
+            if entry is not None and _no_launch_hooks() and device.index == torch.cuda.current_device():
+                run, head = entry
+                run(grid, 1, 1, raw_stream(device), *head, *self._full_args(raw))
+                return
         compiled = self.kernel[(grid,)](*args, **self.constexprs, **self.options)
         if (key is not None and hasattr(compiled, "packed_metadata")
                 and device.index == torch.cuda.current_device()):
-            self._compiled[key] = compiled
+            self._compiled[key] = _entry(compiled)
 
-    def _full_args(self, args: Sequence[Any]) -> list:
+    def _full_args(self, args: list) -> list:
+        if self._tail is not None:
+            return args + self._tail
         n, runtime, fixed = self._layout
         full: list = [None] * n
         for i, value in zip(runtime, args):
@@ -65,18 +74,37 @@ class Launcher:
         return full
 
     @staticmethod
-    def _specialisation(args: Sequence[Any]) -> Optional[tuple]:
+    def _specialisation(args: Sequence[Any]) -> tuple[Optional[tuple], Optional[list]]:
+        """(key, args with each tensor replaced by its address), or (None, None) for an argument it cannot key."""
         spec = []
-        for a in args:
-            if isinstance(a, torch.Tensor):  # the pointer's element type and alignment
-                spec.append((a.dtype, a.data_ptr() & 15 == 0))
-            elif isinstance(a, bool) or isinstance(a, float):
-                spec.append(type(a))
-            elif isinstance(a, int):
+        raw = list(args)
+        for i, a in enumerate(args):
+            kind = type(a)
+            if kind is float or kind is bool:
+                spec.append(kind)
+            elif kind is int:
                 spec.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31))
+            elif isinstance(a, torch.Tensor):  # the pointer's element type and alignment
+                address = raw[i] = a.data_ptr()
+                spec.append((a.dtype, address & 15 == 0))
             else:
-                return None
-        return tuple(spec)
+                return None, None
+        return tuple(spec), raw
+
+
+def _entry(compiled: Any) -> tuple:
+    """(function, leading arguments) that launch ``compiled`` given (grid, 1, 1, stream, *leading, *args):
+    Triton's C launch function itself when the kernel needs no scratch memory, else ``compiled.run``."""
+    run = compiled.run
+    try:
+        direct = not (run.global_scratch_size or run.profile_scratch_size)
+        head = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                compiled.packed_metadata, None, None, None)
+        if direct:
+            return run.launch, head
+    except AttributeError:  # another Triton's launcher: its documented entry point
+        pass
+    return run, (compiled.function, compiled.packed_metadata, None, None, None)
 
 
 _LAUNCHERS: Dict[tuple, Launcher] = {}
