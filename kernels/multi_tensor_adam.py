@@ -146,12 +146,8 @@ def _dequantize(q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _quantize_store(x, q_ptr, scale_ptr, offs, mask, MASKED: tl.constexpr, SIGNED: tl.constexpr):
-    # float32 -> 8-bit codes and the block's scale, as functional.quantize_moment_
-    ax = tl.abs(x)
-    if MASKED:
-        ax = tl.where(mask, ax, 0.0)
-    a = tl.max(ax, axis=0)
+def _store_codes(x, ax, a, q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr):
+    # float32 -> 8-bit codes given the block's max |x| = a, and the scale, as functional.quantize_moment_
     normal = a >= MIN_NORMAL  # a block below float32's smallest normal number is stored as zeros
     inv = tl.where(normal, tl.div_rn(1.0, tl.where(normal, a, 1.0)), 0.0)
     r = ax * inv
@@ -162,6 +158,20 @@ def _quantize_store(x, q_ptr, scale_ptr, offs, mask, MASKED: tl.constexpr, SIGNE
         q = _round_to_int(tl.minimum(tl.sqrt_rn(tl.sqrt_rn(r)) * 255.0, 255.0))
         tl.store(q_ptr + offs, q.to(tl.uint8), mask=mask)
     tl.store(scale_ptr, tl.where(normal, a, 0.0))
+
+
+@triton.jit
+def _quantize_store(m, v, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, offs, mask, MASKED: tl.constexpr):
+    # both moments of one block: the two block maxima come from one reduction (one round through
+    # shared memory instead of two)
+    am = tl.abs(m)
+    av = tl.abs(v)
+    if MASKED:
+        am = tl.where(mask, am, 0.0)
+        av = tl.where(mask, av, 0.0)
+    a_m, a_v = tl.split(tl.max(tl.join(am, av), axis=0))
+    _store_codes(m, am, a_m, m_ptr, m_scale_ptr, offs, mask, True)
+    _store_codes(v, av, a_v, v_ptr, v_scale_ptr, offs, mask, False)
 
 
 @triton.jit
@@ -252,8 +262,7 @@ def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, s
                                    EPS_TORCH, DECOUPLED, AMSGRAD)
         tl.store(extrap + poffs, _to_storage(y, PDTYPE, INTERPRET), mask=mask)
     if COMMIT and QUANT:
-        _quantize_store(m, exp_avg, m_scale, moffs, mask, MASKED, True)
-        _quantize_store(v, exp_avg_sq, v_scale, moffs, mask, MASKED, False)
+        _quantize_store(m, v, exp_avg, exp_avg_sq, m_scale, v_scale, moffs, mask, MASKED)
     elif COMMIT:
         tl.store(exp_avg + moffs, _to_storage(m, MDTYPE, INTERPRET), mask=mask)
         tl.store(exp_avg_sq + moffs, _to_storage(v, MDTYPE, INTERPRET), mask=mask)
