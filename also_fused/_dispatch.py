@@ -1,6 +1,7 @@
 """Choice between the reference path and the Triton kernels, and the calls into either."""
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from typing import Any, Optional, Sequence
@@ -110,9 +111,18 @@ class HyperTable:
 
 
 def _kernels() -> Any:
-    from .kernels import multi_tensor_adam
+    return _kernel("multi_tensor_adam")
 
-    return multi_tensor_adam
+
+_KERNEL_MODULES: dict[str, Any] = {}
+
+
+def _kernel(name: str) -> Any:
+    """The module ``kernels.<name>``, imported on first use (Triton may be missing on the reference path)."""
+    module = _KERNEL_MODULES.get(name)
+    if module is None:
+        module = _KERNEL_MODULES[name] = importlib.import_module(f".kernels.{name}", __package__)
+    return module
 
 
 def _device_hyper_row(row: tuple[Any, ...], device: torch.device) -> Tensor:
@@ -150,21 +160,21 @@ def adam_update(
         update = F.adam_update_reference if backend == "reference" else cpu_fused.adam_update
         update(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, rows, hyper_rows, **flags)
         return
-    from .kernels.multi_tensor_adam import multi_tensor_adam_
-
     table, lr_args = (hyper_table or HyperTable()).get(hyper, sources[0].device)
-    multi_tensor_adam_(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, table, hyper_rows,
-                       cache=cache, static_lists=cache is not None, error_word=error_word, lr_args=lr_args,
-                       **flags)
+    _kernels().multi_tensor_adam_(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, table, hyper_rows,
+                                  cache=cache, static_lists=cache is not None, error_word=error_word,
+                                  lr_args=lr_args, **flags)
 
 
 def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor,
               second_out: Optional[Tensor] = None, error_word: Optional[Tensor] = None,
-              mean_out: Optional[Tensor] = None, **hyper: Any) -> None:
+              mean_out: Optional[Tensor] = None, report_out: Optional[Tensor] = None, **hyper: Any) -> bool:
     """out = PiUpdate(pi, G); second_out = PiUpdate(out, G) (optimistic loop API); ``mean_out`` = the
-    losses' mean (a 0-d float32 tensor, if given).
+    losses' mean (a 0-d float32 tensor, if given). The optimizers' own tensors: pi, out, second_out and
+    log_pi_reg are contiguous float32 on pi's device, ids and losses checked by ``_checks``.
 
-    ``error_word`` (kernels only): nothing is written while it is non-zero."""
+    ``error_word`` (kernels only): nothing is written while it is non-zero; ``report_out`` then receives
+    the word for the host (``_input_errors``). Returns whether it was written."""
     if backend in ("reference", "cpu"):
         if mean_out is not None:
             mean_out.copy_(losses.float().mean())
@@ -172,26 +182,23 @@ def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, ou
         out.copy_(new)
         if second_out is not None:
             second_out.copy_(F.pi_update_reference(out, group_ids, losses, **hyper))
-        return
-    from .kernels.group_pi import pi_update as pi_update_kernel
-
-    pi_update_kernel(pi, group_ids, losses, out=out, second_out=second_out, error_word=error_word,
-                     mean_out=mean_out, **hyper)
+        return False
+    _kernel("group_pi").pi_update_checked(pi, group_ids.contiguous(), losses.detach().contiguous(), out=out,
+                                          second_out=second_out, error_word=error_word, mean_out=mean_out,
+                                          report_out=report_out, **hyper)
+    return report_out is not None
 
 
 def weighted_loss(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, loss_scale: float,
                   error_word: Optional[Tensor] = None) -> Tensor:
-    """loss_scale * sum_i pi[g_i] l_i; on the kernels, bad ids and non-finite losses also set ``error_word``."""
+    """loss_scale * sum_i pi[g_i] l_i; on the kernels, bad ids and non-finite losses also set ``error_word``.
+    pi is the optimizers' own (1-D float32), ids and losses checked by ``_checks``."""
     if backend in ("reference", "cpu"):
         return F.weighted_loss_reference(pi, group_ids, losses, loss_scale)
-    from .kernels.losses import weighted_loss as weighted_loss_kernel
-
-    return weighted_loss_kernel(pi, group_ids, losses, loss_scale, error_word=error_word)
+    return _kernel("losses").weighted_loss_checked(pi, group_ids, losses, loss_scale, error_word)
 
 
 def flag_bad_batch(error_word: Tensor, n_groups: int, group_ids: Optional[Tensor] = None,
                    losses: Optional[Tensor] = None) -> None:
     """Set the error word's bits for out-of-range ids and non-finite losses, on the device (kernels only)."""
-    from .kernels.losses import flag_bad_batch_
-
-    flag_bad_batch_(error_word, n_groups, group_ids, losses)
+    _kernel("losses").flag_bad_batch_(error_word, n_groups, group_ids, losses)

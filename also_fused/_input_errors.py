@@ -2,45 +2,55 @@
 
 The kernels OR error bits (``kernels.error_word``) into a sticky int32 word on the device; every
 update kernel of a step reads it and changes nothing while it is set, so a rejected step (and every
-step queued after it before the host learns of it) is a no-op on the device. After each step the
-word is copied asynchronously into pinned host memory; the host reads that copy once its event has
-completed (``poll``), undoes the host-side bookkeeping of the rejected steps, clears the word and
-raises, naming the first step that was not taken. On a CPU the word is read at once.
+step queued after it before the host learns of it) is a no-op on the device. The last kernel of each
+step writes the word, with ``REPORTED`` set, into that step's slot of a ring in pinned host memory
+(on the paths without such a kernel an asynchronous copy does). The host reads a slot once it is
+written (``poll``: a memory read, no CUDA call), undoes the host-side bookkeeping of the rejected
+steps, clears the word and raises, naming the first step that was not taken. On a CPU the word is
+read at once.
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .kernels.error_word import ID_OUT_OF_RANGE, NON_FINITE_LOSS
-from .kernels.staging import current_stream
+from .kernels.error_word import ID_OUT_OF_RANGE, NON_FINITE_LOSS, REPORTED
 
 Undo = Callable[[], None]
+RING = 256  # steps whose report the host has not read yet, at most (then it waits for the device)
 
 
 class DeviceInputErrors:
-    """The error word of one optimizer and the queue of steps whose word the host has not read yet."""
+    """The error word of one optimizer and the queue of steps whose report the host has not read yet."""
 
     def __init__(self, device: torch.device, n_groups: int) -> None:
         self.word = torch.zeros((), dtype=torch.int32, device=device)
         self.deferred = device.type == "cuda"
+        self._device = device
         self._n_groups = n_groups
-        self._pending: deque[tuple[int, Tensor, Optional[torch.cuda.Event], Undo]] = deque()
-        self._spare: list[tuple[Tensor, torch.cuda.Event]] = []
+        reports = torch.zeros(RING, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._slots = list(reports.unbind())  # 0-d views, the kernels' destinations
+        self._values = reports.numpy()  # the same memory, read by the host
+        self._next = 0  # the slot of the step being taken
+        self._pending: deque[tuple[int, int, Undo]] = deque()  # (step index, slot, undo) in step order
 
-    def after_step(self, step_index: int, undo: Undo) -> None:
-        """Queue the word as it stands after step ``step_index``; ``undo`` reverts that step's host state."""
-        if self.word.device.type == "cuda":
-            host, event = self._spare.pop() if self._spare else (
-                torch.empty((), dtype=torch.int32, pin_memory=True), torch.cuda.Event())
-            host.copy_(self.word, non_blocking=True)
-            event.record(current_stream(self.word.device))
-        else:
-            host, event = self.word.clone(), None
-        self._pending.append((step_index, host, event, undo))
+    def report_slot(self) -> Tensor:
+        """The (cleared) slot into which the last kernel of the step being taken writes ``word | REPORTED``."""
+        if len(self._pending) >= RING:
+            raise RuntimeError("internal: every report slot is in use")  # poll() keeps one free
+        self._values[self._next] = 0
+        return self._slots[self._next]
+
+    def after_step(self, step_index: int, undo: Undo, reported: bool = False) -> None:
+        """Queue step ``step_index``; ``undo`` reverts its host state. ``reported``: its last kernel wrote
+        ``report_slot()``; otherwise the word is copied there now (asynchronously on a GPU)."""
+        if not reported:
+            self.report_slot().copy_(torch.bitwise_or(self.word, REPORTED), non_blocking=True)
+        self._pending.append((step_index, self._next, undo))
+        self._next = (self._next + 1) % RING
         if not self.deferred:
             self.poll()
 
@@ -54,31 +64,37 @@ class DeviceInputErrors:
             raise ValueError(self.describe(bits, what))
 
     def poll(self, wait: bool = False) -> None:
-        """Raise for the first queued step whose word is set, once readable; ``wait`` waits for the GPU."""
+        """Raise for the first queued step whose word is set, once reported; ``wait`` waits for the GPU
+        (as it does, whatever ``wait`` says, when every slot but one is in use)."""
+        wait = wait or len(self._pending) >= RING - 1
         while self._pending:
-            step_index, host, event, _ = self._pending[0]
-            if not wait and self._in_flight(event):
-                return
-            if event is not None:
-                event.synchronize()
-            bits = int(host)
+            step_index, slot, _ = self._pending[0]
+            value = int(self._values[slot])
+            if self._in_flight(value):
+                if not wait:
+                    return
+                value = self._wait(slot)
+            bits = value & ~REPORTED
             if bits:
                 self._reject_from(step_index, bits)
             self._pending.popleft()
-            if event is not None:
-                self._spare.append((host, event))
 
     @staticmethod
-    def _in_flight(event: Optional[torch.cuda.Event]) -> bool:
-        return event is not None and not event.query()
+    def _in_flight(value: int) -> bool:
+        return not value & REPORTED
+
+    def _wait(self, slot: int) -> int:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        value = int(self._values[slot])
+        if not value & REPORTED:
+            raise RuntimeError("internal: a step finished on the device without reporting its input check")
+        return value
 
     def _reject_from(self, step_index: int, bits: int) -> None:
         later = len(self._pending) - 1
         while self._pending:  # newest first: every step queued after the rejected one was a no-op too
-            _, host, event, undo = self._pending.pop()
-            undo()
-            if event is not None:
-                self._spare.append((host, event))
+            self._pending.pop()[2]()
         self.word.zero_()
         tail = f"; the {later} step(s) queued after it were not taken either" if later else ""
         raise ValueError(f"{self.describe(bits, f'step {step_index}')} (found on the device){tail}")

@@ -116,7 +116,7 @@ class ALSO(ThetaAdam):
         Records the detached losses for the pi step of the next ``step()``; call it once per
         micro-batch when accumulating gradients. In optimistic mode pi is the extrapolated pi_mid.
         """
-        return self.weights.weighted_loss(losses, group_ids)
+        return self.weights._weighted_loss(losses, group_ids)
 
     def check_errors(self, wait: bool = True) -> None:
         """Raise now for bad input that the device found in an earlier step (see ``validate``).

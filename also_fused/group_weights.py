@@ -110,6 +110,7 @@ class GroupWeights:
         self._recorded: list[tuple[Tensor, Tensor]] = []  # (ids, losses) since the last step
         # validation on the kernels' path runs on the device (no host sync; see _input_errors.py)
         self._errors = DeviceInputErrors(device, n_groups) if validate and self._backend == "triton" else None
+        self._reported = False  # the step's last launch wrote its error report (see _input_errors.py)
         self._steps_taken = 0
 
     # ------------------------------------------------------------------ public
@@ -137,6 +138,9 @@ class GroupWeights:
         Records the detached losses for the next ``step()``. With the mean reduction each call
         normalises by its own micro-batch's counts; the pi step uses the counts of the whole step.
         """
+        return self._weighted_loss(losses, group_ids)
+
+    def _weighted_loss(self, losses: Tensor, group_ids: GroupIds) -> Tensor:
         self.check_errors(wait=False)
         ids = self._as_ids(group_ids)
         self._check_losses(losses, ids, finite=False)
@@ -231,7 +235,8 @@ class GroupWeights:
         """pi <- PiUpdate(pi, G); optimistic: pi_mid <- PiUpdate(new pi, G), in the same launch. Returns the
         losses' mean (0-d; computed by the pi step's own launch where it reads the per-sample losses)."""
         second = self._pi_mid if self.mode == "optimistic" else None
-        return self._pi_apply(self._pi_inputs(ids, losses), out=self._pi, second_out=second, losses=losses)
+        return self._pi_apply(self._pi_inputs(ids, losses), out=self._pi, second_out=second, losses=losses,
+                              last=True)
 
     def _closure_weights(self, ids: Tensor) -> tuple[Tensor, float]:
         """ALSO's closure API: (pi_selected, loss_scale) for the closure. In optimistic mode pi_mid =
@@ -262,7 +267,7 @@ class GroupWeights:
         inputs = self._pi_inputs(ids, losses)
         if self.mode == "optimistic":
             self._prev_ids, self._prev_losses = inputs
-        self._pi_apply(inputs, out=self._pi)
+        self._pi_apply(inputs, out=self._pi, last=True)
 
     def _share_error_word(self) -> None:
         """Distributed: every rank rejects the step if any rank found bad input (pi stays equal on all)."""
@@ -281,8 +286,9 @@ class GroupWeights:
     def _finish_step(self, undo: Callable[[], None]) -> None:
         """Count the step; on the kernels' path queue its error word, with ``undo`` for a rejection."""
         self._steps_taken += 1
+        reported, self._reported = self._reported, False
         if self._errors is not None:
-            self._errors.after_step(self._steps_taken, undo)
+            self._errors.after_step(self._steps_taken, undo, reported)
 
     # ---------------------------------------------------------------- pi math
     def _group(self) -> Optional[Any]:
@@ -306,17 +312,19 @@ class GroupWeights:
         return _collectives.pi_step_inputs(ids, losses, self.n_groups, self.group_reduction, group)
 
     def _pi_apply(self, inputs: PiInputs, out: Tensor, second_out: Optional[Tensor] = None,
-                  losses: Optional[Tensor] = None) -> Optional[Tensor]:
+                  losses: Optional[Tensor] = None, last: bool = False) -> Optional[Tensor]:
         """out = PiUpdate(pi, G); second_out = PiUpdate(out, G); nothing changes while the error word is set.
-        With ``losses`` (the per-sample losses), returns their mean as a 0-d float32 tensor."""
+        With ``losses`` (the per-sample losses), returns their mean as a 0-d float32 tensor. ``last``: the
+        step's last launch, which reports the error word to the host where it can (``_input_errors``)."""
         ids, terms = inputs
         hyper = self._pi_hyper()
         word = None if self._errors is None else self._errors.word
         if ids is not None:
             # the sum reduction: the pi step reads these very losses and writes their mean too
             mean_out = torch.empty((), dtype=torch.float32, device=terms.device) if terms is losses else None
-            _dispatch.pi_update(self._backend, self._pi, ids, terms, out=out, second_out=second_out,
-                                error_word=word, mean_out=mean_out, **hyper)
+            report = self._errors.report_slot() if last and word is not None else None
+            self._reported = _dispatch.pi_update(self._backend, self._pi, ids, terms, out=out, second_out=second_out,
+                                                 error_word=word, mean_out=mean_out, report_out=report, **hyper)
             return mean_out if mean_out is not None or losses is None else losses.mean()
         new = F.pi_update_from_sums(self._pi, terms, **hyper)
         second = None if second_out is None else F.pi_update_from_sums(new, terms, **hyper)

@@ -1,8 +1,9 @@
 """The device error word: bad input found by a kernel, kept on the device until the host can read it.
 
 Kernels that read a batch OR these bits into a 0-d int32 word; the update kernels read the word and
-write nothing (beyond restoring params) while it is non-zero. A word that stays zero is shared per
-device for calls that check nothing.
+write nothing (beyond restoring params) while it is non-zero. The last kernel of a step may also copy
+the word, with ``REPORTED`` set, into a slot of pinned host memory that the host reads without a sync.
+A word that stays zero is shared per device for calls that check nothing.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import torch
 
 ID_OUT_OF_RANGE = 1
 NON_FINITE_LOSS = 2
+# set beside the bits in a step's report (the word as the step's last kernel saw it), so that a
+# report reads non-zero once written
+REPORTED = 1 << 30
 
 _ZERO_WORDS: Dict[torch.device, torch.Tensor] = {}
 

@@ -37,11 +37,12 @@ import triton.language as tl
 
 from ._interpreter import enable_interpreter_compat
 from .launch import launch
-from .error_word import zero_word
+from .error_word import REPORTED, zero_word
 
 enable_interpreter_compat()
 
 SMALL_MAX = 256  # largest n_groups handled by the single-program path
+_REPORTED = tl.constexpr(REPORTED)
 
 _BLOCK_GPU = 2048
 _BLOCK_CPU = 1024
@@ -74,13 +75,16 @@ def _log_f64(z):
 
 
 @triton.jit
-def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, err_ptr, mean_ptr, n, B,
+def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, err_ptr, mean_ptr, report_ptr, n, B,
                      a, c, lr, eps,
                      HAS_REG: tl.constexpr, SECOND: tl.constexpr, NPAD: tl.constexpr,
-                     BK: tl.constexpr, MEAN: tl.constexpr):
+                     BK: tl.constexpr, MEAN: tl.constexpr, REPORT: tl.constexpr):
     j = tl.arange(0, NPAD)
     jm = j < n
-    keep = tl.load(err_ptr) == 0  # a set error word: the step was rejected, nothing is written
+    word = tl.load(err_ptr)
+    keep = word == 0  # a set error word: the step was rejected, nothing is written
+    if REPORT:  # the step's report to the host (pinned memory), read there without a sync
+        tl.store(report_ptr, word | _REPORTED)
     s = tl.zeros([NPAD], dtype=tl.float32)
     total = tl.zeros([BK], dtype=tl.float32)
     for k0 in range(0, B, BK):
@@ -356,27 +360,43 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
               pi_lr: float, pi_decay: float, temperature: float, eps: float,
               log_pi_reg: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
               second_out: Optional[torch.Tensor] = None, error_word: Optional[torch.Tensor] = None,
-              mean_out: Optional[torch.Tensor] = None, _path: Optional[str] = None) -> torch.Tensor:
+              mean_out: Optional[torch.Tensor] = None, report_out: Optional[torch.Tensor] = None,
+              _path: Optional[str] = None) -> torch.Tensor:
     """out = softmax(z / T), z_j = (log(pi_j + eps) + c log pi_reg_j + pi_lr S_j) / (1 + c).
 
     S_j is the sum of the losses of the samples with id j, c = pi_decay * pi_lr.  ``log_pi_reg=None``
     means a uniform pi_reg (its term cancels).  ``out`` may be ``pi`` (in place).  With
     ``second_out``, PiUpdate(out, G) with the same G is written there as well.  Ids outside
     [0, n_groups) are ignored.  While ``error_word`` (0-d int32 on the device) is non-zero nothing is
-    written.  ``mean_out`` (0-d float32): receives the mean of the losses.  Returns ``out``.  ``_path``
-    ("sparse" / "dense") forces a
-    large-n_groups variant (tests).
+    written.  ``mean_out`` (0-d float32): receives the mean of the losses.  ``report_out`` (0-d int32,
+    pinned host memory on a GPU): receives ``error_word | REPORTED`` once the update has read the word.
+    Returns ``out``.  ``_path`` ("sparse" / "dense") forces a large-n_groups variant (tests).
     """
     group_ids = group_ids.contiguous()
     losses = losses.detach().contiguous()
     _check(pi, group_ids, losses, log_pi_reg, out, second_out, temperature)
     if out is None:
         out = torch.empty_like(pi)
+    return pi_update_checked(pi, group_ids, losses, pi_lr=pi_lr, pi_decay=pi_decay, temperature=temperature,
+                             eps=eps, log_pi_reg=log_pi_reg, out=out, second_out=second_out,
+                             error_word=error_word, mean_out=mean_out, report_out=report_out, _path=_path)
+
+
+def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *,
+                      pi_lr: float, pi_decay: float, temperature: float, eps: float,
+                      log_pi_reg: Optional[torch.Tensor], out: torch.Tensor,
+                      second_out: Optional[torch.Tensor] = None, error_word: Optional[torch.Tensor] = None,
+                      mean_out: Optional[torch.Tensor] = None, report_out: Optional[torch.Tensor] = None,
+                      _path: Optional[str] = None) -> torch.Tensor:
+    """``pi_update`` for callers that have checked its arguments already (contiguous, detached, on one
+    device, as ``_check`` asks): the optimizers, once per step."""
     n = pi.shape[0]
     B = group_ids.shape[0]
     if mean_out is not None and (n == 0 or n > SMALL_MAX):
         mean_out.copy_(losses.float().mean())
+    err = zero_word(pi.device) if error_word is None else error_word
     if n == 0:
+        _report_by_copy(report_out, err)
         return out
     c = float(pi_decay) * float(pi_lr)
     a = 1.0 / ((1.0 + c) * float(temperature))
@@ -386,15 +406,14 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
     lpr = log_pi_reg if has_reg else pi
     second = second_out is not None
     on_cpu = pi.device.type != "cuda"
-    err = zero_word(pi.device) if error_word is None else error_word
 
     if n <= SMALL_MAX:
-        npad = max(16, triton.next_power_of_2(n))
-        bk = max(16, 8192 // npad)
+        npad = max(16, 1 << (n - 1).bit_length())
         launch(_pi_small_kernel, 1, pi.device, pi, lpr, group_ids, losses, out,
-               second_out if second else out, err, out if mean_out is None else mean_out, n, B, a, c, lr, eps,
-               HAS_REG=has_reg, SECOND=second, NPAD=npad, BK=bk, MEAN=mean_out is not None,
-               num_warps=4 if npad <= 64 else 8)
+               second_out if second else out, err, out if mean_out is None else mean_out,
+               err if report_out is None else report_out, n, B, a, c, lr, eps,
+               HAS_REG=has_reg, SECOND=second, NPAD=npad, BK=max(16, 8192 // npad), MEAN=mean_out is not None,
+               REPORT=report_out is not None, num_warps=4 if npad <= 64 else 8)
         return out
 
     if _path is None:
@@ -441,4 +460,10 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
         if second:
             stats(out, P, P + Q, False)
             write(out, second_out, False)
+    _report_by_copy(report_out, err)
     return out
+
+
+def _report_by_copy(report_out: Optional[torch.Tensor], err: torch.Tensor) -> None:
+    if report_out is not None:
+        report_out.copy_(torch.bitwise_or(err, REPORTED), non_blocking=True)

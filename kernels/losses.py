@@ -247,11 +247,16 @@ def weighted_loss(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tenso
         raise ValueError("pi must be a 1-D floating tensor")
     if pi.device != losses.device or group_ids.device != losses.device:
         raise ValueError("pi, group_ids and losses must be on one device")
+    return weighted_loss_checked(pi.detach().contiguous(), group_ids, losses, loss_scale, error_word, _chunk)
+
+
+def weighted_loss_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, loss_scale: float,
+                          error_word: Optional[torch.Tensor], _chunk: int = _CHUNK) -> torch.Tensor:
+    """``weighted_loss`` for callers that have checked its arguments already (pi a contiguous buffer
+    without gradient): the optimizers, every step."""
     if losses.dtype == torch.float32 and _chunk == _CHUNK:
-        return _weighted_loss_native(pi.detach().contiguous(), group_ids.contiguous(), losses.contiguous(),
-                                     loss_scale, error_word)
-    return _WeightedLoss.apply(pi.detach().contiguous(), group_ids.contiguous(),
-                               losses.contiguous(), loss_scale, _chunk, error_word)
+        return _weighted_loss_native(pi, group_ids.contiguous(), losses.contiguous(), loss_scale, error_word)
+    return _WeightedLoss.apply(pi, group_ids.contiguous(), losses.contiguous(), loss_scale, _chunk, error_word)
 
 
 def _weighted_loss_native(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, loss_scale: float,

@@ -499,3 +499,32 @@ def test_no_host_sync_with_torch_fused_adamw(mode, reduction):
         torch.cuda.set_sync_debug_mode("default")
     weights.check_errors()
     assert torch.isfinite(weights.pi).all()
+
+
+@pytest.mark.skipif(not triton_importable(), reason="the device checks run in the Triton kernels")
+def test_more_steps_in_flight_than_report_slots(monkeypatch):
+    """Each step's report has a slot in a ring; a host further ahead of the device than the ring is long
+    waits for the device (here: reads the reports already written) instead of reusing a slot, and a bad
+    step past the wrap is still named and undone."""
+    from also_fused._input_errors import RING
+
+    victim = GWRun("triton", "descent-ascent", warm=0)
+    victim.weights._errors.deferred = True
+    monkeypatch.setattr(victim.weights._errors, "_in_flight", lambda value: True)  # never finished, unless waited for
+    for _ in range(RING + 3):
+        victim.good_step()
+    assert len(victim.weights._errors._pending) < RING
+    before, k_before = victim.snapshot(), victim.k
+    losses, ids = good_batch(victim.k)
+    victim.weights.weighted_loss(losses, ids + 4)
+    victim.weights.step()
+    victim.good_step()
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=rf"step {RING + 4} was not taken.*the 1 step\(s\) queued after it"):
+        victim.weights.check_errors()
+    assert_same(victim.snapshot(), before)
+    victim.k = k_before
+    twin = GWRun("triton", "descent-ascent", warm=RING + 3)
+    victim.good_step()
+    twin.good_step()
+    assert_same(victim.snapshot(), twin.snapshot())
