@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--sweep", action="store_true",
                         help="instead: time also_fused's kernel configurations (warps, vector width) per precision")
+    parser.add_argument("--sweep-only", default=None,
+                        help="with --sweep: only these comma-separated 'param bytes:precision' keys, e.g. 2:param,4:int8")
     args = parser.parse_args()
     bw = copy_bandwidth()
     if args.sweep:
@@ -141,11 +143,12 @@ def main() -> None:
 # candidate (BLOCK, iterations, num_warps, PVEC) per (param element size, state precision)
 SWEEP_CONFIGS = {
     (4, "param"): [(1024, 1, 4, 0), (1024, 1, 8, 0)],
-    (4, "bfloat16"): [(1024, 1, 4, 0), (1024, 1, 8, 0)],
-    (4, "int8"): [(1024, 1, 4, 0), (1024, 2, 4, 0), (1024, 4, 4, 0), (1024, 1, 8, 0)],
+    (4, "bfloat16"): [(1024, 1, 4, 0), (1024, 1, 8, 0), (1024, 2, 4, 0), (1024, 4, 4, 0), (2048, 1, 4, 0)],
+    (4, "int8"): [(1024, 1, 4, 0), (1024, 2, 4, 0), (1024, 4, 4, 0), (1024, 1, 8, 0), (1024, 1, 2, 0)],
     (2, "float32"): [(1024, 1, 4, 4), (1024, 1, 4, 8)],
-    (2, "param"): [(1024, 1, 4, 4), (1024, 1, 4, 8), (1024, 2, 4, 8), (1024, 1, 8, 8)],
-    (2, "int8"): [(1024, 1, 4, 8), (1024, 2, 4, 8), (1024, 4, 4, 8)],
+    (2, "param"): [(1024, 1, 4, 4), (1024, 1, 4, 8), (1024, 2, 4, 8), (1024, 1, 8, 8), (1024, 4, 4, 8),
+                   (1024, 8, 4, 8), (2048, 1, 4, 8), (2048, 2, 4, 8), (2048, 1, 8, 8)],
+    (2, "int8"): [(1024, 1, 4, 8), (1024, 2, 4, 8), (1024, 4, 4, 8), (1024, 1, 2, 8)],
 }
 
 
@@ -156,7 +159,10 @@ def sweep(args, bw: float) -> None:
     shapes = {"gpt2_124m": gpt2_shapes(768, 12), "gpt2_1.3b": gpt2_shapes(2048, 24)}[args.workloads.split(",")[-1]]
     n = sum(torch.Size(s).numel() for s in shapes)
     records = []
+    only = None if args.sweep_only is None else set(args.sweep_only.split(","))
     for (psize, precision), configs in SWEEP_CONFIGS.items():
+        if only is not None and f"{psize}:{precision}" not in only:
+            continue
         pdtype = torch.float32 if psize == 4 else torch.bfloat16
         mb = psize if precision == "param" else MOMENT_BYTES[precision]
         key = (psize, mb)

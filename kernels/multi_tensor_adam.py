@@ -65,7 +65,9 @@ _PARAM_COLS = (_SRC, _DST, _SAVE_SRC, _EXTRAP)
 KERNEL_CONFIG: Dict[int, tuple] = {4: (1024, 1, 4, 0), 2: (1024, 1, 4, 4)}
 # where the moments are stored narrower than float32, keyed by (param, moment) element sizes: with every
 # tensor in 2 bytes, 16-byte accesses (PVEC 8); chosen by ``bench_state_precision.py --sweep`` on an H200
-STATE_CONFIG: Dict[Tuple[int, int], tuple] = {(2, 2): (1024, 2, 4, 8), (2, 1): (1024, 1, 4, 8)}
+# (with narrow moments a program covering several blocks keeps more bytes in flight per thread)
+STATE_CONFIG: Dict[Tuple[int, int], tuple] = {
+    (2, 2): (1024, 8, 4, 8), (4, 2): (1024, 4, 4, 0), (2, 1): (1024, 1, 4, 8)}
 
 
 def kernel_config(param_size: int, moment_size: int) -> tuple:

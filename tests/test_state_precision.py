@@ -314,3 +314,40 @@ def test_also_resumes_bitwise_at_lower_precision(precision, mode):
     for X, Y, ids, use_bias in data[6:]:
         package_step(opt2, W2, b2, "loop", X, Y, ids, use_bias, DEVICE, cfg.dtype)
     assert torch.equal(Wp, W2) and torch.equal(bp, b2) and torch.equal(opt.pi, opt2.pi)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or not triton_importable(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("precision", ["param", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_captured_step_replays_like_eager(precision, dtype):
+    """opt.step() captured in a CUDA graph and replayed gives bitwise the params and state of eager steps
+    (the gradients are rewritten in place between replays, as a captured training step leaves them)."""
+    def build():
+        params = make_params(dtype)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        return params, also_fused.AdamW(params, lr=1e-2, state_precision=precision)
+
+    gen = torch.Generator().manual_seed(3)
+    grad_sets = [[torch.randn(s, generator=gen).to(DEVICE, dtype) for s in SHAPES] for _ in range(6)]
+    eager_params, eager = build()
+    params, opt = build()
+    for grads in grad_sets[:2]:  # both warm up eagerly: state created, plans and tables built
+        for pe, p, g in zip(eager_params, params, grads):
+            pe.grad.copy_(g), p.grad.copy_(g)
+        eager.step(), opt.step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for grads in grad_sets[2:]:
+        for pe, p, g in zip(eager_params, params, grads):
+            pe.grad.copy_(g), p.grad.copy_(g)
+        eager.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for pe, p in zip(eager_params, params):
+        assert torch.equal(pe, p)
+    for se, s in zip(eager.state.values(), opt.state.values()):
+        for key in se:
+            assert torch.equal(se[key], s[key]), key
