@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import also_fused  # noqa: E402
-from results_io import write_records  # noqa: E402
+from results_io import source_digest, write_records  # noqa: E402
 
 
 def gpt2_params(device: str) -> list[torch.nn.Parameter]:
@@ -79,7 +79,7 @@ def main() -> None:
         records.append(dict(impl=name, n_tensors=len(runs[0][1]), host_us_step=med, p10=v[len(v) // 10],
                              p90=v[9 * len(v) // 10], ratio_vs_torch_fused=med / torch_median,
                              device=torch.cuda.get_device_name(), torch=torch.__version__,
-                             date=datetime.date.today().isoformat()))
+                             date=datetime.date.today().isoformat(), also_fused_source=source_digest()))
         print(f"{name:22s} host us/step median {med:7.1f} (p10 {v[len(v) // 10]:7.1f}, p90 {v[9 * len(v) // 10]:7.1f})"
               f"  x torch fused: {med / torch_median:.2f}")
     print("wrote", write_records(records, "host_step"))

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import also_fused  # noqa: E402
 from bench_theta import gpt2_shapes  # noqa: E402
-from results_io import write_records  # noqa: E402
+from results_io import source_digest, write_records  # noqa: E402
 
 PRECISIONS = ("param", "float32", "bfloat16", "int8")
 MOMENT_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
@@ -121,7 +121,7 @@ def main() -> None:
                     n_params=n, state_bytes_per_param=state_bytes(opt) / n, bytes_moved=moved,
                     pct_copy_bw=None if moved is None else 100 * moved / (ms * 1e-3) / bw,
                     copy_bw_tbs=bw / 1e12, device=torch.cuda.get_device_name(), torch=torch.__version__,
-                    date=datetime.date.today().isoformat()))
+                    date=datetime.date.today().isoformat(), also_fused_source=source_digest()))
                 print(f"{workload} {records[-1]['param_dtype']} {name}: {ms:.3f} ms"
                       + ("" if moved is None else f", {records[-1]['pct_copy_bw']:.0f}% of copy"), flush=True)
                 del opt, params
@@ -180,7 +180,7 @@ def sweep(args, bw: float) -> None:
             records.append(dict(param_dtype=str(pdtype).replace("torch.", ""), precision=precision,
                                 config=list(config), default=config == default, ms=ms,
                                 pct_copy_bw=100 * moved / (ms * 1e-3) / bw, copy_bw_tbs=bw / 1e12,
-                                device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat()))
+                                device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), also_fused_source=source_digest()))
             print(f"{records[-1]['param_dtype']} {precision} {config}{' (default)' if config == default else ''}: "
                   f"{ms:.3f} ms, {records[-1]['pct_copy_bw']:.0f}% of copy", flush=True)
             del opt, params

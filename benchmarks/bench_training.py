@@ -18,6 +18,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import also_fused
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import source_digest  # noqa: E402
 
 WORKLOAD_NAMES = ("gpt2", "gpt2_compiled", "resnet50", "resnet50_nchw", "mlp")
 TORCH_FUSED = "torch AdamW fused"
@@ -409,7 +413,7 @@ def main() -> None:
         print("WARNING: also_fused.kernels is not importable (install the checkout: pip install -e .); "
               "also_fused falls back to its reference path on the GPU", flush=True)
     run_info = dict(device=device_name, torch=torch.__version__, triton=triton_version,
-                    also_fused=also_fused.__version__, also_fused_commit=git_commit(),
+                    also_fused=also_fused.__version__, also_fused_commit=git_commit(), also_fused_source=source_digest(),
                     also_fused_kernels_found=kernels_found,
                     date=datetime.datetime.now().isoformat(timespec="seconds"))
     print(f"{device_name}, torch {torch.__version__}, triton {triton_version}; impls {impl_names}; "

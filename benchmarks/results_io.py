@@ -1,8 +1,11 @@
 """Where the GPU benchmarks write: benchmarks/results/<stem>_<gpu>.json, the GPU named by its last word."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -16,3 +19,16 @@ def write_records(records: list, stem: str) -> str:
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
     return path
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 (first 12 hex digits) of the package's source files (also_fused/, kernels/, the C++ extension):
+    names the code a record measured even where the checkout's git metadata is missing or stale."""
+    root = Path(RESULTS_DIR).parent.parent
+    digest = hashlib.sha256()
+    for folder in ("also_fused", "kernels"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file() and path.suffix in (".py", ".cpp", ".h"):
+                digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
