@@ -3,6 +3,8 @@
 GPT-2 124M (eager, torch.compile'd) and ResNet-50 (channels_last, NCHW) under bf16 autocast, a host-bound fp32 MLP;
 torch AdamW fused, also_fused AdamW and ALSO (both modes, loop API), each on its own model copy with a cosine lr.
 ms/step: blocks of --steps steps between synchronizes, impls interleaved, order rotated each round (median/min/max).
+Per round: the ratio to torch AdamW fused (speed) and to also_fused AdamW (time) within each round, median/min/max
+over the rounds (the implementations of a round ran back to back, so the host's drift between rounds cancels).
 Then 20 steps each: host time of opt.step() and opt.weighted_loss() after a synchronize, GPU time of opt.step().
 """
 from __future__ import annotations
@@ -43,7 +45,9 @@ N_SYNTHETIC_BATCHES = 4
 COMPILED_WARMUP_FACTOR = 2
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
+ALSO_ADAMW = "also_fused AdamW"
 FAILED_METRICS = dict(ms_per_step=None, ms_min=None, ms_max=None, ms_per_round=[], ratio_vs_torch_fused=None,
+                      paired_ratio_vs_torch_fused=None, paired_time_vs_also_adamw=None,
                       host_us_step=None, host_us_weighted_loss=None, gpu_us_step=None)
 
 Batch = tuple[Tensor, Tensor, Tensor]
@@ -339,8 +343,19 @@ def bench_workload(workload: Workload, impl_names: list[str], device: torch.devi
         records.append(dict(
             impl=impl.name, error=None, ms_per_step=medians[impl.name], ms_min=min(times), ms_max=max(times),
             ms_per_round=times, ratio_vs_torch_fused=baseline / medians[impl.name] if baseline is not None else None,
+            paired_ratio_vs_torch_fused=paired_ratio(ms_per_step.get(TORCH_FUSED), times),
+            paired_time_vs_also_adamw=paired_ratio(times, ms_per_step.get(ALSO_ADAMW)),
             **step_costs[impl.name], **common))
     return records + failed_records
+
+
+def paired_ratio(numerators: Optional[list[float]], denominators: Optional[list[float]]) -> Optional[dict]:
+    """Median, min and max over rounds of numerator / denominator within each round: the implementations
+    of one round ran back to back, so a drift of the host between rounds cancels."""
+    if not numerators or not denominators:
+        return None
+    ratios = [a / b for a, b in zip(numerators, denominators)]
+    return dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios))
 
 
 def release_memory(device: torch.device) -> None:
@@ -359,15 +374,21 @@ def format_optional(value: Optional[float], fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
+def format_paired(paired: Optional[dict]) -> str:
+    return "" if paired is None else f"{paired['median']:.3f} ({paired['min']:.2f}-{paired['max']:.2f})"
+
+
 def print_table(records: list[dict[str, Any]]) -> None:
-    print("| workload | impl | ms/step (min-max) | x torch fused | host us step() | GPU us step() |")
-    print("|---|---|---|---|---|---|")
+    print("| workload | impl | ms/step (min-max) | x torch fused | x torch fused, per round | time / also_fused "
+          "AdamW's, per round | host us step() | GPU us step() |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in records:
         if r["error"] is not None:
-            print(f"| {r['workload']} | {r['impl']} | failed: {r['error'][:80]} | | | |")
+            print(f"| {r['workload']} | {r['impl']} | failed: {r['error'][:80]} | | | | | |")
             continue
         print(f"| {r['workload']} | {r['impl']} | {r['ms_per_step']:.3f} ({r['ms_min']:.3f}-{r['ms_max']:.3f}) | "
-              f"{format_optional(r['ratio_vs_torch_fused'], '.3f')} | {r['host_us_step']:.0f} | "
+              f"{format_optional(r['ratio_vs_torch_fused'], '.3f')} | {format_paired(r['paired_ratio_vs_torch_fused'])} | "
+              f"{format_paired(r['paired_time_vs_also_adamw'])} | {r['host_us_step']:.0f} | "
               f"{format_optional(r['gpu_us_step'], '.0f')} |")
 
 
