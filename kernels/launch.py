@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Sequence
 
 import torch
+import triton
 
 from .staging import raw_stream
 
@@ -92,16 +93,21 @@ class Launcher:
         return tuple(spec), raw
 
 
+# Triton releases whose C launch function takes the arguments _entry passes it (checked against their
+# CUDA launcher); any other goes through ``compiled.run``
+_DIRECT_LAUNCH_TRITON = ("3.6.",)
+
+
 def _entry(compiled: Any) -> tuple:
     """(function, leading arguments) that launch ``compiled`` given (grid, 1, 1, stream, *leading, *args):
     Triton's C launch function itself when the kernel needs no scratch memory, else ``compiled.run``."""
     run = compiled.run
     try:
-        direct = not (run.global_scratch_size or run.profile_scratch_size)
-        head = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
-                compiled.packed_metadata, None, None, None)
+        direct = (triton.__version__.startswith(_DIRECT_LAUNCH_TRITON) and type(run).__name__ == "CudaLauncher"
+                  and not (run.global_scratch_size or run.profile_scratch_size))
         if direct:
-            return run.launch, head
+            return run.launch, (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                                compiled.packed_metadata, None, None, None)
     except AttributeError:  # another Triton's launcher: its documented entry point
         pass
     return run, (compiled.function, compiled.packed_metadata, None, None, None)
