@@ -528,3 +528,41 @@ def test_more_steps_in_flight_than_report_slots(monkeypatch):
     victim.good_step()
     twin.good_step()
     assert_same(victim.snapshot(), twin.snapshot())
+
+
+@pytest.mark.skipif(not triton_importable(), reason="the device checks run in the Triton kernels")
+@pytest.mark.parametrize("mode", ["descent-ascent", "optimistic"])
+def test_deferred_error_of_the_multi_launch_pi_step(mode, monkeypatch):
+    """n_groups above the single-program pi kernel's limit: the pi step takes several launches and the
+    step's error report is copied into its slot instead of written by a kernel; a bad step is still
+    named, undone and followed exactly like a twin that never saw it."""
+    from also_fused.kernels.group_pi import SMALL_MAX
+
+    n = SMALL_MAX + 44
+
+    def build():
+        return also_fused.GroupWeights(n, batch_size=8, mode=mode, pi_lr=0.3, device=DEVICE, backend="triton")
+
+    def batch(k):
+        gen = torch.Generator().manual_seed(200 + k)
+        return torch.rand(8, generator=gen).to(DEVICE), torch.randint(0, n, (8,), generator=gen).to(DEVICE)
+
+    victim, twin = build(), build()
+    victim._errors.deferred = True
+    for k in range(2):
+        for w in (victim, twin):
+            w.weighted_loss(*batch(k))
+            w.step()
+    before = copy.deepcopy(victim.state_dict())
+    monkeypatch.setattr(victim._errors, "_in_flight", lambda value: True)
+    losses, ids = batch(2)
+    victim.weighted_loss(losses, ids + n)
+    victim.step()  # not read yet
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="must lie in.*step 3 was not taken"):
+        victim.check_errors()
+    assert_same(copy.deepcopy(victim.state_dict()), before)
+    for w in (victim, twin):
+        w.weighted_loss(*batch(3))
+        w.step()
+    assert_same(victim.state_dict(), twin.state_dict())
