@@ -21,6 +21,9 @@ from .kernels.error_word import ID_OUT_OF_RANGE, NON_FINITE_LOSS, REPORTED
 
 Undo = Callable[[], None]
 RING = 256  # steps whose report the host has not read yet, at most (then it waits for the device)
+CAPTURE_REFUSED = ("validate=True checks each step's input on the device and reports it to the host step by "
+                   "step, which a CUDA-graph replay cannot do: capture with validate=False (ids outside "
+                   "[0, n_groups) are then ignored and losses are not checked)")
 
 
 class DeviceInputErrors:
@@ -65,7 +68,10 @@ class DeviceInputErrors:
 
     def poll(self, wait: bool = False) -> None:
         """Raise for the first queued step whose word is set, once reported; ``wait`` waits for the GPU
-        (as it does, whatever ``wait`` says, when every slot but one is in use)."""
+        (as it does, whatever ``wait`` says, when every slot but one is in use). Called first by every
+        step and weighted loss, it also refuses to run inside a CUDA-graph capture (``_capturing``)."""
+        if self.deferred and self._capturing():
+            raise RuntimeError(CAPTURE_REFUSED)
         wait = wait or len(self._pending) >= RING - 1
         while self._pending:
             step_index, slot, _ = self._pending[0]
@@ -78,6 +84,11 @@ class DeviceInputErrors:
             if bits:
                 self._reject_from(step_index, bits)
             self._pending.popleft()
+
+    def _capturing(self) -> bool:
+        # the device checks report to the host once per step taken; a replayed CUDA graph takes steps the
+        # host never sees (a rejected replay would leave every later replay a silent no-op)
+        return self._device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
     @staticmethod
     def _in_flight(value: int) -> bool:
@@ -106,3 +117,4 @@ class DeviceInputErrors:
         if bits & NON_FINITE_LOSS:
             reasons.append("per-sample losses contain NaN or inf")
         return f"{' and '.join(reasons)}; {what} was not taken"
+

@@ -117,3 +117,21 @@ def test_cuda_defers_by_default():
     with pytest.raises(ValueError, match="must lie in"):
         r.opt.check_errors()
     assert_same(r.snapshot(), before)
+
+
+@pytest.mark.parametrize("api", ["closure", "loop"])
+def test_capture_with_device_checks_is_refused_and_changes_nothing(api, monkeypatch):
+    """validate=True reports each step to the host; a CUDA-graph capture (simulated: the capture query
+    answers yes) is refused with a RuntimeError by the first call of the step, before anything changes."""
+    victim = deferred_run("optimistic", api)
+    before, recorded = victim.snapshot(), len(victim.opt.weights._recorded)
+    monkeypatch.setattr(victim.opt._errors, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="capture with validate=False"):
+        bad_step(victim, bad_ids=False)
+    monkeypatch.undo()
+    assert_same(victim.snapshot(), before)
+    assert len(victim.opt.weights._recorded) == recorded
+    twin = Run("triton", "optimistic", api)
+    victim.good_step()
+    twin.good_step()
+    assert_same(victim.snapshot(), twin.snapshot())
