@@ -19,6 +19,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # with block scales, see functional.quantize_moment_)
 STATE_PRECISIONS = {"param": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")
+# rebuilt by _reset_caches (left out of a copy)
+_CACHE_ATTRIBUTES = ("_resolved", "_hyper_table", "_plans", "_last_step", "_stale")
 _is_contiguous = Tensor.is_contiguous
 
 try:
@@ -95,17 +97,37 @@ class AdamFamily(torch.optim.Optimizer):
                 if p.dtype not in SUPPORTED_DTYPES:
                     raise TypeError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
         self.backend = backend
-        self._resolved: dict[torch.device, str] = {}
+        self._state_version = 0
+        self._reset_caches()
         for device in {p.device for group in self.param_groups for p in group["params"]}:
             self._backend_for(device)  # refuse a device the chosen backend cannot run on, before any step
+
+    def _reset_caches(self) -> None:
+        """What is derived from the params and the state and rebuilt on demand: at construction, and in a
+        copy (``__setstate__``), whose cached launches would otherwise hold the original's tensors."""
+        self._resolved: dict[torch.device, str] = {}
         self._hyper_table = _dispatch.HyperTable()
         # prepared tensor lists per (pass, set of params with a gradient); any change to the set or
         # layout of state tensors bumps _state_version and so rebuilds them
         self._plans: dict[tuple, tuple[int, list[dict]]] = {}
-        self._state_version = 0
         # per pass: the signature of the last step (params, which had gradients, flags, state version)
         # and its plans with the positions of their gradients, for _plans_with_grads
         self._last_step: dict[str, tuple] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The whole optimizer but its caches and hooks, for ``copy.deepcopy`` and pickle (torch.optim keeps
+        only defaults, state and param_groups, all that its own optimizers hold; hooks are dropped as
+        there). Waits first for the device's check of earlier steps, as ``state_dict()`` does."""
+        self._check_pending(wait=True)
+        return {key: value for key, value in self.__dict__.items()
+                if key not in _CACHE_ATTRIBUTES and not (key.startswith("_optimizer_") and key.endswith("_hooks"))}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_caches()
+
+    def _check_pending(self, wait: bool) -> None:
+        """Raise for bad input the device found in an earlier step (ALSO: its group weights' check)."""
 
     # ----------------------------------------------------------------- helpers
     def _backend_for(self, device: torch.device) -> str:

@@ -34,11 +34,26 @@ class DeviceInputErrors:
         self.deferred = device.type == "cuda"
         self._device = device
         self._n_groups = n_groups
-        reports = torch.zeros(RING, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._new_ring()
+
+    def _new_ring(self) -> None:
+        reports = torch.zeros(RING, dtype=torch.int32, pin_memory=self._device.type == "cuda")
         self._slots = list(reports.unbind())  # 0-d views, the kernels' destinations
         self._values = reports.numpy()  # the same memory, read by the host
         self._next = 0  # the slot of the step being taken
         self._pending: deque[tuple[int, int, Undo]] = deque()  # (step index, slot, undo) in step order
+
+    def __getstate__(self) -> dict:
+        """A copy (deepcopy, pickle) gets the word and a ring of its own; the steps still to be read
+        cannot be copied (their undo acts on the original), so the owner waits for them first."""
+        if self._pending:
+            raise RuntimeError("internal: copy the owner of the device checks, which reads its steps first")
+        return dict(word=self.word, deferred=self.deferred, device=self._device, n_groups=self._n_groups)
+
+    def __setstate__(self, state: dict) -> None:
+        self.word, self.deferred = state["word"], state["deferred"]
+        self._device, self._n_groups = state["device"], state["n_groups"]
+        self._new_ring()
 
     def report_slot(self) -> Tensor:
         """The (cleared) slot into which the last kernel of the step being taken writes ``word | REPORTED``."""

@@ -183,6 +183,11 @@ class GroupWeights:
         """Draw ``max(1, n_groups - cutoff)`` distinct ids, cutoff where pi's sorted cumulative mass reaches ``threshold``."""
         return F.select_batch_reference(self._pi, threshold, strategy, order, generator)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and pickle: waits first for the device's check of earlier steps."""
+        self.check_errors()
+        return self.__dict__.copy()
+
     def state_dict(self) -> dict[str, Any]:
         """pi, pi_mid, pi_reg, the previous batch and the hyper-parameters of the pi step (the tensors
         themselves, as torch.optim's state_dict: copy or save them). Waits for the device's check of the

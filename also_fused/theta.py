@@ -61,7 +61,6 @@ class ThetaAdam(AdamFamily):
         self._staged_extra: Optional[dict[str, Any]] = None  # set by also_fused.checkpoint before loading
         self._errors: Optional[DeviceInputErrors] = None  # the device error word of the batch (ALSO's)
         self._journal: Optional[Journal] = None  # kept while a step can still be rejected by the device
-        self._stale: tuple[Any, list] = (None, [])  # optimistic loop API: params at x without a gradient
 
     # ------------------------------------------------------------------ public
     @torch.compiler.disable
@@ -226,8 +225,9 @@ class ThetaAdam(AdamFamily):
             self._run_plan(plan, plan_grads, word, eps_mode="also", **scalars)
 
     # ------------------------------------------------------------ bookkeeping
-    def _check_pending(self, wait: bool) -> None:
-        """Raise for bad input the device found in an earlier step (ALSO: its group weights' check)."""
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
+        self._stale: tuple[Any, list] = (None, [])  # optimistic loop API: params at x without a gradient
 
     def _check_training(self) -> None:
         if self.mode == "optimistic" and not self._training:
