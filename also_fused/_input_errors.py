@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .kernels.error_word import ID_OUT_OF_RANGE, NON_FINITE_LOSS, REPORTED
+from .kernels.error_word import ID_OUT_OF_RANGE, NON_FINITE_LOSS, REPORTED, report
 
 Undo = Callable[[], None]
 RING = 256  # steps whose report the host has not read yet, at most (then it waits for the device)
@@ -66,7 +66,7 @@ class DeviceInputErrors:
         """Queue step ``step_index``; ``undo`` reverts its host state. ``reported``: its last kernel wrote
         ``report_slot()``; otherwise the word is copied there now (asynchronously on a GPU)."""
         if not reported:
-            self.report_slot().copy_(torch.bitwise_or(self.word, REPORTED), non_blocking=True)
+            report(self.word, self.report_slot())
         self._pending.append((step_index, self._next, undo))
         self._next = (self._next + 1) % RING
         if not self.deferred:

@@ -26,3 +26,9 @@ def zero_word(device: torch.device) -> torch.Tensor:
     if word is None:
         word = _ZERO_WORDS[device] = torch.zeros((), dtype=torch.int32, device=device)
     return word
+
+
+def report(word: torch.Tensor, slot: torch.Tensor) -> None:
+    """Copy ``word | REPORTED`` into a report slot (asynchronously from a GPU into pinned memory): the
+    report of a step whose last launch does not write it itself."""
+    slot.copy_(torch.bitwise_or(word, REPORTED), non_blocking=True)

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ._interpreter import enable_interpreter_compat
 from .launch import launch
-from .error_word import REPORTED, zero_word
+from .error_word import REPORTED, report, zero_word
 
 enable_interpreter_compat()
 
@@ -396,7 +396,8 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
         mean_out.copy_(losses.float().mean())
     err = zero_word(pi.device) if error_word is None else error_word
     if n == 0:
-        _report_by_copy(report_out, err)
+        if report_out is not None:
+            report(err, report_out)
         return out
     c = float(pi_decay) * float(pi_lr)
     a = 1.0 / ((1.0 + c) * float(temperature))
@@ -460,10 +461,6 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
         if second:
             stats(out, P, P + Q, False)
             write(out, second_out, False)
-    _report_by_copy(report_out, err)
-    return out
-
-
-def _report_by_copy(report_out: Optional[torch.Tensor], err: torch.Tensor) -> None:
     if report_out is not None:
-        report_out.copy_(torch.bitwise_or(err, REPORTED), non_blocking=True)
+        report(err, report_out)
+    return out
