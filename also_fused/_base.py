@@ -19,8 +19,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # with block scales, see functional.quantize_moment_)
 STATE_PRECISIONS = {"param": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")
-# rebuilt by _reset_caches (left out of a copy)
-_CACHE_ATTRIBUTES = ("_resolved", "_hyper_table", "_plans", "_last_step", "_stale")
 _is_contiguous = Tensor.is_contiguous
 
 try:
@@ -82,6 +80,8 @@ def as_scalar(value: Any) -> Any:
 class AdamFamily(torch.optim.Optimizer):
     """Base of the Adam-style optimizers here: one fused update per (device, dtype, flags) bucket."""
 
+    _CACHES = ("_resolved", "_hyper_table", "_plans", "_last_step")  # set by _reset_caches, left out of a copy
+
     def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str,
                  state_precision: str = "float32") -> None:
         if backend not in _dispatch.BACKENDS:
@@ -120,7 +120,7 @@ class AdamFamily(torch.optim.Optimizer):
         there). Waits first for the device's check of earlier steps, as ``state_dict()`` does."""
         self._check_pending(wait=True)
         return {key: value for key, value in self.__dict__.items()
-                if key not in _CACHE_ATTRIBUTES and not (key.startswith("_optimizer_") and key.endswith("_hooks"))}
+                if key not in self._CACHES and not (key.startswith("_optimizer_") and key.endswith("_hooks"))}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -32,6 +32,7 @@ class ThetaAdam(AdamFamily):
     """
 
     _EXTRA_KEY = "theta"  # the state_dict entry that holds what torch.optim's state does not
+    _CACHES = AdamFamily._CACHES + ("_stale",)
 
     def __init__(
         self,
