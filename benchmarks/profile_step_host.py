@@ -4,6 +4,10 @@
 ``--model gpt2``: HuggingFace GPT-2 124M from its config (148 tensors), batch 4 x 128 tokens.
 A cosine lr schedule runs; the forward and backward run outside the profiler. Prints the host us per
 call (without and with cProfile) and the top entries by total and cumulative time.
+
+``--methods``: instead, ``weighted_loss()`` + ``step()`` in a tight loop (the model's gradients fixed, no
+forward or backward) with a wall-clock timer around each of the optimizers' internal methods named in
+``TIMED_METHODS``: host us per step spent in each (nested timers overlap), far less distorted than cProfile.
 """
 from __future__ import annotations
 
@@ -53,14 +57,14 @@ def build_opt(name: str, model: torch.nn.Module, n_groups: int, batch: int):
 
 def run(name: str, args, profile: bool) -> tuple[float, float, str]:
     torch.manual_seed(0)
-    model, per_sample, n_groups, batch = build_model(args.model, "cuda")
+    model, per_sample, n_groups, batch = build_model(args.model, args.device)
     opt = build_opt(name, model, n_groups, batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10_000)
     prof = cProfile.Profile() if profile else None
     step_us, loss_us, backward_us = [], [], []
     for k in range(args.steps + 20):
         losses, ids = per_sample(model)
-        torch.cuda.synchronize()
+        synchronize(args.device)
         timed = k >= 20
         if timed and prof:
             prof.enable()
@@ -71,7 +75,7 @@ def run(name: str, args, profile: bool) -> tuple[float, float, str]:
             prof.disable()
         loss.backward()
         t1b = time.perf_counter()
-        torch.cuda.synchronize()
+        synchronize(args.device)
         if timed and prof:
             prof.enable()
         t2 = time.perf_counter()
@@ -85,7 +89,7 @@ def run(name: str, args, profile: bool) -> tuple[float, float, str]:
             backward_us.append((t1b - t1) * 1e6)
         sched.step()
         opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    synchronize(args.device)
     text = ""
     if prof:
         for key in ("tottime", "cumulative"):
@@ -95,13 +99,85 @@ def run(name: str, args, profile: bool) -> tuple[float, float, str]:
     return statistics.median(step_us), statistics.median(loss_us), statistics.median(backward_us), text
 
 
+# (module path, attribute holding the method, method) timed by --methods
+TIMED_METHODS = [
+    ("also_fused.also", "ALSO", "_step_loop"), ("also_fused.group_weights", "GroupWeights", "_weighted_loss"),
+    ("also_fused.group_weights", "GroupWeights", "_ascend"), ("also_fused.group_weights", "GroupWeights", "_pi_apply"),
+    ("also_fused.theta", "ThetaAdam", "_update"), ("also_fused._base", "AdamFamily", "_reused_plans"),
+    ("also_fused._base", "AdamFamily", "_run_plan"), ("also_fused._dispatch", None, "adam_update"),
+    ("also_fused._dispatch", None, "pi_update"), ("also_fused._dispatch", None, "weighted_loss"),
+    ("also_fused._dispatch", "HyperTable", "get"), ("also_fused.kernels.launch", "Launcher", "__call__"),
+    ("also_fused._input_errors", "DeviceInputErrors", "poll"),
+    ("also_fused._input_errors", "DeviceInputErrors", "after_step"), ("also_fused.adam", "AdamW", "step"),
+]
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_methods(args) -> None:
+    import collections
+    import functools
+    import importlib
+
+    spent: dict[str, float] = collections.defaultdict(float)
+    for module_path, owner_name, method in TIMED_METHODS:
+        module = importlib.import_module(module_path)
+        owner = getattr(module, owner_name) if owner_name else module
+        label = f"{getattr(owner, '__name__', module_path)}.{method}"
+
+        def timed(fn, label=label):
+            @functools.wraps(fn)
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    spent[label] += time.perf_counter() - t0
+            return wrapper
+        setattr(owner, method, timed(getattr(owner, method)))
+    for name in args.impls.split(","):
+        if name == "torch AdamW fused":
+            continue
+        torch.manual_seed(0)
+        model, per_sample, n_groups, batch = build_model(args.model, args.device)
+        losses, ids = per_sample(model)
+        losses.sum().backward()
+        opt = build_opt(name, model, n_groups, batch)
+        losses = losses.detach().requires_grad_()
+
+        def step():
+            if isinstance(opt, also_fused.ALSO):
+                opt.weighted_loss(losses, ids)
+            opt.step()
+
+        for _ in range(50):
+            step()
+        synchronize(args.device)
+        spent.clear()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        total = (time.perf_counter() - t0) / args.steps * 1e6
+        synchronize(args.device)
+        print(f"=== {args.model} / {name}: {total:.1f} host us per weighted_loss() + step()")
+        for label in sorted(spent, key=lambda k: -spent[k]):
+            print(f"   {label:45s} {spent[label] / args.steps * 1e6:7.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("mlp", "gpt2"), default="mlp")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--impls", default=",".join(NAMES))
+    parser.add_argument("--methods", action="store_true", help="time the optimizers' methods in a tight loop instead")
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
+    if args.methods:
+        return time_methods(args)
     for name in args.impls.split(","):
         step, loss, backward, _ = run(name, args, profile=False)
         pstep, ploss, _, text = run(name, args, profile=True)
