@@ -90,7 +90,7 @@ class HyperTable:
             self._tables.pop(device, None)
             return table, None
         lr_args = None
-        if len(rows) <= _kernels().MAX_LR_ARGS:
+        if len(rows) <= _kernel("multi_tensor_adam").MAX_LR_ARGS:
             lr_args = [(lr, 1.0 - lr * wd) for lr, _, _, _, wd in rows]
             key = tuple(row[1:] for row in rows)
         else:
@@ -100,18 +100,15 @@ class HyperTable:
             return cached[1], lr_args
         table = cached[1] if cached is not None and cached[1].shape[0] == len(rows) else None
         if table is None:
-            table = torch.empty(len(rows), _kernels().HYPER_COLS, dtype=torch.float32, device=device)
+            table = torch.empty(len(rows), _kernel("multi_tensor_adam").HYPER_COLS, dtype=torch.float32,
+                                device=device)
         if self._uploads is None:
             from .kernels.staging import PinnedUploader
 
             self._uploads = PinnedUploader()
-        self._uploads.upload(_kernels().hyper_rows_float64(rows), table)
+        self._uploads.upload(_kernel("multi_tensor_adam").hyper_rows_float64(rows), table)
         self._tables[device] = (key, table)
         return table, lr_args
-
-
-def _kernels() -> Any:
-    return _kernel("multi_tensor_adam")
 
 
 _KERNEL_MODULES: dict[str, Any] = {}
@@ -161,9 +158,9 @@ def adam_update(
         update(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, rows, hyper_rows, **flags)
         return
     table, lr_args = (hyper_table or HyperTable()).get(hyper, sources[0].device)
-    _kernels().multi_tensor_adam_(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, table, hyper_rows,
-                                  cache=cache, static_lists=cache is not None, error_word=error_word,
-                                  lr_args=lr_args, **flags)
+    _kernel("multi_tensor_adam").multi_tensor_adam_(
+        sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, table, hyper_rows, cache=cache,
+        static_lists=cache is not None, error_word=error_word, lr_args=lr_args, **flags)
 
 
 def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor,

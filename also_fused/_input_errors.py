@@ -132,4 +132,3 @@ class DeviceInputErrors:
         if bits & NON_FINITE_LOSS:
             reasons.append("per-sample losses contain NaN or inf")
         return f"{' and '.join(reasons)}; {what} was not taken"
-
