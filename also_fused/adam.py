@@ -6,7 +6,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from ._base import AdamFamily, as_scalar, check_hyperparameters, param_itself
+from ._base import AdamFamily, as_scalar, check_hyperparameters, optimizer_step, param_itself
 
 
 _FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay")
@@ -58,8 +58,7 @@ class Adam(AdamFamily):
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend, state_precision)
 
-    @torch.compiler.disable
-    @torch.no_grad()
+    @optimizer_step
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """One update of every parameter that has a gradient; returns ``closure()`` when given.
 

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from . import functional as F
 from .group_weights import GroupIds, GroupWeights, Simplex
+from ._base import optimizer_step
 from .theta import ThetaAdam
 
 Closure = Callable[[Tensor, float], Any]
@@ -129,8 +130,7 @@ class ALSO(ThetaAdam):
         """Draw ``max(1, n_groups - cutoff)`` distinct ids, cutoff where pi's sorted cumulative mass reaches ``threshold``."""
         return self.weights.select_batch(threshold, strategy, order, generator)
 
-    @torch.compiler.disable
-    @torch.no_grad()
+    @optimizer_step
     def step(self, closure: Optional[Closure] = None, group_ids: Optional[GroupIds] = None) -> Tensor:
         """One ALSO step; returns the batch-mean per-sample loss (0-dim tensor).
 
@@ -181,7 +181,7 @@ class ALSO(ThetaAdam):
         self.check_errors(wait=False)
         ids, losses = self.weights._take_recorded()  # a rejected step drops its batch: run it again
         self._check_training()
-        self.weights._check_losses(losses, ids, finite=True)
+        self.weights._check_recorded(losses)
         reused = self._reused_plans(self._loop_tag(), ("amsgrad",))
         if reused is None:
             self._grad_items()  # refuses bad gradients before anything changes

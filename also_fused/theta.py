@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import _checks
 from . import functional as F
-from ._base import AdamFamily, as_scalar, check_hyperparameters, param_itself
+from ._base import AdamFamily, as_scalar, check_hyperparameters, optimizer_step, param_itself
 from ._input_errors import DeviceInputErrors
 
 Moved = list[tuple[Tensor, dict]]  # closure API: params holding the extrapolated point, with their state
@@ -64,8 +64,7 @@ class ThetaAdam(AdamFamily):
         self._journal: Optional[Journal] = None  # kept while a step can still be rejected by the device
 
     # ------------------------------------------------------------------ public
-    @torch.compiler.disable
-    @torch.no_grad()
+    @optimizer_step
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One step from the params' gradients (torch.optim's closure re-evaluates the loss first)."""
         loss = None
