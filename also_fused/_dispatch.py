@@ -165,13 +165,15 @@ def adam_update(
 
 def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor,
               second_out: Optional[Tensor] = None, error_word: Optional[Tensor] = None,
-              mean_out: Optional[Tensor] = None, report_out: Optional[Tensor] = None, **hyper: Any) -> bool:
+              mean_out: Optional[Tensor] = None, report_out: Optional[Tensor] = None, cache: Optional[dict] = None,
+              **hyper: Any) -> bool:
     """out = PiUpdate(pi, G); second_out = PiUpdate(out, G) (optimistic loop API); ``mean_out`` = the
     losses' mean (a 0-d float32 tensor, if given). The optimizers' own tensors: pi, out, second_out and
     log_pi_reg are contiguous float32 on pi's device, ids and losses checked by ``_checks``.
 
     ``error_word`` (kernels only): nothing is written while it is non-zero; ``report_out`` then receives
-    the word for the host (``_input_errors``). Returns whether it was written."""
+    the word for the host (``_input_errors``). Returns whether it was written. ``cache`` (kernels only):
+    a dict kept by the caller between calls of one use, for the launch (see ``kernels.launch``)."""
     if backend in ("reference", "cpu"):
         if mean_out is not None:
             mean_out.copy_(losses.float().mean())
@@ -182,17 +184,17 @@ def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, ou
         return False
     _kernel("group_pi").pi_update_checked(pi, group_ids.contiguous(), losses.detach().contiguous(), out=out,
                                           second_out=second_out, error_word=error_word, mean_out=mean_out,
-                                          report_out=report_out, **hyper)
+                                          report_out=report_out, cache=cache, **hyper)
     return report_out is not None
 
 
 def weighted_loss(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, loss_scale: float,
-                  error_word: Optional[Tensor] = None) -> Tensor:
+                  error_word: Optional[Tensor] = None, cache: Optional[dict] = None) -> Tensor:
     """loss_scale * sum_i pi[g_i] l_i; on the kernels, bad ids and non-finite losses also set ``error_word``.
-    pi is the optimizers' own (1-D float32), ids and losses checked by ``_checks``."""
+    pi is the optimizers' own (1-D float32), ids and losses checked by ``_checks``; ``cache`` as for ``pi_update``."""
     if backend in ("reference", "cpu"):
         return F.weighted_loss_reference(pi, group_ids, losses, loss_scale)
-    return _kernel("losses").weighted_loss_checked(pi, group_ids, losses, loss_scale, error_word)
+    return _kernel("losses").weighted_loss_checked(pi, group_ids, losses, loss_scale, error_word, cache=cache)
 
 
 def flag_bad_batch(error_word: Tensor, n_groups: int, group_ids: Optional[Tensor] = None,

@@ -21,6 +21,7 @@ from .kernels.error_word import ID_OUT_OF_RANGE, NON_FINITE_LOSS, REPORTED, repo
 
 Undo = Callable[[], None]
 RING = 256  # steps whose report the host has not read yet, at most (then it waits for the device)
+SLOT_STRIDE = 4  # int32 per slot
 CAPTURE_REFUSED = ("validate=True checks each step's input on the device and reports it to the host step by "
                    "step, which a CUDA-graph replay cannot do: capture with validate=False (ids outside "
                    "[0, n_groups) are then ignored and losses are not checked)")
@@ -37,9 +38,11 @@ class DeviceInputErrors:
         self._new_ring()
 
     def _new_ring(self) -> None:
-        reports = torch.zeros(RING, dtype=torch.int32, pin_memory=self._device.type == "cuda")
-        self._slots = list(reports.unbind())  # 0-d views, the kernels' destinations
-        self._values = reports.numpy()  # the same memory, read by the host
+        # one slot per 16 bytes: every slot has the alignment the kernels were compiled for (a kept
+        # launch, kernels.launch, is reused only for pointers of the same 16-byte alignment)
+        reports = torch.zeros(RING, SLOT_STRIDE, dtype=torch.int32, pin_memory=self._device.type == "cuda")
+        self._slots = list(reports[:, 0].unbind())  # 0-d views, the kernels' destinations
+        self._values = reports[:, 0].numpy()  # the same memory, read by the host
         self._next = 0  # the slot of the step being taken
         self._pending: deque[tuple[int, int, Undo]] = deque()  # (step index, slot, undo) in step order
 

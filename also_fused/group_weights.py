@@ -111,6 +111,7 @@ class GroupWeights:
         # validation on the kernels' path runs on the device (no host sync; see _input_errors.py)
         self._errors = DeviceInputErrors(device, n_groups) if validate and self._backend == "triton" else None
         self._reported = False  # the step's last launch wrote its error report (see _input_errors.py)
+        self._launches: dict[str, dict] = {}  # kernels' launches kept between steps, by use (not copied)
         self._steps_taken = 0
 
     # ------------------------------------------------------------------ public
@@ -151,7 +152,8 @@ class GroupWeights:
             sample_weights = self._group_mean_weights(weights, self._safe_ids(ids))
             loss = (sample_weights.to(losses.dtype) * losses).sum().float()
         else:
-            loss = _dispatch.weighted_loss(self._backend, weights, ids, losses, self.loss_scale, error_word=word)
+            loss = _dispatch.weighted_loss(self._backend, weights, ids, losses, self.loss_scale, error_word=word,
+                                           cache=self._launches.setdefault("weights", {}))
             if word is not None:
                 self._errors.check_now("this weighted_loss() call")
         self._recorded.append((ids, losses.detach()))
@@ -164,7 +166,7 @@ class GroupWeights:
         pi_mid <- PiUpdate(pi, G) as well); returns their mean as a 0-dim tensor (no host sync)."""
         self.check_errors(wait=False)
         ids, losses = self._take_recorded()
-        self._check_losses(losses, ids, finite=True)
+        self._check_recorded(losses)
         before = self._host_state()
         self._share_error_word()
         mean = self._ascend(ids, losses)
@@ -186,7 +188,9 @@ class GroupWeights:
     def __getstate__(self) -> dict[str, Any]:
         """For ``copy.deepcopy`` and pickle: waits first for the device's check of earlier steps."""
         self.check_errors()
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        state["_launches"] = {}
+        return state
 
     def state_dict(self) -> dict[str, Any]:
         """pi, pi_mid, pi_reg, the previous batch and the hyper-parameters of the pi step (the tensors
@@ -209,6 +213,12 @@ class GroupWeights:
 
     def _check_losses(self, losses: Any, ids: Tensor, finite: bool) -> None:
         _checks.check_losses(losses, ids, self.device, finite and self.validate and self._errors is None)
+
+    def _check_recorded(self, losses: Tensor) -> None:
+        """The losses recorded by ``weighted_loss`` (checked there but for their values): on the host
+        path with ``validate``, NaN or inf raise now (a host sync); the kernels checked them on the device."""
+        if self.validate and self._errors is None:
+            _checks.check_finite_losses(losses)
 
     def _flag_bad(self, what: str, ids: Optional[Tensor] = None, losses: Optional[Tensor] = None) -> None:
         """Kernels' path: set the error word for bad ids or losses (on a CPU: raise now, naming ``what``)."""
@@ -241,7 +251,7 @@ class GroupWeights:
         losses' mean (0-d; computed by the pi step's own launch where it reads the per-sample losses)."""
         second = self._pi_mid if self.mode == "optimistic" else None
         return self._pi_apply(self._pi_inputs(ids, losses), out=self._pi, second_out=second, losses=losses,
-                              last=True)
+                              last=True, cache="ascend")
 
     def _closure_weights(self, ids: Tensor) -> tuple[Tensor, float]:
         """ALSO's closure API: (pi_selected, loss_scale) for the closure. In optimistic mode pi_mid =
@@ -272,7 +282,7 @@ class GroupWeights:
         inputs = self._pi_inputs(ids, losses)
         if self.mode == "optimistic":
             self._prev_ids, self._prev_losses = inputs
-        self._pi_apply(inputs, out=self._pi, last=True)
+        self._pi_apply(inputs, out=self._pi, last=True, cache="ascend")
 
     def _share_error_word(self) -> None:
         """Distributed: every rank rejects the step if any rank found bad input (pi stays equal on all)."""
@@ -317,10 +327,12 @@ class GroupWeights:
         return _collectives.pi_step_inputs(ids, losses, self.n_groups, self.group_reduction, group)
 
     def _pi_apply(self, inputs: PiInputs, out: Tensor, second_out: Optional[Tensor] = None,
-                  losses: Optional[Tensor] = None, last: bool = False) -> Optional[Tensor]:
+                  losses: Optional[Tensor] = None, last: bool = False, cache: Optional[str] = None
+                  ) -> Optional[Tensor]:
         """out = PiUpdate(pi, G); second_out = PiUpdate(out, G); nothing changes while the error word is set.
         With ``losses`` (the per-sample losses), returns their mean as a 0-d float32 tensor. ``last``: the
-        step's last launch, which reports the error word to the host where it can (``_input_errors``)."""
+        step's last launch, which reports the error word to the host where it can (``_input_errors``).
+        ``cache``: the name under which the kernel's launch is kept for the next call of the same use."""
         ids, terms = inputs
         hyper = self._pi_hyper()
         word = None if self._errors is None else self._errors.word
@@ -329,7 +341,9 @@ class GroupWeights:
             mean_out = torch.empty((), dtype=torch.float32, device=terms.device) if terms is losses else None
             report = self._errors.report_slot() if last and word is not None else None
             self._reported = _dispatch.pi_update(self._backend, self._pi, ids, terms, out=out, second_out=second_out,
-                                                 error_word=word, mean_out=mean_out, report_out=report, **hyper)
+                                                 error_word=word, mean_out=mean_out, report_out=report,
+                                                 cache=None if cache is None else self._launches.setdefault(cache, {}),
+                                                 **hyper)
             return mean_out if mean_out is not None or losses is None else losses.mean()
         new = F.pi_update_from_sums(self._pi, terms, **hyper)
         second = None if second_out is None else F.pi_update_from_sums(new, terms, **hyper)

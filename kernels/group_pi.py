@@ -36,12 +36,13 @@ import triton.language as tl
 
 
 from ._interpreter import enable_interpreter_compat
-from .launch import launch
+from .launch import cdiv, launch, launch_cached, next_power_of_2
 from .error_word import REPORTED, report, zero_word
 
 enable_interpreter_compat()
 
 SMALL_MAX = 256  # largest n_groups handled by the single-program path
+_PI_SMALL_VARYING = (2, 3, 7, 8)  # ids, losses, mean, report: the arguments that change every step
 _REPORTED = tl.constexpr(REPORTED)
 
 _BLOCK_GPU = 2048
@@ -387,9 +388,10 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
                       log_pi_reg: Optional[torch.Tensor], out: torch.Tensor,
                       second_out: Optional[torch.Tensor] = None, error_word: Optional[torch.Tensor] = None,
                       mean_out: Optional[torch.Tensor] = None, report_out: Optional[torch.Tensor] = None,
-                      _path: Optional[str] = None) -> torch.Tensor:
+                      _path: Optional[str] = None, cache: Optional[dict] = None) -> torch.Tensor:
     """``pi_update`` for callers that have checked its arguments already (contiguous, detached, on one
-    device, as ``_check`` asks): the optimizers, once per step."""
+    device, as ``_check`` asks): the optimizers, once per step. ``cache``: a dict the caller keeps
+    between calls, in which the single-program launch is kept for the next call."""
     n = pi.shape[0]
     B = group_ids.shape[0]
     if mean_out is not None and (n == 0 or n > SMALL_MAX):
@@ -410,11 +412,14 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
 
     if n <= SMALL_MAX:
         npad = max(16, 1 << (n - 1).bit_length())
-        launch(_pi_small_kernel, 1, pi.device, pi, lpr, group_ids, losses, out,
-               second_out if second else out, err, out if mean_out is None else mean_out,
-               err if report_out is None else report_out, n, B, a, c, lr, eps,
-               HAS_REG=has_reg, SECOND=second, NPAD=npad, BK=max(16, 8192 // npad), MEAN=mean_out is not None,
-               REPORT=report_out is not None, num_warps=4 if npad <= 64 else 8)
+        args = (pi, lpr, group_ids, losses, out, second_out if second else out, err,
+                out if mean_out is None else mean_out, err if report_out is None else report_out, n, B, a, c, lr, eps)
+        # everything but the ids, losses, mean and report (new tensors every step) names the kept launch
+        key = (pi.data_ptr(), lpr.data_ptr(), out.data_ptr(), args[5].data_ptr(), err.data_ptr(), n, B, a, c, lr, eps,
+               has_reg, second, mean_out is None, report_out is None)
+        launch_cached(cache, key, _pi_small_kernel, 1, pi.device, args, _PI_SMALL_VARYING,
+                      HAS_REG=has_reg, SECOND=second, NPAD=npad, BK=max(16, 8192 // npad), MEAN=mean_out is not None,
+                      REPORT=report_out is not None, num_warps=4 if npad <= 64 else 8)
         return out
 
     if _path is None:
@@ -426,14 +431,14 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
         dense_s = _path == "dense"
     block = _BLOCK_CPU if on_cpu else _BLOCK_GPU
     max_progs = 4 if on_cpu else 4 * _sm_count(pi.device)
-    n_tiles = triton.cdiv(n, block)
-    range_len = triton.cdiv(n_tiles, min(n_tiles, max_progs)) * block
-    P = triton.cdiv(n, range_len)
+    n_tiles = cdiv(n, block)
+    range_len = cdiv(n_tiles, min(n_tiles, max_progs)) * block
+    P = cdiv(n, range_len)
     bi = 128 if on_cpu else _SAMPLE_BI
-    Q = triton.cdiv(B, bi)
+    Q = cdiv(B, bi)
     ws = torch.empty(2 * P + 4 * B + Q, dtype=torch.float64, device=pi.device)
     sbuf = _loss_sum_buffer(pi.device, n) if dense_s else pi
-    pb = max(16, min(1024, triton.next_power_of_2(max(P, Q, 1))))
+    pb = max(16, min(1024, next_power_of_2(max(P, Q, 1))))
     scal = (a, c, lr, eps)
 
     def stats(src: torch.Tensor, n_dense: int, grid: int, first: bool) -> None:

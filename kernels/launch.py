@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import triton
 
-from .staging import raw_stream
+from .staging import _raw_stream_of_index, raw_stream
 
 try:
     from triton import knobs as _knobs
@@ -63,6 +63,22 @@ class Launcher:
                 and device.index == torch.cuda.current_device()):
             self._compiled[key] = _entry(compiled)
 
+    def prepare(self, device: torch.device, args: Sequence[Any], varying: Sequence[int]) -> Optional["PreparedLaunch"]:
+        """The launch of ``args`` kept for repeats in which only the arguments at positions ``varying``
+        change (each keeping its specialisation); None where that is not possible: not on CUDA, the
+        specialisation not compiled yet (after the first launch it is), or Triton's own path needed."""
+        if device.type != "cuda" or _knobs is None or device.index != torch.cuda.current_device():
+            return None
+        key, raw = self._specialisation(args)
+        entry = self._compiled.get(key) if key is not None else None
+        if entry is None:
+            return None
+        return PreparedLaunch(entry, self._full_args(raw), [self._position(i) for i in varying],
+                              [key[i] for i in varying], device)
+
+    def _position(self, runtime_index: int) -> int:
+        return runtime_index if self._tail is not None else self._layout[1][runtime_index]
+
     def _full_args(self, args: list) -> list:
         if self._tail is not None:
             return args + self._tail
@@ -93,6 +109,38 @@ class Launcher:
         return tuple(spec), raw
 
 
+class PreparedLaunch:
+    """A compiled kernel with its whole argument list kept: a call rewrites only the varying arguments
+    (a tensor by its address), after checking that each keeps the specialisation it was compiled for;
+    it returns False, launching nothing, when one does not (or launch hooks are installed, or another
+    device is current), and the caller then launches through ``Launcher``."""
+
+    __slots__ = ("_run", "_head", "_args", "_slots", "_specs", "_index")
+
+    def __init__(self, entry: tuple, args: list, slots: list, specs: list, device: torch.device) -> None:
+        self._run, self._head = entry
+        self._args, self._slots, self._specs, self._index = args, slots, specs, device.index
+
+    def __call__(self, grid: int, *values: Any) -> bool:
+        if not _no_launch_hooks() or torch.cuda.current_device() != self._index:
+            return False
+        args = self._args
+        for slot, spec, value in zip(self._slots, self._specs, values):
+            if spec is float:
+                if type(value) is not float:
+                    return False
+            elif type(spec) is tuple and len(spec) == 2:  # a tensor: (dtype, 16-byte aligned)
+                address = value.data_ptr()
+                if value.dtype != spec[0] or (address & 15 == 0) != spec[1]:
+                    return False
+                value = address
+            elif Launcher._specialisation((value,))[0] != (spec,):
+                return False
+            args[slot] = value
+        self._run(grid, 1, 1, _raw_stream_of_index(self._index), *self._head, *args)
+        return True
+
+
 # Triton releases whose C launch function takes the arguments _entry passes it (checked against their
 # CUDA launcher); any other goes through ``compiled.run``
 _DIRECT_LAUNCH_TRITON = ("3.6.",)
@@ -116,10 +164,43 @@ def _entry(compiled: Any) -> tuple:
 _LAUNCHERS: Dict[tuple, Launcher] = {}
 
 
-def launch(kernel: Any, grid: int, device: torch.device, *args: Any, num_warps: int = 4, **constexprs: Any) -> None:
-    """``kernel[(grid,)](*args, **constexprs, num_warps=num_warps)`` through a shared ``Launcher``."""
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host integers (``triton.cdiv`` costs about a microsecond per call on the host)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1), for host integers, as ``triton.next_power_of_2``."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def shared_launcher(kernel: Any, num_warps: int = 4, **constexprs: Any) -> Launcher:
+    """The ``Launcher`` of ``kernel`` with these constexprs, shared by every caller."""
     key = (kernel, num_warps, tuple(constexprs.items()))
     launcher = _LAUNCHERS.get(key)
     if launcher is None:
         launcher = _LAUNCHERS[key] = Launcher(kernel, constexprs, dict(num_warps=num_warps))
+    return launcher
+
+
+def launch(kernel: Any, grid: int, device: torch.device, *args: Any, num_warps: int = 4, **constexprs: Any) -> None:
+    """``kernel[(grid,)](*args, **constexprs, num_warps=num_warps)`` through a shared ``Launcher``."""
+    shared_launcher(kernel, num_warps, **constexprs)(grid, device, *args)
+
+
+def launch_cached(cache: Optional[dict], key: tuple, kernel: Any, grid: int, device: torch.device, args: Sequence[Any],
+                  varying: Sequence[int], num_warps: int = 4, **constexprs: Any) -> None:
+    """``launch`` for a caller that repeats it with only the arguments at positions ``varying`` changed:
+    ``key`` must name everything else (the constexprs, the other arguments, their tensors' addresses).
+    ``cache`` (a dict the caller keeps, or None) holds the prepared launch of the last key."""
+    if cache is not None:
+        prepared = cache.get(key)
+        if prepared is not None and prepared(grid, *[args[i] for i in varying]):
+            return
+    launcher = shared_launcher(kernel, num_warps, **constexprs)
     launcher(grid, device, *args)
+    if cache is not None:
+        cache.clear()
+        prepared = launcher.prepare(device, args, varying)
+        if prepared is not None:
+            cache[key] = prepared

@@ -20,7 +20,7 @@ import triton.language as tl
 
 
 from ._interpreter import enable_interpreter_compat
-from .launch import launch
+from .launch import cdiv, launch, launch_cached, next_power_of_2
 
 enable_interpreter_compat()
 
@@ -178,8 +178,8 @@ def _reduce_grid(B: int, chunk: int) -> Tuple[int, int, bool, int]:
     single_max = _SINGLE_MAX if chunk == _CHUNK else chunk
     if B <= single_max:
         return 1, max(B, 1), True, 16
-    nprog = triton.cdiv(B, chunk)
-    return nprog, chunk, False, min(1024, triton.next_power_of_2(nprog))
+    nprog = cdiv(B, chunk)
+    return nprog, chunk, False, min(1024, next_power_of_2(nprog))
 
 
 def _check_losses(losses: torch.Tensor) -> None:
@@ -211,7 +211,7 @@ class _WeightedLoss(torch.autograd.Function):
         B = group_ids.shape[0]
         grad = torch.empty(B, dtype=ctx.loss_dtype, device=group_ids.device)
         if B > 0:
-            launch(_weighted_bwd_kernel, triton.cdiv(B, _BLOCK), grad.device,
+            launch(_weighted_bwd_kernel, cdiv(B, _BLOCK), grad.device,
                    pi, group_ids, grad_out.contiguous().to(torch.float32), grad, pi.shape[0], B,
                    ctx.loss_scale, BLOCK=_BLOCK)
         return None, None, grad, None, None, None
@@ -225,7 +225,7 @@ def flag_bad_batch_(error_word: torch.Tensor, n_groups: int, group_ids: Optional
     B = ref.shape[0]
     if B == 0:
         return
-    launch(_check_batch_kernel, triton.cdiv(B, _BLOCK), ref.device,
+    launch(_check_batch_kernel, cdiv(B, _BLOCK), ref.device,
            group_ids if group_ids is not None else ref, losses if losses is not None else ref, error_word,
            n_groups, B, HAS_IDS=group_ids is not None, HAS_LOSSES=losses is not None, BLOCK=_BLOCK)
 
@@ -251,24 +251,32 @@ def weighted_loss(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tenso
 
 
 def weighted_loss_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, loss_scale: float,
-                          error_word: Optional[torch.Tensor], _chunk: int = _CHUNK) -> torch.Tensor:
+                          error_word: Optional[torch.Tensor], _chunk: int = _CHUNK,
+                          cache: Optional[dict] = None) -> torch.Tensor:
     """``weighted_loss`` for callers that have checked its arguments already (pi a contiguous buffer
-    without gradient): the optimizers, every step."""
+    without gradient): the optimizers, every step. ``cache``: a dict the caller keeps between calls,
+    in which the launch of the per-sample weights is kept for the next call."""
     if losses.dtype == torch.float32 and _chunk == _CHUNK:
-        return _weighted_loss_native(pi, group_ids.contiguous(), losses.contiguous(), loss_scale, error_word)
+        return _weighted_loss_native(pi, group_ids.contiguous(), losses.contiguous(), loss_scale, error_word, cache)
     return _WeightedLoss.apply(pi, group_ids.contiguous(), losses.contiguous(), loss_scale, _chunk, error_word)
 
 
+_WEIGHTS_VARYING = (1, 2, 3, 4)  # ids, losses, weights, error word (or the weights): new tensors every call
+
+
 def _weighted_loss_native(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, loss_scale: float,
-                          error_word: Optional[torch.Tensor]) -> torch.Tensor:
+                          error_word: Optional[torch.Tensor], cache: Optional[dict] = None) -> torch.Tensor:
     # float32 losses: the per-sample weights from one kernel, then torch.dot, whose backward (grad * w)
     # torch's autograd runs without Python: less host time per step than a Python autograd Function
     B = losses.shape[0]
     w = torch.empty(B, dtype=torch.float32, device=losses.device)
     if B:
         check = error_word is not None
-        launch(_sample_weights_kernel, triton.cdiv(B, _BLOCK), losses.device, pi, group_ids, losses, w,
-               error_word if check else w, pi.shape[0], B, float(loss_scale), CHECK=check, BLOCK=_BLOCK)
+        scale = float(loss_scale)
+        launch_cached(cache, (pi.data_ptr(), pi.shape[0], B, scale, check), _sample_weights_kernel,
+                      cdiv(B, _BLOCK), losses.device,
+                      (pi, group_ids, losses, w, error_word if check else w, pi.shape[0], B, scale), _WEIGHTS_VARYING,
+                      CHECK=check, BLOCK=_BLOCK)
     return torch.dot(w, losses)
 
 
@@ -293,7 +301,7 @@ class _RGDLoss(torch.autograd.Function):
         B = losses.shape[0]
         T = ctx.temperature
         grad = torch.empty_like(losses)
-        launch(_rgd_bwd_kernel, triton.cdiv(B, _BLOCK), losses.device,
+        launch(_rgd_bwd_kernel, cdiv(B, _BLOCK), losses.device,
                losses, grad_out.contiguous().to(torch.float32), grad, B, T, 1.0 / (T + 1.0), 1.0 / B, BLOCK=_BLOCK)
         return grad, None, None
 

@@ -551,7 +551,7 @@ def multi_tensor_adam_(
         cache.clear()
         cache.update(key=key, meta=meta, chunks=chunks, total=total, tickets=tickets,
                      aligned=(_or_all(ptrs) & 15) == 0, grad_ptrs=None, grad_table=None, grad_aligned=False,
-                     lists=(list(lists.values()), hyper_rows), launchers={}, max_row=max(hyper_rows),
+                     lists=(list(lists.values()), hyper_rows), launchers={}, prepared={}, max_row=max(hyper_rows),
                      config=(block, chunk, num_warps, pvec), uploads=PinnedUploader(), stream=None)
     if n_lr and cache["max_row"] >= n_lr:
         raise ValueError(f"lr_args has {n_lr} rows but a tensor uses hyper row {cache['max_row']}")
@@ -588,12 +588,19 @@ def multi_tensor_adam_(
         decays = [float(a[1]) for a in lr_args] + [1.0] * (MAX_LR_ARGS - n_lr)
     else:
         lrs, decays = _NO_LR_ARGS
-    launcher(cache["total"], device, cache["chunks"], cache["meta"], cache["grad_table"], hyper,
-             zero_word(device) if error_word is None else error_word, cache["tickets"],
-             float(grad_scale), float(extrapolation_scale), float(prior_scale), *lrs, *decays)
+    args = (cache["chunks"], cache["meta"], cache["grad_table"], hyper, zero_word(device) if error_word is None
+            else error_word, cache["tickets"], float(grad_scale), float(extrapolation_scale), float(prior_scale),
+            *lrs, *decays)
+    prepared = cache["prepared"].get(flags)
+    if prepared is None or not prepared(cache["total"], *[args[i] for i in _VARYING]):
+        launcher(cache["total"], device, *args)
+        cache["prepared"][flags] = launcher.prepare(device, args, _VARYING)
 
 
 _NO_LR_ARGS = ([0.0] * MAX_LR_ARGS, [1.0] * MAX_LR_ARGS)
+# the launch arguments that may change while the cache's tables stay: the grad table (reallocated on
+# another stream), the error word, the scales and the lr arguments
+_VARYING = (2, 4) + tuple(range(6, 9 + 2 * MAX_LR_ARGS))
 
 
 def _check_call(lists: Dict[int, Sequence[torch.Tensor]], grads: Sequence[torch.Tensor],

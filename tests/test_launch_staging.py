@@ -36,6 +36,64 @@ def test_launcher_follows_alignment_and_integer_specialisation():
             assert torch.count_nonzero(y[n:]) == 0
 
 
+def test_kept_launch_follows_each_varying_argument():
+    """launch_cached keeps the launch of the last key and rewrites only the varying arguments (x, y, b); a
+    varying argument whose specialisation changes (element type, alignment, integer class) is launched
+    through the Launcher instead and becomes the kept launch. Every call is checked against torch."""
+    from also_fused.kernels.launch import launch_cached
+
+    cache: dict = {}
+    n = 150
+    base = {dtype: torch.arange(300, dtype=dtype, device=DEVICE) for dtype in (torch.float32, torch.float16)}
+    cases = [(torch.float32, 0, 3), (torch.float32, 4, 5), (torch.float32, 1, 6), (torch.float32, 1, 1),
+             (torch.float32, 0, 16), (torch.float16, 0, 2), (torch.float16, 8, 7), (torch.float32, 0, -3)]
+    kept = []
+    for dtype, offset, b in cases * 2:
+        x = base[dtype][offset:offset + n]
+        y = torch.zeros(n + 5, dtype=dtype, device=DEVICE)
+        launch_cached(cache, (n, 0.5), _axpb_kernel, triton.cdiv(n, 64), x.device, (x, y, 0.5, n, b), (0, 1, 4),
+                      num_warps=1, BLOCK=64)
+        torch.testing.assert_close(y[:n], x * 0.5 + b, rtol=0, atol=0)
+        assert torch.count_nonzero(y[n:]) == 0
+        kept.append(next(iter(cache.values()), None))
+    if DEVICE == "cuda":
+        assert all(k is not None for k in kept)
+        # the same specialisation twice in a row keeps the launch; a new one replaces it
+        # (aligned views and b of one integer class share one; misalignment, b = 1, b % 16 == 0 and the
+        # element type each need another)
+        assert kept[1] is kept[0] and kept[6] is kept[5]
+        assert all(kept[i] is not kept[i - 1] for i in (2, 3, 4, 5, 7))
+    else:
+        assert kept == [None] * len(kept)  # the interpreter: always Triton's own path
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="kept launches exist on CUDA only")
+def test_kept_launch_steps_aside_for_launch_hooks():
+    """With a Triton launch hook installed, a kept launch launches nothing and the Launcher (Triton's own
+    path, which calls the hook) runs it."""
+    from triton import knobs
+
+    from also_fused.kernels.launch import launch_cached
+
+    cache: dict = {}
+    x = torch.arange(64, dtype=torch.float32, device=DEVICE)
+    y = torch.zeros(64, dtype=torch.float32, device=DEVICE)
+    args = (x, y, 2.0, 64, 1)
+    launch_cached(cache, (), _axpb_kernel, 1, x.device, args, (0, 1), num_warps=1, BLOCK=64)
+    calls = []
+
+    def hook(metadata):
+        calls.append(metadata)
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        y.zero_()
+        launch_cached(cache, (), _axpb_kernel, 1, x.device, args, (0, 1), num_warps=1, BLOCK=64)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert calls and torch.equal(y, x * 2 + 1)
+
+
 def test_pinned_uploads_arrive_in_order():
     from also_fused.kernels.staging import PinnedUploader
 
