@@ -83,7 +83,8 @@ def as_ids(group_ids: Union[Tensor, Sequence[int]], n_groups: int, device: torch
         if group_ids.device.type != "cpu":
             raise ValueError(f"group_ids are on {group_ids.device}, pi is on {device}")
         group_ids = group_ids.to(device, non_blocking=True)
-    group_ids = group_ids.long()
+    if group_ids.dtype != torch.int64:
+        group_ids = group_ids.long()
     if check_values:
         bad = ((group_ids < 0) | (group_ids >= n_groups)).any()
         if bool(bad):
@@ -104,5 +105,11 @@ def check_losses(losses: Any, ids: Tensor, device: torch.device, check_finite: b
                          f"got {tuple(losses.shape)}")
     if losses.device != device:
         raise ValueError(f"per-sample losses are on {losses.device}, pi is on {device}")
-    if check_finite and not bool(torch.isfinite(losses).all()):
+    if check_finite:
+        check_finite_losses(losses)
+
+
+def check_finite_losses(losses: Tensor) -> None:
+    """NaN or inf among the per-sample losses raise (a host sync)."""
+    if not bool(torch.isfinite(losses).all()):
         raise ValueError("per-sample losses contain NaN or inf; the step was not taken")
