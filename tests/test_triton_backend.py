@@ -144,3 +144,37 @@ def test_cuda_graph_capture_of_a_training_step(mode):
     for p, q in zip(model.parameters(), eager_model.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
     assert torch.allclose(opt.pi, eager_opt.pi, rtol=1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_with_validate_is_refused():
+    """validate=True (the default) reports each step to the host, which a replayed graph cannot do: the
+    capture fails with a RuntimeError raised before the step changes anything, and eager steps go on."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3).cuda()
+    opt = also_fused.ALSO(model.parameters(), n_groups=3, batch_size=4, backend="triton")
+    x, y = torch.randn(4, 8, device="cuda"), torch.randint(0, 3, (4,), device="cuda")
+
+    def train_step():
+        opt.zero_grad(set_to_none=False)
+        opt.weighted_loss(torch.nn.functional.cross_entropy(model(x), y, reduction="none"), y).backward()
+        opt.step()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        train_step()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    params = [p.detach().clone() for p in model.parameters()]
+    pi = opt.pi.clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="validate=False"):
+        with torch.cuda.graph(graph):
+            train_step()
+    torch.cuda.synchronize()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert torch.equal(opt.pi, pi)
+    train_step()
+    opt.check_errors()
+    assert not torch.equal(opt.pi, pi)
