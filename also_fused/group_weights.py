@@ -207,17 +207,21 @@ class GroupWeights:
         self._load_state(state_dict)
 
     # -------------------------------------------------------------- input checks
+    @property
+    def _checks_values_on_host(self) -> bool:
+        # the reference path reads ids and losses on the host; the kernels check them on the device
+        return self.validate and self._errors is None
+
     def _as_ids(self, group_ids: GroupIds) -> Tensor:
-        # the reference path reads the values on the host; the kernels check them on the device
-        return _checks.as_ids(group_ids, self.n_groups, self.device, self.validate and self._errors is None)
+        return _checks.as_ids(group_ids, self.n_groups, self.device, self._checks_values_on_host)
 
     def _check_losses(self, losses: Any, ids: Tensor, finite: bool) -> None:
-        _checks.check_losses(losses, ids, self.device, finite and self.validate and self._errors is None)
+        _checks.check_losses(losses, ids, self.device, finite and self._checks_values_on_host)
 
     def _check_recorded(self, losses: Tensor) -> None:
-        """The losses recorded by ``weighted_loss`` (checked there but for their values): on the host
-        path with ``validate``, NaN or inf raise now (a host sync); the kernels checked them on the device."""
-        if self.validate and self._errors is None:
+        """The losses recorded by ``weighted_loss`` (checked there but for their values): NaN or inf raise
+        now where the host checks values (a host sync)."""
+        if self._checks_values_on_host:
             _checks.check_finite_losses(losses)
 
     def _flag_bad(self, what: str, ids: Optional[Tensor] = None, losses: Optional[Tensor] = None) -> None:
