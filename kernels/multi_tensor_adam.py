@@ -122,6 +122,43 @@ def _to_storage(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     return x.to(DTYPE)
 
 
+SQRT_FAST_MIN = tl.constexpr(2.0 ** -101)  # the smallest float32 for which tl.sqrt_rn takes its fast path
+
+
+@triton.jit
+def _sqrt_rn_fast(x):
+    # tl.sqrt_rn's fast path, bitwise, for SQRT_FAST_MIN <= x <= float32's max: an approximate reciprocal
+    # root and one Newton step with fma
+    y = libdevice.rsqrt(x)
+    s = x * y
+    return tl.fma(tl.fma(-s, s, x), y * 0.5, s)
+
+
+@triton.jit
+def _sqrt_rn(x, INTERPRET: tl.constexpr):
+    # tl.sqrt_rn for x >= 0 (inf and NaN too), bitwise, without its per-element branch to a slow path:
+    # below SQRT_FAST_MIN the fast path on x * 2^64, scaled back by 2^-32 (exact powers of 2, as the slow
+    # path scales); 0, inf and NaN (quietened) as the slow path returns them. Checked against
+    # tl.sqrt_rn on every non-negative float32 (tests/test_kernel_multi_tensor_adam.py). The
+    # interpreter's reciprocal root is not the GPU's: there tl.sqrt_rn itself.
+    if INTERPRET:
+        return tl.sqrt_rn(x)
+    small = x < SQRT_FAST_MIN
+    r = _sqrt_rn_fast(tl.where(small, x * 18446744073709551616.0, x))
+    r = tl.where(small, r * 2.3283064365386963e-10, r)
+    return tl.where(x == 0.0, x, tl.where((x != x) | (x == float("inf")), x + 1.0, r))
+
+
+@triton.jit
+def _code_root(r, INTERPRET: tl.constexpr):
+    # tl.sqrt_rn(r) for the 8-bit codes, r in [0, 1] or NaN: below SQRT_FAST_MIN every code is 0 whatever
+    # the root (127 * 2^-50.5 and 255 * 2^-25.25 round to 0), so 0 stands in there and the fast path
+    # serves the rest (codes checked against tl.sqrt_rn's on every r in [0, 1])
+    if INTERPRET:
+        return tl.sqrt_rn(r)
+    return tl.where(r < SQRT_FAST_MIN, 0.0, _sqrt_rn_fast(r))
+
+
 @triton.jit
 def _small_int_to_float(i):
     # exact for |i| < 2^22, without the quarter-rate integer-to-float conversion: 1.5*2^23 + i as float bits
@@ -148,22 +185,23 @@ def _dequantize(q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(x, ax, a, q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr):
+def _store_codes(x, ax, a, q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr, INTERPRET: tl.constexpr):
     # float32 -> 8-bit codes given the block's max |x| = a, and the scale, as functional.quantize_moment_
     normal = a >= MIN_NORMAL  # a block below float32's smallest normal number is stored as zeros
     inv = tl.where(normal, tl.div_rn(1.0, tl.where(normal, a, 1.0)), 0.0)
     r = ax * inv
     if SIGNED:
-        q = _round_to_int(tl.minimum(tl.sqrt_rn(r) * 127.0, 127.0))
+        q = _round_to_int(tl.minimum(_code_root(r, INTERPRET) * 127.0, 127.0))
         tl.store(q_ptr + offs, tl.where(x < 0.0, -q, q).to(tl.int8), mask=mask)
     else:
-        q = _round_to_int(tl.minimum(tl.sqrt_rn(tl.sqrt_rn(r)) * 255.0, 255.0))
+        q = _round_to_int(tl.minimum(_code_root(_code_root(r, INTERPRET), INTERPRET) * 255.0, 255.0))
         tl.store(q_ptr + offs, q.to(tl.uint8), mask=mask)
     tl.store(scale_ptr, tl.where(normal, a, 0.0))
 
 
 @triton.jit
-def _quantize_store(m, v, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, offs, mask, MASKED: tl.constexpr):
+def _quantize_store(m, v, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, offs, mask, MASKED: tl.constexpr,
+                    INTERPRET: tl.constexpr):
     # both moments of one block: the two block maxima come from one reduction (one round through
     # shared memory instead of two)
     am = tl.abs(m)
@@ -172,8 +210,8 @@ def _quantize_store(m, v, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, offs, mask, MA
         am = tl.where(mask, am, 0.0)
         av = tl.where(mask, av, 0.0)
     a_m, a_v = tl.split(tl.max(tl.join(am, av), axis=0))
-    _store_codes(m, am, a_m, m_ptr, m_scale_ptr, offs, mask, True)
-    _store_codes(v, av, a_v, v_ptr, v_scale_ptr, offs, mask, False)
+    _store_codes(m, am, a_m, m_ptr, m_scale_ptr, offs, mask, True, INTERPRET)
+    _store_codes(v, av, a_v, v_ptr, v_scale_ptr, offs, mask, False, INTERPRET)
 
 
 @triton.jit
@@ -190,7 +228,7 @@ def _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED: tl.constexpr, 
 
 @triton.jit
 def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, sqrt_bc2,
-               EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
+               EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, INTERPRET: tl.constexpr):
     m, v, vmax = _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED, AMSGRAD)
     if DECOUPLED:
         x = x * wd  # under DECOUPLED the caller passes the decay factor 1 - lr*wd as wd
@@ -200,9 +238,9 @@ def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, sqr
         vd = v
     # correctly rounded sqrt and division, in torch's order of operations, for parity with torch.optim
     if EPS_TORCH:
-        denom = tl.div_rn(tl.sqrt_rn(vd), sqrt_bc2) + eps
+        denom = tl.div_rn(_sqrt_rn(vd, INTERPRET), sqrt_bc2) + eps
     else:
-        denom = tl.sqrt_rn(vd) + eps
+        denom = _sqrt_rn(vd, INTERPRET) + eps
     x = x - step_size * tl.div_rn(m, denom)
     return x, m, v, vmax
 
@@ -255,16 +293,16 @@ def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, s
         tl.store(save_grad + poffs, g_raw, mask=mask)
     g = g_raw.to(tl.float32)
     x, m, v, vmax = _adam_math(x_raw.to(tl.float32), g * gscale_a, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a,
-                               EPS_TORCH, DECOUPLED, AMSGRAD)
+                               EPS_TORCH, DECOUPLED, AMSGRAD, INTERPRET)
     x_out = _to_storage(x, PDTYPE, INTERPRET)
     tl.store(dst + poffs, x_out, mask=mask)
     if EXTRAP:
         # The second step starts from the stored first iterate, as two separate calls would.
         y, m, v, vmax = _adam_math(x_out.to(tl.float32), g * gscale_b, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_b, ib_b,
-                                   EPS_TORCH, DECOUPLED, AMSGRAD)
+                                   EPS_TORCH, DECOUPLED, AMSGRAD, INTERPRET)
         tl.store(extrap + poffs, _to_storage(y, PDTYPE, INTERPRET), mask=mask)
     if COMMIT and QUANT:
-        _quantize_store(m, v, exp_avg, exp_avg_sq, m_scale, v_scale, moffs, mask, MASKED)
+        _quantize_store(m, v, exp_avg, exp_avg_sq, m_scale, v_scale, moffs, mask, MASKED, INTERPRET)
     elif COMMIT:
         tl.store(exp_avg + moffs, _to_storage(m, MDTYPE, INTERPRET), mask=mask)
         tl.store(exp_avg_sq + moffs, _to_storage(v, MDTYPE, INTERPRET), mask=mask)

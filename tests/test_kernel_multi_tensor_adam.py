@@ -481,3 +481,58 @@ def test_set_error_word_changes_nothing_but_restoring_the_params(separate_dst):
                        extrapolate_to=ext, save_grads_to=saved_g, error_word=word, cache=cache)
     assert [float(t) for t in pb.steps] == [t + 2 for t in snap["t"]]
     assert all(torch.equal(g, s) for g, s in zip(grads, saved_g))
+
+
+
+if ON_CUDA:
+    import triton
+    import triton.language as tl
+
+    from also_fused.kernels import multi_tensor_adam as _mta
+
+    @triton.jit
+    def _root_mismatch_kernel(count_ptr, first_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr, WHAT: tl.constexpr):
+        # every float32 bit pattern from +0 up, ITERS * BLOCK per program: count where the kernels' value
+        # differs in any bit from the one built on tl.sqrt_rn, and keep the smallest such pattern.
+        # WHAT 0: the square root; 1: the 8-bit code of m (127 sqrt(r)); 2: the code of v (255 r^(1/4)).
+        base = tl.program_id(0).to(tl.int64) * (ITERS * BLOCK)
+        for i in range(ITERS):
+            bits = (base + i * BLOCK + tl.arange(0, BLOCK)).to(tl.int32)
+            x = bits.to(tl.float32, bitcast=True)
+            if WHAT == 0:
+                ours = _mta._sqrt_rn(x, False).to(tl.int32, bitcast=True)
+                exact = tl.sqrt_rn(x).to(tl.int32, bitcast=True)
+            elif WHAT == 1:
+                ours = _mta._round_to_int(tl.minimum(_mta._code_root(x, False) * 127.0, 127.0))
+                exact = _mta._round_to_int(tl.minimum(tl.sqrt_rn(x) * 127.0, 127.0))
+            else:
+                ours = _mta._round_to_int(tl.minimum(_mta._code_root(_mta._code_root(x, False), False) * 255.0, 255.0))
+                exact = _mta._round_to_int(tl.minimum(tl.sqrt_rn(tl.sqrt_rn(x)) * 255.0, 255.0))
+            bad = ours != exact
+            tl.atomic_add(count_ptr, tl.sum(bad.to(tl.int32), axis=0))
+            tl.atomic_min(first_ptr, tl.min(tl.where(bad, bits, 0x7FFFFFFF), axis=0))
+
+
+def _root_mismatches(what: int, n_patterns: int) -> tuple[int, int]:
+    count = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    first = torch.full((1,), 0x7FFFFFFF, dtype=torch.int32, device=DEVICE)
+    iters, block = 64, 1024
+    _root_mismatch_kernel[(triton.cdiv(n_patterns, iters * block),)](count, first, ITERS=iters, BLOCK=block, WHAT=what)
+    return int(count), int(first)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the GPU's reciprocal root (the interpreter takes tl.sqrt_rn itself)")
+def test_branch_free_sqrt_is_sqrt_rn_on_every_non_negative_float():
+    """The kernels' square root without a slow-path branch gives tl.sqrt_rn's bits for each of the 2^31
+    float32 patterns with the sign bit clear: +0, subnormals, normals, +inf and every positive NaN."""
+    count, first = _root_mismatches(0, 2 ** 31)
+    assert count == 0, f"{count} mismatches, the first at bits {first:#010x}"
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the GPU's reciprocal root (the interpreter takes tl.sqrt_rn itself)")
+@pytest.mark.parametrize("what", [1, 2], ids=["m code", "v code"])
+def test_code_roots_give_the_codes_of_sqrt_rn(what):
+    """The 8-bit codes from the kernels' roots equal those from tl.sqrt_rn for every float32 pattern from
+    +0 to the last positive NaN (in the kernel r lies in [0, 1] or is NaN)."""
+    count, first = _root_mismatches(what, 2 ** 31)
+    assert count == 0, f"{count} mismatches, the first at bits {first:#010x}"
