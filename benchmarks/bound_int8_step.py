@@ -1,9 +1,11 @@
 """What binds the 8-bit AdamW step: its time with exact arithmetic against upper bounds with less of it.
 
-``python3 benchmarks/bound_int8_step.py exact|codes|all`` (one variant per process: the kernel is
-compiled with the variant's helpers): ``codes`` replaces the correctly rounded square roots of the
-8-bit codes by the approximate ones, ``all`` Adam's own square root and division too. The variants
-give other bits than the product (timing only, never a result). Params: 48 tensors of 2048 x 8192 and
+``python3 benchmarks/bound_int8_step.py VARIANT`` (one variant per process: the kernel is compiled with
+the variant's helpers). ``exact``: the product. ``rn_codes``: the codes' roots by ``tl.sqrt_rn`` (its
+branch to a slow path per element) instead of the branch-free fast path; ``rn_all``: Adam's own root
+too, i.e. the kernel before the branch-free roots (both give the product's bits). ``codes``: the
+codes' roots approximate; ``all``: Adam's root and division approximate too (other bits than the
+product: upper bounds, timing only). Params: 48 tensors of 2048 x 8192 and
 48 of 2048 x 2048 (1.0e9 float32 elements), CUDA-event median of 20 steps, the copy bandwidth of a
 float32 copy of the same size measured in the same process. Prints one JSON line.
 """
@@ -18,13 +20,24 @@ import also_fused
 from also_fused.kernels import multi_tensor_adam as M
 
 variant = sys.argv[1] if len(sys.argv) > 1 else "exact"
-if variant not in ("exact", "codes", "all"):
-    raise SystemExit("variant must be exact, codes or all")
+if variant not in ("exact", "rn_codes", "rn_all", "codes", "all"):
+    raise SystemExit("variant must be exact, rn_codes, rn_all, codes or all")
+
+if variant in ("rn_codes", "rn_all"):
+    @triton.jit
+    def _code_root(r, INTERPRET: tl.constexpr):
+        return tl.sqrt_rn(r)
+    M._code_root = _code_root
+if variant == "rn_all":
+    @triton.jit
+    def _sqrt_rn(x, INTERPRET: tl.constexpr):
+        return tl.sqrt_rn(x)
+    M._sqrt_rn = _sqrt_rn
 
 if variant in ("codes", "all"):
-    # multi_tensor_adam._store_codes with tl.sqrt (approximate) in place of tl.sqrt_rn
+    # multi_tensor_adam._store_codes with tl.sqrt (approximate) in place of its correctly rounded roots
     @triton.jit
-    def _store_codes(x, ax, a, q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr):
+    def _store_codes(x, ax, a, q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr, INTERPRET: tl.constexpr):
         normal = a >= M.MIN_NORMAL
         inv = tl.where(normal, tl.div_rn(1.0, tl.where(normal, a, 1.0)), 0.0)
         r = ax * inv
@@ -40,7 +53,8 @@ if variant == "all":
     # multi_tensor_adam._adam_math for AdamW (eps after the bias correction) with approximate sqrt and division
     @triton.jit
     def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, sqrt_bc2,
-                   EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
+                   EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                   INTERPRET: tl.constexpr):
         m, v, vmax = M._moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED, AMSGRAD)
         if DECOUPLED:
             x = x * wd
