@@ -179,7 +179,7 @@ class ALSO(ThetaAdam):
 
     def _step_loop(self) -> Tensor:
         self.check_errors(wait=False)
-        ids, losses = self.weights._take_recorded()  # a rejected step drops its batch: run it again
+        ids, losses, staged_mean = self.weights._take_recorded()  # a rejected step drops its batch: run it again
         self._check_training()
         self.weights._check_recorded(losses)
         reused = self._reused_plans(self._loop_tag(), ("amsgrad",))
@@ -187,8 +187,9 @@ class ALSO(ThetaAdam):
             self._grad_items()  # refuses bad gradients before anything changes
         undo_token = self._begin_step("loop")
         self.weights._share_error_word()
-        self._update(reused)
-        mean = self.weights._ascend(ids, losses)
+        # a staged pi step launches nothing at step(): the theta update then reports the step to the host
+        reported = self._update(reused, self.weights._report_slot() if staged_mean is not None else None)
+        mean = self.weights._ascend(ids, losses, staged_mean, reported)
         self._finish_step(undo_token)
         return mean
 

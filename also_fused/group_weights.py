@@ -31,7 +31,10 @@ class GroupWeights:
         loss.backward(); optimizer.step(); weights.step()
 
     ``weighted_loss`` may be called once per micro-batch: every loss recorded since the last
-    ``step()`` feeds the next pi step. ``mode="optimistic"`` weighs the losses with the extrapolated
+    ``step()`` feeds the next pi step. On the Triton kernels with the sum reduction (up to 256 groups)
+    ``weighted_loss`` computes its batch's pi step in the same launch as the weights and ``step()`` only
+    makes it current, without a launch of its own (several micro-batches: ``step()`` launches the pi step
+    of all of them); the result is the same, bitwise. ``mode="optimistic"`` weighs the losses with the extrapolated
     ``pi_mid = PiUpdate(pi, G_prev)`` instead of pi (ALGORITHM.md sec. 6). ``group_reduction="mean"``
     uses group means: S_j = the mean loss of group j, and the loss is
     ``sum_{j present} pi_j mean_j / sum_{j present} pi_j`` (``loss_scale`` does not apply).
@@ -107,22 +110,31 @@ class GroupWeights:
         # ALSO's closure API: the previous batch, whose G extrapolates pi at the start of the next step
         self._prev_ids: Optional[Tensor] = None
         self._prev_losses: Optional[Tensor] = None
-        self._recorded: list[tuple[Tensor, Tensor]] = []  # (ids, losses) since the last step
+        # (ids, losses, staged buffer or None, staged key or None) of each weighted_loss() since the last step
+        self._recorded: list[tuple[Tensor, Tensor, Optional[Tensor], Optional[tuple]]] = []
         # validation on the kernels' path runs on the device (no host sync; see _input_errors.py)
         self._errors = DeviceInputErrors(device, n_groups) if validate and self._backend == "triton" else None
         self._reported = False  # the step's last launch wrote its error report (see _input_errors.py)
-        self._launches: dict[str, dict] = {}  # kernels' launches kept between steps, by use (not copied)
+        self._launches: dict[Any, dict] = {}  # kernels' launches kept between steps, by use (not copied)
         self._steps_taken = 0
+        # the sum reduction on the kernels, up to SMALL_MAX groups: weighted_loss() runs the pi step of its
+        # batch in its own launch and stages the result; step() then only marks it pending (one batch
+        # since the last step), and the next weighted_loss() (or _flush, for all else that reads pi) commits it
+        fused = group_reduction == "sum" and n_groups <= _dispatch.fused_pi_max_groups(self._backend)
+        self._stage = _dispatch.pi_stage(n_groups, device) if fused else None
+        self._pending = False  # the stage holds the last step's pi (and pi_mid), not yet in _pi
 
     # ------------------------------------------------------------------ public
     @property
     def pi(self) -> Tensor:
         """The current group weights, float32 [n_groups] (do not modify in place)."""
+        self._flush()
         return self._pi
 
     @property
     def pi_mid(self) -> Tensor:
         """The weights ``weighted_loss`` uses: pi_mid = PiUpdate(pi, G_prev) in optimistic mode, else pi."""
+        self._flush()
         return self._pi_mid if self.mode == "optimistic" else self._pi
 
     @property
@@ -145,8 +157,10 @@ class GroupWeights:
         self.check_errors(wait=False)
         ids = self._as_ids(group_ids)
         self._check_losses(losses, ids, finite=False)
-        weights = self.pi_mid
         word = None if self._errors is None else self._errors.word
+        if self._stage is not None and losses.dtype == torch.float32 and self._group() is None:
+            return self._weighted_loss_staged(losses.contiguous(), ids.contiguous(), word)
+        weights = self.pi_mid
         if self.group_reduction == "mean":
             self._flag_bad("this weighted_loss() call", ids, losses.detach())
             sample_weights = self._group_mean_weights(weights, self._safe_ids(ids))
@@ -156,8 +170,33 @@ class GroupWeights:
                                            cache=self._launches.setdefault("weights", {}))
             if word is not None:
                 self._errors.check_now("this weighted_loss() call")
-        self._recorded.append((ids, losses.detach()))
+        self._recorded.append((ids, losses.detach(), None, None))
         return loss
+
+    def _weighted_loss_staged(self, losses: Tensor, ids: Tensor, word: Optional[Tensor]) -> Tensor:
+        """The weighted loss, and this batch's pi step staged (one launch): step() takes it when it was the only
+        batch recorded since the last step (several micro-batches: step() runs the pi step of all of them)."""
+        hyper = self._pi_hyper()
+        loss, buf = _dispatch.weighted_loss_and_pi_step(
+            self._pi, self._pi_mid, self._stage, hyper.pop("log_pi_reg"), ids, losses, word,
+            loss_scale=self.loss_scale, commit=self._pending,
+            cache=self._launches.setdefault(("staged", self._pending), {}), **hyper)
+        self._pending = False
+        if word is not None:
+            self._errors.check_now("this weighted_loss() call")
+        self._recorded.append((ids, losses.detach(), buf, self._staged_key()))
+        return loss
+
+    def _staged_key(self) -> tuple[float, ...]:
+        # what a staged pi step was computed with besides the losses (pi_reg changes only with a load, which
+        # drops the recorded batches)
+        return self.pi_lr, self.pi_decay, self.pi_temperature, self.eps
+
+    def _flush(self) -> None:
+        """Commit the pi step the last step() left staged, for everything that reads pi but the staged path."""
+        if self._pending:
+            self._pending = False
+            _dispatch.commit_pi_stage(self._stage, self._pi, self._pi_mid)
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -165,11 +204,11 @@ class GroupWeights:
         """pi <- PiUpdate(pi, G), G from every loss recorded since the last step (optimistic mode: then
         pi_mid <- PiUpdate(pi, G) as well); returns their mean as a 0-dim tensor (no host sync)."""
         self.check_errors(wait=False)
-        ids, losses = self._take_recorded()
+        ids, losses, staged_mean = self._take_recorded()
         self._check_recorded(losses)
         before = self._host_state()
         self._share_error_word()
-        mean = self._ascend(ids, losses)
+        mean = self._ascend(ids, losses, staged_mean)
         self._finish_step(lambda: self._restore_host_state(before))
         return mean
 
@@ -183,7 +222,7 @@ class GroupWeights:
     def select_batch(self, threshold: float, strategy: str = "pi", order: str = "desc",
                      generator: Optional[torch.Generator] = None) -> tuple[int, Tensor]:
         """Draw ``max(1, n_groups - cutoff)`` distinct ids, cutoff where pi's sorted cumulative mass reaches ``threshold``."""
-        return F.select_batch_reference(self._pi, threshold, strategy, order, generator)
+        return F.select_batch_reference(self.pi, threshold, strategy, order, generator)
 
     def __getstate__(self) -> dict[str, Any]:
         """For ``copy.deepcopy`` and pickle: waits first for the device's check of earlier steps."""
@@ -218,10 +257,10 @@ class GroupWeights:
     def _check_losses(self, losses: Any, ids: Tensor, finite: bool) -> None:
         _checks.check_losses(losses, ids, self.device, finite and self._checks_values_on_host)
 
-    def _check_recorded(self, losses: Tensor) -> None:
+    def _check_recorded(self, losses: Optional[Tensor]) -> None:
         """The losses recorded by ``weighted_loss`` (checked there but for their values): NaN or inf raise
-        now where the host checks values (a host sync)."""
-        if self._checks_values_on_host:
+        now where the host checks values (a host sync). None: a staged step (the kernels checked them)."""
+        if losses is not None and self._checks_values_on_host:
             _checks.check_finite_losses(losses)
 
     def _flag_bad(self, what: str, ids: Optional[Tensor] = None, losses: Optional[Tensor] = None) -> None:
@@ -236,23 +275,34 @@ class GroupWeights:
         return ids.clamp(0, self.n_groups - 1) if self._errors is not None and self._errors.deferred else ids
 
     # ------------------------------------------------- the steps (ALSO calls these too)
-    def _take_recorded(self) -> tuple[Tensor, Tensor]:
-        """The ids and float32 losses recorded since the last step, concatenated; the record is emptied
-        (a rejected step drops its batches: zero the grads and run them again)."""
-        if not self._recorded:
+    def _take_recorded(self) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """What the step's pi update needs of the batches recorded since the last step, and the record is
+        emptied (a rejected step drops its batches: zero the grads and run them again): (None, None, mean)
+        when weighted_loss() staged the update of the one batch recorded, with the current hyper-parameters,
+        mean the 0-d mean loss it wrote; else the ids and float32 losses, concatenated, and None."""
+        recorded = self._recorded
+        if not recorded:
             raise RuntimeError("step() needs the per-sample losses: compute the loss with "
                                "weighted_loss(losses, group_ids) before backward()")
-        if len(self._recorded) > 1:
-            ids = torch.cat([i for i, _ in self._recorded])
-            losses = torch.cat([l.float() for _, l in self._recorded])
-        else:
-            ids, losses = self._recorded[0][0], self._recorded[0][1].float()
-        self._recorded.clear()
-        return ids, losses
+        self._recorded = []
+        last = recorded[-1]
+        if len(recorded) == 1 and last[2] is not None and last[3] == self._staged_key():
+            return None, None, last[2][-1]
+        if len(recorded) > 1:
+            return torch.cat([r[0] for r in recorded]), torch.cat([r[1].float() for r in recorded]), None
+        return last[0], last[1].float(), None
 
-    def _ascend(self, ids: Tensor, losses: Tensor) -> Tensor:
+    def _ascend(self, ids: Optional[Tensor], losses: Optional[Tensor], staged_mean: Optional[Tensor] = None,
+                reported: bool = False) -> Tensor:
         """pi <- PiUpdate(pi, G); optimistic: pi_mid <- PiUpdate(new pi, G), in the same launch. Returns the
-        losses' mean (0-d; computed by the pi step's own launch where it reads the per-sample losses)."""
+        losses' mean (0-d; computed by the pi step's own launch where it reads the per-sample losses).
+        With ``staged_mean`` (from ``_take_recorded``) the update is the one weighted_loss() staged: it only
+        becomes pending; ``reported``: a launch of the step wrote ``_report_slot()``."""
+        if staged_mean is not None:
+            self._pending = True
+            self._reported = reported
+            return staged_mean
+        self._flush()
         second = self._pi_mid if self.mode == "optimistic" else None
         return self._pi_apply(self._pi_inputs(ids, losses), out=self._pi, second_out=second, losses=losses,
                               last=True, cache="ascend")
@@ -260,6 +310,7 @@ class GroupWeights:
     def _closure_weights(self, ids: Tensor) -> tuple[Tensor, float]:
         """ALSO's closure API: (pi_selected, loss_scale) for the closure. In optimistic mode pi_mid =
         PiUpdate(pi, G_prev) is computed first from the previous batch (a copy of pi before it)."""
+        self._flush()
         weights = self._pi
         if self.mode == "optimistic":
             if self._prev_losses is None:
@@ -287,6 +338,10 @@ class GroupWeights:
         if self.mode == "optimistic":
             self._prev_ids, self._prev_losses = inputs
         self._pi_apply(inputs, out=self._pi, last=True, cache="ascend")
+
+    def _report_slot(self) -> Optional[Tensor]:
+        """The slot in which a launch of the step being taken may report it (None without device checks)."""
+        return None if self._errors is None else self._errors.report_slot()
 
     def _share_error_word(self) -> None:
         """Distributed: every rank rejects the step if any rank found bad input (pi stays equal on all)."""
@@ -371,6 +426,7 @@ class GroupWeights:
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
+        self._flush()
         return dict(n_groups=self.n_groups, mode=self.mode, group_reduction=self.group_reduction,
                     loss_scale=self.loss_scale, pi_lr=self.pi_lr, pi_decay=self.pi_decay,
                     pi_temperature=self.pi_temperature, pi_eps=self.eps, pi=self._pi, pi_mid=self._pi_mid,
@@ -408,6 +464,7 @@ class GroupWeights:
         self._prev_ids = to_device(state["prev_ids"])
         self._prev_losses = to_device(state["prev_losses"])
         self._recorded.clear()
+        self._pending = False  # the staged step belonged to the replaced state
 
 
 def _as_device(device: Optional[Union[str, torch.device]]) -> torch.device:

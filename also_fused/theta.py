@@ -124,11 +124,14 @@ class ThetaAdam(AdamFamily):
     def _loop_tag(self) -> str:
         return "step" if self.mode == "descent-ascent" else "fused"
 
-    def _update(self, reused: Optional[list[tuple[dict, list[Tensor]]]] = None) -> None:
+    def _update(self, reused: Optional[list[tuple[dict, list[Tensor]]]] = None,
+                report: Optional[Tensor] = None) -> bool:
         """Loop API: x <- x + AdamStep(x, d); optimistic: x is kept in the state, the params get
         y = x + AdamStep(x, alpha d) (one pass), and params without a gradient go back to x.
 
-        ``reused``: the plans ``_reused_plans`` found unchanged since the last step (else they are built)."""
+        ``reused``: the plans ``_reused_plans`` found unchanged since the last step (else they are built).
+        ``report``: a report slot of the device checks (``_input_errors``) for the first launch to write;
+        returns whether one did."""
         if self.mode == "descent-ascent":
             per_tensor = dict(sources=param_itself, destinations=param_itself)
             scalars: dict[str, Any] = {}
@@ -138,10 +141,15 @@ class ThetaAdam(AdamFamily):
         if reused is None:
             reused = self._plans_with_grads(self._loop_tag(), ("amsgrad",), per_tensor)
         word = self._errors.word if self._errors is not None else None
+        reported = False
         for plan, grads in reused:
-            self._run_plan(plan, grads, word, eps_mode="also", **scalars)
+            if report is not None and not reported and plan["backend"] == "triton":
+                self._run_plan(plan, grads, word, eps_mode="also", report_out=report, **scalars)
+                reported = True
+            else:
+                self._run_plan(plan, grads, word, eps_mode="also", **scalars)
         if self.mode == "descent-ascent":
-            return
+            return reported
         key = (self._state_version, tuple([id(plan) for plan, _ in reused]))
         if self._stale[0] != key:
             with_grad = {id(p) for plan, _ in reused for p in plan["params"]}
@@ -154,6 +162,7 @@ class ThetaAdam(AdamFamily):
                 rejected = self._errors.word != 0
                 for p, state in stale:
                     p.copy_(torch.where(rejected, p, state["iterate"]))
+        return reported
 
     def _extrapolate_closure(self) -> Moved:
         """Closure API: y = x + AdamStep(x, alpha*d_prev) into the params, x saved; the Adam state is not yet written."""

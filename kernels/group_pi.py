@@ -9,6 +9,10 @@ Two paths, both free of float atomics (bitwise reproducible):
 
 * small ``n_groups`` (<= ``SMALL_MAX``): one program, one launch.  S is built densely by comparing
   every group index with every sample id, chunk by chunk in a fixed order.
+* the same single program fused with the weighted loss's per-sample weights
+  (``weighted_loss_and_pi_step``): the optimizers' loop API runs a batch's pi step in the launch of its
+  weighted loss, staged in a buffer that becomes pi at the next call after ``step()`` (or on the host's
+  request), so that ``step()`` launches nothing for pi.
 * large ``n_groups``, sparse variant (n_groups > 1000 * batch): two launches per PiUpdate, no
   dense G.  Launch 1 has "dense" programs that reduce the logits with G = 0 over contiguous
   ranges of pi (range max, then a float64 sum of the exponentials) and "sample" programs that
@@ -38,6 +42,7 @@ import triton.language as tl
 from ._interpreter import enable_interpreter_compat
 from .launch import cdiv, launch, launch_cached, next_power_of_2
 from .error_word import REPORTED, report, zero_word
+from .losses import _bad_bits, _or_reduce
 
 enable_interpreter_compat()
 
@@ -76,6 +81,23 @@ def _log_f64(z):
 
 
 @triton.jit
+def _pi_logit_base(p, r, c, eps, HAS_REG: tl.constexpr):
+    # log(pi + eps) + c log(pi_reg): the part of z_j (times 1 + c) that does not depend on the losses
+    x = tl.log(p + eps)
+    if HAS_REG:
+        x = x + c * r
+    return x
+
+
+@triton.jit
+def _pi_softmax(x, s, jm, a, lr):
+    # PiUpdate over one program's NPAD groups: softmax((x + lr S) a), a = 1 / ((1 + c) T); 0 outside n
+    y = tl.where(jm, (x + lr * s) * a, float("-inf"))
+    e = tl.where(jm, tl.exp(y - tl.max(y, axis=0)), 0.0)
+    return e / tl.sum(e, axis=0)
+
+
+@triton.jit
 def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, err_ptr, mean_ptr, report_ptr, n, B,
                      a, c, lr, eps,
                      HAS_REG: tl.constexpr, SECOND: tl.constexpr, NPAD: tl.constexpr,
@@ -103,20 +125,68 @@ def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, err_
     r = tl.zeros([NPAD], dtype=tl.float32)
     if HAS_REG:
         r = tl.load(lpr_ptr + j, mask=jm, other=0.0)
-    x = tl.log(p + eps)
-    if HAS_REG:
-        x = x + c * r
-    y = tl.where(jm, (x + lr * s) * a, float("-inf"))
-    e = tl.where(jm, tl.exp(y - tl.max(y, axis=0)), 0.0)
-    o = e / tl.sum(e, axis=0)
+    o = _pi_softmax(_pi_logit_base(p, r, c, eps, HAS_REG), s, jm, a, lr)
     tl.store(out_ptr + j, o, mask=jm & keep)
     if SECOND:
-        x2 = tl.log(o + eps)
-        if HAS_REG:
-            x2 = x2 + c * r
-        y2 = tl.where(jm, (x2 + lr * s) * a, float("-inf"))
-        e2 = tl.where(jm, tl.exp(y2 - tl.max(y2, axis=0)), 0.0)
-        tl.store(out2_ptr + j, e2 / tl.sum(e2, axis=0), mask=jm & keep)
+        o2 = _pi_softmax(_pi_logit_base(o, r, c, eps, HAS_REG), s, jm, a, lr)
+        tl.store(out2_ptr + j, o2, mask=jm & keep)
+
+
+@triton.jit
+def _weighted_pi_kernel(pi_ptr, mid_ptr, stage_ptr, lpr_ptr, ids_ptr, loss_ptr, w_ptr, err_ptr, n, B, scale,
+                        a, c, lr, eps,
+                        HAS_REG: tl.constexpr, OPTIMISTIC: tl.constexpr, NPAD: tl.constexpr, BK: tl.constexpr,
+                        COMMIT: tl.constexpr, CHECK: tl.constexpr):
+    # The weighted loss's per-sample weights and the pi step of this batch in one program; the step's
+    # result is staged (``stage``: pi, then pi_mid) and becomes pi at the next call after the step
+    # (COMMIT), or earlier through the host (``GroupWeights._flush``). S, the mean and the update are
+    # those of _pi_small_kernel, bitwise.
+    j = tl.arange(0, NPAD)
+    jm = j < n
+    if COMMIT:  # the previous step's staged pi (and pi_mid) become the current ones
+        p = tl.load(stage_ptr + j, mask=jm, other=1.0)
+        tl.store(pi_ptr + j, p, mask=jm)
+        if OPTIMISTIC:
+            tl.store(mid_ptr + j, tl.load(stage_ptr + NPAD + j, mask=jm, other=1.0), mask=jm)
+        tl.debug_barrier()  # the stores above are read back by the gather of the weights below
+    else:
+        p = tl.load(pi_ptr + j, mask=jm, other=1.0)
+    m = p
+    if OPTIMISTIC:
+        m = tl.load(mid_ptr + j, mask=jm, other=1.0)
+    # the weights w_i = scale * pi[g_i] (pi_mid in optimistic mode; 0 for an id outside [0, n))
+    weights_ptr = mid_ptr if OPTIMISTIC else pi_ptr
+    s = tl.zeros([NPAD], dtype=tl.float32)
+    total = tl.zeros([BK], dtype=tl.float32)
+    bad = tl.zeros([BK], dtype=tl.int32)
+    for k0 in range(0, B, BK):
+        k = k0 + tl.arange(0, BK)
+        km = k < B
+        g = tl.load(ids_ptr + k, mask=km, other=-1)
+        lk = tl.load(loss_ptr + k, mask=km, other=0.0).to(tl.float32)
+        ok = km & (g >= 0) & (g < n)
+        tl.store(w_ptr + k, scale * tl.load(weights_ptr + g, mask=ok, other=0.0), mask=km)
+        hit = g[None, :] == j[:, None]
+        s += tl.sum(tl.where(hit, lk[None, :], 0.0), axis=1)
+        total += lk
+        if CHECK:
+            bad = bad | _bad_bits(km, ok, lk)
+    word = tl.load(err_ptr)
+    if CHECK:
+        bits = _or_reduce(bad)
+        if bits != 0:
+            tl.atomic_or(err_ptr, bits)
+        word = word | bits
+    keep = word == 0  # a set error word: the step is rejected, its staged pi is the current one
+    tl.store(w_ptr + B, tl.sum(total, axis=0) / B)  # the batch's mean loss: step()'s return value
+    r = tl.zeros([NPAD], dtype=tl.float32)
+    if HAS_REG:
+        r = tl.load(lpr_ptr + j, mask=jm, other=0.0)
+    o = _pi_softmax(_pi_logit_base(p, r, c, eps, HAS_REG), s, jm, a, lr)
+    tl.store(stage_ptr + j, tl.where(keep, o, p), mask=jm)
+    if OPTIMISTIC:
+        o2 = _pi_softmax(_pi_logit_base(o, r, c, eps, HAS_REG), s, jm, a, lr)
+        tl.store(stage_ptr + NPAD + j, tl.where(keep, o2, m), mask=jm)
 
 
 @triton.jit
@@ -381,6 +451,66 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
     return pi_update_checked(pi, group_ids, losses, pi_lr=pi_lr, pi_decay=pi_decay, temperature=temperature,
                              eps=eps, log_pi_reg=log_pi_reg, out=out, second_out=second_out,
                              error_word=error_word, mean_out=mean_out, report_out=report_out, _path=_path)
+
+
+_WEIGHTED_PI_VARYING = (4, 5, 6)  # ids, losses, weights buffer: new tensors every call
+
+
+def _npad(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def pi_stage(n: int, device: torch.device) -> torch.Tensor:
+    """A stage for ``weighted_loss_and_pi_step`` over ``n`` (<= SMALL_MAX) groups: staged pi, then staged pi_mid."""
+    return torch.zeros(2 * _npad(n), dtype=torch.float32, device=device)
+
+
+def commit_pi_stage(stage: torch.Tensor, pi: torch.Tensor, pi_mid: Optional[torch.Tensor]) -> None:
+    """pi (and pi_mid) <- the values the last ``weighted_loss_and_pi_step`` staged (stream-ordered copies)."""
+    n = pi.shape[0]
+    pi.copy_(stage[:n])
+    if pi_mid is not None:
+        npad = _npad(n)
+        pi_mid.copy_(stage[npad:npad + n])
+
+
+def weighted_loss_and_pi_step(pi: torch.Tensor, pi_mid: Optional[torch.Tensor], stage: torch.Tensor,
+                              log_pi_reg: Optional[torch.Tensor], group_ids: torch.Tensor, losses: torch.Tensor,
+                              error_word: Optional[torch.Tensor], *, loss_scale: float, pi_lr: float,
+                              pi_decay: float, temperature: float, eps: float, commit: bool,
+                              cache: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss_scale * sum_i w[g_i] l_i, buf)`` in one launch plus ``torch.dot``, w = pi_mid (optimistic) or pi,
+    with this batch's pi step staged in ``stage`` (``pi_stage``): staged pi = PiUpdate(pi, S), staged pi_mid =
+    PiUpdate(staged pi, S), S the batch's loss sums per group, as ``pi_update`` computes them (bitwise).
+    ``commit`` first moves the previously staged pi (and pi_mid) into ``pi`` (and ``pi_mid``). ``buf[:B]``
+    holds the weights (saved for the backward), ``buf[B]`` the batch's mean loss.
+
+    ``error_word``: bad ids or losses set its bits; while it is set, the staged pi and pi_mid are the
+    current ones (the step is rejected). n_groups <= SMALL_MAX; ids, losses (float32) contiguous on pi's
+    device; ``cache``: a dict the caller keeps per ``commit``, holding the kept launch."""
+    n = pi.shape[0]
+    B = losses.shape[0]
+    buf = torch.empty(B + 1, dtype=torch.float32, device=losses.device)
+    check = error_word is not None
+    err = error_word if check else zero_word(pi.device)
+    c = float(pi_decay) * float(pi_lr)
+    a = 1.0 / ((1.0 + c) * float(temperature))
+    lr = float(pi_lr)
+    eps = float(eps)
+    scale = float(loss_scale)
+    optimistic = pi_mid is not None
+    has_reg = log_pi_reg is not None
+    mid = pi_mid if optimistic else pi
+    lpr = log_pi_reg if has_reg else pi
+    npad = _npad(n)
+    args = (pi, mid, stage, lpr, group_ids, losses, buf, err, n, B, scale, a, c, lr, eps)
+    # everything but the ids, losses and buffer (new tensors every call) names the kept launch
+    key = (pi.data_ptr(), mid.data_ptr(), stage.data_ptr(), lpr.data_ptr(), err.data_ptr(), n, B, scale, a, c, lr,
+           eps, has_reg, optimistic, commit, check)
+    launch_cached(cache, key, _weighted_pi_kernel, 1, pi.device, args, _WEIGHTED_PI_VARYING,
+                  HAS_REG=has_reg, OPTIMISTIC=optimistic, NPAD=npad, BK=max(16, 8192 // npad), COMMIT=commit,
+                  CHECK=check, num_warps=4 if npad <= 64 else 8)
+    return torch.dot(buf[:B], losses), buf
 
 
 def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *,

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .error_word import zero_word
+from .error_word import REPORTED, zero_word
 from .launch import Launcher
 from .layout import QUANT_BLOCK, dense_like, quant_blocks
 from .layout import QUANT_M_STEP, QUANT_MIN_NORMAL, QUANT_V_STEP
@@ -75,6 +75,7 @@ def kernel_config(param_size: int, moment_size: int) -> tuple:
     return STATE_CONFIG.get((param_size, moment_size), KERNEL_CONFIG[param_size])
 
 # the 8-bit code's constants (kernels/layout.py), as float32 constants of the kernels
+_REPORTED = tl.constexpr(REPORTED)
 M_STEP = tl.constexpr(QUANT_M_STEP)
 V_STEP = tl.constexpr(QUANT_V_STEP)
 MIN_NORMAL = tl.constexpr(QUANT_MIN_NORMAL)
@@ -334,13 +335,13 @@ def _pick(row, a0, a1, a2, a3, N: tl.constexpr):
 @triton.jit
 def _multi_tensor_adam_kernel(
     chunks_ptr, meta_ptr, grads_ptr, hyper_ptr, error_ptr, tickets_ptr, grad_scale, extrap_scale, prior_scale,
-    lr0, lr1, lr2, lr3, df0, df1, df2, df3, N_LR_ARGS: tl.constexpr,
+    lr0, lr1, lr2, lr3, df0, df1, df2, df3, report_ptr, N_LR_ARGS: tl.constexpr,
     PDTYPE: tl.constexpr, MDTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, PVEC: tl.constexpr,
     MVEC: tl.constexpr, META_COLS: tl.constexpr,
     EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
     PRIOR: tl.constexpr, COMMIT: tl.constexpr, QUANT: tl.constexpr, HYPER_COLS: tl.constexpr,
-    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr,
+    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr, REPORT: tl.constexpr,
 ):
     # One program = one chunk (up to CHUNK elements) of one tensor; the chunk table packs
     # (tensor index << 32) | chunk index within that tensor.
@@ -425,7 +426,11 @@ def _multi_tensor_adam_kernel(
     end = tl.minimum(start + CHUNK, numel)
     # A set error word (bad input found on the device) turns the update into a restore: the
     # destination takes the source where they differ, nothing else is written.
-    rejected = tl.load(error_ptr) != 0
+    word = tl.load(error_ptr)
+    if REPORT:  # the step's report to the host (pinned memory; _input_errors.py), by one program
+        if tl.program_id(0) == 0:
+            tl.store(report_ptr, word | _REPORTED)
+    rejected = word != 0
     if rejected:
         if tl.load(row) != tl.load(row + 1):  # source and destination addresses differ
             for i in range(0, CHUNK // BLOCK):
@@ -519,6 +524,7 @@ def multi_tensor_adam_(
     lr_args: Optional[Sequence[Tuple[float, float]]] = None,
     exp_avg_scales: Optional[Sequence[torch.Tensor]] = None,
     exp_avg_sq_scales: Optional[Sequence[torch.Tensor]] = None,
+    report_out: Optional[torch.Tensor] = None,
 ) -> None:
     """Adam step for every tensor i in one kernel launch: destinations[i] = sources[i] + AdamStep.
 
@@ -538,7 +544,8 @@ def multi_tensor_adam_(
     so that an lr schedule changes launch arguments, not the table.
     ``exp_avg_scales`` / ``exp_avg_sq_scales``: 8-bit moments (int8 m, uint8 v codes, one float32 scale
     per 1024 elements; ``functional.quantize_moment_`` states the code), decoded and re-encoded in the pass.
-    ``cache`` (a dict kept by the caller) holds the device tables between calls. With ``static_lists`` the
+    ``report_out`` (0-d int32, pinned host memory on a GPU): receives ``error_word | REPORTED``, the step's report
+    to the host (``also_fused._input_errors``). ``cache`` (a dict kept by the caller) holds the device tables between calls. With ``static_lists`` the
     caller promises that when it passes the very same list objects again, the optimizer-owned tensors in
     them (moments, steps, prior/saved gradients) have not moved; only the param-like lists and the grads are
     then re-read, which keeps the host cost of a step low for hundreds of tensors.
@@ -608,7 +615,7 @@ def multi_tensor_adam_(
         cache["grad_aligned"] = (_or_all(grad_ptrs) & 15) == 0
 
     flags = (eps_mode, bool(decoupled_weight_decay), bool(maximize), bool(commit_state), n_lr,
-             cache["aligned"] and cache["grad_aligned"], quant)
+             cache["aligned"] and cache["grad_aligned"], quant, report_out is not None)
     launcher = cache["launchers"].get(flags)
     if launcher is None:
         block, chunk, num_warps, pvec = cache["config"]
@@ -618,7 +625,7 @@ def multi_tensor_adam_(
             EPS_TORCH=eps_mode == "torch", DECOUPLED=flags[1], AMSGRAD=max_exp_avg_sqs is not None,
             MAXIMIZE=flags[2], SAVE_SRC=save_sources_to is not None, SAVE_GRAD=save_grads_to is not None,
             EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=flags[3],
-            HYPER_COLS=HYPER_COLS, ALIGNED=flags[5], INTERPRET=device.type != "cuda"),
+            HYPER_COLS=HYPER_COLS, ALIGNED=flags[5], INTERPRET=device.type != "cuda", REPORT=flags[7]),
             # torch.optim rounds every elementwise op; without contraction the drop-ins follow it closely
             dict(num_warps=num_warps, enable_fp_fusion=eps_mode != "torch"))
     if n_lr:
@@ -626,19 +633,25 @@ def multi_tensor_adam_(
         decays = [float(a[1]) for a in lr_args] + [1.0] * (MAX_LR_ARGS - n_lr)
     else:
         lrs, decays = _NO_LR_ARGS
-    args = (cache["chunks"], cache["meta"], cache["grad_table"], hyper, zero_word(device) if error_word is None
-            else error_word, cache["tickets"], float(grad_scale), float(extrapolation_scale), float(prior_scale),
-            *lrs, *decays)
-    prepared = cache["prepared"].get(flags)
-    if prepared is None or not prepared(cache["total"], *[args[i] for i in _VARYING]):
+    word = zero_word(device) if error_word is None else error_word
+    scales = (float(grad_scale), float(extrapolation_scale), float(prior_scale))
+    args = (cache["chunks"], cache["meta"], cache["grad_table"], hyper, word, cache["tickets"], *scales, *lrs, *decays,
+            word if report_out is None else report_out)
+    varying = _VARYING[n_lr]
+    prepared = cache["prepared"].get((flags, scales))
+    if prepared is None or not prepared(cache["total"], *[args[i] for i in varying]):
         launcher(cache["total"], device, *args)
-        cache["prepared"][flags] = launcher.prepare(device, args, _VARYING)
+        if len(cache["prepared"]) >= 16:  # scales that change every call: keep a few
+            cache["prepared"].clear()
+        cache["prepared"][(flags, scales)] = launcher.prepare(device, args, varying)
 
 
 _NO_LR_ARGS = ([0.0] * MAX_LR_ARGS, [1.0] * MAX_LR_ARGS)
-# the launch arguments that may change while the cache's tables stay: the grad table (reallocated on
-# another stream), the error word, the scales and the lr arguments
-_VARYING = (2, 4) + tuple(range(6, 9 + 2 * MAX_LR_ARGS))
+# per number of lr arguments, the launch arguments that may change while the cache's tables stay (the
+# scales name the kept launch): the grad table (reallocated on another stream), the error word, the lr
+# arguments in use and the report slot
+_VARYING = [(2, 4) + tuple(range(9, 9 + n)) + tuple(range(9 + MAX_LR_ARGS, 9 + MAX_LR_ARGS + n)) + (9 + 2 * MAX_LR_ARGS,)
+            for n in range(MAX_LR_ARGS + 1)]
 
 
 def _check_call(lists: Dict[int, Sequence[torch.Tensor]], grads: Sequence[torch.Tensor],

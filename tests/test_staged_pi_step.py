@@ -1,0 +1,145 @@
+"""The staged pi step: with the sum reduction on the kernels, weighted_loss() runs its batch's pi step in its
+own launch and stages the result, step() only marks it pending, and the next weighted_loss() (or anything
+else that reads pi) commits it. Held bitwise to the same optimizers with the stage switched off (the pi
+step then runs at step(), ``kernels.group_pi.pi_update``): losses, their gradients, step()'s mean, pi,
+pi_mid, params and state, whether or not pi is read between steps; a hyper-parameter changed between
+weighted_loss() and step() falls back to the launch at step(); state_dict and load_state_dict see
+the committed pi.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import also_fused
+from also_fused import _dispatch
+from conftest import DEVICE, triton_importable
+from harness import assert_same
+
+pytestmark = pytest.mark.skipif(not triton_importable(), reason="the staged step runs on the Triton kernels")
+MODES = ("descent-ascent", "optimistic")
+N_GROUPS, B = 5, 12
+
+
+def batches(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [((torch.rand(B, generator=gen) * (1 + k % 3)).to(DEVICE),
+             torch.randint(0, N_GROUPS, (B,), generator=gen).to(DEVICE)) for k in range(n)]
+
+
+def twins(mode: str, **kw):
+    """Two GroupWeights alike, the second with the stage switched off (its pi step launches at step())."""
+    make = lambda: also_fused.GroupWeights(N_GROUPS, batch_size=B, mode=mode, pi_lr=0.4, device=DEVICE,
+                                           backend="triton", **kw)
+    staged, launched = make(), make()
+    assert staged._stage is not None
+    launched._stage = None
+    return staged, launched
+
+
+def weighted(weights, losses, ids):
+    x = losses.clone().requires_grad_()
+    loss = weights.weighted_loss(x, ids)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pi_reg", [None, [0.1, 0.2, 0.3, 0.15, 0.25]])
+@pytest.mark.parametrize("validate", [True, False])
+def test_staged_step_is_bitwise_the_launched_one(mode, pi_reg, validate):
+    staged, launched = twins(mode, pi_reg=pi_reg, pi_decay=0.5, validate=validate)
+    for k, (losses, ids) in enumerate(batches(6)):
+        for a, b in zip(weighted(staged, losses, ids), weighted(launched, losses, ids)):
+            assert torch.equal(a, b)
+        assert torch.equal(staged.step(), launched.step())
+        if k % 3 == 1:  # read between steps (committed through the host) or not (by the next launch)
+            assert torch.equal(staged.pi, launched.pi) and torch.equal(staged.pi_mid, launched.pi_mid)
+    assert torch.equal(staged.pi, launched.pi) and torch.equal(staged.pi_mid, launched.pi_mid)
+    assert not torch.equal(staged.pi, torch.full_like(staged.pi, 1 / N_GROUPS))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_staged_step_launches_nothing_at_step(mode, monkeypatch):
+    staged, _ = twins(mode)
+    losses, ids = batches(1)[0]
+    staged.weighted_loss(losses, ids)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pi step was launched at step()")
+
+    monkeypatch.setattr(_dispatch, "pi_update", refuse)
+    staged.step()
+    assert staged._pending
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hyperparameters_changed_before_step_are_used(mode):
+    staged, launched = twins(mode)
+    for k, (losses, ids) in enumerate(batches(4)):
+        staged.weighted_loss(losses, ids), launched.weighted_loss(losses, ids)
+        if k == 1:
+            staged.pi_lr = launched.pi_lr = 0.05
+        if k == 2:
+            staged.pi_temperature = launched.pi_temperature = 2.0
+        assert torch.equal(staged.step(), launched.step())
+    assert torch.equal(staged.pi, launched.pi) and torch.equal(staged.pi_mid, launched.pi_mid)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_holds_the_committed_step_and_resumes(mode):
+    staged, launched = twins(mode)
+    data = batches(6)
+    for losses, ids in data[:3]:
+        staged.weighted_loss(losses, ids), launched.weighted_loss(losses, ids)
+        staged.step(), launched.step()
+    assert staged._pending
+    saved = copy.deepcopy(staged.state_dict())
+    assert torch.equal(saved["pi"], launched.pi)
+    if mode == "optimistic":
+        assert torch.equal(saved["pi_mid"], launched.pi_mid)
+    resumed, _ = twins(mode)
+    staged.weighted_loss(*data[3]), staged.step()  # pending again, then replaced by the load
+    staged.load_state_dict(saved)
+    for weights in (staged, resumed):
+        if weights is resumed:
+            weights.load_state_dict(saved)
+        for losses, ids in data[3:]:
+            weights.weighted_loss(losses, ids)
+            weights.step()
+    for losses, ids in data[3:]:
+        launched.weighted_loss(losses, ids), launched.step()
+    for weights in (staged, resumed):
+        assert torch.equal(weights.pi, launched.pi) and torch.equal(weights.pi_mid, launched.pi_mid)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_also_with_the_staged_step_is_bitwise_the_launched_one(mode):
+    gen = torch.Generator().manual_seed(1)
+    W0 = torch.randn(4, 3, generator=gen)
+
+    def build():
+        W = torch.nn.Parameter(W0.clone().to(DEVICE))
+        return W, also_fused.ALSO([W], n_groups=N_GROUPS, batch_size=B, mode=mode, pi_lr=0.3, lr=1e-2,
+                                  backend="triton")
+
+    (W1, staged), (W2, launched) = build(), build()
+    launched.weights._stage = None
+    X = torch.randn(B, 4, generator=gen).to(DEVICE)
+    for k, (_, ids) in enumerate(batches(5)):
+        results = []
+        for W, opt in ((W1, staged), (W2, launched)):
+            opt.zero_grad(set_to_none=True)
+            losses = ((X @ W) ** 2).mean(1) + ids.float()
+            opt.weighted_loss(losses, ids).backward()
+            results.append(opt.step())
+            if k == 2:
+                opt.eval()
+                opt.train()
+        assert torch.equal(*results)
+    assert staged.weights._pending
+    assert torch.equal(W1, W2) and torch.equal(staged.pi, launched.pi)
+    assert_same(copy.deepcopy(staged.state_dict())["state"][0]["exp_avg"],
+                launched.state_dict()["state"][0]["exp_avg"], "exp_avg")
