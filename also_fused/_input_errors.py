@@ -22,6 +22,8 @@ from .kernels.error_word import ID_OUT_OF_RANGE, NON_FINITE_LOSS, REPORTED, repo
 Undo = Callable[[], None]
 RING = 256  # steps whose report the host has not read yet, at most (then it waits for the device)
 SLOT_STRIDE = 4  # int32 per slot
+# whether the current CUDA stream is capturing, without torch.cuda's Python wrapper
+_stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 CAPTURE_REFUSED = ("validate=True checks each step's input on the device and reports it to the host step by "
                    "step, which a CUDA-graph replay cannot do: capture with validate=False (ids outside "
                    "[0, n_groups) are then ignored and losses are not checked)")
@@ -90,9 +92,12 @@ class DeviceInputErrors:
         step and weighted loss, it also refuses to run inside a CUDA-graph capture (``_capturing``)."""
         if self.deferred and self._capturing():
             raise RuntimeError(CAPTURE_REFUSED)
-        wait = wait or len(self._pending) >= RING - 1
-        while self._pending:
-            step_index, slot, _ = self._pending[0]
+        pending = self._pending
+        if not pending:
+            return
+        wait = wait or len(pending) >= RING - 1
+        while pending:
+            step_index, slot, _ = pending[0]
             value = int(self._values[slot])
             if self._in_flight(value):
                 if not wait:
@@ -101,12 +106,12 @@ class DeviceInputErrors:
             bits = value & ~REPORTED
             if bits:
                 self._reject_from(step_index, bits)
-            self._pending.popleft()
+            pending.popleft()
 
     def _capturing(self) -> bool:
         # the device checks report to the host once per step taken; a replayed CUDA graph takes steps the
         # host never sees (a rejected replay would leave every later replay a silent no-op)
-        return self._device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return self._device.type == "cuda" and _stream_capturing()
 
     @staticmethod
     def _in_flight(value: int) -> bool:

@@ -30,8 +30,14 @@ except ImportError:  # an older Triton: always take its own path
 
 def _no_launch_hooks() -> bool:
     runtime = _knobs.runtime
-    return not any(getattr(hook, "calls", hook is not None) for hook in
-                   (runtime.launch_enter_hook, runtime.launch_exit_hook))
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    # a HookChain holds its hooks in .calls; a Triton that takes one callable holds it or None
+    return not (getattr(enter, "calls", enter is not None) or getattr(leave, "calls", leave is not None))
+
+
+# the current CUDA device's index, without torch.cuda.current_device()'s Python wrapper
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+_TENSOR, _FLOAT, _OTHER = range(3)  # how a kept launch checks a varying argument
 
 
 class Launcher:
@@ -115,25 +121,28 @@ class PreparedLaunch:
     it returns False, launching nothing, when one does not (or launch hooks are installed, or another
     device is current), and the caller then launches through ``Launcher``."""
 
-    __slots__ = ("_run", "_head", "_args", "_slots", "_specs", "_index")
+    __slots__ = ("_run", "_head", "_args", "_varying", "_index")
 
     def __init__(self, entry: tuple, args: list, slots: list, specs: list, device: torch.device) -> None:
         self._run, self._head = entry
-        self._args, self._slots, self._specs, self._index = args, slots, specs, device.index
+        self._args, self._index = args, device.index
+        # (argument position, how it is checked, its specialisation): a tensor keeps (dtype, 16-byte aligned)
+        self._varying = [(slot, _FLOAT if spec is float else _TENSOR if type(spec) is tuple and len(spec) == 2
+                          else _OTHER, spec) for slot, spec in zip(slots, specs)]
 
     def __call__(self, grid: int, *values: Any) -> bool:
-        if not _no_launch_hooks() or torch.cuda.current_device() != self._index:
+        if _current_device() != self._index or not _no_launch_hooks():
             return False
         args = self._args
-        for slot, spec, value in zip(self._slots, self._specs, values):
-            if spec is float:
-                if type(value) is not float:
-                    return False
-            elif type(spec) is tuple and len(spec) == 2:  # a tensor: (dtype, 16-byte aligned)
+        for (slot, kind, spec), value in zip(self._varying, values):
+            if kind == _TENSOR:
                 address = value.data_ptr()
-                if value.dtype != spec[0] or (address & 15 == 0) != spec[1]:
+                if value.dtype is not spec[0] or (address & 15 == 0) is not spec[1]:
                     return False
                 value = address
+            elif kind == _FLOAT:
+                if type(value) is not float:
+                    return False
             elif Launcher._specialisation((value,))[0] != (spec,):
                 return False
             args[slot] = value
