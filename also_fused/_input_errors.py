@@ -2,9 +2,10 @@
 
 The kernels OR error bits (``kernels.error_word``) into a sticky int32 word on the device; every
 update kernel of a step reads it and changes nothing while it is set, so a rejected step (and every
-step queued after it before the host learns of it) is a no-op on the device. The last kernel of each
-step writes the word, with ``REPORTED`` set, into that step's slot of a ring in pinned host memory
-(on the paths without such a kernel an asynchronous copy does). The host reads a slot once it is
+step queued after it before the host learns of it) is a no-op on the device. A kernel of each step
+launched after all of its checks (the pi step's, or the theta update's when the pi step was staged
+by ``weighted_loss``) writes the word, with ``REPORTED`` set, into that step's slot of a ring in pinned
+host memory (on the paths without such a kernel an asynchronous copy does). The host reads a slot once it is
 written (``poll``: a memory read, no CUDA call), undoes the host-side bookkeeping of the rejected
 steps, clears the word and raises, naming the first step that was not taken. On a CPU the word is
 read at once.
