@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test demo tune bench-cpu bench-dro bench-gpu clean
 
-$(STAMP): setup.py requirements/cpu.txt also_fused/csrc/cpu_adam.cpp
+$(STAMP): setup.py requirements/cpu.txt also_fused/csrc/cpu_adam.cpp also_fused/csrc/cpu_pi.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/cpu.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .

@@ -26,7 +26,7 @@ def cpu_extension():
 
     ext = CppExtension(
         "also_fused._cpu_adam",
-        ["also_fused/csrc/cpu_adam.cpp"],
+        ["also_fused/csrc/cpu_adam.cpp", "also_fused/csrc/cpu_pi.cpp"],
         # no FMA contraction: every instruction-set variant computes the same bits
         extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
         extra_link_args=["-fopenmp"],

@@ -175,6 +175,9 @@ def pi_update(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, *, ou
     the word for the host (``_input_errors``). Returns whether it was written. ``cache`` (kernels only):
     a dict kept by the caller between calls of one use, for the launch (see ``kernels.launch``)."""
     if backend in ("reference", "cpu"):
+        if backend == "cpu" and cpu_fused.pi_update(pi, group_ids, losses, out=out, second_out=second_out,
+                                                    mean_out=mean_out, **hyper):
+            return False
         if mean_out is not None:
             mean_out.copy_(losses.float().mean())
         new = F.pi_update_reference(pi, group_ids, losses, **hyper)
@@ -192,6 +195,10 @@ def weighted_loss(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, l
                   error_word: Optional[Tensor] = None, cache: Optional[dict] = None) -> Tensor:
     """loss_scale * sum_i pi[g_i] l_i; on the kernels, bad ids and non-finite losses also set ``error_word``.
     pi is the optimizers' own (1-D float32), ids and losses checked by ``_checks``; ``cache`` as for ``pi_update``."""
+    if backend == "cpu" and losses.dtype == torch.float32:
+        weights = cpu_fused.sample_weights(pi, group_ids, loss_scale)
+        if weights is not None:
+            return torch.dot(weights, losses)  # its backward, grad * weights, runs in torch's autograd
     if backend in ("reference", "cpu"):
         return F.weighted_loss_reference(pi, group_ids, losses, loss_scale)
     return _kernel("losses").weighted_loss_checked(pi, group_ids, losses, loss_scale, error_word, cache=cache)

@@ -150,3 +150,32 @@ def adam_update(
                             extrapolate_to=extrapolate_to, extrapolation_scale=extrapolation_scale,
                             prior_grads=prior_grads, prior_scale=prior_scale, commit_state=commit_state,
                             exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales)
+
+
+def _plain_vectors(*tensors: Optional[Tensor]) -> bool:
+    """Every tensor given is a contiguous 1-D CPU tensor (None: not given)."""
+    return all(t is None or (t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous()) for t in tensors)
+
+
+def pi_update(pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor, second_out: Optional[Tensor] = None,
+              mean_out: Optional[Tensor] = None, pi_lr: float, pi_decay: float, temperature: float, eps: float,
+              log_pi_reg: Optional[Tensor] = None) -> bool:
+    """out = PiUpdate(pi, S), second_out = PiUpdate(out, S), mean_out = the losses' mean, as ``functional``
+    computes them (float32 group sums in sample order, float64 logits and softmax; the mean in float64), in
+    one call of the extension; ids outside [0, n_groups) add nothing. False, doing nothing, where it does
+    not apply (the extension missing, or tensors that are not contiguous float32 / int64 CPU vectors)."""
+    if (_cpu_adam is None or group_ids.dtype != torch.int64 or losses.dtype != torch.float32
+            or pi.dtype != torch.float32 or not _plain_vectors(pi, group_ids, losses, out, second_out, log_pi_reg)):
+        return False
+    _cpu_adam.pi_step(pi, log_pi_reg, group_ids, losses, out, second_out, mean_out, float(pi_lr), float(pi_decay),
+                      float(temperature), float(eps))
+    return True
+
+
+def sample_weights(pi: Tensor, group_ids: Tensor, scale: float) -> Optional[Tensor]:
+    """w_i = scale * pi[g_i] (0 for an id outside [0, n_groups)) as a new float32 tensor, from the extension;
+    None where it does not apply."""
+    if (_cpu_adam is None or group_ids.dtype != torch.int64 or pi.dtype != torch.float32
+            or not _plain_vectors(pi, group_ids)):
+        return None
+    return _cpu_adam.sample_weights(pi, group_ids, float(scale))

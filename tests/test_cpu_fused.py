@@ -56,6 +56,7 @@ def test_fast_path_never_falls_back_to_the_reference(monkeypatch, api, mode, dty
         raise AssertionError("the CPU path fell back to the reference update")
 
     monkeypatch.setattr(F, "adam_update_reference", refuse)
+    monkeypatch.setattr(F, "pi_update_reference", refuse)
     run(Config(mode=mode, api=api, dtype=dtype, amsgrad=True, lose_grad_every=3, steps=12), "cpu", "auto")
     p = torch.nn.Parameter(torch.randn(7, dtype=dtype))
     for cls in (also_fused.Adam, also_fused.AdamW):
@@ -63,6 +64,42 @@ def test_fast_path_never_falls_back_to_the_reference(monkeypatch, api, mode, dty
         for _ in range(3):
             p.grad = torch.randn(7, dtype=dtype)
             opt.step()
+
+
+# ------------------------------------------------------------------ the group weights' side
+@needs_extension
+@pytest.mark.parametrize("n_groups,batch", [(1, 3), (5, 17), (300, 1000)])
+@pytest.mark.parametrize("with_reg", [False, True])
+@pytest.mark.parametrize("temperature,pi_lr", [(1.0, 0.01), (0.5, 1.0), (3.0, 0.3)])
+def test_pi_step_matches_the_reference(n_groups, batch, with_reg, temperature, pi_lr):
+    """The extension's PiUpdate (both updates of the optimistic loop step, in place) against the reference's
+    float64 softmax rounded to float32: within one float32 ulp; the mean within rounding of the exact one."""
+    gen = torch.Generator().manual_seed(n_groups + batch)
+    pi = torch.softmax(torch.randn(n_groups, generator=gen), 0)
+    ids = torch.randint(0, n_groups, (batch,), generator=gen)
+    losses = torch.rand(batch, generator=gen) * 4
+    log_pi_reg = torch.log(torch.softmax(torch.randn(n_groups, generator=gen), 0)) if with_reg else None
+    hyper = dict(pi_lr=pi_lr, pi_decay=0.1, temperature=temperature, eps=F.FLOAT32_EPS, log_pi_reg=log_pi_reg)
+    first = F.pi_update_reference(pi, ids, losses, **hyper)
+    second = F.pi_update_reference(first, ids, losses, **hyper)
+    out, second_out, mean = pi.clone(), torch.empty_like(pi), torch.empty(())
+    assert cpu_fused.pi_update(out, ids, losses, out=out, second_out=second_out, mean_out=mean, **hyper)
+    torch.testing.assert_close(out, first, rtol=2.0 ** -23, atol=0.0)
+    torch.testing.assert_close(second_out, second, rtol=2.0 ** -23, atol=0.0)
+    torch.testing.assert_close(mean, losses.double().mean().float(), rtol=2.0 ** -23, atol=0.0)
+
+
+@needs_extension
+def test_sample_weights_and_their_fallbacks():
+    pi = torch.softmax(torch.randn(6), 0)
+    ids = torch.tensor([0, 5, 3, 3, -1, 6, 2])
+    w = cpu_fused.sample_weights(pi, ids, 0.75)
+    expected = torch.where((ids >= 0) & (ids < 6), 0.75 * pi[ids.clamp(0, 5)], torch.zeros(()))
+    assert torch.equal(w, expected)
+    assert cpu_fused.sample_weights(pi, ids.int(), 0.75) is None  # other id dtypes: the reference
+    assert cpu_fused.sample_weights(pi, ids[::2], 0.75) is None
+    assert not cpu_fused.pi_update(pi, ids.int(), torch.rand(7), out=pi.clone(), pi_lr=0.1, pi_decay=0.0,
+                                   temperature=1.0, eps=1e-8)
 
 
 # -------------------------------------------------------------------- ALSO vs float64

@@ -646,8 +646,17 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
 
 std::string instruction_set() { return has_avx2() ? "avx2" : "baseline"; }
 
+// cpu_pi.cpp
+void pi_step(const at::Tensor& pi, const c10::optional<at::Tensor>& log_pi_reg, const at::Tensor& group_ids,
+             const at::Tensor& losses, const at::Tensor& out, const c10::optional<at::Tensor>& second_out,
+             const c10::optional<at::Tensor>& mean_out, double pi_lr, double pi_decay, double temperature,
+             double eps);
+at::Tensor sample_weights(const at::Tensor& pi, const at::Tensor& group_ids, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Single-pass Adam-style updates of also_fused on CPU tensors";
+  m.doc() = "Single-pass Adam-style updates of also_fused on CPU tensors, and the group weights' step";
   m.def("adam_update", &adam_update, "One Adam-style update of many CPU tensors in one pass over memory");
   m.def("instruction_set", &instruction_set, "The vector instruction set the update runs with");
+  m.def("pi_step", &pi_step, "PiUpdate of the group weights from a batch's ids and losses (cpu_pi.cpp)");
+  m.def("sample_weights", &sample_weights, "The weighted loss's per-sample weights scale * pi[ids] (cpu_pi.cpp)");
 }
