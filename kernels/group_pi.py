@@ -98,6 +98,13 @@ def _pi_softmax(x, s, jm, a, lr):
 
 
 @triton.jit
+def _group_sums(g, lk, j):
+    # S over one chunk of samples for the groups j: a dense comparison of every id with every group, summed
+    # in a fixed order (both single-program kernels use it, so their S agree bitwise)
+    return tl.sum(tl.where(g[None, :] == j[:, None], lk[None, :], 0.0), axis=1)
+
+
+@triton.jit
 def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, err_ptr, mean_ptr, report_ptr, n, B,
                      a, c, lr, eps,
                      HAS_REG: tl.constexpr, SECOND: tl.constexpr, NPAD: tl.constexpr,
@@ -115,8 +122,7 @@ def _pi_small_kernel(pi_ptr, lpr_ptr, ids_ptr, loss_ptr, out_ptr, out2_ptr, err_
         km = k < B
         g = tl.load(ids_ptr + k, mask=km, other=-1)
         lk = tl.load(loss_ptr + k, mask=km, other=0.0).to(tl.float32)
-        hit = g[None, :] == j[:, None]
-        s += tl.sum(tl.where(hit, lk[None, :], 0.0), axis=1)
+        s += _group_sums(g, lk, j)
         if MEAN:
             total += lk
     if MEAN:  # the batch's mean loss, step()'s return value (written whether or not the step is taken)
@@ -166,8 +172,7 @@ def _weighted_pi_kernel(pi_ptr, mid_ptr, stage_ptr, lpr_ptr, ids_ptr, loss_ptr, 
         lk = tl.load(loss_ptr + k, mask=km, other=0.0).to(tl.float32)
         ok = km & (g >= 0) & (g < n)
         tl.store(w_ptr + k, scale * tl.load(weights_ptr + g, mask=ok, other=0.0), mask=km)
-        hit = g[None, :] == j[:, None]
-        s += tl.sum(tl.where(hit, lk[None, :], 0.0), axis=1)
+        s += _group_sums(g, lk, j)
         total += lk
         if CHECK:
             bad = bad | _bad_bits(km, ok, lk)
