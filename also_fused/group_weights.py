@@ -33,9 +33,9 @@ class GroupWeights:
     ``weighted_loss`` may be called once per micro-batch: every loss recorded since the last
     ``step()`` feeds the next pi step. On the Triton kernels with the sum reduction (up to 256 groups)
     ``weighted_loss`` computes its batch's pi step in the same launch as the weights and ``step()`` only
-    makes it current, without a launch of its own (several micro-batches: ``step()`` launches the pi step
-    of all of them); the result is the same, bitwise. ``mode="optimistic"`` weighs the losses with the extrapolated
-    ``pi_mid = PiUpdate(pi, G_prev)`` instead of pi (ALGORITHM.md sec. 6). ``group_reduction="mean"``
+    makes it current, without a launch of its own (several micro-batches: ``step()`` launches the pi
+    step of all of them); the result is the same, bitwise. ``mode="optimistic"`` weighs the losses with
+    the extrapolated ``pi_mid = PiUpdate(pi, G_prev)`` instead of pi (ALGORITHM.md sec. 6). ``group_reduction="mean"``
     uses group means: S_j = the mean loss of group j, and the loss is
     ``sum_{j present} pi_j mean_j / sum_{j present} pi_j`` (``loss_scale`` does not apply).
 

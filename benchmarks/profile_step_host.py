@@ -102,10 +102,12 @@ def run(name: str, args, profile: bool) -> tuple[float, float, str]:
 # (module path, attribute holding the method, method) timed by --methods
 TIMED_METHODS = [
     ("also_fused.also", "ALSO", "_step_loop"), ("also_fused.group_weights", "GroupWeights", "_weighted_loss"),
+    ("also_fused.group_weights", "GroupWeights", "_weighted_loss_staged"),
     ("also_fused.group_weights", "GroupWeights", "_ascend"), ("also_fused.group_weights", "GroupWeights", "_pi_apply"),
     ("also_fused.theta", "ThetaAdam", "_update"), ("also_fused._base", "AdamFamily", "_reused_plans"),
     ("also_fused._base", "AdamFamily", "_run_plan"), ("also_fused._dispatch", None, "adam_update"),
     ("also_fused._dispatch", None, "pi_update"), ("also_fused._dispatch", None, "weighted_loss"),
+    ("also_fused._dispatch", None, "weighted_loss_and_pi_step"), ("also_fused.kernels.launch", "PreparedLaunch", "__call__"),
     ("also_fused._dispatch", "HyperTable", "get"), ("also_fused.kernels.launch", "Launcher", "__call__"),
     ("also_fused._input_errors", "DeviceInputErrors", "poll"),
     ("also_fused._input_errors", "DeviceInputErrors", "after_step"), ("also_fused.adam", "AdamW", "step"),
