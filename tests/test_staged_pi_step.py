@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import also_fused
-from also_fused import _dispatch
+from also_fused import _dispatch, _input_errors
 from conftest import DEVICE, triton_importable
 from harness import assert_same
 
@@ -143,3 +143,25 @@ def test_also_with_the_staged_step_is_bitwise_the_launched_one(mode):
     assert torch.equal(W1, W2) and torch.equal(staged.pi, launched.pi)
     assert_same(copy.deepcopy(staged.state_dict())["state"][0]["exp_avg"],
                 launched.state_dict()["state"][0]["exp_avg"], "exp_avg")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_also_step_is_one_launch_that_also_reports(mode, monkeypatch):
+    """With the pi step staged, ALSO's step() launches only the theta update, which writes the step's error
+    report itself: no pi launch and no copy of the error word."""
+    W = torch.nn.Parameter(torch.randn(4, 3).to(DEVICE))
+    opt = also_fused.ALSO([W], n_groups=N_GROUPS, batch_size=B, mode=mode, backend="triton")
+    X = torch.randn(B, 4).to(DEVICE)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a second launch at step()")
+
+    for k, (_, ids) in enumerate(batches(3)):
+        if k == 1:
+            monkeypatch.setattr(_dispatch, "pi_update", refuse)
+            monkeypatch.setattr(_input_errors, "report", refuse)
+        opt.zero_grad(set_to_none=True)
+        opt.weighted_loss(((X @ W) ** 2).mean(1), ids).backward()
+        opt.step()
+    opt.check_errors()
+    assert opt.weights._pending
