@@ -39,6 +39,9 @@ except ImportError as exc:  # not built (no C++ compiler at install), or built f
     _IMPORT_ERROR = (f"{type(exc).__name__}: {exc}" if _built else
                      "it was not built; reinstalling the package with a C++ compiler builds it")
 
+# an extension built from older sources has the update but not the group weights' functions: those then
+# run as torch ops (reinstalling the package rebuilds it)
+_HAS_PI_STEP = _cpu_adam is not None and hasattr(_cpu_adam, "pi_step") and hasattr(_cpu_adam, "sample_weights")
 _torch_fused_ok: Optional[bool] = None
 # the 8-bit code's decoding steps and smallest normal block (see functional.quantize_moment_)
 _QUANT_CONSTANTS = [QUANT_M_STEP, QUANT_V_STEP, QUANT_MIN_NORMAL]
@@ -163,8 +166,9 @@ def pi_update(pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor, sec
     """out = PiUpdate(pi, S), second_out = PiUpdate(out, S), mean_out = the losses' mean, as ``functional``
     computes them (float32 group sums in sample order, float64 logits and softmax; the mean in float64), in
     one call of the extension; ids outside [0, n_groups) add nothing. False, doing nothing, where it does
-    not apply (the extension missing, or tensors that are not contiguous float32 / int64 CPU vectors)."""
-    if (_cpu_adam is None or group_ids.dtype != torch.int64 or losses.dtype != torch.float32
+    not apply (the extension missing or older, or tensors that are not contiguous float32 / int64 CPU
+    vectors)."""
+    if (not _HAS_PI_STEP or group_ids.dtype != torch.int64 or losses.dtype != torch.float32
             or pi.dtype != torch.float32 or not _plain_vectors(pi, group_ids, losses, out, second_out, log_pi_reg)):
         return False
     _cpu_adam.pi_step(pi, log_pi_reg, group_ids, losses, out, second_out, mean_out, float(pi_lr), float(pi_decay),
@@ -175,7 +179,7 @@ def pi_update(pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor, sec
 def sample_weights(pi: Tensor, group_ids: Tensor, scale: float) -> Optional[Tensor]:
     """w_i = scale * pi[g_i] (0 for an id outside [0, n_groups)) as a new float32 tensor, from the extension;
     None where it does not apply."""
-    if (_cpu_adam is None or group_ids.dtype != torch.int64 or pi.dtype != torch.float32
+    if (not _HAS_PI_STEP or group_ids.dtype != torch.int64 or pi.dtype != torch.float32
             or not _plain_vectors(pi, group_ids)):
         return None
     return _cpu_adam.sample_weights(pi, group_ids, float(scale))

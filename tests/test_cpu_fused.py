@@ -102,6 +102,18 @@ def test_sample_weights_and_their_fallbacks():
                                    temperature=1.0, eps=1e-8)
 
 
+@needs_extension
+def test_an_extension_without_the_pi_step_leaves_it_to_torch_ops(monkeypatch):
+    """An extension built from older sources (no pi_step): the group weights' side runs as torch ops."""
+    monkeypatch.setattr(cpu_fused, "_HAS_PI_STEP", False)
+    pi, ids = torch.full((4,), 0.25), torch.tensor([0, 3, 1])
+    assert cpu_fused.sample_weights(pi, ids, 1.0) is None
+    assert not cpu_fused.pi_update(pi, ids, torch.rand(3), out=pi.clone(), pi_lr=0.1, pi_decay=0.0,
+                                   temperature=1.0, eps=1e-8)
+    for api in ("loop", "closure"):
+        check_cpu(Config(mode="optimistic", api=api, steps=20))
+
+
 # -------------------------------------------------------------------- ALSO vs float64
 @needs_extension
 @pytest.mark.parametrize("cfg", MATRIX, ids=lambda c: f"{c.mode}-{c.api}-ams{int(c.amsgrad)}-wd{c.weight_decay}")
