@@ -544,11 +544,12 @@ def multi_tensor_adam_(
     so that an lr schedule changes launch arguments, not the table.
     ``exp_avg_scales`` / ``exp_avg_sq_scales``: 8-bit moments (int8 m, uint8 v codes, one float32 scale
     per 1024 elements; ``functional.quantize_moment_`` states the code), decoded and re-encoded in the pass.
-    ``report_out`` (0-d int32, pinned host memory on a GPU): receives ``error_word | REPORTED``, the step's report
-    to the host (``also_fused._input_errors``). ``cache`` (a dict kept by the caller) holds the device tables between calls. With ``static_lists`` the
-    caller promises that when it passes the very same list objects again, the optimizer-owned tensors in
-    them (moments, steps, prior/saved gradients) have not moved; only the param-like lists and the grads are
-    then re-read, which keeps the host cost of a step low for hundreds of tensors.
+    ``report_out`` (0-d int32, pinned host memory on a GPU): receives ``error_word | REPORTED``, the step's
+    report to the host (``also_fused._input_errors``). ``cache`` (a dict kept by the caller) holds the device
+    tables between calls. With ``static_lists`` the caller promises that when it passes the very same list
+    objects again, the optimizer-owned tensors in them (moments, steps, prior/saved gradients) have not moved;
+    only the param-like lists and the grads are then re-read, which keeps the host cost of a step low for
+    hundreds of tensors.
     """
     n = len(sources)
     if n == 0:
