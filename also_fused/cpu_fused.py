@@ -1,4 +1,5 @@
-"""The fast CPU path: Adam-style updates of CPU tensors in one pass over memory.
+"""The fast CPU path: Adam-style updates of CPU tensors in one pass over memory, and the group weights'
+pi step and per-sample weights in one call each (``pi_update``, ``sample_weights``; csrc/cpu_pi.cpp).
 
 It computes what ``functional.adam_update_reference`` states, with the same arguments:
 
