@@ -465,6 +465,19 @@ def _npad(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def _single_program(n: int) -> dict:
+    """NPAD, BK and num_warps of the single-program kernels over n groups: both use the same ones, so that
+    their group sums S agree bitwise (the chunk size sets the order of the additions)."""
+    npad = _npad(n)
+    return dict(NPAD=npad, BK=max(16, 8192 // npad), num_warps=4 if npad <= 64 else 8)
+
+
+def _softmax_scalars(pi_lr: float, pi_decay: float, temperature: float, eps: float) -> tuple[float, ...]:
+    """(a, c, lr, eps) of the kernels' PiUpdate: c = pi_decay * pi_lr, a = 1 / ((1 + c) T)."""
+    c = float(pi_decay) * float(pi_lr)
+    return 1.0 / ((1.0 + c) * float(temperature)), c, float(pi_lr), float(eps)
+
+
 def pi_stage(n: int, device: torch.device) -> torch.Tensor:
     """A stage for ``weighted_loss_and_pi_step`` over ``n`` (<= SMALL_MAX) groups: staged pi, then staged pi_mid."""
     return torch.zeros(2 * _npad(n), dtype=torch.float32, device=device)
@@ -498,23 +511,18 @@ def weighted_loss_and_pi_step(pi: torch.Tensor, pi_mid: Optional[torch.Tensor], 
     buf = torch.empty(B + 1, dtype=torch.float32, device=losses.device)
     check = error_word is not None
     err = error_word if check else zero_word(pi.device)
-    c = float(pi_decay) * float(pi_lr)
-    a = 1.0 / ((1.0 + c) * float(temperature))
-    lr = float(pi_lr)
-    eps = float(eps)
+    a, c, lr, eps = _softmax_scalars(pi_lr, pi_decay, temperature, eps)
     scale = float(loss_scale)
     optimistic = pi_mid is not None
     has_reg = log_pi_reg is not None
     mid = pi_mid if optimistic else pi
     lpr = log_pi_reg if has_reg else pi
-    npad = _npad(n)
     args = (pi, mid, stage, lpr, group_ids, losses, buf, err, n, B, scale, a, c, lr, eps)
     # everything but the ids, losses and buffer (new tensors every call) names the kept launch
     key = (pi.data_ptr(), mid.data_ptr(), stage.data_ptr(), lpr.data_ptr(), err.data_ptr(), n, B, scale, a, c, lr,
            eps, has_reg, optimistic, commit, check)
     launch_cached(cache, key, _weighted_pi_kernel, 1, pi.device, args, _WEIGHTED_PI_VARYING,
-                  HAS_REG=has_reg, OPTIMISTIC=optimistic, NPAD=npad, BK=max(16, 8192 // npad), COMMIT=commit,
-                  CHECK=check, num_warps=4 if npad <= 64 else 8)
+                  HAS_REG=has_reg, OPTIMISTIC=optimistic, COMMIT=commit, CHECK=check, **_single_program(n))
     return torch.dot(buf[:B], losses), buf
 
 
@@ -536,25 +544,21 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
         if report_out is not None:
             report(err, report_out)
         return out
-    c = float(pi_decay) * float(pi_lr)
-    a = 1.0 / ((1.0 + c) * float(temperature))
-    lr = float(pi_lr)
-    eps = float(eps)
+    a, c, lr, eps = _softmax_scalars(pi_lr, pi_decay, temperature, eps)
     has_reg = log_pi_reg is not None
     lpr = log_pi_reg if has_reg else pi
     second = second_out is not None
     on_cpu = pi.device.type != "cuda"
 
     if n <= SMALL_MAX:
-        npad = max(16, 1 << (n - 1).bit_length())
         args = (pi, lpr, group_ids, losses, out, second_out if second else out, err,
                 out if mean_out is None else mean_out, err if report_out is None else report_out, n, B, a, c, lr, eps)
         # everything but the ids, losses, mean and report (new tensors every step) names the kept launch
         key = (pi.data_ptr(), lpr.data_ptr(), out.data_ptr(), args[5].data_ptr(), err.data_ptr(), n, B, a, c, lr, eps,
                has_reg, second, mean_out is None, report_out is None)
         launch_cached(cache, key, _pi_small_kernel, 1, pi.device, args, _PI_SMALL_VARYING,
-                      HAS_REG=has_reg, SECOND=second, NPAD=npad, BK=max(16, 8192 // npad), MEAN=mean_out is not None,
-                      REPORT=report_out is not None, num_warps=4 if npad <= 64 else 8)
+                      HAS_REG=has_reg, SECOND=second, MEAN=mean_out is not None, REPORT=report_out is not None,
+                      **_single_program(n))
         return out
 
     if _path is None:
