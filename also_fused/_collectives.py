@@ -16,12 +16,14 @@ from torch import Tensor
 
 from . import functional as F
 
+_DIST_AVAILABLE = dist.is_available()
+
 
 def reduce_group(process_group: Optional[Any]) -> Optional[Any]:
     """The group whose ranks share pi: the one given, else the default group if it has several ranks."""
     if process_group is not None:
         return process_group
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _DIST_AVAILABLE and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD
     return None
 

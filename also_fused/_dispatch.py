@@ -205,12 +205,12 @@ def weighted_loss(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, l
 
 
 def fused_pi_max_groups(backend: str) -> int:
-    """The most groups for which ``weighted_loss_and_pi_step`` runs (0 where the kernels do not run)."""
+    """The most groups for which ``staged_pi_step`` runs (0 where the kernels do not run)."""
     return _kernel("group_pi").SMALL_MAX if backend == "triton" else 0
 
 
 def pi_stage(n_groups: int, device: torch.device) -> Tensor:
-    """The buffer in which ``weighted_loss_and_pi_step`` stages a pi step (kernels only)."""
+    """The buffer in which ``staged_pi_step`` stages a pi step (kernels only)."""
     return _kernel("group_pi").pi_stage(n_groups, device)
 
 
@@ -219,12 +219,11 @@ def commit_pi_stage(stage: Tensor, pi: Tensor, pi_mid: Optional[Tensor]) -> None
     _kernel("group_pi").commit_pi_stage(stage, pi, pi_mid)
 
 
-def weighted_loss_and_pi_step(pi: Tensor, pi_mid: Optional[Tensor], stage: Tensor, log_pi_reg: Optional[Tensor],
-                              group_ids: Tensor, losses: Tensor, error_word: Optional[Tensor],
-                              **kwargs: Any) -> tuple[Tensor, Tensor]:
-    """The weighted loss and the staged pi step in one launch (kernels only; ``kernels.group_pi``)."""
-    return _kernel("group_pi").weighted_loss_and_pi_step(pi, pi_mid, stage, log_pi_reg, group_ids, losses,
-                                                          error_word, **kwargs)
+def staged_pi_step(pi: Tensor, pi_mid: Optional[Tensor], stage: Tensor, log_pi_reg: Optional[Tensor],
+                   error_word: Optional[Tensor]) -> Any:
+    """The weighted loss with its batch's pi step staged, in one launch, bound to these tensors (kernels only;
+    ``kernels.group_pi.StagedPiStep``)."""
+    return _kernel("group_pi").StagedPiStep(pi, pi_mid, stage, log_pi_reg, error_word)
 
 
 def flag_bad_batch(error_word: Tensor, n_groups: int, group_ids: Optional[Tensor] = None,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .kernels.error_word import ID_OUT_OF_RANGE, NON_FINITE_LOSS, REPORTED, report
+from .kernels.staging import _raw_stream_of_index
 
 Undo = Callable[[], None]
 RING = 256  # steps whose report the host has not read yet, at most (then it waits for the device)
@@ -37,6 +38,7 @@ class DeviceInputErrors:
         self.word = torch.zeros((), dtype=torch.int32, device=device)
         self.deferred = device.type == "cuda"
         self._device = device
+        self._cuda_index = device.index if self.deferred else None
         self._n_groups = n_groups
         self._new_ring()
 
@@ -59,6 +61,7 @@ class DeviceInputErrors:
     def __setstate__(self, state: dict) -> None:
         self.word, self.deferred = state["word"], state["deferred"]
         self._device, self._n_groups = state["device"], state["n_groups"]
+        self._cuda_index = self._device.index if self.deferred else None
         self._new_ring()
 
     def report_slot(self) -> Tensor:
@@ -91,7 +94,7 @@ class DeviceInputErrors:
         """Raise for the first queued step whose word is set, once reported; ``wait`` waits for the GPU
         (as it does, whatever ``wait`` says, when every slot but one is in use). Called first by every
         step and weighted loss, it also refuses to run inside a CUDA-graph capture (``_capturing``)."""
-        if self.deferred and self._capturing():
+        if self._capturing():
             raise RuntimeError(CAPTURE_REFUSED)
         pending = self._pending
         if not pending:
@@ -111,8 +114,10 @@ class DeviceInputErrors:
 
     def _capturing(self) -> bool:
         # the device checks report to the host once per step taken; a replayed CUDA graph takes steps the
-        # host never sees (a rejected replay would leave every later replay a silent no-op)
-        return self._device.type == "cuda" and _stream_capturing()
+        # host never sees (a rejected replay would leave every later replay a silent no-op). CUDA captures no
+        # work on a device's default stream (raw id 0), so only other streams pay the query, a driver call
+        index = self._cuda_index
+        return index is not None and _raw_stream_of_index(index) != 0 and _stream_capturing()
 
     @staticmethod
     def _in_flight(value: int) -> bool:

@@ -99,6 +99,7 @@ class GroupWeights:
         self.group_reduction = group_reduction
         self.process_group = process_group
         self.device = device
+        self._device_index = -1 if device.type == "cpu" else device.index  # as Tensor.get_device() gives it
         self.validate = validate
         if pi_init_host is None:
             self._pi = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float32, device=device)
@@ -110,7 +111,8 @@ class GroupWeights:
         # ALSO's closure API: the previous batch, whose G extrapolates pi at the start of the next step
         self._prev_ids: Optional[Tensor] = None
         self._prev_losses: Optional[Tensor] = None
-        # (ids, losses, staged buffer or None, staged key or None) of each weighted_loss() since the last step
+        # (ids, losses, None, None) of each weighted_loss() since the last step; staged: (ids, a copy of the
+        # losses, the mean the launch wrote, the staged key)
         self._recorded: list[tuple[Tensor, Tensor, Optional[Tensor], Optional[tuple]]] = []
         # validation on the kernels' path runs on the device (no host sync; see _input_errors.py)
         self._errors = DeviceInputErrors(device, n_groups) if validate and self._backend == "triton" else None
@@ -154,12 +156,15 @@ class GroupWeights:
         return self._weighted_loss(losses, group_ids)
 
     def _weighted_loss(self, losses: Tensor, group_ids: GroupIds) -> Tensor:
-        self.check_errors(wait=False)
+        if self._errors is not None:
+            self._errors.poll()
+        if self._stage is not None and self._plain_batch(losses, group_ids):
+            return self._weighted_loss_staged(losses, group_ids)
         ids = self._as_ids(group_ids)
         self._check_losses(losses, ids, finite=False)
         word = None if self._errors is None else self._errors.word
         if self._stage is not None and losses.dtype == torch.float32 and self._group() is None:
-            return self._weighted_loss_staged(losses.contiguous(), ids.contiguous(), word)
+            return self._weighted_loss_staged(losses.contiguous(), ids.contiguous())
         weights = self.pi_mid
         if self.group_reduction == "mean":
             self._flag_bad("this weighted_loss() call", ids, losses.detach())
@@ -173,18 +178,30 @@ class GroupWeights:
         self._recorded.append((ids, losses.detach(), None, None))
         return loss
 
-    def _weighted_loss_staged(self, losses: Tensor, ids: Tensor, word: Optional[Tensor]) -> Tensor:
+    def _plain_batch(self, losses: Any, ids: Any) -> bool:
+        """Whether the batch is what the checks would pass unchanged to the staged path: float32 losses and int64
+        ids, 1-D, of one non-zero length, contiguous, on pi's device, and no torch.distributed group (values are
+        checked on the device there). Any other batch goes through the checks, which convert or refuse it."""
+        index = self._device_index
+        return (type(losses) is Tensor and type(ids) is Tensor and losses.dtype is torch.float32
+                and ids.dtype is torch.int64 and losses.dim() == 1 and losses.shape == ids.shape
+                and losses.shape[0] > 0 and losses.get_device() == index and ids.get_device() == index
+                and losses.is_contiguous() and ids.is_contiguous() and self._group() is None)
+
+    def _weighted_loss_staged(self, losses: Tensor, ids: Tensor) -> Tensor:
         """The weighted loss, and this batch's pi step staged (one launch): step() takes it when it was the only
         batch recorded since the last step (several micro-batches: step() runs the pi step of all of them)."""
-        hyper = self._pi_hyper()
-        loss, buf = _dispatch.weighted_loss_and_pi_step(
-            self._pi, self._pi_mid, self._stage, hyper.pop("log_pi_reg"), ids, losses, word,
-            loss_scale=self.loss_scale, commit=self._pending,
-            cache=self._launches.setdefault(("staged", self._pending), {}), **hyper)
+        staged = self._launches.get("staged")
+        if staged is None:  # bound to pi, pi_mid, the stage, log(pi_reg) and the error word (see _load_state)
+            word = None if self._errors is None else self._errors.word
+            staged = self._launches["staged"] = _dispatch.staged_pi_step(self._pi, self._pi_mid, self._stage,
+                                                                         self._log_pi_reg, word)
+        key = self._staged_key()
+        loss, mean, copy = staged.step(ids, losses, self._pending, self.loss_scale, key)
         self._pending = False
-        if word is not None:
+        if self._errors is not None:
             self._errors.check_now("this weighted_loss() call")
-        self._recorded.append((ids, losses.detach(), buf, self._staged_key()))
+        self._recorded.append((ids, copy, mean, key))
         return loss
 
     def _staged_key(self) -> tuple[float, ...]:
@@ -285,12 +302,12 @@ class GroupWeights:
             raise RuntimeError("step() needs the per-sample losses: compute the loss with "
                                "weighted_loss(losses, group_ids) before backward()")
         self._recorded = []
-        last = recorded[-1]
-        if len(recorded) == 1 and last[2] is not None and last[3] == self._staged_key():
-            return None, None, last[2][-1]
-        if len(recorded) > 1:
-            return torch.cat([r[0] for r in recorded]), torch.cat([r[1].float() for r in recorded]), None
-        return last[0], last[1].float(), None
+        if len(recorded) == 1:
+            ids, losses, mean, key = recorded[0]
+            if mean is not None and key == self._staged_key():
+                return None, None, mean
+            return ids, losses.float(), None
+        return torch.cat([r[0] for r in recorded]), torch.cat([r[1].float() for r in recorded]), None
 
     def _ascend(self, ids: Optional[Tensor], losses: Optional[Tensor], staged_mean: Optional[Tensor] = None,
                 reported: bool = False) -> Tensor:
@@ -465,6 +482,7 @@ class GroupWeights:
         self._prev_losses = to_device(state["prev_losses"])
         self._recorded.clear()
         self._pending = False  # the staged step belonged to the replaced state
+        self._launches.clear()  # bound to the replaced tensors
 
 
 def _as_device(device: Optional[Union[str, torch.device]]) -> torch.device:

@@ -10,7 +10,7 @@ Two paths, both free of float atomics (bitwise reproducible):
 * small ``n_groups`` (<= ``SMALL_MAX``): one program, one launch.  S is built densely by comparing
   every group index with every sample id, chunk by chunk in a fixed order.
 * the same single program fused with the weighted loss's per-sample weights
-  (``weighted_loss_and_pi_step``): the optimizers' loop API runs a batch's pi step in the launch of its
+  (``StagedPiStep``): the optimizers' loop API runs a batch's pi step in the launch of its
   weighted loss, staged in a buffer that becomes pi at the next call after ``step()`` (or on the host's
   request), so that ``step()`` launches nothing for pi.
 * large ``n_groups``, sparse variant (n_groups > 1000 * batch): two launches per PiUpdate, no
@@ -149,6 +149,7 @@ def _weighted_pi_kernel(pi_ptr, mid_ptr, stage_ptr, lpr_ptr, ids_ptr, loss_ptr, 
     # those of _pi_small_kernel, bitwise.
     j = tl.arange(0, NPAD)
     jm = j < n
+    copy_at = (B + 4) // 4 * 4  # _losses_copy_at(B)
     if COMMIT:  # the previous step's staged pi (and pi_mid) become the current ones
         p = tl.load(stage_ptr + j, mask=jm, other=1.0)
         tl.store(pi_ptr + j, p, mask=jm)
@@ -172,6 +173,7 @@ def _weighted_pi_kernel(pi_ptr, mid_ptr, stage_ptr, lpr_ptr, ids_ptr, loss_ptr, 
         lk = tl.load(loss_ptr + k, mask=km, other=0.0).to(tl.float32)
         ok = km & (g >= 0) & (g < n)
         tl.store(w_ptr + k, scale * tl.load(weights_ptr + g, mask=ok, other=0.0), mask=km)
+        tl.store(w_ptr + copy_at + k, lk, mask=km)  # the losses, kept for a pi step launched at step()
         s += _group_sums(g, lk, j)
         total += lk
         if CHECK:
@@ -458,7 +460,7 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
                              error_word=error_word, mean_out=mean_out, report_out=report_out, _path=_path)
 
 
-_WEIGHTED_PI_VARYING = (4, 5, 6)  # ids, losses, weights buffer: new tensors every call
+_WEIGHTED_PI_VARYING = (4, 5, 6)  # ids, losses, the row of the weights: new tensors every call
 
 
 def _npad(n: int) -> int:
@@ -479,12 +481,12 @@ def _softmax_scalars(pi_lr: float, pi_decay: float, temperature: float, eps: flo
 
 
 def pi_stage(n: int, device: torch.device) -> torch.Tensor:
-    """A stage for ``weighted_loss_and_pi_step`` over ``n`` (<= SMALL_MAX) groups: staged pi, then staged pi_mid."""
+    """A stage for ``StagedPiStep`` over ``n`` (<= SMALL_MAX) groups: staged pi, then staged pi_mid."""
     return torch.zeros(2 * _npad(n), dtype=torch.float32, device=device)
 
 
 def commit_pi_stage(stage: torch.Tensor, pi: torch.Tensor, pi_mid: Optional[torch.Tensor]) -> None:
-    """pi (and pi_mid) <- the values the last ``weighted_loss_and_pi_step`` staged (stream-ordered copies)."""
+    """pi (and pi_mid) <- the values the last ``StagedPiStep.step`` staged (stream-ordered copies)."""
     n = pi.shape[0]
     pi.copy_(stage[:n])
     if pi_mid is not None:
@@ -492,38 +494,95 @@ def commit_pi_stage(stage: torch.Tensor, pi: torch.Tensor, pi_mid: Optional[torc
         pi_mid.copy_(stage[npad:npad + n])
 
 
-def weighted_loss_and_pi_step(pi: torch.Tensor, pi_mid: Optional[torch.Tensor], stage: torch.Tensor,
-                              log_pi_reg: Optional[torch.Tensor], group_ids: torch.Tensor, losses: torch.Tensor,
-                              error_word: Optional[torch.Tensor], *, loss_scale: float, pi_lr: float,
-                              pi_decay: float, temperature: float, eps: float, commit: bool,
-                              cache: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss_scale * sum_i w[g_i] l_i, buf)`` in one launch plus ``torch.dot``, w = pi_mid (optimistic) or pi,
-    with this batch's pi step staged in ``stage`` (``pi_stage``): staged pi = PiUpdate(pi, S), staged pi_mid =
-    PiUpdate(staged pi, S), S the batch's loss sums per group, as ``pi_update`` computes them (bitwise).
-    ``commit`` first moves the previously staged pi (and pi_mid) into ``pi`` (and ``pi_mid``). ``buf[:B]``
-    holds the weights (saved for the backward), ``buf[B]`` the batch's mean loss.
+def _losses_copy_at(B: int) -> int:
+    # where the copy of the losses starts in a StagedPiStep row: after the B weights and the mean, at a
+    # multiple of 4 floats, so that it has the 16-byte alignment of a fresh tensor (a launch specialised
+    # for another alignment may sum in another order)
+    return (B + 4) // 4 * 4
 
-    ``error_word``: bad ids or losses set its bits; while it is set, the staged pi and pi_mid are the
-    current ones (the step is rejected). n_groups <= SMALL_MAX; ids, losses (float32) contiguous on pi's
-    device; ``cache``: a dict the caller keeps per ``commit``, holding the kept launch."""
-    n = pi.shape[0]
-    B = losses.shape[0]
-    buf = torch.empty(B + 1, dtype=torch.float32, device=losses.device)
-    check = error_word is not None
-    err = error_word if check else zero_word(pi.device)
-    a, c, lr, eps = _softmax_scalars(pi_lr, pi_decay, temperature, eps)
-    scale = float(loss_scale)
-    optimistic = pi_mid is not None
-    has_reg = log_pi_reg is not None
-    mid = pi_mid if optimistic else pi
-    lpr = log_pi_reg if has_reg else pi
-    args = (pi, mid, stage, lpr, group_ids, losses, buf, err, n, B, scale, a, c, lr, eps)
-    # everything but the ids, losses and buffer (new tensors every call) names the kept launch
-    key = (pi.data_ptr(), mid.data_ptr(), stage.data_ptr(), lpr.data_ptr(), err.data_ptr(), n, B, scale, a, c, lr,
-           eps, has_reg, optimistic, commit, check)
-    launch_cached(cache, key, _weighted_pi_kernel, 1, pi.device, args, _WEIGHTED_PI_VARYING,
-                  HAS_REG=has_reg, OPTIMISTIC=optimistic, COMMIT=commit, CHECK=check, **_single_program(n))
-    return torch.dot(buf[:B], losses), buf
+
+_ROWS_PER_BLOCK = 128  # StagedPiStep rows carved from one allocation, at most ...
+_BLOCK_FLOATS = 1 << 18  # ... and as many as fit in 1 MiB (at least one)
+
+
+class StagedPiStep:
+    """The weighted loss and its batch's pi step staged, in one launch (``_weighted_pi_kernel``), bound to one
+    group weights' pi, pi_mid (None but in optimistic mode), stage (``pi_stage``), log(pi_reg) (None: uniform)
+    and error word (None: no checks); built again when one of those tensors is replaced.
+
+    ``step(ids, losses, commit, loss_scale, hyper)``, hyper = (pi_lr, pi_decay, temperature, eps), returns
+    ``(loss_scale * sum_i w[g_i] l_i, mean, losses_copy)``, w = pi_mid (optimistic) or pi, with staged
+    pi = PiUpdate(pi, S) and staged pi_mid = PiUpdate(staged pi, S), S the batch's loss sums per group, as
+    ``pi_update`` computes them (bitwise); ``mean`` is the batch's mean loss (0-d) and ``losses_copy`` a copy of
+    the losses (for a pi step launched at step() instead). ``commit`` first moves the previously staged pi (and
+    pi_mid) into pi (and pi_mid). Bad ids or losses set the error word's bits; while it is set, the staged pi
+    and pi_mid are the current ones (the step is rejected). n_groups <= SMALL_MAX; ids (int64) and losses
+    (float32) contiguous on pi's device.
+
+    Each call writes a fresh row [weights (saved for the backward), mean, losses copy] that no later call
+    writes again. The rows are carved, up to 128 at a time, from one allocation (so that a call pays no
+    allocation or view of its own, a large share of its host time in a training loop); a block's memory
+    is freed once no view of any of its rows is left.
+    """
+
+    def __init__(self, pi: torch.Tensor, pi_mid: Optional[torch.Tensor], stage: torch.Tensor,
+                 log_pi_reg: Optional[torch.Tensor], error_word: Optional[torch.Tensor]) -> None:
+        self._device = pi.device
+        self._check = error_word is not None
+        self._optimistic = pi_mid is not None
+        err = error_word if self._check else zero_word(pi.device)
+        mid = pi_mid if self._optimistic else pi
+        self._tensors = (pi, mid, stage, pi if log_pi_reg is None else log_pi_reg, err)
+        self._log_pi_reg = log_pi_reg
+        self._n = pi.shape[0]
+        self._constexprs = dict(OPTIMISTIC=self._optimistic, CHECK=self._check, **_single_program(self._n))
+        self._scalars: Optional[tuple] = None  # (loss_scale, hyper) the kept launches were made for
+        self._kept: dict = {}  # (B, commit) -> the kept launch's cache (``launch_cached``)
+        self._rows: dict = {}  # B -> iterator over the unused (weights, mean, losses copy) rows of a block
+
+    def step(self, group_ids: torch.Tensor, losses: torch.Tensor, commit: bool, loss_scale: float,
+             hyper: tuple[float, float, float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B = losses.shape[0]
+        rows = self._rows.get(B)
+        row = None if rows is None else next(rows, None)
+        if row is None:
+            row = next(self._carve(B, losses))
+        weights, mean, copy = row
+        scalars = (loss_scale, hyper)
+        if scalars != self._scalars:
+            self._scalars, self._kept = scalars, {}
+        cache = self._kept.get((B, commit))
+        prepared = None if cache is None else cache.get(True)
+        if prepared is None or not prepared(1, group_ids, losses, weights):
+            self._launch(group_ids, losses, weights, B, commit)
+        return torch.dot(weights, losses), mean, copy
+
+    def _carve(self, B: int, like: torch.Tensor):
+        """A new block of rows for batches of B: each row [B weights, the mean, padding, B losses], 16-byte
+        aligned (so that the kept launch's pointer specialisation holds for every row)."""
+        copy_at = _losses_copy_at(B)
+        width = (copy_at + B + 3) // 4 * 4
+        block = like.new_empty((max(1, min(_ROWS_PER_BLOCK, _BLOCK_FLOATS // width)), width))
+        if len(self._rows) >= 4:  # batch sizes that vary: keep the blocks of the last few
+            self._rows.clear()
+        rows = self._rows[B] = zip(block[:, :B].unbind(0), block[:, B].unbind(0),
+                                   block[:, copy_at:copy_at + B].unbind(0))
+        return rows
+
+    def _launch(self, group_ids: torch.Tensor, losses: torch.Tensor, weights: torch.Tensor, B: int,
+                commit: bool) -> None:
+        """The launch through ``launch_cached``, which keeps it (under the key True) for the calls that follow.
+        The kernel writes the mean and the copy of the losses at their places after ``weights`` in its row."""
+        loss_scale, (pi_lr, pi_decay, temperature, eps) = self._scalars
+        a, c, lr, eps = _softmax_scalars(pi_lr, pi_decay, temperature, eps)
+        # with c = 0 the KL term vanishes; dropping it avoids 0 * log(0) for a pi_reg with zero entries
+        has_reg = self._log_pi_reg is not None and c != 0.0
+        pi, mid, stage, lpr, err = self._tensors
+        args = (pi, mid, stage, lpr if has_reg else pi, group_ids, losses, weights, err, self._n, B,
+                float(loss_scale), a, c, lr, eps)
+        cache = self._kept.setdefault((B, commit), {})
+        launch_cached(cache, True, _weighted_pi_kernel, 1, self._device, args, _WEIGHTED_PI_VARYING,
+                      HAS_REG=has_reg, COMMIT=commit, **self._constexprs)
 
 
 def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *,

@@ -165,3 +165,28 @@ def test_an_also_step_is_one_launch_that_also_reports(mode, monkeypatch):
         opt.step()
     opt.check_errors()
     assert opt.weights._pending
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_call_writes_a_row_no_later_call_writes(mode, monkeypatch):
+    """The weighted loss's buffers are carved from blocks of rows (here 3 per block): step()'s returned means
+    keep their values however many steps follow, across blocks and batch sizes, and every loss, gradient,
+    mean and pi stays bitwise that of the launch at step()."""
+    from also_fused.kernels import group_pi
+
+    monkeypatch.setattr(group_pi, "_ROWS_PER_BLOCK", 3)
+    staged, launched = twins(mode)
+    gen = torch.Generator().manual_seed(3)
+    kept = []
+    for k in range(10):
+        size = B if k % 4 else 7  # another batch size now and then: rows of another width
+        losses = (torch.rand(size, generator=gen) * 3).to(DEVICE)
+        ids = torch.randint(0, N_GROUPS, (size,), generator=gen).to(DEVICE)
+        got, want = weighted(staged, losses, ids), weighted(launched, losses, ids)
+        assert_same(got, want)
+        mean = staged.step()
+        assert torch.equal(mean, launched.step())
+        kept.append((mean, mean.clone()))
+    for mean, value in kept:
+        assert torch.equal(mean, value)
+    assert torch.equal(staged.pi, launched.pi) and torch.equal(staged.pi_mid, launched.pi_mid)
