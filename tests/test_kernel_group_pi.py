@@ -7,8 +7,8 @@ Without CUDA the kernels run in Triton's interpreter (small sizes, fewer steps i
 """
 from __future__ import annotations
 
+
 import os
-import time
 from typing import Optional
 
 import pytest
@@ -237,8 +237,7 @@ def test_large_paths(path: str, n: int) -> None:
         assert not buf.any()
 
 
-def run_simplex_loop(n: int, steps: int, seconds: float, optimistic: bool,
-                     path: Optional[str]) -> int:
+def run_simplex_loop(n: int, steps: int, optimistic: bool, path: Optional[str]) -> int:
     gen = torch.Generator().manual_seed(23 + n)
     pi = torch.full((n,), 1.0 / n, device=DEV)
     mid = torch.empty_like(pi)
@@ -247,10 +246,9 @@ def run_simplex_loop(n: int, steps: int, seconds: float, optimistic: bool,
                 (torch.rand(B, generator=gen) * 1e4).to(DEV)) for _ in range(16)]
     worst = torch.zeros((), dtype=torch.float64, device=DEV)
     lowest = torch.ones((), device=DEV)
-    t0 = time.time()
     done = 0
     hp = dict(pi_lr=1e-3, pi_decay=1e-2, temperature=1.0, eps=1.1920929e-07)
-    while done < steps and time.time() - t0 < seconds:
+    while done < steps:
         ids, losses = batches[done % 16]
         pi_update(pi, ids, losses, **hp, out=pi, second_out=mid if optimistic else None,
                   _path=path)
@@ -271,14 +269,13 @@ def run_simplex_loop(n: int, steps: int, seconds: float, optimistic: bool,
                                                (1000, False, "sparse"), (1000, True, "dense")])
 def test_stays_on_simplex_long(n: int, optimistic: bool, path: Optional[str]) -> None:
     """Kernel steps with losses up to 1e4, pi checked after every step: on CUDA 10^5 steps on the
-    small path and 2*10^4 on the large one; in the interpreter as many kernel steps as fit in 5 s
-    (small path, about 900 on a laptop-class CPU) or 3 s (large path, about 100), at least 50."""
+    small path and 2*10^4 on the large one; in the interpreter 400 and 50 (a few seconds each on a
+    2-core CPU)."""
     if CUDA:
         steps = (100_000 if n <= SMALL_MAX else 20_000) // (50 if SHORT else 1)
-        assert run_simplex_loop(n, steps, 1e9, optimistic, path) == steps
     else:
-        done = run_simplex_loop(n, 100_000, 5.0 if n <= SMALL_MAX else 3.0, optimistic, path)
-        assert done >= 50
+        steps = 400 if n <= SMALL_MAX else 50
+    assert run_simplex_loop(n, steps, optimistic, path) == steps
 
 
 def test_rejects_bad_arguments() -> None:
