@@ -8,6 +8,8 @@ call (without and with cProfile) and the top entries by total and cumulative tim
 ``--methods``: instead, ``weighted_loss()`` + ``step()`` in a tight loop (the model's gradients fixed, no
 forward or backward) with a wall-clock timer around each of the optimizers' internal methods named in
 ``TIMED_METHODS``: host us per step spent in each (nested timers overlap), far less distorted than cProfile.
+``--methods --in-loop``: the same timers in a training loop (forward and backward between the calls), where
+the host's caches are cold for the optimizer's code and every call costs more.
 """
 from __future__ import annotations
 
@@ -103,11 +105,13 @@ def run(name: str, args, profile: bool) -> tuple[float, float, str]:
 TIMED_METHODS = [
     ("also_fused.also", "ALSO", "_step_loop"), ("also_fused.group_weights", "GroupWeights", "_weighted_loss"),
     ("also_fused.group_weights", "GroupWeights", "_weighted_loss_staged"),
+    ("also_fused.group_weights", "GroupWeights", "_plain_batch"),
+    ("also_fused.group_weights", "GroupWeights", "_take_recorded"),
     ("also_fused.group_weights", "GroupWeights", "_ascend"), ("also_fused.group_weights", "GroupWeights", "_pi_apply"),
     ("also_fused.theta", "ThetaAdam", "_update"), ("also_fused._base", "AdamFamily", "_reused_plans"),
     ("also_fused._base", "AdamFamily", "_run_plan"), ("also_fused._dispatch", None, "adam_update"),
     ("also_fused._dispatch", None, "pi_update"), ("also_fused._dispatch", None, "weighted_loss"),
-    ("also_fused._dispatch", None, "weighted_loss_and_pi_step"), ("also_fused.kernels.launch", "PreparedLaunch", "__call__"),
+    ("also_fused.kernels.group_pi", "StagedPiStep", "step"), ("also_fused.kernels.launch", "PreparedLaunch", "__call__"),
     ("also_fused._dispatch", "HyperTable", "get"), ("also_fused.kernels.launch", "Launcher", "__call__"),
     ("also_fused._input_errors", "DeviceInputErrors", "poll"),
     ("also_fused._input_errors", "DeviceInputErrors", "after_step"), ("also_fused.adam", "AdamW", "step"),
@@ -151,6 +155,15 @@ def time_methods(args) -> None:
         losses = losses.detach().requires_grad_()
 
         def step():
+            if args.in_loop:  # the model's forward and backward between the optimizer's calls
+                model_losses, model_ids = per_sample(model)
+                if isinstance(opt, also_fused.ALSO):
+                    opt.weighted_loss(model_losses, model_ids).backward()
+                else:
+                    model_losses.mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return
             if isinstance(opt, also_fused.ALSO):
                 opt.weighted_loss(losses, ids)
             opt.step()
@@ -164,7 +177,8 @@ def time_methods(args) -> None:
             step()
         total = (time.perf_counter() - t0) / args.steps * 1e6
         synchronize(args.device)
-        print(f"=== {args.model} / {name}: {total:.1f} host us per weighted_loss() + step()")
+        what = "training step" if args.in_loop else "weighted_loss() + step()"
+        print(f"=== {args.model} / {name}: {total:.1f} host us per {what}")
         for label in sorted(spent, key=lambda k: -spent[k]):
             print(f"   {label:45s} {spent[label] / args.steps * 1e6:7.1f} us")
 
@@ -176,6 +190,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--impls", default=",".join(NAMES))
     parser.add_argument("--methods", action="store_true", help="time the optimizers' methods in a tight loop instead")
+    parser.add_argument("--in-loop", action="store_true",
+                        help="with --methods: the model's forward and backward run between the steps (a training "
+                             "loop; each method then costs about twice what it costs in the tight loop)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     if args.methods:
