@@ -1,7 +1,8 @@
 """Grouped bars of benchmarks/bench_training.py records: throughput relative to torch AdamW fused per workload.
 
-One bar per implementation (above 1 = faster than torch AdamW fused), error bars from the min-max spread of the
-implementation's ms/step over the rounds, against the torch median. Writes the PNG beside the JSON (same name).
+One bar per implementation (above 1 = faster than torch AdamW fused): the median over rounds of the ratio within a
+round, error bars its min-max (records without per-round ratios: the ratio of the medians, error bars from the
+slowest and fastest round against torch's median). Writes the PNG beside the JSON (same name).
 Usage: python benchmarks/plot_training.py benchmarks/results/training_h200.json
 """
 from __future__ import annotations
@@ -38,7 +39,13 @@ def provenance(records: list[Record]) -> str:
 
 
 def ratio_with_spread(record: Record, torch_median_ms: float | None) -> tuple[float, float, float]:
-    """(ratio, ratio - lowest, highest - ratio) from the median, slowest and fastest round; nan when not measured."""
+    """(ratio, ratio - lowest, highest - ratio): the median, lowest and highest over the rounds of the ratio within a
+    round where the records have it (``paired_ratio_vs_torch_fused``), else the ratio of the medians with the slowest
+    and fastest round against torch's median; nan when not measured."""
+    paired = record.get("paired_ratio_vs_torch_fused")
+    if paired is not None:
+        ratio = paired["median"]
+        return ratio, max(ratio - paired["min"], 0.0), max(paired["max"] - ratio, 0.0)
     if record.get("ratio_vs_torch_fused") is None or torch_median_ms is None or record.get("ms_min") is None:
         return float("nan"), 0.0, 0.0
     ratio = record["ratio_vs_torch_fused"]
@@ -52,7 +59,7 @@ def workload_label(workload: str, records: list[Record]) -> str:
     first = next(r for r in records if r["workload"] == workload)
     size = f"{first['n_params'] / 1e6:.1f}M params, batch {first['batch']}" if first.get("n_params") else ""
     torch_ms = f"\ntorch fused {torch_record['ms_per_step']:.2f} ms/step" if torch_record else ""
-    return f"{workload}\n{size}{torch_ms}"
+    return f"{workload}\n{size}{torch_ms}\n{first.get('rounds')} rounds x {first.get('steps')} steps"
 
 
 def plot_training(records: list[Record], out: Path) -> None:
@@ -89,10 +96,11 @@ def plot_training(records: list[Record], out: Path) -> None:
     ax.set_ylabel("throughput / torch AdamW fused throughput\n(torch ms/step / ms/step; above 1 = faster)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(impls), frameon=False)
-    first = records[0]
-    run = f"{first.get('rounds')} rounds x {first.get('steps')} steps" + (", tiny configs" if first.get("tiny") else "")
-    ax.set_title(f"Whole training step, medians over rounds (bars: min-max round)\n{provenance(records)}; {run}",
-                 fontsize=10)
+    paired = all(r.get("paired_ratio_vs_torch_fused") is not None for r in records if r.get("ms_per_step") is not None)
+    how = ("median over rounds of the ratio within a round (bars: min-max round)" if paired
+           else "ratio of the medians over rounds (bars: slowest-fastest round)")
+    tiny = ", tiny configs" if records[0].get("tiny") else ""
+    ax.set_title(f"Whole training step, {how}\n{provenance(records)}{tiny}", fontsize=10)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
