@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from . import cpu_fused
+
 MODES = ("optimistic", "descent-ascent")
 REDUCTIONS = ("sum", "mean")
 ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
@@ -64,9 +66,10 @@ def as_simplex(weights: Optional[Union[Tensor, Sequence[float]]], n_groups: int,
 
 
 def as_ids(group_ids: Union[Tensor, Sequence[int]], n_groups: int, device: torch.device,
-           check_values: bool) -> Tensor:
+           check_values: bool, extension: bool = False) -> Tensor:
     """group_ids as a 1-D int64 tensor on ``device`` (a list of ints is accepted; CPU ids are copied
-    without blocking); with ``check_values`` also ids outside [0, n_groups) raise (a host sync)."""
+    without blocking); with ``check_values`` also ids outside [0, n_groups) raise (a host sync).
+    ``extension``: their range may come from the fast CPU path's extension (``_value_range``)."""
     if not isinstance(group_ids, Tensor):
         values = list(group_ids)
         if not values:
@@ -87,15 +90,15 @@ def as_ids(group_ids: Union[Tensor, Sequence[int]], n_groups: int, device: torch
     if group_ids.dtype != torch.int64:
         group_ids = group_ids.long()
     if check_values:
-        lo, hi = (int(v) for v in torch.aminmax(group_ids))
+        lo, hi = _value_range(group_ids, extension)
         if lo < 0 or hi >= n_groups:
             raise ValueError(f"group_ids must lie in [0, {n_groups}), got values in [{lo}, {hi}]")
     return group_ids
 
 
-def check_losses(losses: Any, ids: Tensor, device: torch.device, check_finite: bool) -> None:
+def check_losses(losses: Any, ids: Tensor, device: torch.device, check_finite: bool, extension: bool = False) -> None:
     """Per-sample losses: a floating tensor shaped like ``ids`` on ``device``; with ``check_finite``
-    NaN or inf raise (a host sync)."""
+    NaN or inf raise (a host sync); ``extension`` as for ``as_ids``."""
     if not isinstance(losses, Tensor):
         raise TypeError(f"per-sample losses must be a tensor, got {type(losses).__name__}")
     if not losses.is_floating_point():
@@ -106,12 +109,21 @@ def check_losses(losses: Any, ids: Tensor, device: torch.device, check_finite: b
     if losses.device != device:
         raise ValueError(f"per-sample losses are on {losses.device}, pi is on {device}")
     if check_finite:
-        check_finite_losses(losses)
+        check_finite_losses(losses, extension)
 
 
-def check_finite_losses(losses: Tensor) -> None:
+def check_finite_losses(losses: Tensor, extension: bool = False) -> None:
     """NaN or inf among the per-sample losses raise (a host sync). One reduction: torch.aminmax
     propagates NaN, and the extremes are finite exactly when every loss is."""
-    lo, hi = (float(v) for v in torch.aminmax(losses.detach()))
+    lo, hi = _value_range(losses.detach(), extension)
     if not -math.inf < lo <= hi < math.inf:
         raise ValueError("per-sample losses contain NaN or inf; the step was not taken")
+
+
+def _value_range(values: Tensor, extension: bool) -> tuple:
+    """(min, max) of ids or losses read on the host: with ``extension`` (the fast CPU path, not the reference)
+    from the CPU extension where it applies, in one call; else torch.aminmax (which propagates NaN)."""
+    extremes = cpu_fused.value_range(values) if extension else None
+    if extremes is None:
+        extremes = tuple(v.item() for v in torch.aminmax(values))
+    return extremes

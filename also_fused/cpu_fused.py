@@ -43,6 +43,7 @@ except ImportError as exc:  # not built (no C++ compiler at install), or built f
 # an extension built from older sources has the update but not the group weights' functions: those then
 # run as torch ops (reinstalling the package rebuilds it)
 _HAS_PI_STEP = _cpu_adam is not None and hasattr(_cpu_adam, "pi_step") and hasattr(_cpu_adam, "sample_weights")
+_HAS_RANGES = _cpu_adam is not None and hasattr(_cpu_adam, "id_range") and hasattr(_cpu_adam, "loss_range")
 _torch_fused_ok: Optional[bool] = None
 # the 8-bit code's decoding steps and smallest normal block (see functional.quantize_moment_)
 _QUANT_CONSTANTS = [QUANT_M_STEP, QUANT_V_STEP, QUANT_MIN_NORMAL]
@@ -156,9 +157,23 @@ def adam_update(
                             exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales)
 
 
+def value_range(values: Tensor) -> Optional[tuple[float, float]]:
+    """(min, max) of non-empty int64 ids or float32 losses (both NaN when a loss is NaN, as torch.aminmax gives
+    them) in one call of the extension, without torch.aminmax's two tensors and their reads; None where it does
+    not apply (the extension missing or older, another dtype, not a contiguous 1-D CPU tensor, empty)."""
+    if (not _HAS_RANGES or _cpu_adam is None or not values.is_cpu or values.dim() != 1 or not values.is_contiguous()
+            or values.numel() == 0):
+        return None
+    if values.dtype == torch.int64:
+        return _cpu_adam.id_range(values)
+    if values.dtype == torch.float32:
+        return _cpu_adam.loss_range(values)
+    return None
+
+
 def _plain_vectors(*tensors: Optional[Tensor]) -> bool:
     """Every tensor given is a contiguous 1-D CPU tensor (None: not given)."""
-    return all(t is None or (t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous()) for t in tensors)
+    return all(t is None or (t.is_cpu and t.dim() == 1 and t.is_contiguous()) for t in tensors)
 
 
 def pi_update(pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor, second_out: Optional[Tensor] = None,

@@ -269,16 +269,17 @@ class GroupWeights:
         return self.validate and self._errors is None
 
     def _as_ids(self, group_ids: GroupIds) -> Tensor:
-        return _checks.as_ids(group_ids, self.n_groups, self.device, self._checks_values_on_host)
+        return _checks.as_ids(group_ids, self.n_groups, self.device, self._checks_values_on_host,
+                              self._backend == "cpu")
 
     def _check_losses(self, losses: Any, ids: Tensor, finite: bool) -> None:
-        _checks.check_losses(losses, ids, self.device, finite and self._checks_values_on_host)
+        _checks.check_losses(losses, ids, self.device, finite and self._checks_values_on_host, self._backend == "cpu")
 
     def _check_recorded(self, losses: Optional[Tensor]) -> None:
         """The losses recorded by ``weighted_loss`` (checked there but for their values): NaN or inf raise
         now where the host checks values (a host sync). None: a staged step (the kernels checked them)."""
         if losses is not None and self._checks_values_on_host:
-            _checks.check_finite_losses(losses)
+            _checks.check_finite_losses(losses, self._backend == "cpu")
 
     def _flag_bad(self, what: str, ids: Optional[Tensor] = None, losses: Optional[Tensor] = None) -> None:
         """Kernels' path: set the error word for bad ids or losses (on a CPU: raise now, naming ``what``)."""

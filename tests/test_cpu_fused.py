@@ -103,6 +103,57 @@ def test_sample_weights_and_their_fallbacks():
 
 
 @needs_extension
+def test_value_range_is_torch_aminmax():
+    """The host-side value checks' (min, max) from the extension: what torch.aminmax gives, NaN propagated."""
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(-3, 40, (97,), generator=gen)
+    assert cpu_fused.value_range(ids) == tuple(v.item() for v in torch.aminmax(ids))
+    assert cpu_fused.value_range(torch.tensor([7])) == (7, 7)
+    losses = torch.randn(97, generator=gen) * 1e3
+    for special in (None, float("inf"), float("-inf"), float("nan")):
+        x = losses.clone()
+        if special is not None:
+            x[41] = special
+        got, want = cpu_fused.value_range(x), tuple(v.item() for v in torch.aminmax(x))
+        if special is not None and special != special:
+            assert all(v != v for v in got) and all(v != v for v in want)
+        else:
+            assert got == want
+    for other in (ids.int(), losses.double(), losses[::2], losses[:0], losses.view(1, -1)):
+        assert cpu_fused.value_range(other) is None  # torch.aminmax then
+
+
+@needs_extension
+def test_value_checks_without_the_extension_ranges(monkeypatch):
+    """An extension built before id_range / loss_range: the value checks take torch.aminmax, same errors."""
+    monkeypatch.setattr(cpu_fused, "_HAS_RANGES", False)
+    assert cpu_fused.value_range(torch.tensor([0, 1])) is None
+    W = torch.nn.Parameter(torch.randn(3))
+    opt = also_fused.ALSO([W], n_groups=4, batch_size=2, mode="descent-ascent")
+    with pytest.raises(ValueError, match=r"got values in \[0, 4\]"):
+        opt.weighted_loss(torch.rand(2), torch.tensor([0, 4]))
+    (W.sum() * opt.weighted_loss(torch.tensor([1.0, float("nan")]), torch.tensor([0, 1]))).backward()
+    before = W.detach().clone()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        opt.step()
+    assert torch.equal(W.detach(), before)
+
+
+def test_reference_backend_checks_values_with_torch_ops_only(monkeypatch):
+    """backend="reference" stays plain torch: its value checks never call the extension."""
+    def refuse(values):
+        raise AssertionError("the reference path called the extension")
+
+    monkeypatch.setattr(cpu_fused, "value_range", refuse)
+    W = torch.nn.Parameter(torch.randn(3))
+    opt = also_fused.ALSO([W], n_groups=4, batch_size=2, mode="optimistic", backend="reference")
+    with pytest.raises(ValueError, match="group_ids must lie"):
+        opt.weighted_loss(torch.rand(2), torch.tensor([0, 9]))
+    (W.sum() * opt.weighted_loss(torch.rand(2), torch.tensor([0, 3]))).backward()
+    opt.step()
+
+
+@needs_extension
 def test_an_extension_without_the_pi_step_leaves_it_to_torch_ops(monkeypatch):
     """An extension built from older sources (no pi_step): the group weights' side runs as torch ops."""
     monkeypatch.setattr(cpu_fused, "_HAS_PI_STEP", False)

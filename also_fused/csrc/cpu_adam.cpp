@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -652,6 +653,8 @@ void pi_step(const at::Tensor& pi, const c10::optional<at::Tensor>& log_pi_reg, 
              const c10::optional<at::Tensor>& mean_out, double pi_lr, double pi_decay, double temperature,
              double eps);
 at::Tensor sample_weights(const at::Tensor& pi, const at::Tensor& group_ids, double scale);
+std::tuple<int64_t, int64_t> id_range(const at::Tensor& group_ids);
+std::tuple<double, double> loss_range(const at::Tensor& losses);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Single-pass Adam-style updates of also_fused on CPU tensors, and the group weights' step";
@@ -659,4 +662,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("instruction_set", &instruction_set, "The vector instruction set the update runs with");
   m.def("pi_step", &pi_step, "PiUpdate of the group weights from a batch's ids and losses (cpu_pi.cpp)");
   m.def("sample_weights", &sample_weights, "The weighted loss's per-sample weights scale * pi[ids] (cpu_pi.cpp)");
+  m.def("id_range", &id_range, "(min, max) of int64 group ids (cpu_pi.cpp)");
+  m.def("loss_range", &loss_range, "(min, max) of float32 losses, NaN if one is NaN (cpu_pi.cpp)");
 }

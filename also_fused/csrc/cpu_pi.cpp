@@ -7,12 +7,16 @@
 //                   PiUpdate(out, S) and the losses' mean. One call instead of about a dozen torch ops.
 //   sample_weights: w_i = scale * pi[g_i], the weights of the weighted loss (whose sum against the losses
 //                   torch.dot then takes, with its backward in torch's autograd).
+//   id_range, loss_range: (min, max) of the ids or the losses in one pass, for the host-side value checks
+//                   (NaN for the losses' range when one is NaN, as torch.aminmax propagates it).
 //
 // Ids outside [0, n) are ignored (weight 0, no sum): the callers have checked them where asked to.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -102,4 +106,36 @@ at::Tensor sample_weights(const at::Tensor& pi, const at::Tensor& group_ids, dou
     w[i] = (g >= 0 && g < n) ? s * p[g] : 0.0f;
   }
   return weights;
+}
+
+std::tuple<int64_t, int64_t> id_range(const at::Tensor& group_ids) {
+  check_vector(group_ids, at::kLong, "group_ids");
+  const int64_t batch = group_ids.numel();
+  TORCH_CHECK(batch > 0, "id_range: group_ids is empty");
+  const int64_t* ids = group_ids.data_ptr<int64_t>();
+  int64_t lo = ids[0], hi = ids[0];
+  for (int64_t i = 1; i < batch; ++i) {
+    lo = std::min(lo, ids[i]);
+    hi = std::max(hi, ids[i]);
+  }
+  return {lo, hi};
+}
+
+std::tuple<double, double> loss_range(const at::Tensor& losses) {
+  check_vector(losses, at::kFloat, "losses");
+  const int64_t batch = losses.numel();
+  TORCH_CHECK(batch > 0, "loss_range: losses is empty");
+  const float* l = losses.data_ptr<float>();
+  float lo = l[0], hi = l[0];
+  bool nan = std::isnan(l[0]);
+  for (int64_t i = 1; i < batch; ++i) {
+    nan = nan || std::isnan(l[i]);
+    lo = std::min(lo, l[i]);
+    hi = std::max(hi, l[i]);
+  }
+  if (nan) {
+    const double q = std::numeric_limits<double>::quiet_NaN();
+    return {q, q};
+  }
+  return {static_cast<double>(lo), static_cast<double>(hi)};
 }
