@@ -17,6 +17,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -108,34 +109,33 @@ at::Tensor sample_weights(const at::Tensor& pi, const at::Tensor& group_ids, dou
   return weights;
 }
 
+namespace {
+
+// (min, max) of n > 0 values; for floating types NaN for both when one is NaN (as torch.aminmax)
+template <typename T>
+std::tuple<T, T> extremes(const T* v, int64_t n) {
+  T lo = v[0], hi = v[0];
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (std::is_floating_point_v<T>) nan = nan || std::isnan(v[i]);
+    lo = std::min(lo, v[i]);
+    hi = std::max(hi, v[i]);
+  }
+  if (nan) return {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::quiet_NaN()};
+  return {lo, hi};
+}
+
+}  // namespace
+
 std::tuple<int64_t, int64_t> id_range(const at::Tensor& group_ids) {
   check_vector(group_ids, at::kLong, "group_ids");
-  const int64_t batch = group_ids.numel();
-  TORCH_CHECK(batch > 0, "id_range: group_ids is empty");
-  const int64_t* ids = group_ids.data_ptr<int64_t>();
-  int64_t lo = ids[0], hi = ids[0];
-  for (int64_t i = 1; i < batch; ++i) {
-    lo = std::min(lo, ids[i]);
-    hi = std::max(hi, ids[i]);
-  }
-  return {lo, hi};
+  TORCH_CHECK(group_ids.numel() > 0, "id_range: group_ids is empty");
+  return extremes(group_ids.data_ptr<int64_t>(), group_ids.numel());
 }
 
 std::tuple<double, double> loss_range(const at::Tensor& losses) {
   check_vector(losses, at::kFloat, "losses");
-  const int64_t batch = losses.numel();
-  TORCH_CHECK(batch > 0, "loss_range: losses is empty");
-  const float* l = losses.data_ptr<float>();
-  float lo = l[0], hi = l[0];
-  bool nan = std::isnan(l[0]);
-  for (int64_t i = 1; i < batch; ++i) {
-    nan = nan || std::isnan(l[i]);
-    lo = std::min(lo, l[i]);
-    hi = std::max(hi, l[i]);
-  }
-  if (nan) {
-    const double q = std::numeric_limits<double>::quiet_NaN();
-    return {q, q};
-  }
+  TORCH_CHECK(losses.numel() > 0, "loss_range: losses is empty");
+  const auto [lo, hi] = extremes(losses.data_ptr<float>(), losses.numel());
   return {static_cast<double>(lo), static_cast<double>(hi)};
 }
