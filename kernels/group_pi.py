@@ -532,8 +532,7 @@ class StagedPiStep:
         self._optimistic = pi_mid is not None
         err = error_word if self._check else zero_word(pi.device)
         mid = pi_mid if self._optimistic else pi
-        self._tensors = (pi, mid, stage, pi if log_pi_reg is None else log_pi_reg, err)
-        self._log_pi_reg = log_pi_reg
+        self._tensors = (pi, mid, stage, log_pi_reg, err)
         self._n = pi.shape[0]
         self._constexprs = dict(OPTIMISTIC=self._optimistic, CHECK=self._check, **_single_program(self._n))
         self._scalars: Optional[tuple] = None  # (loss_scale, hyper) the kept launches were made for
@@ -576,8 +575,8 @@ class StagedPiStep:
         loss_scale, (pi_lr, pi_decay, temperature, eps) = self._scalars
         a, c, lr, eps = _softmax_scalars(pi_lr, pi_decay, temperature, eps)
         # with c = 0 the KL term vanishes; dropping it avoids 0 * log(0) for a pi_reg with zero entries
-        has_reg = self._log_pi_reg is not None and c != 0.0
         pi, mid, stage, lpr, err = self._tensors
+        has_reg = lpr is not None and c != 0.0
         args = (pi, mid, stage, lpr if has_reg else pi, group_ids, losses, weights, err, self._n, B,
                 float(loss_scale), a, c, lr, eps)
         cache = self._kept.setdefault((B, commit), {})
