@@ -178,8 +178,7 @@ class ALSO(ThetaAdam):
         return losses.float().mean()
 
     def _step_loop(self) -> Tensor:
-        if self._errors is not None:  # the weights' device checks (check_errors(wait=False))
-            self._errors.poll()
+        self.check_errors(wait=False)
         ids, losses, staged_mean = self.weights._take_recorded()  # a rejected step drops its batch: run it again
         self._check_training()
         self.weights._check_recorded(losses)

@@ -156,8 +156,7 @@ class GroupWeights:
         return self._weighted_loss(losses, group_ids)
 
     def _weighted_loss(self, losses: Tensor, group_ids: GroupIds) -> Tensor:
-        if self._errors is not None:
-            self._errors.poll()
+        self.check_errors(wait=False)
         if self._stage is not None and self._plain_batch(losses, group_ids):
             return self._weighted_loss_staged(losses, group_ids)
         ids = self._as_ids(group_ids)
