@@ -23,6 +23,8 @@ from also_fused.kernels.group_pi import SMALL_MAX, pi_update  # noqa: E402
 CUDA = torch.cuda.is_available()
 from conftest import SHORT  # noqa: E402
 DEV = "cuda" if CUDA else "cpu"
+LARGE_N = 2000  # above SMALL_MAX: the large-n_groups paths
+assert LARGE_N > SMALL_MAX
 
 
 def model_pi_update(pi: torch.Tensor, ids: torch.Tensor, losses: torch.Tensor, lr: float,
@@ -87,7 +89,7 @@ def check(pi, ids, losses, hp=HP, tol=2e-6, reg=None, **kw):
     return out
 
 
-CASES = [(n, k) for n in (1, 10, 1000) for k in ("equal", "distinct", "one", "empty", "repeat")]
+CASES = [(n, k) for n in (1, 10, 1000, LARGE_N) for k in ("equal", "distinct", "one", "empty", "repeat")]
 CASES += [(100_000, "repeat"), (100_000, "empty")]
 
 
@@ -99,7 +101,7 @@ def test_matches_model(n: int, kind: str) -> None:
     check(pi, ids, losses)
 
 
-@pytest.mark.parametrize("n", [10, 1000])
+@pytest.mark.parametrize("n", [10, LARGE_N])
 def test_non_uniform_reg_and_temperature(n: int) -> None:
     gen = torch.Generator().manual_seed(3)
     pi = rand_simplex(n, gen)
@@ -113,7 +115,7 @@ def test_non_uniform_reg_and_temperature(n: int) -> None:
     assert not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("n", [10, 1000])
+@pytest.mark.parametrize("n", [10, LARGE_N])
 def test_in_place_and_second_out(n: int) -> None:
     gen = torch.Generator().manual_seed(5)
     pi = rand_simplex(n, gen)
@@ -131,7 +133,7 @@ def test_in_place_and_second_out(n: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n", [10, 1000])
+@pytest.mark.parametrize("n", [10, LARGE_N])
 def test_loss_dtypes(dtype: torch.dtype, n: int) -> None:
     gen = torch.Generator().manual_seed(11)
     pi = rand_simplex(n, gen)
@@ -140,7 +142,7 @@ def test_loss_dtypes(dtype: torch.dtype, n: int) -> None:
     check(pi, ids, losses)
 
 
-@pytest.mark.parametrize("n,path", [(10, None), (1000, "sparse"), (1000, "dense")])
+@pytest.mark.parametrize("n,path", [(10, None), (LARGE_N, "sparse"), (LARGE_N, "dense")])
 def test_deterministic(n: int, path: Optional[str]) -> None:
     gen = torch.Generator().manual_seed(13)
     pi = rand_simplex(n, gen).to(DEV)
@@ -156,7 +158,7 @@ def test_deterministic(n: int, path: Optional[str]) -> None:
     assert rel_err(a1, ref) < 1e-5
 
 
-@pytest.mark.parametrize("n,path", [(10, None), (1000, "sparse"), (1000, "dense")])
+@pytest.mark.parametrize("n,path", [(10, None), (LARGE_N, "sparse"), (LARGE_N, "dense")])
 def test_bad_ids_stay_inside_pi(n: int, path: Optional[str]) -> None:
     gen = torch.Generator().manual_seed(17)
     pad = 64
@@ -190,7 +192,7 @@ def test_bad_ids_stay_inside_pi(n: int, path: Optional[str]) -> None:
 def test_negative_losses_on_dominant_groups(path: Optional[str]) -> None:
     """Present groups that hold almost all the mass and get large negative losses (large path;
     the sparse variant only where its exactness bound holds, T = 1)."""
-    n = 1000
+    n = LARGE_N
     gen = torch.Generator().manual_seed(19)
     pi = torch.full((n,), 1e-9)
     pi[[3, 500]] = 0.5
@@ -209,7 +211,7 @@ def test_negative_losses_on_dominant_groups(path: Optional[str]) -> None:
 
 
 @pytest.mark.parametrize("path", ["sparse", "dense"])
-@pytest.mark.parametrize("n", [1000, 100_000])
+@pytest.mark.parametrize("n", [LARGE_N, 100_000])
 def test_large_paths(path: str, n: int) -> None:
     """Both large-n_groups variants (G = 0 plus correction, dense loss sums) on every feature."""
     gen = torch.Generator().manual_seed(31 + n)
@@ -266,7 +268,7 @@ def run_simplex_loop(n: int, steps: int, optimistic: bool, path: Optional[str]) 
 
 
 @pytest.mark.parametrize("n,optimistic,path", [(10, False, None), (10, True, None),
-                                               (1000, False, "sparse"), (1000, True, "dense")])
+                                               (LARGE_N, False, "sparse"), (LARGE_N, True, "dense")])
 def test_stays_on_simplex_long(n: int, optimistic: bool, path: Optional[str]) -> None:
     """Kernel steps with losses up to 1e4, pi checked after every step: on CUDA 10^5 steps on the
     small path and 2*10^4 on the large one; in the interpreter 400 and 50 (a few seconds each on a

@@ -23,15 +23,15 @@ MODES = ("descent-ascent", "optimistic")
 N_GROUPS, B = 5, 12
 
 
-def batches(n: int, seed: int = 0):
+def batches(n: int, seed: int = 0, n_groups: int = N_GROUPS, batch: int = B):
     gen = torch.Generator().manual_seed(seed)
-    return [((torch.rand(B, generator=gen) * (1 + k % 3)).to(DEVICE),
-             torch.randint(0, N_GROUPS, (B,), generator=gen).to(DEVICE)) for k in range(n)]
+    return [((torch.rand(batch, generator=gen) * (1 + k % 3)).to(DEVICE),
+             torch.randint(0, n_groups, (batch,), generator=gen).to(DEVICE)) for k in range(n)]
 
 
-def twins(mode: str, **kw):
+def twins(mode: str, n_groups: int = N_GROUPS, **kw):
     """Two GroupWeights alike, the second with the stage switched off (its pi step launches at step())."""
-    make = lambda: also_fused.GroupWeights(N_GROUPS, batch_size=B, mode=mode, pi_lr=0.4, device=DEVICE,
+    make = lambda: also_fused.GroupWeights(n_groups, batch_size=B, mode=mode, pi_lr=0.4, device=DEVICE,
                                            backend="triton", **kw)
     staged, launched = make(), make()
     assert staged._stage is not None
@@ -59,6 +59,21 @@ def test_staged_step_is_bitwise_the_launched_one(mode, pi_reg, validate):
             assert torch.equal(staged.pi, launched.pi) and torch.equal(staged.pi_mid, launched.pi_mid)
     assert torch.equal(staged.pi, launched.pi) and torch.equal(staged.pi_mid, launched.pi_mid)
     assert not torch.equal(staged.pi, torch.full_like(staged.pi, 1 / N_GROUPS))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_staged_step_with_a_thousand_groups(mode):
+    """1000 groups (ImageNet's classes), padded to the single program's largest width: still staged, and
+    bitwise the step launched at step()."""
+    n = 1000
+    assert n <= _dispatch.fused_pi_max_groups("triton") < 2 * n
+    staged, launched = twins(mode, n_groups=n, pi_decay=0.5)
+    for losses, ids in batches(4, seed=3, n_groups=n, batch=64):
+        for a, b in zip(weighted(staged, losses, ids), weighted(launched, losses, ids)):
+            assert torch.equal(a, b)
+        assert torch.equal(staged.step(), launched.step())
+    assert torch.equal(staged.pi, launched.pi) and torch.equal(staged.pi_mid, launched.pi_mid)
+    assert not torch.equal(staged.pi, torch.full_like(staged.pi, 1 / n))
 
 
 @pytest.mark.parametrize("mode", MODES)
