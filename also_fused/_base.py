@@ -22,6 +22,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_PRECISIONS = {"param": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")
 _is_contiguous = Tensor.is_contiguous
+_stride = Tensor.stride
 
 try:
     from torch.distributed.tensor import DTensor
@@ -273,7 +274,10 @@ class AdamFamily(torch.optim.Optimizer):
         signature, flat, grads = self._step_signature(flag_names)
         plans = self._plans_for(tag, self._grad_items(), flag_names, per_tensor)
         position = {id(p): i for i, p in enumerate(flat)}
-        entries = [(plan, [position[id(p)] for p in plan["params"]], all(map(_is_contiguous, plan["params"])))
+        # per plan: None when all its params are contiguous, else their strides (a gradient with its
+        # param's strides is dense in its layout: the check of a channels_last model's step)
+        entries = [(plan, [position[id(p)] for p in plan["params"]],
+                    None if all(map(_is_contiguous, plan["params"])) else tuple(map(_stride, plan["params"])))
                    for plan in plans]
         if not any(plan["has_dtensors"] for plan in plans):
             self._last_step[tag] = (signature, entries)
@@ -291,12 +295,12 @@ class AdamFamily(torch.optim.Optimizer):
         if last[0] != signature:
             return None
         out = []
-        for plan, positions, contiguous in last[1]:
+        for plan, positions, strides in last[1]:
             plan_grads = [grads[i] for i in positions]
-            if contiguous:
+            if strides is None:
                 if not all(map(_is_contiguous, plan_grads)):
                     return None
-            elif not all(map(dense_like, plan_grads, plan["params"])):
+            elif tuple(map(_stride, plan_grads)) != strides and not all(map(dense_like, plan_grads, plan["params"])):
                 return None
             out.append((plan, plan_grads))
         return out

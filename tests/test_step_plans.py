@@ -126,6 +126,43 @@ def test_sparse_gradient_refused_after_fast_steps(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_gradient_layout_checked_after_fast_steps(backend):
+    """A channels_last param's plan is reused while its gradients keep its strides; a gradient in another
+    layout after such steps is refused and changes nothing, and one back in the param's layout steps again."""
+    gen = torch.Generator().manual_seed(5)
+    w0 = torch.randn(4, 3, 2, 2, generator=gen)
+    ours = [torch.nn.Parameter(w0.clone().to(DEVICE).to(memory_format=torch.channels_last)),
+            torch.nn.Parameter(torch.randn(5, generator=gen).to(DEVICE))]
+    theirs = [torch.nn.Parameter(p.detach().clone().contiguous()) for p in ours]
+    opt_a = also_fused.Adam(ours, lr=1e-2, backend=backend)
+    opt_b = torch.optim.Adam(theirs, lr=1e-2, foreach=False)
+
+    def grads():
+        g = [torch.randn(p.shape, generator=gen).to(DEVICE) for p in ours]
+        for p, q, x in zip(ours, theirs, g):
+            p.grad, q.grad = x.clone().contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.clone(), x
+        return g
+
+    for _ in range(3):
+        grads()
+        opt_a.step(), opt_b.step()
+    before = [p.detach().clone() for p in ours]
+    state_before = {k: v.clone() for k, v in opt_a.state[ours[0]].items()}
+    ours[0].grad = grads()[0].contiguous()
+    with pytest.raises(RuntimeError, match="dense in one layout"):
+        opt_a.step()
+    for a, b in zip(ours, before):
+        assert torch.equal(a.detach(), b)
+    for k, v in opt_a.state[ours[0]].items():
+        assert torch.equal(v, state_before[k])
+    for _ in range(2):
+        grads()
+        opt_a.step(), opt_b.step()
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+    assert_close([p.detach().contiguous() for p in ours], [q.detach() for q in theirs])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("api", ["loop", "closure"])
 def test_eval_and_train_between_steps_change_nothing(backend, api):
     """Optimistic ALSO: eval() and train() swap the buffers the step's plans point at; the steps after them
