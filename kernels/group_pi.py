@@ -641,15 +641,13 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     scal = (a, c, lr, eps)
 
     def stats(src: torch.Tensor, n_dense: int, grid: int, first: bool) -> None:
-        _pi_stats_kernel[(grid,)](src, lpr, sbuf, group_ids, losses, ws, n, B, P, n_dense,
-                                  range_len, *scal, HAS_REG=has_reg, FIRST=first,
-                                  DENSE_S=dense_s, BLOCK=block, BI=bi, BK=_SAMPLE_BK,
-                                  num_warps=8)
+        launch(_pi_stats_kernel, grid, pi.device, src, lpr, sbuf, group_ids, losses, ws, n, B, P, n_dense,
+               range_len, *scal, num_warps=8, HAS_REG=has_reg, FIRST=first, DENSE_S=dense_s, BLOCK=block,
+               BI=bi, BK=_SAMPLE_BK)
 
     def write(src: torch.Tensor, dst: torch.Tensor, clear: bool) -> None:
-        _pi_write_kernel[(P,)](src, lpr, sbuf, dst, ws, err, n, B, P, Q, range_len, *scal,
-                               HAS_REG=has_reg, DENSE_S=dense_s, CLEAR=clear, BLOCK=block,
-                               PB=pb, SB=_SCAN, num_warps=8)
+        launch(_pi_write_kernel, P, pi.device, src, lpr, sbuf, dst, ws, err, n, B, P, Q, range_len, *scal,
+               num_warps=8, HAS_REG=has_reg, DENSE_S=dense_s, CLEAR=clear, BLOCK=block, PB=pb, SB=_SCAN)
 
     if dense_s:
         if Q > 0:
