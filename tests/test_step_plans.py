@@ -48,6 +48,16 @@ def set_grads(ours, theirs, gen, pool=None, k=0, skip=()):
         q.grad = g.clone()
 
 
+def snapshot(opt, params):
+    """Copies of the params and of the first param's optimizer state."""
+    return [p.detach().clone() for p in params], {k: v.clone() for k, v in opt.state[params[0]].items()}
+
+
+def assert_same_snapshot(got, want):
+    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
+    assert got[1].keys() == want[1].keys() and all(torch.equal(got[1][k], want[1][k]) for k in want[1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_groups", [1, 2, 4, 6])  # 6 > MAX_LR_ARGS: the table path
 def test_schedule_and_moving_grads_match_torch(backend, n_groups):
@@ -114,15 +124,11 @@ def test_sparse_gradient_refused_after_fast_steps(backend):
     for _ in range(3):
         set_grads(ours, theirs, gen)
         opt_a.step()
-    before = [p.detach().clone() for p in ours]
-    state_before = {k: v.clone() for k, v in opt_a.state[ours[0]].items()}
+    before = snapshot(opt_a, ours)
     ours[0].grad = torch.randn(ours[0].shape).to(DEVICE).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt_a.step()
-    for a, b in zip(ours, before):
-        assert torch.equal(a.detach(), b)
-    for k, v in opt_a.state[ours[0]].items():
-        assert torch.equal(v, state_before[k])
+    assert_same_snapshot(snapshot(opt_a, ours), before)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -146,15 +152,11 @@ def test_channels_last_gradient_layout_checked_after_fast_steps(backend):
     for _ in range(3):
         grads()
         opt_a.step(), opt_b.step()
-    before = [p.detach().clone() for p in ours]
-    state_before = {k: v.clone() for k, v in opt_a.state[ours[0]].items()}
+    before = snapshot(opt_a, ours)
     ours[0].grad = grads()[0].contiguous()
     with pytest.raises(RuntimeError, match="dense in one layout"):
         opt_a.step()
-    for a, b in zip(ours, before):
-        assert torch.equal(a.detach(), b)
-    for k, v in opt_a.state[ours[0]].items():
-        assert torch.equal(v, state_before[k])
+    assert_same_snapshot(snapshot(opt_a, ours), before)
     for _ in range(2):
         grads()
         opt_a.step(), opt_b.step()
