@@ -204,9 +204,10 @@ def weighted_loss(backend: str, pi: Tensor, group_ids: Tensor, losses: Tensor, l
     return _kernel("losses").weighted_loss_checked(pi, group_ids, losses, loss_scale, error_word, cache=cache)
 
 
-def fused_pi_max_groups(backend: str) -> int:
-    """The most groups for which ``staged_pi_step`` runs (0 where the kernels do not run)."""
-    return _kernel("group_pi").SMALL_MAX if backend == "triton" else 0
+def staged_pi_max_batch(backend: str, n_groups: int) -> int:
+    """The largest batch for which ``staged_pi_step`` runs over n_groups groups (0: never, e.g. where the kernels
+    do not run): the single-program pi step's limit."""
+    return _kernel("group_pi").single_program_max_batch(n_groups) if backend == "triton" else 0
 
 
 def pi_stage(n_groups: int, device: torch.device) -> Tensor:

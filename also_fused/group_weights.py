@@ -31,7 +31,8 @@ class GroupWeights:
         loss.backward(); optimizer.step(); weights.step()
 
     ``weighted_loss`` may be called once per micro-batch: every loss recorded since the last
-    ``step()`` feeds the next pi step. On the Triton kernels with the sum reduction (up to 1024 groups)
+    ``step()`` feeds the next pi step. On the Triton kernels with the sum reduction (up to 1024 groups,
+    batch x next_pow2(n_groups) up to 2^19)
     ``weighted_loss`` computes its batch's pi step in the same launch as the weights and ``step()`` only
     makes it current, without a launch of its own (several micro-batches: ``step()`` launches the pi
     step of all of them); the result is the same, bitwise. ``mode="optimistic"`` weighs the losses with
@@ -119,11 +120,13 @@ class GroupWeights:
         self._reported = False  # the step's last launch wrote its error report (see _input_errors.py)
         self._launches: dict[Any, dict] = {}  # kernels' launches kept between steps, by use (not copied)
         self._steps_taken = 0
-        # the sum reduction on the kernels, up to SMALL_MAX groups: weighted_loss() runs the pi step of its
-        # batch in its own launch and stages the result; step() then only marks it pending (one batch
-        # since the last step), and the next weighted_loss() (or _flush, for all else that reads pi) commits it
-        fused = group_reduction == "sum" and n_groups <= _dispatch.fused_pi_max_groups(self._backend)
-        self._stage = _dispatch.pi_stage(n_groups, device) if fused else None
+        # the sum reduction on the kernels, up to 1024 groups and batches of up to _staged_max_batch samples:
+        # weighted_loss() runs the pi step of its batch in its own launch and stages the result; step() then
+        # only marks it pending (one batch since the last step), and the next weighted_loss() (or _flush, for
+        # all else that reads pi) commits it
+        self._staged_max_batch = (_dispatch.staged_pi_max_batch(self._backend, n_groups)
+                                  if group_reduction == "sum" else 0)
+        self._stage = _dispatch.pi_stage(n_groups, device) if self._staged_max_batch > 0 else None
         self._pending = False  # the stage holds the last step's pi (and pi_mid), not yet in _pi
 
     # ------------------------------------------------------------------ public
@@ -162,7 +165,8 @@ class GroupWeights:
         ids = self._as_ids(group_ids)
         self._check_losses(losses, ids, finite=False)
         word = None if self._errors is None else self._errors.word
-        if self._stage is not None and losses.dtype == torch.float32 and self._group() is None:
+        if (self._stage is not None and losses.dtype == torch.float32 and self._group() is None
+                and ids.shape[0] <= self._staged_max_batch):
             return self._weighted_loss_staged(losses.contiguous(), ids.contiguous())
         weights = self.pi_mid
         if self.group_reduction == "mean":
@@ -179,12 +183,14 @@ class GroupWeights:
 
     def _plain_batch(self, losses: Any, ids: Any) -> bool:
         """Whether the batch is what the checks would pass unchanged to the staged path: float32 losses and int64
-        ids, 1-D, of one non-zero length, contiguous, on pi's device, and no torch.distributed group (values are
-        checked on the device there). Any other batch goes through the checks, which convert or refuse it."""
+        ids, 1-D, of one non-zero length up to the staged path's limit, contiguous, on pi's device, and no
+        torch.distributed group (values are checked on the device there). Any other batch goes through the
+        checks, which convert or refuse it (and a larger one then takes the pi step at step())."""
         index = self._device_index
         return (type(losses) is Tensor and type(ids) is Tensor and losses.dtype is torch.float32
                 and ids.dtype is torch.int64 and losses.dim() == 1 and losses.shape == ids.shape
-                and losses.shape[0] > 0 and losses.get_device() == index and ids.get_device() == index
+                and 0 < losses.shape[0] <= self._staged_max_batch
+                and losses.get_device() == index and ids.get_device() == index
                 and losses.is_contiguous() and ids.is_contiguous() and self._group() is None)
 
     def _weighted_loss_staged(self, losses: Tensor, ids: Tensor) -> Tensor:

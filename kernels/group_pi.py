@@ -7,13 +7,14 @@
 
 Two paths, both free of float atomics (bitwise reproducible):
 
-* small ``n_groups`` (<= ``SMALL_MAX``): one program, one launch.  S is built densely by comparing
-  every group index with every sample id, chunk by chunk in a fixed order.
+* small ``n_groups`` (<= ``SMALL_MAX``) and batches (B * next_pow2(n_groups) <= ``SINGLE_PROGRAM_WORK``): one
+  program, one launch.  S is built densely by comparing every group index with every sample id, chunk by
+  chunk in a fixed order.
 * the same single program fused with the weighted loss's per-sample weights
   (``StagedPiStep``): the optimizers' loop API runs a batch's pi step in the launch of its
   weighted loss, staged in a buffer that becomes pi at the next call after ``step()`` (or on the host's
   request), so that ``step()`` launches nothing for pi.
-* large ``n_groups``, sparse variant (n_groups > 1000 * batch): two launches per PiUpdate, no
+* more groups or a larger batch, sparse variant (n_groups > 1000 * batch): two launches per PiUpdate, no
   dense G.  Launch 1 has "dense" programs that reduce the logits with G = 0 over contiguous
   ranges of pi (range max, then a float64 sum of the exponentials) and "sample" programs that
   find, for each group present in the batch, its first sample (the owner) and the group's loss
@@ -23,7 +24,7 @@ Two paths, both free of float atomics (bitwise reproducible):
   same float32 formula as in the dense sum and cancelled in float64, so the correction stays exact
   when the absent groups keep at least 1e-9 of the G = 0 mass (always true for a uniform pi_reg
   and float32 eps unless the temperature is small; otherwise the dense variant runs).
-* large ``n_groups``, dense variant (smaller n_groups, a non-uniform pi_reg, or the bound above
+* more groups or a larger batch, dense variant (smaller n_groups, a non-uniform pi_reg, or the bound above
   failing): a sample-only launch stores the owners' loss sums in a persistent all-zero buffer of
   n_groups floats, then the range reduction and the write read it; the last write clears the
   entries it used.  Three launches per PiUpdate (two for the second update of ``second_out``).
@@ -46,9 +47,12 @@ from .losses import _bad_bits, _or_reduce
 
 enable_interpreter_compat()
 
-# largest n_groups handled by the single-program path (1000 classes fit: ImageNet's as groups); its work is
-# B * next_pow2(n) comparisons in one program, which the large path's three launches cost more than on the host
+# The single-program path: up to SMALL_MAX groups (1000 classes fit: ImageNet's as groups) and up to
+# SINGLE_PROGRAM_WORK = B * next_pow2(n) comparisons, which one program does in about 90 us on an H200; above
+# that the many-groups path's programs are faster on the GPU (benchmarks/bench_pi_paths.py: n = 1000, B = 1024
+# took 161 us in one program, 62 us on the many-groups path; B = 256: 44 against 79 us).
 SMALL_MAX = 1024
+SINGLE_PROGRAM_WORK = 1 << 19
 _PI_SMALL_VARYING = (2, 3, 7, 8)  # ids, losses, mean, report: the arguments that change every step
 _REPORTED = tl.constexpr(REPORTED)
 
@@ -450,7 +454,8 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
     [0, n_groups) are ignored.  While ``error_word`` (0-d int32 on the device) is non-zero nothing is
     written.  ``mean_out`` (0-d float32): receives the mean of the losses.  ``report_out`` (0-d int32,
     pinned host memory on a GPU): receives ``error_word | REPORTED`` once the update has read the word.
-    Returns ``out``.  ``_path`` ("sparse" / "dense") forces a large-n_groups variant (tests).
+    Returns ``out``.  ``_path`` ("single" / "sparse" / "dense") forces the single program (n_groups <=
+    SMALL_MAX) or a many-groups variant (tests, benchmarks).
     """
     group_ids = group_ids.contiguous()
     losses = losses.detach().contiguous()
@@ -467,6 +472,11 @@ _WEIGHTED_PI_VARYING = (4, 5, 6)  # ids, losses, the row of the weights: new ten
 
 def _npad(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
+
+
+def single_program_max_batch(n: int) -> int:
+    """The largest batch whose pi step over n groups runs on the single program (0: none, n > SMALL_MAX)."""
+    return SINGLE_PROGRAM_WORK // _npad(n) if 0 < n <= SMALL_MAX else 0
 
 
 def _single_program(n: int) -> dict:
@@ -518,8 +528,9 @@ class StagedPiStep:
     ``pi_update`` computes them (bitwise); ``mean`` is the batch's mean loss (0-d) and ``losses_copy`` a copy of
     the losses (for a pi step launched at step() instead). ``commit`` first moves the previously staged pi (and
     pi_mid) into pi (and pi_mid). Bad ids or losses set the error word's bits; while it is set, the staged pi
-    and pi_mid are the current ones (the step is rejected). n_groups <= SMALL_MAX; ids (int64) and losses
-    (float32) contiguous on pi's device.
+    and pi_mid are the current ones (the step is rejected). n_groups <= SMALL_MAX, B <= single_program_max_batch(n_groups)
+    (the pi step of ``pi_update`` on the single program); ids (int64) and losses (float32) contiguous on pi's
+    device.
 
     Each call writes a fresh row [weights (saved for the backward), mean, losses copy] that no later call
     writes again. The rows are carved, up to 128 at a time, from one allocation (so that a call pays no
@@ -597,7 +608,8 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     between calls, in which the single-program launch is kept for the next call."""
     n = pi.shape[0]
     B = group_ids.shape[0]
-    if mean_out is not None and (n == 0 or n > SMALL_MAX):
+    single = 0 < n and (B <= single_program_max_batch(n) if _path is None else (_path == "single" and n <= SMALL_MAX))
+    if mean_out is not None and not single:
         mean_out.copy_(losses.float().mean())
     err = zero_word(pi.device) if error_word is None else error_word
     if n == 0:
@@ -610,7 +622,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     second = second_out is not None
     on_cpu = pi.device.type != "cuda"
 
-    if n <= SMALL_MAX:
+    if single:
         args = (pi, lpr, group_ids, losses, out, second_out if second else out, err,
                 out if mean_out is None else mean_out, err if report_out is None else report_out, n, B, a, c, lr, eps)
         # everything but the ids, losses, mean and report (new tensors every step) names the kept launch
@@ -621,7 +633,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
                       **_single_program(n))
         return out
 
-    if _path is None:
+    if _path in (None, "single"):
         # The sparse variant pays a scan of the B owner records in every write program; the
         # dense one pays two extra reads of n floats.  On an H100 at B = 4096 the dense variant
         # was faster at n = 1e4 and 1e6 and the sparse one at n = 1e7.

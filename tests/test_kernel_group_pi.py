@@ -101,6 +101,33 @@ def test_matches_model(n: int, kind: str) -> None:
     check(pi, ids, losses)
 
 
+@pytest.mark.parametrize("n", [1, 10, 1000])
+def test_batches_above_the_single_program_work_take_the_many_groups_path(n: int, monkeypatch) -> None:
+    """Up to SINGLE_PROGRAM_WORK id-group comparisons the single program runs, above it the many-groups path
+    (the work limit lowered so that small batches cross it): each bitwise the forced path, both close to the
+    float64 model, the mean written by either."""
+    npad = max(16, 1 << (n - 1).bit_length())
+    monkeypatch.setattr(group_pi, "SINGLE_PROGRAM_WORK", 8 * npad)
+    assert group_pi.single_program_max_batch(n) == 8
+    launched = []
+    for name in ("launch", "launch_cached"):
+        real = getattr(group_pi, name)
+        spy = lambda *a, real=real, **k: (launched.append(next(x for x in a if hasattr(x, "arg_names"))), real(*a, **k))
+        monkeypatch.setattr(group_pi, name, spy)
+    gen = torch.Generator().manual_seed(41 + n)
+    pi = rand_simplex(n, gen)
+    for B, forced in ((8, "single"), (9, "dense")):
+        ids = torch.randint(0, n, (B,), generator=gen)
+        losses = torch.rand(B, generator=gen) * 3
+        means = [torch.full((), float("nan"), device=DEV) for _ in range(2)]
+        launched.clear()
+        auto = check(pi, ids, losses, mean_out=means[0])
+        assert (launched == [group_pi._pi_small_kernel]) == (forced == "single"), launched
+        again = call(pi, ids, losses, mean_out=means[1], _path=forced)
+        assert torch.equal(auto, again) and torch.equal(means[0], means[1])
+        assert abs(float(means[0]) - float(losses.double().mean())) < 1e-6
+
+
 @pytest.mark.parametrize("n", [10, LARGE_N])
 def test_non_uniform_reg_and_temperature(n: int) -> None:
     gen = torch.Generator().manual_seed(3)

@@ -66,7 +66,7 @@ def test_staged_step_with_a_thousand_groups(mode):
     """1000 groups (ImageNet's classes), padded to the single program's largest width: still staged, and
     bitwise the step launched at step()."""
     n = 1000
-    assert n <= _dispatch.fused_pi_max_groups("triton") < 2 * n
+    assert 64 <= _dispatch.staged_pi_max_batch("triton", n) and _dispatch.staged_pi_max_batch("triton", 2 * n) == 0
     staged, launched = twins(mode, n_groups=n, pi_decay=0.5)
     for losses, ids in batches(4, seed=3, n_groups=n, batch=64):
         for a, b in zip(weighted(staged, losses, ids), weighted(launched, losses, ids)):
@@ -74,6 +74,28 @@ def test_staged_step_with_a_thousand_groups(mode):
         assert torch.equal(staged.step(), launched.step())
     assert torch.equal(staged.pi, launched.pi) and torch.equal(staged.pi_mid, launched.pi_mid)
     assert not torch.equal(staged.pi, torch.full_like(staged.pi, 1 / n))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_batch_above_the_single_program_work_launches_at_step(mode, monkeypatch):
+    """A batch with more id-group comparisons than the single program takes (its work limit lowered here so
+    that B = 12 crosses it) is not staged: its pi step launches at step() on the many-groups path, bitwise
+    the launched twin's; smaller batches after it are staged again."""
+    from also_fused.kernels import group_pi
+    monkeypatch.setattr(group_pi, "SINGLE_PROGRAM_WORK", 16 * 8)  # 5 groups pad to 16: batches up to 8
+    staged, launched = twins(mode, pi_decay=0.5)
+    assert staged._staged_max_batch == 8
+    for k, (losses, ids) in enumerate(batches(4)):
+        if k % 2:
+            losses, ids = losses[:8], ids[:8]
+        for a, b in zip(weighted(staged, losses, ids), weighted(launched, losses, ids)):
+            assert torch.equal(a, b)
+        assert (staged._recorded[-1][2] is not None) == (ids.shape[0] <= 8)
+        if k == 0:
+            assert "staged" not in staged._launches
+        assert torch.equal(staged.step(), launched.step())
+        assert torch.equal(staged.pi, launched.pi) and torch.equal(staged.pi_mid, launched.pi_mid)
+    assert "staged" in staged._launches
 
 
 @pytest.mark.parametrize("mode", MODES)
