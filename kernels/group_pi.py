@@ -608,7 +608,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     between calls, in which the single-program launch is kept for the next call."""
     n = pi.shape[0]
     B = group_ids.shape[0]
-    single = 0 < n and (B <= single_program_max_batch(n) if _path is None else (_path == "single" and n <= SMALL_MAX))
+    single = 0 < n <= SMALL_MAX and (B <= single_program_max_batch(n) if _path is None else _path == "single")
     if mean_out is not None and not single:
         mean_out.copy_(losses.float().mean())
     err = zero_word(pi.device) if error_word is None else error_word

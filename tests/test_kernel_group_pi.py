@@ -101,19 +101,25 @@ def test_matches_model(n: int, kind: str) -> None:
     check(pi, ids, losses)
 
 
+@pytest.fixture
+def launched(monkeypatch) -> list:
+    """The kernels that group_pi launches, in order (its launch helpers spied on)."""
+    kernels: list = []
+    for name in ("launch", "launch_cached"):
+        real = getattr(group_pi, name)
+        spy = lambda *a, real=real, **k: (kernels.append(next(x for x in a if hasattr(x, "arg_names"))), real(*a, **k))
+        monkeypatch.setattr(group_pi, name, spy)
+    return kernels
+
+
 @pytest.mark.parametrize("n", [1, 10, 1000])
-def test_batches_above_the_single_program_work_take_the_many_groups_path(n: int, monkeypatch) -> None:
+def test_batches_above_the_single_program_work_take_the_many_groups_path(n: int, monkeypatch, launched) -> None:
     """Up to SINGLE_PROGRAM_WORK id-group comparisons the single program runs, above it the many-groups path
     (the work limit lowered so that small batches cross it): each bitwise the forced path, both close to the
     float64 model, the mean written by either."""
     npad = max(16, 1 << (n - 1).bit_length())
     monkeypatch.setattr(group_pi, "SINGLE_PROGRAM_WORK", 8 * npad)
     assert group_pi.single_program_max_batch(n) == 8
-    launched = []
-    for name in ("launch", "launch_cached"):
-        real = getattr(group_pi, name)
-        spy = lambda *a, real=real, **k: (launched.append(next(x for x in a if hasattr(x, "arg_names"))), real(*a, **k))
-        monkeypatch.setattr(group_pi, name, spy)
     gen = torch.Generator().manual_seed(41 + n)
     pi = rand_simplex(n, gen)
     for B, forced in ((8, "single"), (9, "dense")):
@@ -126,6 +132,14 @@ def test_batches_above_the_single_program_work_take_the_many_groups_path(n: int,
         again = call(pi, ids, losses, mean_out=means[1], _path=forced)
         assert torch.equal(auto, again) and torch.equal(means[0], means[1])
         assert abs(float(means[0]) - float(losses.double().mean())) < 1e-6
+
+
+def test_an_empty_batch_over_many_groups_stays_off_the_single_program(launched) -> None:
+    """The single program exists up to SMALL_MAX groups only, whatever the batch (an empty one included)."""
+    gen = torch.Generator().manual_seed(43)
+    pi = rand_simplex(LARGE_N, gen)
+    check(pi, torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+    assert launched and group_pi._pi_small_kernel not in launched
 
 
 @pytest.mark.parametrize("n", [10, LARGE_N])
