@@ -32,7 +32,7 @@ class GroupWeights:
 
     ``weighted_loss`` may be called once per micro-batch: every loss recorded since the last
     ``step()`` feeds the next pi step. On the Triton kernels with the sum reduction (up to 1024 groups,
-    batch x next_pow2(n_groups) up to 2^19)
+    batch x next_pow2(n_groups) up to 2^18)
     ``weighted_loss`` computes its batch's pi step in the same launch as the weights and ``step()`` only
     makes it current, without a launch of its own (several micro-batches: ``step()`` launches the pi
     step of all of them); the result is the same, bitwise. ``mode="optimistic"`` weighs the losses with

@@ -48,11 +48,11 @@ from .losses import _bad_bits, _or_reduce
 enable_interpreter_compat()
 
 # The single-program path: up to SMALL_MAX groups (1000 classes fit: ImageNet's as groups) and up to
-# SINGLE_PROGRAM_WORK = B * next_pow2(n) comparisons, which one program does in about 90 us on an H200; above
-# that the many-groups path's programs are faster on the GPU (benchmarks/bench_pi_paths.py: n = 1000, B = 1024
-# took 161 us in one program, 62 us on the many-groups path; B = 256: 44 against 79 us).
+# SINGLE_PROGRAM_WORK = B * next_pow2(n) comparisons, which one program does in about 45 us on an H200; above
+# that the many-groups path's programs are faster on the GPU (benchmarks/bench_pi_paths.py, n = 1000: B = 256
+# took 44 us in one program against 79-133 us on the many-groups path, B = 512 82 against 27-56 us).
 SMALL_MAX = 1024
-SINGLE_PROGRAM_WORK = 1 << 19
+SINGLE_PROGRAM_WORK = 1 << 18
 _PI_SMALL_VARYING = (2, 3, 7, 8)  # ids, losses, mean, report: the arguments that change every step
 _REPORTED = tl.constexpr(REPORTED)
 
