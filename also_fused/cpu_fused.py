@@ -161,7 +161,7 @@ def value_range(values: Tensor) -> Optional[tuple[float, float]]:
     """(min, max) of non-empty int64 ids or float32 losses (both NaN when a loss is NaN, as torch.aminmax gives
     them) in one call of the extension, without torch.aminmax's two tensors and their reads; None where it does
     not apply (the extension missing or older, another dtype, not a contiguous 1-D CPU tensor, empty)."""
-    if (not _HAS_RANGES or _cpu_adam is None or not values.is_cpu or values.dim() != 1 or not values.is_contiguous()
+    if (not _HAS_RANGES or not values.is_cpu or values.dim() != 1 or not values.is_contiguous()
             or values.numel() == 0):
         return None
     if values.dtype == torch.int64:

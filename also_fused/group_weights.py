@@ -87,6 +87,8 @@ class GroupWeights:
         pi_init_host = _checks.as_simplex(pi_init, n_groups, "pi_init")
         device = _as_device(device)
         self._backend = _dispatch.resolve_backend(backend, device)
+        # the fast CPU path's host-side value checks read (min, max) from its extension (the reference: torch ops)
+        self._ranges_from_extension = self._backend == "cpu"
         if not validate and device.type == "cuda" and (self._backend != "triton" or group_reduction != "sum"):
             raise ValueError("validate=False on CUDA needs backend 'triton' and group_reduction='sum': only those "
                              "kernels mask out-of-range group ids instead of reading outside pi")
@@ -275,16 +277,17 @@ class GroupWeights:
 
     def _as_ids(self, group_ids: GroupIds) -> Tensor:
         return _checks.as_ids(group_ids, self.n_groups, self.device, self._checks_values_on_host,
-                              self._backend == "cpu")
+                              self._ranges_from_extension)
 
     def _check_losses(self, losses: Any, ids: Tensor, finite: bool) -> None:
-        _checks.check_losses(losses, ids, self.device, finite and self._checks_values_on_host, self._backend == "cpu")
+        _checks.check_losses(losses, ids, self.device, finite and self._checks_values_on_host,
+                             self._ranges_from_extension)
 
     def _check_recorded(self, losses: Optional[Tensor]) -> None:
         """The losses recorded by ``weighted_loss`` (checked there but for their values): NaN or inf raise
         now where the host checks values (a host sync). None: a staged step (the kernels checked them)."""
         if losses is not None and self._checks_values_on_host:
-            _checks.check_finite_losses(losses, self._backend == "cpu")
+            _checks.check_finite_losses(losses, self._ranges_from_extension)
 
     def _flag_bad(self, what: str, ids: Optional[Tensor] = None, losses: Optional[Tensor] = None) -> None:
         """Kernels' path: set the error word for bad ids or losses (on a CPU: raise now, naming ``what``)."""
