@@ -415,11 +415,15 @@ class AdamFamily(torch.optim.Optimizer):
                 continue
             value = value.detach().to(p.device)
             from_codes = scale_key in saved
+            scales = saved[scale_key].detach().to(p.device, torch.float32) if from_codes else None
+            if from_codes and F.is_legacy_scales(scales):
+                # written by the earlier 8-bit code: decoded by it, then stored as this optimizer stores moments
+                value, from_codes = F.dequantize_legacy_moment(value, scales, signed), False
             if from_codes and to_codes:
                 out[key] = _like_param(value, p, value.dtype)
-                out[scale_key] = saved[scale_key].detach().to(p.device, torch.float32).clone()
+                out[scale_key] = scales.clone()
             elif from_codes:
-                values = F.dequantize_moment(value, saved[scale_key].detach().to(p.device, torch.float32), signed)
+                values = F.dequantize_moment(value, scales, signed)
                 out[key] = _like_param(values, p, self._moment_dtype(p))
             elif to_codes:
                 out[key] = torch.empty_like(p, dtype=F.QUANT_DTYPES[signed])

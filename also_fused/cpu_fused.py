@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .kernels.layout import QUANT_M_STEP, QUANT_MIN_NORMAL, QUANT_V_STEP, dense_like
+from .kernels.layout import QUANT_M_BITS, QUANT_V_BITS, dense_like
 
 try:
     from . import _cpu_adam
@@ -45,8 +45,8 @@ except ImportError as exc:  # not built (no C++ compiler at install), or built f
 _HAS_PI_STEP = _cpu_adam is not None and hasattr(_cpu_adam, "pi_step") and hasattr(_cpu_adam, "sample_weights")
 _HAS_RANGES = _cpu_adam is not None and hasattr(_cpu_adam, "id_range") and hasattr(_cpu_adam, "loss_range")
 _torch_fused_ok: Optional[bool] = None
-# the 8-bit code's decoding steps and smallest normal block (see functional.quantize_moment_)
-_QUANT_CONSTANTS = [QUANT_M_STEP, QUANT_V_STEP, QUANT_MIN_NORMAL]
+# the 8-bit codes' (exponent, mantissa) bits, m's then v's (see functional.quantize_moment_)
+_QUANT_CONSTANTS = [float(b) for b in QUANT_M_BITS + QUANT_V_BITS]
 
 
 def available() -> tuple[bool, str]:

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .kernels.layout import QUANT_BLOCK, QUANT_M_STEP, QUANT_MIN_NORMAL, QUANT_V_STEP, quant_blocks
+from .kernels.layout import QUANT_BLOCK, QUANT_M_BITS, QUANT_V_BITS, code_constants, quant_blocks
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -186,17 +186,19 @@ def select_batch_reference(
     return batch_size, ids.to(pi.device)
 
 
-# 8-bit moments (state_precision="int8"): codes per element and one float32 scale per block of
-# QUANT_BLOCK consecutive elements of the tensor's storage (the block's largest |value| a).
-# m (signed):   m = a * sign(q) * (q/127)^2,  q = sign(m) * round(127 * sqrt(|m|/a))
-# v (unsigned): v = a * (q/255)^4,            q = round(255 * (v/a)^(1/4))
-# (round: to the nearest integer, halves to even)
-# The square and fourth-root companding gives small values many codes: v's code stays non-zero
-# wherever m's does (v ~ m^2 relative to their scales), so m / sqrt(v) never divides by a zero v.
-# In float32, as the kernel evaluates it: |m|/a is |m| * (1/a) with one division per block, decoding
-# multiplies the exact integer q|q| (or q^2 q^2) by the block's step a * (1/127^2) (or a * (1/255^4)), and
-# a block whose a lies below float32's smallest normal number (1.2e-38) is stored as zeros.
+# 8-bit moments (state_precision="int8"): a tensor's storage in blocks of QUANT_BLOCK consecutive elements,
+# each with a power-of-two scale s (the smallest above the block's largest |x|, within [2^(2^E - 126), 2^127]),
+# and per element a code c: a float of M mantissa bits counting up from o = s / 2^(2^E), E exponent bits
+# wide (m: a sign bit and (E, M) = (3, 4); v: (5, 3); kernels/layout.py):
+#     t = |x| + o  (float32),   c = min((bits(t) - bits(o) + 2^(22-M)) >> (23-M), 2^(E+M) - 1)
+#     |x| = float(bits(o) + c * 2^(23-M)) - o  (float32)
+# i.e. |x| rounded (halves up) to M significant bits relative to o, the bottom binade linear like IEEE
+# subnormals; m's sign is code bit 7. c = 0 decodes to exactly 0. Relative to s the smallest non-zero
+# values are 2^-12 (m) and 2^-35 (v): v's code stays non-zero wherever m's does (v ~ m^2 relative to
+# their scales), so m / sqrt(v) does not divide by a zero v. Per element an integer add and a float add
+# each way (benchmarks/bench_quant_codes.py measures the error against other codes).
 QUANT_DTYPES = {True: torch.int8, False: torch.uint8}  # signed (m), unsigned (v)
+_SIGN_BIT = -(2 ** 31)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -204,17 +206,21 @@ def _flat(t: Tensor) -> Tensor:
     return t.as_strided((t.numel(),), (1,))
 
 
+def _zero_offsets(scales: Tensor, signed: bool, n: int) -> Tensor:
+    # bits(o) per element: o = s / 2^(2^E) (an exponent-field subtraction: s is a power of two)
+    offset = code_constants(QUANT_M_BITS if signed else QUANT_V_BITS)[1]
+    return (scales.float().contiguous().view(torch.int32) - offset).repeat_interleave(QUANT_BLOCK)[:n]
+
+
 def dequantize_moment(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
     """float32 values of 8-bit codes (same shape and layout as ``codes``), computed as the kernel does."""
-    q = _flat(codes.float())
-    step = QUANT_M_STEP if signed else QUANT_V_STEP
-    steps = (scales.float() * torch.tensor(step, dtype=torch.float32, device=scales.device))
-    steps = steps.repeat_interleave(QUANT_BLOCK)[:q.numel()]
+    q = _flat(codes).to(torch.int32)  # int8 m codes sign-extend: bit 31 is the sign
+    shift = code_constants(QUANT_M_BITS if signed else QUANT_V_BITS)[2]
+    o_bits = _zero_offsets(scales, signed, q.numel())
+    c = q & 0x7F if signed else q
+    values = ((c << shift) + o_bits).view(torch.float32) - o_bits.view(torch.float32)
     if signed:
-        values = (q * q.abs()) * steps
-    else:
-        q2 = q * q
-        values = (q2 * q2) * steps
+        values = (values.view(torch.int32) | (q & _SIGN_BIT)).view(torch.float32)
     out = torch.empty_like(codes, dtype=torch.float32)
     _flat(out).copy_(values)
     return out
@@ -224,20 +230,38 @@ def quantize_moment_(values: Tensor, codes: Tensor, scales: Tensor, signed: bool
     """Write the 8-bit codes and block scales of float32 ``values`` into ``codes`` and ``scales``."""
     flat = _flat(values.float())
     n = flat.numel()
+    min_field, _, shift, half, top = code_constants(QUANT_M_BITS if signed else QUANT_V_BITS)
     padded = torch.zeros(quant_blocks(n) * QUANT_BLOCK, dtype=torch.float32, device=flat.device)
     padded[:n] = flat.abs()
     a = padded.view(-1, QUANT_BLOCK).amax(dim=1)
-    normal = a >= QUANT_MIN_NORMAL
-    one = torch.ones_like(a)
-    inverse = torch.where(normal, one / torch.where(normal, a, one), torch.zeros_like(a))
-    scales.copy_(torch.where(normal, a, torch.zeros_like(a)))
-    r = flat.abs() * inverse.repeat_interleave(QUANT_BLOCK)[:n]
+    # the exponent field of s: one above a's, clamped to the code's range
+    field = ((a.view(torch.int32) >> 23) + 1).clamp_(min_field, 254)
+    scales.copy_((field << 23).view(torch.float32))
+    o_bits = _zero_offsets(scales, signed, n)
+    t = flat.abs() + o_bits.view(torch.float32)
+    c = ((t.view(torch.int32) - o_bits + half) >> shift).clamp_(max=top)
     if signed:
-        q = torch.round((torch.sqrt(r) * 127.0).clamp_(max=127.0))
-        q = torch.where(flat < 0, -q, q)
-    else:
-        q = torch.round((torch.sqrt(torch.sqrt(r)) * 255.0).clamp_(max=255.0))
-    _flat(codes).copy_(q.to(codes.dtype))
+        c = c | ((flat.contiguous().view(torch.int32) >> 24) & 0x80)
+    _flat(codes).copy_(c.to(torch.uint8).view(codes.dtype))
+
+
+def is_legacy_scales(scales: Tensor) -> bool:
+    """Whether block scales were written by the earlier 8-bit code (the block's largest |x|, 0 for a zero
+    block) rather than this one (non-zero powers of two)."""
+    bits = scales.float().contiguous().view(torch.int32)
+    return bool(((bits & 0x7FFFFF) != 0).any() or (bits == 0).any())
+
+
+def dequantize_legacy_moment(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
+    """float32 values of the earlier 8-bit code, kept to load its state_dicts: m = a sign(q) (q/127)^2,
+    v = a (q/255)^4 with a the block's largest |x|."""
+    q = _flat(codes).float()
+    step = torch.tensor(1.0 / 127**2 if signed else 1.0 / 255**4, dtype=torch.float32, device=scales.device)
+    steps = (scales.float() * step).repeat_interleave(QUANT_BLOCK)[:q.numel()]
+    values = (q * q.abs()) * steps if signed else (q * q) * (q * q) * steps
+    out = torch.empty_like(codes, dtype=torch.float32)
+    _flat(out).copy_(values)
+    return out
 
 
 def adam_update_reference(

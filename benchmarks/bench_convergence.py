@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 20 steps, on the CPU")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--runs", default=None,
+                        help="comma-separated indices into RUNS to train (default: all; the first is the baseline)")
     args = parser.parse_args()
     import transformers
 
@@ -162,8 +164,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     train_batches = corpus.batch(args.steps * args.batch, gen).split(args.batch)  # every batch a fresh one
     eval_batches = corpus.batch(8 * args.batch, gen).split(args.batch)
+    chosen = RUNS if args.runs is None else [RUNS[int(i)] for i in args.runs.split(",")]
     runs = [run_one(name, pdtype, make, args, init_state, train_batches, eval_batches)
-            for name, pdtype, make in RUNS]
+            for name, pdtype, make in chosen]
     base = runs[0]["final_eval_loss"]
     for r in runs:
         r["final_eval_vs_baseline"] = r["final_eval_loss"] / base

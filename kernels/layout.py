@@ -22,8 +22,17 @@ def quant_blocks(numel: int) -> int:
     """The number of block scales of a tensor of ``numel`` elements."""
     return -(-numel // QUANT_BLOCK)
 
-# decoding steps of the 8-bit codes, float32 values: m = q|q| * (scale * QUANT_M_STEP), v = q^2 q^2 * (scale *
-# QUANT_V_STEP); blocks whose largest |value| lies below QUANT_MIN_NORMAL (float32's smallest normal) are zeros
-QUANT_M_STEP = float(torch.tensor(1.0 / 127**2, dtype=torch.float32))
-QUANT_V_STEP = float(torch.tensor(1.0 / 255**4, dtype=torch.float32))
-QUANT_MIN_NORMAL = float(torch.finfo(torch.float32).tiny)
+# The 8-bit codes (functional.quantize_moment_ states them): a tensor's storage in blocks of QUANT_BLOCK
+# elements, each with a power-of-two scale, and per element a small float code of (exponent bits, mantissa
+# bits) relative to it: m takes a sign bit and (3, 4), v (5, 3). Decoding and encoding are an integer add
+# and a float add per element.
+QUANT_M_BITS = (3, 4)
+QUANT_V_BITS = (5, 3)
+
+
+def code_constants(bits: tuple) -> tuple:
+    """(smallest scale exponent field, offset of the code's zero exponent field in float bits, shift, rounding
+    half, largest code) of a code with ``bits`` = (exponent bits, mantissa bits)."""
+    exp_bits, mant_bits = bits
+    shift = 23 - mant_bits
+    return (2 ** exp_bits + 1, (2 ** exp_bits) << 23, shift, 1 << (shift - 1), 2 ** (exp_bits + mant_bits) - 1)

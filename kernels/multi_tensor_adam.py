@@ -26,8 +26,7 @@ from triton.language.extra import libdevice
 
 from .error_word import REPORTED, zero_word
 from .launch import Launcher
-from .layout import QUANT_BLOCK, dense_like, quant_blocks
-from .layout import QUANT_M_STEP, QUANT_MIN_NORMAL, QUANT_V_STEP
+from .layout import QUANT_BLOCK, QUANT_M_BITS, QUANT_V_BITS, code_constants, dense_like, quant_blocks
 from .staging import PinnedUploader, raw_stream
 
 __all__ = ["multi_tensor_adam_", "hyper_table", "hyper_rows_float64", "KERNEL_CONFIG", "HYPER_COLS", "MAX_LR_ARGS"]
@@ -74,11 +73,12 @@ def kernel_config(param_size: int, moment_size: int) -> tuple:
     """(BLOCK, iterations, num_warps, PVEC) of a launch over params and moments of these element sizes."""
     return STATE_CONFIG.get((param_size, moment_size), KERNEL_CONFIG[param_size])
 
-# the 8-bit code's constants (kernels/layout.py), as float32 constants of the kernels
 _REPORTED = tl.constexpr(REPORTED)
-M_STEP = tl.constexpr(QUANT_M_STEP)
-V_STEP = tl.constexpr(QUANT_V_STEP)
-MIN_NORMAL = tl.constexpr(QUANT_MIN_NORMAL)
+# the 8-bit codes' constants (kernels/layout.code_constants): smallest scale field, zero offset, shift,
+# rounding half, largest code; m's then v's
+M_MIN_FIELD, M_OFFSET, M_SHIFT, M_HALF, M_TOP = (tl.constexpr(c) for c in code_constants(QUANT_M_BITS))
+V_MIN_FIELD, V_OFFSET, V_SHIFT, V_HALF, V_TOP = (tl.constexpr(c) for c in code_constants(QUANT_V_BITS))
+_SIGN_BIT = tl.constexpr(-(2 ** 31))
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -109,7 +109,16 @@ def _step_scalars(lr, log_b1, log_b2, t, EPS_TORCH: tl.constexpr, INTERPRET: tl.
     else:
         step_size = lr * tl.sqrt_rn(bc2) / bc1
         sqrt_bc2 = bc2 * 0.0 + 1.0  # unused in this mode
-    return step_size, sqrt_bc2
+    return step_size, sqrt_bc2, _reciprocal(sqrt_bc2, INTERPRET)
+
+
+@triton.jit
+def _reciprocal(b, INTERPRET: tl.constexpr):
+    # the reciprocal that div.rn's fast path refines from the approximate one, for _div_rn_by
+    if INTERPRET:
+        return 1.0 / b
+    y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [b], dtype=tl.float32, is_pure=True, pack=1)
+    return tl.fma(y, tl.fma(y, -b, 1.0), y)
 
 
 @triton.jit
@@ -136,73 +145,81 @@ def _sqrt_rn_fast(x):
 
 
 @triton.jit
-def _sqrt_rn(x, INTERPRET: tl.constexpr):
-    # tl.sqrt_rn for x >= 0 (inf and NaN too), bitwise, without its per-element branch to a slow path:
-    # below SQRT_FAST_MIN the fast path on x * 2^64, scaled back by 2^-32 (exact powers of 2, as the slow
-    # path scales); 0, inf and NaN (quietened) as the slow path returns them. Checked against
-    # tl.sqrt_rn on every non-negative float32 (tests/test_kernel_multi_tensor_adam.py). The
-    # interpreter's reciprocal root is not the GPU's: there tl.sqrt_rn itself.
-    if INTERPRET:
-        return tl.sqrt_rn(x)
+def _sqrt_rn_positive(x):
+    # tl.sqrt_rn's bits for 0 < x < inf without its per-element branch to a slow path: below SQRT_FAST_MIN
+    # the fast path on x * 2^64, scaled back by 2^-32 (exact powers of 2, as the slow path scales)
     small = x < SQRT_FAST_MIN
     r = _sqrt_rn_fast(tl.where(small, x * 18446744073709551616.0, x))
-    r = tl.where(small, r * 2.3283064365386963e-10, r)
+    return tl.where(small, r * 2.3283064365386963e-10, r)
+
+
+@triton.jit
+def _sqrt_rn(x, INTERPRET: tl.constexpr):
+    # tl.sqrt_rn for x >= 0 (inf and NaN too), bitwise: 0, inf and NaN (quietened) as the slow path returns
+    # them. Checked against tl.sqrt_rn on every non-negative float32 (tests/test_kernel_multi_tensor_adam.py).
+    # The interpreter's reciprocal root is not the GPU's: there tl.sqrt_rn itself.
+    if INTERPRET:
+        return tl.sqrt_rn(x)
+    r = _sqrt_rn_positive(x)
     return tl.where(x == 0.0, x, tl.where((x != x) | (x == float("inf")), x + 1.0, r))
 
 
 @triton.jit
-def _code_root(r, INTERPRET: tl.constexpr):
-    # tl.sqrt_rn(r) for the 8-bit codes, r in [0, 1] or NaN: below SQRT_FAST_MIN every code is 0 whatever
-    # the root (127 * 2^-50.5 and 255 * 2^-25.25 round to 0), so 0 stands in there and the fast path
-    # serves the rest (codes checked against tl.sqrt_rn's on every r in [0, 1])
+def _sqrt_div(x, b, y, INTERPRET: tl.constexpr):
+    # tl.div_rn(tl.sqrt_rn(x), b) for x >= 0 (inf and NaN too) and a per-program divisor b in [2^-27, 1]
+    # with y = _reciprocal(b): div.rn's fast path (quotient, remainder, correction) without its
+    # per-element range check and slow-path branch, which a root (2^-75 < root < 2^64) over such a b
+    # never takes; 0 and inf pass through as both divisions return them, NaN as a NaN. Checked against
+    # tl.div_rn(tl.sqrt_rn(x), b) on every non-negative float32 (tests/test_kernel_multi_tensor_adam.py).
     if INTERPRET:
-        return tl.sqrt_rn(r)
-    return tl.where(r < SQRT_FAST_MIN, 0.0, _sqrt_rn_fast(r))
+        return tl.div_rn(tl.sqrt_rn(x), b)
+    r = _sqrt_rn_positive(x)
+    q = tl.fma(r, y, 0.0)
+    q = tl.fma(y, tl.fma(q, -b, r), q)
+    # 0 < x < inf, on the bits (x >= 0 or NaN here)
+    return tl.where((x.to(tl.uint32, bitcast=True) - 1) < 0x7F7FFFFF, q, x)
 
 
 @triton.jit
-def _small_int_to_float(i):
-    # exact for |i| < 2^22, without the quarter-rate integer-to-float conversion: 1.5*2^23 + i as float bits
-    return (i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-
-
-@triton.jit
-def _round_to_int(y):
-    # round half to even for |y| < 2^22 (float32 addition rounds so), without the quarter-rate conversion
-    return (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+def _as_float(bits):
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _dequantize(q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr):
-    # 8-bit codes -> float32, as functional.dequantize_moment: m = q|q| (a/127^2), v = q^2 q^2 (a/255^4)
-    q = _small_int_to_float(tl.load(q_ptr + offs, mask=mask).to(tl.int32))
-    a = tl.load(scale_ptr)
+    # 8-bit codes -> float32, as functional.dequantize_moment: |x| = float(bits(o) + c << SHIFT) - o with
+    # bits(o) = bits(s) - OFFSET for the block's power-of-two scale s; m's sign from code bit 7
     if SIGNED:
-        x = (q * tl.abs(q)) * (a * M_STEP)
+        o_bits = tl.load(scale_ptr).to(tl.int32, bitcast=True) - M_OFFSET
+        q = tl.load(q_ptr + offs, mask=mask).to(tl.int32)  # sign-extended: bit 31 is the code's sign bit
+        mag = _as_float(((q & 0x7F) << M_SHIFT) + o_bits) - _as_float(o_bits)
+        x = _as_float(mag.to(tl.int32, bitcast=True) | (q & _SIGN_BIT))
     else:
-        q2 = q * q
-        x = (q2 * q2) * (a * V_STEP)
+        o_bits = tl.load(scale_ptr).to(tl.int32, bitcast=True) - V_OFFSET
+        q = tl.load(q_ptr + offs, mask=mask).to(tl.int32)
+        x = _as_float((q << V_SHIFT) + o_bits) - _as_float(o_bits)
     return x
 
 
 @triton.jit
-def _store_codes(x, ax, a, q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr, INTERPRET: tl.constexpr):
+def _store_codes(x, ax, a, q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr):
     # float32 -> 8-bit codes given the block's max |x| = a, and the scale, as functional.quantize_moment_
-    normal = a >= MIN_NORMAL  # a block below float32's smallest normal number is stored as zeros
-    inv = tl.where(normal, tl.div_rn(1.0, tl.where(normal, a, 1.0)), 0.0)
-    r = ax * inv
     if SIGNED:
-        q = _round_to_int(tl.minimum(_code_root(r, INTERPRET) * 127.0, 127.0))
-        tl.store(q_ptr + offs, tl.where(x < 0.0, -q, q).to(tl.int8), mask=mask)
+        field = tl.minimum(tl.maximum((a.to(tl.int32, bitcast=True) >> 23) + 1, M_MIN_FIELD), 254)
+        o_bits = (field << 23) - M_OFFSET
+        c = tl.minimum(((ax + _as_float(o_bits)).to(tl.int32, bitcast=True) + (M_HALF - o_bits)) >> M_SHIFT, M_TOP)
+        c = c | ((x.to(tl.int32, bitcast=True) >> 24) & 0x80)
+        tl.store(q_ptr + offs, c.to(tl.int8), mask=mask)
     else:
-        q = _round_to_int(tl.minimum(_code_root(_code_root(r, INTERPRET), INTERPRET) * 255.0, 255.0))
-        tl.store(q_ptr + offs, q.to(tl.uint8), mask=mask)
-    tl.store(scale_ptr, tl.where(normal, a, 0.0))
+        field = tl.minimum(tl.maximum((a.to(tl.int32, bitcast=True) >> 23) + 1, V_MIN_FIELD), 254)
+        o_bits = (field << 23) - V_OFFSET
+        c = tl.minimum(((ax + _as_float(o_bits)).to(tl.int32, bitcast=True) + (V_HALF - o_bits)) >> V_SHIFT, V_TOP)
+        tl.store(q_ptr + offs, c.to(tl.uint8), mask=mask)
+    tl.store(scale_ptr, _as_float(field << 23))
 
 
 @triton.jit
-def _quantize_store(m, v, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, offs, mask, MASKED: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+def _quantize_store(m, v, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, offs, mask, MASKED: tl.constexpr):
     # both moments of one block: the two block maxima come from one reduction (one round through
     # shared memory instead of two)
     am = tl.abs(m)
@@ -211,16 +228,19 @@ def _quantize_store(m, v, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, offs, mask, MA
         am = tl.where(mask, am, 0.0)
         av = tl.where(mask, av, 0.0)
     a_m, a_v = tl.split(tl.max(tl.join(am, av), axis=0))
-    _store_codes(m, am, a_m, m_ptr, m_scale_ptr, offs, mask, True, INTERPRET)
-    _store_codes(v, av, a_v, v_ptr, v_scale_ptr, offs, mask, False, INTERPRET)
+    _store_codes(m, am, a_m, m_ptr, m_scale_ptr, offs, mask, True)
+    _store_codes(v, av, a_v, v_ptr, v_scale_ptr, offs, mask, False)
 
 
 @triton.jit
 def _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
     if not DECOUPLED:
         d = d + wd * x
-    # m <- lerp(m, d, 1 - b1), evaluated as torch.lerp does
-    m = tl.where(omb1 < 0.5, m + omb1 * (d - m), d - (d - m) * (1.0 - omb1))
+    # m <- lerp(m, d, 1 - b1), evaluated as torch.lerp does (the branch is the same for every element)
+    if omb1 < 0.5:
+        m = m + omb1 * (d - m)
+    else:
+        m = d - (d - m) * (1.0 - omb1)
     v = b2 * v + omb2 * (d * d)
     if AMSGRAD:
         vmax = tl.maximum(vmax, v)
@@ -228,7 +248,7 @@ def _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED: tl.constexpr, 
 
 
 @triton.jit
-def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, sqrt_bc2,
+def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, sqrt_bc2, recip_bc2,
                EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, INTERPRET: tl.constexpr):
     m, v, vmax = _moments(x, d, m, v, vmax, b1, b2, omb1, omb2, wd, DECOUPLED, AMSGRAD)
     if DECOUPLED:
@@ -239,7 +259,7 @@ def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, sqr
         vd = v
     # correctly rounded sqrt and division, in torch's order of operations, for parity with torch.optim
     if EPS_TORCH:
-        denom = tl.div_rn(_sqrt_rn(vd, INTERPRET), sqrt_bc2) + eps
+        denom = _sqrt_div(vd, sqrt_bc2, recip_bc2, INTERPRET) + eps
     else:
         denom = _sqrt_rn(vd, INTERPRET) + eps
     x = x - step_size * tl.div_rn(m, denom)
@@ -249,7 +269,7 @@ def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, sqr
 @triton.jit
 def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, prior, m_scale,
                 v_scale, rem,
-                gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
                 PDTYPE: tl.constexpr, MDTYPE: tl.constexpr, BLOCK: tl.constexpr, PVEC: tl.constexpr,
                 MVEC: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
                 SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
@@ -293,17 +313,17 @@ def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, s
     if SAVE_GRAD:
         tl.store(save_grad + poffs, g_raw, mask=mask)
     g = g_raw.to(tl.float32)
-    x, m, v, vmax = _adam_math(x_raw.to(tl.float32), g * gscale_a, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a,
+    x, m, v, vmax = _adam_math(x_raw.to(tl.float32), g * gscale_a, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a,
                                EPS_TORCH, DECOUPLED, AMSGRAD, INTERPRET)
     x_out = _to_storage(x, PDTYPE, INTERPRET)
     tl.store(dst + poffs, x_out, mask=mask)
     if EXTRAP:
         # The second step starts from the stored first iterate, as two separate calls would.
-        y, m, v, vmax = _adam_math(x_out.to(tl.float32), g * gscale_b, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_b, ib_b,
+        y, m, v, vmax = _adam_math(x_out.to(tl.float32), g * gscale_b, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_b, ib_b, rb_b,
                                    EPS_TORCH, DECOUPLED, AMSGRAD, INTERPRET)
         tl.store(extrap + poffs, _to_storage(y, PDTYPE, INTERPRET), mask=mask)
     if COMMIT and QUANT:
-        _quantize_store(m, v, exp_avg, exp_avg_sq, m_scale, v_scale, moffs, mask, MASKED, INTERPRET)
+        _quantize_store(m, v, exp_avg, exp_avg_sq, m_scale, v_scale, moffs, mask, MASKED)
     elif COMMIT:
         tl.store(exp_avg + moffs, _to_storage(m, MDTYPE, INTERPRET), mask=mask)
         tl.store(exp_avg_sq + moffs, _to_storage(v, MDTYPE, INTERPRET), mask=mask)
@@ -416,12 +436,13 @@ def _multi_tensor_adam_kernel(
     # t of the last moment advance of this call: one per update, plus the prior's and the extrapolation's
     t = t_before + (1 + PRIOR + EXTRAP)
     if EXTRAP:
-        ss_a, ib_a = _step_scalars(lr, log_b1, log_b2, t - 1.0, EPS_TORCH, INTERPRET)
-        ss_b, ib_b = _step_scalars(lr, log_b1, log_b2, t, EPS_TORCH, INTERPRET)
+        ss_a, ib_a, rb_a = _step_scalars(lr, log_b1, log_b2, t - 1.0, EPS_TORCH, INTERPRET)
+        ss_b, ib_b, rb_b = _step_scalars(lr, log_b1, log_b2, t, EPS_TORCH, INTERPRET)
     else:
-        ss_a, ib_a = _step_scalars(lr, log_b1, log_b2, t, EPS_TORCH, INTERPRET)
+        ss_a, ib_a, rb_a = _step_scalars(lr, log_b1, log_b2, t, EPS_TORCH, INTERPRET)
         ss_b = ss_a
         ib_b = ib_a
+        rb_b = rb_a
 
     end = tl.minimum(start + CHUNK, numel)
     # A set error word (bad input found on the device) turns the update into a restore: the
@@ -443,14 +464,14 @@ def _multi_tensor_adam_kernel(
             if off + BLOCK <= end:
                 _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
                             save_src + off, save_grad + off, extrap + off, prior + off, m_scale + i, v_scale + i, BLOCK,
-                            gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                            gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
                             PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, False, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
                             PRIOR, COMMIT, QUANT)
             elif off < end:
                 _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
                             save_src + off, save_grad + off, extrap + off, prior + off, m_scale + i, v_scale + i,
                             (end - off).to(tl.int32),
-                            gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, ss_b, ib_b,
+                            gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
                             PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, True, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
                             PRIOR, COMMIT, QUANT)
         if COMMIT:

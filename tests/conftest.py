@@ -26,3 +26,12 @@ def triton_importable() -> bool:
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+def code_rank(codes: torch.Tensor) -> torch.Tensor:
+    """An 8-bit moment code's position on its number line (neighbouring codes differ by 1): m's int8 codes
+    are sign and magnitude (+0 and -0 both 0), v's uint8 codes their own value."""
+    q = codes.int()
+    if codes.dtype == torch.int8:
+        return torch.where(q < 0, -(q & 0x7F), q)
+    return q

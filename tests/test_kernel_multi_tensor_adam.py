@@ -491,33 +491,35 @@ if ON_CUDA:
     from also_fused.kernels import multi_tensor_adam as _mta
 
     @triton.jit
-    def _root_mismatch_kernel(count_ptr, first_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr, WHAT: tl.constexpr):
+    def _root_mismatch_kernel(count_ptr, first_ptr, divisor, ITERS: tl.constexpr, BLOCK: tl.constexpr,
+                              WHAT: tl.constexpr):
         # every float32 bit pattern from +0 up, ITERS * BLOCK per program: count where the kernels' value
-        # differs in any bit from the one built on tl.sqrt_rn, and keep the smallest such pattern.
-        # WHAT 0: the square root; 1: the 8-bit code of m (127 sqrt(r)); 2: the code of v (255 r^(1/4)).
+        # differs in any bit from the one built on tl.sqrt_rn / tl.div_rn, and keep the smallest such pattern.
+        # WHAT 0: the square root; 1: the root over a per-program divisor (torch's sqrt(v) / sqrt(1 - b2^t)).
         base = tl.program_id(0).to(tl.int64) * (ITERS * BLOCK)
+        recip = _mta._reciprocal(divisor, False)
         for i in range(ITERS):
             bits = (base + i * BLOCK + tl.arange(0, BLOCK)).to(tl.int32)
             x = bits.to(tl.float32, bitcast=True)
             if WHAT == 0:
                 ours = _mta._sqrt_rn(x, False).to(tl.int32, bitcast=True)
                 exact = tl.sqrt_rn(x).to(tl.int32, bitcast=True)
-            elif WHAT == 1:
-                ours = _mta._round_to_int(tl.minimum(_mta._code_root(x, False) * 127.0, 127.0))
-                exact = _mta._round_to_int(tl.minimum(tl.sqrt_rn(x) * 127.0, 127.0))
-            else:
-                ours = _mta._round_to_int(tl.minimum(_mta._code_root(_mta._code_root(x, False), False) * 255.0, 255.0))
-                exact = _mta._round_to_int(tl.minimum(tl.sqrt_rn(tl.sqrt_rn(x)) * 255.0, 255.0))
+            else:  # a NaN may come back with another payload (the kernel's next addition quietens it)
+                ours = _mta._sqrt_div(x, divisor, recip, False).to(tl.int32, bitcast=True)
+                exact = tl.div_rn(tl.sqrt_rn(x), divisor).to(tl.int32, bitcast=True)
+                ours = tl.where((ours & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, ours)
+                exact = tl.where((exact & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, exact)
             bad = ours != exact
             tl.atomic_add(count_ptr, tl.sum(bad.to(tl.int32), axis=0))
             tl.atomic_min(first_ptr, tl.min(tl.where(bad, bits, 0x7FFFFFFF), axis=0))
 
 
-def _root_mismatches(what: int, n_patterns: int) -> tuple[int, int]:
+def _root_mismatches(what: int, n_patterns: int, divisor: float = 1.0) -> tuple[int, int]:
     count = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     first = torch.full((1,), 0x7FFFFFFF, dtype=torch.int32, device=DEVICE)
     iters, block = 64, 1024
-    _root_mismatch_kernel[(triton.cdiv(n_patterns, iters * block),)](count, first, ITERS=iters, BLOCK=block, WHAT=what)
+    _root_mismatch_kernel[(triton.cdiv(n_patterns, iters * block),)](count, first, divisor, ITERS=iters, BLOCK=block,
+                                                                       WHAT=what)
     return int(count), int(first)
 
 
@@ -529,10 +531,22 @@ def test_branch_free_sqrt_is_sqrt_rn_on_every_non_negative_float():
     assert count == 0, f"{count} mismatches, the first at bits {first:#010x}"
 
 
-@pytest.mark.skipif(not ON_CUDA, reason="the GPU's reciprocal root (the interpreter takes tl.sqrt_rn itself)")
-@pytest.mark.parametrize("what", [1, 2], ids=["m code", "v code"])
-def test_code_roots_give_the_codes_of_sqrt_rn(what):
-    """The 8-bit codes from the kernels' roots equal those from tl.sqrt_rn for every float32 pattern from
-    +0 to the last positive NaN (in the kernel r lies in [0, 1] or is NaN)."""
-    count, first = _root_mismatches(what, 2 ** 31)
-    assert count == 0, f"{count} mismatches, the first at bits {first:#010x}"
+def _bias_correction_roots() -> list[float]:
+    """sqrt(1 - b2^t) as the kernel computes it, float32: one random mantissa in each binade from 2^-27
+    (b2 just below 1 in float64, t = 1) up to 1, the extremes and common (b2, t) pairs."""
+    gen = torch.Generator().manual_seed(0)
+    values = [1.0, float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))), 2.0 ** -27]
+    values += [float(2.0 ** -k * (1 + torch.rand(1, generator=gen))) for k in range(1, 28)]
+    for beta2 in (0.999, 0.95, 0.9999):
+        values += [float(torch.tensor(math.sqrt(1 - beta2 ** t), dtype=torch.float32)) for t in (1, 2, 10, 1000)]
+    return values
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the GPU's approximate reciprocal (the interpreter takes tl.div_rn)")
+def test_root_over_divisor_is_div_rn_of_sqrt_rn_on_every_non_negative_float():
+    """torch's denominator sqrt(v) / sqrt(1 - b2^t) without div.rn's per-element check and slow-path branch
+    gives tl.div_rn(tl.sqrt_rn(v), b)'s bits for each of the 2^31 float32 patterns of v with the sign bit
+    clear (a NaN as any NaN), for divisors b in every binade the bias correction takes (2^-27 to 1)."""
+    for divisor in _bias_correction_roots():
+        count, first = _root_mismatches(1, 2 ** 31, divisor)
+        assert count == 0, f"divisor {divisor!r}: {count} mismatches, the first at bits {first:#010x}"

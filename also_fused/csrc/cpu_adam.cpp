@@ -57,6 +57,18 @@ struct Flags {
   bool has_prior, has_extrap, amsgrad, commit;
 };
 
+// The 8-bit codes of functional.quantize_moment_: per block a power-of-two scale s, per element a float
+// of M mantissa bits counting up from o = s / 2^(2^E); (E, M) from kernels/layout.QUANT_M_BITS / QUANT_V_BITS.
+struct Code {
+  int32_t min_field, offset, shift, half, top;
+};
+
+inline Code make_code(double exp_bits, double mant_bits) {
+  const int32_t e = static_cast<int32_t>(exp_bits), m = static_cast<int32_t>(mant_bits);
+  const int32_t shift = 23 - m;
+  return Code{(1 << e) + 1, (1 << e) << 23, shift, 1 << (shift - 1), (1 << (e + m)) - 1};
+}
+
 struct Job;
 using RangeFn = void (*)(const Job&, const Flags&, int64_t, int64_t);
 
@@ -73,8 +85,7 @@ struct Job {
   void* vmax;          // nullable
   float* m_scale;      // kMomentCodes: one scale per kQuantBlock elements
   float* v_scale;
-  float m_step, v_step;      // the codes' decoding steps (kernels/layout.QUANT_M_STEP, QUANT_V_STEP)
-  float min_normal;          // blocks below it are stored as zeros (QUANT_MIN_NORMAL)
+  Code m_code, v_code;       // the two codes (kernels/layout.QUANT_M_BITS, QUANT_V_BITS)
   int mkind;
   int64_t n;
   float prior_scale, main_scale, extrap_scale;
@@ -191,40 +202,52 @@ ALSO_FUSED_INLINE void from_float(const float* __restrict in, P* __restrict out,
   }
 }
 
-// 8-bit codes of one block -> float32: m = q|q| * (a * m_step), v = q^2 q^2 * (a * v_step).
-ALSO_FUSED_INLINE void decode_block(const int8_t* __restrict qm, const uint8_t* __restrict qv, float am, float av,
-                                    float m_step, float v_step, float* __restrict m, float* __restrict v, int64_t n) {
-  const float sm = am * m_step, sv = av * v_step;
+ALSO_FUSED_INLINE int32_t bits_of(float x) {
+  int32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+ALSO_FUSED_INLINE float float_of(int32_t b) {
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+// 8-bit codes of one block -> float32: |x| = float(bits(o) + c << (23 - M)) - o, m's sign from code bit 7.
+ALSO_FUSED_INLINE void decode_block(const int8_t* __restrict qm, const uint8_t* __restrict qv, float sm, float sv,
+                                    const Code& cm, const Code& cv, float* __restrict m, float* __restrict v,
+                                    int64_t n) {
+  const int32_t om = bits_of(sm) - cm.offset, ov = bits_of(sv) - cv.offset;
+  const float fm = float_of(om), fv = float_of(ov);
   for (int64_t k = 0; k < n; ++k) {
-    const float q = static_cast<float>(qm[k]);
-    m[k] = (q * std::abs(q)) * sm;
-    const float u = static_cast<float>(qv[k]);
-    const float u2 = u * u;
-    v[k] = (u2 * u2) * sv;
+    const int32_t q = qm[k];  // sign-extended: bit 31 is the code's sign bit
+    const float mag = float_of(((q & 0x7F) << cm.shift) + om) - fm;
+    m[k] = float_of(bits_of(mag) | (q & INT32_MIN));
+    v[k] = float_of((static_cast<int32_t>(qv[k]) << cv.shift) + ov) - fv;
   }
 }
 
-// float32 -> 8-bit codes of one block and its scale a = max |x| (zeros below min_normal):
-// m: sign(x) round(min(127 sqrt(|x|/a), 127)); v: round(min(255 (x/a)^(1/4), 255)), |x|/a as |x| * (1/a);
-// round: to nearest, halves to even (nearbyint in the default rounding mode, as torch.round).
+// float32 -> 8-bit codes of one block; returns its scale s (the smallest power of two above max |x|, within
+// the code's range): c = min((bits(|x| + o) - bits(o) + half) >> shift, top).
 template <bool SIGNED>
-ALSO_FUSED_INLINE float encode_block(const float* __restrict x, void* __restrict codes, float min_normal,
+ALSO_FUSED_INLINE float encode_block(const float* __restrict x, void* __restrict codes, const Code& code,
                                      int64_t n) {
   float a = 0.0f;
   for (int64_t k = 0; k < n; ++k) a = std::max(a, std::abs(x[k]));
-  const bool normal = a >= min_normal;
-  const float inv = normal ? 1.0f / a : 0.0f;
+  const int32_t field = std::clamp((bits_of(a) >> 23) + 1, code.min_field, int32_t{254});
+  const int32_t ob = (field << 23) - code.offset;
+  const float o = float_of(ob);
   for (int64_t k = 0; k < n; ++k) {
-    const float r = std::abs(x[k]) * inv;
+    int32_t c = std::min((bits_of(std::abs(x[k]) + o) - ob + code.half) >> code.shift, code.top);
     if constexpr (SIGNED) {
-      const float q = std::nearbyint(std::min(std::sqrt(r) * 127.0f, 127.0f));
-      static_cast<int8_t*>(codes)[k] = static_cast<int8_t>(static_cast<int32_t>(x[k] < 0.0f ? -q : q));
+      c |= (bits_of(x[k]) >> 24) & 0x80;
+      static_cast<int8_t*>(codes)[k] = static_cast<int8_t>(static_cast<uint8_t>(c));
     } else {
-      const float q = std::nearbyint(std::min(std::sqrt(std::sqrt(r)) * 255.0f, 255.0f));
-      static_cast<uint8_t*>(codes)[k] = static_cast<uint8_t>(static_cast<int32_t>(q));
+      static_cast<uint8_t*>(codes)[k] = static_cast<uint8_t>(c);
     }
   }
-  return normal ? a : 0.0f;
+  return float_of(field << 23);
 }
 
 template <typename M>
@@ -247,7 +270,7 @@ ALSO_FUSED_INLINE void load_moments(const Job& j, bool ams, int64_t off, int64_t
       return;
     case kMomentCodes:
       decode_block(static_cast<const int8_t*>(j.m) + off, static_cast<const uint8_t*>(j.v) + off,
-                   j.m_scale[off / kQuantBlock], j.v_scale[off / kQuantBlock], j.m_step, j.v_step, m, v, n);
+                   j.m_scale[off / kQuantBlock], j.v_scale[off / kQuantBlock], j.m_code, j.v_code, m, v, n);
       return;
     default:
       load_moment<float>(j.m, off, m, n);
@@ -270,8 +293,8 @@ ALSO_FUSED_INLINE void store_moments(const Job& j, bool ams, int64_t off, int64_
       if (ams) from_float(vm, static_cast<c10::Half*>(j.vmax) + off, n);
       return;
     case kMomentCodes:
-      j.m_scale[off / kQuantBlock] = encode_block<true>(m, static_cast<int8_t*>(j.m) + off, j.min_normal, n);
-      j.v_scale[off / kQuantBlock] = encode_block<false>(v, static_cast<uint8_t*>(j.v) + off, j.min_normal, n);
+      j.m_scale[off / kQuantBlock] = encode_block<true>(m, static_cast<int8_t*>(j.m) + off, j.m_code, n);
+      j.v_scale[off / kQuantBlock] = encode_block<false>(v, static_cast<uint8_t*>(j.v) + off, j.v_code, n);
       return;
     default:
       from_float(m, static_cast<float*>(j.m) + off, n);
@@ -526,7 +549,7 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
     return false;
   }
   const bool codes = !exp_avg_scales.empty();
-  if (codes && (!max_exp_avg_sqs.empty() || quant_constants.size() != 3)) return false;
+  if (codes && (!max_exp_avg_sqs.empty() || quant_constants.size() != 4)) return false;
   const at::ScalarType mdt = codes ? at::kChar : exp_avgs[0].scalar_type();
   const int mkind = codes ? kMomentCodes
                           : (mdt == at::kFloat ? kMomentF32
@@ -597,9 +620,8 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
     if (codes) {
       j.m_scale = exp_avg_scales[i].data_ptr<float>();
       j.v_scale = exp_avg_sq_scales[i].data_ptr<float>();
-      j.m_step = static_cast<float>(quant_constants[0]);
-      j.v_step = static_cast<float>(quant_constants[1]);
-      j.min_normal = static_cast<float>(quant_constants[2]);
+      j.m_code = make_code(quant_constants[0], quant_constants[1]);
+      j.v_code = make_code(quant_constants[2], quant_constants[3]);
     }
     j.n = n;
     j.prior_scale = static_cast<float>(sign * prior_scale);
