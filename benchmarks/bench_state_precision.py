@@ -140,15 +140,16 @@ def main() -> None:
               f"| {pct} | {r['state_bytes_per_param']:.2f} |")
     print("wrote", write_records(records, "state_precision"))
 
-# candidate (BLOCK, iterations, num_warps, PVEC) per (param element size, state precision)
+# candidate (BLOCK, iterations, num_warps, PVEC[, pipeline stages]) per (param element size, state precision)
 SWEEP_CONFIGS = {
     (4, "param"): [(1024, 1, 4, 0), (1024, 1, 8, 0)],
     (4, "bfloat16"): [(1024, 1, 4, 0), (1024, 1, 8, 0), (1024, 2, 4, 0), (1024, 4, 4, 0), (2048, 1, 4, 0)],
-    (4, "int8"): [(1024, 1, 4, 0), (1024, 2, 4, 0), (1024, 4, 4, 0), (1024, 1, 8, 0), (1024, 1, 2, 0)],
+    (4, "int8"): [(1024, 1, 4, 0, 1), (1024, 4, 4, 0, 3), (1024, 8, 4, 0, 2), (1024, 8, 4, 0, 3), (1024, 8, 4, 0, 4),
+                  (1024, 16, 4, 0, 3)],
     (2, "float32"): [(1024, 1, 4, 4), (1024, 1, 4, 8)],
     (2, "param"): [(1024, 1, 4, 4), (1024, 1, 4, 8), (1024, 2, 4, 8), (1024, 1, 8, 8), (1024, 4, 4, 8),
                    (1024, 8, 4, 8), (2048, 1, 4, 8), (2048, 2, 4, 8), (2048, 1, 8, 8)],
-    (2, "int8"): [(1024, 1, 4, 8), (1024, 2, 4, 8), (1024, 4, 4, 8), (1024, 1, 2, 8)],
+    (2, "int8"): [(1024, 1, 4, 8, 1), (1024, 8, 4, 8, 3), (1024, 8, 4, 8, 4), (1024, 16, 4, 8, 3)],
 }
 
 
@@ -167,12 +168,14 @@ def sweep(args, bw: float) -> None:
         mb = psize if precision == "param" else MOMENT_BYTES[precision]
         key = (psize, mb)
         saved = mta.STATE_CONFIG.get(key)
-        default = mta.kernel_config(*key)
+        saved_stages = mta.PIPELINE_STAGES.get(key)
+        default = mta.kernel_config(*key) + ((mta.pipeline_stages(*key),) if len(configs[0]) == 5 else ())
         gen = torch.Generator(device="cuda").manual_seed(0)
         grad_sets = [[torch.randn(s, device="cuda", dtype=pdtype, generator=gen) * 1e-2 for s in shapes]
                      for _ in range(2)]
         for config in configs:
-            mta.STATE_CONFIG[key] = config
+            mta.STATE_CONFIG[key] = config[:4]
+            mta.PIPELINE_STAGES[key] = config[4] if len(config) == 5 else 1
             params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=pdtype, generator=gen)) for s in shapes]
             opt = also_fused.AdamW(params, lr=1e-4, state_precision=precision)
             ms = time_step(opt, params, grad_sets, args.warmup, args.iters)
@@ -189,6 +192,10 @@ def sweep(args, bw: float) -> None:
             mta.STATE_CONFIG.pop(key, None)
         else:
             mta.STATE_CONFIG[key] = saved
+        if saved_stages is None:
+            mta.PIPELINE_STAGES.pop(key, None)
+        else:
+            mta.PIPELINE_STAGES[key] = saved_stages
     print("wrote", write_records(records, "state_precision_sweep"))
 
 

@@ -65,13 +65,23 @@ KERNEL_CONFIG: Dict[int, tuple] = {4: (1024, 1, 4, 0), 2: (1024, 1, 4, 4)}
 # where the moments are stored narrower than float32, keyed by (param, moment) element sizes: with every
 # tensor in 2 bytes, 16-byte accesses (PVEC 8); chosen by ``bench_state_precision.py --sweep`` on an H200
 # (with narrow moments a program covering several blocks keeps more bytes in flight per thread)
+# 8-bit moments: a program covers 16 blocks in a software-pipelined loop (PIPELINE_STAGES)
 STATE_CONFIG: Dict[Tuple[int, int], tuple] = {
-    (2, 2): (1024, 8, 4, 8), (4, 2): (1024, 4, 4, 0), (2, 1): (1024, 1, 4, 8)}
+    (2, 2): (1024, 8, 4, 8), (4, 2): (1024, 4, 4, 0), (2, 1): (1024, 16, 4, 8), (4, 1): (1024, 16, 4, 0)}
+# stages of the software pipeline over a program's blocks (1: none): the loads of the next blocks go out
+# (through shared memory) while a block is computed. The 8-bit codes' decoding and encoding make their
+# blocks long enough to compute that, without it, too few loads are in flight (bench_state_precision.py --sweep)
+PIPELINE_STAGES: Dict[Tuple[int, int], int] = {(2, 1): 3, (4, 1): 3}
 
 
 def kernel_config(param_size: int, moment_size: int) -> tuple:
     """(BLOCK, iterations, num_warps, PVEC) of a launch over params and moments of these element sizes."""
     return STATE_CONFIG.get((param_size, moment_size), KERNEL_CONFIG[param_size])
+
+
+def pipeline_stages(param_size: int, moment_size: int) -> int:
+    """Software-pipeline stages of the loop over a program's blocks (1: a plain loop)."""
+    return PIPELINE_STAGES.get((param_size, moment_size), 1)
 
 _REPORTED = tl.constexpr(REPORTED)
 # the 8-bit codes' constants (kernels/layout.code_constants): smallest scale field, zero offset, shift,
@@ -361,7 +371,7 @@ def _multi_tensor_adam_kernel(
     EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
     PRIOR: tl.constexpr, COMMIT: tl.constexpr, QUANT: tl.constexpr, HYPER_COLS: tl.constexpr,
-    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr, REPORT: tl.constexpr,
+    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr, REPORT: tl.constexpr, STAGES: tl.constexpr,
 ):
     # One program = one chunk (up to CHUNK elements) of one tensor; the chunk table packs
     # (tensor index << 32) | chunk index within that tensor.
@@ -458,22 +468,41 @@ def _multi_tensor_adam_kernel(
                 offs = start + i * BLOCK + tl.arange(0, BLOCK)
                 tl.store(dst + offs, tl.load(src + offs, mask=offs < end), mask=offs < end)
     else:
-        # Full blocks without a mask (a mask built from a run-time length blocks 16-byte accesses), then the tail.
-        for i in range(0, CHUNK // BLOCK):
-            off = start + i * BLOCK
-            if off + BLOCK <= end:
+        if STAGES > 1 and not INTERPRET:
+            # the full blocks in a software-pipelined loop (their loads issued stages ahead), then the tail
+            n_full = (end - start) // BLOCK
+            for i in tl.range(0, n_full, num_stages=STAGES):
+                off = start + i * BLOCK
                 _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
                             save_src + off, save_grad + off, extrap + off, prior + off, m_scale + i, v_scale + i, BLOCK,
                             gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
                             PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, False, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
                             PRIOR, COMMIT, QUANT)
-            elif off < end:
+            off = start + n_full * BLOCK
+            if off < end:
                 _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                            save_src + off, save_grad + off, extrap + off, prior + off, m_scale + i, v_scale + i,
+                            save_src + off, save_grad + off, extrap + off, prior + off, m_scale + n_full, v_scale + n_full,
                             (end - off).to(tl.int32),
                             gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
                             PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, True, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
                             PRIOR, COMMIT, QUANT)
+        else:
+            # Full blocks without a mask (a mask built from a run-time length blocks 16-byte accesses), then the tail.
+            for i in range(0, CHUNK // BLOCK):
+                off = start + i * BLOCK
+                if off + BLOCK <= end:
+                    _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
+                                save_src + off, save_grad + off, extrap + off, prior + off, m_scale + i, v_scale + i, BLOCK,
+                                gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
+                                PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, False, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
+                                PRIOR, COMMIT, QUANT)
+                elif off < end:
+                    _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
+                                save_src + off, save_grad + off, extrap + off, prior + off, m_scale + i, v_scale + i,
+                                (end - off).to(tl.int32),
+                                gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
+                                PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, True, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
+                                PRIOR, COMMIT, QUANT)
         if COMMIT:
             # The step count moves once every program of this tensor has read it: the program that
             # draws the last ticket writes it and resets the ticket for the next launch.
@@ -610,6 +639,7 @@ def multi_tensor_adam_(
     if cache.get("key") != key:
         _check_call(lists, grads, sources, destinations, hyper, hyper_rows, device, dtype)
         block, iters, num_warps, pvec = kernel_config(dtype.itemsize, exp_avgs[0].dtype.itemsize)
+        stages = pipeline_stages(dtype.itemsize, exp_avgs[0].dtype.itemsize)
         chunk = block * iters
         if quant and block != QUANT_BLOCK:
             raise ValueError(f"8-bit moments need {QUANT_BLOCK}-element blocks, this configuration has {block}")
@@ -619,7 +649,7 @@ def multi_tensor_adam_(
         cache.update(key=key, meta=meta, chunks=chunks, total=total, tickets=tickets,
                      aligned=(_or_all(ptrs) & 15) == 0, grad_ptrs=None, grad_table=None, grad_aligned=False,
                      lists=(list(lists.values()), hyper_rows), launchers={}, prepared={}, max_row=max(hyper_rows),
-                     config=(block, chunk, num_warps, pvec), uploads=PinnedUploader(), stream=None)
+                     config=(block, chunk, num_warps, pvec), stages=stages, uploads=PinnedUploader(), stream=None)
     if n_lr and cache["max_row"] >= n_lr:
         raise ValueError(f"lr_args has {n_lr} rows but a tensor uses hyper row {cache['max_row']}")
 
@@ -647,7 +677,8 @@ def multi_tensor_adam_(
             EPS_TORCH=eps_mode == "torch", DECOUPLED=flags[1], AMSGRAD=max_exp_avg_sqs is not None,
             MAXIMIZE=flags[2], SAVE_SRC=save_sources_to is not None, SAVE_GRAD=save_grads_to is not None,
             EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=flags[3],
-            HYPER_COLS=HYPER_COLS, ALIGNED=flags[5], INTERPRET=device.type != "cuda", REPORT=flags[7]),
+            HYPER_COLS=HYPER_COLS, ALIGNED=flags[5], INTERPRET=device.type != "cuda", REPORT=flags[7],
+            STAGES=cache["stages"]),
             # torch.optim rounds every elementwise op; without contraction the drop-ins follow it closely
             dict(num_warps=num_warps, enable_fp_fusion=eps_mode != "torch"))
     if n_lr:
