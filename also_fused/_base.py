@@ -218,8 +218,10 @@ class AdamFamily(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.uint8 if dtype == torch.int8 else dtype)
             if dtype == torch.int8:
+                # one scale per block of this rank's shard (plain tensors; also_fused.checkpoint shards them)
+                local = local_tensor(p)
                 for key in SCALE_KEYS:
-                    state[key] = torch.zeros(F.quant_blocks(p.numel()), dtype=torch.float32, device=p.device)
+                    state[key] = torch.zeros(F.quant_blocks(local.numel()), dtype=torch.float32, device=local.device)
             if amsgrad:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
         return state
@@ -230,8 +232,6 @@ class AdamFamily(torch.optim.Optimizer):
             params = [params] if isinstance(params, Tensor) else list(params)
             if param_group.get("amsgrad", self.defaults.get("amsgrad", False)):
                 raise ValueError("state_precision='int8' does not support amsgrad")
-            if any(is_dtensor(p) for p in params):
-                raise NotImplementedError("state_precision='int8' does not support sharded (DTensor) params yet")
         super().add_param_group(param_group)
 
     def _moment_dtype(self, p: Tensor) -> torch.dtype:
@@ -422,13 +422,15 @@ class AdamFamily(torch.optim.Optimizer):
             if from_codes and to_codes:
                 out[key] = _like_param(value, p, value.dtype)
                 out[scale_key] = scales.clone()
-            elif from_codes:
-                values = F.dequantize_moment(value, scales, signed)
+            elif from_codes:  # a sharded state is decoded shard by shard, with the scales of that shard
+                values = _on_shard(lambda codes: F.dequantize_moment(codes, scales, signed), value)
                 out[key] = _like_param(values, p, self._moment_dtype(p))
             elif to_codes:
                 out[key] = torch.empty_like(p, dtype=F.QUANT_DTYPES[signed])
-                out[scale_key] = torch.empty(F.quant_blocks(p.numel()), dtype=torch.float32, device=p.device)
-                F.quantize_moment_(_like_param(value, p, torch.float32), out[key], out[scale_key], signed)
+                local = local_tensor(p)
+                out[scale_key] = torch.empty(F.quant_blocks(local.numel()), dtype=torch.float32, device=local.device)
+                F.quantize_moment_(local_tensor(_like_param(value, p, torch.float32)), local_tensor(out[key]),
+                                   out[scale_key], signed)
             else:
                 out[key] = _like_param(value, p, self._moment_dtype(p))
         return out
@@ -440,10 +442,13 @@ class AdamFamily(torch.optim.Optimizer):
             for key, value in saved_state.get(saved_id, {}).items():
                 if not isinstance(value, Tensor) or key == "step":
                     continue
-                if key in SCALE_KEYS:
-                    if value.numel() != F.quant_blocks(p.numel()):
+                if key in SCALE_KEYS:  # one per block of this rank's shard of a sharded param
+                    blocks = F.quant_blocks(local_tensor(p).numel())
+                    if is_dtensor(value) or value.numel() != blocks:
                         raise ValueError(f"state {key!r} of param {saved_id} has {value.numel()} block scales, "
-                                         f"the param needs {F.quant_blocks(p.numel())}")
+                                         f"the param needs {blocks}"
+                                         + (" on this rank (load sharded state through also_fused.checkpoint)"
+                                            if is_dtensor(p) or is_dtensor(value) else ""))
                     continue
                 if value.shape != p.shape:
                     raise ValueError(f"state {key!r} of param {saved_id} has shape {tuple(value.shape)}, "
@@ -463,6 +468,14 @@ class AdamFamily(torch.optim.Optimizer):
             key = (p.device, p.dtype) + tuple(bool(group.get(f, False)) for f in flag_names)
             buckets.setdefault(key, []).append((p, gi))
         return buckets
+
+
+def _on_shard(fn: Callable[[Tensor], Tensor], value: Tensor) -> Tensor:
+    """``fn`` of a plain tensor, or of a DTensor's local shard wrapped back into a DTensor laid out alike."""
+    if not is_dtensor(value):
+        return fn(value)
+    return DTensor.from_local(fn(value.to_local()), value.device_mesh, value.placements, run_check=False,
+                              shape=value.shape, stride=value.stride())
 
 
 def _like_param(value: Tensor, p: Tensor, dtype: torch.dtype) -> Tensor:

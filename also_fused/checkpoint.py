@@ -13,7 +13,9 @@ theta update alone, ``also_fused.theta.ThetaAdam``) needs them:
 
 Sharded state stays sharded (DTensors like their params); a run saved with ``dcp.save`` and
 restored with ``dcp.load`` into the template of a fresh optimizer continues bit-identically.
-Any other optimizer passes straight through to torch's functions.
+8-bit moments (``state_precision="int8"``) of sharded params keep one scale per block of each rank's
+own shard: those travel as one row per rank of a DTensor, so they load into the same sharding only
+(also_fused.Adam/AdamW's too). Any other optimizer passes straight through to torch's functions.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint import state_dict as dsd
 
+from torch.distributed.tensor import DTensor, Shard
+
+from ._base import SCALE_KEYS
+from .kernels.layout import quant_blocks
 from .theta import ThetaAdam
 
 BUFFER = "optimistic_buffer"
@@ -40,7 +46,7 @@ def get_optimizer_state_dict(model: nn.Module, optimizer: Any, *,
     first step would create it), so that a fresh optimizer's template lists everything a checkpoint
     can hold."""
     if not isinstance(optimizer, ThetaAdam):
-        return dsd.get_optimizer_state_dict(model, optimizer, options=options)
+        return _shard_scales(dsd.get_optimizer_state_dict(model, optimizer, options=options))
     _refuse_flattened(options)
     optimizer._materialize_state()
     osd = dsd.get_optimizer_state_dict(model, optimizer, options=options)
@@ -62,7 +68,7 @@ def get_optimizer_state_dict(model: nn.Module, optimizer: Any, *,
             state[fqn] = entries
         osd["state"] = state
     osd[optimizer._EXTRA_KEY] = _pack(optimizer._extra_state())
-    return osd
+    return _shard_scales(osd)
 
 
 def set_optimizer_state_dict(model: nn.Module, optimizer: Any, optim_state_dict: dict[str, Any], *,
@@ -71,10 +77,10 @@ def set_optimizer_state_dict(model: nn.Module, optimizer: Any, optim_state_dict:
 
     A mismatched checkpoint (n_groups, mode or group_reduction) raises ValueError before anything changes."""
     if not isinstance(optimizer, ThetaAdam):
-        dsd.set_optimizer_state_dict(model, optimizer, optim_state_dict, options=options)
+        dsd.set_optimizer_state_dict(model, optimizer, _local_scales(optim_state_dict), options=options)
         return
     _refuse_flattened(options)
-    osd = dict(optim_state_dict)
+    osd = _local_scales(optim_state_dict)
     blob = osd.pop(optimizer._EXTRA_KEY, None)
     if blob is None:
         raise ValueError(f"the optimizer state has no {optimizer._EXTRA_KEY!r} entry: save it with "
@@ -97,6 +103,65 @@ def set_optimizer_state_dict(model: nn.Module, optimizer: Any, optim_state_dict:
         dsd.set_optimizer_state_dict(model, optimizer, osd, options=options)
     finally:
         optimizer._staged_extra = None
+
+
+# 8-bit moments travel under their own keys: a template of another state precision then finds no match
+# (torch.distributed.checkpoint refuses it) instead of casting codes to numbers
+CODE_KEYS = {"exp_avg": "exp_avg_codes", "exp_avg_sq": "exp_avg_sq_codes"}
+
+
+def _shard_scales(osd: dict[str, Any]) -> dict[str, Any]:
+    """8-bit moments: codes under CODE_KEYS, and for sharded params each rank's block scales (one per 1024
+    elements of its own shard, a plain tensor in the optimizer) as one row of a DTensor [world, widest
+    shard's blocks] sharded by rows, so that every rank saves and loads its own. Other state as it is."""
+    state = {}
+    for fqn, entries in osd["state"].items():
+        if any(k in entries for k in SCALE_KEYS):
+            entries = dict(entries)  # the optimizer's own dicts: never modify them
+            codes = entries["exp_avg"]
+            if isinstance(codes, DTensor):
+                for key in SCALE_KEYS:
+                    entries[key] = _scales_as_rows(codes, entries[key])
+            for key, coded in CODE_KEYS.items():
+                entries[coded] = entries.pop(key)
+        state[fqn] = entries
+    return dict(osd, state=state)
+
+
+def _local_scales(osd: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``_shard_scales``: the codes under their own keys, this rank's row of scales cut to
+    its shard's blocks."""
+    state = {}
+    for fqn, entries in osd["state"].items():
+        if any(k in entries for k in CODE_KEYS.values()):
+            entries = dict(entries)
+            for key, coded in CODE_KEYS.items():
+                entries[key] = entries.pop(coded)
+            codes = entries["exp_avg"]
+            if isinstance(codes, DTensor):
+                blocks = quant_blocks(codes.to_local().numel())
+                for key in SCALE_KEYS:
+                    row = entries[key].to_local() if isinstance(entries[key], DTensor) else entries[key]
+                    if row.dim() != 2 or row.shape[0] != 1 or row.shape[1] < blocks:
+                        raise ValueError(f"param {fqn}: {key} holds {tuple(row.shape)} scales on this rank, its "
+                                         f"shard needs 1 x {blocks}: load 8-bit moments into the sharding they "
+                                         "were saved from")
+                    entries[key] = row[0, :blocks].clone()
+        state[fqn] = entries
+    return dict(osd, state=state)
+
+
+def _scales_as_rows(codes: DTensor, scales: torch.Tensor) -> DTensor:
+    mesh, placements = codes.device_mesh, tuple(codes.placements)
+    if mesh.ndim != 1 or placements != (Shard(0),) or codes.ndim == 0:
+        raise NotImplementedError(f"state_precision='int8' checkpoints params sharded along dim 0 of a 1-D mesh; "
+                                  f"this one is {placements} on a {mesh.ndim}-D mesh")
+    world, rows = mesh.size(), codes.shape[0]
+    per_row = codes.numel() // rows if rows else 0
+    width = max(1, quant_blocks(min(-(-rows // world), rows) * per_row))  # rank 0 holds the widest shard
+    padded = torch.ones(1, width, dtype=scales.dtype, device=scales.device)  # 1.0: a valid scale, never read
+    padded[0, :scales.numel()] = scales
+    return DTensor.from_local(padded, mesh, [Shard(0)], run_check=False, shape=(world, width), stride=(width, 1))
 
 
 def _refuse_flattened(options: Optional[dsd.StateDictOptions]) -> None:

@@ -100,3 +100,50 @@ def test_eval_mode_and_other_optimizers_pass_through():
     adam_model = torch.nn.Linear(3, 1).to(DEVICE)
     adam = also_fused.Adam(adam_model.parameters())
     assert "also" not in checkpoint.get_optimizer_state_dict(adam_model, adam)
+
+
+def _adam_run(precision, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 1)).to(DEVICE)
+    return model, also_fused.AdamW(model.parameters(), lr=0.01, state_precision=precision)
+
+
+def _adam_steps(model, opt, data):
+    for X, Y in data:
+        opt.zero_grad()
+        ((model(X) - Y) ** 2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("template", ["int8", "float32"])
+def test_dcp_int8_state_resumes_bitwise_and_refuses_another_precision(tmp_path, template):
+    """8-bit moments go through torch.distributed.checkpoint as codes under their own keys and block scales:
+    loaded into 8-bit state the run continues bit for bit; a template of another state precision finds no
+    match and DCP refuses it (rather than casting codes to numbers)."""
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(16, 40, generator=gen).to(DEVICE), torch.randn(16, 1, generator=gen).to(DEVICE))
+            for _ in range(6)]
+    model, opt = _adam_run("int8")
+    _adam_steps(model, opt, data[:3])
+    saved = checkpoint.get_optimizer_state_dict(model, opt)
+    assert all("exp_avg_codes" in e and "exp_avg" not in e for e in saved["state"].values())
+    dcp.save({"model": dsd.get_model_state_dict(model), "optim": saved}, checkpoint_id=str(tmp_path))
+    model2, opt2 = _adam_run(template, seed=5)
+    _adam_steps(model2, opt2, data[:1])  # state exists, so the template lists it
+    sd = {"model": dsd.get_model_state_dict(model2), "optim": checkpoint.get_optimizer_state_dict(model2, opt2)}
+    if template != "int8":
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        with pytest.raises(CheckpointException) as refused:
+            dcp.load(sd, checkpoint_id=str(tmp_path))
+        why = repr(refused.value.failures)  # DCP gathers the ranks' exceptions
+        assert "Missing key" in why and "exp_avg" in why, why
+        return
+    dcp.load(sd, checkpoint_id=str(tmp_path))
+    dsd.set_model_state_dict(model2, sd["model"])
+    checkpoint.set_optimizer_state_dict(model2, opt2, sd["optim"])
+    _adam_steps(model, opt, data[3:])
+    _adam_steps(model2, opt2, data[3:])
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert_same(opt2.state_dict(), opt.state_dict())
