@@ -124,7 +124,7 @@ def _step_scalars(lr, log_b1, log_b2, t, EPS_TORCH: tl.constexpr, INTERPRET: tl.
 
 @triton.jit
 def _reciprocal(b, INTERPRET: tl.constexpr):
-    # the reciprocal that div.rn's fast path refines from the approximate one, for _div_rn_by
+    # the reciprocal that div.rn's fast path refines from the approximate one, for _sqrt_div
     if INTERPRET:
         return 1.0 / b
     y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [b], dtype=tl.float32, is_pure=True, pack=1)
