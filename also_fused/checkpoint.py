@@ -25,7 +25,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from torch.distributed.checkpoint import state_dict as dsd
-
 from torch.distributed.tensor import DTensor, Shard
 
 from ._base import SCALE_KEYS
