@@ -272,7 +272,8 @@ def test_int8_paths_agree():
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels")
 @pytest.mark.parametrize("iterations", [2, 4])
 def test_int8_kernel_with_several_blocks_per_program(monkeypatch, iterations):
-    """Programs that cover several 1024-element blocks (each with its own scale) agree with the reference."""
+    """Programs that cover several 1024-element blocks (each with its own scale) agree with the reference: on a
+    GPU through the software-pipelined loop (PIPELINE_STAGES) with a tail block, in the interpreter the plain loop."""
     from also_fused.kernels import multi_tensor_adam as mta
 
     monkeypatch.setitem(mta.STATE_CONFIG, (4, 1), (1024, iterations, 4, 0))
