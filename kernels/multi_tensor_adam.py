@@ -199,31 +199,33 @@ def _as_float(bits):
 def _dequantize(q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr):
     # 8-bit codes -> float32, as functional.dequantize_moment: |x| = float(bits(o) + c << SHIFT) - o with
     # bits(o) = bits(s) - OFFSET for the block's power-of-two scale s; m's sign from code bit 7
+    offset = M_OFFSET if SIGNED else V_OFFSET
+    shift = M_SHIFT if SIGNED else V_SHIFT
+    o_bits = tl.load(scale_ptr).to(tl.int32, bitcast=True) - offset
+    q = tl.load(q_ptr + offs, mask=mask).to(tl.int32)  # int8 m codes sign-extend: bit 31 is the sign bit
     if SIGNED:
-        o_bits = tl.load(scale_ptr).to(tl.int32, bitcast=True) - M_OFFSET
-        q = tl.load(q_ptr + offs, mask=mask).to(tl.int32)  # sign-extended: bit 31 is the code's sign bit
-        mag = _as_float(((q & 0x7F) << M_SHIFT) + o_bits) - _as_float(o_bits)
+        mag = _as_float(((q & 0x7F) << shift) + o_bits) - _as_float(o_bits)
         x = _as_float(mag.to(tl.int32, bitcast=True) | (q & _SIGN_BIT))
     else:
-        o_bits = tl.load(scale_ptr).to(tl.int32, bitcast=True) - V_OFFSET
-        q = tl.load(q_ptr + offs, mask=mask).to(tl.int32)
-        x = _as_float((q << V_SHIFT) + o_bits) - _as_float(o_bits)
+        x = _as_float((q << shift) + o_bits) - _as_float(o_bits)
     return x
 
 
 @triton.jit
 def _store_codes(x, ax, a, q_ptr, scale_ptr, offs, mask, SIGNED: tl.constexpr):
     # float32 -> 8-bit codes given the block's max |x| = a, and the scale, as functional.quantize_moment_
+    min_field = M_MIN_FIELD if SIGNED else V_MIN_FIELD
+    offset = M_OFFSET if SIGNED else V_OFFSET
+    half = M_HALF if SIGNED else V_HALF
+    shift = M_SHIFT if SIGNED else V_SHIFT
+    top = M_TOP if SIGNED else V_TOP
+    field = tl.minimum(tl.maximum((a.to(tl.int32, bitcast=True) >> 23) + 1, min_field), 254)
+    o_bits = (field << 23) - offset
+    c = tl.minimum(((ax + _as_float(o_bits)).to(tl.int32, bitcast=True) + (half - o_bits)) >> shift, top)
     if SIGNED:
-        field = tl.minimum(tl.maximum((a.to(tl.int32, bitcast=True) >> 23) + 1, M_MIN_FIELD), 254)
-        o_bits = (field << 23) - M_OFFSET
-        c = tl.minimum(((ax + _as_float(o_bits)).to(tl.int32, bitcast=True) + (M_HALF - o_bits)) >> M_SHIFT, M_TOP)
         c = c | ((x.to(tl.int32, bitcast=True) >> 24) & 0x80)
         tl.store(q_ptr + offs, c.to(tl.int8), mask=mask)
     else:
-        field = tl.minimum(tl.maximum((a.to(tl.int32, bitcast=True) >> 23) + 1, V_MIN_FIELD), 254)
-        o_bits = (field << 23) - V_OFFSET
-        c = tl.minimum(((ax + _as_float(o_bits)).to(tl.int32, bitcast=True) + (V_HALF - o_bits)) >> V_SHIFT, V_TOP)
         tl.store(q_ptr + offs, c.to(tl.uint8), mask=mask)
     tl.store(scale_ptr, _as_float(field << 23))
 
