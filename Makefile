@@ -25,8 +25,8 @@ tune: $(STAMP)
 	$(PY) examples/tune_digits.py
 
 bench-cpu: $(STAMP)
-	$(PY) benchmarks/bench_cpu.py
-	$(PY) -m pytest -q -p no:cacheprovider benchmarks/test_bench_cpu.py --benchmark-sort=name \
+	$(PY) benchmarks/cpu/bench_cpu.py
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks/cpu/test_bench_cpu.py --benchmark-sort=name \
 		--benchmark-columns=median,iqr,rounds --benchmark-json=benchmarks/results/cpu_pytest_benchmark.json
 
 # the DRO benchmark's CPU tasks (long-tailed classes, spurious patch, flipped labels): Optuna-tuned methods,

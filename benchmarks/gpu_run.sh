@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: install the checkout, run the whole test suite on the GPU, then the GPU
-# benchmarks. Logs and JSON go to $OUT (default benchmarks/results).
+# benchmarks (theta/, pi/, step/). Logs and JSON go to $OUT (default benchmarks/results). Run from the
+# repository root.
 # Usage: bash benchmarks/gpu_run.sh [tests|bench|all|distributed]; "distributed" needs 2+ GPUs: the
 # DDP and FSDP2 tests with NCCL and the Triton kernels, then one DDP and one FSDP2 training step timed.
 set -u
@@ -21,9 +22,9 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  timeout 240 python3 benchmarks/bench_theta.py --out "$OUT/theta.json" > "$OUT/theta.log" 2>&1; tail -n 40 "$OUT/theta.log"
-  timeout 90 python3 benchmarks/bench_pi.py --out "$OUT/pi.json" > "$OUT/pi.log" 2>&1; tail -n 25 "$OUT/pi.log"
-  timeout 150 python3 benchmarks/bench_step.py --out "$OUT/step.json" 2>&1 | tail -n 30
+  timeout 240 python3 benchmarks/theta/bench_theta.py --out "$OUT/theta.json" > "$OUT/theta.log" 2>&1; tail -n 40 "$OUT/theta.log"
+  timeout 90 python3 benchmarks/pi/bench_pi.py --out "$OUT/pi.json" > "$OUT/pi.log" 2>&1; tail -n 25 "$OUT/pi.log"
+  timeout 150 python3 benchmarks/step/bench_step.py --out "$OUT/step.json" 2>&1 | tail -n 30
 fi
 if [ "$what" = distributed ]; then
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -33,7 +34,7 @@ if [ "$what" = distributed ]; then
   status=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/distributed_tests.log" | tail -n 20
   for wrap in ddp fsdp2; do
-    timeout 150 torchrun --nproc-per-node="$n" benchmarks/bench_ddp.py --wrap $wrap \
+    timeout 150 torchrun --nproc-per-node="$n" benchmarks/distributed/bench_ddp.py --wrap $wrap \
       --out "$OUT/${wrap}_step.json" > "$OUT/bench_${wrap}.log" 2>&1 || status=1
     tail -n 6 "$OUT/bench_${wrap}.log"
   done

@@ -1,4 +1,4 @@
-"""An unfused, per-tensor implementation of ALSO written straight from ALGORITHM.md.
+"""An unfused, per-tensor implementation of ALSO written straight from docs/algorithm.md (sec. 3-6).
 
 It has the structure of the published single-file optimizer (a Python loop over tensors, one
 torch op at a time, pi on a dense scatter, ``.item()`` on the returned loss) and serves as the

@@ -7,7 +7,8 @@ the whole step (zero_grad, forward, per-sample loss, backward, step) with CUDA e
 many steps after warm-up, on rank 0, and the optimizer step alone (GPU time between events, and
 the host time of the ``step()`` call). With ``--wrap fsdp2`` every
 block and the root are ``fully_shard``-ed (DTensor params, sharded state).
-Run: torchrun --nproc-per-node=N benchmarks/bench_ddp.py [--wrap ddp|fsdp2]
+Run: torchrun --nproc-per-node=N benchmarks/distributed/bench_ddp.py [--wrap ddp|fsdp2]
+(writes benchmarks/results/<wrap>_step.json unless --out names another path)
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def main():
     parser.add_argument("--wrap", choices=("ddp", "fsdp2"), default="ddp")
     parser.add_argument("--out", default=None, help="default: results/<wrap>_step.json")
     args = parser.parse_args()
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{args.wrap}_step.json")
+    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results",
+                                    f"{args.wrap}_step.json")
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank)

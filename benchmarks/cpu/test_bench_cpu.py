@@ -1,12 +1,12 @@
 """pytest-benchmark suite of one CPU optimizer step: also_fused beside torch's fused CPU Adam/AdamW.
 
-Run with ``make bench-cpu`` (or ``pytest benchmarks/test_bench_cpu.py --benchmark-group-by=param:size``).
+Run with ``make bench-cpu`` (or ``pytest benchmarks/cpu/test_bench_cpu.py --benchmark-group-by=param:size``).
 Sizes sweep the total parameter count in 30 weight + 30 bias tensors; every implementation sees
 the same random non-zero params and gradients. pytest-benchmark times one implementation after
 the other; the ratio of each median to torch fused Adam (AdamW rows: AdamW) of the same size is
 stored in the JSON (``extra_info``) and printed at the end. ``bench_cpu.py`` times them
 interleaved, which is what the README's ratios come from. The JSON that pytest-benchmark writes
-with ``--benchmark-json`` lands next to the other results.
+with ``--benchmark-json`` lands next to the other results (benchmarks/results/cpu_pytest_benchmark.json).
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@
   each), the top functions by own and by cumulative time, and the medians of unprofiled step() calls.
 
 The workloads, optimizers and loop are those of ``bench_training.py``. Writes --out (JSON; the profile as
-text beside it). Needs CUDA.
+text beside it). Needs CUDA. Run: ``python3 benchmarks/training/profile_training_phases.py --workload gpt2 --phases
+--out benchmarks/results/training_phases_h200.json`` (``--workload resnet50 --profile --out
+benchmarks/results/step_profile_resnet50_h200.json``: the profile).
 """
 from __future__ import annotations
 

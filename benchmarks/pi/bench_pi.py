@@ -9,7 +9,8 @@ Medians of triton.testing.do_bench (CUDA events, warm-up first); inputs rotate a
 when they would fit in L2.  Triton rows also give the time per call replayed from a CUDA graph
 (launch gaps removed).  Percent of copy bandwidth uses the fewest bytes a step must move (read pi
 once, write each result once, read ids and losses) over the device-to-device copy rate measured in
-the same run.  Writes JSON records and prints a table last.
+the same run.  Writes JSON records (benchmarks/results/pi_<date>.json unless --out names another path)
+and prints a table last. Run: ``python3 benchmarks/pi/bench_pi.py`` (CUDA).
 """
 from __future__ import annotations
 
@@ -188,7 +189,7 @@ def main() -> None:
         if "graph_ms" in r:
             r["pct_copy_bw_graph"] = (100.0 * r["bytes_per_step"] / (r["graph_ms"] * 1e-3)
                                       / copy_bw)
-    path = args.out or os.path.join(os.path.dirname(__file__), "results",
+    path = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results",
                                     f"pi_{_dt.date.today().isoformat()}.json")
     with open(path, "w") as f:
         json.dump(recs, f, indent=1)

@@ -1,12 +1,12 @@
 """CPU benchmark of one optimizer step: also_fused against torch's fused CPU Adam/AdamW, interleaved.
 
 Workloads (float32, 30 weight matrices and 30 biases, random non-zero gradients, n_groups 10,
-batch 256): "4.7M", the model of issue 13 (390 x 400 weights), with every implementation; and the
+batch 256): "4.7M" (390 x 400 weights), with every implementation; and the
 sweep sizes "1M" and "19M" (square weights of width 180 and 790) with the main ones. Every round
 steps every implementation of a workload once, in a shuffled order, so that changes in the
 machine's load hit all of them alike. The table reports the median over rounds and the ratio to
 torch.optim.Adam(fused=True) (AdamW rows: to torch.optim.AdamW(fused=True)). Writes JSON records
-to benchmarks/results/cpu_step.json.
+to benchmarks/results/cpu_step.json. Run: ``python3 benchmarks/cpu/bench_cpu.py`` (``make bench-cpu``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/: published_loop.py
+sys.path.insert(0, BENCH)
 
 import also_fused  # noqa: E402
 from published_loop import PublishedStyleALSO  # noqa: E402
@@ -33,7 +34,7 @@ WORKLOADS = {"4.7M": [(390, 400)] * 30 + [(400,)] * 30,
              "1M": [(180, 180)] * 30 + [(180,)] * 30,
              "19M": [(790, 790)] * 30 + [(790,)] * 30}
 ADAM_FUSED, ADAMW_FUSED = "torch Adam (fused=True)", "torch AdamW (fused=True)"
-# the done-when bounds of issue 13 (x torch fused, same run)
+# the bounds the CPU path is held to (x torch fused, same run)
 TARGETS = {"also_fused Adam": 1.15, "also_fused AdamW": 1.15, "also_fused ALSO descent-ascent, loop": 1.35,
            "also_fused ALSO optimistic, loop": 2.4}
 
@@ -143,7 +144,7 @@ def main():
     parser.add_argument("--precisions", action="store_true",
                         help="add also_fused AdamW and ALSO with bf16 and 8-bit moments (state_precision)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled order within a round")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_step.json"))
+    parser.add_argument("--out", default=os.path.join(BENCH, "results", "cpu_step.json"))
     args = parser.parse_args()
 
     gen = torch.Generator().manual_seed(1)
@@ -178,7 +179,7 @@ def main():
         for r in rows:
             print(f"| {r['impl']} | {r['median_ms']:.2f} ({r['p25_ms']:.2f}-{r['p75_ms']:.2f}) | "
                   f"{r['ratio_vs_torch_fused']:.2f} |")
-    print("\nissue 13 bounds (x torch fused):")
+    print("\nbounds (x torch fused):")
     for w in ordered(r["size"] for r in records):
         for r in records:
             if r["size"] == w and r["impl"] in TARGETS:

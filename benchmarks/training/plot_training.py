@@ -1,9 +1,9 @@
-"""Grouped bars of benchmarks/bench_training.py records: throughput relative to torch AdamW fused per workload.
+"""Grouped bars of benchmarks/training/bench_training.py records: throughput relative to torch AdamW fused per workload.
 
 One bar per implementation (above 1 = faster than torch AdamW fused): the median over rounds of the ratio within a
 round, error bars its min-max (records without per-round ratios: the ratio of the medians, error bars from the
 slowest and fastest round against torch's median). Writes the PNG beside the JSON (same name).
-Usage: python benchmarks/plot_training.py benchmarks/results/training_h200.json
+Usage: python benchmarks/training/plot_training.py benchmarks/results/training_h200.json
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def plot_training(records: list[Record], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_path", help="records written by benchmarks/bench_training.py")
+    parser.add_argument("json_path", help="records written by benchmarks/training/bench_training.py")
     args = parser.parse_args()
     path = Path(args.json_path)
     with open(path) as f:

@@ -4,7 +4,8 @@ GPT-2 124M parameter shapes (148 fp32 tensors), random non-zero gradients rotate
 Times ``opt.step()`` (host work included) with CUDA events, median of many runs after warm-up:
 torch.optim.Adam (fused / foreach), also_fused.Adam, ALSO in both modes and APIs with n_groups 10
 and 10^6 (the loop API step includes the weighted loss forward and backward), and the
-published-style per-tensor loop. Writes JSON records to benchmarks/results/ (or --out).
+published-style per-tensor loop. Writes JSON records to benchmarks/results/gpu_step.json (or --out).
+Run: ``python3 benchmarks/step/bench_step.py`` (CUDA; ``gpu_run.sh bench`` writes results/step.json).
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+sys.path.insert(0, BENCH)  # published_loop.py
+sys.path.insert(0, os.path.join(BENCH, "theta"))  # bench_theta.py
 
 import also_fused  # noqa: E402
 from bench_theta import gpt2_shapes  # noqa: E402
@@ -54,7 +57,7 @@ def time_steps(step, params, grad_sets, warmup=10, iters=60):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gpu_step.json"))
+    parser.add_argument("--out", default=os.path.join(BENCH, "results", "gpu_step.json"))
     parser.add_argument("--iters", type=int, default=60)
     args = parser.parse_args()
     shapes = gpt2_shapes(768, 12)

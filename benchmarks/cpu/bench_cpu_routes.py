@@ -12,6 +12,7 @@ Why the fast CPU path (also_fused/cpu_fused.py) runs ALSO's updates in the compi
 
 Also prints how far each route's ALSO step lies from the float64 AdamStep for several step counts.
 Workload: 4.7M float32 params in 60 tensors (30 of 390 x 400, 30 of 400).
+Run: ``python3 benchmarks/cpu/bench_cpu_routes.py [--inductor]`` (prints a table; writes no file).
 """
 from __future__ import annotations
 

@@ -7,12 +7,15 @@ instead of the correctly rounded m / denom), ``no_reduce`` (the stored scales in
 ``b<BLOCK>w<warps>`` (another block and quantisation block size), ``iters<K>`` and ``pipe<S>`` (K blocks
 per program in an S-stage software-pipelined loop; ``product`` = the kernel's own configuration). The
 no_* variants compute other values: upper bounds on what that part costs, timing only.
-results/int8_step_variants_h200.jsonl holds the runs that chose PIPELINE_STAGES (2026-12-01): all before
+Run: ``python3 benchmarks/explore/explore_int8_step.py <variant> >> benchmarks/results/int8_step_variants_<gpu>.jsonl``
+(CUDA). results/int8_step_variants_h200.jsonl holds the runs that chose PIPELINE_STAGES (2026-12-01): all before
 the pipelined loop was the product's (then: one block per program, ``pipe`` from a copy of the kernel).
 """
 import json, sys, os, statistics, re
 import torch, triton, triton.language as tl
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+sys.path.insert(0, os.path.join(BENCH, "theta"))  # bench_theta.py
+sys.path.insert(0, os.path.join(BENCH, "state_precision"))  # bench_state_precision.py
 import also_fused
 from also_fused.kernels import multi_tensor_adam as M
 from also_fused.kernels import launch as L

@@ -4,7 +4,8 @@ GPT-2 124M and 1.3B parameter shapes, fp32 and bf16 params; torch.optim.AdamW(fu
 also_fused.AdamW at each state_precision ("param" = torch's layout, "float32", "bfloat16", "int8"), and
 bitsandbytes' / torchao's 8-bit AdamW when they import. opt.step() timed with CUDA events (median of
 --iters after warm-up, gradient sets rotated); the copy bandwidth is measured in the same run.
-Writes benchmarks/results/state_precision_<gpu>.json.
+Writes benchmarks/results/state_precision_<gpu>.json (``--sweep``: state_precision_sweep_<gpu>.json).
+Run: ``python3 benchmarks/state_precision/bench_state_precision.py --workloads gpt2_1.3b --iters 25`` (CUDA).
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+sys.path.insert(0, BENCH)  # results_io.py
+sys.path.insert(0, os.path.join(BENCH, "theta"))  # bench_theta.py
 
 import also_fused  # noqa: E402
 from bench_theta import gpt2_shapes  # noqa: E402

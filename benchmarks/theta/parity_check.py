@@ -2,6 +2,7 @@
 
 Prints the relative parameter difference after 100 steps for every pair, so that a tolerance for
 the drop-ins can be read against torch's own spread (single-tensor vs foreach vs fused).
+Run: ``python3 benchmarks/theta/parity_check.py`` (CUDA); prints, writes no file.
 """
 import torch
 

@@ -11,8 +11,8 @@ candidate code (one scale per 1024 elements), decodes them and measures
 Candidates: ``float(E,M)``, this library's code family (a power-of-two scale, per element a float of
 E exponent and M mantissa bits counting from the scale / 2^(2^E), m with a sign bit); ``root``, the
 earlier code (block maximum as scale, m = a sign(q)(q/127)^2, v = a (q/255)^4); ``fp8``, the hardware
-formats e4m3 (m) and e5m2 (v) under a per-block scale. ``python3 benchmarks/bench_quant_codes.py``
-(CPU, about a minute); writes results/quant_codes_cpu.json.
+formats e4m3 (m) and e5m2 (v) under a per-block scale. ``python3 benchmarks/state_precision/bench_quant_codes.py``
+(CPU, about a minute); writes benchmarks/results/quant_codes_cpu.json.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+sys.path.insert(0, os.path.dirname(BENCH))  # the repository root: also_fused, benchmarks.results_io
 from also_fused.kernels.layout import QUANT_BLOCK  # noqa: E402
 from benchmarks.results_io import source_digest  # noqa: E402
 
@@ -118,8 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--at", type=int, nargs="+", default=[10, 100, 300])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "quant_codes_cpu.json"))
+    ap.add_argument("--out", default=os.path.join(BENCH, "results", "quant_codes_cpu.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
     vocab, seq, batch = 512, 64, 16

@@ -4,6 +4,7 @@ Gradients are written into two alternating sets of buffers (their addresses chan
 with ``zero_grad(set_to_none=True)``), a cosine lr schedule runs, and the GPU is idle when each
 step starts (a synchronize before it), so the time is the host's alone. Implementations interleaved
 step by step; median and 10th/90th percentiles over --steps. Writes benchmarks/results/host_step_<gpu>.json.
+Run: ``python3 benchmarks/host/bench_host_step.py`` (CUDA).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: results_io.py
 
 import also_fused  # noqa: E402
 from results_io import source_digest, write_records  # noqa: E402

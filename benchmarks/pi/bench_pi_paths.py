@@ -4,7 +4,9 @@ The single program compares every sample id with every group (B x next_pow2(n) c
 program); the many-groups path (its dense variant, the one chosen at these sizes) spreads the work over many
 programs in three launches. The kernels choose by ``SINGLE_PROGRAM_WORK``; here both are forced at every size.
 Medians of ``triton.testing.do_bench`` (CUDA events, warm-up), descent-ascent (one update) and optimistic (two)
-updates. Writes --out (JSON) and prints a table. Needs CUDA. (``results/pi_paths_h200.json`` was measured
+updates. Writes --out (JSON) and prints a table. Needs CUDA. Run:
+``python3 benchmarks/pi/bench_pi_paths.py --out benchmarks/results/pi_paths_<gpu>.json``.
+(``results/pi_paths_h200.json`` was measured
 before the batch limit existed, with ``SMALL_MAX`` lowered below n for the many-groups column: the same calls.)
 """
 from __future__ import annotations

@@ -8,7 +8,8 @@ order-1 Markov chain over its own slice of 256 tokens of the vocabulary with 4 s
 (transition rows drawn from Dirichlet distributions of different concentration: sources of different
 entropy), mixed in each batch. Held-out loss on fixed batches every ``--eval-every`` steps.
 
-Writes benchmarks/results/convergence_<gpu>.json and .png (``--smoke``: a tiny model on the CPU, to check
+Run: ``python3 benchmarks/state_precision/bench_convergence.py`` (CUDA). Writes
+benchmarks/results/convergence_<gpu>.json and .png (``--smoke``: a tiny model on the CPU, to check
 the script; results marked as such).
 """
 from __future__ import annotations
@@ -23,11 +24,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+sys.path.insert(0, BENCH)
 
 import also_fused  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.path.join(BENCH, "results")
 # (name, param dtype, optimizer factory)
 RUNS = (
     ("torch AdamW fused, float32 state", torch.float32, lambda p, **kw: torch.optim.AdamW(p, fused=True, **kw)),

@@ -1,6 +1,6 @@
 """Where the host time of ``opt.step()`` goes: cProfile around the optimizer calls of a training loop.
 
-``--model mlp``: MLP 512-1024-1024-10 at batch 256 (the host-bound case of bench_training.py);
+``--model mlp``: MLP 512-1024-1024-10 at batch 256 (the host-bound case of training/bench_training.py);
 ``--model gpt2``: HuggingFace GPT-2 124M from its config (148 tensors), batch 4 x 128 tokens.
 A cosine lr schedule runs; the forward and backward run outside the profiler. Prints the host us per
 call (without and with cProfile) and the top entries by total and cumulative time.
@@ -10,6 +10,9 @@ forward or backward) with a wall-clock timer around each of the optimizers' inte
 ``TIMED_METHODS``: host us per step spent in each (nested timers overlap), far less distorted than cProfile.
 ``--methods --in-loop``: the same timers in a training loop (forward and backward between the calls), where
 the host's caches are cold for the optimizer's code and every call costs more.
+
+Run: ``python3 benchmarks/host/profile_step_host.py --model mlp|gpt2 [--methods [--in-loop]]`` (CUDA); prints, writes
+no file.
 """
 from __future__ import annotations
 

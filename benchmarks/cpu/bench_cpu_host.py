@@ -5,7 +5,7 @@ fixed cost per step (checks, dispatch, the extension's calls), not their arithme
 descent-ascent and optimistic (loop API, default ``validate=True``), interleaved in blocks of --steps calls,
 --rounds rounds; median, min and max us per step. ``--aminmax`` adds the ALSO rows with the host-side value
 checks (ids in range, finite losses) read through torch.aminmax instead of the extension's one-call range.
-Writes benchmarks/results/cpu_host_tiny.json.
+Run: ``python3 benchmarks/cpu/bench_cpu_host.py [--aminmax]``. Writes benchmarks/results/cpu_host_tiny.json.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 import also_fused
 from also_fused import cpu_fused
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu_host_tiny.json")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "cpu_host_tiny.json")
 N_GROUPS, BATCH = 4, 16
 
 

@@ -8,7 +8,9 @@ that as a percentage of a measured device-to-device copy bandwidth, ratio_vs_tor
 median / this median (above 1: faster than torch fused), and the host time per call with new gradient
 tensors every step. torch keeps its moments in the param dtype: with bf16 params it moves fewer bytes.
 
-    python benchmarks/bench_theta.py [--quick] [--sweep] [--out results.json]
+    python benchmarks/theta/bench_theta.py [--quick] [--sweep] [--out results.json]
+
+(default --out: benchmarks/results/theta_<date>.json)
 """
 from __future__ import annotations
 
@@ -220,7 +222,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short run: fewer repetitions, GPT-2 124M and ResNet only")
     ap.add_argument("--sweep", action="store_true", help="also time kernel configurations and keep the fastest")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results",
                                                   "theta_" + datetime.date.today().isoformat() + ".json"))
     ap.add_argument("--no-main", action="store_true", help="stop after the sweep")
     ap.add_argument("--config", help="JSON {param element size: [BLOCK, ITERS, num_warps, PVEC]} to use")

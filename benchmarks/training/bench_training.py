@@ -6,6 +6,8 @@ ms/step: blocks of --steps steps between synchronizes, impls interleaved, order 
 Per round: the ratio to torch AdamW fused (speed) and to also_fused AdamW (time) within each round, median/min/max
 over the rounds (the implementations of a round ran back to back, so the host's drift between rounds cancels).
 Then 20 steps each: host time of opt.step() and opt.weighted_loss() after a synchronize, GPU time of opt.step().
+Run: ``python3 benchmarks/training/bench_training.py --workloads gpt2 --rounds 30`` (CUDA), then
+``python3 benchmarks/training/plot_training.py benchmarks/results/training_<gpu>.json``.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from torch import Tensor, nn
 
 import also_fused
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+sys.path.insert(0, BENCH)  # results_io.py
 from results_io import source_digest  # noqa: E402
 
 WORKLOAD_NAMES = ("gpt2", "gpt2_compiled", "resnet50", "resnet50_nchw", "mlp")
@@ -43,7 +46,7 @@ WEIGHT_DECAY = 0.01
 COSINE_T_MAX = 10_000
 N_SYNTHETIC_BATCHES = 4
 COMPILED_WARMUP_FACTOR = 2
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = os.path.join(BENCH, "results")
 
 ALSO_ADAMW = "also_fused AdamW"
 FAILED_METRICS = dict(ms_per_step=None, ms_min=None, ms_max=None, ms_per_round=[], ratio_vs_torch_fused=None,
@@ -116,7 +119,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def git_commit() -> Optional[str]:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(BENCH)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
                                 text=True, timeout=10).stdout.strip()
