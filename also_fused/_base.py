@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import _dispatch
 from . import functional as F
-from .kernels.layout import dense_like
+from .storage import dense_like
 
 # the moments, stored at the optimizer's state precision; the other state entries follow the param
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .kernels.error_word import ID_OUT_OF_RANGE, NON_FINITE_LOSS, REPORTED, report
-from .kernels.staging import _raw_stream_of_index
+from ._cuda import raw_stream_of_index
+from .error_bits import ID_OUT_OF_RANGE, NON_FINITE_LOSS, REPORTED, report
 
 Undo = Callable[[], None]
 RING = 256  # steps whose report the host has not read yet, at most (then it waits for the device)
@@ -117,7 +117,7 @@ class DeviceInputErrors:
         # host never sees (a rejected replay would leave every later replay a silent no-op). CUDA captures no
         # work on a device's default stream (raw id 0), so only other streams pay the query, a driver call
         index = self._cuda_index
-        return index is not None and _raw_stream_of_index(index) != 0 and _stream_capturing()
+        return index is not None and raw_stream_of_index(index) != 0 and _stream_capturing()
 
     @staticmethod
     def _in_flight(value: int) -> bool:

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint import state_dict as dsd
 from torch.distributed.tensor import DTensor, Shard
 
 from ._base import SCALE_KEYS
-from .kernels.layout import quant_blocks
+from .storage import quant_blocks
 from .theta import ThetaAdam
 
 BUFFER = "optimistic_buffer"

@@ -1,7 +1,7 @@
 """The fast CPU path: Adam-style updates of CPU tensors in one pass over memory, and the group weights'
 pi step and per-sample weights in one call each (``pi_update``, ``sample_weights``; csrc/cpu_pi.cpp).
 
-It computes what ``functional.adam_update_reference`` states, with the same arguments:
+It computes what ``functional.adam_step`` states, with the same arguments (``update_spec``):
 
 * torch's formula (``eps_mode="torch"``, the Adam/AdamW drop-ins) on params updated in place with
   moments in the param dtype (torch.optim's own layout) runs torch's own fused CPU kernel
@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .kernels.layout import QUANT_M_BITS, QUANT_V_BITS, dense_like
+from .storage import QUANT_M_BITS, QUANT_V_BITS, dense_like
+from .update_spec import AdamSpec, AdamTensors, HyperRow, keyword_form
 
 try:
     from . import _cpu_adam
@@ -97,64 +98,37 @@ def _torch_fused_step(params: list[Tensor], grads: Sequence[Tensor], exp_avgs: S
                maximize=maximize)
 
 
-def adam_update(
-    sources: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    destinations: Sequence[Tensor],
-    hyper: Sequence[tuple[float, float, float, float, float]],
-    hyper_rows: Sequence[int],
-    *,
-    max_exp_avg_sqs: Optional[Sequence[Tensor]] = None,
-    eps_mode: str = "also",
-    decoupled_weight_decay: bool = False,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    save_sources_to: Optional[Sequence[Tensor]] = None,
-    save_grads_to: Optional[Sequence[Tensor]] = None,
-    extrapolate_to: Optional[Sequence[Tensor]] = None,
-    extrapolation_scale: float = 1.0,
-    prior_grads: Optional[Sequence[Tensor]] = None,
-    prior_scale: float = 1.0,
-    commit_state: bool = True,
-    exp_avg_scales: Optional[Sequence[Tensor]] = None,
-    exp_avg_sq_scales: Optional[Sequence[Tensor]] = None,
-) -> None:
-    """``functional.adam_update_reference`` on CPU tensors, in one pass over memory where it can.
-
-    Same arguments, same contract (see the reference for the meaning of every flag).
-    """
+def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[HyperRow], spec: AdamSpec) -> None:
+    """``functional.adam_step`` on CPU tensors (float hyper-parameters), in one pass over memory where it can."""
+    sources = tensors.sources
     if len(sources) == 0:
         return
-    if not commit_state and (prior_grads is not None or extrapolate_to is not None):
-        raise ValueError("commit_state=False only applies to a single update")
-    quantized = exp_avg_scales is not None
-    plain = (prior_grads is None and extrapolate_to is None and save_sources_to is None and save_grads_to is None
-             and commit_state and grad_scale == 1.0 and not quantized)
+    tensors.check(spec)
+    plain = (tensors.prior_grads is None and tensors.extrapolate_to is None and tensors.save_sources_to is None
+             and tensors.save_grads_to is None and spec.commit_state and spec.grad_scale == 1.0
+             and not tensors.quantized)
     # torch's fused kernel keeps the moments in the param dtype, as the drop-ins do by default
-    if (eps_mode == "torch" and plain and exp_avgs[0].dtype == sources[0].dtype and torch_fused_available()
-            and all(s is d for s, d in zip(sources, destinations))
-            and _flat_alike(sources, sources, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or ())):
-        _torch_fused_step(list(sources), grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, hyper_rows,
-                          decoupled_weight_decay, maximize)
+    if (spec.eps_mode == "torch" and plain and tensors.exp_avgs[0].dtype == sources[0].dtype
+            and torch_fused_available() and all(s is d for s, d in zip(sources, tensors.destinations))
+            and _flat_alike(sources, sources, grads, tensors.exp_avgs, tensors.exp_avg_sqs,
+                            tensors.max_exp_avg_sqs or ())):
+        _torch_fused_step(list(sources), grads, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs,
+                          tensors.steps, hyper, tensors.hyper_rows, spec.decoupled_weight_decay, spec.maximize)
         return
     if _cpu_adam is not None and _cpu_adam.adam_update(
-            list(sources), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs or ()),
-            list(steps), list(destinations), hyper, list(hyper_rows),
-            eps_mode == "also", decoupled_weight_decay, maximize, float(grad_scale), list(save_sources_to or ()),
-            list(save_grads_to or ()), list(extrapolate_to or ()), float(extrapolation_scale),
-            list(prior_grads or ()), float(prior_scale), commit_state, list(exp_avg_scales or ()),
-            list(exp_avg_sq_scales or ()), _QUANT_CONSTANTS):
+            list(sources), list(grads), list(tensors.exp_avgs), list(tensors.exp_avg_sqs),
+            list(tensors.max_exp_avg_sqs or ()), list(tensors.steps), list(tensors.destinations), hyper,
+            list(tensors.hyper_rows), spec.eps_mode == "also", spec.decoupled_weight_decay, spec.maximize,
+            float(spec.grad_scale), list(tensors.save_sources_to or ()), list(tensors.save_grads_to or ()),
+            list(tensors.extrapolate_to or ()), float(spec.extrapolation_scale), list(tensors.prior_grads or ()),
+            float(spec.prior_scale), spec.commit_state, list(tensors.exp_avg_scales or ()),
+            list(tensors.exp_avg_sq_scales or ()), _QUANT_CONSTANTS):
         return
-    F.adam_update_reference(sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, hyper, hyper_rows,
-                            max_exp_avg_sqs=max_exp_avg_sqs, eps_mode=eps_mode,
-                            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_scale=grad_scale,
-                            save_sources_to=save_sources_to, save_grads_to=save_grads_to,
-                            extrapolate_to=extrapolate_to, extrapolation_scale=extrapolation_scale,
-                            prior_grads=prior_grads, prior_scale=prior_scale, commit_state=commit_state,
-                            exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales)
+    F.adam_step(tensors, grads, hyper, spec)
+
+
+# the keyword form of earlier releases (see update_spec.keyword_form)
+adam_update = keyword_form(adam_step)
 
 
 def value_range(values: Tensor) -> Optional[tuple[float, float]]:

@@ -1,7 +1,8 @@
-"""Pure-torch reference math: the source of truth for every other path, and the CPU fallback.
+"""Pure-torch reference math: the source of truth for every other path, and the fallback where none runs.
 
-Each function states its formula in ALGORITHM.md's notation. The Triton kernels in
-``also_fused.kernels`` compute the same functions; the tests compare both with float64 models.
+Each function states its formula in the notation of docs/algorithm.md. The CPU extension
+(``cpu_fused``) and the Triton kernels (``also_fused.kernels``) compute the same functions; the tests
+compare every path with float64 models. Imports only torch and the package's own contract modules.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .kernels.layout import QUANT_BLOCK, QUANT_M_BITS, QUANT_V_BITS, code_constants, quant_blocks
+from .storage import (QUANT_DTYPES, dequantize_legacy_moment, dequantize_moment, is_legacy_scales,  # noqa: F401
+                      quant_blocks, quantize_moment_)
+from .update_spec import AdamSpec, AdamTensors, HyperRow, keyword_form
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -186,114 +189,12 @@ def select_batch_reference(
     return batch_size, ids.to(pi.device)
 
 
-# 8-bit moments (state_precision="int8"): a tensor's storage in blocks of QUANT_BLOCK consecutive elements,
-# each with a power-of-two scale s (the smallest above the block's largest |x|, within [2^(2^E - 126), 2^127]),
-# and per element a code c: a float of M mantissa bits counting up from o = s / 2^(2^E), E exponent bits
-# wide (m: a sign bit and (E, M) = (3, 4); v: (5, 3); kernels/layout.py):
-#     t = |x| + o  (float32),   c = min((bits(t) - bits(o) + 2^(22-M)) >> (23-M), 2^(E+M) - 1)
-#     |x| = float(bits(o) + c * 2^(23-M)) - o  (float32)
-# i.e. |x| rounded (halves up) to M significant bits relative to o, the bottom binade linear like IEEE
-# subnormals; m's sign is code bit 7. c = 0 decodes to exactly 0. Relative to s the smallest non-zero
-# values are 2^-12 (m) and 2^-35 (v): v's code stays non-zero wherever m's does (v ~ m^2 relative to
-# their scales), so m / sqrt(v) does not divide by a zero v. Per element an integer add and a float add
-# each way (benchmarks/bench_quant_codes.py measures the error against other codes).
-QUANT_DTYPES = {True: torch.int8, False: torch.uint8}  # signed (m), unsigned (v)
-_SIGN_BIT = -(2 ** 31)
+def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[HyperRow], spec: AdamSpec) -> None:
+    """One Adam-style update of many tensors: what every path's ``adam_step`` computes (``update_spec``).
 
-
-def _flat(t: Tensor) -> Tensor:
-    # the storage of a dense tensor (contiguous or channels_last) in memory order
-    return t.as_strided((t.numel(),), (1,))
-
-
-def _zero_offsets(scales: Tensor, signed: bool, n: int) -> Tensor:
-    # bits(o) per element: o = s / 2^(2^E) (an exponent-field subtraction: s is a power of two)
-    offset = code_constants(QUANT_M_BITS if signed else QUANT_V_BITS)[1]
-    return (scales.float().contiguous().view(torch.int32) - offset).repeat_interleave(QUANT_BLOCK)[:n]
-
-
-def dequantize_moment(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
-    """float32 values of 8-bit codes (same shape and layout as ``codes``), computed as the kernel does."""
-    q = _flat(codes).to(torch.int32)  # int8 m codes sign-extend: bit 31 is the sign
-    shift = code_constants(QUANT_M_BITS if signed else QUANT_V_BITS)[2]
-    o_bits = _zero_offsets(scales, signed, q.numel())
-    c = q & 0x7F if signed else q
-    values = ((c << shift) + o_bits).view(torch.float32) - o_bits.view(torch.float32)
-    if signed:
-        values = (values.view(torch.int32) | (q & _SIGN_BIT)).view(torch.float32)
-    out = torch.empty_like(codes, dtype=torch.float32)
-    _flat(out).copy_(values)
-    return out
-
-
-def quantize_moment_(values: Tensor, codes: Tensor, scales: Tensor, signed: bool) -> None:
-    """Write the 8-bit codes and block scales of float32 ``values`` into ``codes`` and ``scales``."""
-    flat = _flat(values.float())
-    n = flat.numel()
-    min_field, _, shift, half, top = code_constants(QUANT_M_BITS if signed else QUANT_V_BITS)
-    padded = torch.zeros(quant_blocks(n) * QUANT_BLOCK, dtype=torch.float32, device=flat.device)
-    padded[:n] = flat.abs()
-    a = padded.view(-1, QUANT_BLOCK).amax(dim=1)
-    # the exponent field of s: one above a's, clamped to the code's range
-    field = ((a.view(torch.int32) >> 23) + 1).clamp_(min_field, 254)
-    scales.copy_((field << 23).view(torch.float32))
-    o_bits = _zero_offsets(scales, signed, n)
-    t = flat.abs() + o_bits.view(torch.float32)
-    c = ((t.view(torch.int32) - o_bits + half) >> shift).clamp_(max=top)
-    if signed:
-        c = c | ((flat.contiguous().view(torch.int32) >> 24) & 0x80)
-    _flat(codes).copy_(c.to(torch.uint8).view(codes.dtype))
-
-
-def is_legacy_scales(scales: Tensor) -> bool:
-    """Whether block scales were written by the earlier 8-bit code (the block's largest |x|, 0 for a zero
-    block) rather than this one (non-zero powers of two)."""
-    bits = scales.float().contiguous().view(torch.int32)
-    return bool(((bits & 0x7FFFFF) != 0).any() or (bits == 0).any())
-
-
-def dequantize_legacy_moment(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
-    """float32 values of the earlier 8-bit code, kept to load its state_dicts: m = a sign(q) (q/127)^2,
-    v = a (q/255)^4 with a the block's largest |x|."""
-    q = _flat(codes).float()
-    step = torch.tensor(1.0 / 127**2 if signed else 1.0 / 255**4, dtype=torch.float32, device=scales.device)
-    steps = (scales.float() * step).repeat_interleave(QUANT_BLOCK)[:q.numel()]
-    values = (q * q.abs()) * steps if signed else (q * q) * (q * q) * steps
-    out = torch.empty_like(codes, dtype=torch.float32)
-    _flat(out).copy_(values)
-    return out
-
-
-def adam_update_reference(
-    sources: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    destinations: Sequence[Tensor],
-    hyper: Sequence[tuple[float, float, float, float, float]],
-    hyper_rows: Sequence[int],
-    *,
-    max_exp_avg_sqs: Optional[Sequence[Tensor]] = None,
-    eps_mode: str = "also",
-    decoupled_weight_decay: bool = False,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    save_sources_to: Optional[Sequence[Tensor]] = None,
-    save_grads_to: Optional[Sequence[Tensor]] = None,
-    extrapolate_to: Optional[Sequence[Tensor]] = None,
-    extrapolation_scale: float = 1.0,
-    prior_grads: Optional[Sequence[Tensor]] = None,
-    prior_scale: float = 1.0,
-    commit_state: bool = True,
-    exp_avg_scales: Optional[Sequence[Tensor]] = None,
-    exp_avg_sq_scales: Optional[Sequence[Tensor]] = None,
-) -> None:
-    """One Adam-style update of many tensors: the reference twin of ``kernels.multi_tensor_adam_``.
-
-    For tensor i with hyper-parameters ``hyper[hyper_rows[i]] = (lr, beta1, beta2, eps, wd)`` and
+    For tensor i with hyper-parameters ``hyper[hyper_rows[i]] = (lr, beta1, beta2, eps, wd)`` (floats) and
     ``steps[i]`` the step count before the call (advanced by one per moment advance below, and
-    written back when ``commit_state``):
+    written back when ``spec.commit_state``):
       1. ``prior_grads``: the moments first advance with ``prior_scale * prior_grads`` from x;
       2. x1 = x + AdamStep(x, grad_scale * grad) is written to ``destinations``;
       3. ``extrapolate_to``: y = x1 + AdamStep(x1, extrapolation_scale * grad) is written there
@@ -302,54 +203,57 @@ def adam_update_reference(
     receive copies of x / the raw grad. Moments stored below float32 (bf16, fp16) are read into float32,
     carried in float32 through all the advances of the call and rounded to nearest once when written
     back. With ``exp_avg_scales`` / ``exp_avg_sq_scales`` the moments are 8-bit codes (int8 m, uint8 v,
-    see ``quantize_moment_``): decoded at the start of the call and encoded once at its end.
+    see ``storage.quantize_moment_``): decoded at the start of the call and encoded once at its end.
     One tensor at a time: on a CPU that keeps it in cache.
     """
-    if not commit_state and (prior_grads is not None or extrapolate_to is not None):
-        raise ValueError("commit_state=False only applies to a single update")
-    n_advances = 1 + (prior_grads is not None) + (extrapolate_to is not None)
-    quantized = exp_avg_scales is not None
-    if quantized and max_exp_avg_sqs is not None:
-        raise ValueError("8-bit moments do not support amsgrad")
-    for i, x in enumerate(sources):
-        lr, beta1, beta2, eps, weight_decay = hyper[hyper_rows[i]]
-        moment_kw = dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
-                         decoupled=decoupled_weight_decay)
-        apply_kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, eps_mode=eps_mode,
-                        decoupled=decoupled_weight_decay)
-        t = float(steps[i]) + 1
-        grad, stored = grads[i], (exp_avgs[i], exp_avg_sqs[i], None if max_exp_avg_sqs is None else max_exp_avg_sqs[i])
+    tensors.check(spec)
+    commit, quantized = spec.commit_state, tensors.quantized
+    moment_flags = dict(maximize=spec.maximize, decoupled=spec.decoupled_weight_decay)
+    for i, x in enumerate(tensors.sources):
+        lr, beta1, beta2, eps, weight_decay = hyper[tensors.hyper_rows[i]]
+        moment_kw = dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, **moment_flags)
+        apply_kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, eps_mode=spec.eps_mode,
+                        decoupled=spec.decoupled_weight_decay)
+        t = float(tensors.steps[i]) + 1
+        grad = grads[i]
+        stored = (tensors.exp_avgs[i], tensors.exp_avg_sqs[i],
+                  None if tensors.max_exp_avg_sqs is None else tensors.max_exp_avg_sqs[i])
         # the moments are carried in float32 through the call and rounded (or encoded) once when stored;
         # .float() of float32 moments is the tensor itself
         if quantized:
-            m = dequantize_moment(stored[0], exp_avg_scales[i], signed=True)
-            v = dequantize_moment(stored[1], exp_avg_sq_scales[i], signed=False)
+            m = dequantize_moment(stored[0], tensors.exp_avg_scales[i], signed=True)
+            v = dequantize_moment(stored[1], tensors.exp_avg_sq_scales[i], signed=False)
             vmax = None
         else:
-            m, v, vmax = (None if t is None else t.float() for t in stored)
+            m, v, vmax = (None if s is None else s.float() for s in stored)
         xf = x.float()
-        if save_sources_to is not None:
-            save_sources_to[i].copy_(x)
-        if prior_grads is not None:
-            _advance_moments(xf, prior_grads[i], m, v, vmax, scale=prior_scale, **moment_kw)
+        if tensors.save_sources_to is not None:
+            tensors.save_sources_to[i].copy_(x)
+        if tensors.prior_grads is not None:
+            _advance_moments(xf, tensors.prior_grads[i], m, v, vmax, scale=spec.prior_scale, **moment_kw)
             t += 1
         out = None
-        if not commit_state:
+        if not commit:
             out = (torch.empty_like(m), torch.empty_like(v), None if vmax is None else torch.empty_like(vmax))
-        m1, v1, vmax1 = _advance_moments(xf, grad, m, v, vmax, scale=grad_scale, out=out, **moment_kw)
-        x1 = _apply_step(xf, m1, v1 if vmax1 is None else vmax1, t, destinations[i], **apply_kw)
-        if extrapolate_to is not None:
-            x1 = destinations[i].float()
-            _advance_moments(x1, grad, m, v, vmax, scale=extrapolation_scale, **moment_kw)
-            _apply_step(x1, m, v if vmax is None else vmax, t + 1, extrapolate_to[i], **apply_kw)
-        if save_grads_to is not None:  # last: it may alias prior_grads
-            save_grads_to[i].copy_(grad)
-        if commit_state and quantized:
-            quantize_moment_(m, stored[0], exp_avg_scales[i], signed=True)
-            quantize_moment_(v, stored[1], exp_avg_sq_scales[i], signed=False)
-        elif commit_state:
+        m1, v1, vmax1 = _advance_moments(xf, grad, m, v, vmax, scale=spec.grad_scale, out=out, **moment_kw)
+        x1 = _apply_step(xf, m1, v1 if vmax1 is None else vmax1, t, tensors.destinations[i], **apply_kw)
+        if tensors.extrapolate_to is not None:
+            x1 = tensors.destinations[i].float()
+            _advance_moments(x1, grad, m, v, vmax, scale=spec.extrapolation_scale, **moment_kw)
+            _apply_step(x1, m, v if vmax is None else vmax, t + 1, tensors.extrapolate_to[i], **apply_kw)
+        if tensors.save_grads_to is not None:  # last: it may alias prior_grads
+            tensors.save_grads_to[i].copy_(grad)
+        if commit and quantized:
+            quantize_moment_(m, stored[0], tensors.exp_avg_scales[i], signed=True)
+            quantize_moment_(v, stored[1], tensors.exp_avg_sq_scales[i], signed=False)
+        elif commit:
             for kept, computed in zip(stored, (m, v, vmax)):
                 if kept is not None and kept is not computed:
                     kept.copy_(computed)
-    if commit_state:
-        torch._foreach_add_(list(steps), float(n_advances))
+    if commit:
+        torch._foreach_add_(list(tensors.steps), float(tensors.advances))
+
+
+# the keyword form of earlier releases: (sources, grads, exp_avgs, exp_avg_sqs, steps, destinations, hyper,
+# hyper_rows, **optional lists and flags)
+adam_update_reference = keyword_form(adam_step)

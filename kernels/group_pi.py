@@ -28,7 +28,7 @@ Two paths, both free of float atomics (bitwise reproducible):
   failing): a sample-only launch stores the owners' loss sums in a persistent all-zero buffer of
   n_groups floats, then the range reduction and the write read it; the last write clears the
   entries it used.  Three launches per PiUpdate (two for the second update of ``second_out``).
-  The buffer is shared per device: calls on several streams at once must not overlap.
+  The buffer lives in the caller's workspace (``pi_update_checked``).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ._interpreter import enable_interpreter_compat
 from .launch import cdiv, launch, launch_cached, next_power_of_2
-from .error_word import REPORTED, report, zero_word
+from ..error_bits import REPORTED, report
 from .losses import _bad_bits, _or_reduce
 
 enable_interpreter_compat()
@@ -393,17 +393,25 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[key]
 
 
-_S_BUFFERS: dict = {}
-
-
-def _loss_sum_buffer(device: torch.device, n: int) -> torch.Tensor:
-    # Dense per-group loss sums for the exact path; kept all zero between calls (the last write
-    # launch clears the entries it set).
-    key = (device.type, device.index)
-    buf = _S_BUFFERS.get(key)
-    if buf is None or buf.numel() < n:
+def _loss_sum_buffer(workspace: Optional[dict], device: torch.device, n: int) -> torch.Tensor:
+    # Dense per-group loss sums for the exact path, kept all zero between calls (the last write launch clears
+    # the entries it set): in the caller's workspace across calls, else a fresh one. Calls that share a
+    # workspace on several streams at once must not overlap.
+    buf = None if workspace is None else workspace.get("loss_sums")
+    if buf is None or buf.numel() < n or buf.device != device:
         buf = torch.zeros(max(n, 1024), dtype=torch.float32, device=device)
-        _S_BUFFERS[key] = buf
+        if workspace is not None:
+            workspace["loss_sums"] = buf
+    return buf
+
+
+def _float64_workspace(workspace: Optional[dict], device: torch.device, size: int) -> torch.Tensor:
+    # the many-groups path's per-call partials (every entry is written before it is read)
+    buf = None if workspace is None else workspace.get("partials")
+    if buf is None or buf.numel() != size or buf.device != device:
+        buf = torch.empty(size, dtype=torch.float64, device=device)
+        if workspace is not None:
+            workspace["partials"] = buf
     return buf
 
 
@@ -445,7 +453,7 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
               log_pi_reg: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
               second_out: Optional[torch.Tensor] = None, error_word: Optional[torch.Tensor] = None,
               mean_out: Optional[torch.Tensor] = None, report_out: Optional[torch.Tensor] = None,
-              _path: Optional[str] = None) -> torch.Tensor:
+              workspace: Optional[dict] = None, _path: Optional[str] = None) -> torch.Tensor:
     """out = softmax(z / T), z_j = (log(pi_j + eps) + c log pi_reg_j + pi_lr S_j) / (1 + c).
 
     S_j is the sum of the losses of the samples with id j, c = pi_decay * pi_lr.  ``log_pi_reg=None``
@@ -454,6 +462,7 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
     [0, n_groups) are ignored.  While ``error_word`` (0-d int32 on the device) is non-zero nothing is
     written.  ``mean_out`` (0-d float32): receives the mean of the losses.  ``report_out`` (0-d int32,
     pinned host memory on a GPU): receives ``error_word | REPORTED`` once the update has read the word.
+    ``workspace``: a dict kept by the caller for the many-groups path's buffers (see ``pi_update_checked``).
     Returns ``out``.  ``_path`` ("single" / "sparse" / "dense") forces the single program (n_groups <=
     SMALL_MAX) or a many-groups variant (tests, benchmarks).
     """
@@ -464,7 +473,8 @@ def pi_update(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *
         out = torch.empty_like(pi)
     return pi_update_checked(pi, group_ids, losses, pi_lr=pi_lr, pi_decay=pi_decay, temperature=temperature,
                              eps=eps, log_pi_reg=log_pi_reg, out=out, second_out=second_out,
-                             error_word=error_word, mean_out=mean_out, report_out=report_out, _path=_path)
+                             error_word=error_word, mean_out=mean_out, report_out=report_out, _path=_path,
+                             workspace=workspace)
 
 
 _WEIGHTED_PI_VARYING = (4, 5, 6)  # ids, losses, the row of the weights: new tensors every call
@@ -543,7 +553,8 @@ class StagedPiStep:
         self._device = pi.device
         self._check = error_word is not None
         self._optimistic = pi_mid is not None
-        err = error_word if self._check else zero_word(pi.device)
+        # without checks, a word of its own that no kernel sets
+        err = error_word if self._check else torch.zeros((), dtype=torch.int32, device=pi.device)
         mid = pi_mid if self._optimistic else pi
         self._tensors = (pi, mid, stage, log_pi_reg, err)
         self._n = pi.shape[0]
@@ -602,16 +613,18 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
                       log_pi_reg: Optional[torch.Tensor], out: torch.Tensor,
                       second_out: Optional[torch.Tensor] = None, error_word: Optional[torch.Tensor] = None,
                       mean_out: Optional[torch.Tensor] = None, report_out: Optional[torch.Tensor] = None,
-                      _path: Optional[str] = None, cache: Optional[dict] = None) -> torch.Tensor:
+                      _path: Optional[str] = None, cache: Optional[dict] = None,
+                      workspace: Optional[dict] = None) -> torch.Tensor:
     """``pi_update`` for callers that have checked its arguments already (contiguous, detached, on one
     device, as ``_check`` asks): the optimizers, once per step. ``cache``: a dict the caller keeps
-    between calls, in which the single-program launch is kept for the next call."""
+    between calls, in which the single-program launch is kept for the next call; ``workspace``: a dict the
+    caller keeps for the many-groups path's buffers (its calls then allocate nothing)."""
     n = pi.shape[0]
     B = group_ids.shape[0]
     single = 0 < n <= SMALL_MAX and (B <= single_program_max_batch(n) if _path is None else _path == "single")
     if mean_out is not None and not single:
         mean_out.copy_(losses.float().mean())
-    err = zero_word(pi.device) if error_word is None else error_word
+    err = torch.zeros((), dtype=torch.int32, device=pi.device) if error_word is None else error_word
     if n == 0:
         if report_out is not None:
             report(err, report_out)
@@ -647,8 +660,8 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     P = cdiv(n, range_len)
     bi = 128 if on_cpu else _SAMPLE_BI
     Q = cdiv(B, bi)
-    ws = torch.empty(2 * P + 4 * B + Q, dtype=torch.float64, device=pi.device)
-    sbuf = _loss_sum_buffer(pi.device, n) if dense_s else pi
+    ws = _float64_workspace(workspace, pi.device, 2 * P + 4 * B + Q)
+    sbuf = _loss_sum_buffer(workspace, pi.device, n) if dense_s else pi
     pb = max(16, min(1024, next_power_of_2(max(P, Q, 1))))
     scal = (a, c, lr, eps)
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import triton
 
-from .staging import _raw_stream_of_index, raw_stream
+from .._cuda import current_device_index, raw_stream, raw_stream_of_index
 
 try:
     from triton import knobs as _knobs
@@ -35,8 +35,6 @@ def _no_launch_hooks() -> bool:
     return not (getattr(enter, "calls", enter is not None) or getattr(leave, "calls", leave is not None))
 
 
-# the current CUDA device's index, without torch.cuda.current_device()'s Python wrapper
-_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 _TENSOR, _FLOAT, _OTHER = range(3)  # how a kept launch checks a varying argument
 
 
@@ -131,7 +129,7 @@ class PreparedLaunch:
                           else _OTHER, spec) for slot, spec in zip(slots, specs)]
 
     def __call__(self, grid: int, *values: Any) -> bool:
-        if _current_device() != self._index or not _no_launch_hooks():
+        if current_device_index() != self._index or not _no_launch_hooks():
             return False
         args = self._args
         for (slot, kind, spec), value in zip(self._varying, values):
@@ -146,7 +144,7 @@ class PreparedLaunch:
             elif Launcher._specialisation((value,))[0] != (spec,):
                 return False
             args[slot] = value
-        self._run(grid, 1, 1, _raw_stream_of_index(self._index), *self._head, *args)
+        self._run(grid, 1, 1, raw_stream_of_index(self._index), *self._head, *args)
         return True
 
 

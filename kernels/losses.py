@@ -12,7 +12,7 @@ weighted loss of float32 losses is instead one kernel for the per-sample weights
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -160,17 +160,9 @@ def _rgd_bwd_kernel(loss_ptr, gup_ptr, grad_ptr, B, T, inv_t1, inv_b, BLOCK: tl.
     tl.store(grad_ptr + i, g.to(grad_ptr.dtype.element_ty), mask=m)
 
 
-_COUNTERS: Dict[Tuple[str, int], torch.Tensor] = {}
-
-
 def _counter(device: torch.device) -> torch.Tensor:
-    # One ticket counter per device; the last program of every launch sets it back to zero.
-    key = (device.type, device.index if device.index is not None else -1)
-    cnt = _COUNTERS.get(key)
-    if cnt is None:
-        cnt = torch.zeros(1, dtype=torch.int32, device=device)
-        _COUNTERS[key] = cnt
-    return cnt
+    # the ticket counter of one multi-program reduction (the batch above _SINGLE_MAX): zero before the launch
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _reduce_grid(B: int, chunk: int) -> Tuple[int, int, bool, int]:

@@ -6,10 +6,12 @@ Per element, with d = grad_scale * grad (negated when maximize) and x the source
     torch : same moments;                                           x -= lr/(1-b1^t) * m/(sqrt(v)/sqrt(1-b2^t)+eps)
 
 (amsgrad: v in the denominator is replaced by vmax = max(vmax, v); decoupled weight decay: x *= 1-lr*wd
-instead of the L2 term). The launcher keeps the device tables (tensor addresses, per-program chunks) in
-a caller-owned dict, so that a call whose tensors did not move issues one kernel launch and nothing else.
+instead of the L2 term). ``adam_step`` takes the update as every path does (``also_fused.update_spec``);
+it keeps the device tables (tensor addresses, per-program chunks) in a caller-owned dict, so that a
+call whose tensors did not move issues one kernel launch and nothing else.
 
-This module imports only torch, triton and its siblings ``error_word`` and ``layout``.
+This module imports torch, triton, its sibling ``launch`` and ``staging``, and the package's contract
+modules (``update_spec``, ``storage``, ``error_bits``), which import nothing from the kernels.
 """
 from __future__ import annotations
 
@@ -24,14 +26,22 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .error_word import REPORTED, zero_word
+from .._cuda import raw_stream
+from ..error_bits import REPORTED
+from ..storage import QUANT_BLOCK, QUANT_M_BITS, QUANT_V_BITS, code_constants, dense_like, quant_blocks
+from ..update_spec import AdamSpec, AdamTensors, keyword_form
 from .launch import Launcher
-from .layout import QUANT_BLOCK, QUANT_M_BITS, QUANT_V_BITS, code_constants, dense_like, quant_blocks
-from .staging import PinnedUploader, raw_stream
+from .staging import PinnedUploader
 
-__all__ = ["multi_tensor_adam_", "hyper_table", "hyper_rows_float64", "KERNEL_CONFIG", "HYPER_COLS", "MAX_LR_ARGS"]
+__all__ = ["adam_step", "multi_tensor_adam_", "hyper_table", "hyper_rows_float64", "KERNEL_CONFIG", "HYPER_COLS",
+           "MAX_LR_ARGS"]
 
-HYPER_COLS = 10
+# Columns of the hyper-parameter table, one row per param group (float32; ``hyper_rows_float64`` writes them)
+HYPER_COLUMNS = ("lr", "beta1", "beta2", "eps", "weight_decay", "one_minus_beta1", "one_minus_beta2", "log_beta1",
+                 "log_beta2", "decay_factor")
+HYPER_COLS = len(HYPER_COLUMNS)
+(H_LR, H_BETA1, H_BETA2, H_EPS, H_WEIGHT_DECAY, H_ONE_MINUS_BETA1, H_ONE_MINUS_BETA2, H_LOG_BETA1, H_LOG_BETA2,
+ H_DECAY_FACTOR) = (tl.constexpr(c) for c in range(HYPER_COLS))
 # at most this many hyper rows may take lr and the decay factor as launch arguments (``lr_args``)
 MAX_LR_ARGS = 4
 
@@ -47,13 +57,17 @@ def hyper_table(rows: Sequence[Sequence[float]], device: Any = "cpu") -> torch.T
 
 
 def hyper_rows_float64(rows: Sequence[Sequence[float]]) -> List[tuple]:
-    """The rows of ``hyper_table`` as Python floats (float64), before rounding to float32."""
+    """The rows of ``hyper_table`` as Python floats (float64, in the order of HYPER_COLUMNS), before rounding
+    to float32."""
     return [(lr, b1, b2, eps, wd, 1.0 - b1, 1.0 - b2, math.log(b1) if b1 > 0 else -math.inf,
              math.log(b2) if b2 > 0 else -math.inf, 1.0 - lr * wd) for lr, b1, b2, eps, wd in rows]
 
-# Columns of the per-tensor metadata table (int64, one 128-byte row per tensor).
+# Columns of the per-tensor metadata table (int64, one 128-byte row per tensor): on the host, and as the
+# kernel's constexprs
 (_SRC, _DST, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _SAVE_SRC, _SAVE_GRAD, _EXTRAP, _STEP, _NUMEL, _HROW, _PRIOR,
  _M_SCALE, _V_SCALE) = range(14)
+(COL_SRC, COL_DST, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_MAX_EXP_AVG_SQ, COL_SAVE_SRC, COL_SAVE_GRAD, COL_EXTRAP, COL_STEP,
+ COL_NUMEL, COL_HYPER_ROW, COL_PRIOR, COL_M_SCALE, COL_V_SCALE) = (tl.constexpr(c) for c in range(14))
 _META_COLS = 16
 # columns that may hold the user's parameters, whose storage can change behind the optimizer's back
 _PARAM_COLS = (_SRC, _DST, _SAVE_SRC, _EXTRAP)
@@ -84,7 +98,7 @@ def pipeline_stages(param_size: int, moment_size: int) -> int:
     return PIPELINE_STAGES.get((param_size, moment_size), 1)
 
 _REPORTED = tl.constexpr(REPORTED)
-# the 8-bit codes' constants (kernels/layout.code_constants): smallest scale field, zero offset, shift,
+# the 8-bit codes' constants (storage.code_constants): smallest scale field, zero offset, shift,
 # rounding half, largest code; m's then v's
 M_MIN_FIELD, M_OFFSET, M_SHIFT, M_HALF, M_TOP = (tl.constexpr(c) for c in code_constants(QUANT_M_BITS))
 V_MIN_FIELD, V_OFFSET, V_SHIFT, V_HALF, V_TOP = (tl.constexpr(c) for c in code_constants(QUANT_V_BITS))
@@ -279,14 +293,42 @@ def _adam_math(x, d, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, step_size, sqr
 
 
 @triton.jit
-def _adam_block(src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, prior, m_scale,
-                v_scale, rem,
-                gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
-                PDTYPE: tl.constexpr, MDTYPE: tl.constexpr, BLOCK: tl.constexpr, PVEC: tl.constexpr,
-                MVEC: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
-                PRIOR: tl.constexpr, COMMIT: tl.constexpr, QUANT: tl.constexpr):
-    # Pointers are already advanced to this block; rem = elements left in the chunk (only read when MASKED).
+def _adam_block(ptrs, off, block_index, end, scalars, MASKED: tl.constexpr, FLAGS: tl.constexpr):
+    # The block of ``BLOCK`` elements at ``off`` of a chunk (``block_index``: its 8-bit scale within the chunk),
+    # masked at ``end`` when MASKED. ptrs, scalars and FLAGS as the kernel packs them.
+    src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, prior, m_scale, v_scale = ptrs
+    src = src + off
+    dst = dst + off
+    grad = grad + off
+    exp_avg = exp_avg + off
+    exp_avg_sq = exp_avg_sq + off
+    max_exp_avg_sq = max_exp_avg_sq + off
+    save_src = save_src + off
+    save_grad = save_grad + off
+    extrap = extrap + off
+    prior = prior + off
+    m_scale = m_scale + block_index
+    v_scale = v_scale + block_index
+    gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b = scalars
+    PDTYPE: tl.constexpr = FLAGS[0]
+    MDTYPE: tl.constexpr = FLAGS[1]
+    BLOCK: tl.constexpr = FLAGS[2]
+    PVEC: tl.constexpr = FLAGS[3]
+    MVEC: tl.constexpr = FLAGS[4]
+    INTERPRET: tl.constexpr = FLAGS[5]
+    EPS_TORCH: tl.constexpr = FLAGS[6]
+    DECOUPLED: tl.constexpr = FLAGS[7]
+    AMSGRAD: tl.constexpr = FLAGS[8]
+    SAVE_SRC: tl.constexpr = FLAGS[9]
+    SAVE_GRAD: tl.constexpr = FLAGS[10]
+    EXTRAP: tl.constexpr = FLAGS[11]
+    PRIOR: tl.constexpr = FLAGS[12]
+    COMMIT: tl.constexpr = FLAGS[13]
+    QUANT: tl.constexpr = FLAGS[14]
+    if MASKED:
+        rem = (end - off).to(tl.int32)
+    else:
+        rem = BLOCK
     offs = tl.arange(0, BLOCK)
     if PVEC > 0:
         # Narrower param-dtype accesses keep every tensor in one register layout (no shared-memory shuffle
@@ -382,18 +424,18 @@ def _multi_tensor_adam_kernel(
     start = (packed & 0xFFFFFFFF) * CHUNK
     row = meta_ptr + tid * META_COLS
 
-    src = _param_ptr(row, 0, PDTYPE, ALIGNED)
-    dst = _param_ptr(row, 1, PDTYPE, ALIGNED)
+    src = _param_ptr(row, COL_SRC, PDTYPE, ALIGNED)
+    dst = _param_ptr(row, COL_DST, PDTYPE, ALIGNED)
     if QUANT:
-        exp_avg = _param_ptr(row, 2, tl.int8, ALIGNED)
-        exp_avg_sq = _param_ptr(row, 3, tl.uint8, ALIGNED)
+        exp_avg = _param_ptr(row, COL_EXP_AVG, tl.int8, ALIGNED)
+        exp_avg_sq = _param_ptr(row, COL_EXP_AVG_SQ, tl.uint8, ALIGNED)
         # one scale per BLOCK (= the quantisation block) of the tensor
-        m_scale = tl.load(row + 12).to(tl.pointer_type(tl.float32)) + start // BLOCK
-        v_scale = tl.load(row + 13).to(tl.pointer_type(tl.float32)) + start // BLOCK
+        m_scale = tl.load(row + COL_M_SCALE).to(tl.pointer_type(tl.float32)) + start // BLOCK
+        v_scale = tl.load(row + COL_V_SCALE).to(tl.pointer_type(tl.float32)) + start // BLOCK
     else:
-        exp_avg = _param_ptr(row, 2, MDTYPE, ALIGNED)
-        exp_avg_sq = _param_ptr(row, 3, MDTYPE, ALIGNED)
-        m_scale = tl.load(row + 8).to(tl.pointer_type(tl.float32))  # not read
+        exp_avg = _param_ptr(row, COL_EXP_AVG, MDTYPE, ALIGNED)
+        exp_avg_sq = _param_ptr(row, COL_EXP_AVG_SQ, MDTYPE, ALIGNED)
+        m_scale = tl.load(row + COL_STEP).to(tl.pointer_type(tl.float32))  # not read
         v_scale = m_scale
     grad = tl.load(grads_ptr + tid).to(tl.pointer_type(PDTYPE))
     if ALIGNED:
@@ -403,40 +445,40 @@ def _multi_tensor_adam_kernel(
     save_grad = grad
     extrap = dst
     if AMSGRAD:
-        max_exp_avg_sq = _param_ptr(row, 4, MDTYPE, ALIGNED)
+        max_exp_avg_sq = _param_ptr(row, COL_MAX_EXP_AVG_SQ, MDTYPE, ALIGNED)
     if SAVE_SRC:
-        save_src = _param_ptr(row, 5, PDTYPE, ALIGNED)
+        save_src = _param_ptr(row, COL_SAVE_SRC, PDTYPE, ALIGNED)
     if SAVE_GRAD:
-        save_grad = _param_ptr(row, 6, PDTYPE, ALIGNED)
+        save_grad = _param_ptr(row, COL_SAVE_GRAD, PDTYPE, ALIGNED)
     if EXTRAP:
-        extrap = _param_ptr(row, 7, PDTYPE, ALIGNED)
+        extrap = _param_ptr(row, COL_EXTRAP, PDTYPE, ALIGNED)
     prior = grad
     if PRIOR:
-        prior = _param_ptr(row, 11, PDTYPE, ALIGNED)
-    step_ptr = tl.load(row + 8).to(tl.pointer_type(tl.float32))
+        prior = _param_ptr(row, COL_PRIOR, PDTYPE, ALIGNED)
+    step_ptr = tl.load(row + COL_STEP).to(tl.pointer_type(tl.float32))
     t_before = tl.load(step_ptr)
-    numel = tl.load(row + 9)
-    hrow = tl.load(row + 10)
+    numel = tl.load(row + COL_NUMEL)
+    hrow = tl.load(row + COL_HYPER_ROW)
     hyper = hyper_ptr + hrow * HYPER_COLS
     # lr and the decoupled decay factor change every step under a schedule: with few param groups they
     # come as launch arguments, so the table only changes when the betas, eps or weight decay do
     if N_LR_ARGS > 0:
         lr = _pick(hrow, lr0, lr1, lr2, lr3, N_LR_ARGS)
     else:
-        lr = tl.load(hyper)
-    b1 = tl.load(hyper + 1)
-    b2 = tl.load(hyper + 2)
-    eps = tl.load(hyper + 3)
-    wd = tl.load(hyper + 4)
-    omb1 = tl.load(hyper + 5)
-    omb2 = tl.load(hyper + 6)
-    log_b1 = tl.load(hyper + 7)
-    log_b2 = tl.load(hyper + 8)
+        lr = tl.load(hyper + H_LR)
+    b1 = tl.load(hyper + H_BETA1)
+    b2 = tl.load(hyper + H_BETA2)
+    eps = tl.load(hyper + H_EPS)
+    wd = tl.load(hyper + H_WEIGHT_DECAY)
+    omb1 = tl.load(hyper + H_ONE_MINUS_BETA1)
+    omb2 = tl.load(hyper + H_ONE_MINUS_BETA2)
+    log_b1 = tl.load(hyper + H_LOG_BETA1)
+    log_b2 = tl.load(hyper + H_LOG_BETA2)
     if DECOUPLED:  # 1 - lr*wd, computed in float64 on the host
         if N_LR_ARGS > 0:
             wd = _pick(hrow, df0, df1, df2, df3, N_LR_ARGS)
         else:
-            wd = tl.load(hyper + 9)
+            wd = tl.load(hyper + H_DECAY_FACTOR)
 
     gscale_a = grad_scale
     gscale_b = extrap_scale
@@ -465,46 +507,33 @@ def _multi_tensor_adam_kernel(
             tl.store(report_ptr, word | _REPORTED)
     rejected = word != 0
     if rejected:
-        if tl.load(row) != tl.load(row + 1):  # source and destination addresses differ
+        if tl.load(row + COL_SRC) != tl.load(row + COL_DST):  # source and destination addresses differ
             for i in range(0, CHUNK // BLOCK):
                 offs = start + i * BLOCK + tl.arange(0, BLOCK)
                 tl.store(dst + offs, tl.load(src + offs, mask=offs < end), mask=offs < end)
     else:
+        # what every block of the chunk reads: its tensors' pointers, the step's scalars, the variant
+        ptrs = (src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, prior, m_scale,
+                v_scale)
+        scalars = (gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b)
+        FLAGS: tl.constexpr = (PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC,
+                               SAVE_GRAD, EXTRAP, PRIOR, COMMIT, QUANT)
         if STAGES > 1 and not INTERPRET:
             # the full blocks in a software-pipelined loop (their loads issued stages ahead), then the tail
             n_full = (end - start) // BLOCK
             for i in tl.range(0, n_full, num_stages=STAGES):
-                off = start + i * BLOCK
-                _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                            save_src + off, save_grad + off, extrap + off, prior + off, m_scale + i, v_scale + i, BLOCK,
-                            gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
-                            PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, False, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
-                            PRIOR, COMMIT, QUANT)
+                _adam_block(ptrs, start + i * BLOCK, i, end, scalars, False, FLAGS)
             off = start + n_full * BLOCK
             if off < end:
-                _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                            save_src + off, save_grad + off, extrap + off, prior + off, m_scale + n_full, v_scale + n_full,
-                            (end - off).to(tl.int32),
-                            gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
-                            PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, True, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
-                            PRIOR, COMMIT, QUANT)
+                _adam_block(ptrs, off, n_full, end, scalars, True, FLAGS)
         else:
             # Full blocks without a mask (a mask built from a run-time length blocks 16-byte accesses), then the tail.
             for i in range(0, CHUNK // BLOCK):
                 off = start + i * BLOCK
                 if off + BLOCK <= end:
-                    _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                                save_src + off, save_grad + off, extrap + off, prior + off, m_scale + i, v_scale + i, BLOCK,
-                                gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
-                                PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, False, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
-                                PRIOR, COMMIT, QUANT)
+                    _adam_block(ptrs, off, i, end, scalars, False, FLAGS)
                 elif off < end:
-                    _adam_block(src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off,
-                                save_src + off, save_grad + off, extrap + off, prior + off, m_scale + i, v_scale + i,
-                                (end - off).to(tl.int32),
-                                gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
-                                PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, True, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC, SAVE_GRAD, EXTRAP,
-                                PRIOR, COMMIT, QUANT)
+                    _adam_block(ptrs, off, i, end, scalars, True, FLAGS)
         if COMMIT:
             # The step count moves once every program of this tensor has read it: the program that
             # draws the last ticket writes it and resets the ticket for the next launch.
@@ -548,80 +577,41 @@ def _build_tables(lists: Dict[int, Sequence[torch.Tensor]], sources: Sequence[to
 
 
 
-def multi_tensor_adam_(
-    sources: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    steps: Sequence[torch.Tensor],
-    destinations: Sequence[torch.Tensor],
-    hyper: torch.Tensor,
-    hyper_rows: Sequence[int],
-    *,
-    max_exp_avg_sqs: Optional[Sequence[torch.Tensor]] = None,
-    eps_mode: str = "also",
-    decoupled_weight_decay: bool = False,
-    maximize: bool = False,
-    grad_scale: float = 1.0,
-    save_sources_to: Optional[Sequence[torch.Tensor]] = None,
-    save_grads_to: Optional[Sequence[torch.Tensor]] = None,
-    extrapolate_to: Optional[Sequence[torch.Tensor]] = None,
-    extrapolation_scale: float = 1.0,
-    prior_grads: Optional[Sequence[torch.Tensor]] = None,
-    prior_scale: float = 1.0,
-    commit_state: bool = True,
-    cache: Optional[Dict[str, Any]] = None,
-    static_lists: bool = False,
-    error_word: Optional[torch.Tensor] = None,
-    lr_args: Optional[Sequence[Tuple[float, float]]] = None,
-    exp_avg_scales: Optional[Sequence[torch.Tensor]] = None,
-    exp_avg_sq_scales: Optional[Sequence[torch.Tensor]] = None,
-    report_out: Optional[torch.Tensor] = None,
-) -> None:
-    """Adam step for every tensor i in one kernel launch: destinations[i] = sources[i] + AdamStep.
+def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.Tensor, spec: AdamSpec, *,
+              cache: Optional[Dict[str, Any]] = None, static_lists: bool = False,
+              error_word: Optional[torch.Tensor] = None, lr_args: Optional[Sequence[Tuple[float, float]]] = None,
+              report_out: Optional[torch.Tensor] = None) -> None:
+    """The update ``functional.adam_step`` states, for every tensor in one kernel launch.
 
-    Hyper-parameters come from row ``hyper_rows[i]`` of ``hyper = hyper_table(rows)``; ``steps[i]``
-    is a 0-d float32 device tensor holding the step count t0 before the call: the updates use
-    t0 + 1 (+1 for ``prior_grads``, +1 more for the extrapolation), and the kernel writes that count
-    back when ``commit_state`` (so a step needs no separate launch to advance it). ``error_word``
-    (0-d int32 on the device): where it is non-zero the call changes nothing but copying each source to
-    its destination when they differ (a rejected step leaves the params at x). ``eps_mode="also"`` adds eps to sqrt(v)
-    before the bias correction, ``"torch"`` after it (torch.optim.Adam). With ``extrapolate_to`` two steps
-    run: destinations <- x1 = x + AdamStep(x, grad_scale*g; t-1), extrapolate_to <- x1 + AdamStep(x1,
-    extrapolation_scale*g; t). ``save_sources_to`` / ``save_grads_to`` receive copies of x / the raw grad.
-    ``prior_grads``: the moments first advance with ``prior_scale * prior_grads`` from x (the optimistic
-    extrapolation's advance, committed by the main step); ``commit_state=False`` leaves the moments unwritten.
-    ``lr_args``: (lr, 1 - lr*weight_decay) of hyper rows 0..k-1 (k <= MAX_LR_ARGS, every ``hyper_rows``
-    entry below k), rounded to float32 like the table and used instead of the table's columns 0 and 9,
-    so that an lr schedule changes launch arguments, not the table.
-    ``exp_avg_scales`` / ``exp_avg_sq_scales``: 8-bit moments (int8 m, uint8 v codes, one float32 scale
-    per 1024 elements; ``functional.quantize_moment_`` states the code), decoded and re-encoded in the pass.
-    ``report_out`` (0-d int32, pinned host memory on a GPU): receives ``error_word | REPORTED``, the step's
-    report to the host (``also_fused._input_errors``). ``cache`` (a dict kept by the caller) holds the device
-    tables between calls. With ``static_lists`` the caller promises that when it passes the very same list
-    objects again, the optimizer-owned tensors in them (moments, steps, prior/saved gradients) have not moved;
-    only the param-like lists and the grads are then re-read, which keeps the host cost of a step low for
-    hundreds of tensors.
+    Hyper-parameters come from row ``hyper_rows[i]`` of ``hyper = hyper_table(rows)`` (a device tensor);
+    ``steps[i]`` are 0-d float32 device tensors, which the kernel advances itself when ``commit_state``
+    (so a step needs no separate launch for them). ``error_word`` (0-d int32 on the device): where it
+    is non-zero the call changes nothing but copying each source to its destination when they differ (a
+    rejected step leaves the params at x). ``lr_args``: (lr, 1 - lr*weight_decay) of hyper rows 0..k-1
+    (k <= MAX_LR_ARGS, every ``hyper_rows`` entry below k), rounded to float32 like the table and used
+    instead of its lr and decay-factor columns, so that an lr schedule changes launch arguments, not the
+    table. ``report_out`` (0-d int32, pinned host memory on a GPU): receives ``error_word | REPORTED``,
+    the step's report to the host (``also_fused._input_errors``). ``cache`` (a dict kept by the caller)
+    holds the device tables between calls. With ``static_lists`` the caller promises that when it passes
+    the very same ``tensors`` lists again, the optimizer-owned tensors in them (moments, steps,
+    prior/saved gradients) have not moved; only the param-like lists and the grads are then re-read,
+    which keeps the host cost of a step low for hundreds of tensors.
     """
+    sources = tensors.sources
     n = len(sources)
     if n == 0:
         return
-    if eps_mode not in ("also", "torch"):
-        raise ValueError(f"eps_mode must be 'also' or 'torch', got {eps_mode!r}")
-    if not commit_state and (prior_grads is not None or extrapolate_to is not None):
-        raise ValueError("commit_state=False only applies to a single update")
+    tensors.check(spec)
     n_lr = 0 if lr_args is None else len(lr_args)
     if n_lr > MAX_LR_ARGS:
         raise ValueError(f"lr_args takes at most {MAX_LR_ARGS} rows, got {n_lr}")
-    if (exp_avg_scales is None) != (exp_avg_sq_scales is None):
-        raise ValueError("8-bit moments need both exp_avg_scales and exp_avg_sq_scales")
-    quant = exp_avg_scales is not None
-    if quant and max_exp_avg_sqs is not None:
-        raise ValueError("8-bit moments do not support amsgrad")
-    optional = {_MAX_EXP_AVG_SQ: max_exp_avg_sqs, _SAVE_SRC: save_sources_to, _SAVE_GRAD: save_grads_to,
-                _EXTRAP: extrapolate_to, _PRIOR: prior_grads, _M_SCALE: exp_avg_scales, _V_SCALE: exp_avg_sq_scales}
-    lists: Dict[int, Sequence[torch.Tensor]] = {_SRC: sources, _DST: destinations, _EXP_AVG: exp_avgs,
-                                                _EXP_AVG_SQ: exp_avg_sqs, _STEP: steps}
+    quant = tensors.quantized
+    hyper_rows = tensors.hyper_rows
+    optional = {_MAX_EXP_AVG_SQ: tensors.max_exp_avg_sqs, _SAVE_SRC: tensors.save_sources_to,
+                _SAVE_GRAD: tensors.save_grads_to, _EXTRAP: tensors.extrapolate_to, _PRIOR: tensors.prior_grads,
+                _M_SCALE: tensors.exp_avg_scales, _V_SCALE: tensors.exp_avg_sq_scales}
+    lists: Dict[int, Sequence[torch.Tensor]] = {_SRC: sources, _DST: tensors.destinations, _EXP_AVG: tensors.exp_avgs,
+                                                _EXP_AVG_SQ: tensors.exp_avg_sqs, _STEP: tensors.steps}
     lists.update({col: lst for col, lst in optional.items() if lst is not None})
     device = sources[0].device
     dtype = sources[0].dtype
@@ -639,9 +629,10 @@ def multi_tensor_adam_(
         key = (n, dtype, device, tuple(lists), tuple(map(_data_ptr, chain.from_iterable(lists.values()))),
                tuple(hyper_rows), hyper.data_ptr())
     if cache.get("key") != key:
-        _check_call(lists, grads, sources, destinations, hyper, hyper_rows, device, dtype)
-        block, iters, num_warps, pvec = kernel_config(dtype.itemsize, exp_avgs[0].dtype.itemsize)
-        stages = pipeline_stages(dtype.itemsize, exp_avgs[0].dtype.itemsize)
+        _check_call(lists, grads, sources, tensors.destinations, hyper, hyper_rows, device, dtype)
+        moment_size = tensors.exp_avgs[0].dtype.itemsize
+        block, iters, num_warps, pvec = kernel_config(dtype.itemsize, moment_size)
+        stages = pipeline_stages(dtype.itemsize, moment_size)
         chunk = block * iters
         if quant and block != QUANT_BLOCK:
             raise ValueError(f"8-bit moments need {QUANT_BLOCK}-element blocks, this configuration has {block}")
@@ -651,7 +642,8 @@ def multi_tensor_adam_(
         cache.update(key=key, meta=meta, chunks=chunks, total=total, tickets=tickets,
                      aligned=(_or_all(ptrs) & 15) == 0, grad_ptrs=None, grad_table=None, grad_aligned=False,
                      lists=(list(lists.values()), hyper_rows), launchers={}, prepared={}, max_row=max(hyper_rows),
-                     config=(block, chunk, num_warps, pvec), stages=stages, uploads=PinnedUploader(), stream=None)
+                     config=(block, chunk, num_warps, pvec), stages=stages, uploads=PinnedUploader(), stream=None,
+                     zero_word=None)
     if n_lr and cache["max_row"] >= n_lr:
         raise ValueError(f"lr_args has {n_lr} rows but a tensor uses hyper row {cache['max_row']}")
 
@@ -668,30 +660,25 @@ def multi_tensor_adam_(
         cache["grad_ptrs"] = grad_ptrs
         cache["grad_aligned"] = (_or_all(grad_ptrs) & 15) == 0
 
-    flags = (eps_mode, bool(decoupled_weight_decay), bool(maximize), bool(commit_state), n_lr,
+    # what selects the compiled variant (the lists present are fixed while the tables are)
+    flags = (spec.eps_mode, spec.decoupled_weight_decay, spec.maximize, spec.commit_state, n_lr,
              cache["aligned"] and cache["grad_aligned"], quant, report_out is not None)
     launcher = cache["launchers"].get(flags)
     if launcher is None:
-        block, chunk, num_warps, pvec = cache["config"]
-        launcher = cache["launchers"][flags] = Launcher(_multi_tensor_adam_kernel, dict(
-            N_LR_ARGS=n_lr, PDTYPE=_TL_DTYPES[dtype], MDTYPE=tl.int8 if quant else _TL_DTYPES[exp_avgs[0].dtype], BLOCK=block, CHUNK=chunk,
-            PVEC=pvec, MVEC=(pvec or 4) if exp_avgs[0].dtype.itemsize < 4 else 0, META_COLS=_META_COLS, QUANT=quant,
-            EPS_TORCH=eps_mode == "torch", DECOUPLED=flags[1], AMSGRAD=max_exp_avg_sqs is not None,
-            MAXIMIZE=flags[2], SAVE_SRC=save_sources_to is not None, SAVE_GRAD=save_grads_to is not None,
-            EXTRAP=extrapolate_to is not None, PRIOR=prior_grads is not None, COMMIT=flags[3],
-            HYPER_COLS=HYPER_COLS, ALIGNED=flags[5], INTERPRET=device.type != "cuda", REPORT=flags[7],
-            STAGES=cache["stages"]),
-            # torch.optim rounds every elementwise op; without contraction the drop-ins follow it closely
-            dict(num_warps=num_warps, enable_fp_fusion=eps_mode != "torch"))
+        launcher = cache["launchers"][flags] = _launcher(spec, tensors, n_lr, flags[5], flags[7], dtype,
+                                                         cache["config"], cache["stages"], device)
     if n_lr:
         lrs = [float(a[0]) for a in lr_args] + [0.0] * (MAX_LR_ARGS - n_lr)
         decays = [float(a[1]) for a in lr_args] + [1.0] * (MAX_LR_ARGS - n_lr)
     else:
         lrs, decays = _NO_LR_ARGS
-    word = zero_word(device) if error_word is None else error_word
-    scales = (float(grad_scale), float(extrapolation_scale), float(prior_scale))
-    args = (cache["chunks"], cache["meta"], cache["grad_table"], hyper, word, cache["tickets"], *scales, *lrs, *decays,
-            word if report_out is None else report_out)
+    if error_word is None:  # a word no kernel sets, kept with the tables
+        if cache["zero_word"] is None:
+            cache["zero_word"] = torch.zeros((), dtype=torch.int32, device=device)
+        error_word = cache["zero_word"]
+    scales = (float(spec.grad_scale), float(spec.extrapolation_scale), float(spec.prior_scale))
+    args = (cache["chunks"], cache["meta"], cache["grad_table"], hyper, error_word, cache["tickets"], *scales, *lrs,
+            *decays, error_word if report_out is None else report_out)
     varying = _VARYING[n_lr]
     prepared = cache["prepared"].get((flags, scales))
     if prepared is None or not prepared(cache["total"], *[args[i] for i in varying]):
@@ -701,11 +688,35 @@ def multi_tensor_adam_(
         cache["prepared"][(flags, scales)] = launcher.prepare(device, args, varying)
 
 
+# the keyword form of earlier releases (see update_spec.keyword_form)
+multi_tensor_adam_ = keyword_form(adam_step)
+
+
+def _launcher(spec: AdamSpec, tensors: AdamTensors, n_lr: int, aligned: bool, report: bool, dtype: torch.dtype,
+              config: tuple, stages: int, device: torch.device) -> Launcher:
+    """The kernel's launcher for one variant: the spec's flags and the tensors' kinds as constexprs."""
+    block, chunk, num_warps, pvec = config
+    quant = tensors.quantized
+    moment_dtype = tensors.exp_avgs[0].dtype
+    return Launcher(_multi_tensor_adam_kernel, dict(
+        N_LR_ARGS=n_lr, PDTYPE=_TL_DTYPES[dtype], MDTYPE=tl.int8 if quant else _TL_DTYPES[moment_dtype], BLOCK=block,
+        CHUNK=chunk, PVEC=pvec, MVEC=(pvec or 4) if moment_dtype.itemsize < 4 else 0, META_COLS=_META_COLS, QUANT=quant,
+        EPS_TORCH=spec.eps_mode == "torch", DECOUPLED=bool(spec.decoupled_weight_decay),
+        AMSGRAD=tensors.max_exp_avg_sqs is not None, MAXIMIZE=bool(spec.maximize),
+        SAVE_SRC=tensors.save_sources_to is not None, SAVE_GRAD=tensors.save_grads_to is not None,
+        EXTRAP=tensors.extrapolate_to is not None, PRIOR=tensors.prior_grads is not None,
+        COMMIT=bool(spec.commit_state), HYPER_COLS=HYPER_COLS, ALIGNED=aligned, INTERPRET=device.type != "cuda",
+        REPORT=report, STAGES=stages),
+        # torch.optim rounds every elementwise op; without contraction the drop-ins follow it closely
+        dict(num_warps=num_warps, enable_fp_fusion=spec.eps_mode != "torch"))
+
+
 _NO_LR_ARGS = ([0.0] * MAX_LR_ARGS, [1.0] * MAX_LR_ARGS)
-# per number of lr arguments, the launch arguments that may change while the cache's tables stay (the
-# scales name the kept launch): the grad table (reallocated on another stream), the error word, the lr
-# arguments in use and the report slot
-_VARYING = [(2, 4) + tuple(range(9, 9 + n)) + tuple(range(9 + MAX_LR_ARGS, 9 + MAX_LR_ARGS + n)) + (9 + 2 * MAX_LR_ARGS,)
+# per number of lr arguments, the launch arguments that may change while the cache's tables stay: the grad
+# table (reallocated on another stream), the error word, the lr arguments in use and the report slot
+_RUNTIME_ARGS = _multi_tensor_adam_kernel.arg_names[:_multi_tensor_adam_kernel.arg_names.index("N_LR_ARGS")]
+_VARYING = [tuple(_RUNTIME_ARGS.index(name) for name in ("grads_ptr", "error_ptr", *(f"lr{i}" for i in range(n)),
+                                                             *(f"df{i}" for i in range(n)), "report_ptr"))
             for n in range(MAX_LR_ARGS + 1)]
 
 

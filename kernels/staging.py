@@ -1,4 +1,4 @@
-"""Small host arrays uploaded to the device without a host sync (imports only torch).
+"""Small host arrays uploaded to the device without a host sync (imports only torch and ``also_fused._cuda``).
 
 Uploads go through a ring of pinned host slots and are copied to the device asynchronously on the
 current stream. Before a half of the ring is written again, one event (recorded after that half's
@@ -12,32 +12,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .._cuda import current_stream, raw_stream
+
 _RING = 16
 _HALF = _RING // 2
-# the raw id of the current stream, cheaply (Triton reads it the same way); torch's public call otherwise
-_raw_stream_of_index = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
-    lambda index: torch.cuda.current_stream(index).cuda_stream)
-
-_last_streams: Dict[int, Tuple[int, "torch.cuda.Stream"]] = {}
-
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def raw_stream(device: torch.device) -> Optional[int]:
-    """The handle of the current CUDA stream of ``device`` (None for a device that is not CUDA)."""
-    return _raw_stream_of_index(_index(device)) if device.type == "cuda" else None
-
-
-def current_stream(device: torch.device) -> "torch.cuda.Stream":
-    """torch.cuda.current_stream(device), without its per-call cost while the current stream is unchanged."""
-    index = _index(device)
-    raw = _raw_stream_of_index(index)
-    last = _last_streams.get(index)
-    if last is None or last[0] != raw:
-        last = _last_streams[index] = (raw, torch.cuda.current_stream(index))
-    return last[1]
 
 
 class _Ring:

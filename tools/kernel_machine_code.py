@@ -4,13 +4,18 @@ A change that must not move the kernels' GPU times (a restructuring of their Pyt
 leave the machine code as it was. This compiles ``_multi_tensor_adam_kernel`` for every configuration
 the optimizers launch (param dtype x moment storage x the flags of the drop-ins and of ALSO's passes)
 with Triton's bundled ptxas, disassembles it with nvdisasm and hashes the instructions (line-table
-comments dropped, so that moving source lines does not count). Compare the output of two checkouts::
+comments dropped, so that moving source lines does not count), each compiled afresh (an empty Triton
+cache). Compare the output of two versions of the code, e.g. with an earlier one copied as a package of
+another name (its imports are relative)::
 
-    python tools/kernel_machine_code.py > new.json   # and the same from the other checkout
+    python tools/kernel_machine_code.py > new.json
+    PYTHONPATH=old python tools/kernel_machine_code.py --package also_fused_old > old.json
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -19,13 +24,14 @@ import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kernel_machine_code_")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from also_fused.kernels import multi_tensor_adam as mta  # noqa: E402
+mta = None  # the kernel module of the package given on the command line
 
 POINTERS = {"chunks_ptr": "*i64", "meta_ptr": "*i64", "grads_ptr": "*i64", "hyper_ptr": "*fp32",
             "error_ptr": "*i32", "tickets_ptr": "*i32", "report_ptr": "*i32"}
@@ -77,6 +83,10 @@ def compile_config(pdtype: str, moments: str, flags: dict) -> str:
 
 
 def main() -> None:
+    global mta
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--package", default="also_fused", help="the package whose kernels to compile")
+    mta = importlib.import_module(f"{parser.parse_args().package}.kernels.multi_tensor_adam")
     out = {}
     for pdtype in DTYPES:
         for moments in ("fp32", "bf16", "int8"):

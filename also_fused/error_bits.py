@@ -2,12 +2,10 @@
 
 Kernels that read a batch OR these bits into a 0-d int32 word; the update kernels read the word and
 write nothing (beyond restoring params) while it is non-zero. The last kernel of a step may also copy
-the word, with ``REPORTED`` set, into a slot of pinned host memory that the host reads without a sync.
-A word that stays zero is shared per device for calls that check nothing.
+the word, with ``REPORTED`` set, into a slot of pinned host memory that the host reads without a sync
+(``_input_errors``). Imports only torch; the kernels import it.
 """
 from __future__ import annotations
-
-from typing import Dict
 
 import torch
 
@@ -16,16 +14,6 @@ NON_FINITE_LOSS = 2
 # set beside the bits in a step's report (the word as the step's last kernel saw it), so that a
 # report reads non-zero once written
 REPORTED = 1 << 30
-
-_ZERO_WORDS: Dict[torch.device, torch.Tensor] = {}
-
-
-def zero_word(device: torch.device) -> torch.Tensor:
-    """A word no kernel ever sets, for calls without checks."""
-    word = _ZERO_WORDS.get(device)
-    if word is None:
-        word = _ZERO_WORDS[device] = torch.zeros((), dtype=torch.int32, device=device)
-    return word
 
 
 def report(word: torch.Tensor, slot: torch.Tensor) -> None:
