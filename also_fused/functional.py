@@ -12,8 +12,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .storage import (QUANT_DTYPES, dequantize_legacy_moment, dequantize_moment, is_legacy_scales,  # noqa: F401
-                      quant_blocks, quantize_moment_)
+# the 8-bit moment code lives in ``storage``; these names stay reachable here as before
+from .storage import (QUANT_BLOCK, QUANT_DTYPES, dequantize_legacy_moment, dequantize_moment,  # noqa: F401
+                      is_legacy_scales, quant_blocks, quantize_moment_)
 from .update_spec import AdamSpec, AdamTensors, HyperRow, keyword_form
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)

@@ -141,7 +141,7 @@ def _code_model(x: torch.Tensor, signed: bool) -> tuple:
     """float64 model of functional's 8-bit code: (scale s per element, zero offset o, mantissa bits M, the
     largest t the code holds) with s the smallest power of two above the block's max |x|."""
     from also_fused import functional as F
-    from also_fused.kernels.layout import QUANT_M_BITS, QUANT_V_BITS
+    from also_fused.storage import QUANT_M_BITS, QUANT_V_BITS
 
     exp_bits, mant_bits = QUANT_M_BITS if signed else QUANT_V_BITS
     a = torch.nn.functional.pad(x.double().abs(), (0, F.quant_blocks(x.numel()) * F.QUANT_BLOCK - x.numel()))
@@ -200,7 +200,7 @@ def test_quantisation_of_zero_and_tiny_blocks(signed):
     values far below float32's normal range is held relative to that scale (within the bound above);
     its neighbours keep their own scales."""
     from also_fused import functional as F
-    from also_fused.kernels.layout import QUANT_M_BITS, QUANT_V_BITS
+    from also_fused.storage import QUANT_M_BITS, QUANT_V_BITS
 
     exp_bits = (QUANT_M_BITS if signed else QUANT_V_BITS)[0]
     tiny = torch.finfo(torch.float32).tiny

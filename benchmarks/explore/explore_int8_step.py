@@ -56,7 +56,7 @@ if "no_div" in variant:
 import re
 blk = re.search(r"b(\d+)w(\d)", variant)
 if blk:
-    from also_fused.kernels import layout as LY
+    from also_fused import storage as LY
     from also_fused import functional as F
     b, w = int(blk.group(1)), int(blk.group(2))
     LY.QUANT_BLOCK = F.QUANT_BLOCK = M.QUANT_BLOCK = b

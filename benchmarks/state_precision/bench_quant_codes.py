@@ -25,7 +25,7 @@ import torch
 
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
 sys.path.insert(0, os.path.dirname(BENCH))  # the repository root: also_fused, benchmarks.results_io
-from also_fused.kernels.layout import QUANT_BLOCK  # noqa: E402
+from also_fused.storage import QUANT_BLOCK  # noqa: E402
 from benchmarks.results_io import source_digest  # noqa: E402
 
 EPS = 1e-8
