@@ -1,23 +1,58 @@
-"""Host-side checks of what the optimizers are given: choices, pi hyper-parameters, weights on the
-simplex, group ids and per-sample losses.
+"""Host-side checks of what the optimizers are given: Adam's hyper-parameters, choices, pi hyper-parameters,
+weights on the simplex, group ids and per-sample losses.
 
 Shapes, dtypes and devices are checked here at once. Values (ids in range, finite losses) are
-checked here only when asked (``check_values``): on the reference path, where reading them costs
-no host sync worth avoiding. The Triton kernels check values on the device (``_input_errors.py``).
+checked here only when asked (``check_values``): on the reference and CPU paths, where reading them
+costs no host sync worth avoiding, with the (min, max) reader the backend gives (``value_range``).
+The Triton kernels check values on the device (``_input_errors.py``).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from . import cpu_fused
-
+# (min, max) of ids or losses read on the host; NaN propagates
+ValueRange = Callable[[Tensor], tuple]
 MODES = ("optimistic", "descent-ascent")
 REDUCTIONS = ("sum", "mean")
 ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def check_hyperparameters(lr: Any, betas: Any, eps: float, weight_decay: float, *,
+                          foreach: Optional[bool] = None, capturable: bool = False) -> None:
+    """torch.optim.Adam's checks, with its exception types; ``lr`` and ``betas`` may be 1-element tensors."""
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas} (two values expected)")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            if foreach and not capturable:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+
+
+def as_scalar(value: Any) -> Any:
+    """A 1-element tensor hyper-parameter as a 0-dim tensor (as torch.optim keeps it); floats unchanged."""
+    return value.reshape(()) if isinstance(value, Tensor) and value.dim() != 0 else value
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -66,10 +101,10 @@ def as_simplex(weights: Optional[Union[Tensor, Sequence[float]]], n_groups: int,
 
 
 def as_ids(group_ids: Union[Tensor, Sequence[int]], n_groups: int, device: torch.device,
-           check_values: bool, extension: bool = False) -> Tensor:
+           check_values: bool, value_range: Optional[ValueRange] = None) -> Tensor:
     """group_ids as a 1-D int64 tensor on ``device`` (a list of ints is accepted; CPU ids are copied
-    without blocking); with ``check_values`` also ids outside [0, n_groups) raise (a host sync).
-    ``extension``: their range may come from the fast CPU path's extension (``_value_range``)."""
+    without blocking); with ``check_values`` also ids outside [0, n_groups) raise (a host sync), their
+    range read by ``value_range`` (default: torch.aminmax)."""
     if not isinstance(group_ids, Tensor):
         values = list(group_ids)
         if not values:
@@ -90,15 +125,16 @@ def as_ids(group_ids: Union[Tensor, Sequence[int]], n_groups: int, device: torch
     if group_ids.dtype != torch.int64:
         group_ids = group_ids.long()
     if check_values:
-        lo, hi = _value_range(group_ids, extension)
+        lo, hi = (value_range or _aminmax)(group_ids)
         if lo < 0 or hi >= n_groups:
             raise ValueError(f"group_ids must lie in [0, {n_groups}), got values in [{lo}, {hi}]")
     return group_ids
 
 
-def check_losses(losses: Any, ids: Tensor, device: torch.device, check_finite: bool, extension: bool = False) -> None:
+def check_losses(losses: Any, ids: Tensor, device: torch.device, check_finite: bool,
+                 value_range: Optional[ValueRange] = None) -> None:
     """Per-sample losses: a floating tensor shaped like ``ids`` on ``device``; with ``check_finite``
-    NaN or inf raise (a host sync); ``extension`` as for ``as_ids``."""
+    NaN or inf raise (a host sync); ``value_range`` as for ``as_ids``."""
     if not isinstance(losses, Tensor):
         raise TypeError(f"per-sample losses must be a tensor, got {type(losses).__name__}")
     if not losses.is_floating_point():
@@ -109,21 +145,16 @@ def check_losses(losses: Any, ids: Tensor, device: torch.device, check_finite: b
     if losses.device != device:
         raise ValueError(f"per-sample losses are on {losses.device}, pi is on {device}")
     if check_finite:
-        check_finite_losses(losses, extension)
+        check_finite_losses(losses, value_range)
 
 
-def check_finite_losses(losses: Tensor, extension: bool = False) -> None:
-    """NaN or inf among the per-sample losses raise (a host sync). One reduction: torch.aminmax
-    propagates NaN, and the extremes are finite exactly when every loss is."""
-    lo, hi = _value_range(losses.detach(), extension)
+def check_finite_losses(losses: Tensor, value_range: Optional[ValueRange] = None) -> None:
+    """NaN or inf among the per-sample losses raise (a host sync). One reduction: the extremes propagate
+    NaN, and they are finite exactly when every loss is."""
+    lo, hi = (value_range or _aminmax)(losses.detach())
     if not -math.inf < lo <= hi < math.inf:
         raise ValueError("per-sample losses contain NaN or inf; the step was not taken")
 
 
-def _value_range(values: Tensor, extension: bool) -> tuple:
-    """(min, max) of ids or losses read on the host: with ``extension`` (the fast CPU path, not the reference)
-    from the CPU extension where it applies, in one call; else torch.aminmax (which propagates NaN)."""
-    extremes = cpu_fused.value_range(values) if extension else None
-    if extremes is None:
-        extremes = tuple(v.item() for v in torch.aminmax(values))
-    return extremes
+def _aminmax(values: Tensor) -> tuple:
+    return tuple(v.item() for v in torch.aminmax(values))

@@ -6,11 +6,17 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from ._base import AdamFamily, as_scalar, check_hyperparameters, optimizer_step, param_itself
-
+from ._adam_family import AdamFamily
+from ._checks import as_scalar, check_hyperparameters
+from ._plans import param_itself
+from ._step_hooks import optimizer_step
+from .update_spec import AdamSpec
 
 _FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay")
 _IN_PLACE = dict(sources=param_itself, destinations=param_itself)
+# torch.optim's formula, per (maximize, decoupled_weight_decay) of a bucket
+_SPECS = {(maximize, decoupled): AdamSpec(eps_mode="torch", maximize=maximize, decoupled_weight_decay=decoupled)
+          for maximize in (False, True) for decoupled in (False, True)}
 
 
 class Adam(AdamFamily):
@@ -25,7 +31,7 @@ class Adam(AdamFamily):
     dtype, as torch.optim does (same memory, same state_dict dtypes); ``"float32"`` keeps float32
     moments for bf16/fp16 params; ``"bfloat16"`` halves the state of float32 params; ``"int8"`` stores
     8-bit codes with one float32 scale per 1024 elements (about 2 bytes per param for both moments;
-    no amsgrad; the code is stated in ``functional.quantize_moment_``). The update is computed in
+    no amsgrad; the code is stated in ``storage``). The update is computed in
     float32 either way and the moments are rounded or encoded once when stored.
     """
 
@@ -67,9 +73,8 @@ class Adam(AdamFamily):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for plan, grads in self._plans_with_grads("step", _FLAGS, _IN_PLACE):
-            _, _, _, maximize, decoupled = plan["key"]
-            self._run_plan(plan, grads, eps_mode="torch", maximize=maximize, decoupled_weight_decay=decoupled)
+        for plan, grads in self._planner.with_grads("step", _FLAGS, _IN_PLACE):
+            self._run_plan(plan, grads, _SPECS[plan.flags["maximize"], plan.flags["decoupled_weight_decay"]])
         return loss
 
 

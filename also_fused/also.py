@@ -1,4 +1,4 @@
-"""ALSO: Adam on the parameters plus KL-regularised mirror ascent on group weights pi (ALGORITHM.md)."""
+"""ALSO: Adam on the parameters plus KL-regularised mirror ascent on group weights pi (docs/algorithm.md)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional, Union
@@ -7,8 +7,9 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from ._step_hooks import optimizer_step
+from ._transaction import StepTransaction
 from .group_weights import GroupIds, GroupWeights, Simplex
-from ._base import optimizer_step
 from .theta import ThetaAdam
 
 Closure = Callable[[Tensor, float], Any]
@@ -60,7 +61,7 @@ class ALSO(ThetaAdam):
     ``step()`` returns the mean per-sample loss of the step as a 0-dim tensor (no host sync for it).
     """
 
-    _EXTRA_KEY = "also"
+    EXTRA_KEY = "also"
     # the pi side's settings, read and written where they live
     n_groups, loss_scale, pi_lr, pi_decay, pi_temperature = (_OfWeights() for _ in range(5))
     group_reduction, process_group, validate, device = (_OfWeights() for _ in range(4))
@@ -97,7 +98,8 @@ class ALSO(ThetaAdam):
             pi_reg=pi_reg, pi_init=pi_init, pi_temperature=pi_temperature, eps=eps,
             group_reduction=group_reduction, process_group=process_group,
             device=self.param_groups[0]["params"][0].device, validate=validate, backend=backend)
-        self._errors = self.weights._errors  # the theta kernels read the same device error word
+        self._pi_steps = self.weights.step_driver()  # the only way in to the group weights
+        self._errors = self._pi_steps.errors  # the theta kernels read the same device error word
 
     # ------------------------------------------------------------------ public
     @property
@@ -117,7 +119,7 @@ class ALSO(ThetaAdam):
         Records the detached losses for the pi step of the next ``step()``; call it once per
         micro-batch when accumulating gradients. In optimistic mode pi is the extrapolated pi_mid.
         """
-        return self.weights._weighted_loss(losses, group_ids)
+        return self._pi_steps.weighted_loss(losses, group_ids)
 
     def check_errors(self, wait: bool = True) -> None:
         """Raise now for bad input that the device found in an earlier step (see ``validate``).
@@ -141,7 +143,7 @@ class ALSO(ThetaAdam):
         """
         if closure is None:
             if group_ids is not None:
-                self.weights._recorded.clear()  # as for every rejected loop step: the batch is dropped
+                self._pi_steps.drop_batches()  # as for every rejected loop step: the batch is dropped
                 raise TypeError("group_ids is given without a closure; the loop API takes them in weighted_loss()")
             return self._step_loop()
         if group_ids is None:
@@ -151,82 +153,74 @@ class ALSO(ThetaAdam):
     # ---------------------------------------------------------------- steps
     def _step_closure(self, closure: Closure, group_ids: GroupIds) -> Tensor:
         self.check_errors(wait=False)
-        weights = self.weights
-        ids = weights._as_ids(group_ids)
-        weights._flag_bad("this step", ids)
-        undo_token = self._begin_step("closure")
+        pi_steps = self._pi_steps
+        ids = pi_steps.parse_ids(group_ids)
+        transaction = self._begin_step("closure")
         moved: list[tuple[Tensor, dict]] = []
         try:
             if self.mode == "optimistic":
                 moved = self._extrapolate_closure()
-            selected, scale = weights._closure_weights(ids)
+            selected, scale = pi_steps.closure_weights(ids)
             with torch.enable_grad():
                 result = closure(selected, scale)
-            losses = weights._closure_losses(result, ids)
-            items = self._grad_items()
+            losses = pi_steps.closure_losses(result, ids)
+            items = self._planner.grad_items()
         except BaseException:
             self._restore(moved)  # the rejected step leaves the params and the state as they were
-            weights._recorded.clear()
-            self._api = undo_token[0]
-            self._journal = None
+            self._transaction = None
+            transaction.undo()
             raise
-        weights._recorded.clear()
-        weights._share_error_word()
+        pi_steps.drop_batches()
+        pi_steps.share_error_word()
         self._update_closure(items, moved)
-        weights._ascend_closure(ids, losses)
-        self._finish_step(undo_token)
+        pi_steps.ascend_closure(ids, losses)
+        self._finish_step(transaction)
         return losses.float().mean()
 
     def _step_loop(self) -> Tensor:
         self.check_errors(wait=False)
-        ids, losses, staged_mean = self.weights._take_recorded()  # a rejected step drops its batch: run it again
+        pi_steps = self._pi_steps
+        ids, losses, staged_mean = pi_steps.take_batch()  # a rejected step drops its batch: run it again
         self._check_training()
-        self.weights._check_recorded(losses)
-        reused = self._reused_plans(self._loop_tag(), ("amsgrad",))
+        pi_steps.check_batch(losses)
+        reused = self._planner.reused(self._loop_tag(), ("amsgrad",))
         if reused is None:
-            self._grad_items()  # refuses bad gradients before anything changes
-        undo_token = self._begin_step("loop")
-        self.weights._share_error_word()
+            self._planner.grad_items()  # refuses bad gradients before anything changes
+        transaction = self._begin_step("loop")
+        pi_steps.share_error_word()
         # a staged pi step launches nothing at step(): the theta update then reports the step to the host
-        reported = self._update(reused, self.weights._report_slot() if staged_mean is not None else None)
-        mean = self.weights._ascend(ids, losses, staged_mean, reported)
-        self._finish_step(undo_token)
+        reported = self._update(reused, pi_steps.report_slot() if staged_mean is not None else None)
+        mean = pi_steps.ascend(ids, losses, staged_mean, reported)
+        self._finish_step(transaction)
         return mean
 
-    def _begin_step(self, api: str) -> tuple[Optional[str], tuple]:
-        """Switch to ``api`` and start recording what the step does to the host-side state, to undo it
-        if the device rejects the step; returns what the undo needs."""
-        api_before = self._api
+    def _begin_step(self, api: str) -> StepTransaction:
+        """The step's transaction over the theta side (the API in use, the state entries it creates or drops)
+        and the group weights' host state; then switch to ``api``."""
+        transaction = StepTransaction(self._errors, (self, self._pi_steps))
         self._set_api(api)
-        self._journal = [] if self._errors is not None else None
-        return api_before, self.weights._host_state()
+        self._transaction = transaction if transaction.recording else None
+        return transaction
 
-    def _finish_step(self, undo_token: tuple[Optional[str], tuple]) -> None:
-        api_before, weights_before = undo_token
-        journal, self._journal = self._journal, None
-
-        def undo() -> None:
-            self._api = api_before
-            self.weights._restore_host_state(weights_before)
-            self._undo_journal(journal)
-
-        self.weights._finish_step(undo)
+    def _finish_step(self, transaction: StepTransaction) -> None:
+        self._transaction = None
+        self._pi_steps.commit(transaction)
 
     # ----------------------------------------------------------- state_dict
     def _check_pending(self, wait: bool) -> None:
         self.weights.check_errors(wait)
 
-    def _extra_state(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         """The ``"also"`` entry: pi, pi_mid, pi_reg, the previous batch and the hyper-parameters of the
         pi step (the group weights' state), and alpha, the API in use and train/eval (the theta side's)."""
-        extra = {**self.weights._state(), **super()._extra_state()}
+        extra = {**self._pi_steps.state(), **super().extra_state()}
         if self._api == "closure":
             extra["pi_mid"] = None  # recomputed at the start of every closure step
         return extra
 
-    def _check_extra(self, extra: dict[str, Any]) -> None:
-        self.weights._check_state(extra)
+    def check_extra_state(self, extra: dict[str, Any]) -> None:
+        self._pi_steps.check_state(extra)
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
-        self.weights._load_state(extra)
+        self._pi_steps.load_state(extra)

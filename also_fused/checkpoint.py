@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.checkpoint import state_dict as dsd
 from torch.distributed.tensor import DTensor, Shard
 
-from ._base import SCALE_KEYS
+from ._state_io import SCALE_KEYS
 from .storage import quant_blocks
 from .theta import ThetaAdam
 
@@ -47,7 +47,7 @@ def get_optimizer_state_dict(model: nn.Module, optimizer: Any, *,
     if not isinstance(optimizer, ThetaAdam):
         return _shard_scales(dsd.get_optimizer_state_dict(model, optimizer, options=options))
     _refuse_flattened(options)
-    optimizer._materialize_state()
+    optimizer.materialize_state()
     osd = dsd.get_optimizer_state_dict(model, optimizer, options=options)
     if optimizer.mode == "optimistic":
         dtypes = {fqn: p.dtype for saved, group in zip(osd["param_groups"], optimizer.param_groups)
@@ -66,7 +66,7 @@ def get_optimizer_state_dict(model: nn.Module, optimizer: Any, *,
                 entries[HOLDS] = NO_BUFFER
             state[fqn] = entries
         osd["state"] = state
-    osd[optimizer._EXTRA_KEY] = _pack(optimizer._extra_state())
+    osd[optimizer.EXTRA_KEY] = _pack(optimizer.extra_state())
     return _shard_scales(osd)
 
 
@@ -80,12 +80,12 @@ def set_optimizer_state_dict(model: nn.Module, optimizer: Any, optim_state_dict:
         return
     _refuse_flattened(options)
     osd = _local_scales(optim_state_dict)
-    blob = osd.pop(optimizer._EXTRA_KEY, None)
+    blob = osd.pop(optimizer.EXTRA_KEY, None)
     if blob is None:
-        raise ValueError(f"the optimizer state has no {optimizer._EXTRA_KEY!r} entry: save it with "
+        raise ValueError(f"the optimizer state has no {optimizer.EXTRA_KEY!r} entry: save it with "
                          "also_fused.checkpoint.get_optimizer_state_dict")
     extra = _unpack(blob)
-    optimizer._check_extra(extra)
+    optimizer.check_extra_state(extra)
     state = {}
     for fqn, entries in osd["state"].items():
         entries = dict(entries)
@@ -96,12 +96,9 @@ def set_optimizer_state_dict(model: nn.Module, optimizer: Any, optim_state_dict:
             entries[holds] = buffer
         state[fqn] = entries
     osd["state"] = state
-    optimizer._materialize_state()  # torch's loader would otherwise take a step to create the state
-    optimizer._staged_extra = extra
-    try:
+    optimizer.materialize_state()  # torch's loader would otherwise take a step to create the state
+    with optimizer.extra_state_for_load(extra):
         dsd.set_optimizer_state_dict(model, optimizer, osd, options=options)
-    finally:
-        optimizer._staged_extra = None
 
 
 # 8-bit moments travel under their own keys: a template of another state precision then finds no match

@@ -49,7 +49,7 @@ def _advance_moments(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, vmax: Option
 
 def _apply_step(x: Tensor, m: Tensor, v: Tensor, t: float, dst: Tensor, *, lr: float, beta1: float, beta2: float,
                 eps: float, weight_decay: float, eps_mode: str, decoupled: bool) -> Tensor:
-    """x_new = x - lr*sqrt(bc2)/bc1 * m/(sqrt(v)+eps)   (eps_mode "also", ALGORITHM.md sec. 3)
+    """x_new = x - lr*sqrt(bc2)/bc1 * m/(sqrt(v)+eps)   (eps_mode "also", docs/algorithm.md sec. 3)
     x_new = x - lr/bc1 * m/(sqrt(v)/sqrt(bc2)+eps)       (eps_mode "torch", torch.optim.Adam)
     with bc_k = 1 - beta_k^t; AdamW first scales x by (1 - lr*wd). Returns x_new in float32."""
     bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
@@ -71,7 +71,7 @@ def _apply_step(x: Tensor, m: Tensor, v: Tensor, t: float, dst: Tensor, *, lr: f
 
 
 def scatter_group_losses(losses: Tensor, group_ids: Tensor, n_groups: int) -> Tensor:
-    """S_j = sum_{i: g_i = j} l_i (fp32, repeated ids add up); G of ALGORITHM.md is -S."""
+    """S_j = sum_{i: g_i = j} l_i (fp32, repeated ids add up); G of docs/algorithm.md is -S."""
     sums = torch.zeros(n_groups, dtype=torch.float32, device=losses.device)
     sums.index_add_(0, group_ids, losses.detach().float())
     return sums
@@ -127,7 +127,7 @@ def pi_update_reference(
     eps: float,
     log_pi_reg: Optional[Tensor] = None,
 ) -> Tensor:
-    """PiUpdate (ALGORITHM.md sec. 4): z = (log(pi+eps) + c log(pi_reg) + pi_lr*S)/(1+c), softmax(z/T), c = pi_decay*pi_lr.
+    """PiUpdate (docs/algorithm.md sec. 4): z = (log(pi+eps) + c log(pi_reg) + pi_lr*S)/(1+c), softmax(z/T), c = pi_decay*pi_lr.
 
     A uniform pi_reg (``log_pi_reg=None``) adds a constant to z, which the softmax cancels.
     """
@@ -155,7 +155,7 @@ def weighted_loss_reference(pi: Tensor, group_ids: Tensor, losses: Tensor, loss_
 
 
 def rgd_loss_reference(losses: Tensor, temperature: float) -> Tensor:
-    """RGD (ALGORITHM.md sec. 8): mean_i w_i l_i with w_i = exp(min(l_i, T)/(T+1)), w detached."""
+    """RGD (docs/algorithm.md sec. 8): mean_i w_i l_i with w_i = exp(min(l_i, T)/(T+1)), w detached."""
     weights = torch.exp(losses.detach().float().clamp(max=temperature) / (temperature + 1.0))
     return (weights * losses.float()).mean()
 

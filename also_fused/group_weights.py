@@ -1,14 +1,16 @@
 """The group weights pi as a component: KL-regularised mirror ascent on the simplex, beside any optimizer."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from . import _checks, _collectives, _dispatch
+from . import _checks, _collectives
 from . import functional as F
 from ._input_errors import DeviceInputErrors
+from ._transaction import StepTransaction
+from .backends import resolve_backend
 
 GroupIds = Union[Tensor, Sequence[int]]
 Simplex = Optional[Union[Tensor, Sequence[float]]]
@@ -21,7 +23,7 @@ FLOAT_STATE = (("loss_scale", "loss_scale"), ("pi_lr", "pi_lr"), ("pi_decay", "p
 
 
 class GroupWeights:
-    """Group weights pi for distributionally robust training with any optimizer (ALGORITHM.md sec. 1, 4).
+    """Group weights pi for distributionally robust training with any optimizer (docs/algorithm.md sec. 1, 4).
 
     ``weighted_loss(l, g) = loss_scale * sum_i pi[g_i] l_i`` is the model's loss; ``step()`` then takes
     the mirror-ascent step ``pi <- softmax((log(pi+eps) + c log(pi_reg) + pi_lr S) / ((1+c) T))``,
@@ -36,7 +38,7 @@ class GroupWeights:
     ``weighted_loss`` computes its batch's pi step in the same launch as the weights and ``step()`` only
     makes it current, without a launch of its own (several micro-batches: ``step()`` launches the pi
     step of all of them); the result is the same, bitwise. ``mode="optimistic"`` weighs the losses with
-    the extrapolated ``pi_mid = PiUpdate(pi, G_prev)`` instead of pi (ALGORITHM.md sec. 6). ``group_reduction="mean"``
+    the extrapolated ``pi_mid = PiUpdate(pi, G_prev)`` instead of pi (docs/algorithm.md sec. 6). ``group_reduction="mean"``
     uses group means: S_j = the mean loss of group j, and the loss is
     ``sum_{j present} pi_j mean_j / sum_{j present} pi_j`` (``loss_scale`` does not apply).
 
@@ -86,10 +88,9 @@ class GroupWeights:
         pi_reg_host = _checks.as_simplex(pi_reg, n_groups, "pi_reg")
         pi_init_host = _checks.as_simplex(pi_init, n_groups, "pi_init")
         device = _as_device(device)
-        self._backend = _dispatch.resolve_backend(backend, device)
-        # the fast CPU path's host-side value checks read (min, max) from its extension (the reference: torch ops)
-        self._ranges_from_extension = self._backend == "cpu"
-        if not validate and device.type == "cuda" and (self._backend != "triton" or group_reduction != "sum"):
+        self._backend = resolve_backend(backend, device)
+        if not validate and device.type == "cuda" and (not self._backend.ignores_out_of_range_ids
+                                                        or group_reduction != "sum"):
             raise ValueError("validate=False on CUDA needs backend 'triton' and group_reduction='sum': only those "
                              "kernels mask out-of-range group ids instead of reading outside pi")
         self.n_groups = n_groups
@@ -118,7 +119,8 @@ class GroupWeights:
         # losses, the mean the launch wrote, the staged key)
         self._recorded: list[tuple[Tensor, Tensor, Optional[Tensor], Optional[tuple]]] = []
         # validation on the kernels' path runs on the device (no host sync; see _input_errors.py)
-        self._errors = DeviceInputErrors(device, n_groups) if validate and self._backend == "triton" else None
+        self._errors = (DeviceInputErrors(device, n_groups) if validate and self._backend.checks_values_on_device
+                        else None)
         self._reported = False  # the step's last launch wrote its error report (see _input_errors.py)
         self._launches: dict[Any, dict] = {}  # kernels' launches kept between steps, by use (not copied)
         self._steps_taken = 0
@@ -126,10 +128,10 @@ class GroupWeights:
         # weighted_loss() runs the pi step of its batch in its own launch and stages the result; step() then
         # only marks it pending (one batch since the last step), and the next weighted_loss() (or _flush, for
         # all else that reads pi) commits it
-        self._staged_max_batch = (_dispatch.staged_pi_max_batch(self._backend, n_groups)
-                                  if group_reduction == "sum" else 0)
-        self._stage = _dispatch.pi_stage(n_groups, device) if self._staged_max_batch > 0 else None
+        self._staged_max_batch = self._backend.staged_pi_max_batch(n_groups) if group_reduction == "sum" else 0
+        self._stage = self._backend.pi_stage(n_groups) if self._staged_max_batch > 0 else None
         self._pending = False  # the stage holds the last step's pi (and pi_mid), not yet in _pi
+        self._step_driver = PiStepDriver(self)
 
     # ------------------------------------------------------------------ public
     @property
@@ -176,8 +178,8 @@ class GroupWeights:
             sample_weights = self._group_mean_weights(weights, self._safe_ids(ids))
             loss = (sample_weights.to(losses.dtype) * losses).sum().float()
         else:
-            loss = _dispatch.weighted_loss(self._backend, weights, ids, losses, self.loss_scale, error_word=word,
-                                           cache=self._launches.setdefault("weights", {}))
+            loss = self._backend.weighted_loss(weights, ids, losses, self.loss_scale, error_word=word,
+                                               cache=self._launches.setdefault("weights", {}))
             if word is not None:
                 self._errors.check_now("this weighted_loss() call")
         self._recorded.append((ids, losses.detach(), None, None))
@@ -201,8 +203,8 @@ class GroupWeights:
         staged = self._launches.get("staged")
         if staged is None:  # bound to pi, pi_mid, the stage, log(pi_reg) and the error word (see _load_state)
             word = None if self._errors is None else self._errors.word
-            staged = self._launches["staged"] = _dispatch.staged_pi_step(self._pi, self._pi_mid, self._stage,
-                                                                         self._log_pi_reg, word)
+            staged = self._launches["staged"] = self._backend.staged_pi_step(self._pi, self._pi_mid, self._stage,
+                                                                             self._log_pi_reg, word)
         key = self._staged_key()
         loss, mean, copy = staged.step(ids, losses, self._pending, self.loss_scale, key)
         self._pending = False
@@ -220,7 +222,7 @@ class GroupWeights:
         """Commit the pi step the last step() left staged, for everything that reads pi but the staged path."""
         if self._pending:
             self._pending = False
-            _dispatch.commit_pi_stage(self._stage, self._pi, self._pi_mid)
+            self._backend.commit_pi_stage(self._stage, self._pi, self._pi_mid)
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -230,11 +232,15 @@ class GroupWeights:
         self.check_errors(wait=False)
         ids, losses, staged_mean = self._take_recorded()
         self._check_recorded(losses)
-        before = self._host_state()
+        transaction = StepTransaction(self._errors, (self._step_driver,))
         self._share_error_word()
         mean = self._ascend(ids, losses, staged_mean)
-        self._finish_step(lambda: self._restore_host_state(before))
+        self._commit(transaction)
         return mean
+
+    def step_driver(self) -> "PiStepDriver":
+        """The interface through which an optimizer that owns these weights (ALSO) takes their steps."""
+        return self._step_driver
 
     def check_errors(self, wait: bool = True) -> None:
         """Raise now for bad input that the device found in an earlier step (see ``validate``).
@@ -277,22 +283,22 @@ class GroupWeights:
 
     def _as_ids(self, group_ids: GroupIds) -> Tensor:
         return _checks.as_ids(group_ids, self.n_groups, self.device, self._checks_values_on_host,
-                              self._ranges_from_extension)
+                              self._backend.value_range)
 
     def _check_losses(self, losses: Any, ids: Tensor, finite: bool) -> None:
         _checks.check_losses(losses, ids, self.device, finite and self._checks_values_on_host,
-                             self._ranges_from_extension)
+                             self._backend.value_range)
 
     def _check_recorded(self, losses: Optional[Tensor]) -> None:
         """The losses recorded by ``weighted_loss`` (checked there but for their values): NaN or inf raise
         now where the host checks values (a host sync). None: a staged step (the kernels checked them)."""
         if losses is not None and self._checks_values_on_host:
-            _checks.check_finite_losses(losses, self._ranges_from_extension)
+            _checks.check_finite_losses(losses, self._backend.value_range)
 
     def _flag_bad(self, what: str, ids: Optional[Tensor] = None, losses: Optional[Tensor] = None) -> None:
         """Kernels' path: set the error word for bad ids or losses (on a CPU: raise now, naming ``what``)."""
         if self._errors is not None:
-            _dispatch.flag_bad_batch(self._errors.word, self.n_groups, ids, losses)
+            self._backend.flag_bad_batch(self._errors.word, self.n_groups, ids, losses)
             self._errors.check_now(what)
 
     def _safe_ids(self, ids: Tensor) -> Tensor:
@@ -300,7 +306,7 @@ class GroupWeights:
         the step will be rejected anyway, but an index outside pi must never be read)."""
         return ids.clamp(0, self.n_groups - 1) if self._errors is not None and self._errors.deferred else ids
 
-    # ------------------------------------------------- the steps (ALSO calls these too)
+    # ------------------------------------------------- the steps (ALSO's through PiStepDriver)
     def _take_recorded(self) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """What the step's pi update needs of the batches recorded since the last step, and the record is
         emptied (a rejected step drops its batches: zero the grads and run them again): (None, None, mean)
@@ -375,20 +381,12 @@ class GroupWeights:
         if self._errors is not None and group is not None:
             _collectives.share_error_word(self._errors.word, group)
 
-    def _host_state(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        return self._prev_ids, self._prev_losses
-
-    def _restore_host_state(self, saved: tuple[Optional[Tensor], Optional[Tensor]]) -> None:
-        """Undo the host side of a step the device rejected (its device side was a no-op)."""
-        self._prev_ids, self._prev_losses = saved
-        self._recorded.clear()
-
-    def _finish_step(self, undo: Callable[[], None]) -> None:
-        """Count the step; on the kernels' path queue its error word, with ``undo`` for a rejection."""
+    def _commit(self, transaction: StepTransaction) -> None:
+        """Count the step and commit its transaction: on the kernels' path its error word is queued, with the
+        transaction's undo for a rejection."""
         self._steps_taken += 1
         reported, self._reported = self._reported, False
-        if self._errors is not None:
-            self._errors.after_step(self._steps_taken, undo, reported)
+        transaction.commit(self._steps_taken, reported)
 
     # ---------------------------------------------------------------- pi math
     def _group(self) -> Optional[Any]:
@@ -425,10 +423,10 @@ class GroupWeights:
             # the sum reduction: the pi step reads these very losses and writes their mean too
             mean_out = torch.empty((), dtype=torch.float32, device=terms.device) if terms is losses else None
             report = self._errors.report_slot() if last and word is not None else None
-            self._reported = _dispatch.pi_update(self._backend, self._pi, ids, terms, out=out, second_out=second_out,
-                                                 error_word=word, mean_out=mean_out, report_out=report,
-                                                 cache=None if cache is None else self._launches.setdefault(cache, {}),
-                                                 **hyper)
+            self._reported = self._backend.pi_update(
+                self._pi, ids, terms, out=out, second_out=second_out, error_word=word, mean_out=mean_out,
+                report_out=report, cache=None if cache is None else self._launches.setdefault(cache, {}),
+                workspace=self._launches.setdefault("workspace", {}), **hyper)
             return mean_out if mean_out is not None or losses is None else losses.mean()
         new = F.pi_update_from_sums(self._pi, terms, **hyper)
         second = None if second_out is None else F.pi_update_from_sums(new, terms, **hyper)
@@ -500,3 +498,86 @@ def _as_device(device: Optional[Union[str, torch.device]]) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+class PiStepDriver:
+    """What an optimizer that owns group weights (ALSO) may do with them: its only way in.
+
+    The optimizer's step is a ``StepTransaction`` in which the driver takes part (``snapshot`` /
+    ``restore``: the previous batch kept for the closure API's extrapolation, and the recorded batches);
+    ``commit`` counts the step and queues it with the device checks. Batches come in through
+    ``weighted_loss`` (loop API) or ``parse_ids`` and ``closure_losses`` (closure API)."""
+
+    __slots__ = ("_weights",)
+
+    def __init__(self, weights: GroupWeights) -> None:
+        self._weights = weights
+
+    @property
+    def errors(self) -> Optional[DeviceInputErrors]:
+        """The device checks whose error word the theta kernels read too (None: values checked on the host)."""
+        return self._weights._errors
+
+    # ------------------------------------------------------------ batches
+    def weighted_loss(self, losses: Tensor, group_ids: GroupIds) -> Tensor:
+        return self._weights._weighted_loss(losses, group_ids)
+
+    def take_batch(self) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """The batches recorded since the last step, taken (see ``GroupWeights._take_recorded``)."""
+        return self._weights._take_recorded()
+
+    def check_batch(self, losses: Optional[Tensor]) -> None:
+        self._weights._check_recorded(losses)
+
+    def drop_batches(self) -> None:
+        """Forget the batches recorded since the last step (a step that is not taken)."""
+        self._weights._recorded.clear()
+
+    def parse_ids(self, group_ids: GroupIds) -> Tensor:
+        """Closure API: the step's ids checked (on the kernels' path flagged on the device)."""
+        ids = self._weights._as_ids(group_ids)
+        self._weights._flag_bad("this step", ids)
+        return ids
+
+    # ------------------------------------------------------------ the steps
+    def share_error_word(self) -> None:
+        self._weights._share_error_word()
+
+    def report_slot(self) -> Optional[Tensor]:
+        return self._weights._report_slot()
+
+    def ascend(self, ids: Optional[Tensor], losses: Optional[Tensor], staged_mean: Optional[Tensor],
+               reported: bool) -> Tensor:
+        """Loop API: the pi step of ``take_batch()``'s batch; returns the batch's mean loss."""
+        return self._weights._ascend(ids, losses, staged_mean, reported)
+
+    def closure_weights(self, ids: Tensor) -> tuple[Tensor, float]:
+        return self._weights._closure_weights(ids)
+
+    def closure_losses(self, result: Any, ids: Tensor) -> Tensor:
+        return self._weights._closure_losses(result, ids)
+
+    def ascend_closure(self, ids: Tensor, losses: Tensor) -> None:
+        self._weights._ascend_closure(ids, losses)
+
+    # ------------------------------------------------------------ the transaction
+    def snapshot(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        return self._weights._prev_ids, self._weights._prev_losses
+
+    def restore(self, snapshot: tuple[Optional[Tensor], Optional[Tensor]]) -> None:
+        """Undo the host side of a step the device rejected (its device side was a no-op)."""
+        self._weights._prev_ids, self._weights._prev_losses = snapshot
+        self._weights._recorded.clear()
+
+    def commit(self, transaction: StepTransaction) -> None:
+        self._weights._commit(transaction)
+
+    # ------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        return self._weights._state()
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        self._weights._check_state(state)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._weights._load_state(state)

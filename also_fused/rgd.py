@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import _dispatch
-from . import functional as F
+from .backends import resolve_backend
 
 
 def rgd_loss(per_sample_losses: Tensor, temperature: float, backend: str = "auto") -> Tensor:
-    """mean_i exp(min(l_i, T)/(T+1)) * l_i with the weights treated as constants (ALGORITHM.md sec. 8).
+    """mean_i exp(min(l_i, T)/(T+1)) * l_i with the weights treated as constants (docs/algorithm.md sec. 8).
 
     ``temperature`` T is the clipping threshold. On CUDA (``backend="auto"``) forward and backward
     are each one fused kernel; elsewhere (the CPU path too) the reference runs.
@@ -21,8 +20,5 @@ def rgd_loss(per_sample_losses: Tensor, temperature: float, backend: str = "auto
         raise ValueError("per_sample_losses is empty")
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if _dispatch.resolve_backend(backend, per_sample_losses.device) != "triton":
-        return F.rgd_loss_reference(per_sample_losses, temperature)  # the CPU path has no loss kernel of its own
-    from .kernels.losses import rgd_loss as rgd_loss_kernel
-
-    return rgd_loss_kernel(per_sample_losses, temperature)
+    # the CPU path has no loss kernel of its own: it runs the reference
+    return resolve_backend(backend, per_sample_losses.device).rgd_loss(per_sample_losses, temperature)

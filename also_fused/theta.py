@@ -1,18 +1,26 @@
 """ALSO's update of the parameters theta: Adam with ALSO's eps and coupled decay, and the optimistic extrapolation."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import _checks
 from . import functional as F
-from ._base import AdamFamily, as_scalar, check_hyperparameters, optimizer_step, param_itself
+from ._adam_family import AdamFamily
+from ._checks import as_scalar, check_hyperparameters
 from ._input_errors import DeviceInputErrors
+from ._plans import Plan, param_itself
+from ._step_hooks import optimizer_step
+from ._transaction import StepTransaction
+from .update_spec import AdamSpec
 
 Moved = list[tuple[Tensor, dict]]  # closure API: params holding the extrapolated point, with their state
-Journal = list[tuple]  # state entries created ("created", p, key) or dropped ("dropped", p, key, value) by a step
+# the spec field each pass sets to alpha (the others take AdamSpec's defaults, eps_mode "also")
+_ALPHA_FIELD = {"optimistic": "extrapolation_scale", "extrapolate": "grad_scale", "main_prior": "prior_scale",
+                "commit": "grad_scale"}
 
 
 def _iterate_or_param(p: Tensor, state: dict) -> Tensor:
@@ -20,7 +28,7 @@ def _iterate_or_param(p: Tensor, state: dict) -> Tensor:
 
 
 class ThetaAdam(AdamFamily):
-    """ALSO's theta step: ``x <- x - lr sqrt(1-b2^t)/(1-b1^t) m/(sqrt(v)+eps)``, m and v from d + wd*x (ALGORITHM.md sec. 3).
+    """ALSO's theta step: ``x <- x - lr sqrt(1-b2^t)/(1-b1^t) m/(sqrt(v)+eps)``, m and v from d + wd*x (docs/algorithm.md sec. 3).
 
     eps is added to sqrt(v) before the bias correction (unlike torch.optim.Adam) and the weight
     decay is coupled into the gradient. ``mode="optimistic"`` (sec. 6, loop form) follows each step
@@ -31,8 +39,8 @@ class ThetaAdam(AdamFamily):
     A param without a gradient is skipped (optimistic mode: it goes back to x).
     """
 
-    _EXTRA_KEY = "theta"  # the state_dict entry that holds what torch.optim's state does not
-    _CACHES = AdamFamily._CACHES + ("_stale",)
+    EXTRA_KEY = "theta"  # the state_dict entry that holds what torch.optim's state does not
+    _CACHES = AdamFamily._CACHES + ("_stale", "_specs")
 
     def __init__(
         self,
@@ -59,9 +67,10 @@ class ThetaAdam(AdamFamily):
         self._saved_x: dict[Tensor, Tensor] = {}  # closure API: x while the params hold the extrapolation
         self._api: Optional[str] = None
         self._training = True
-        self._staged_extra: Optional[dict[str, Any]] = None  # set by also_fused.checkpoint before loading
+        self._staged_extra: Optional[dict[str, Any]] = None  # see extra_state_for_load
         self._errors: Optional[DeviceInputErrors] = None  # the device error word of the batch (ALSO's)
-        self._journal: Optional[Journal] = None  # kept while a step can still be rejected by the device
+        # the step being taken, while the device may still reject it: records the state entries it changes
+        self._transaction: Optional[StepTransaction] = None
 
     # ------------------------------------------------------------------ public
     @optimizer_step
@@ -72,9 +81,9 @@ class ThetaAdam(AdamFamily):
             with torch.enable_grad():
                 loss = closure()
         self._check_training()
-        reused = self._reused_plans(self._loop_tag(), ("amsgrad",))
+        reused = self._planner.reused(self._loop_tag(), ("amsgrad",))
         if reused is None:
-            self._grad_items()  # refuses bad gradients before anything changes
+            self._planner.grad_items()  # refuses bad gradients before anything changes
         self._set_api("loop")
         self._update(reused)
         return loss
@@ -105,54 +114,96 @@ class ThetaAdam(AdamFamily):
         plus one entry with the rest. Waits for the device's check of the steps before it."""
         self._check_pending(wait=True)
         sd = super().state_dict()
-        sd[self._EXTRA_KEY] = self._extra_state()
+        sd[self.EXTRA_KEY] = self.extra_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_pending(wait=True)
         state_dict = dict(state_dict)
-        extra = state_dict.pop(self._EXTRA_KEY, None)
+        extra = state_dict.pop(self.EXTRA_KEY, None)
         if extra is None:
             extra, self._staged_extra = self._staged_extra, None
         if extra is None:
-            raise ValueError(f"the {self._EXTRA_KEY!r} entry is missing: not a state_dict of {type(self).__name__}")
-        self._check_extra(extra)
+            raise ValueError(f"the {self.EXTRA_KEY!r} entry is missing: not a state_dict of {type(self).__name__}")
+        self.check_extra_state(extra)
         super().load_state_dict(state_dict)
         self._load_extra_state(extra)
+
+    # ---------------------------------------------- checkpointing (also_fused.checkpoint)
+    def extra_state(self) -> dict[str, Any]:
+        """The ``EXTRA_KEY`` entry of the state_dict: what torch.optim's per-param state does not hold."""
+        return dict(mode=self.mode, alpha=self.alpha, api=self._api, training=self._training)
+
+    def check_extra_state(self, extra: dict[str, Any]) -> None:
+        """Refuse, before anything changes, an entry that does not belong to this optimizer."""
+        if extra.get("mode") != self.mode:
+            raise ValueError(f"state_dict is for mode {extra.get('mode')!r}; this optimizer has {self.mode!r}")
+
+    @contextlib.contextmanager
+    def extra_state_for_load(self, extra: dict[str, Any]) -> Iterator[None]:
+        """Within the block, a ``load_state_dict`` whose dict lacks the ``EXTRA_KEY`` entry takes ``extra``
+        (torch.distributed.checkpoint's loader hands over only torch.optim's keys)."""
+        self._staged_extra = extra
+        try:
+            yield
+        finally:
+            self._staged_extra = None
+
+    def materialize_state(self) -> None:
+        """Create the Adam state of every trainable param that has none yet (zeros, step 0: the same
+        as a lazy first creation), so that a checkpoint template lists every param's state."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self.init_state(p, bool(group["amsgrad"]))
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.alpha = float(extra["alpha"])
+        self._api = extra["api"]
+        self._training = bool(extra["training"])
 
     # ------------------------------------------------------------ the updates
     def _loop_tag(self) -> str:
         return "step" if self.mode == "descent-ascent" else "fused"
 
-    def _update(self, reused: Optional[list[tuple[dict, list[Tensor]]]] = None,
+    def _spec(self, kind: str) -> AdamSpec:
+        """The update's flags for a pass: "descent-ascent" / "optimistic" (loop API), "step", "extrapolate",
+        "main_prior", "main", "commit" (closure API); alpha is read now (the user may change it)."""
+        key = (kind, self.alpha)
+        spec = self._specs.get(key)
+        if spec is None:
+            scalars = {_ALPHA_FIELD[kind]: self.alpha} if kind in _ALPHA_FIELD else {}
+            spec = self._specs[key] = AdamSpec(eps_mode="also", commit_state=kind != "extrapolate", **scalars)
+        return spec
+
+    def _update(self, reused: Optional[list[tuple[Plan, list[Tensor]]]] = None,
                 report: Optional[Tensor] = None) -> bool:
         """Loop API: x <- x + AdamStep(x, d); optimistic: x is kept in the state, the params get
         y = x + AdamStep(x, alpha d) (one pass), and params without a gradient go back to x.
 
-        ``reused``: the plans ``_reused_plans`` found unchanged since the last step (else they are built).
+        ``reused``: the plans ``StepPlanner.reused`` found unchanged since the last step (else they are built).
         ``report``: a report slot of the device checks (``_input_errors``) for the first launch to write;
         returns whether one did."""
         if self.mode == "descent-ascent":
             per_tensor = dict(sources=param_itself, destinations=param_itself)
-            scalars: dict[str, Any] = {}
         else:
             per_tensor = dict(sources=_iterate_or_param, destinations=self._iterate_buffer, extrapolate_to=param_itself)
-            scalars = dict(extrapolation_scale=self.alpha)
         if reused is None:
-            reused = self._plans_with_grads(self._loop_tag(), ("amsgrad",), per_tensor)
+            reused = self._planner.with_grads(self._loop_tag(), ("amsgrad",), per_tensor)
+        spec = self._spec(self.mode)
         word = self._errors.word if self._errors is not None else None
         reported = False
         for plan, grads in reused:
-            if report is not None and not reported and plan["backend"] == "triton":
-                self._run_plan(plan, grads, word, eps_mode="also", report_out=report, **scalars)
+            if report is not None and not reported and plan.backend.reports_steps:
+                self._run_plan(plan, grads, spec, word, report_out=report)
                 reported = True
             else:
-                self._run_plan(plan, grads, word, eps_mode="also", **scalars)
+                self._run_plan(plan, grads, spec, word)
         if self.mode == "descent-ascent":
             return reported
         key = (self._state_version, tuple([id(plan) for plan, _ in reused]))
         if self._stale[0] != key:
-            with_grad = {id(p) for plan, _ in reused for p in plan["params"]}
+            with_grad = {id(p) for plan, _ in reused for p in plan.params}
             self._stale = (key, [(p, s) for p, s in self._params_with("iterate") if id(p) not in with_grad])
         stale = self._stale[1]
         if stale:  # no gradient: no extrapolation, the param sits at x (unless the step is rejected)
@@ -176,22 +227,20 @@ class ThetaAdam(AdamFamily):
                     moved.append((p, state))
         # uncommitted (t + 1 for the bias correction, moments and step count unwritten): the main pass
         # commits this advance; not gated by the error word, since a rejected main pass restores x from it
-        self._adam("extrapolate", items, sources=lambda p, s: p, destinations=lambda p, s: p,
-                   grads=lambda p, s: s["prev_grad"], grad_scale=self.alpha,
-                   save_sources_to=lambda p, s: self._saved_x_buffer(p), commit_state=False)
+        self._adam("extrapolate", items, grads=lambda p, s: s["prev_grad"], sources=param_itself,
+                   destinations=param_itself, save_sources_to=lambda p, s: self._saved_x_buffer(p))
         return moved
 
     def _update_closure(self, items: list[tuple[Tensor, int]], moved: Moved) -> None:
         """Closure API: x <- x + AdamStep(x, d) (optimistic: the extrapolation's advance committed first, d kept as d_prev)."""
         if self.mode == "descent-ascent":
-            self._adam("step", items, sources=lambda p, s: p, destinations=lambda p, s: p)
+            self._adam("step", items, sources=param_itself, destinations=param_itself)
             return
         with_prev = [(p, gi) for p, gi in items if "prev_grad" in self.state.get(p, {})]
         fresh = [(p, gi) for p, gi in items if "prev_grad" not in self.state.get(p, {})]
-        self._adam("main_prior", with_prev, sources=lambda p, s: self._saved_x[p],
-                   destinations=lambda p, s: p, prior_grads=lambda p, s: s["prev_grad"],
-                   prior_scale=self.alpha, save_grads_to=lambda p, s: s["prev_grad"])
-        self._adam("main", fresh, sources=lambda p, s: p, destinations=lambda p, s: p,
+        self._adam("main_prior", with_prev, sources=lambda p, s: self._saved_x[p], destinations=param_itself,
+                   prior_grads=lambda p, s: s["prev_grad"], save_grads_to=lambda p, s: s["prev_grad"])
+        self._adam("main", fresh, sources=param_itself, destinations=param_itself,
                    save_grads_to=lambda p, s: self._buffer(s, "prev_grad", p))
         self._drop_lost_gradients(moved, {p for p, _ in items})
 
@@ -203,13 +252,12 @@ class ThetaAdam(AdamFamily):
                 if p not in with_grad and "prev_grad" in self.state.get(p, {})]
         if not lost:
             return
-        self._adam("commit", lost, sources=lambda p, s: self._saved_x[p], destinations=lambda p, s: p,
-                   grads=lambda p, s: s["prev_grad"], grad_scale=self.alpha)
+        self._adam("commit", lost, grads=lambda p, s: s["prev_grad"], sources=lambda p, s: self._saved_x[p],
+                   destinations=param_itself)
         for p, _ in lost:
             p.copy_(self._saved_x[p])
             dropped = self.state[p].pop("prev_grad")
-            if self._journal is not None:
-                self._journal.append(("dropped", p, "prev_grad", dropped))
+            self._record(lambda p=p, dropped=dropped: self._put_back(p, "prev_grad", dropped))
         self._state_version += 1
 
     def _restore(self, moved: Moved) -> None:
@@ -218,25 +266,24 @@ class ThetaAdam(AdamFamily):
             torch._foreach_copy_([p for p, _ in moved], [self._saved_x[p] for p, _ in moved])
 
     def _adam(self, tag: str, items: list[tuple[Tensor, int]],
-              grads: Optional[Callable[[Tensor, dict], Tensor]] = None, **flags: Any) -> None:
-        """Run ALSO's Adam update on ``items`` (one launch per device/dtype/amsgrad bucket).
-
-        Callable flags give per-tensor lists (sources, destinations, save_*_to, prior_grads,
-        extrapolate_to) as functions of (param, state); the others are passed as they are. A
-        committing update reads the device error word: a rejected step only restores the params.
-        """
-        per_tensor = {k: v for k, v in flags.items() if callable(v)}
-        scalars = {k: v for k, v in flags.items() if not callable(v)}
-        word = self._errors.word if self._errors is not None and scalars.get("commit_state", True) else None
-        for plan in self._plans_for(tag, items, ("amsgrad",), per_tensor):
-            plan_grads = ([p.grad for p in plan["params"]] if grads is None
-                          else [grads(p, s) for p, s in zip(plan["params"], plan["states"])])
-            self._run_plan(plan, plan_grads, word, eps_mode="also", **scalars)
+              grads: Optional[Callable[[Tensor, dict], Tensor]] = None, **per_tensor: Callable[[Tensor, dict], Tensor]
+              ) -> None:
+        """Run ALSO's Adam update of the closure API's pass ``tag`` on ``items`` (one launch per
+        device/dtype/amsgrad bucket), with the tensor lists (sources, destinations, save_*_to,
+        prior_grads) given as functions of (param, state). A committing update reads the device error
+        word: a rejected step only restores the params."""
+        spec = self._spec(tag)
+        word = self._errors.word if self._errors is not None and spec.commit_state else None
+        for plan in self._planner.plans_for(tag, items, ("amsgrad",), per_tensor):
+            plan_grads = ([p.grad for p in plan.params] if grads is None
+                          else [grads(p, s) for p, s in zip(plan.params, plan.states)])
+            self._run_plan(plan, plan_grads, spec, word)
 
     # ------------------------------------------------------------ bookkeeping
     def _reset_caches(self) -> None:
         super()._reset_caches()
         self._stale: tuple[Any, list] = (None, [])  # optimistic loop API: params at x without a gradient
+        self._specs: dict[tuple, AdamSpec] = {}  # (pass, alpha) -> the spec of the pass
 
     def _check_training(self) -> None:
         if self.mode == "optimistic" and not self._training:
@@ -258,7 +305,7 @@ class ThetaAdam(AdamFamily):
         for p, state in self._params_with(held):
             state[into] = p.clone()
             p.copy_(state.pop(held))
-        self._plans.clear()  # the cached plans hold the popped buffers
+        self._planner.clear()  # the cached plans hold the popped buffers
         self._state_version += 1  # and so do the last step's, kept for reuse
 
     def _iterate_buffer(self, p: Tensor, state: dict) -> Tensor:
@@ -269,8 +316,7 @@ class ThetaAdam(AdamFamily):
         if buf is None:
             buf = state[key] = torch.empty_like(like)
             self._state_version += 1
-            if self._journal is not None:
-                self._journal.append(("created", like, key))
+            self._record(lambda: self._forget(like, key))
         return buf
 
     def _saved_x_buffer(self, p: Tensor) -> Tensor:
@@ -280,44 +326,36 @@ class ThetaAdam(AdamFamily):
             self._state_version += 1
         return buf
 
-    def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
-        before = set(self.state.get(p, {}))
-        state = super()._init_state(p, amsgrad)
-        if self._journal is not None:
-            self._journal.extend(("created", p, key) for key in state if key not in before)
+    def init_state(self, p: Tensor, amsgrad: bool) -> dict:
+        recording = self._transaction is not None
+        before = set(self.state.get(p, {})) if recording else None
+        state = super().init_state(p, amsgrad)
+        if recording:
+            for key in state:
+                if key not in before:
+                    self._record(lambda key=key: self._forget(p, key))
         return state
 
-    def _undo_journal(self, journal: Journal) -> None:
-        """Revert the state entries a step the device rejected created or dropped (its device side was a no-op)."""
-        for entry in reversed(journal):
-            if entry[0] == "created":
-                _, p, key = entry
-                state = self.state.get(p, {})
-                state.pop(key, None)
-                if not state:
-                    self.state.pop(p, None)
-            else:  # "dropped"
-                _, p, key, value = entry
-                self.state[p][key] = value
+    # -------------------------------------------- the step transaction (ALSO's)
+    def snapshot(self) -> Optional[str]:
+        """The API in use before a step (a participant of the step's ``StepTransaction``)."""
+        return self._api
+
+    def restore(self, api: Optional[str]) -> None:
+        """After a rejected step's recorded state changes were reverted: the API back, plans rebuilt."""
+        self._api = api
         self._state_version += 1
-        self._plans.clear()
+        self._planner.clear()
 
-    def _materialize_state(self) -> None:
-        """Create the Adam state of every trainable param that has none yet (zeros, step 0: the same
-        as a lazy first creation), so that a checkpoint template lists every param's state."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    self._init_state(p, bool(group["amsgrad"]))
+    def _record(self, undo: Callable[[], None]) -> None:
+        if self._transaction is not None:
+            self._transaction.record(undo)
 
-    def _extra_state(self) -> dict[str, Any]:
-        return dict(mode=self.mode, alpha=self.alpha, api=self._api, training=self._training)
+    def _forget(self, p: Tensor, key: str) -> None:
+        state = self.state.get(p, {})
+        state.pop(key, None)
+        if not state:
+            self.state.pop(p, None)
 
-    def _check_extra(self, extra: dict[str, Any]) -> None:
-        if extra.get("mode") != self.mode:
-            raise ValueError(f"state_dict is for mode {extra.get('mode')!r}; this optimizer has {self.mode!r}")
-
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        self.alpha = float(extra["alpha"])
-        self._api = extra["api"]
-        self._training = bool(extra["training"])
+    def _put_back(self, p: Tensor, key: str, value: Tensor) -> None:
+        self.state[p][key] = value

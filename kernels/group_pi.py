@@ -5,7 +5,7 @@
     z_j = (log(pi_j + eps) + c * log(pi_reg_j) + pi_lr * S_j) / (1 + c)
     out = softmax(z / temperature)
 
-Two paths, both free of float atomics (bitwise reproducible):
+Four ways to run it, all free of float atomics (bitwise reproducible), chosen by n_groups and the batch:
 
 * small ``n_groups`` (<= ``SMALL_MAX``) and batches (B * next_pow2(n_groups) <= ``SINGLE_PROGRAM_WORK``): one
   program, one launch.  S is built densely by comparing every group index with every sample id, chunk by
@@ -29,6 +29,8 @@ Two paths, both free of float atomics (bitwise reproducible):
   n_groups floats, then the range reduction and the write read it; the last write clears the
   entries it used.  Three launches per PiUpdate (two for the second update of ``second_out``).
   The buffer lives in the caller's workspace (``pi_update_checked``).
+
+The first and second give the same S and the same result, bitwise.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ enable_interpreter_compat()
 
 # The single-program path: up to SMALL_MAX groups (1000 classes fit: ImageNet's as groups) and up to
 # SINGLE_PROGRAM_WORK = B * next_pow2(n) comparisons, which one program does in about 45 us on an H200; above
-# that the many-groups path's programs are faster on the GPU (benchmarks/bench_pi_paths.py, n = 1000: B = 256
+# that the many-groups path's programs are faster on the GPU (benchmarks/pi/bench_pi_paths.py, n = 1000: B = 256
 # took 44 us in one program against 79-133 us on the many-groups path, B = 512 82 against 27-56 us).
 SMALL_MAX = 1024
 SINGLE_PROGRAM_WORK = 1 << 18

@@ -74,10 +74,10 @@ _PARAM_COLS = (_SRC, _DST, _SAVE_SRC, _EXTRAP)
 
 # (BLOCK elements per loop iteration, iterations per program, num_warps, PVEC: 0 or the max contiguous
 # param-dtype elements per access), keyed by the param element size. Chosen by a sweep on an H100
-# (benchmarks/NOTES_theta.md): one 1024-element block per program beat 2 to 32 blocks per program.
+# (docs/performance.md): one 1024-element block per program beat 2 to 32 blocks per program.
 KERNEL_CONFIG: Dict[int, tuple] = {4: (1024, 1, 4, 0), 2: (1024, 1, 4, 4)}
 # where the moments are stored narrower than float32, keyed by (param, moment) element sizes: with every
-# tensor in 2 bytes, 16-byte accesses (PVEC 8); chosen by ``bench_state_precision.py --sweep`` on an H200
+# tensor in 2 bytes, 16-byte accesses (PVEC 8); chosen by ``benchmarks/state_precision/bench_state_precision.py --sweep`` on an H200
 # (with narrow moments a program covering several blocks keeps more bytes in flight per thread)
 # 8-bit moments: a program covers 16 blocks in a software-pipelined loop (PIPELINE_STAGES)
 STATE_CONFIG: Dict[Tuple[int, int], tuple] = {
@@ -297,16 +297,9 @@ def _adam_block(ptrs, off, block_index, end, scalars, MASKED: tl.constexpr, FLAG
     # The block of ``BLOCK`` elements at ``off`` of a chunk (``block_index``: its 8-bit scale within the chunk),
     # masked at ``end`` when MASKED. ptrs, scalars and FLAGS as the kernel packs them.
     src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, prior, m_scale, v_scale = ptrs
-    src = src + off
-    dst = dst + off
-    grad = grad + off
-    exp_avg = exp_avg + off
-    exp_avg_sq = exp_avg_sq + off
-    max_exp_avg_sq = max_exp_avg_sq + off
-    save_src = save_src + off
-    save_grad = save_grad + off
-    extrap = extrap + off
-    prior = prior + off
+    src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, prior = (
+        src + off, dst + off, grad + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off, save_src + off,
+        save_grad + off, extrap + off, prior + off)
     m_scale = m_scale + block_index
     v_scale = v_scale + block_index
     gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b = scalars

@@ -323,14 +323,15 @@ def test_rgd_loss_errors():
 def test_rgd_loss_on_cpu_tensors_runs_the_reference(monkeypatch):
     """backend="auto" on CPU tensors picks the CPU path, which has no loss kernel: rgd_loss must run the
     reference there, never a Triton kernel (which needs a GPU or the interpreter)."""
-    from also_fused import _dispatch
+    from also_fused import rgd
+    from also_fused.backends import CpuBackend
     from also_fused.kernels import losses as loss_kernels
 
     def no_kernel(*args, **kwargs):
         raise AssertionError("a Triton kernel ran for CPU tensors on the CPU path")
 
     monkeypatch.setattr(loss_kernels, "rgd_loss", no_kernel)
-    monkeypatch.setattr(_dispatch, "resolve_backend", lambda backend, device: "cpu")
+    monkeypatch.setattr(rgd, "resolve_backend", lambda backend, device: CpuBackend(device))
     losses = torch.rand(9, dtype=torch.float64).float().requires_grad_()
     want = also_fused.functional.rgd_loss_reference(losses.detach(), 0.5)
     got = also_fused.rgd_loss(losses, temperature=0.5)

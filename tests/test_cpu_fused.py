@@ -18,7 +18,7 @@ import also_fused
 import test_adam_dropin as dropin
 import test_also_api as api_tests
 import test_bad_input_matrix as bad_inputs
-from also_fused import _dispatch, cpu_fused
+from also_fused import backends, cpu_fused
 from also_fused import functional as F
 from conftest import SHORT, code_rank
 from golden import adam_delta
@@ -55,7 +55,7 @@ def test_fast_path_never_falls_back_to_the_reference(monkeypatch, api, mode, dty
     def refuse(*args, **kwargs):
         raise AssertionError("the CPU path fell back to the reference update")
 
-    monkeypatch.setattr(F, "adam_update_reference", refuse)
+    monkeypatch.setattr(F, "adam_step", refuse)
     monkeypatch.setattr(F, "pi_update_reference", refuse)
     run(Config(mode=mode, api=api, dtype=dtype, amsgrad=True, lose_grad_every=3, steps=12), "cpu", "auto")
     p = torch.nn.Parameter(torch.randn(7, dtype=dtype))
@@ -381,7 +381,7 @@ def test_stored_moments_match_the_reference(monkeypatch, name, dtype, storage):
     def refuse(*args, **kwargs):
         raise AssertionError("the CPU path fell back to the reference update")
 
-    monkeypatch.setattr(F, "adam_update_reference", refuse)
+    monkeypatch.setattr(F, "adam_step", refuse)
     got = run_update_stored(cpu_fused.adam_update, dtype, storage, spec)
     assert got.keys() == want.keys()
     for key in want:
@@ -590,7 +590,7 @@ def test_bad_input(case, mode):
 def test_missing_extension_falls_back_to_the_reference_with_one_warning(monkeypatch):
     monkeypatch.setattr(cpu_fused, "_cpu_adam", None)
     monkeypatch.setattr(cpu_fused, "_IMPORT_ERROR", "ImportError: not built")
-    monkeypatch.setattr(_dispatch, "_warned_cpu_fallback", False)
+    monkeypatch.setattr(backends.FALLBACK_WARNINGS, "warned", set())
     with pytest.warns(UserWarning, match="fast CPU path unavailable.*not built"):
         opt = also_fused.ALSO([torch.nn.Parameter(torch.randn(3))], n_groups=2, batch_size=2)
     assert opt._backend_for(CPU) == "reference"

@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from also_fused import checkpoint  # noqa: E402
-from also_fused._dispatch import interpreter_enabled  # noqa: E402
+from also_fused.backends import interpreter_enabled  # noqa: E402
 
 PER_RANK = 6
 STEPS = 9

@@ -14,11 +14,13 @@ import pytest
 import torch
 
 import also_fused
-from also_fused import _dispatch, _input_errors
+from also_fused import _input_errors
 from conftest import DEVICE, triton_importable
 from harness import assert_same
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="the staged step runs on the Triton kernels")
+if triton_importable():
+    from also_fused.backends.triton import TritonBackend
 MODES = ("descent-ascent", "optimistic")
 N_GROUPS, B = 5, 12
 
@@ -66,7 +68,8 @@ def test_staged_step_with_a_thousand_groups(mode):
     """1000 groups (ImageNet's classes), padded to the single program's largest width: still staged, and
     bitwise the step launched at step()."""
     n = 1000
-    assert 64 <= _dispatch.staged_pi_max_batch("triton", n) and _dispatch.staged_pi_max_batch("triton", 2 * n) == 0
+    backend = TritonBackend(torch.device(DEVICE))
+    assert 64 <= backend.staged_pi_max_batch(n) and backend.staged_pi_max_batch(2 * n) == 0
     staged, launched = twins(mode, n_groups=n, pi_decay=0.5)
     for losses, ids in batches(4, seed=3, n_groups=n, batch=64):
         for a, b in zip(weighted(staged, losses, ids), weighted(launched, losses, ids)):
@@ -107,7 +110,7 @@ def test_a_staged_step_launches_nothing_at_step(mode, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the pi step was launched at step()")
 
-    monkeypatch.setattr(_dispatch, "pi_update", refuse)
+    monkeypatch.setattr(TritonBackend, "pi_update", refuse)
     staged.step()
     assert staged._pending
 
@@ -195,7 +198,7 @@ def test_an_also_step_is_one_launch_that_also_reports(mode, monkeypatch):
 
     for k, (_, ids) in enumerate(batches(3)):
         if k == 1:
-            monkeypatch.setattr(_dispatch, "pi_update", refuse)
+            monkeypatch.setattr(TritonBackend, "pi_update", refuse)
             monkeypatch.setattr(_input_errors, "report", refuse)
         opt.zero_grad(set_to_none=True)
         opt.weighted_loss(((X @ W) ** 2).mean(1), ids).backward()

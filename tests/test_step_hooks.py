@@ -1,6 +1,6 @@
 """torch.optim's step hooks, profiler labels, grad mode and zero_grad, as torch.optim.AdamW gives them.
 
-The optimizers wrap ``step`` themselves (``_base.optimizer_step``) so that the profiler label costs
+The optimizers wrap ``step`` themselves (``_step_hooks.optimizer_step``) so that the profiler label costs
 nothing while no profiler records; these tests hold that wrapper to torch.optim's behaviour.
 """
 from __future__ import annotations

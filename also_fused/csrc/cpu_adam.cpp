@@ -2,7 +2,7 @@
 //
 // Per tensor i with hyper-parameters (lr, beta1, beta2, eps, wd) and step count t:
 //   d = s * g (+ wd * x unless decoupled);  m = lerp(m, d, 1 - beta1);  v = beta2 v + (1 - beta2) d^2
-//   x_new = x - lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps)        ("also": ALGORITHM.md sec. 3)
+//   x_new = x - lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps)        ("also": docs/algorithm.md sec. 3)
 //   x_new = x - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)         ("torch": torch.optim.Adam)
 // with bc_k = 1 - beta_k^t (AdamW first scales x by 1 - lr*wd), plus the optional prior advance,
 // the optional extrapolation from x_new, the optional copies of x and g, and the step counts
