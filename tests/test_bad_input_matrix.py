@@ -1,4 +1,4 @@
-"""Issue 7's bad-input matrix against ALSO's public API, on every backend that runs here.
+"""A matrix of bad inputs against ALSO's public API, on every backend that runs here.
 
 Each case is one bad input (or a combination that must either work or raise clearly), tried in
 both modes on the "reference" backend and on "triton" (CUDA, or Triton's interpreter on CPU
