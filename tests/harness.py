@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 import also_fused
-from conftest import SHORT
+from support import SHORT
 from golden import GoldenALSO
 
 D_IN, D_OUT = 5, 3

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE
+from support import DEVICE
 
 CASES = [
     dict(),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE
+from support import DEVICE
 from harness import Config, assert_same, batches, make_package, package_step
 
 

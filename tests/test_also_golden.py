@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import DEVICE
+from support import DEVICE
 from harness import Config, rel, run
 
 TOL = 1e-5

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE, triton_importable
+from support import DEVICE, triton_importable
 from harness import assert_same
 
 ON_GPU = DEVICE == "cuda"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE, triton_importable
+from support import DEVICE, triton_importable
 from harness import assert_same
 from test_bad_input_matrix import BACKENDS, Run
 

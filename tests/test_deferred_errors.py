@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import DEVICE, triton_importable
+from support import DEVICE, triton_importable
 from harness import assert_same
 from test_bad_input_matrix import N_GROUPS, Run, batch
 

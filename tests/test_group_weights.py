@@ -21,7 +21,7 @@ import also_fused
 import harness
 from also_fused import functional as F
 from also_fused.theta import ThetaAdam
-from conftest import DEVICE, SHORT, triton_importable
+from support import DEVICE, SHORT, triton_importable
 from golden import GoldenGroupWeights, adam_delta, group_gradient, pi_update, sgd_delta, torch_adam_delta
 from harness import Config, assert_same, batches, golden_forward, init_params, make_package, package_step, rel
 

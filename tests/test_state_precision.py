@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE, code_rank, triton_importable
+from support import DEVICE, code_rank, triton_importable
 
 BACKENDS = ["reference", "auto"] + (["triton"] if triton_importable() else [])
 SHAPES = [(33, 7), (130,), (1,), (4, 3, 5)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE, triton_importable
+from support import DEVICE, triton_importable
 from test_adam_dropin import assert_close
 
 BACKENDS = ["reference", "auto"] + (["triton"] if triton_importable() else [])

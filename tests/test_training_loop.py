@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE
+from support import DEVICE
 from harness import assert_same
 
 ON_CUDA = DEVICE == "cuda"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE, triton_importable
+from support import DEVICE, triton_importable
 from harness import Config, batches, make_package, package_step, rel, run
 from test_adam_dropin import CASES, assert_close, run_pair
 import test_also_api
