@@ -9,7 +9,7 @@ import torch
 
 import also_fused
 from support import DEVICE
-from harness import Config, assert_same, batches, make_package, package_step
+from support.harness import Config, assert_same, batches, make_package, package_step
 
 
 def snapshot(opt, params):

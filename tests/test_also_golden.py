@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from support import DEVICE
-from harness import Config, rel, run
+from support.harness import Config, rel, run
 
 TOL = 1e-5
 

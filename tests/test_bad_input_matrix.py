@@ -24,7 +24,7 @@ import torch
 
 import also_fused
 from support import DEVICE, triton_importable
-from harness import assert_same
+from support.harness import assert_same
 
 ON_GPU = DEVICE == "cuda"
 MODES = ("optimistic", "descent-ascent")

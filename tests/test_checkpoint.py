@@ -11,7 +11,7 @@ from torch.distributed.checkpoint import state_dict as dsd  # noqa: E402
 
 from also_fused import checkpoint  # noqa: E402
 from support import DEVICE  # noqa: E402
-from harness import assert_same  # noqa: E402
+from support.harness import assert_same  # noqa: E402
 
 N_GROUPS = 4
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

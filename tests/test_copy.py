@@ -16,7 +16,7 @@ import torch
 
 import also_fused
 from support import DEVICE, triton_importable
-from harness import assert_same
+from support.harness import assert_same
 from test_bad_input_matrix import BACKENDS, Run
 
 

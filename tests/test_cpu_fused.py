@@ -21,8 +21,8 @@ import test_bad_input_matrix as bad_inputs
 from also_fused import _dispatch, cpu_fused
 from also_fused import functional as F
 from support import SHORT, code_rank
-from golden import adam_delta
-from harness import Config, rel, run
+from support.golden import adam_delta
+from support.harness import Config, rel, run
 from test_also_golden import MATRIX, TOL, VARIANTS, check
 
 CPU = torch.device("cpu")

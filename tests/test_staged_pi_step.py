@@ -16,7 +16,7 @@ import torch
 import also_fused
 from also_fused import _dispatch, _input_errors
 from support import DEVICE, triton_importable
-from harness import assert_same
+from support.harness import assert_same
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="the staged step runs on the Triton kernels")
 MODES = ("descent-ascent", "optimistic")

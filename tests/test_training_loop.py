@@ -16,7 +16,7 @@ import torch
 
 import also_fused
 from support import DEVICE
-from harness import assert_same
+from support.harness import assert_same
 
 ON_CUDA = DEVICE == "cuda"
 N_GROUPS, BATCH = 4, 16

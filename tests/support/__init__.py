@@ -1,5 +1,8 @@
-"""What the test files share, so that no test file imports another: the test device, the short-run
-switch and small helpers here, the rest in this package's modules.
+"""What the test files share: the test device, the short-run switch and small helpers here, the rest
+in this package's modules:
+
+* ``golden``: float64 models of ALSO and GroupWeights written from ALGORITHM.md;
+* ``harness``: ALSO and the golden model driven on the same small regression problem.
 
 ``conftest.py`` sets the environment up (Triton's interpreter without a GPU) before any of this is
 imported and keeps the pytest fixtures.

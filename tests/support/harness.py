@@ -8,7 +8,7 @@ import torch
 
 import also_fused
 from support import SHORT
-from golden import GoldenALSO
+from support.golden import GoldenALSO
 
 D_IN, D_OUT = 5, 3
 
