@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import also_fused
-from distributed_harness import ON_GPUS, WORLD, joined, run_ranks, same_on_all_ranks, save_rank
+from support.distributed import ON_GPUS, WORLD, joined, run_ranks, same_on_all_ranks, save_rank
 
 # two GPUs: NCCL and the Triton kernels; otherwise gloo on the CPU with the reference path
 OPT_BACKEND = "triton" if ON_GPUS else "reference"

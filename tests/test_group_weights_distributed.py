@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import also_fused
-from distributed_harness import ON_GPUS, WORLD, joined, run_ranks, same_on_all_ranks, save_rank
+from support.distributed import ON_GPUS, WORLD, joined, run_ranks, same_on_all_ranks, save_rank
 from test_distributed import D_IN, D_OUT, OPT_BACKEND, PER_RANK, STEPS, data
 
 CASES = [

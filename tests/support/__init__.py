@@ -2,7 +2,8 @@
 in this package's modules:
 
 * ``golden``: float64 models of ALSO and GroupWeights written from ALGORITHM.md;
-* ``harness``: ALSO and the golden model driven on the same small regression problem.
+* ``harness``: ALSO and the golden model driven on the same small regression problem;
+* ``distributed``: the 2-process runs (start the ranks, join a group, compare across ranks).
 
 ``conftest.py`` sets the environment up (Triton's interpreter without a GPU) before any of this is
 imported and keeps the pytest fixtures.
