@@ -3,7 +3,8 @@ in this package's modules:
 
 * ``golden``: float64 models of ALSO and GroupWeights written from ALGORITHM.md;
 * ``harness``: ALSO and the golden model driven on the same small regression problem;
-* ``distributed``: the 2-process runs (start the ranks, join a group, compare across ranks).
+* ``distributed``: the 2-process runs (start the ranks, join a group, compare across ranks);
+* ``same_bits``: digests of every public path's results, and the script that records them.
 
 ``conftest.py`` sets the environment up (Triton's interpreter without a GPU) before any of this is
 imported and keeps the pytest fixtures.
