@@ -16,8 +16,8 @@ import torch
 
 import also_fused
 from support import DEVICE, triton_importable
+from support.bad_inputs import BACKENDS, Run
 from support.harness import assert_same
-from test_bad_input_matrix import BACKENDS, Run
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
