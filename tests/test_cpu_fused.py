@@ -15,11 +15,10 @@ import pytest
 import torch
 
 import also_fused
-import test_adam_dropin as dropin
 import test_also_api as api_tests
 from also_fused import _dispatch, cpu_fused
 from also_fused import functional as F
-from support import SHORT, bad_inputs, code_rank
+from support import SHORT, bad_inputs, code_rank, dropin
 from support.golden import adam_delta
 from support.harness import Config, rel, run
 from test_also_golden import MATRIX, TOL, VARIANTS, check

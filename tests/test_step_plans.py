@@ -12,7 +12,7 @@ import torch
 
 import also_fused
 from support import DEVICE, triton_importable
-from test_adam_dropin import assert_close
+from support.dropin import assert_close
 
 BACKENDS = ["reference", "auto"] + (["triton"] if triton_importable() else [])
 SHAPES = [(7, 5), (13,), (1,), (3, 4, 2), (6,), (2, 2)]

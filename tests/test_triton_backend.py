@@ -13,8 +13,8 @@ import torch
 
 import also_fused
 from support import DEVICE, triton_importable
+from support.dropin import CASES, assert_close, run_pair
 from support.harness import Config, batches, make_package, package_step, rel, run
-from test_adam_dropin import CASES, assert_close, run_pair
 import test_also_api
 from test_also_api import assert_same
 
