@@ -20,15 +20,16 @@ from also_fused import _dispatch, cpu_fused
 from also_fused import functional as F
 from support import SHORT, bad_inputs, code_rank, dropin
 from support.golden import adam_delta
+from support.golden_checks import MATRIX, TOL, VARIANTS, check
 from support.harness import Config, rel, run
-from test_also_golden import MATRIX, TOL, VARIANTS, check
 
 CPU = torch.device("cpu")
 needs_extension = pytest.mark.skipif(not cpu_fused.available()[0], reason=cpu_fused.available()[1])
 
 
 def check_cpu(cfg: Config, tol: float = TOL):
-    """test_also_golden's check on CPU tensors with backend "auto", which must be the fast path."""
+    """The golden check of test_also_golden (``support.golden_checks.check``) on CPU tensors with backend
+    "auto", which must be the fast path."""
     golden, opt = check(cfg, backend="auto", device="cpu", tol=tol)
     assert opt._backend_for(CPU) == "cpu"
     return golden, opt

@@ -3,6 +3,7 @@ in this package's modules:
 
 * ``golden``: float64 models of ALSO and GroupWeights written from ALGORITHM.md;
 * ``harness``: ALSO and the golden model driven on the same small regression problem;
+* ``golden_checks``: a run of ALSO checked against the golden model, the configurations checked;
 * ``bad_inputs``: the bad-input matrix's cases, the small model they are tried on, the check of a case;
 * ``dropin``: the Adam / AdamW drop-ins run beside torch.optim, and how close they must stay;
 * ``distributed``: the 2-process runs (start the ranks, join a group, compare across ranks);
