@@ -15,13 +15,12 @@ import pytest
 import torch
 
 import also_fused
-import test_also_api as api_tests
 from also_fused import _dispatch, cpu_fused
 from also_fused import functional as F
 from support import SHORT, bad_inputs, code_rank, dropin
 from support.golden import adam_delta
 from support.golden_checks import MATRIX, TOL, VARIANTS, check
-from support.harness import Config, rel, run
+from support.harness import Config, rel, resume_is_bitwise, run
 
 CPU = torch.device("cpu")
 needs_extension = pytest.mark.skipif(not cpu_fused.available()[0], reason=cpu_fused.available()[1])
@@ -528,7 +527,7 @@ def test_dropins_bf16_params_follow_the_reference(name):
 @pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
 @pytest.mark.parametrize("api", ["closure", "loop"])
 def test_resume_is_bitwise(api, mode, amsgrad):
-    api_tests.test_resume_is_bitwise(api, mode, amsgrad, backend="auto", device="cpu")
+    resume_is_bitwise(api, mode, amsgrad, backend="auto", device="cpu")
 
 
 @needs_extension

@@ -1,5 +1,5 @@
-"""What the test files share: the test device, the short-run switch and small helpers here, the rest
-in this package's modules:
+"""What the test files share (no test file imports another): the test device, the short-run switch
+and small helpers here, the rest in this package's modules:
 
 * ``golden``: float64 models of ALSO and GroupWeights written from ALGORITHM.md;
 * ``harness``: ALSO and the golden model driven on the same small regression problem;
