@@ -9,29 +9,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# ALSO_FUSED_SHORT_TESTS=1: fewer steps and examples with every code path still taken, for runs
-# under compute-sanitizer (tens of times slower)
-SHORT = os.environ.get("ALSO_FUSED_SHORT_TESTS", "0") not in ("", "0")
-
-
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# the shared helpers live in support/; DEVICE and SHORT are re-exported here
+from support import DEVICE, SHORT  # noqa: E402,F401
 
 
 @pytest.fixture
 def device() -> str:
     return DEVICE
-
-
-def code_rank(codes: torch.Tensor) -> torch.Tensor:
-    """An 8-bit moment code's position on its number line (neighbouring codes differ by 1): m's int8 codes
-    are sign and magnitude (+0 and -0 both 0), v's uint8 codes their own value."""
-    q = codes.int()
-    if codes.dtype == torch.int8:
-        return torch.where(q < 0, -(q & 0x7F), q)
-    return q

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE
-from harness import Config, assert_same, batches, make_package, package_step
+from support import DEVICE
+from support.harness import Config, assert_same, batches, make_package, package_step, resume_is_bitwise
 
 
 def snapshot(opt, params):
@@ -22,27 +22,8 @@ def snapshot(opt, params):
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
 @pytest.mark.parametrize("api", ["closure", "loop"])
-def test_resume_is_bitwise(api, mode, amsgrad, backend="reference", device=DEVICE, k=37, more=100):
-    cfg = Config(mode=mode, api=api, amsgrad=amsgrad, steps=k + more, lose_grad_every=5)
-    data = list(batches(cfg))
-    W, b, opt = make_package(cfg, device, backend)
-    for X, Y, ids, use_bias in data:
-        package_step(opt, W, b, api, X, Y, ids, use_bias, device, cfg.dtype)
-    W2, b2, opt2 = make_package(cfg, device, backend)
-    for X, Y, ids, use_bias in data[:k]:
-        package_step(opt2, W2, b2, api, X, Y, ids, use_bias, device, cfg.dtype)
-    saved_opt = copy.deepcopy(opt2.state_dict())
-    saved_params = [W2.detach().clone(), b2.detach().clone()]
-    del W2, b2, opt2
-    W3, b3, opt3 = make_package(cfg, device, backend)
-    with torch.no_grad():
-        W3.copy_(saved_params[0]), b3.copy_(saved_params[1])
-    opt3.load_state_dict(saved_opt)
-    for X, Y, ids, use_bias in data[k:]:
-        package_step(opt3, W3, b3, api, X, Y, ids, use_bias, device, cfg.dtype)
-    assert torch.equal(W3.detach(), W.detach()) and torch.equal(b3.detach(), b.detach())
-    assert torch.equal(opt3.pi, opt.pi)
-    assert_same(opt3.state_dict(), opt.state_dict())
+def test_resume_is_bitwise(api, mode, amsgrad):
+    resume_is_bitwise(api, mode, amsgrad)
 
 
 def test_state_dict_stores_iterate_in_loop_api():

@@ -1,4 +1,4 @@
-"""ALSO trajectories against the float64 golden model of ALGORITHM.md (200 steps each)."""
+"""ALSO trajectories against the float64 golden model of docs/algorithm.md (200 steps each)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,54 +6,13 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import DEVICE
-from harness import Config, rel, run
-
-TOL = 1e-5
-
-
-def check(cfg: Config, backend: str = "reference", device: str = DEVICE, tol: float = TOL):
-    golden, x, opt, losses = run(cfg, device, backend)
-    for got, want in zip(x, golden.params):
-        assert rel(got, want) <= tol, (rel(got, want), cfg)
-    assert rel(opt.pi, golden.pi) <= tol, (rel(opt.pi, golden.pi), cfg)
-    assert abs(float(opt.pi.sum()) - 1.0) <= 1e-5
-    # the returned loss is the batch mean of the per-sample losses
-    for got, want in losses[:5]:
-        assert abs(got - want) <= 1e-4 * max(1.0, abs(want))
-    # pi really moved away from its start, so the comparison above is not vacuous
-    start = torch.full_like(golden.pi, 1.0 / cfg.n_groups) if cfg.pi_init is None else None
-    if start is not None and cfg.n_groups > 1:
-        assert rel(golden.pi, start) > 1e-3
-    return golden, opt
-
-
-MATRIX = [
-    Config(mode=mode, api=api, amsgrad=amsgrad, weight_decay=wd)
-    for mode in ("optimistic", "descent-ascent")
-    for api in ("closure", "loop")
-    for amsgrad in (False, True)
-    for wd in (0.0, 1e-3)
-]
+from support.golden_checks import MATRIX, VARIANTS, check
+from support.harness import Config, rel, run
 
 
 @pytest.mark.parametrize("cfg", MATRIX, ids=lambda c: f"{c.mode}-{c.api}-ams{int(c.amsgrad)}-wd{c.weight_decay}")
 def test_matrix(cfg):
     check(cfg)
-
-
-VARIANTS = {
-    "alpha_temperature": dict(alpha=0.5, temperature=2.0),
-    "nonuniform_pi": dict(pi_init=[4.0, 1.0, 2.0, 3.0], pi_reg=[1.0, 2.0, 3.0, 4.0]),
-    "lost_gradient": dict(lose_grad_every=3),
-    "same_ids": dict(ids="same"),
-    "one_sample": dict(batch=1),
-    "distinct_ids": dict(ids="distinct", n_groups=16, batch=8),
-    "one_group": dict(n_groups=1),
-    "large_pi_decay": dict(pi_decay=5.0, pi_lr=0.2),
-    # eps comparable to sqrt(v): tells ALSO's eps placement (before the bias correction) from torch's
-    "large_eps": dict(eps=3e-2, amsgrad=True),
-}
 
 
 @pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])

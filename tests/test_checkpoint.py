@@ -10,8 +10,8 @@ dcp = pytest.importorskip("torch.distributed.checkpoint")
 from torch.distributed.checkpoint import state_dict as dsd  # noqa: E402
 
 from also_fused import checkpoint  # noqa: E402
-from conftest import DEVICE  # noqa: E402
-from harness import assert_same  # noqa: E402
+from support import DEVICE  # noqa: E402
+from support.harness import assert_same  # noqa: E402
 
 N_GROUPS = 4
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

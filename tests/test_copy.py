@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE, triton_importable
-from harness import assert_same
-from test_bad_input_matrix import BACKENDS, Run
+from support import DEVICE, triton_importable
+from support.bad_inputs import BACKENDS, Run
+from support.harness import assert_same
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -15,22 +15,20 @@ import pytest
 import torch
 
 import also_fused
-import test_adam_dropin as dropin
-import test_also_api as api_tests
-import test_bad_input_matrix as bad_inputs
 from also_fused import backends, cpu_fused
 from also_fused import functional as F
-from conftest import SHORT, code_rank
-from golden import adam_delta
-from harness import Config, rel, run
-from test_also_golden import MATRIX, TOL, VARIANTS, check
+from support import SHORT, bad_inputs, code_rank, dropin
+from support.golden import adam_delta
+from support.golden_checks import MATRIX, TOL, VARIANTS, check
+from support.harness import Config, rel, resume_is_bitwise, run
 
 CPU = torch.device("cpu")
 needs_extension = pytest.mark.skipif(not cpu_fused.available()[0], reason=cpu_fused.available()[1])
 
 
 def check_cpu(cfg: Config, tol: float = TOL):
-    """test_also_golden's check on CPU tensors with backend "auto", which must be the fast path."""
+    """The golden check of test_also_golden (``support.golden_checks.check``) on CPU tensors with backend
+    "auto", which must be the fast path."""
     golden, opt = check(cfg, backend="auto", device="cpu", tol=tol)
     assert opt._backend_for(CPU) == "cpu"
     return golden, opt
@@ -228,7 +226,7 @@ ROWS = [(1e-2, 0.9, 0.999, 1.1920928955078125e-07, 1e-3),
 
 
 def float64_update(x, g, m, v, t, row, eps_mode):
-    """AdamStep of ALGORITHM.md sec. 3 ("also") or torch.optim.Adam's step ("torch") in float64."""
+    """AdamStep of docs/algorithm.md sec. 3 ("also") or torch.optim.Adam's step ("torch") in float64."""
     lr, beta1, beta2, eps, wd = row
     state = dict(t=t - 1, m=m.double(), v=v.double(), vmax=torch.zeros_like(v, dtype=torch.float64))
     if eps_mode == "also":
@@ -529,7 +527,7 @@ def test_dropins_bf16_params_follow_the_reference(name):
 @pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
 @pytest.mark.parametrize("api", ["closure", "loop"])
 def test_resume_is_bitwise(api, mode, amsgrad):
-    api_tests.test_resume_is_bitwise(api, mode, amsgrad, backend="auto", device="cpu")
+    resume_is_bitwise(api, mode, amsgrad, backend="auto", device="cpu")
 
 
 @needs_extension
@@ -583,7 +581,7 @@ def _bad_input_params():
 def test_bad_input(case, mode):
     """test_bad_input_matrix on the fast path: clear errors, the optimizer unchanged, then bitwise
     the twin that never saw the bad input."""
-    bad_inputs.test_bad_input(case, "auto", mode)
+    bad_inputs.check_bad_input(case, "auto", mode)
 
 
 # ----------------------------------------------------------------------------- fallback

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import DEVICE, triton_importable
-from harness import assert_same
-from test_bad_input_matrix import N_GROUPS, Run, batch
+from support import DEVICE, triton_importable
+from support.bad_inputs import N_GROUPS, Run, batch
+from support.harness import assert_same
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="the device checks run in the Triton kernels")
 

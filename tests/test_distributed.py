@@ -13,13 +13,8 @@ import torch
 import torch.distributed as dist
 
 import also_fused
-from distributed_harness import ON_GPUS, WORLD, joined, run_ranks, same_on_all_ranks, save_rank
-
-# two GPUs: NCCL and the Triton kernels; otherwise gloo on the CPU with the reference path
-OPT_BACKEND = "triton" if ON_GPUS else "reference"
-PER_RANK = 6
-STEPS = 12
-D_IN, D_OUT = 5, 3
+from support.distributed import (D_IN, D_OUT, ON_GPUS, OPT_BACKEND, PER_RANK, STEPS, WORLD, data, joined, run_ranks,
+                                 same_on_all_ranks, save_rank)
 
 CASES = [
     dict(mode="optimistic", api="closure", n_groups=4),
@@ -34,17 +29,6 @@ CASES = [
     dict(mode="descent-ascent", api="loop", n_groups=4, state_precision="int8"),
     dict(mode="optimistic", api="closure", n_groups=4, state_precision="bfloat16"),
 ]
-
-
-def data(case):
-    gen = torch.Generator().manual_seed(3)
-    out = []
-    for _ in range(STEPS):
-        X = torch.randn(WORLD * PER_RANK, D_IN, generator=gen)
-        ids = torch.randint(0, min(case["n_groups"], 7), (WORLD * PER_RANK,), generator=gen)
-        Y = torch.randn(WORLD * PER_RANK, D_OUT, generator=gen) + (ids % 3).float().unsqueeze(1)
-        out.append((X, Y, ids))
-    return out
 
 
 def build(case, batch_size, device, wrap=None):

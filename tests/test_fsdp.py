@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 import also_fused
-from distributed_harness import ON_GPUS, WORLD, joined, run_ranks, same_on_all_ranks, save_rank
-from harness import assert_same
+from support.distributed import ON_GPUS, WORLD, joined, run_ranks, same_on_all_ranks, save_rank
+from support.harness import assert_same
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 dcp = pytest.importorskip("torch.distributed.checkpoint")

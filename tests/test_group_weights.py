@@ -1,6 +1,6 @@
 """GroupWeights, the pi side alone, beside any optimizer; and ALSO as ThetaAdam + GroupWeights.
 
-* trajectories against float64 models written from ALGORITHM.md (``golden.py``): pi with SGD,
+* trajectories against float64 models written from docs/algorithm.md (``support/golden.py``): pi with SGD,
   ALSO's Adam and torch's Adam on theta, both modes, both reductions, a param losing its gradient;
 * bitwise: the pi trajectory of ALSO on the same losses, whatever moves theta; ALSO (loop API)
   step for step equal to ThetaAdam + GroupWeights, state and resume included;
@@ -18,12 +18,11 @@ import pytest
 import torch
 
 import also_fused
-import harness
 from also_fused import functional as F
 from also_fused.theta import ThetaAdam
-from conftest import DEVICE, SHORT, triton_importable
-from golden import GoldenGroupWeights, adam_delta, group_gradient, pi_update, sgd_delta, torch_adam_delta
-from harness import Config, assert_same, batches, golden_forward, init_params, make_package, package_step, rel
+from support import DEVICE, SHORT, harness, triton_importable
+from support.golden import GoldenGroupWeights, adam_delta, group_gradient, pi_update, sgd_delta, torch_adam_delta
+from support.harness import Config, assert_same, batches, golden_forward, init_params, make_package, package_step, rel
 
 BACKENDS = ("reference", "triton") if triton_importable() else ("reference",)
 ON_GPU = DEVICE == "cuda"

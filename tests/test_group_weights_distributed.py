@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 import also_fused
-from distributed_harness import ON_GPUS, WORLD, joined, run_ranks, same_on_all_ranks, save_rank
-from test_distributed import D_IN, D_OUT, OPT_BACKEND, PER_RANK, STEPS, data
+from support.distributed import (D_IN, D_OUT, ON_GPUS, OPT_BACKEND, PER_RANK, STEPS, WORLD, data, joined, run_ranks,
+                                 same_on_all_ranks, save_rank)
 
 CASES = [
     dict(mode="descent-ascent", group_reduction="sum", n_groups=4),

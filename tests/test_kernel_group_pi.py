@@ -21,7 +21,7 @@ from also_fused.kernels import group_pi  # noqa: E402
 from also_fused.kernels.group_pi import SMALL_MAX, pi_update  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-from conftest import SHORT  # noqa: E402
+from support import SHORT  # noqa: E402
 DEV = "cuda" if CUDA else "cpu"
 LARGE_N = 2000  # above SMALL_MAX: the large-n_groups paths
 assert LARGE_N > SMALL_MAX

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, triton_importable
+from support import DEVICE, triton_importable
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not installed")
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE, SHORT
+from support import DEVICE, SHORT
 
 ON_GPU = DEVICE == "cuda"
 MODES = ("optimistic", "descent-ascent")

@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, SHORT
+from support import DEVICE, SHORT
 
 pytest.importorskip("triton")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402

@@ -1,5 +1,5 @@
-"""Every public path gives the bits it gave before the last restructuring (``same_bits.py`` says how they
-are recorded): params, optimizer state, pi and returned losses over the grid of ``same_bits.cases()``."""
+"""Every public path gives the bits it gave before the last restructuring (``support/same_bits.py`` says how
+they are recorded): params, optimizer state, pi and returned losses over the grid of ``same_bits.cases()``."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-import same_bits
+from support import same_bits
 
 RECORD = os.path.join(os.path.dirname(__file__), "data", "same_bits.json")
 with open(RECORD) as _f:
@@ -23,6 +23,6 @@ def test_same_bits_as_recorded(case, path):
     signature = same_bits.signature(path)
     recorded = RECORDED.get(signature, {}).get(path)
     if recorded is None:
-        pytest.skip(f"no digests recorded on this machine ({signature}); see tests/same_bits.py")
+        pytest.skip(f"no digests recorded on this machine ({signature}); see tests/support/same_bits.py")
     assert case.name in recorded, f"{case.name} has no recorded digest for {path}"
     assert same_bits.run_case(case, path) == recorded[case.name]

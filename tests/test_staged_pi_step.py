@@ -15,8 +15,8 @@ import torch
 
 import also_fused
 from also_fused import _input_errors
-from conftest import DEVICE, triton_importable
-from harness import assert_same
+from support import DEVICE, triton_importable
+from support.harness import assert_same
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="the staged step runs on the Triton kernels")
 if triton_importable():

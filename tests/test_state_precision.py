@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE, code_rank, triton_importable
+from support import DEVICE, code_rank, triton_importable
 
 BACKENDS = ["reference", "auto"] + (["triton"] if triton_importable() else [])
 SHAPES = [(33, 7), (130,), (1,), (4, 3, 5)]
@@ -359,7 +359,7 @@ def test_state_dict_converts_between_precisions(direction):
 def test_also_at_lower_precision_stays_near_its_golden_model(precision, tol, mode, api):
     """The float64 model keeps float32-exact moments; rounding (bf16) or 8-bit coding of the stored moments
     moves the trajectory by at most ``tol`` (relative) over 40 steps, params and pi."""
-    from harness import Config, rel, run
+    from support.harness import Config, rel, run
 
     for backend in BACKENDS:
         cfg = Config(mode=mode, api=api, steps=40, extra=dict(state_precision=precision))
@@ -374,7 +374,7 @@ def test_also_at_lower_precision_stays_near_its_golden_model(precision, tol, mod
 @pytest.mark.parametrize("precision", ["bfloat16", "int8"])
 @pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
 def test_also_resumes_bitwise_at_lower_precision(precision, mode):
-    from harness import Config, batches, make_package, package_step
+    from support.harness import Config, batches, make_package, package_step
 
     cfg = Config(mode=mode, api="loop", steps=12, extra=dict(state_precision=precision))
     backend = BACKENDS[-1]

@@ -10,7 +10,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import also_fused
-from conftest import DEVICE
+from support import DEVICE
 
 
 def make(kind: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE, triton_importable
-from test_adam_dropin import assert_close
+from support import DEVICE, triton_importable
+from support.dropin import assert_close
 
 BACKENDS = ["reference", "auto"] + (["triton"] if triton_importable() else [])
 SHAPES = [(7, 5), (13,), (1,), (3, 4, 2), (6,), (2, 2)]
@@ -169,7 +169,7 @@ def test_channels_last_gradient_layout_checked_after_fast_steps(backend):
 def test_eval_and_train_between_steps_change_nothing(backend, api):
     """Optimistic ALSO: eval() and train() swap the buffers the step's plans point at; the steps after them
     (reusing nothing stale) follow a twin that never called them, bitwise."""
-    from harness import Config, batches, make_package, package_step
+    from support.harness import Config, batches, make_package, package_step
 
     cfg = Config(mode="optimistic", api=api, steps=8)
     runs = []

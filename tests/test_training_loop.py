@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE
-from harness import assert_same
+from support import DEVICE
+from support.harness import assert_same
 
 ON_CUDA = DEVICE == "cuda"
 N_GROUPS, BATCH = 4, 16

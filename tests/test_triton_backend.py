@@ -12,11 +12,9 @@ import pytest
 import torch
 
 import also_fused
-from conftest import DEVICE, triton_importable
-from harness import Config, batches, make_package, package_step, rel, run
-from test_adam_dropin import CASES, assert_close, run_pair
-import test_also_api
-from test_also_api import assert_same
+from support import DEVICE, triton_importable
+from support.dropin import CASES, assert_close, run_pair
+from support.harness import Config, assert_same, batches, make_package, package_step, rel, resume_is_bitwise, run
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not installed")
 ON_GPU = DEVICE == "cuda"
@@ -79,7 +77,7 @@ def test_dropins_match_torch(name, kwargs):
 @pytest.mark.parametrize("api", ["closure", "loop"])
 def test_resume_bitwise_triton(mode, api):
     k, more = (37, 100) if ON_GPU else (6, 8)
-    test_also_api.test_resume_is_bitwise(api, mode, amsgrad=True, backend="triton", device=DEVICE, k=k, more=more)
+    resume_is_bitwise(api, mode, amsgrad=True, backend="triton", device=DEVICE, k=k, more=more)
 
 
 @pytest.mark.parametrize("api", ["closure", "loop"])

@@ -1,4 +1,5 @@
-"""What the 2-process tests share: start the ranks, join a process group, compare pi across ranks.
+"""What the 2-process tests share: start the ranks, join a process group, compare pi across ranks; the
+data of the DDP tests of ALSO and of GroupWeights.
 
 Two GPUs: NCCL and the Triton kernels; otherwise gloo on the CPU."""
 from __future__ import annotations
@@ -68,3 +69,24 @@ def same_on_all_ranks(t: torch.Tensor) -> bool:
     gathered = [torch.empty_like(t) for _ in range(WORLD)]
     dist.all_gather(gathered, t)
     return all(torch.equal(gathered[0], g) for g in gathered)
+
+
+# ---------------------------------------------------------------- the DDP tests' problem
+# (test_distributed, test_group_weights_distributed): Linear(D_IN, D_OUT), WORLD * PER_RANK samples a step
+
+# two GPUs: NCCL and the Triton kernels; otherwise gloo on the CPU with the reference path
+OPT_BACKEND = "triton" if ON_GPUS else "reference"
+PER_RANK = 6
+STEPS = 12
+D_IN, D_OUT = 5, 3
+
+
+def data(case):
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(STEPS):
+        X = torch.randn(WORLD * PER_RANK, D_IN, generator=gen)
+        ids = torch.randint(0, min(case["n_groups"], 7), (WORLD * PER_RANK,), generator=gen)
+        Y = torch.randn(WORLD * PER_RANK, D_OUT, generator=gen) + (ids % 3).float().unsqueeze(1)
+        out.append((X, Y, ids))
+    return out

@@ -10,7 +10,7 @@ rgd_loss) and reduces each run's params, optimizer state, pi and returned losses
 signature (torch, CPU instruction set or GPU, Triton) and path; ``test_same_bits.py`` recomputes them.
 Recording (run it from a checkout of the code whose results are to be kept)::
 
-    python tests/same_bits.py --record tests/data/same_bits.json [--paths reference,cpu,triton]
+    python tests/support/same_bits.py --record tests/data/same_bits.json [--paths reference,cpu,triton]
 """
 from __future__ import annotations
 

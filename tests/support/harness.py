@@ -1,14 +1,15 @@
 """Drive ``also_fused.ALSO`` and the float64 golden model on the same small regression problem."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 import also_fused
-from conftest import SHORT
-from golden import GoldenALSO
+from support import DEVICE, SHORT
+from support.golden import GoldenALSO
 
 D_IN, D_OUT = 5, 3
 
@@ -165,3 +166,28 @@ def assert_same(a, b, path="state"):
             assert_same(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def resume_is_bitwise(api, mode, amsgrad, backend="reference", device=DEVICE, k=37, more=100):
+    """k + more steps in one run, and k steps saved, loaded into a fresh optimizer and continued for
+    ``more``: both end with bitwise the same params, pi and state_dict."""
+    cfg = Config(mode=mode, api=api, amsgrad=amsgrad, steps=k + more, lose_grad_every=5)
+    data = list(batches(cfg))
+    W, b, opt = make_package(cfg, device, backend)
+    for X, Y, ids, use_bias in data:
+        package_step(opt, W, b, api, X, Y, ids, use_bias, device, cfg.dtype)
+    W2, b2, opt2 = make_package(cfg, device, backend)
+    for X, Y, ids, use_bias in data[:k]:
+        package_step(opt2, W2, b2, api, X, Y, ids, use_bias, device, cfg.dtype)
+    saved_opt = copy.deepcopy(opt2.state_dict())
+    saved_params = [W2.detach().clone(), b2.detach().clone()]
+    del W2, b2, opt2
+    W3, b3, opt3 = make_package(cfg, device, backend)
+    with torch.no_grad():
+        W3.copy_(saved_params[0]), b3.copy_(saved_params[1])
+    opt3.load_state_dict(saved_opt)
+    for X, Y, ids, use_bias in data[k:]:
+        package_step(opt3, W3, b3, api, X, Y, ids, use_bias, device, cfg.dtype)
+    assert torch.equal(W3.detach(), W.detach()) and torch.equal(b3.detach(), b.detach())
+    assert torch.equal(opt3.pi, opt.pi)
+    assert_same(opt3.state_dict(), opt.state_dict())

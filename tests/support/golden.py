@@ -1,4 +1,4 @@
-"""A float64 model of ALGORITHM.md sections 3-6, written independently of the package.
+"""A float64 model of docs/algorithm.md sections 3-6, written independently of the package.
 
 The tests drive it and the package with the same data and compare trajectories.
 """
