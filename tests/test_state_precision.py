@@ -430,3 +430,20 @@ def test_captured_step_replays_like_eager(precision, dtype):
     for se, s in zip(eager.state.values(), opt.state.values()):
         for key in se:
             assert torch.equal(se[key], s[key]), key
+
+
+@pytest.mark.parametrize("precision", ["param", "int8"])
+def test_a_param_group_added_from_an_iterator_is_trained(precision):
+    """add_param_group takes an iterator of params (as model.parameters() gives) at every state precision:
+    the group holds them and step() updates them."""
+    a, b = (torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (5, 3))
+    opt = also_fused.AdamW([a], state_precision=precision)
+    opt.add_param_group({"params": (p for p in [b]), "lr": 0.1})
+    assert len(opt.param_groups[1]["params"]) == 1 and opt.param_groups[1]["params"][0] is b
+    before = b.detach().clone()
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    assert not torch.equal(b.detach(), before)
+    if precision == "int8":
+        with pytest.raises(ValueError, match="does not support amsgrad"):
+            opt.add_param_group({"params": iter([torch.nn.Parameter(torch.randn(2, device=DEVICE))]), "amsgrad": True})
