@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 
 import also_fused
-import also_fused._base
+import also_fused._dtensor
 
 VOCAB, D, LAYERS, CTX = 50257, 768, 12, 1024
 
@@ -128,7 +128,7 @@ def main():
                 times.append(start.elapsed_time(end))
                 step_times.append(before_step.elapsed_time(end))
                 host_times.append((host_end - host_start) * 1e3)
-        local_numel = sum(also_fused._base.local_tensor(p).numel() for p in model.parameters())
+        local_numel = sum(also_fused._dtensor.local_tensor(p).numel() for p in model.parameters())
         step_bytes = (36 if "optimistic" in name else 28) * local_numel
         step_ms = statistics.median(step_times)
         records.append(dict(step_bytes_per_rank=step_bytes, copy_bandwidth_tb_s=copy_bw / 1e12,
