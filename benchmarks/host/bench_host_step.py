@@ -3,9 +3,10 @@
 Gradients are written into two alternating sets of buffers (their addresses change every step, as
 with ``zero_grad(set_to_none=True)``), a cosine lr schedule runs, and the GPU is idle when each
 step starts (a synchronize before it), so the time is the host's alone. Implementations interleaved
-step by step; median and 10th/90th percentiles over --steps. Then the GPU time per step: --rounds
-rounds, in each every implementation runs 20 steps back to back between two CUDA events (no sync
-inside), interleaved; median and range over the rounds. Writes benchmarks/results/host_step_<gpu>.json.
+step by step, in a new random order every step; median and 10th/90th percentiles over --steps. Then
+the GPU time per step: --rounds rounds, in each every implementation runs 20 steps back to back
+between two CUDA events (no sync inside), in a random order; median and range over the rounds.
+Writes benchmarks/results/host_step_<gpu>.json.
 
 ``--baseline PACKAGE``: every also_fused optimizer also runs from PACKAGE, an earlier version of the
 code importable under another name (its imports are relative: copy its also_fused/ as PACKAGE/ and its
@@ -19,6 +20,7 @@ import datetime
 import importlib
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -80,8 +82,11 @@ def main() -> None:
     times = {label: [] for label in labels}
     losses = torch.rand(8, device="cuda")
     ids = torch.randint(0, 4, (8,), device="cuda")
+    order = random.Random(0)
     for k in range(args.steps + 10):
-        for label, params, opt, sched, grads in runs:
+        # a new order every step: what ran just before a step (torch's step leaves the host's caches cold)
+        # is then the same for every implementation on average
+        for label, params, opt, sched, grads in order.sample(runs, len(runs)):
             one_step(opt, params, grads[k % 2], losses, ids)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -93,7 +98,7 @@ def main() -> None:
     gpu_ms = {label: [] for label in labels}
     for _ in range(args.rounds):
         marks = []
-        for label, params, opt, sched, grads in runs:
+        for label, params, opt, sched, grads in order.sample(runs, len(runs)):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for k in range(20):
@@ -115,7 +120,9 @@ def main() -> None:
                       p90=v[9 * len(v) // 10], ratio_vs_torch_fused=med / torch_median,
                       gpu_ms_step=statistics.median(g), gpu_ms_min=min(g), gpu_ms_max=max(g), rounds=args.rounds,
                       device=torch.cuda.get_device_name(), torch=torch.__version__,
-                      date=datetime.date.today().isoformat(), also_fused_source=source_digest())
+                      date=datetime.date.today().isoformat(),
+                      package=None if name == "torch AdamW fused" else package.__name__,
+                      also_fused_source=source_digest() if package is also_fused else None)
         text = ""
         if args.baseline and package is also_fused and name != "torch AdamW fused":
             old_label = f"{name} [{args.baseline}]"
