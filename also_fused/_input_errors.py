@@ -1,6 +1,6 @@
 """Bad input found on the device, reported on the host without a host sync.
 
-The kernels OR error bits (``kernels.error_word``) into a sticky int32 word on the device; every
+The kernels OR error bits (``error_bits``) into a sticky int32 word on the device; every
 update kernel of a step reads it and changes nothing while it is set, so a rejected step (and every
 step queued after it before the host learns of it) is a no-op on the device. A kernel of each step
 launched after all of its checks (the pi step's, or the theta update's when the pi step was staged

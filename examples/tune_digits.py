@@ -159,7 +159,7 @@ def main() -> None:
         "pi_init = pi_reg is uniform for \"ALSO (uniform pi)\" and \"ALSO (group mean)\" and proportional to "
         "1/n_class for \"ALSO (pi_init = pi_reg ~ 1/n)\"; ALSO runs in optimistic mode. \"ALSO (group mean)\" "
         "(group_reduction=\"mean\") searches pi_lr in [1e-3, 0.3] instead of [1e-5, 1e-3]: the group-mean form "
-        "works with pi steps in that range (issue 8), where the group-sum form collapses. "
+        "works with pi steps in that range, where the group-sum form collapses. "
         "The rarest classes have only a few validation samples per fold, so the objective moves in coarse steps "
         "and many trials tie; ties are broken by the mean validation accuracy.\n\n"
         f"## Search\n\n" + "\n".join(space_lines) + "\n\n"
