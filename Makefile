@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo tune bench-cpu bench-dro bench-gpu clean
+.PHONY: test test-fast demo tune bench-cpu bench-dro bench-gpu clean
 
 $(STAMP): setup.py requirements/cpu.txt also_fused/csrc/cpu_adam.cpp also_fused/csrc/cpu_pi.cpp
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): setup.py requirements/cpu.txt also_fused/csrc/cpu_adam.cpp also_fused/
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# everything, on both cores (what CI runs)
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
+
+# between edits: every test but those marked slow (see pyproject.toml), about 3 minutes on 2 cores
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) examples/demo_digits.py

@@ -16,6 +16,8 @@ import also_fused
 from support.distributed import (D_IN, D_OUT, ON_GPUS, OPT_BACKEND, PER_RANK, STEPS, WORLD, data, joined, run_ranks,
                                  same_on_all_ranks, save_rank)
 
+pytestmark = pytest.mark.slow  # two- and four-process DDP runs (spawned processes)
+
 CASES = [
     dict(mode="optimistic", api="closure", n_groups=4),
     dict(mode="optimistic", api="loop", n_groups=4),

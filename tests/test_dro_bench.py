@@ -23,6 +23,8 @@ import dro_core  # noqa: E402
 import gpt_sources  # noqa: E402
 import run_cpu  # noqa: E402
 
+pytestmark = pytest.mark.slow  # smoke runs of the DRO benchmark
+
 TOP_FIELDS = ("task", "title", "machine", "date", "torch", "optuna", "smoke", "protocol", "data", "metrics",
               "wall_s", "results")
 METHOD_FIELDS = ("method", "grouping", "n_groups", "search_space", "tuned_hparams", "best_val_objective",

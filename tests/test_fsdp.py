@@ -29,6 +29,8 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from also_fused import checkpoint  # noqa: E402
 from also_fused.backends import interpreter_enabled  # noqa: E402
 
+pytestmark = pytest.mark.slow  # two-process FSDP2 runs (spawned processes)
+
 PER_RANK = 6
 STEPS = 9
 SAVE_AFTER = 4

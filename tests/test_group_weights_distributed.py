@@ -15,6 +15,8 @@ import also_fused
 from support.distributed import (D_IN, D_OUT, ON_GPUS, OPT_BACKEND, PER_RANK, STEPS, WORLD, data, joined, run_ranks,
                                  same_on_all_ranks, save_rank)
 
+pytestmark = pytest.mark.slow  # two-process DDP runs (spawned processes)
+
 CASES = [
     dict(mode="descent-ascent", group_reduction="sum", n_groups=4),
     dict(mode="optimistic", group_reduction="sum", n_groups=1000),  # all-gather path

@@ -24,6 +24,8 @@ import torch
 import also_fused
 from support import DEVICE, SHORT
 
+pytestmark = pytest.mark.slow  # thousands of steps per test
+
 ON_GPU = DEVICE == "cuda"
 MODES = ("optimistic", "descent-ascent")
 LOSS_MAX = 1e4

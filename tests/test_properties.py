@@ -28,6 +28,8 @@ from also_fused.kernels import group_pi  # noqa: E402
 from also_fused.kernels.losses import rgd_loss, weighted_loss  # noqa: E402
 from also_fused.kernels.multi_tensor_adam import hyper_table, multi_tensor_adam_  # noqa: E402
 
+pytestmark = pytest.mark.slow  # hundreds of hypothesis examples through the interpreter
+
 ON_GPU = DEVICE == "cuda"
 
 # examples per property: small in the interpreter (CI, 2 CPU cores), more on the GPU

@@ -9,6 +9,8 @@ import pytest
 
 from support import same_bits
 
+pytestmark = pytest.mark.slow  # a regression pin of every path's bits (the refactor guard), not a correctness check
+
 RECORD = os.path.join(os.path.dirname(__file__), "data", "same_bits.json")
 with open(RECORD) as _f:
     RECORDED = json.load(_f)
