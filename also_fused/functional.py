@@ -70,22 +70,39 @@ def _apply_step(x: Tensor, m: Tensor, v: Tensor, t: float, dst: Tensor, *, lr: f
     return new
 
 
+# An id outside [0, n_groups) takes no part on every path (validate=False lets such ids through): it weighs
+# 0 in the loss, adds nothing to the group sums and is not counted (docs/semantics.md). The ops below
+# index with ids clamped into the range and mask those samples out; for ids in range they compute the
+# same values as plain indexing.
+def in_range(group_ids: Tensor, n_groups: int) -> Tensor:
+    """Which samples' ids lie in [0, n_groups)."""
+    return (group_ids >= 0) & (group_ids < n_groups)
+
+
+def gather_weights(pi: Tensor, group_ids: Tensor) -> Tensor:
+    """pi[g_i] per sample, 0 for an id outside [0, n_groups)."""
+    n = pi.numel()
+    return torch.where(in_range(group_ids, n), pi[group_ids.clamp(0, n - 1)], 0.0)
+
+
 def scatter_group_losses(losses: Tensor, group_ids: Tensor, n_groups: int) -> Tensor:
     """S_j = sum_{i: g_i = j} l_i (fp32, repeated ids add up); G of docs/algorithm.md is -S."""
     sums = torch.zeros(n_groups, dtype=torch.float32, device=losses.device)
-    sums.index_add_(0, group_ids, losses.detach().float())
+    terms = torch.where(in_range(group_ids, n_groups), losses.detach().float(), 0.0)
+    sums.index_add_(0, group_ids.clamp(0, n_groups - 1), terms)
     return sums
 
 
 def group_counts(group_ids: Tensor, n_groups: int) -> Tensor:
     """C_j = number of samples of the batch in group j (float32 [n_groups]); no host sync."""
     counts = torch.zeros(n_groups, dtype=torch.float32, device=group_ids.device)
-    return counts.index_add_(0, group_ids, torch.ones(group_ids.shape, dtype=torch.float32, device=group_ids.device))
+    return counts.index_add_(0, group_ids.clamp(0, n_groups - 1), in_range(group_ids, n_groups).float())
 
 
 def group_counts_per_sample(group_ids: Tensor, n_groups: int) -> Tensor:
-    """c_i = number of samples of the batch in group g_i (float32 [B]); dense count, no host sync."""
-    return group_counts(group_ids, n_groups)[group_ids]
+    """c_i = number of samples of the batch in group g_i (float32 [B]); dense count, no host sync. At least 1:
+    a sample in range counts itself, and one outside it is masked out by whoever divides by c_i."""
+    return group_counts(group_ids, n_groups)[group_ids.clamp(0, n_groups - 1)].clamp_min(1.0)
 
 
 def group_mean_sample_weights(pi: Tensor, group_ids: Tensor, n_groups: int) -> Tensor:
@@ -93,7 +110,7 @@ def group_mean_sample_weights(pi: Tensor, group_ids: Tensor, n_groups: int) -> T
 
     sum_i w_i l_i = sum_{j present} pi_j mean_j / M: group-mean reduction of the weighted loss.
     """
-    per_sample = pi.detach()[group_ids].float() / group_counts_per_sample(group_ids, n_groups)
+    per_sample = gather_weights(pi.detach(), group_ids).float() / group_counts_per_sample(group_ids, n_groups)
     return per_sample / per_sample.sum()
 
 
@@ -105,7 +122,8 @@ def group_mean_sample_weights_from_counts(pi: Tensor, group_ids: Tensor, counts:
     """
     pi = pi.detach().float()
     present_mass = (pi * (counts > 0)).sum()
-    return pi[group_ids] / counts[group_ids] * (scale / present_mass)
+    per_sample_counts = counts[group_ids.clamp(0, pi.numel() - 1)].clamp_min(1.0)
+    return gather_weights(pi, group_ids) / per_sample_counts * (scale / present_mass)
 
 
 def pi_step_terms(losses: Tensor, group_ids: Tensor, n_groups: int, reduction: str) -> Tensor:
@@ -150,7 +168,7 @@ def pi_update_from_sums(pi: Tensor, sums: Tensor, *, pi_lr: float, pi_decay: flo
 
 def weighted_loss_reference(pi: Tensor, group_ids: Tensor, losses: Tensor, loss_scale: float) -> Tensor:
     """loss_scale * sum_i pi[g_i] * l_i, differentiable in the losses only (pi is a buffer)."""
-    weights = pi.detach()[group_ids].to(losses.dtype)
+    weights = gather_weights(pi.detach(), group_ids).to(losses.dtype)
     return (weights * losses).sum().float() * loss_scale
 
 

@@ -56,7 +56,9 @@ class GroupWeights:
     GPU has finished that step, or by ``check_errors()``, ``state_dict()`` or ``load_state_dict()``,
     which wait for it (on a CPU at once). The batches recorded since are dropped: run them again.
     The theta optimizer is the caller's: it is not rolled back. ``validate=False`` skips the value
-    checks (on CUDA it needs the Triton kernels and the sum reduction, which ignore bad ids).
+    checks, on every path alike: an id outside [0, n_groups) then takes no part (it weighs 0 in the
+    loss, adds nothing to the group sums and is not counted), and a NaN or inf loss is not caught (it
+    makes the loss, and through the step pi, non-finite).
     """
 
     def __init__(
@@ -89,10 +91,6 @@ class GroupWeights:
         pi_init_host = _checks.as_simplex(pi_init, n_groups, "pi_init")
         device = _as_device(device)
         self._backend = resolve_backend(backend, device)
-        if not validate and device.type == "cuda" and (not self._backend.ignores_out_of_range_ids
-                                                        or group_reduction != "sum"):
-            raise ValueError("validate=False on CUDA needs backend 'triton' and group_reduction='sum': only those "
-                             "kernels mask out-of-range group ids instead of reading outside pi")
         self.n_groups = n_groups
         self.mode = mode
         self.loss_scale = loss_scale
@@ -175,7 +173,7 @@ class GroupWeights:
         weights = self.pi_mid
         if self.group_reduction == "mean":
             self._flag_bad("this weighted_loss() call", ids, losses.detach())
-            sample_weights = self._group_mean_weights(weights, self._safe_ids(ids))
+            sample_weights = self._group_mean_weights(weights, ids)
             loss = (sample_weights.to(losses.dtype) * losses).sum().float()
         else:
             loss = self._backend.weighted_loss(weights, ids, losses, self.loss_scale, error_word=word,
@@ -301,11 +299,6 @@ class GroupWeights:
             self._backend.flag_bad_batch(self._errors.word, self.n_groups, ids, losses)
             self._errors.check_now(what)
 
-    def _safe_ids(self, ids: Tensor) -> Tensor:
-        """Ids for torch indexing ops while out-of-range ids may still be in them (device checks:
-        the step will be rejected anyway, but an index outside pi must never be read)."""
-        return ids.clamp(0, self.n_groups - 1) if self._errors is not None and self._errors.deferred else ids
-
     # ------------------------------------------------- the steps (ALSO's through PiStepDriver)
     def _take_recorded(self) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """What the step's pi update needs of the batches recorded since the last step, and the record is
@@ -351,10 +344,9 @@ class GroupWeights:
                 self._pi_apply((self._prev_ids, self._prev_losses), out=self._pi_mid)
             weights = self._pi_mid
         self._recorded.clear()
-        ids = self._safe_ids(ids)
         if self.group_reduction == "mean":
             return self._group_mean_weights(weights, ids), 1.0
-        return weights[ids], self.loss_scale
+        return F.gather_weights(weights, ids), self.loss_scale
 
     def _closure_losses(self, result: Any, ids: Tensor) -> Tensor:
         """ALSO's closure API: the detached per-sample losses of the closure's result, checked."""
@@ -404,7 +396,6 @@ class GroupWeights:
         group = self._group()
         if group is None and self.group_reduction == "sum":
             return ids, losses.float()
-        ids = self._safe_ids(ids)  # torch's scatter and gather ops below index with them
         if group is None:
             return ids, F.pi_step_terms(losses, ids, self.n_groups, self.group_reduction)
         return _collectives.pi_step_inputs(ids, losses, self.n_groups, self.group_reduction, group)

@@ -32,7 +32,6 @@ class Backend(Protocol):
     device: torch.device
     step_device: torch.device  # where the Adam step counts live (the host, unless the kernels read them)
     checks_values_on_device: bool  # ids and losses are checked by kernels (``flag_bad_batch``), not on the host
-    ignores_out_of_range_ids: bool  # unchecked, an id outside [0, n_groups) weighs 0 instead of failing
     reports_steps: bool  # a kernel can write a step's error report (``report_out``) itself
 
     def adam_update(self, tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[HyperRow],

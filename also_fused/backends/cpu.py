@@ -15,7 +15,6 @@ class CpuBackend(ReferenceBackend):
     checks' (min, max) from the extension; everything it does not cover runs the reference."""
 
     name = "cpu"
-    ignores_out_of_range_ids = True  # the extension's weights and pi step add nothing for such an id
 
     _adam_step = staticmethod(cpu_fused.adam_step)
 

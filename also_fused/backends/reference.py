@@ -20,7 +20,6 @@ class ReferenceBackend:
 
     name = "reference"
     checks_values_on_device = False
-    ignores_out_of_range_ids = False  # an id outside [0, n_groups) fails in torch's indexing
     reports_steps = False
 
     def __init__(self, device: torch.device) -> None:

@@ -67,7 +67,6 @@ class TritonBackend:
 
     name = "triton"
     checks_values_on_device = True
-    ignores_out_of_range_ids = True  # the kernels mask such ids (they weigh 0 and add nothing)
     reports_steps = True
 
     def __init__(self, device: torch.device) -> None:
