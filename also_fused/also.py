@@ -57,7 +57,8 @@ class ALSO(ThetaAdam):
     at once on the reference path; on the Triton kernels, without a host sync, from the first
     ``weighted_loss()``, ``step()`` or ``train()`` after the GPU has finished that step, or from
     ``eval()``, ``state_dict()``, ``load_state_dict()`` and ``check_errors()``, which wait for it.
-    With FSDP2 the update runs on the local shards; checkpoint through ``also_fused.checkpoint``.
+    With FSDP2 the update runs on the local shards; checkpoint through ``also_fused.checkpoint``. The params
+    share one device, pi's (params on several devices: GroupWeights beside a drop-in).
     ``step()`` returns the mean per-sample loss of the step as a 0-dim tensor (no host sync for it).
     """
 
@@ -93,6 +94,12 @@ class ALSO(ThetaAdam):
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          mode=mode, alpha=alpha, backend=backend, state_precision=state_precision)
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        if len(devices) > 1:
+            # pi and the device checks' error word live on one device, and a step the device rejects must leave
+            # every param as it was
+            raise ValueError(f"ALSO's params must share one device (pi's), got {sorted(map(str, devices))}: use "
+                             "GroupWeights beside an optimizer of params on several devices")
         self.weights = GroupWeights(
             n_groups, loss_scale=loss_scale, batch_size=batch_size, mode=mode, pi_lr=pi_lr, pi_decay=pi_decay,
             pi_reg=pi_reg, pi_init=pi_init, pi_temperature=pi_temperature, eps=eps,
