@@ -12,6 +12,7 @@ import torch
 
 import also_fused
 from support import DEVICE, code_rank, triton_importable
+from support.compare import assert_close_in_float32, assert_same_rounding
 
 BACKENDS = ["reference", "auto"] + (["triton"] if triton_importable() else [])
 SHAPES = [(33, 7), (130,), (1,), (4, 3, 5)]
@@ -97,12 +98,15 @@ def test_paths_agree_at_each_precision(precision, dtype):
         runs[backend] = (params, opt)
     ref_params, ref_opt = runs["reference"]
     for backend, (params, opt) in runs.items():
+        # the same float32 formula, some operations rounded differently, every step; stored in 16 bits,
+        # rounded from float32 values that close (support/compare.py)
         for p, q in zip(params, ref_params):
-            torch.testing.assert_close(p.float(), q.float(), rtol=2e-2 if dtype != torch.float32 else 1e-5,
-                                       atol=1e-2 if dtype != torch.float32 else 1e-6)
-        for p, q in zip(params, ref_params):
-            m, mr = opt.state[p]["exp_avg"].float(), ref_opt.state[q]["exp_avg"].float()
-            torch.testing.assert_close(m, mr, rtol=2e-2, atol=1e-3)
+            for key in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                a, b = (p.detach(), q.detach()) if key == "param" else (opt.state[p][key], ref_opt.state[q][key])
+                if a.dtype == torch.float32:
+                    assert_close_in_float32(a, b, (backend, key))
+                else:
+                    assert_same_rounding(a, b, (backend, key))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -353,20 +357,19 @@ def test_state_dict_converts_between_precisions(direction):
 
 
 # ------------------------------------------------------------------- ALSO's theta side
-@pytest.mark.parametrize("precision,tol", [("bfloat16", 2e-2), ("int8", 5e-2)])
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
 @pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
 @pytest.mark.parametrize("api", ["loop", "closure"])
-def test_also_at_lower_precision_stays_near_its_golden_model(precision, tol, mode, api):
-    """The float64 model keeps float32-exact moments; rounding (bf16) or 8-bit coding of the stored moments
-    moves the trajectory by at most ``tol`` (relative) over 40 steps, params and pi."""
-    from support.harness import Config, rel, run
+def test_also_at_lower_precision_follows_its_golden_model(precision, mode, api):
+    """The float64 model keeping its moments in the same storage (rounded to bf16, or the 8-bit code, once
+    per update call as the package stores them): float32 arithmetic apart, the same trajectory over 40
+    steps, params and every entry of pi (golden_checks.TOL)."""
+    from support.golden_checks import check
+    from support.harness import Config
 
     for backend in BACKENDS:
         cfg = Config(mode=mode, api=api, steps=40, extra=dict(state_precision=precision))
-        golden, x, opt, _ = run(cfg, DEVICE, backend)
-        for got, want in zip(x, golden.params):
-            assert rel(got, want) <= tol, (backend, rel(got, want))
-        assert rel(opt.pi, golden.pi) <= tol
+        _, opt = check(cfg, backend, DEVICE)
         moments = opt.state[opt.param_groups[0]["params"][0]]["exp_avg"]
         assert moments.dtype == (torch.int8 if precision == "int8" else torch.bfloat16)
 

@@ -10,6 +10,35 @@ from typing import Callable, Optional, Sequence
 import torch
 
 f64 = torch.float64
+Store = Callable[[torch.Tensor], torch.Tensor]  # float64 values -> the float64 values a storage keeps
+
+
+def rounded_to(dtype: torch.dtype) -> Store:
+    """Storage in ``dtype``: each value rounded to the nearest representable one (ties to even)."""
+    return lambda t: t.to(dtype).to(f64)
+
+
+def eight_bit_code(signed: bool, exp_bits: int, mant_bits: int, block: int = 1024) -> Store:
+    """Storage as the 8-bit moment code of docs/algorithm.md sec. 13, in float64: per block of ``block``
+    elements a scale s, the smallest power of two above the block's largest |x| (within [2^(2^E - 126),
+    2^127]); per element t = |x| + o, o = s / 2^(2^E), rounded half up to ``mant_bits`` significant bits
+    and clamped to the largest code, (2 - 2^-M) s / 2; the value is t - o with x's sign (m's code only)."""
+    def store(t: torch.Tensor) -> torch.Tensor:
+        flat = t.reshape(-1).to(f64)
+        n = flat.numel()
+        padded = torch.nn.functional.pad(flat.abs(), (0, -(-n // block) * block - n))
+        a = padded.view(-1, block).amax(1)
+        k = torch.floor(torch.log2(a.clamp_min(2.0 ** -300))) + 1
+        s = torch.exp2(k.clamp(2 ** exp_bits - 126, 127)).repeat_interleave(block)[:n]
+        o = s / 2.0 ** (2 ** exp_bits)
+        u = flat.abs() + o
+        quantum = torch.exp2(torch.floor(torch.log2(u)) - mant_bits)
+        u = torch.minimum(torch.floor(u / quantum + 0.5) * quantum, s * (1 - 2.0 ** -(mant_bits + 1)))
+        value = u - o
+        if signed:
+            value = torch.where(flat < 0, -value, value)
+        return value.reshape(t.shape)
+    return store
 
 
 def adam_delta(state: dict, x: torch.Tensor, d: torch.Tensor, lr: float, betas, eps: float, wd: float,
@@ -70,9 +99,17 @@ class GoldenALSO:
                  lrs: Sequence[float], betas=(0.9, 0.999), eps: float = 1.1920928955078125e-07,
                  weight_decay: float = 1e-3, amsgrad: bool = False, alpha: float = 1.0, pi_lr: float = 1e-3,
                  pi_decay: float = 1e-2, temperature: float = 1.0, pi_init=None, pi_reg=None,
-                 group_reduction: str = "sum") -> None:
+                 group_reduction: str = "sum", store_params: Optional[Store] = None,
+                 store_moments: Optional[tuple[Store, Store]] = None, moments_stored_after: str = "main") -> None:
+        """``store_params``: the params are kept in a storage (16-bit params), the iterate and the extrapolated
+        point alike. ``store_moments`` (m's, v's): the moments are kept in a storage, once per update call of
+        the package: after the step's main advance ("main": descent-ascent, the closure API), or after the
+        extrapolation's advance ("extrapolation": the optimistic loop API, whose call takes the main step
+        and then the extrapolation)."""
         self.reduction = group_reduction
-        self.params = [p.detach().to(f64).clone() for p in params]
+        self.store_params = store_params or (lambda t: t)
+        self.store_moments, self.moments_stored_after = store_moments, moments_stored_after
+        self.params = [self.store_params(p.detach().to(f64).clone()) for p in params]
         self.n_groups = n_groups
         self.loss_scale = loss_scale
         self.mode = mode
@@ -93,27 +130,41 @@ class GoldenALSO:
     def _adam(self, i: int, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         return adam_delta(self.states[i], x, d, self.lrs[i], self.betas, self.eps, self.wd, self.amsgrad)
 
+    def _store(self, i: int) -> None:
+        if self.store_moments is not None:
+            store_m, store_v = self.store_moments
+            state = self.states[i]
+            state["m"], state["v"], state["vmax"] = store_m(state["m"]), store_v(state["v"]), store_v(state["vmax"])
+
     def step(self, forward: Callable, ids: torch.Tensor) -> torch.Tensor:
+        store_p = self.store_params
         if self.mode == "descent-ascent":
             losses, grads = forward(self.params, *sample_weights(self.pi, ids, self.loss_scale, self.reduction))
             for i, d in enumerate(grads):
                 if d is not None:
-                    self.params[i] = self.params[i] + self._adam(i, self.params[i], d)
+                    self.params[i] = store_p(self.params[i] + self._adam(i, self.params[i], d))
+                    self._store(i)
             self.pi = self._pi_update(self.pi, group_gradient(losses, ids, self.n_groups, self.reduction))
             return losses
         x = [p.clone() for p in self.params]
         for i, d_prev in enumerate(self.d_prev):
             if d_prev is not None:
-                self.params[i] = x[i] + self._adam(i, x[i], self.alpha * d_prev)
+                self.params[i] = store_p(x[i] + self._adam(i, x[i], self.alpha * d_prev))
+                if self.moments_stored_after == "extrapolation":
+                    self._store(i)
         pi_mid = self.pi.clone() if self.G_prev is None else self._pi_update(self.pi, self.G_prev)
         losses, grads = forward(self.params, *sample_weights(pi_mid, ids, self.loss_scale, self.reduction))
         for i, d in enumerate(grads):
+            advanced = self.d_prev[i] is not None
             if d is not None:
                 self.d_prev[i] = d
-                self.params[i] = x[i] + self._adam(i, x[i], d)
+                self.params[i] = store_p(x[i] + self._adam(i, x[i], d))
+                advanced = True
             else:
                 self.d_prev[i] = None
                 self.params[i] = x[i]
+            if advanced and self.moments_stored_after == "main":
+                self._store(i)
         G = group_gradient(losses, ids, self.n_groups, self.reduction)
         self.G_prev = G
         self.pi = self._pi_update(self.pi, G)

@@ -7,24 +7,30 @@ from __future__ import annotations
 import torch
 
 from support import DEVICE
-from support.harness import Config, rel, run
+from support.compare import ulp_distance
+from support.harness import Config, rel, rel_each, run
 
+# float32 arithmetic against the float64 model: about 2^-24 relative per operation, a few hundred
+# operations deep over a run (measured: params within 3e-7, pi within 6e-6 of each entry)
 TOL = 1e-5
 
 
 def check(cfg: Config, backend: str = "reference", device: str = DEVICE, tol: float = TOL):
     golden, x, opt, losses = run(cfg, device, backend)
     for got, want in zip(x, golden.params):
-        assert rel(got, want) <= tol, (rel(got, want), cfg)
-    assert rel(opt.pi, golden.pi) <= tol, (rel(opt.pi, golden.pi), cfg)
+        if cfg.dtype == torch.float32:
+            assert rel(got, want) <= tol, (rel(got, want), cfg)
+        else:  # 16 bits, the model holding them in the same storage: the same values, or a neighbour
+            assert int(ulp_distance(got.to(cfg.dtype), want.to(cfg.dtype)).max()) <= 1, cfg
+    assert rel_each(opt.pi, golden.pi) <= tol, (rel_each(opt.pi, golden.pi), cfg)
     assert abs(float(opt.pi.sum()) - 1.0) <= 1e-5
     # the returned loss is the batch mean of the per-sample losses
     for got, want in losses[:5]:
         assert abs(got - want) <= 1e-4 * max(1.0, abs(want))
-    # pi really moved away from its start, so the comparison above is not vacuous
+    # pi and the params really moved away from their start, so the comparisons above are not vacuous
     start = torch.full_like(golden.pi, 1.0 / cfg.n_groups) if cfg.pi_init is None else None
     if start is not None and cfg.n_groups > 1:
-        assert rel(golden.pi, start) > 1e-3
+        assert rel_each(golden.pi, start) > 1e-2
     return golden, opt
 
 

@@ -9,7 +9,7 @@ import torch
 
 import also_fused
 from support import DEVICE, SHORT
-from support.golden import GoldenALSO
+from support.golden import GoldenALSO, eight_bit_code, rounded_to
 
 D_IN, D_OUT = 5, 3
 
@@ -24,8 +24,11 @@ class Config:
     amsgrad: bool = False
     weight_decay: float = 1e-3
     alpha: float = 1.0
-    pi_lr: float = 0.05
-    pi_decay: float = 0.1
+    # a KL pull (c = pi_decay * pi_lr = 0.1) that keeps pi inside the simplex (0.08 <= pi_j <= 0.69 over the
+    # 200 steps): every entry of pi is then compared relative to its own size, and a wrong pi step (eps
+    # dropped from log(pi + eps), pi_lr or the temperature misapplied) shows in the small entries too
+    pi_lr: float = 0.02
+    pi_decay: float = 5.0
     temperature: float = 1.0
     eps: float = 1.1920928955078125e-07
     pi_init: Optional[list] = None
@@ -71,12 +74,30 @@ def init_params(cfg: Config):
     return W, b
 
 
+def storages(cfg: Config) -> dict:
+    """The golden model's storage of the params and moments, as the package keeps them for ``cfg``: params in
+    their dtype, moments at ALSO's state precision (float32, which the float64 model stands for, by default)."""
+    out = {}
+    if cfg.dtype != torch.float32:
+        out["store_params"] = rounded_to(cfg.dtype)
+    precision = cfg.extra.get("state_precision", "float32")
+    moment_dtype = {"bfloat16": torch.bfloat16, "param": cfg.dtype}.get(precision, torch.float32)
+    if precision == "int8":
+        # (exponent bits, mantissa bits): m's beside its sign bit, v's (docs/algorithm.md sec. 13)
+        out["store_moments"] = (eight_bit_code(True, 3, 4), eight_bit_code(False, 5, 3))
+    elif moment_dtype != torch.float32:
+        out["store_moments"] = (rounded_to(moment_dtype), rounded_to(moment_dtype))
+    # the optimistic loop API's update call takes the main step and then the extrapolation
+    out["moments_stored_after"] = "extrapolation" if cfg.mode == "optimistic" and cfg.api == "loop" else "main"
+    return out
+
+
 def make_golden(cfg: Config, loss_scale: float) -> GoldenALSO:
     W, b = init_params(cfg)
     return GoldenALSO([W, b], cfg.n_groups, loss_scale=loss_scale, mode=cfg.mode, lrs=cfg.lrs,
                       weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad, alpha=cfg.alpha, pi_lr=cfg.pi_lr,
                       pi_decay=cfg.pi_decay, temperature=cfg.temperature, eps=cfg.eps, pi_init=cfg.pi_init,
-                      pi_reg=cfg.pi_reg, group_reduction=cfg.group_reduction)
+                      pi_reg=cfg.pi_reg, group_reduction=cfg.group_reduction, **storages(cfg))
 
 
 def golden_forward(X, Y, use_bias):
@@ -102,20 +123,30 @@ def make_package(cfg: Config, device, backend: str):
     return Wp, bp, opt
 
 
-def package_step(opt, Wp, bp, api, X, Y, ids, use_bias, device, dtype):
+def package_step(opt, Wp, bp, api, X, Y, ids, use_bias, device, dtype, seen: Optional[dict] = None):
+    """One step of the package; ``seen`` (a dict) receives the per-sample losses and the gradients the step
+    used, in float64 (``run``'s replay)."""
     Xd, Yd = X.to(device=device, dtype=dtype), Y.to(device=device, dtype=dtype)
     idsd = ids.to(device)
+
+    def record(losses):
+        if seen is not None:
+            seen["losses"] = losses.detach().double().cpu()
+            seen["grads"] = [None if p.grad is None else p.grad.double().cpu() for p in (Wp, bp)]
+
     if api == "closure":
         def closure(pi_sel, loss_scale):
             opt.zero_grad(set_to_none=True)
             losses = per_sample_losses(Wp, bp, Xd, Yd, use_bias)
             (loss_scale * (pi_sel.to(losses.dtype) * losses).sum()).backward()
+            record(losses)
             return losses.detach(), None
 
         return opt.step(closure, idsd)
     opt.zero_grad(set_to_none=True)
     losses = per_sample_losses(Wp, bp, Xd, Yd, use_bias)
     opt.weighted_loss(losses, idsd).backward()
+    record(losses)
     return opt.step()
 
 
@@ -128,17 +159,27 @@ def iterate_of(opt, params):
 
 
 def run(cfg: Config, device="cpu", backend="reference"):
-    """Run both for cfg.steps steps; return (golden, [W, b] iterate of the package, opt, mean losses)."""
+    """Run both for cfg.steps steps; return (golden, [W, b] iterate of the package, opt, mean losses).
+
+    With 16-bit params the package's forward and backward run in 16 bits, which no float64 model follows
+    closely: the golden model then replays the package's own per-sample losses and gradients of each step
+    (exact in float64), so that the two differ only by the optimizer's arithmetic and storage."""
     Wp, bp, opt = make_package(cfg, device, backend)
     golden = make_golden(cfg, opt.loss_scale)
+    replay = cfg.dtype != torch.float32
     sched = None
     if cfg.scheduler_gamma is not None:
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.scheduler_gamma)
     losses_seen = []
     for X, Y, ids, use_bias in batches(cfg):
         golden.lrs = [g["lr"] for g in opt.param_groups]
-        g_losses = golden.step(golden_forward(X, Y, use_bias), ids)
-        mean = package_step(opt, Wp, bp, cfg.api, X, Y, ids, use_bias, device, cfg.dtype)
+        if replay:
+            seen: dict = {}
+            mean = package_step(opt, Wp, bp, cfg.api, X, Y, ids, use_bias, device, cfg.dtype, seen)
+            g_losses = golden.step(lambda params, weights, scale: (seen["losses"], seen["grads"]), ids)
+        else:
+            g_losses = golden.step(golden_forward(X, Y, use_bias), ids)
+            mean = package_step(opt, Wp, bp, cfg.api, X, Y, ids, use_bias, device, cfg.dtype)
         losses_seen.append((float(mean), float(g_losses.mean())))
         if sched is not None:
             sched.step()
@@ -148,6 +189,12 @@ def run(cfg: Config, device="cpu", backend="reference"):
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def rel_each(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest |a_j - b_j| / |b_j|: every entry relative to its own size (pi's small entries too)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
 
 
 def assert_same(a, b, path="state"):
