@@ -15,9 +15,12 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/instal
   export PYTHONPATH=$PWD
 fi
 python3 -c "import torch, triton, also_fused; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+# the C++ extension is built by the install above; its tests (on CPU tensors) run here too
+python3 -c "from also_fused import cpu_fused; print('CPU extension:', cpu_fused.available())"
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} > "$OUT/tests.log" 2>&1
+  timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -q -rs -n "${WORKERS:-16}" -p no:cacheprovider ${TESTS:-tests} \
+    > "$OUT/tests.log" 2>&1
   status=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40
 fi

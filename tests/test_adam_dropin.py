@@ -85,14 +85,18 @@ def test_closure_returns_loss():
     assert float(opt.step(closure)) == pytest.approx(float((p.detach() ** 2).sum()), rel=0.1)
 
 
+BAD_HYPER_MESSAGES = {"lr": "Invalid learning rate", "eps": "Invalid epsilon value",
+                      "betas": "Invalid beta parameter at index 0", "weight_decay": "Invalid weight_decay value"}
+
+
 @pytest.mark.parametrize("bad", [dict(lr=-1.0), dict(eps=-1.0), dict(betas=(1.0, 0.9)), dict(weight_decay=-0.1)])
 def test_rejects_bad_hyperparameters(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=BAD_HYPER_MESSAGES[next(iter(bad))]):
         also_fused.Adam([torch.nn.Parameter(torch.randn(2))], **bad)
 
 
 def test_rejects_sparse_and_complex():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="complex parameters are not supported"):
         also_fused.Adam([torch.nn.Parameter(torch.randn(2, dtype=torch.complex64))])
     p = torch.nn.Parameter(torch.randn(3))
     opt = also_fused.Adam([p], backend="reference")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import also_fused
-from support import DEVICE
+from support import DEVICE, triton_importable
 from support.harness import Config, assert_same, batches, make_package, package_step, resume_is_bitwise
 
 
@@ -74,6 +74,10 @@ BAD_IDS = {
     "two_dims": lambda ids: ids.view(1, -1),
     "empty": lambda ids: ids[:0],
 }
+# the start of each error message (the promise to the user)
+BAD_IDS_MESSAGES = {"negative": r"group_ids must lie in \[0, 4\)", "too_large": r"group_ids must lie in \[0, 4\)",
+                    "float": "group_ids must be an integer tensor", "wrong_length": "per-sample losses must have shape",
+                    "two_dims": "group_ids must be 1-D", "empty": "group_ids is empty"}
 
 
 @pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
@@ -91,7 +95,7 @@ def test_bad_ids_closure_leave_state_unchanged(bad, mode):
         (scale * (pi_sel * losses[: len(pi_sel)]).sum()).backward()
         return losses.detach(), None
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=BAD_IDS_MESSAGES[bad]):
         opt.step(closure, BAD_IDS[bad](ids))
     assert_same(snapshot(opt, [W, b]), before)
 
@@ -104,6 +108,11 @@ CLOSURE_RESULTS = {
     "int_losses": lambda losses: (losses.long(), None),
     "not_a_tensor": lambda losses: ([1.0] * len(losses), None),
 }
+CLOSURE_RESULT_ERRORS = {"nan_loss": (ValueError, "NaN or inf"), "inf_loss": (ValueError, "NaN or inf"),
+                         "wrong_shape": (ValueError, "per-sample losses must have shape"),
+                         "scalar": (ValueError, "per-sample losses must have shape"),
+                         "int_losses": (ValueError, "per-sample losses must be floating point"),
+                         "not_a_tensor": (TypeError, "per-sample losses must be a tensor")}
 
 
 @pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
@@ -119,7 +128,8 @@ def test_bad_closure_result_leaves_state_unchanged(bad, mode):
         (scale * (pi_sel * losses).sum()).backward()
         return CLOSURE_RESULTS[bad](losses.detach())
 
-    with pytest.raises((ValueError, TypeError)):
+    error, message = CLOSURE_RESULT_ERRORS[bad]
+    with pytest.raises(error, match=message):
         opt.step(closure, ids)
     # the extrapolated params were put back, the Adam state and pi were never written
     after = snapshot(opt, [W, b])
@@ -138,7 +148,7 @@ def test_closure_exception_restores_params():
     def closure(pi_sel, scale):
         raise KeyError("user error")
 
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="user error"):
         opt.step(closure, ids)
     assert_same(snapshot(opt, [W, b])[1], before[1])
 
@@ -279,25 +289,27 @@ def test_pi_batch_sampler_feeds_a_dataloader():
 
 # ---------------------------------------------------------------------------- RGD
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
-def test_rgd_loss_matches_float64_model(temperature):
+@pytest.mark.parametrize("backend", ["reference", "auto"] + (["triton"] if triton_importable() else []))
+def test_rgd_loss_matches_float64_model(temperature, backend):
+    """Every path of rgd_loss (the reference, the CPU path, the kernels) against the float64 model."""
     losses = (torch.rand(33, dtype=torch.float64) * 4).requires_grad_()
-    ours_in = losses.detach().float().requires_grad_()
-    ours = also_fused.rgd_loss(ours_in, temperature, backend="reference")
+    ours_in = losses.detach().float().to(DEVICE).requires_grad_()
+    ours = also_fused.rgd_loss(ours_in, temperature, backend=backend)
     w = torch.exp(torch.clamp(losses.detach(), max=temperature) / (temperature + 1))
     want = (w * losses).mean()
     want.backward()
     ours.backward()
     assert abs(float(ours) - float(want)) <= 1e-6 * float(want)
-    assert torch.allclose(ours_in.grad.double(), losses.grad, rtol=1e-6)
+    assert torch.allclose(ours_in.grad.double().cpu(), losses.grad, rtol=1e-6)
     assert float(w.max()) > 1.0  # the weights are not all 1: the check above sees the re-weighting
 
 
 def test_rgd_loss_errors():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="per_sample_losses is empty"):
         also_fused.rgd_loss(torch.ones(0), 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="temperature must be > 0"):
         also_fused.rgd_loss(torch.ones(3), 0.0)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="per_sample_losses must be a floating-point tensor"):
         also_fused.rgd_loss(torch.ones(3, dtype=torch.long), 1.0)
 
 

@@ -66,3 +66,37 @@ def test_ddp_follows_one_process_on_the_concatenated_batch(case):
         for got, expected in zip(r["params"], want["params"]):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         assert torch.equal(r["pi"], ranks[0]["pi"])
+
+
+def pi_of_own_batches(rank: int, case: dict, device: torch.device, process_group) -> torch.Tensor:
+    """GroupWeights alone (no model) stepped on this rank's share of every batch's losses."""
+    weights = also_fused.GroupWeights(case["n_groups"], batch_size=PER_RANK, mode=case["mode"], pi_lr=0.2,
+                                      group_reduction=case["group_reduction"], device=device, backend=OPT_BACKEND,
+                                      process_group=process_group)
+    for X, Y, ids in data(case):
+        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        weights.weighted_loss(((X[mine] - 1.0) ** 2).mean(1).to(device), ids[mine].to(device))
+        weights.step()
+    return weights.pi.cpu().clone()
+
+
+def group_worker(rank, init_file, out_dir, case):
+    with joined(rank, init_file) as device:
+        everyone = dist.new_group(list(range(WORLD)))
+        alone = [dist.new_group([r]) for r in range(WORLD)]  # every rank creates every group, in one order
+        save_rank(out_dir, rank, dict(everyone=pi_of_own_batches(rank, case, device, everyone),
+                                      alone=pi_of_own_batches(rank, case, device, alone[rank]),
+                                      default=pi_of_own_batches(rank, case, device, None)))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_process_group_chooses_the_ranks_that_share_pi(case):
+    """process_group= is the set of ranks whose losses pi's step uses: a group of every rank gives the default
+    group's pi (bitwise), a group of one rank gives that rank's pi from its own batches alone."""
+    ranks = run_ranks(group_worker, case)
+    device = torch.device("cuda:0" if ON_GPUS else "cpu")
+    for rank, r in enumerate(ranks):
+        assert torch.equal(r["everyone"], r["default"]) and torch.equal(r["everyone"], ranks[0]["everyone"])
+        assert torch.equal(r["alone"], pi_of_own_batches(rank, case, device, None))
+    assert not torch.equal(ranks[0]["alone"], ranks[1]["alone"])  # the ranks' batches differ, so do their pi

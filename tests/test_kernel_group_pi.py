@@ -328,13 +328,13 @@ def test_rejects_bad_arguments() -> None:
     pi = torch.full((4,), 0.25, device=DEV)
     ids = torch.zeros(3, dtype=torch.int64, device=DEV)
     l = torch.ones(3, device=DEV)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pi must be a contiguous 1-D float32 tensor"):
         pi_update(pi.double(), ids, l, **HP)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="group_ids must be a 1-D int32/int64 tensor"):
         pi_update(pi, ids.float(), l, **HP)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="losses must be 1-D with one entry per group id"):
         pi_update(pi, ids, l[:2], **HP)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="temperature must be positive"):
         pi_update(pi, ids, l, **dict(HP, temperature=0.0))
 
 

@@ -147,12 +147,12 @@ def test_rgd_matches_model(dtype: torch.dtype, T: float, B: int) -> None:
 
 
 def test_rgd_rejects_bad_input() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rgd_loss needs a non-empty batch"):
         rgd_loss(torch.zeros(0, device=DEV), 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="losses must be a 1-D floating tensor"):
         rgd_loss(torch.zeros(2, 2, device=DEV), 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="losses must be a 1-D floating tensor"):
         rgd_loss(torch.zeros(3, dtype=torch.int64, device=DEV), 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="group_ids must be 1-D with one id per loss"):
         weighted_loss(torch.ones(3, device=DEV), torch.zeros(2, dtype=torch.int64, device=DEV),
                       torch.ones(3, device=DEV), 1.0)
