@@ -63,8 +63,10 @@ def test_check_errors_without_waiting_reads_only_finished_steps(monkeypatch):
     monkeypatch.undo()
     weights.weighted_loss((W[:2] ** 2), torch.tensor([0, 7], device=DEVICE)).backward()
     weights.step()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()  # the device has finished the step (on a CPU it has at once)
     with pytest.raises(ValueError, match="step 2 was not taken"):
-        weights.check_errors(wait=False)  # finished (on a CPU at once): raised without waiting
+        weights.check_errors(wait=False)  # finished: raised without waiting
 
 
 # ------------------------------------------------------------------ the drop-ins
