@@ -48,8 +48,13 @@ class AdamFamily(torch.optim.Optimizer):
         self.backend = backend
         self._state_version = 0
         self._reset_caches()
-        for device in {p.device for group in self.param_groups for p in group["params"]}:
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        self._check_devices(devices)
+        for device in devices:
             self.backend_at(device)  # refuse a device the chosen backend cannot run on, before any step
+
+    def _check_devices(self, devices: set[torch.device]) -> None:
+        """Refuse params on devices this optimizer cannot update together (every set is fine here)."""
 
     def _reset_caches(self) -> None:
         """What is derived from the params and the state and rebuilt on demand: at construction, and in a

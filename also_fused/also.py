@@ -94,12 +94,6 @@ class ALSO(ThetaAdam):
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          mode=mode, alpha=alpha, backend=backend, state_precision=state_precision)
-        devices = {p.device for group in self.param_groups for p in group["params"]}
-        if len(devices) > 1:
-            # pi and the device checks' error word live on one device, and a step the device rejects must leave
-            # every param as it was
-            raise ValueError(f"ALSO's params must share one device (pi's), got {sorted(map(str, devices))}: use "
-                             "GroupWeights beside an optimizer of params on several devices")
         self.weights = GroupWeights(
             n_groups, loss_scale=loss_scale, batch_size=batch_size, mode=mode, pi_lr=pi_lr, pi_decay=pi_decay,
             pi_reg=pi_reg, pi_init=pi_init, pi_temperature=pi_temperature, eps=eps,
@@ -156,6 +150,13 @@ class ALSO(ThetaAdam):
         if group_ids is None:
             raise TypeError("the closure API needs group_ids: opt.step(closure, group_ids)")
         return self._step_closure(closure, group_ids)
+
+    def _check_devices(self, devices: set[torch.device]) -> None:
+        # pi and the device checks' error word live on one device, and a step the device rejects must leave
+        # every param as it was (checked before any backend is chosen for the devices)
+        if len(devices) > 1:
+            raise ValueError(f"ALSO's params must share one device (pi's), got {sorted(map(str, devices))}: use "
+                             "GroupWeights beside an optimizer of params on several devices")
 
     # ---------------------------------------------------------------- steps
     def _step_closure(self, closure: Closure, group_ids: GroupIds) -> Tensor:

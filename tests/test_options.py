@@ -145,3 +145,13 @@ def test_pi_batch_sampler_edges():
     again = list(also_fused.PiBatchSampler(weights, 0.2, 3, strategy="uniform",
                                            generator=torch.Generator().manual_seed(0)))
     assert again == batches  # a seeded generator repeats the draws
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + (["triton"] if triton_importable() else []))
+def test_also_refuses_params_on_several_devices(backend):
+    """Before any backend is chosen (a backend that cannot run on one of the devices would refuse it first):
+    the meta device stands in for a second one here; the bad-input matrix does it with CUDA and the CPU."""
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, device="meta"))]
+    with pytest.raises(ValueError, match=r"ALSO's params must share one device \(pi's\), got \['cpu', 'meta'\]"):
+        also_fused.ALSO(params, 4, batch_size=2, backend=backend)
+    also_fused.theta.ThetaAdam([params[0]], backend=backend)  # one device: built
