@@ -19,7 +19,7 @@ python3 -c "import torch, triton, also_fused; print('torch', torch.__version__, 
 python3 -c "from also_fused import cpu_fused; print('CPU extension:', cpu_fused.available())"
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -q -rs -n "${WORKERS:-16}" -p no:cacheprovider ${TESTS:-tests} \
+  timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -q -rs -n "${WORKERS:-16}" -p no:cacheprovider ${TESTS:-tests} \
     > "$OUT/tests.log" 2>&1
   status=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40
