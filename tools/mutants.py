@@ -190,7 +190,9 @@ def main() -> None:
         rows.append((mutant, verdict, why, seconds))
         print(f"{mutant.name:34s} {verdict:9s} {seconds:6.0f} s  {why}", flush=True)
     killed = sum(v == "killed" for _, v, _, _ in rows)
-    lines = [f"# Planted mutants against the fast tier ({datetime.date.today().isoformat()})", "",
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    lines = [f"# Planted mutants against the fast tier ({datetime.date.today().isoformat()}, commit {commit.strip()})",
+             "",
              f"`python tools/mutants.py` (the fast tier: `pytest -m \"not slow\" -x -n 2 {' '.join(args.tests)}`): "
              f"{killed} of {len(rows)} mutants killed; the unmutated tier passed in {clean_seconds:.0f} s.", "",
              "| mutant | file | what is wrong | verdict | first failing test | s |", "|---|---|---|---|---|---|"]
