@@ -1,6 +1,7 @@
 """ALSO: Adam on the parameters plus KL-regularised mirror ascent on group weights pi (docs/algorithm.md)."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -13,6 +14,17 @@ from .group_weights import GroupIds, GroupWeights, Simplex
 from .theta import ThetaAdam
 
 Closure = Callable[[Tensor, float], Any]
+
+
+def _takes_arguments(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` cannot be called without arguments (the published closure takes two)."""
+    try:
+        inspect.signature(fn).bind()
+    except TypeError:
+        return True
+    except ValueError:  # no signature to read (a builtin): taken as one of no arguments
+        return False
+    return False
 
 
 class _OfWeights:
@@ -134,22 +146,36 @@ class ALSO(ThetaAdam):
         return self.weights.select_batch(threshold, strategy, order, generator)
 
     @optimizer_step
-    def step(self, closure: Optional[Closure] = None, group_ids: Optional[GroupIds] = None) -> Tensor:
-        """One ALSO step; returns the batch-mean per-sample loss (0-dim tensor).
+    def step(self, closure: Optional[Callable[..., Any]] = None, group_ids: Optional[GroupIds] = None) -> Any:
+        """One ALSO step; returns the batch-mean per-sample loss (0-dim tensor), or the closure's loss.
 
-        With a closure (published API): ``closure(pi_selected, loss_scale) -> (losses, extra)``
-        must zero the grads, run forward, backward ``loss_scale * sum(pi_selected * losses)`` and
-        return the detached per-sample losses. Without one (loop API): uses the losses recorded
-        by ``weighted_loss`` since the last step.
+        * ``step(closure, group_ids)`` (published API): ``closure(pi_selected, loss_scale) -> (losses,
+          extra)`` must zero the grads, run forward, backward ``loss_scale * sum(pi_selected * losses)``
+          and return the detached per-sample losses;
+        * ``step()`` (loop API): uses the losses recorded by ``weighted_loss`` since the last step;
+        * ``step(closure)`` with a closure of no arguments (torch.optim's convention, as Lightning and
+          accelerate call it): the closure runs with gradients on, computing its loss through
+          ``weighted_loss`` and calling ``backward``; then the loop API's step; returns the closure's
+          loss. If the closure raises, the batches it recorded are dropped.
         """
         if closure is None:
             if group_ids is not None:
                 self._pi_steps.drop_batches()  # as for every rejected loop step: the batch is dropped
                 raise TypeError("group_ids is given without a closure; the loop API takes them in weighted_loss()")
             return self._step_loop()
-        if group_ids is None:
-            raise TypeError("the closure API needs group_ids: opt.step(closure, group_ids)")
-        return self._step_closure(closure, group_ids)
+        if group_ids is not None:
+            return self._step_closure(closure, group_ids)
+        if _takes_arguments(closure):
+            raise TypeError("a closure of (pi_selected, loss_scale) is the published API, which needs group_ids: "
+                            "opt.step(closure, group_ids) (a closure of no arguments follows torch.optim's convention)")
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self._pi_steps.drop_batches()
+            raise
+        self._step_loop()
+        return loss
 
     def _check_devices(self, devices: set[torch.device]) -> None:
         # pi and the device checks' error word live on one device, and a step the device rejects must leave

@@ -330,3 +330,48 @@ def test_rgd_loss_on_cpu_tensors_runs_the_reference(monkeypatch):
     got = also_fused.rgd_loss(losses, temperature=0.5)
     assert torch.equal(got.detach(), want)
     got.backward()
+
+
+# ---------------------------------------------------------------- torch.optim's closure convention
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+def test_a_closure_without_arguments_takes_the_loop_step(mode):
+    """opt.step(closure) with a closure of no arguments (as Lightning and accelerate call it) runs the closure
+    with gradients on and then the loop API's step: bitwise the loop API; it returns the closure's loss."""
+    cfg = Config(mode=mode, api="loop", steps=6, lose_grad_every=3)
+    Wl, bl, loop = make_package(cfg, DEVICE, "auto")
+    Wc, bc, conv = make_package(cfg, DEVICE, "auto")
+    for X, Y, ids, use_bias in batches(cfg):
+        package_step(loop, Wl, bl, "loop", X, Y, ids, use_bias, DEVICE, cfg.dtype)
+        X, Y, ids = X.float().to(DEVICE), Y.float().to(DEVICE), ids.to(DEVICE)
+
+        def closure():
+            assert torch.is_grad_enabled()
+            conv.zero_grad(set_to_none=True)
+            out = X @ Wc + (bc if use_bias else 0.0)
+            loss = conv.weighted_loss(((out - Y) ** 2).mean(1), ids)
+            loss.backward()
+            return loss
+
+        with torch.no_grad():  # as a trainer calls it: the step turns gradients on for the closure
+            returned = conv.step(closure)
+        assert returned.requires_grad  # the closure's own loss, not the step's mean
+    assert torch.equal(Wl, Wc) and torch.equal(bl, bc) and torch.equal(loop.pi, conv.pi)
+    assert_same(loop.state_dict(), conv.state_dict())
+
+
+def test_a_closure_that_raises_drops_its_batch():
+    cfg = Config(mode="optimistic", api="loop", steps=2)
+    W, b, opt = make_package(cfg, DEVICE, "auto")
+    X, Y, ids, _ = next(iter(batches(cfg)))
+    X, Y, ids = X.float().to(DEVICE), Y.float().to(DEVICE), ids.to(DEVICE)
+    before = copy.deepcopy(opt.state_dict()), W.detach().clone()
+
+    def closure():
+        opt.weighted_loss(((X @ W + b - Y) ** 2).mean(1), ids)
+        raise KeyError("user error")
+
+    with pytest.raises(KeyError, match="user error"):
+        opt.step(closure)
+    assert_same((opt.state_dict(), W.detach()), before)
+    with pytest.raises(RuntimeError, match="step\\(\\) needs the per-sample losses"):
+        opt.step()  # the failed closure's batch was dropped with it
