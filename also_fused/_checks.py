@@ -125,7 +125,7 @@ def as_ids(group_ids: Union[Tensor, Sequence[int]], n_groups: int, device: torch
     if group_ids.dtype != torch.int64:
         group_ids = group_ids.long()
     if check_values:
-        lo, hi = (value_range or _aminmax)(group_ids)
+        lo, hi = (value_range or aminmax_on_host)(group_ids)
         if lo < 0 or hi >= n_groups:
             raise ValueError(f"group_ids must lie in [0, {n_groups}), got values in [{lo}, {hi}]")
     return group_ids
@@ -151,10 +151,11 @@ def check_losses(losses: Any, ids: Tensor, device: torch.device, check_finite: b
 def check_finite_losses(losses: Tensor, value_range: Optional[ValueRange] = None) -> None:
     """NaN or inf among the per-sample losses raise (a host sync). One reduction: the extremes propagate
     NaN, and they are finite exactly when every loss is."""
-    lo, hi = (value_range or _aminmax)(losses.detach())
+    lo, hi = (value_range or aminmax_on_host)(losses.detach())
     if not -math.inf < lo <= hi < math.inf:
         raise ValueError("per-sample losses contain NaN or inf; the step was not taken")
 
 
-def _aminmax(values: Tensor) -> tuple:
+def aminmax_on_host(values: Tensor) -> tuple:
+    """(min, max) of ids or losses as Python numbers, in one reduction (torch.aminmax propagates NaN)."""
     return tuple(v.item() for v in torch.aminmax(values))

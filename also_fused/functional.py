@@ -99,10 +99,12 @@ def group_counts(group_ids: Tensor, n_groups: int) -> Tensor:
     return counts.index_add_(0, group_ids.clamp(0, n_groups - 1), in_range(group_ids, n_groups).float())
 
 
-def group_counts_per_sample(group_ids: Tensor, n_groups: int) -> Tensor:
-    """c_i = number of samples of the batch in group g_i (float32 [B]); dense count, no host sync. At least 1:
-    a sample in range counts itself, and one outside it is masked out by whoever divides by c_i."""
-    return group_counts(group_ids, n_groups)[group_ids.clamp(0, n_groups - 1)].clamp_min(1.0)
+def group_counts_per_sample(group_ids: Tensor, n_groups: int, counts: Optional[Tensor] = None) -> Tensor:
+    """c_i = number of samples of the batch in group g_i (float32 [B]), from ``counts`` (default: this batch's
+    ``group_counts``); dense, no host sync. At least 1: a sample in range counts itself, and one outside it is
+    masked out by whoever divides by c_i."""
+    counts = group_counts(group_ids, n_groups) if counts is None else counts
+    return counts[group_ids.clamp(0, n_groups - 1)].clamp_min(1.0)
 
 
 def group_mean_sample_weights(pi: Tensor, group_ids: Tensor, n_groups: int) -> Tensor:
@@ -122,7 +124,7 @@ def group_mean_sample_weights_from_counts(pi: Tensor, group_ids: Tensor, counts:
     """
     pi = pi.detach().float()
     present_mass = (pi * (counts > 0)).sum()
-    per_sample_counts = counts[group_ids.clamp(0, pi.numel() - 1)].clamp_min(1.0)
+    per_sample_counts = group_counts_per_sample(group_ids, pi.numel(), counts)
     return gather_weights(pi, group_ids) / per_sample_counts * (scale / present_mass)
 
 

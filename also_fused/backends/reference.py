@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .._checks import aminmax_on_host
 from ..update_spec import AdamSpec, AdamTensors, HyperRow
 
 
@@ -76,6 +77,4 @@ class ReferenceBackend:
     def rgd_loss(self, losses: Tensor, temperature: float) -> Tensor:
         return F.rgd_loss_reference(losses, temperature)
 
-    def value_range(self, values: Tensor) -> tuple:
-        # one reduction: torch.aminmax propagates NaN
-        return tuple(v.item() for v in torch.aminmax(values))
+    value_range = staticmethod(aminmax_on_host)

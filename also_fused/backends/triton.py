@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._checks import aminmax_on_host
 from ..kernels import group_pi, losses as loss_kernels, multi_tensor_adam
 from ..kernels.staging import PinnedUploader
 from ..update_spec import AdamSpec, AdamTensors, HyperRow
@@ -129,5 +130,4 @@ class TritonBackend:
     def rgd_loss(self, losses: Tensor, temperature: float) -> Tensor:
         return loss_kernels.rgd_loss(losses, temperature)
 
-    def value_range(self, values: Tensor) -> tuple:
-        return tuple(v.item() for v in torch.aminmax(values))
+    value_range = staticmethod(aminmax_on_host)
