@@ -19,7 +19,11 @@ python3 -c "import torch, triton, also_fused; print('torch', torch.__version__, 
 python3 -c "from also_fused import cpu_fused; print('CPU extension:', cpu_fused.available())"
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -q -rs -n "${WORKERS:-16}" -p no:cacheprovider ${TESTS:-tests} \
+  # one CPU thread per worker: 16 workers each running OpenMP and torch on every core oversubscribe
+  # the host many times over and the CPU-extension tests then take minutes instead of seconds
+  workers=${WORKERS:-16}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))}
+  timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -q -rs -n "$workers" -p no:cacheprovider -o faulthandler_timeout=120 ${TESTS:-tests} \
     > "$OUT/tests.log" 2>&1
   status=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40
