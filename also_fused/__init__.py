@@ -1,4 +1,5 @@
 """also_fused: ALSO, group weights, RGD and Adam/AdamW with fused Triton kernels and a pure-torch reference path."""
+from . import amp
 from .adam import Adam, AdamW
 from .also import ALSO
 from .functional import FLOAT32_EPS
@@ -7,4 +8,4 @@ from .rgd import rgd_loss
 from .sampler import PiBatchSampler
 
 __version__ = "0.1.0"
-__all__ = ["ALSO", "GroupWeights", "Adam", "AdamW", "rgd_loss", "PiBatchSampler", "FLOAT32_EPS", "__version__"]
+__all__ = ["ALSO", "GroupWeights", "Adam", "AdamW", "rgd_loss", "PiBatchSampler", "FLOAT32_EPS", "amp", "__version__"]

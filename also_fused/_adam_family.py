@@ -13,7 +13,7 @@ from ._plans import Plan, StepPlanner
 from ._state_io import MOMENT_KEYS, SCALE_KEYS, check_saved_state, stored_state
 from ._step_hooks import profiler_enabled
 from .backends import BACKENDS, Backend, resolve_backend
-from .update_spec import AdamSpec
+from .update_spec import AdamSpec, GradScaling
 
 __all__ = ["AdamFamily", "MOMENT_KEYS", "SCALE_KEYS", "STATE_PRECISIONS", "SUPPORTED_DTYPES"]
 
@@ -30,6 +30,9 @@ class AdamFamily(torch.optim.Optimizer):
     with this step's gradients, and runs each with ``_run_plan`` and the ``AdamSpec`` of its formula."""
 
     _CACHES = ("_backends", "_planner")  # set by _reset_caches, left out of a copy
+    # torch.amp.GradScaler.step hands this optimizer its scale and found_inf (``grad_scale``, ``found_inf``
+    # attributes) instead of unscaling the gradients itself and reading found_inf on the host
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str,
                  state_precision: str = "float32") -> None:
@@ -142,11 +145,15 @@ class AdamFamily(torch.optim.Optimizer):
         """The dtype the moments of ``p`` are stored in (the update itself runs in float32)."""
         return STATE_PRECISIONS[self.state_precision] or p.dtype
 
+    def _grad_scaling(self) -> Optional[GradScaling]:
+        """GradScaler's scale and found_inf while ``GradScaler.step`` runs this optimizer's step, else None."""
+        return GradScaling.from_optimizer(self)
+
     def _run_plan(self, plan: Plan, grads: list[Tensor], spec: AdamSpec, error_word: Optional[Tensor] = None,
-                  report_out: Optional[Tensor] = None) -> None:
+                  report_out: Optional[Tensor] = None, scaling: Optional[GradScaling] = None) -> None:
         """Run the plan's fused update (one launch on the Triton path); it advances the step counts too."""
         plan.backend.adam_update(plan.tensors, plan.local_grads(grads), self._hyper_rows(), spec, cache=plan.cache,
-                                 error_word=error_word, report_out=report_out)
+                                 error_word=error_word, report_out=report_out, scaling=scaling)
 
     # -------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -68,13 +68,18 @@ class Adam(AdamFamily):
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """One update of every parameter that has a gradient; returns ``closure()`` when given.
 
-        Under ``torch.compile`` the step runs eagerly (a graph break): it is one fused launch already."""
+        Under ``torch.compile`` the step runs eagerly (a graph break): it is one fused launch already.
+        Under ``torch.amp.GradScaler.step`` the gradients are unscaled inside the update and a step whose
+        gradients hold inf or NaN changes nothing, decided on the device (no host sync); ``.grad`` keeps
+        the scaled gradients (torch's fused optimizers write the unscaled ones back)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scaling = self._grad_scaling()
         for plan, grads in self._planner.with_grads("step", _FLAGS, _IN_PLACE):
-            self._run_plan(plan, grads, _SPECS[plan.flags["maximize"], plan.flags["decoupled_weight_decay"]])
+            self._run_plan(plan, grads, _SPECS[plan.flags["maximize"], plan.flags["decoupled_weight_decay"]],
+                           scaling=scaling)
         return loss
 
 

@@ -220,11 +220,12 @@ class ALSO(ThetaAdam):
         reused = self._planner.reused(self._loop_tag(), ("amsgrad",))
         if reused is None:
             self._planner.grad_items()  # refuses bad gradients before anything changes
+        scaling = self._grad_scaling()  # under GradScaler.step: unscale in the update, skip on overflow
         transaction = self._begin_step("loop")
         pi_steps.share_error_word()
         # a staged pi step launches nothing at step(): the theta update then reports the step to the host
-        reported = self._update(reused, pi_steps.report_slot() if staged_mean is not None else None)
-        mean = pi_steps.ascend(ids, losses, staged_mean, reported)
+        reported = self._update(reused, pi_steps.report_slot() if staged_mean is not None else None, scaling)
+        mean = pi_steps.ascend(ids, losses, staged_mean, reported, None if scaling is None else scaling.found_inf)
         self._finish_step(transaction)
         return mean
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import functional as F
 from .storage import QUANT_M_BITS, QUANT_V_BITS, dense_like
-from .update_spec import AdamSpec, AdamTensors, HyperRow, keyword_form
+from .update_spec import AdamSpec, AdamTensors, GradScaling, HyperRow, keyword_form
 
 try:
     from . import _cpu_adam
@@ -98,12 +98,15 @@ def _torch_fused_step(params: list[Tensor], grads: Sequence[Tensor], exp_avgs: S
                maximize=maximize)
 
 
-def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[HyperRow], spec: AdamSpec) -> None:
+def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[HyperRow], spec: AdamSpec,
+              scaling: Optional[GradScaling] = None) -> None:
     """``functional.adam_step`` on CPU tensors (float hyper-parameters), in one pass over memory where it can."""
     sources = tensors.sources
     if len(sources) == 0:
         return
     tensors.check(spec)
+    if scaling is not None and scaling.skip_on_host(tensors):
+        return
     plain = (tensors.prior_grads is None and tensors.extrapolate_to is None and tensors.save_sources_to is None
              and tensors.save_grads_to is None and spec.commit_state and spec.grad_scale == 1.0
              and not tensors.quantized)
@@ -112,9 +115,15 @@ def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[Hyp
             and torch_fused_available() and all(s is d for s, d in zip(sources, tensors.destinations))
             and _flat_alike(sources, sources, grads, tensors.exp_avgs, tensors.exp_avg_sqs,
                             tensors.max_exp_avg_sqs or ())):
+        if scaling is not None and scaling.inverse_on_host() != 1.0:
+            # unscaled as GradScaler.unscale_ does (g * (1/scale)): the same bits as the folded scale for
+            # GradScaler's power-of-two scales
+            grads = torch._foreach_mul(list(grads), scaling.inverse_on_host())
         _torch_fused_step(list(sources), grads, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs,
                           tensors.steps, hyper, tensors.hyper_rows, spec.decoupled_weight_decay, spec.maximize)
         return
+    if scaling is not None:
+        spec = scaling.folded(spec)
     if _cpu_adam is not None and _cpu_adam.adam_update(
             list(sources), list(grads), list(tensors.exp_avgs), list(tensors.exp_avg_sqs),
             list(tensors.max_exp_avg_sqs or ()), list(tensors.steps), list(tensors.destinations), hyper,

@@ -15,7 +15,7 @@ from torch import Tensor
 # the 8-bit moment code lives in ``storage``; these names stay reachable here as before
 from .storage import (QUANT_BLOCK, QUANT_DTYPES, dequantize_legacy_moment, dequantize_moment,  # noqa: F401
                       is_legacy_scales, quant_blocks, quantize_moment_)
-from .update_spec import AdamSpec, AdamTensors, HyperRow, keyword_form
+from .update_spec import AdamSpec, AdamTensors, GradScaling, HyperRow, keyword_form
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -210,7 +210,8 @@ def select_batch_reference(
     return batch_size, ids.to(pi.device)
 
 
-def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[HyperRow], spec: AdamSpec) -> None:
+def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[HyperRow], spec: AdamSpec,
+              scaling: Optional[GradScaling] = None) -> None:
     """One Adam-style update of many tensors: what every path's ``adam_step`` computes (``update_spec``).
 
     For tensor i with hyper-parameters ``hyper[hyper_rows[i]] = (lr, beta1, beta2, eps, wd)`` (floats) and
@@ -225,9 +226,16 @@ def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[Hyp
     carried in float32 through all the advances of the call and rounded to nearest once when written
     back. With ``exp_avg_scales`` / ``exp_avg_sq_scales`` the moments are 8-bit codes (int8 m, uint8 v,
     see ``storage.quantize_moment_``): decoded at the start of the call and encoded once at its end.
-    One tensor at a time: on a CPU that keeps it in cache.
+    One tensor at a time: on a CPU that keeps it in cache. ``scaling`` (GradScaler's fused route,
+    ``update_spec.GradScaling``): gradients are multiplied by 1/scale inside the update (folded into
+    ``grad_scale`` and ``extrapolation_scale``); a step with ``found_inf`` set changes nothing but copying
+    each source to a destination that differs from it.
     """
     tensors.check(spec)
+    if scaling is not None:
+        if scaling.skip_on_host(tensors):
+            return
+        spec = scaling.folded(spec)
     commit, quantized = spec.commit_state, tensors.quantized
     moment_flags = dict(maximize=spec.maximize, decoupled=spec.decoupled_weight_decay)
     for i, x in enumerate(tensors.sources):

@@ -1,7 +1,8 @@
 """The group weights pi as a component: KL-regularised mirror ascent on the simplex, beside any optimizer."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+import contextlib
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -224,15 +225,21 @@ class GroupWeights:
 
     @torch.compiler.disable
     @torch.no_grad()
-    def step(self) -> Tensor:
+    def step(self, found_inf: Optional[Tensor] = None) -> Tensor:
         """pi <- PiUpdate(pi, G), G from every loss recorded since the last step (optimistic mode: then
-        pi_mid <- PiUpdate(pi, G) as well); returns their mean as a 0-dim tensor (no host sync)."""
+        pi_mid <- PiUpdate(pi, G) as well); returns their mean as a 0-dim tensor (no host sync).
+
+        ``found_inf``: beside an optimizer stepped by ``torch.amp.GradScaler``, the tensor the scaler used
+        for that step (``also_fused.amp.found_inf(scaler, optimizer)``): where it is non-zero (the scaler
+        skipped the model's step) pi and pi_mid stay as they were, decided on the device. Either way the
+        recorded batches are used up: a skipped batch does not carry into the next step."""
+        skip = self._skip_tensor(found_inf)
         self.check_errors(wait=False)
         ids, losses, staged_mean = self._take_recorded()
         self._check_recorded(losses)
         transaction = StepTransaction(self._errors, (self._step_driver,))
         self._share_error_word()
-        mean = self._ascend(ids, losses, staged_mean)
+        mean = self._ascend(ids, losses, staged_mean, skip=skip)
         self._commit(transaction)
         return mean
 
@@ -318,19 +325,44 @@ class GroupWeights:
         return torch.cat([r[0] for r in recorded]), torch.cat([r[1].float() for r in recorded]), None
 
     def _ascend(self, ids: Optional[Tensor], losses: Optional[Tensor], staged_mean: Optional[Tensor] = None,
-                reported: bool = False) -> Tensor:
+                reported: bool = False, skip: Optional[Tensor] = None) -> Tensor:
         """pi <- PiUpdate(pi, G); optimistic: pi_mid <- PiUpdate(new pi, G), in the same launch. Returns the
         losses' mean (0-d; computed by the pi step's own launch where it reads the per-sample losses).
         With ``staged_mean`` (from ``_take_recorded``) the update is the one weighted_loss() staged: it only
-        becomes pending; ``reported``: a launch of the step wrote ``_report_slot()``."""
+        becomes pending; ``reported``: a launch of the step wrote ``_report_slot()``. ``skip`` (0-d bool on
+        the device): where true, pi and pi_mid keep their values (GradScaler skipped the step)."""
         if staged_mean is not None:
-            self._pending = True
             self._reported = reported
+            if skip is None:
+                self._pending = True
+            else:  # committed now, so that the skip can keep pi
+                with self._kept_where(skip):
+                    self._backend.commit_pi_stage(self._stage, self._pi, self._pi_mid)
             return staged_mean
         self._flush()
         second = self._pi_mid if self.mode == "optimistic" else None
-        return self._pi_apply(self._pi_inputs(ids, losses), out=self._pi, second_out=second, losses=losses,
-                              last=True, cache="ascend")
+        with self._kept_where(skip):
+            return self._pi_apply(self._pi_inputs(ids, losses), out=self._pi, second_out=second, losses=losses,
+                                  last=True, cache="ascend")
+
+    @contextlib.contextmanager
+    def _kept_where(self, skip: Optional[Tensor]) -> Iterator[None]:
+        """pi and pi_mid as they were before the block wherever ``skip`` is true (on the device)."""
+        if skip is None:
+            yield
+            return
+        kept = [(t, t.clone()) for t in (self._pi, self._pi_mid) if t is not None]
+        yield
+        for t, before in kept:
+            torch.where(skip, before, t, out=t)
+
+    def _skip_tensor(self, found_inf: Optional[Tensor]) -> Optional[Tensor]:
+        """found_inf != 0 as a 0-d bool on pi's device (None for None)."""
+        if found_inf is None:
+            return None
+        if not isinstance(found_inf, Tensor) or found_inf.numel() != 1:
+            raise TypeError("found_inf must be a one-element tensor (GradScaler's, see also_fused.amp.found_inf)")
+        return found_inf.reshape(()).to(self.device, non_blocking=True) != 0
 
     def _closure_weights(self, ids: Tensor) -> tuple[Tensor, float]:
         """ALSO's closure API: (pi_selected, loss_scale) for the closure. In optimistic mode pi_mid =
@@ -538,9 +570,11 @@ class PiStepDriver:
         return self._weights._report_slot()
 
     def ascend(self, ids: Optional[Tensor], losses: Optional[Tensor], staged_mean: Optional[Tensor],
-               reported: bool) -> Tensor:
-        """Loop API: the pi step of ``take_batch()``'s batch; returns the batch's mean loss."""
-        return self._weights._ascend(ids, losses, staged_mean, reported)
+               reported: bool, found_inf: Optional[Tensor] = None) -> Tensor:
+        """Loop API: the pi step of ``take_batch()``'s batch; returns the batch's mean loss. Where
+        ``found_inf`` (GradScaler's) is non-zero, pi and pi_mid keep their values."""
+        weights = self._weights
+        return weights._ascend(ids, losses, staged_mean, reported, skip=weights._skip_tensor(found_inf))
 
     def closure_weights(self, ids: Tensor) -> tuple[Tensor, float]:
         return self._weights._closure_weights(ids)

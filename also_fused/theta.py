@@ -15,7 +15,7 @@ from ._input_errors import DeviceInputErrors
 from ._plans import Plan, param_itself
 from ._step_hooks import optimizer_step
 from ._transaction import StepTransaction
-from .update_spec import AdamSpec
+from .update_spec import AdamSpec, GradScaling
 
 Moved = list[tuple[Tensor, dict]]  # closure API: params holding the extrapolated point, with their state
 # the spec field each pass sets to alpha (the others take AdamSpec's defaults, eps_mode "also")
@@ -75,7 +75,9 @@ class ThetaAdam(AdamFamily):
     # ------------------------------------------------------------------ public
     @optimizer_step
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One step from the params' gradients (torch.optim's closure re-evaluates the loss first)."""
+        """One step from the params' gradients (torch.optim's closure re-evaluates the loss first); under
+        ``torch.amp.GradScaler.step`` the gradients are unscaled in the update and an overflow step is skipped
+        on the device, as for the drop-ins."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -85,7 +87,7 @@ class ThetaAdam(AdamFamily):
         if reused is None:
             self._planner.grad_items()  # refuses bad gradients before anything changes
         self._set_api("loop")
-        self._update(reused)
+        self._update(reused, scaling=self._grad_scaling())
         return loss
 
     def train(self) -> None:
@@ -177,13 +179,13 @@ class ThetaAdam(AdamFamily):
         return spec
 
     def _update(self, reused: Optional[list[tuple[Plan, list[Tensor]]]] = None,
-                report: Optional[Tensor] = None) -> bool:
+                report: Optional[Tensor] = None, scaling: Optional[GradScaling] = None) -> bool:
         """Loop API: x <- x + AdamStep(x, d); optimistic: x is kept in the state, the params get
         y = x + AdamStep(x, alpha d) (one pass), and params without a gradient go back to x.
 
         ``reused``: the plans ``StepPlanner.reused`` found unchanged since the last step (else they are built).
         ``report``: a report slot of the device checks (``_input_errors``) for the first launch to write;
-        returns whether one did."""
+        returns whether one did. ``scaling``: GradScaler's tensors (``update_spec.GradScaling``)."""
         if self.mode == "descent-ascent":
             per_tensor = dict(sources=param_itself, destinations=param_itself)
         else:
@@ -195,10 +197,10 @@ class ThetaAdam(AdamFamily):
         reported = False
         for plan, grads in reused:
             if report is not None and not reported and plan.backend.reports_steps:
-                self._run_plan(plan, grads, spec, word, report_out=report)
+                self._run_plan(plan, grads, spec, word, report_out=report, scaling=scaling)
                 reported = True
             else:
-                self._run_plan(plan, grads, spec, word)
+                self._run_plan(plan, grads, spec, word, scaling=scaling)
         if self.mode == "descent-ascent":
             return reported
         key = (self._state_version, tuple([id(plan) for plan, _ in reused]))
@@ -206,11 +208,14 @@ class ThetaAdam(AdamFamily):
             with_grad = {id(p) for plan, _ in reused for p in plan.params}
             self._stale = (key, [(p, s) for p, s in self._params_with("iterate") if id(p) not in with_grad])
         stale = self._stale[1]
-        if stale:  # no gradient: no extrapolation, the param sits at x (unless the step is rejected)
-            if self._errors is None:
+        if stale:  # no gradient: no extrapolation, the param sits at x (unless the step is rejected or skipped)
+            rejected = None if self._errors is None else self._errors.word != 0
+            if scaling is not None:
+                skipped = scaling.found_inf != 0
+                rejected = skipped if rejected is None else rejected | skipped
+            if rejected is None:
                 torch._foreach_copy_([p for p, _ in stale], [s["iterate"] for _, s in stale])
             else:
-                rejected = self._errors.word != 0
                 for p, state in stale:
                     p.copy_(torch.where(rejected, p, state["iterate"]))
         return reported

@@ -9,6 +9,9 @@ An update of a list of tensors is described by
   user set tensors), as the param groups hold them;
 * ``AdamSpec``: the flags and scalars that select the formula (docs/algorithm.md sec. 3 and 6).
 
+``GradScaling`` carries ``torch.amp.GradScaler``'s tensors into a step (the fused route: gradients
+unscaled inside the update, the step skipped on the device when the scaler found inf or NaN).
+
 Every path has ``adam_step(tensors, grads, hyper, spec, ...)``: ``functional.adam_step`` (the
 reference, which states what each field means), ``cpu_fused.adam_step`` and
 ``kernels.multi_tensor_adam.adam_step``. Adding a flag means a field here, its use in the reference,
@@ -17,9 +20,10 @@ and its use in each backend; nothing else spells the contract out.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 HyperRow = tuple[Any, Any, Any, Any, Any]  # (lr, beta1, beta2, eps, weight_decay)
@@ -91,6 +95,81 @@ class AdamTensors:
             raise ValueError("8-bit moments need both exp_avg_scales and exp_avg_sq_scales")
         if self.quantized and self.max_exp_avg_sqs is not None:
             raise ValueError("8-bit moments do not support amsgrad")
+
+
+@dataclass(frozen=True, eq=False)
+class GradScaling:
+    """The gradients of a step as ``torch.amp.GradScaler`` hands them to a fused optimizer.
+
+    ``scale`` (0-d float32 on the params' device, or None when the gradients were unscaled already): every
+    gradient is multiplied by ``1/scale`` (rounded to float32) inside the update; the multiplication is
+    folded into the spec's gradient scales, so each path computes ``g * (grad_scale * (1/scale))``.
+    ``found_inf`` (0-d float32): where non-zero the whole update is a no-op (moments, step counts and
+    params untouched; an update into another destination copies its source there, as a rejected step
+    does). The kernels read both on the device; the host paths read them on the host."""
+
+    scale: Optional[Tensor]
+    found_inf: Tensor
+
+    @staticmethod
+    def from_optimizer(optimizer: Any) -> Optional["GradScaling"]:
+        """The ``grad_scale`` / ``found_inf`` attributes ``GradScaler.step`` sets on an optimizer whose
+        ``_step_supports_amp_scaling`` is True (None outside such a step)."""
+        found_inf = getattr(optimizer, "found_inf", None)
+        scale = getattr(optimizer, "grad_scale", None)
+        if found_inf is None and scale is None:
+            return None
+        if found_inf is None:
+            found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
+        return GradScaling(_as_float32(scale, "grad_scale"), _as_float32(found_inf, "found_inf"))
+
+    def check(self, tensors: "AdamTensors") -> None:
+        """Refuse updates that store or replay gradients (the closure API's): those are kept unscaled."""
+        if tensors.prior_grads is not None or tensors.save_grads_to is not None:
+            raise ValueError("gradient scaling (GradScaler's fused route) applies to updates from this step's "
+                             "gradients only, not to ones that save or replay gradients")
+
+    def skip_on_host(self, tensors: "AdamTensors") -> bool:
+        """For the host paths: check, and when the step is skipped put each source into a destination that
+        is not itself (as the kernels do) and return True."""
+        self.check(tensors)
+        if not self.skipped_on_host():
+            return False
+        for src, dst in zip(tensors.sources, tensors.destinations):
+            if src is not dst:
+                dst.copy_(src)
+        return True
+
+    def skipped_on_host(self) -> bool:
+        """Whether the step is skipped, read on the host (the reference and CPU paths)."""
+        return bool(self.found_inf != 0)
+
+    def inverse_on_host(self) -> float:
+        """1/scale rounded to float32, as a Python float (1.0 without a scale)."""
+        if self.scale is None:
+            return 1.0
+        return float(torch.reciprocal(self.scale.detach().to("cpu", torch.float32)))
+
+    def folded(self, spec: "AdamSpec") -> "AdamSpec":
+        """``spec`` with 1/scale folded into the gradient's and the extrapolation's scales, each product
+        rounded to float32 as the kernel computes it (prior gradients are stored unscaled)."""
+        inverse = self.inverse_on_host()
+        if inverse == 1.0:
+            return spec
+        return replace(spec, grad_scale=_float32_product(spec.grad_scale, inverse),
+                       extrapolation_scale=_float32_product(spec.extrapolation_scale, inverse))
+
+
+def _as_float32(t: Optional[Tensor], name: str) -> Optional[Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or t.numel() != 1:
+        raise TypeError(f"{name} must be a one-element tensor, as torch.amp.GradScaler sets it")
+    return t.reshape(()) if t.dtype == torch.float32 else t.reshape(()).float()
+
+
+def _float32_product(a: float, b: float) -> float:
+    return float(torch.tensor(a, dtype=torch.float32) * torch.tensor(b, dtype=torch.float32))
 
 
 _OPTIONAL_LISTS = tuple(f.name for f in fields(AdamTensors) if f.default is None)

@@ -29,7 +29,7 @@ from triton.language.extra import libdevice
 from .._cuda import raw_stream
 from ..error_bits import REPORTED
 from ..storage import QUANT_BLOCK, QUANT_M_BITS, QUANT_V_BITS, code_constants, dense_like, quant_blocks
-from ..update_spec import AdamSpec, AdamTensors, keyword_form
+from ..update_spec import AdamSpec, AdamTensors, GradScaling, keyword_form
 from .launch import Launcher
 from .staging import PinnedUploader
 
@@ -402,13 +402,13 @@ def _pick(row, a0, a1, a2, a3, N: tl.constexpr):
 @triton.jit
 def _multi_tensor_adam_kernel(
     chunks_ptr, meta_ptr, grads_ptr, hyper_ptr, error_ptr, tickets_ptr, grad_scale, extrap_scale, prior_scale,
-    lr0, lr1, lr2, lr3, df0, df1, df2, df3, report_ptr, N_LR_ARGS: tl.constexpr,
+    lr0, lr1, lr2, lr3, df0, df1, df2, df3, report_ptr, scale_ptr, found_inf_ptr, N_LR_ARGS: tl.constexpr,
     PDTYPE: tl.constexpr, MDTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, PVEC: tl.constexpr,
     MVEC: tl.constexpr, META_COLS: tl.constexpr,
     EPS_TORCH: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
     PRIOR: tl.constexpr, COMMIT: tl.constexpr, QUANT: tl.constexpr, HYPER_COLS: tl.constexpr,
-    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr, REPORT: tl.constexpr, STAGES: tl.constexpr,
+    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr, REPORT: tl.constexpr, STAGES: tl.constexpr, AMP: tl.constexpr,
 ):
     # One program = one chunk (up to CHUNK elements) of one tensor; the chunk table packs
     # (tensor index << 32) | chunk index within that tensor.
@@ -476,6 +476,10 @@ def _multi_tensor_adam_kernel(
     gscale_a = grad_scale
     gscale_b = extrap_scale
     gscale_p = prior_scale
+    if AMP:  # GradScaler's scale: 1/scale folded into the scales of this step's gradient (update_spec.GradScaling)
+        inverse = tl.div_rn(1.0, tl.load(scale_ptr))
+        gscale_a = gscale_a * inverse
+        gscale_b = gscale_b * inverse
     if MAXIMIZE:
         gscale_a = -gscale_a
         gscale_b = -gscale_b
@@ -499,6 +503,8 @@ def _multi_tensor_adam_kernel(
         if tl.program_id(0) == 0:
             tl.store(report_ptr, word | _REPORTED)
     rejected = word != 0
+    if AMP:  # GradScaler found inf or NaN in the gradients: the step is skipped the same way
+        rejected = rejected | (tl.load(found_inf_ptr) != 0.0)
     if rejected:
         if tl.load(row + COL_SRC) != tl.load(row + COL_DST):  # source and destination addresses differ
             for i in range(0, CHUNK // BLOCK):
@@ -573,7 +579,7 @@ def _build_tables(lists: Dict[int, Sequence[torch.Tensor]], sources: Sequence[to
 def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.Tensor, spec: AdamSpec, *,
               cache: Optional[Dict[str, Any]] = None, static_lists: bool = False,
               error_word: Optional[torch.Tensor] = None, lr_args: Optional[Sequence[Tuple[float, float]]] = None,
-              report_out: Optional[torch.Tensor] = None) -> None:
+              report_out: Optional[torch.Tensor] = None, scaling: Optional[GradScaling] = None) -> None:
     """The update ``functional.adam_step`` states, for every tensor in one kernel launch.
 
     Hyper-parameters come from row ``hyper_rows[i]`` of ``hyper = hyper_table(rows)`` (a device tensor);
@@ -588,13 +594,16 @@ def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.
     holds the device tables between calls. With ``static_lists`` the caller promises that when it passes
     the very same ``tensors`` lists again, the optimizer-owned tensors in them (moments, steps,
     prior/saved gradients) have not moved; only the param-like lists and the grads are then re-read,
-    which keeps the host cost of a step low for hundreds of tensors.
+    which keeps the host cost of a step low for hundreds of tensors. ``scaling``: GradScaler's scale and
+    found_inf, read by the kernel on the device (no host sync).
     """
     sources = tensors.sources
     n = len(sources)
     if n == 0:
         return
     tensors.check(spec)
+    if scaling is not None:
+        scaling.check(tensors)
     n_lr = 0 if lr_args is None else len(lr_args)
     if n_lr > MAX_LR_ARGS:
         raise ValueError(f"lr_args takes at most {MAX_LR_ARGS} rows, got {n_lr}")
@@ -636,7 +645,7 @@ def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.
                      aligned=(_or_all(ptrs) & 15) == 0, grad_ptrs=None, grad_table=None, grad_aligned=False,
                      lists=(list(lists.values()), hyper_rows), launchers={}, prepared={}, max_row=max(hyper_rows),
                      config=(block, chunk, num_warps, pvec), stages=stages, uploads=PinnedUploader(), stream=None,
-                     zero_word=None)
+                     zero_word=None, one=None)
     if n_lr and cache["max_row"] >= n_lr:
         raise ValueError(f"lr_args has {n_lr} rows but a tensor uses hyper row {cache['max_row']}")
 
@@ -655,10 +664,10 @@ def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.
 
     # what selects the compiled variant (the lists present are fixed while the tables are)
     flags = (spec.eps_mode, spec.decoupled_weight_decay, spec.maximize, spec.commit_state, n_lr,
-             cache["aligned"] and cache["grad_aligned"], quant, report_out is not None)
+             cache["aligned"] and cache["grad_aligned"], quant, report_out is not None, scaling is not None)
     launcher = cache["launchers"].get(flags)
     if launcher is None:
-        launcher = cache["launchers"][flags] = _launcher(spec, tensors, n_lr, flags[5], flags[7], dtype,
+        launcher = cache["launchers"][flags] = _launcher(spec, tensors, n_lr, flags[5], flags[7], flags[8], dtype,
                                                          cache["config"], cache["stages"], device)
     if n_lr:
         lrs = [float(a[0]) for a in lr_args] + [0.0] * (MAX_LR_ARGS - n_lr)
@@ -669,9 +678,17 @@ def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.
         if cache["zero_word"] is None:
             cache["zero_word"] = torch.zeros((), dtype=torch.int32, device=device)
         error_word = cache["zero_word"]
+    if cache["one"] is None:  # the scale of gradients that are not scaled, kept with the tables
+        cache["one"] = torch.ones((), dtype=torch.float32, device=device)
+    grad_scale, found_inf = cache["one"], cache["one"]
+    if scaling is not None:
+        grad_scale = cache["one"] if scaling.scale is None else scaling.scale
+        found_inf = scaling.found_inf
+        if grad_scale.device != device or found_inf.device != device:
+            raise ValueError(f"GradScaler's scale and found_inf must be on the parameters' device {device}")
     scales = (float(spec.grad_scale), float(spec.extrapolation_scale), float(spec.prior_scale))
     args = (cache["chunks"], cache["meta"], cache["grad_table"], hyper, error_word, cache["tickets"], *scales, *lrs,
-            *decays, error_word if report_out is None else report_out)
+            *decays, error_word if report_out is None else report_out, grad_scale, found_inf)
     varying = _VARYING[n_lr]
     prepared = cache["prepared"].get((flags, scales))
     if prepared is None or not prepared(cache["total"], *[args[i] for i in varying]):
@@ -685,8 +702,8 @@ def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.
 multi_tensor_adam_ = keyword_form(adam_step)
 
 
-def _launcher(spec: AdamSpec, tensors: AdamTensors, n_lr: int, aligned: bool, report: bool, dtype: torch.dtype,
-              config: tuple, stages: int, device: torch.device) -> Launcher:
+def _launcher(spec: AdamSpec, tensors: AdamTensors, n_lr: int, aligned: bool, report: bool, amp: bool,
+              dtype: torch.dtype, config: tuple, stages: int, device: torch.device) -> Launcher:
     """The kernel's launcher for one variant: the spec's flags and the tensors' kinds as constexprs."""
     block, chunk, num_warps, pvec = config
     quant = tensors.quantized
@@ -699,17 +716,19 @@ def _launcher(spec: AdamSpec, tensors: AdamTensors, n_lr: int, aligned: bool, re
         SAVE_SRC=tensors.save_sources_to is not None, SAVE_GRAD=tensors.save_grads_to is not None,
         EXTRAP=tensors.extrapolate_to is not None, PRIOR=tensors.prior_grads is not None,
         COMMIT=bool(spec.commit_state), HYPER_COLS=HYPER_COLS, ALIGNED=aligned, INTERPRET=device.type != "cuda",
-        REPORT=report, STAGES=stages),
+        REPORT=report, STAGES=stages, AMP=amp),
         # torch.optim rounds every elementwise op; without contraction the drop-ins follow it closely
         dict(num_warps=num_warps, enable_fp_fusion=spec.eps_mode != "torch"))
 
 
 _NO_LR_ARGS = ([0.0] * MAX_LR_ARGS, [1.0] * MAX_LR_ARGS)
 # per number of lr arguments, the launch arguments that may change while the cache's tables stay: the grad
-# table (reallocated on another stream), the error word, the lr arguments in use and the report slot
+# table (reallocated on another stream), the error word, the lr arguments in use, the report slot and
+# GradScaler's tensors
 _RUNTIME_ARGS = _multi_tensor_adam_kernel.arg_names[:_multi_tensor_adam_kernel.arg_names.index("N_LR_ARGS")]
 _VARYING = [tuple(_RUNTIME_ARGS.index(name) for name in ("grads_ptr", "error_ptr", *(f"lr{i}" for i in range(n)),
-                                                             *(f"df{i}" for i in range(n)), "report_ptr"))
+                                                             *(f"df{i}" for i in range(n)), "report_ptr",
+                                                             "scale_ptr", "found_inf_ptr"))
             for n in range(MAX_LR_ARGS + 1)]
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import cpu_fused
-from ..update_spec import AdamSpec, AdamTensors, HyperRow
+from ..update_spec import AdamSpec, AdamTensors, GradScaling, HyperRow
 from .cpu import CpuBackend
 from .reference import ReferenceBackend
 
@@ -36,9 +36,11 @@ class Backend(Protocol):
 
     def adam_update(self, tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[HyperRow],
                     spec: AdamSpec, *, cache: Optional[dict] = None, error_word: Optional[Tensor] = None,
-                    report_out: Optional[Tensor] = None) -> None:
+                    report_out: Optional[Tensor] = None, scaling: Optional[GradScaling] = None) -> None:
         """``functional.adam_step`` of one bucket; ``cache``: a dict kept by the caller per bucket (the
-        kernels keep their tables there); while ``error_word`` is set the update only restores the params."""
+        kernels keep their tables there); while ``error_word`` is set the update only restores the params.
+        ``scaling``: GradScaler's scale and found_inf (``update_spec.GradScaling``), read on the device by
+        the kernels and on the host elsewhere."""
 
     def weighted_loss(self, pi: Tensor, group_ids: Tensor, losses: Tensor, loss_scale: float, *,
                       error_word: Optional[Tensor] = None, cache: Optional[dict] = None) -> Tensor:

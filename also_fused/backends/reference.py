@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import functional as F
 from .._checks import aminmax_on_host
-from ..update_spec import AdamSpec, AdamTensors, HyperRow
+from ..update_spec import AdamSpec, AdamTensors, GradScaling, HyperRow
 
 
 def float_rows(hyper: Sequence[HyperRow]) -> list[tuple[float, ...]]:
@@ -35,8 +35,8 @@ class ReferenceBackend:
 
     def adam_update(self, tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[HyperRow],
                     spec: AdamSpec, *, cache: Optional[dict] = None, error_word: Optional[Tensor] = None,
-                    report_out: Optional[Tensor] = None) -> None:
-        self._adam_step(tensors, grads, float_rows(hyper), spec)
+                    report_out: Optional[Tensor] = None, scaling: Optional[GradScaling] = None) -> None:
+        self._adam_step(tensors, grads, float_rows(hyper), spec, scaling)
 
     # the update with float hyper-parameters (a tensor lr or beta was read on the host)
     _adam_step = staticmethod(F.adam_step)

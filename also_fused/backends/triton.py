@@ -11,7 +11,7 @@ from torch import Tensor
 from .._checks import aminmax_on_host
 from ..kernels import group_pi, losses as loss_kernels, multi_tensor_adam
 from ..kernels.staging import PinnedUploader
-from ..update_spec import AdamSpec, AdamTensors, HyperRow
+from ..update_spec import AdamSpec, AdamTensors, GradScaling, HyperRow
 
 
 class HyperTable:
@@ -91,11 +91,11 @@ class TritonBackend:
 
     def adam_update(self, tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[HyperRow],
                     spec: AdamSpec, *, cache: Optional[dict] = None, error_word: Optional[Tensor] = None,
-                    report_out: Optional[Tensor] = None) -> None:
+                    report_out: Optional[Tensor] = None, scaling: Optional[GradScaling] = None) -> None:
         table, lr_args = self._hyper_table.get(hyper)
         multi_tensor_adam.adam_step(tensors, grads, table, spec, cache=cache, static_lists=cache is not None,
                                     error_word=self.zero_word if error_word is None else error_word,
-                                    lr_args=lr_args, report_out=report_out)
+                                    lr_args=lr_args, report_out=report_out, scaling=scaling)
 
     def weighted_loss(self, pi: Tensor, group_ids: Tensor, losses: Tensor, loss_scale: float, *,
                       error_word: Optional[Tensor] = None, cache: Optional[dict] = None) -> Tensor:
