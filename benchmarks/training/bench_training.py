@@ -1,7 +1,10 @@
 """Whole training loops of real models on synthetic data, several optimizers side by side in one process.
 
 GPT-2 124M (eager, torch.compile'd) and ResNet-50 (channels_last, NCHW) under bf16 autocast, a host-bound fp32 MLP;
-torch AdamW fused, also_fused AdamW and ALSO (both modes, loop API), each on its own model copy with a cosine lr.
+torch AdamW fused, also_fused AdamW, ALSO (both modes, loop API) and GroupWeights beside also_fused AdamW, each on
+its own model copy with a cosine lr. ``--precision fp16``: fp16 autocast with a torch.amp.GradScaler per
+implementation (``scaler.step``; GroupWeights gets the scaler's found_inf), and a check that the optimizer's part
+of each step (weighted loss, scaler.step, the group weights' step, scaler.update) makes no host sync.
 ms/step: blocks of --steps steps between synchronizes, impls interleaved, order rotated each round (median/min/max).
 Per round: the ratio to torch AdamW fused (speed) and to also_fused AdamW (time) within each round, median/min/max
 over the rounds (the implementations of a round ran back to back, so the host's drift between rounds cancels).
@@ -40,7 +43,10 @@ from results_io import source_digest  # noqa: E402
 
 WORKLOAD_NAMES = ("gpt2", "gpt2_compiled", "resnet50", "resnet50_nchw", "mlp")
 TORCH_FUSED = "torch AdamW fused"
-IMPL_NAMES = (TORCH_FUSED, "also_fused AdamW", "ALSO descent-ascent", "ALSO optimistic")
+GROUP_WEIGHTS = "GroupWeights + also_fused AdamW"
+IMPL_NAMES = (TORCH_FUSED, "also_fused AdamW", "ALSO descent-ascent", "ALSO optimistic", GROUP_WEIGHTS)
+PRECISIONS = ("bf16", "fp16")
+SYNC_CHECK_STEPS = 3
 LR = 1e-4
 WEIGHT_DECAY = 0.01
 COSINE_T_MAX = 10_000
@@ -51,7 +57,7 @@ RESULTS_DIR = os.path.join(BENCH, "results")
 ALSO_ADAMW = "also_fused AdamW"
 FAILED_METRICS = dict(ms_per_step=None, ms_min=None, ms_max=None, ms_per_round=[], ratio_vs_torch_fused=None,
                       paired_ratio_vs_torch_fused=None, paired_time_vs_also_adamw=None,
-                      host_us_step=None, host_us_weighted_loss=None, gpu_us_step=None)
+                      host_us_step=None, host_us_weighted_loss=None, gpu_us_step=None, optimizer_part_host_sync=None)
 
 Batch = tuple[Tensor, Tensor, Tensor]
 PerSampleLoss = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -69,6 +75,7 @@ class Workload:
     use_autocast: bool
     compile_model: bool
     library_versions: dict[str, str] = field(default_factory=dict)
+    autocast_dtype: torch.dtype = torch.bfloat16
 
 
 @dataclass
@@ -79,6 +86,8 @@ class Implementation:
     sched: torch.optim.lr_scheduler.LRScheduler
     uses_weighted_loss: bool
     steps_taken: int = 0
+    weights: Optional[also_fused.GroupWeights] = None  # stepped after the optimizer
+    scaler: Optional[torch.amp.GradScaler] = None  # fp16: each implementation's own
 
 
 def optional_import(module_name: str) -> Optional[Any]:
@@ -110,7 +119,7 @@ def synchronize(device: torch.device) -> None:
 
 def autocast_context(workload: Workload, device: torch.device) -> ContextManager:
     if workload.use_autocast and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=workload.autocast_dtype)
     return contextlib.nullcontext()
 
 
@@ -215,13 +224,14 @@ def build_workload(name: str, device: torch.device, tiny: bool) -> Optional[Work
 def make_optimizer(impl_name: str, params: list[nn.Parameter], workload: Workload) -> torch.optim.Optimizer:
     if impl_name == TORCH_FUSED:
         return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
-    if impl_name == "also_fused AdamW":
+    if impl_name in ("also_fused AdamW", GROUP_WEIGHTS):
         return also_fused.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
     mode = {"ALSO descent-ascent": "descent-ascent", "ALSO optimistic": "optimistic"}[impl_name]
     return also_fused.ALSO(params, n_groups=workload.n_groups, batch_size=workload.batch, mode=mode, lr=LR)
 
 
-def build_implementations(workload: Workload, impl_names: list[str]) -> list[Implementation]:
+def build_implementations(workload: Workload, impl_names: list[str], device: torch.device,
+                          precision: str = "bf16") -> list[Implementation]:
     implementations = []
     for impl_name in impl_names:
         model = copy.deepcopy(workload.model)
@@ -229,8 +239,13 @@ def build_implementations(workload: Workload, impl_names: list[str]) -> list[Imp
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=COSINE_T_MAX)
         if workload.compile_model:
             model = torch.compile(model)
+        weights = None
+        if impl_name == GROUP_WEIGHTS:
+            weights = also_fused.GroupWeights(workload.n_groups, batch_size=workload.batch, device=device)
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         implementations.append(Implementation(impl_name, model, opt, sched,
-                                              uses_weighted_loss=isinstance(opt, also_fused.ALSO)))
+                                              uses_weighted_loss=isinstance(opt, also_fused.ALSO), weights=weights,
+                                              scaler=scaler))
     return implementations
 
 
@@ -245,7 +260,26 @@ def forward_per_sample(impl: Implementation, workload: Workload, device: torch.d
 def training_objective(impl: Implementation, per_sample: Tensor, group_ids: Tensor) -> Tensor:
     if impl.uses_weighted_loss:
         return impl.opt.weighted_loss(per_sample, group_ids)
+    if impl.weights is not None:
+        return impl.weights.weighted_loss(per_sample, group_ids)
     return per_sample.mean()
+
+
+def backward(impl: Implementation, loss: Tensor) -> None:
+    (loss if impl.scaler is None else impl.scaler.scale(loss)).backward()
+
+
+def optimizer_step(impl: Implementation) -> None:
+    """opt.step() (through the scaler with fp16), then the group weights' step (with the scaler's found_inf)."""
+    if impl.scaler is None:
+        impl.opt.step()
+        if impl.weights is not None:
+            impl.weights.step()
+        return
+    impl.scaler.step(impl.opt)
+    if impl.weights is not None:
+        impl.weights.step(found_inf=also_fused.amp.found_inf(impl.scaler, impl.opt))
+    impl.scaler.update()
 
 
 def finish_step(impl: Implementation) -> None:
@@ -255,9 +289,33 @@ def finish_step(impl: Implementation) -> None:
 
 def train_step(impl: Implementation, workload: Workload, device: torch.device) -> None:
     per_sample, group_ids = forward_per_sample(impl, workload, device)
-    training_objective(impl, per_sample, group_ids).backward()
-    impl.opt.step()
+    backward(impl, training_objective(impl, per_sample, group_ids))
+    optimizer_step(impl)
     finish_step(impl)
+
+
+def optimizer_part_syncs(impl: Implementation, workload: Workload, device: torch.device) -> Optional[str]:
+    """None when the optimizer's part of SYNC_CHECK_STEPS steps (weighted loss, step, group weights, scaler
+    update) runs under torch.cuda.set_sync_debug_mode("error"), else the error it raised."""
+    if device.type != "cuda":
+        return "not checked (no GPU)"
+    for _ in range(SYNC_CHECK_STEPS):
+        per_sample, group_ids = forward_per_sample(impl, workload, device)
+        synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = training_objective(impl, per_sample, group_ids)
+            scaled = loss if impl.scaler is None else impl.scaler.scale(loss)
+            torch.cuda.set_sync_debug_mode(0)
+            scaled.backward()
+            torch.cuda.set_sync_debug_mode("error")
+            optimizer_step(impl)
+        except RuntimeError as exc:
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        finish_step(impl)
+    return None
 
 
 def timed_block_ms_per_step(impl: Implementation, workload: Workload, device: torch.device, n_steps: int) -> float:
@@ -271,7 +329,8 @@ def timed_block_ms_per_step(impl: Implementation, workload: Workload, device: to
 
 def measure_step_costs(impl: Implementation, workload: Workload, device: torch.device,
                        n_samples: int) -> dict[str, Optional[float]]:
-    """Medians over n_samples steps: host us of opt.step() and opt.weighted_loss(), GPU us of opt.step()."""
+    """Medians over n_samples steps: host us of the step (``optimizer_step``: opt.step(), or scaler.step(opt) and
+    scaler.update(), with the group weights' step) and of the weighted loss, GPU us of the step."""
     host_step_us, host_weighted_loss_us, event_pairs = [], [], []
     use_events = device.type == "cuda"
     for _ in range(n_samples):
@@ -280,15 +339,15 @@ def measure_step_costs(impl: Implementation, workload: Workload, device: torch.d
         t0 = time.perf_counter()
         loss = training_objective(impl, per_sample, group_ids)
         t1 = time.perf_counter()
-        if impl.uses_weighted_loss:
+        if impl.uses_weighted_loss or impl.weights is not None:
             host_weighted_loss_us.append((t1 - t0) * 1e6)
-        loss.backward()
+        backward(impl, loss)
         synchronize(device)
         if use_events:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
-        impl.opt.step()
+        optimizer_step(impl)
         t1 = time.perf_counter()
         if use_events:
             end.record()
@@ -309,10 +368,12 @@ def bench_workload(workload: Workload, impl_names: list[str], device: torch.devi
     common = dict(workload=workload.name, steps=args.steps, rounds=args.rounds, warmup=warmup,
                   timing_steps=args.timing_steps, n_params=n_params, batch=workload.batch,
                   input_shape=workload.input_shape, n_groups=workload.n_groups,
-                  autocast="bf16" if workload.use_autocast and device.type == "cuda" else None,
+                  autocast=args.precision if workload.use_autocast and device.type == "cuda" else None,
+                  grad_scaler=args.precision == "fp16",
                   compiled=workload.compile_model, tiny=args.tiny, **workload.library_versions, **run_info)
     implementations, failed_records = [], []
-    for impl in build_implementations(workload, impl_names):
+    workload.autocast_dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
+    for impl in build_implementations(workload, impl_names, device, args.precision):
         t0 = time.perf_counter()
         try:
             for _ in range(warmup):
@@ -338,6 +399,7 @@ def bench_workload(workload: Workload, impl_names: list[str], device: torch.devi
 
     step_costs = {impl.name: measure_step_costs(impl, workload, device, args.timing_steps)
                   for impl in implementations}
+    syncs = {impl.name: optimizer_part_syncs(impl, workload, device) for impl in implementations}
     medians = {name: statistics.median(times) for name, times in ms_per_step.items()}
     baseline = medians.get(TORCH_FUSED)
     records = []
@@ -348,7 +410,7 @@ def bench_workload(workload: Workload, impl_names: list[str], device: torch.devi
             ms_per_round=times, ratio_vs_torch_fused=baseline / medians[impl.name] if baseline is not None else None,
             paired_ratio_vs_torch_fused=paired_ratio(ms_per_step.get(TORCH_FUSED), times),
             paired_time_vs_also_adamw=paired_ratio(times, ms_per_step.get(ALSO_ADAMW)),
-            **step_costs[impl.name], **common))
+            optimizer_part_host_sync=syncs[impl.name], **step_costs[impl.name], **common))
     return records + failed_records
 
 
@@ -383,16 +445,16 @@ def format_paired(paired: Optional[dict]) -> str:
 
 def print_table(records: list[dict[str, Any]]) -> None:
     print("| workload | impl | ms/step (min-max) | x torch fused | x torch fused, per round | time / also_fused "
-          "AdamW's, per round | host us step() | GPU us step() |")
-    print("|---|---|---|---|---|---|---|---|")
+          "AdamW's, per round | host us step() | GPU us step() | host sync in the optimizer's part |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         if r["error"] is not None:
-            print(f"| {r['workload']} | {r['impl']} | failed: {r['error'][:80]} | | | | | |")
+            print(f"| {r['workload']} | {r['impl']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         print(f"| {r['workload']} | {r['impl']} | {r['ms_per_step']:.3f} ({r['ms_min']:.3f}-{r['ms_max']:.3f}) | "
               f"{format_optional(r['ratio_vs_torch_fused'], '.3f')} | {format_paired(r['paired_ratio_vs_torch_fused'])} | "
               f"{format_paired(r['paired_time_vs_also_adamw'])} | {r['host_us_step']:.0f} | "
-              f"{format_optional(r['gpu_us_step'], '.0f')} |")
+              f"{format_optional(r['gpu_us_step'], '.0f')} | {r['optimizer_part_host_sync'] or 'none'} |")
 
 
 def parse_names(text: str, known: tuple[str, ...], what: str) -> list[str]:
@@ -416,6 +478,8 @@ def main() -> None:
                         help=f"warm-up steps per implementation ({COMPILED_WARMUP_FACTOR}x for gpt2_compiled)")
     parser.add_argument("--timing-steps", type=int, default=20, help="steps timed one by one for host/GPU step cost")
     parser.add_argument("--tiny", action="store_true", help="tiny model configs, for a smoke test on a CPU")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                        help="autocast dtype of the GPU workloads; fp16 adds a GradScaler per implementation")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/training_<gpu>.json)")
     args = parser.parse_args()
     workload_names = parse_names(args.workloads, WORKLOAD_NAMES, "workloads")
@@ -430,7 +494,8 @@ def main() -> None:
         triton_version: Optional[str] = triton.__version__
     except ImportError:
         triton_version = None
-    default_name = f"training_{device_slug(device_name)}{'_tiny' if args.tiny else ''}.json"
+    default_name = (f"training_{device_slug(device_name)}{'_fp16' if args.precision == 'fp16' else ''}"
+                    f"{'_tiny' if args.tiny else ''}.json")
     out = args.out or os.path.join(RESULTS_DIR, default_name)
     kernels_found = importlib.util.find_spec("also_fused.kernels") is not None
     if device.type == "cuda" and not kernels_found:
