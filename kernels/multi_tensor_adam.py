@@ -682,10 +682,9 @@ def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.
         cache["one"] = torch.ones((), dtype=torch.float32, device=device)
     grad_scale, found_inf = cache["one"], cache["one"]
     if scaling is not None:
-        grad_scale = cache["one"] if scaling.scale is None else scaling.scale
-        found_inf = scaling.found_inf
-        if grad_scale.device != device or found_inf.device != device:
-            raise ValueError(f"GradScaler's scale and found_inf must be on the parameters' device {device}")
+        # on the scaler's device, which params on several GPUs do not all share: copied (device to device)
+        grad_scale = cache["one"] if scaling.scale is None else scaling.scale.to(device, non_blocking=True)
+        found_inf = scaling.found_inf.to(device, non_blocking=True)
     scales = (float(spec.grad_scale), float(spec.extrapolation_scale), float(spec.prior_scale))
     args = (cache["chunks"], cache["meta"], cache["grad_table"], hyper, error_word, cache["tickets"], *scales, *lrs,
             *decays, error_word if report_out is None else report_out, grad_scale, found_inf)

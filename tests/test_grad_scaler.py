@@ -110,6 +110,35 @@ def test_overflow_step_is_a_no_op_and_the_rest_unscaled(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["AdamW", "ALSO-optimistic"])
+def test_unscaled_first_for_clipping(name, backend):
+    """scaler.unscale_(opt) before scaler.step(opt) (to clip): the scaler then hands over found_inf alone."""
+    def run(scaled):
+        model = _model()
+        opt = OPTIMIZERS[name](list(model.parameters()), backend)
+        scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 12)
+        for i, (x, y, ids) in enumerate(_batches()):
+            if not scaled and i == SKIPPED:
+                continue
+            losses = _losses(model, x, y)
+            loss = opt.weighted_loss(losses, ids) if hasattr(opt, "weighted_loss") else losses.mean()
+            opt.zero_grad()
+            if not scaled:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                opt.step()
+                continue
+            scaler.scale(loss * float("inf") if i == SKIPPED else loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            scaler.step(opt)
+            scaler.update()
+        return _snapshot(model, opt)
+
+    _assert_bitwise(run(scaled=True), run(scaled=False))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16_bit_params(dtype, backend):
     make = OPTIMIZERS["AdamW"]
