@@ -7,7 +7,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 
-from . import storage
+from . import _checks, rounding, storage
 from ._dtensor import local_tensor
 from ._plans import Plan, StepPlanner
 from ._state_io import MOMENT_KEYS, SCALE_KEYS, check_saved_state, stored_state
@@ -48,6 +48,9 @@ class AdamFamily(torch.optim.Optimizer):
                     raise TypeError("complex parameters are not supported")
                 if p.dtype not in SUPPORTED_DTYPES:
                     raise TypeError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
+                if group.get("stochastic_rounding", False) and p.dtype == torch.float16:
+                    raise ValueError("stochastic_rounding covers bfloat16 params (float32 ones need none); "
+                                     "float16 params are rounded to nearest: leave it off for them")
         self.backend = backend
         self._state_version = 0
         self._reset_caches()
@@ -140,6 +143,16 @@ class AdamFamily(torch.optim.Optimizer):
                 and param_group.get("amsgrad", self.defaults.get("amsgrad", False))):
             raise ValueError("state_precision='int8' does not support amsgrad")
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group.get("stochastic_rounding", False) and group.get("rounding_seed") is None:
+            group["rounding_seed"] = _checks.rounding_seed(True, None)
+
+    def rounding_seeds(self, params: list[Tensor], group_indices: list[int]) -> list[int]:
+        """Each param's stochastic-rounding seed: its group's ``rounding_seed`` mixed with the param's
+        position over the param groups (docs/algorithm.md sec. 14)."""
+        position = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return [rounding.tensor_seed(int(self.param_groups[gi]["rounding_seed"]), position[id(p)])
+                for p, gi in zip(params, group_indices)]
 
     def _moment_dtype(self, p: Tensor) -> torch.dtype:
         """The dtype the moments of ``p`` are stored in (the update itself runs in float32)."""

@@ -14,11 +14,32 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .rounding import SEED_BOUND
+
 # (min, max) of ids or losses read on the host; NaN propagates
 ValueRange = Callable[[Tensor], tuple]
 MODES = ("optimistic", "descent-ascent")
 REDUCTIONS = ("sum", "mean")
 ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def rounding_seed(stochastic_rounding: bool, seed: Optional[int]) -> Optional[int]:
+    """The seed of stochastic rounding: ``seed`` checked, or drawn from torch's default generator when None
+    (so that ``torch.manual_seed`` makes runs repeatable); None when the rounding is off and no seed is given."""
+    if seed is None:
+        return int(torch.randint(0, SEED_BOUND, ())) if stochastic_rounding else None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_BOUND:
+        raise ValueError(f"rounding_seed must be an int in [0, 2**31), got {seed!r}")
+    return seed
+
+
+def rounding_defaults(stochastic_rounding: bool, seed: Optional[int]) -> dict[str, Any]:
+    """The param-group entries of stochastic rounding, when it is on or a seed is given: none otherwise, so that
+    the param groups (and state_dicts) of an optimizer without it are torch.optim's."""
+    seed = rounding_seed(stochastic_rounding, seed)
+    if not stochastic_rounding and seed is None:
+        return {}
+    return dict(stochastic_rounding=bool(stochastic_rounding), rounding_seed=seed)
 
 
 def check_hyperparameters(lr: Any, betas: Any, eps: float, weight_decay: float, *,

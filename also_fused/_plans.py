@@ -181,7 +181,9 @@ class StepPlanner:
         states = [self._optimizer.init_state(p, amsgrad) for p in params]
         lists = _tensor_lists(per_tensor, params, states)
         quantized = "exp_avg_scale" in states[0]
+        stochastic = flags.get("stochastic_rounding", False)
         tensors = AdamTensors(
+            rounding_seeds=self._optimizer.rounding_seeds(params, [gi for _, gi in items]) if stochastic else None,
             sources=lists.pop("sources"), destinations=lists.pop("destinations"),
             exp_avgs=[local_tensor(s["exp_avg"]) for s in states],
             exp_avg_sqs=[local_tensor(s["exp_avg_sq"]) for s in states],

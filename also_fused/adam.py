@@ -7,16 +7,17 @@ import torch
 from torch import Tensor
 
 from ._adam_family import AdamFamily
-from ._checks import as_scalar, check_hyperparameters
+from ._checks import as_scalar, check_hyperparameters, rounding_defaults
 from ._plans import param_itself
 from ._step_hooks import optimizer_step
 from .update_spec import AdamSpec
 
-_FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay")
+_FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay", "stochastic_rounding")
 _IN_PLACE = dict(sources=param_itself, destinations=param_itself)
-# torch.optim's formula, per (maximize, decoupled_weight_decay) of a bucket
-_SPECS = {(maximize, decoupled): AdamSpec(eps_mode="torch", maximize=maximize, decoupled_weight_decay=decoupled)
-          for maximize in (False, True) for decoupled in (False, True)}
+# torch.optim's formula, per (maximize, decoupled_weight_decay, stochastic_rounding) of a bucket
+_SPECS = {(maximize, decoupled, stochastic): AdamSpec(eps_mode="torch", maximize=maximize,
+                                                      decoupled_weight_decay=decoupled, stochastic_rounding=stochastic)
+          for maximize in (False, True) for decoupled in (False, True) for stochastic in (False, True)}
 
 
 class Adam(AdamFamily):
@@ -33,6 +34,12 @@ class Adam(AdamFamily):
     8-bit codes with one float32 scale per 1024 elements (about 2 bytes per param for both moments;
     no amsgrad; the code is stated in ``storage``). The update is computed in
     float32 either way and the moments are rounded or encoded once when stored.
+
+    ``stochastic_rounding``: bfloat16 params are stored rounded up or down with probability proportional
+    to the distance (docs/algorithm.md sec. 14), so that updates below half a bfloat16 ulp are not lost,
+    with random bits from a hash of (``rounding_seed``, step, element): the same on every path, and a
+    resumed run continues the stream (the seed is a param-group entry of the state_dict; None draws one
+    from torch's default generator). float32 params are unaffected; float16 params are refused.
     """
 
     _decoupled_default = False
@@ -54,6 +61,8 @@ class Adam(AdamFamily):
         decoupled_weight_decay: Optional[bool] = None,
         backend: str = "auto",
         state_precision: str = "param",
+        stochastic_rounding: bool = False,
+        rounding_seed: Optional[int] = None,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
         if differentiable:
@@ -61,7 +70,8 @@ class Adam(AdamFamily):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         defaults = dict(lr=as_scalar(lr), betas=tuple(map(as_scalar, betas)), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+                        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+                        **rounding_defaults(stochastic_rounding, rounding_seed))
         super().__init__(params, defaults, backend, state_precision)
 
     @optimizer_step
@@ -78,8 +88,9 @@ class Adam(AdamFamily):
                 loss = closure()
         scaling = self._grad_scaling()
         for plan, grads in self._planner.with_grads("step", _FLAGS, _IN_PLACE):
-            self._run_plan(plan, grads, _SPECS[plan.flags["maximize"], plan.flags["decoupled_weight_decay"]],
-                           scaling=scaling)
+            flags = plan.flags
+            self._run_plan(plan, grads, _SPECS[flags["maximize"], flags["decoupled_weight_decay"],
+                                               flags["stochastic_rounding"]], scaling=scaling)
         return loss
 
 
@@ -104,7 +115,10 @@ class AdamW(Adam):
         fused: Optional[bool] = None,
         backend: str = "auto",
         state_precision: str = "param",
+        stochastic_rounding: bool = False,
+        rounding_seed: Optional[int] = None,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend, state_precision=state_precision)
+                         decoupled_weight_decay=True, backend=backend, state_precision=state_precision,
+                         stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)

@@ -11,7 +11,7 @@ from . import functional as F
 from ._step_hooks import optimizer_step
 from ._transaction import StepTransaction
 from .group_weights import GroupIds, GroupWeights, Simplex
-from .theta import ThetaAdam
+from .theta import BUCKET_FLAGS, ThetaAdam
 
 Closure = Callable[[Tensor, float], Any]
 
@@ -61,6 +61,7 @@ class ALSO(ThetaAdam):
       optimistic mode the params hold the extrapolated point after ``step()``; ``eval()`` puts the
       iterate x back into them, ``train()`` the extrapolated point.
 
+    ``stochastic_rounding`` / ``rounding_seed`` round bfloat16 params as the drop-ins' options do;
     ``state_precision`` stores the Adam moments as the drop-ins' option does ("float32" by default,
     "bfloat16", "param", "int8"); ``group_reduction="mean"``, ``process_group`` (torch.distributed: pi bitwise equal on every
     rank, N ranks follow one process on the concatenated batch) and ``validate`` are those of
@@ -103,9 +104,12 @@ class ALSO(ThetaAdam):
         group_reduction: str = "sum",
         process_group: Optional[Any] = None,
         state_precision: str = "float32",
+        stochastic_rounding: bool = False,
+        rounding_seed: Optional[int] = None,
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         mode=mode, alpha=alpha, backend=backend, state_precision=state_precision)
+                         mode=mode, alpha=alpha, backend=backend, state_precision=state_precision,
+                         stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)
         self.weights = GroupWeights(
             n_groups, loss_scale=loss_scale, batch_size=batch_size, mode=mode, pi_lr=pi_lr, pi_decay=pi_decay,
             pi_reg=pi_reg, pi_init=pi_init, pi_temperature=pi_temperature, eps=eps,
@@ -217,7 +221,7 @@ class ALSO(ThetaAdam):
         ids, losses, staged_mean = pi_steps.take_batch()  # a rejected step drops its batch: run it again
         self._check_training()
         pi_steps.check_batch(losses)
-        reused = self._planner.reused(self._loop_tag(), ("amsgrad",))
+        reused = self._planner.reused(self._loop_tag(), BUCKET_FLAGS)
         if reused is None:
             self._planner.grad_items()  # refuses bad gradients before anything changes
         scaling = self._grad_scaling()  # under GradScaler.step: unscale in the update, skip on overflow

@@ -107,6 +107,10 @@ def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[Hyp
     tensors.check(spec)
     if scaling is not None and scaling.skip_on_host(tensors):
         return
+    if spec.stochastic_rounding and sources[0].dtype == torch.bfloat16:
+        # the extension rounds to nearest: stochastic rounding runs the reference (the same bits as the kernels)
+        F.adam_step(tensors, grads, hyper, scaling.folded(spec) if scaling is not None else spec)
+        return
     plain = (tensors.prior_grads is None and tensors.extrapolate_to is None and tensors.save_sources_to is None
              and tensors.save_grads_to is None and spec.commit_state and spec.grad_scale == 1.0
              and not tensors.quantized)

@@ -15,6 +15,7 @@ from torch import Tensor
 # the 8-bit moment code lives in ``storage``; these names stay reachable here as before
 from .storage import (QUANT_BLOCK, QUANT_DTYPES, dequantize_legacy_moment, dequantize_moment,  # noqa: F401
                       is_legacy_scales, quant_blocks, quantize_moment_)
+from .rounding import stochastic_round_bf16, stream_key
 from .update_spec import AdamSpec, AdamTensors, GradScaling, HyperRow, keyword_form
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -48,10 +49,12 @@ def _advance_moments(x: Tensor, grad: Tensor, m: Tensor, v: Tensor, vmax: Option
 
 
 def _apply_step(x: Tensor, m: Tensor, v: Tensor, t: float, dst: Tensor, *, lr: float, beta1: float, beta2: float,
-                eps: float, weight_decay: float, eps_mode: str, decoupled: bool) -> Tensor:
+                eps: float, weight_decay: float, eps_mode: str, decoupled: bool, rounding_seed: Optional[int] = None
+                ) -> Tensor:
     """x_new = x - lr*sqrt(bc2)/bc1 * m/(sqrt(v)+eps)   (eps_mode "also", docs/algorithm.md sec. 3)
     x_new = x - lr/bc1 * m/(sqrt(v)/sqrt(bc2)+eps)       (eps_mode "torch", torch.optim.Adam)
-    with bc_k = 1 - beta_k^t; AdamW first scales x by (1 - lr*wd). Returns x_new in float32."""
+    with bc_k = 1 - beta_k^t; AdamW first scales x by (1 - lr*wd). Returns x_new in float32. With
+    ``rounding_seed`` a bfloat16 ``dst`` takes x_new rounded stochastically (sec. 14; the bits of step t)."""
     bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
     if decoupled and weight_decay != 0.0:
         x = x * (1.0 - lr * weight_decay)
@@ -66,7 +69,10 @@ def _apply_step(x: Tensor, m: Tensor, v: Tensor, t: float, dst: Tensor, *, lr: f
     if dst.dtype == torch.float32:
         return torch.addcdiv(x, m, denom, value=-step_size, out=dst)
     new = torch.addcdiv(x, m, denom, value=-step_size)
-    dst.copy_(new)
+    if rounding_seed is not None and dst.dtype == torch.bfloat16:
+        dst.copy_(stochastic_round_bf16(new, stream_key(rounding_seed, int(t))))
+    else:
+        dst.copy_(new)
     return new
 
 
@@ -221,6 +227,8 @@ def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[Hyp
       2. x1 = x + AdamStep(x, grad_scale * grad) is written to ``destinations``;
       3. ``extrapolate_to``: y = x1 + AdamStep(x1, extrapolation_scale * grad) is written there
          (from x1 as stored, i.e. rounded to the param dtype).
+    x1 and y are rounded to the param dtype to nearest, or with ``spec.stochastic_rounding`` (bfloat16
+    params) stochastically with the bits of their own step count (``rounding``: x1 at t, y at t + 1).
     ``commit_state=False`` leaves the moments untouched. ``save_sources_to`` / ``save_grads_to``
     receive copies of x / the raw grad. Moments stored below float32 (bf16, fp16) are read into float32,
     carried in float32 through all the advances of the call and rounded to nearest once when written
@@ -242,7 +250,8 @@ def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[Hyp
         lr, beta1, beta2, eps, weight_decay = hyper[tensors.hyper_rows[i]]
         moment_kw = dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, **moment_flags)
         apply_kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, eps_mode=spec.eps_mode,
-                        decoupled=spec.decoupled_weight_decay)
+                        decoupled=spec.decoupled_weight_decay,
+                        rounding_seed=tensors.rounding_seeds[i] if spec.stochastic_rounding else None)
         t = float(tensors.steps[i]) + 1
         grad = grads[i]
         stored = (tensors.exp_avgs[i], tensors.exp_avg_sqs[i],

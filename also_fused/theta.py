@@ -10,7 +10,7 @@ from torch import Tensor
 from . import _checks
 from . import functional as F
 from ._adam_family import AdamFamily
-from ._checks import as_scalar, check_hyperparameters
+from ._checks import as_scalar, check_hyperparameters, rounding_defaults
 from ._input_errors import DeviceInputErrors
 from ._plans import Plan, param_itself
 from ._step_hooks import optimizer_step
@@ -19,6 +19,8 @@ from .update_spec import AdamSpec, GradScaling
 
 Moved = list[tuple[Tensor, dict]]  # closure API: params holding the extrapolated point, with their state
 # the spec field each pass sets to alpha (the others take AdamSpec's defaults, eps_mode "also")
+# the per-group flags that split params into buckets (one launch each)
+BUCKET_FLAGS = ("amsgrad", "stochastic_rounding")
 _ALPHA_FIELD = {"optimistic": "extrapolation_scale", "extrapolate": "grad_scale", "main_prior": "prior_scale",
                 "commit": "grad_scale"}
 
@@ -37,6 +39,7 @@ class ThetaAdam(AdamFamily):
     puts the iterate x into the params, ``train()`` y again. ``ALSO`` is this update plus a
     ``GroupWeights``; alone, with a ``GroupWeights`` beside it, it gives ALSO's loop API results.
     A param without a gradient is skipped (optimistic mode: it goes back to x).
+    ``stochastic_rounding`` / ``rounding_seed``: as the drop-ins' (bfloat16 params; sec. 14).
     """
 
     EXTRA_KEY = "theta"  # the state_dict entry that holds what torch.optim's state does not
@@ -54,13 +57,15 @@ class ThetaAdam(AdamFamily):
         alpha: float = 1.0,
         backend: str = "auto",
         state_precision: str = "float32",
+        stochastic_rounding: bool = False,
+        rounding_seed: Optional[int] = None,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
         _checks.check_choice("mode", mode, _checks.MODES)
         if not alpha >= 0.0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         defaults = dict(lr=as_scalar(lr), betas=tuple(map(as_scalar, betas)), eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad)
+                        amsgrad=amsgrad, **rounding_defaults(stochastic_rounding, rounding_seed))
         super().__init__(params, defaults, backend, state_precision)
         self.mode = mode
         self.alpha = float(alpha)
@@ -83,7 +88,7 @@ class ThetaAdam(AdamFamily):
             with torch.enable_grad():
                 loss = closure()
         self._check_training()
-        reused = self._planner.reused(self._loop_tag(), ("amsgrad",))
+        reused = self._planner.reused(self._loop_tag(), BUCKET_FLAGS)
         if reused is None:
             self._planner.grad_items()  # refuses bad gradients before anything changes
         self._set_api("loop")
@@ -168,14 +173,16 @@ class ThetaAdam(AdamFamily):
     def _loop_tag(self) -> str:
         return "step" if self.mode == "descent-ascent" else "fused"
 
-    def _spec(self, kind: str) -> AdamSpec:
+    def _spec(self, kind: str, stochastic: bool = False) -> AdamSpec:
         """The update's flags for a pass: "descent-ascent" / "optimistic" (loop API), "step", "extrapolate",
-        "main_prior", "main", "commit" (closure API); alpha is read now (the user may change it)."""
-        key = (kind, self.alpha)
+        "main_prior", "main", "commit" (closure API); alpha is read now (the user may change it).
+        ``stochastic``: the bucket's params are rounded stochastically."""
+        key = (kind, self.alpha, stochastic)
         spec = self._specs.get(key)
         if spec is None:
             scalars = {_ALPHA_FIELD[kind]: self.alpha} if kind in _ALPHA_FIELD else {}
-            spec = self._specs[key] = AdamSpec(eps_mode="also", commit_state=kind != "extrapolate", **scalars)
+            spec = self._specs[key] = AdamSpec(eps_mode="also", commit_state=kind != "extrapolate",
+                                               stochastic_rounding=stochastic, **scalars)
         return spec
 
     def _update(self, reused: Optional[list[tuple[Plan, list[Tensor]]]] = None,
@@ -191,11 +198,11 @@ class ThetaAdam(AdamFamily):
         else:
             per_tensor = dict(sources=_iterate_or_param, destinations=self._iterate_buffer, extrapolate_to=param_itself)
         if reused is None:
-            reused = self._planner.with_grads(self._loop_tag(), ("amsgrad",), per_tensor)
-        spec = self._spec(self.mode)
+            reused = self._planner.with_grads(self._loop_tag(), BUCKET_FLAGS, per_tensor)
         word = self._errors.word if self._errors is not None else None
         reported = False
         for plan, grads in reused:
+            spec = self._spec(self.mode, plan.flags["stochastic_rounding"])
             if report is not None and not reported and plan.backend.reports_steps:
                 self._run_plan(plan, grads, spec, word, report_out=report, scaling=scaling)
                 reported = True
@@ -277,9 +284,9 @@ class ThetaAdam(AdamFamily):
         device/dtype/amsgrad bucket), with the tensor lists (sources, destinations, save_*_to,
         prior_grads) given as functions of (param, state). A committing update reads the device error
         word: a rejected step only restores the params."""
-        spec = self._spec(tag)
-        word = self._errors.word if self._errors is not None and spec.commit_state else None
-        for plan in self._planner.plans_for(tag, items, ("amsgrad",), per_tensor):
+        word = self._errors.word if self._errors is not None and tag != "extrapolate" else None
+        for plan in self._planner.plans_for(tag, items, BUCKET_FLAGS, per_tensor):
+            spec = self._spec(tag, plan.flags["stochastic_rounding"])
             plan_grads = ([p.grad for p in plan.params] if grads is None
                           else [grads(p, s) for p, s in zip(plan.params, plan.states)])
             self._run_plan(plan, plan_grads, spec, word)

@@ -38,7 +38,9 @@ class AdamSpec:
     ``eps_mode``: "also" adds eps to sqrt(v) before the bias correction (ALSO), "torch" after it
     (torch.optim.Adam). ``grad_scale`` multiplies the gradient; ``extrapolation_scale`` the gradient
     of the extrapolation and ``prior_scale`` the prior gradient (see ``AdamTensors``);
-    ``commit_state=False`` leaves the moments and step counts unwritten (a single update only)."""
+    ``commit_state=False`` leaves the moments and step counts unwritten (a single update only);
+    ``stochastic_rounding``: bfloat16 params are stored rounded stochastically (``rounding``, with each
+    tensor's seed from ``AdamTensors.rounding_seeds``) instead of to nearest."""
 
     eps_mode: str = "also"
     decoupled_weight_decay: bool = False
@@ -47,6 +49,7 @@ class AdamSpec:
     extrapolation_scale: float = 1.0
     prior_scale: float = 1.0
     commit_state: bool = True
+    stochastic_rounding: bool = False
 
     def __post_init__(self) -> None:
         if self.eps_mode not in EPS_MODES:
@@ -62,7 +65,8 @@ class AdamTensors:
     ``max_exp_avg_sqs`` (amsgrad); ``save_sources_to`` / ``save_grads_to`` receive copies of x / the raw
     gradient; ``extrapolate_to`` receives a second step from the stored result; ``prior_grads`` advance
     the moments first; ``exp_avg_scales`` / ``exp_avg_sq_scales`` make the moments 8-bit codes
-    (``storage.quantize_moment_``)."""
+    (``storage.quantize_moment_``); ``rounding_seeds`` (ints in [0, 2^32)): each tensor's seed for
+    stochastic rounding (``rounding.tensor_seed``)."""
 
     sources: Sequence[Tensor]
     exp_avgs: Sequence[Tensor]
@@ -77,6 +81,7 @@ class AdamTensors:
     prior_grads: TensorList = None
     exp_avg_scales: TensorList = None
     exp_avg_sq_scales: TensorList = None
+    rounding_seeds: Optional[Sequence[int]] = None
 
     @property
     def quantized(self) -> bool:
@@ -95,6 +100,9 @@ class AdamTensors:
             raise ValueError("8-bit moments need both exp_avg_scales and exp_avg_sq_scales")
         if self.quantized and self.max_exp_avg_sqs is not None:
             raise ValueError("8-bit moments do not support amsgrad")
+        if spec.stochastic_rounding and (self.rounding_seeds is None
+                                         or len(self.rounding_seeds) != len(self.sources)):
+            raise ValueError("stochastic_rounding needs one seed per tensor (rounding_seeds)")
 
 
 @dataclass(frozen=True, eq=False)

@@ -29,6 +29,7 @@ from triton.language.extra import libdevice
 from .._cuda import raw_stream
 from ..error_bits import REPORTED
 from ..storage import QUANT_BLOCK, QUANT_M_BITS, QUANT_V_BITS, code_constants, dense_like, quant_blocks
+from ..rounding import CANONICAL_NAN as _CANONICAL_NAN, MIX_A as _MIX_A, MIX_B as _MIX_B
 from ..update_spec import AdamSpec, AdamTensors, GradScaling, keyword_form
 from .launch import Launcher
 from .staging import PinnedUploader
@@ -65,9 +66,9 @@ def hyper_rows_float64(rows: Sequence[Sequence[float]]) -> List[tuple]:
 # Columns of the per-tensor metadata table (int64, one 128-byte row per tensor): on the host, and as the
 # kernel's constexprs
 (_SRC, _DST, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _SAVE_SRC, _SAVE_GRAD, _EXTRAP, _STEP, _NUMEL, _HROW, _PRIOR,
- _M_SCALE, _V_SCALE) = range(14)
+ _M_SCALE, _V_SCALE, _SEED) = range(15)
 (COL_SRC, COL_DST, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_MAX_EXP_AVG_SQ, COL_SAVE_SRC, COL_SAVE_GRAD, COL_EXTRAP, COL_STEP,
- COL_NUMEL, COL_HYPER_ROW, COL_PRIOR, COL_M_SCALE, COL_V_SCALE) = (tl.constexpr(c) for c in range(14))
+ COL_NUMEL, COL_HYPER_ROW, COL_PRIOR, COL_M_SCALE, COL_V_SCALE, COL_SEED) = (tl.constexpr(c) for c in range(15))
 _META_COLS = 16
 # columns that may hold the user's parameters, whose storage can change behind the optimizer's back
 _PARAM_COLS = (_SRC, _DST, _SAVE_SRC, _EXTRAP)
@@ -98,6 +99,7 @@ def pipeline_stages(param_size: int, moment_size: int) -> int:
     return PIPELINE_STAGES.get((param_size, moment_size), 1)
 
 _REPORTED = tl.constexpr(REPORTED)
+MIX_A, MIX_B, CANONICAL_NAN = tl.constexpr(_MIX_A), tl.constexpr(_MIX_B), tl.constexpr(_CANONICAL_NAN)
 # the 8-bit codes' constants (storage.code_constants): smallest scale field, zero offset, shift,
 # rounding half, largest code; m's then v's
 M_MIN_FIELD, M_OFFSET, M_SHIFT, M_HALF, M_TOP = (tl.constexpr(c) for c in code_constants(QUANT_M_BITS))
@@ -154,6 +156,35 @@ def _to_storage(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
         bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(DTYPE)
+
+
+@triton.jit
+def _mix32(h):
+    # rounding.mix32 on uint32 (products wrap modulo 2^32 as the reference's masked int64 ones do)
+    h = h ^ (h >> 16)
+    h = h * MIX_A
+    h = h ^ (h >> 15)
+    h = h * MIX_B
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _stream_key(seed, t):
+    # rounding.stream_key of a tensor's seed (uint32) and a float32 step count
+    return _mix32(seed ^ _mix32(t.to(tl.uint32)))
+
+
+@triton.jit
+def _stochastic_bf16(x, key, index):
+    # rounding.stochastic_round_bf16: 16 random bits of (key, element index) added to x's bits, the upper half kept
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32)
+    noise = _mix32(_mix32(lo ^ key) ^ hi) & 0xFFFF
+    # the upper half of the sum is the bfloat16 pattern itself (no conversion, which could flush subnormals);
+    # NaN becomes the canonical 0x7FC0, as torch converts it
+    upper = ((x.to(tl.uint32, bitcast=True) + noise) >> 16).to(tl.uint16)
+    upper = tl.where(x != x, CANONICAL_NAN, upper).to(tl.uint16)
+    return upper.to(tl.bfloat16, bitcast=True)
 
 
 SQRT_FAST_MIN = tl.constexpr(2.0 ** -101)  # the smallest float32 for which tl.sqrt_rn takes its fast path
@@ -302,7 +333,8 @@ def _adam_block(ptrs, off, block_index, end, scalars, MASKED: tl.constexpr, FLAG
         save_grad + off, extrap + off, prior + off)
     m_scale = m_scale + block_index
     v_scale = v_scale + block_index
-    gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b = scalars
+    (gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b, key_a,
+     key_b) = scalars
     PDTYPE: tl.constexpr = FLAGS[0]
     MDTYPE: tl.constexpr = FLAGS[1]
     BLOCK: tl.constexpr = FLAGS[2]
@@ -318,6 +350,7 @@ def _adam_block(ptrs, off, block_index, end, scalars, MASKED: tl.constexpr, FLAG
     PRIOR: tl.constexpr = FLAGS[12]
     COMMIT: tl.constexpr = FLAGS[13]
     QUANT: tl.constexpr = FLAGS[14]
+    SR: tl.constexpr = FLAGS[15]
     if MASKED:
         rem = (end - off).to(tl.int32)
     else:
@@ -362,13 +395,19 @@ def _adam_block(ptrs, off, block_index, end, scalars, MASKED: tl.constexpr, FLAG
     g = g_raw.to(tl.float32)
     x, m, v, vmax = _adam_math(x_raw.to(tl.float32), g * gscale_a, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a,
                                EPS_TORCH, DECOUPLED, AMSGRAD, INTERPRET)
-    x_out = _to_storage(x, PDTYPE, INTERPRET)
+    if SR:  # bfloat16 params rounded stochastically (the element's index within its tensor picks its bits)
+        x_out = _stochastic_bf16(x, key_a, off + poffs)
+    else:
+        x_out = _to_storage(x, PDTYPE, INTERPRET)
     tl.store(dst + poffs, x_out, mask=mask)
     if EXTRAP:
         # The second step starts from the stored first iterate, as two separate calls would.
         y, m, v, vmax = _adam_math(x_out.to(tl.float32), g * gscale_b, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_b, ib_b, rb_b,
                                    EPS_TORCH, DECOUPLED, AMSGRAD, INTERPRET)
-        tl.store(extrap + poffs, _to_storage(y, PDTYPE, INTERPRET), mask=mask)
+        if SR:
+            tl.store(extrap + poffs, _stochastic_bf16(y, key_b, off + poffs), mask=mask)
+        else:
+            tl.store(extrap + poffs, _to_storage(y, PDTYPE, INTERPRET), mask=mask)
     if COMMIT and QUANT:
         _quantize_store(m, v, exp_avg, exp_avg_sq, m_scale, v_scale, moffs, mask, MASKED)
     elif COMMIT:
@@ -409,6 +448,7 @@ def _multi_tensor_adam_kernel(
     SAVE_SRC: tl.constexpr, SAVE_GRAD: tl.constexpr, EXTRAP: tl.constexpr,
     PRIOR: tl.constexpr, COMMIT: tl.constexpr, QUANT: tl.constexpr, HYPER_COLS: tl.constexpr,
     ALIGNED: tl.constexpr, INTERPRET: tl.constexpr, REPORT: tl.constexpr, STAGES: tl.constexpr, AMP: tl.constexpr,
+    SR: tl.constexpr,
 ):
     # One program = one chunk (up to CHUNK elements) of one tensor; the chunk table packs
     # (tensor index << 32) | chunk index within that tensor.
@@ -494,6 +534,12 @@ def _multi_tensor_adam_kernel(
         ss_b = ss_a
         ib_b = ib_a
         rb_b = rb_a
+    key_a = 0
+    key_b = 0
+    if SR:  # the stream keys of this call's stores: x1 at its own step count, y at the next
+        seed = tl.load(row + COL_SEED).to(tl.uint32)
+        key_a = _stream_key(seed, t - EXTRAP)
+        key_b = _stream_key(seed, t)
 
     end = tl.minimum(start + CHUNK, numel)
     # A set error word (bad input found on the device) turns the update into a restore: the
@@ -514,9 +560,10 @@ def _multi_tensor_adam_kernel(
         # what every block of the chunk reads: its tensors' pointers, the step's scalars, the variant
         ptrs = (src, dst, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, save_src, save_grad, extrap, prior, m_scale,
                 v_scale)
-        scalars = (gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b)
+        scalars = (gscale_a, gscale_b, gscale_p, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a, ss_b, ib_b, rb_b,
+                   key_a, key_b)
         FLAGS: tl.constexpr = (PDTYPE, MDTYPE, BLOCK, PVEC, MVEC, INTERPRET, EPS_TORCH, DECOUPLED, AMSGRAD, SAVE_SRC,
-                               SAVE_GRAD, EXTRAP, PRIOR, COMMIT, QUANT)
+                               SAVE_GRAD, EXTRAP, PRIOR, COMMIT, QUANT, SR)
         if STAGES > 1 and not INTERPRET:
             # the full blocks in a software-pipelined loop (their loads issued stages ahead), then the tail
             n_full = (end - start) // BLOCK
@@ -554,11 +601,13 @@ def _or_all(ptrs: Sequence[int]) -> int:
 
 
 def _build_tables(lists: Dict[int, Sequence[torch.Tensor]], sources: Sequence[torch.Tensor],
-                  hyper_rows: Sequence[int], chunk: int, device: torch.device):
+                  hyper_rows: Sequence[int], chunk: int, device: torch.device, seeds: Optional[Sequence[int]] = None):
     n = len(sources)
     meta = torch.zeros(n, _META_COLS, dtype=torch.int64)
     for col, lst in lists.items():
         meta[:, col] = torch.tensor([t.data_ptr() for t in lst], dtype=torch.int64)
+    if seeds is not None:
+        meta[:, _SEED] = torch.tensor(list(seeds), dtype=torch.int64)
     numels = [t.numel() for t in sources]
     meta[:, _NUMEL] = torch.tensor(numels, dtype=torch.int64)
     meta[:, _HROW] = torch.tensor(list(hyper_rows), dtype=torch.int64)
@@ -609,6 +658,9 @@ def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.
         raise ValueError(f"lr_args takes at most {MAX_LR_ARGS} rows, got {n_lr}")
     quant = tensors.quantized
     hyper_rows = tensors.hyper_rows
+    # stochastic rounding applies to bfloat16 params (the seeds go into the tensor table)
+    stochastic = spec.stochastic_rounding and sources[0].dtype == torch.bfloat16
+    seeds = tensors.rounding_seeds if stochastic else None
     optional = {_MAX_EXP_AVG_SQ: tensors.max_exp_avg_sqs, _SAVE_SRC: tensors.save_sources_to,
                 _SAVE_GRAD: tensors.save_grads_to, _EXTRAP: tensors.extrapolate_to, _PRIOR: tensors.prior_grads,
                 _M_SCALE: tensors.exp_avg_scales, _V_SCALE: tensors.exp_avg_sq_scales}
@@ -623,13 +675,13 @@ def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.
     if static_lists:
         # the list objects stay referenced by the cache, so their ids cannot be reused by new lists; a
         # list passed in two roles (sources and destinations of an in-place update) is read once
-        owned = tuple(map(id, chain(lists.values(), (hyper_rows,))))
+        owned = tuple(map(id, chain(lists.values(), (hyper_rows, tensors.rounding_seeds))))
         param_lists = {id(lists[c]): lists[c] for c in _PARAM_COLS if c in lists}
         moving = tuple(map(_data_ptr, chain.from_iterable(param_lists.values())))
         key = ("static", n, dtype, device, owned, moving, hyper.data_ptr())
     else:
         key = (n, dtype, device, tuple(lists), tuple(map(_data_ptr, chain.from_iterable(lists.values()))),
-               tuple(hyper_rows), hyper.data_ptr())
+               tuple(hyper_rows), hyper.data_ptr(), None if seeds is None else tuple(seeds))
     if cache.get("key") != key:
         _check_call(lists, grads, sources, tensors.destinations, hyper, hyper_rows, device, dtype)
         moment_size = tensors.exp_avgs[0].dtype.itemsize
@@ -638,12 +690,12 @@ def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.
         chunk = block * iters
         if quant and block != QUANT_BLOCK:
             raise ValueError(f"8-bit moments need {QUANT_BLOCK}-element blocks, this configuration has {block}")
-        meta, chunks, total, tickets = _build_tables(lists, sources, hyper_rows, chunk, device)
+        meta, chunks, total, tickets = _build_tables(lists, sources, hyper_rows, chunk, device, seeds)
         ptrs = tuple(map(_data_ptr, chain.from_iterable(lists.values())))
         cache.clear()
         cache.update(key=key, meta=meta, chunks=chunks, total=total, tickets=tickets,
                      aligned=(_or_all(ptrs) & 15) == 0, grad_ptrs=None, grad_table=None, grad_aligned=False,
-                     lists=(list(lists.values()), hyper_rows), launchers={}, prepared={}, max_row=max(hyper_rows),
+                     lists=(list(lists.values()), hyper_rows, tensors.rounding_seeds), launchers={}, prepared={}, max_row=max(hyper_rows),
                      config=(block, chunk, num_warps, pvec), stages=stages, uploads=PinnedUploader(), stream=None,
                      zero_word=None, one=None)
     if n_lr and cache["max_row"] >= n_lr:
@@ -664,11 +716,12 @@ def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.
 
     # what selects the compiled variant (the lists present are fixed while the tables are)
     flags = (spec.eps_mode, spec.decoupled_weight_decay, spec.maximize, spec.commit_state, n_lr,
-             cache["aligned"] and cache["grad_aligned"], quant, report_out is not None, scaling is not None)
+             cache["aligned"] and cache["grad_aligned"], quant, report_out is not None, scaling is not None,
+             stochastic)
     launcher = cache["launchers"].get(flags)
     if launcher is None:
-        launcher = cache["launchers"][flags] = _launcher(spec, tensors, n_lr, flags[5], flags[7], flags[8], dtype,
-                                                         cache["config"], cache["stages"], device)
+        launcher = cache["launchers"][flags] = _launcher(spec, tensors, n_lr, flags[5], flags[7], flags[8], flags[9],
+                                                         dtype, cache["config"], cache["stages"], device)
     if n_lr:
         lrs = [float(a[0]) for a in lr_args] + [0.0] * (MAX_LR_ARGS - n_lr)
         decays = [float(a[1]) for a in lr_args] + [1.0] * (MAX_LR_ARGS - n_lr)
@@ -702,7 +755,7 @@ multi_tensor_adam_ = keyword_form(adam_step)
 
 
 def _launcher(spec: AdamSpec, tensors: AdamTensors, n_lr: int, aligned: bool, report: bool, amp: bool,
-              dtype: torch.dtype, config: tuple, stages: int, device: torch.device) -> Launcher:
+              stochastic: bool, dtype: torch.dtype, config: tuple, stages: int, device: torch.device) -> Launcher:
     """The kernel's launcher for one variant: the spec's flags and the tensors' kinds as constexprs."""
     block, chunk, num_warps, pvec = config
     quant = tensors.quantized
@@ -715,7 +768,7 @@ def _launcher(spec: AdamSpec, tensors: AdamTensors, n_lr: int, aligned: bool, re
         SAVE_SRC=tensors.save_sources_to is not None, SAVE_GRAD=tensors.save_grads_to is not None,
         EXTRAP=tensors.extrapolate_to is not None, PRIOR=tensors.prior_grads is not None,
         COMMIT=bool(spec.commit_state), HYPER_COLS=HYPER_COLS, ALIGNED=aligned, INTERPRET=device.type != "cuda",
-        REPORT=report, STAGES=stages, AMP=amp),
+        REPORT=report, STAGES=stages, AMP=amp, SR=stochastic),
         # torch.optim rounds every elementwise op; without contraction the drop-ins follow it closely
         dict(num_warps=num_warps, enable_fp_fusion=spec.eps_mode != "torch"))
 
