@@ -23,9 +23,8 @@ import torch.nn.functional as F
 
 import also_fused
 
-# 30 to 40 s on 2 cores, much of it importing the three frameworks in each worker (each is imported by
-# the tests that use it, not by the module: collecting it costs the fast tier nothing)
-pytestmark = pytest.mark.slow
+# about 15 s on 2 idle cores, much of it importing the three frameworks; each is imported by the tests
+# that use it, not at collection
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ["optimistic", "descent-ascent"]
 
