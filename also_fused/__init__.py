@@ -4,8 +4,10 @@ from .adam import Adam, AdamW
 from .also import ALSO
 from .functional import FLOAT32_EPS
 from .group_weights import GroupWeights
+from .in_backward import StepInBackward
 from .rgd import rgd_loss
 from .sampler import PiBatchSampler
 
 __version__ = "0.1.0"
-__all__ = ["ALSO", "GroupWeights", "Adam", "AdamW", "rgd_loss", "PiBatchSampler", "FLOAT32_EPS", "amp", "__version__"]
+__all__ = ["ALSO", "GroupWeights", "Adam", "AdamW", "rgd_loss", "PiBatchSampler", "StepInBackward", "FLOAT32_EPS", "amp",
+           "__version__"]

@@ -93,6 +93,14 @@ class Adam(AdamFamily):
                                                flags["stochastic_rounding"]], scaling=scaling)
         return loss
 
+    def update_params(self, items: list[tuple[Tensor, int]]) -> None:
+        """The update ``step()`` makes, of the (param, group index) pairs given, from their ``.grad`` (the step
+        inside the backward pass, ``also_fused.StepInBackward``, updates bucket by bucket through it)."""
+        for plan in self._planner.plans_for("in_backward", items, _FLAGS, _IN_PLACE):
+            flags = plan.flags
+            self._run_plan(plan, [p.grad for p in plan.params],
+                           _SPECS[flags["maximize"], flags["decoupled_weight_decay"], flags["stochastic_rounding"]])
+
 
 class AdamW(Adam):
     """torch.optim.AdamW (decoupled weight decay, default 1e-2) on the same fused update as ``Adam``."""
