@@ -14,18 +14,21 @@ updated when the backward pass ends. The update is the one ``optimizer.step()`` 
 
 What cannot fit is refused: a second backward pass before ``optimizer.step()`` (gradient accumulation over
 micro-batches: the first pass already stepped; use the plain step for it), sparse gradients, and the
-optimizers other than ``Adam``/``AdamW`` for now. Global-norm clipping cannot run either: the gradients are
-gone when backward returns (clip per bucket is not offered).
+optimizers other than ``Adam``, ``AdamW``, ``ThetaAdam`` and ``ALSO``. Global-norm clipping cannot run either: the
+gradients are gone when backward returns (clip per bucket is not offered). ALSO's loop API works unchanged:
+``weighted_loss`` before backward (its device checks are then known to the theta kernels, so a rejected
+batch changes no param), the theta update during backward, pi's step in ``step()``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
 from .adam import Adam
 from .storage import dense_like
+from .theta import ThetaAdam
 
 __all__ = ["StepInBackward"]
 
@@ -37,10 +40,10 @@ class StepInBackward:
 
     ``remove()`` takes the hooks away (the optimizer then steps as before)."""
 
-    def __init__(self, optimizer: Adam, bucket_mb: float = 25.0) -> None:
-        if not isinstance(optimizer, Adam):
-            raise TypeError(f"the step inside the backward pass takes also_fused.Adam or AdamW, got "
-                            f"{type(optimizer).__name__}: step that one after backward as usual")
+    def __init__(self, optimizer: Union[Adam, ThetaAdam], bucket_mb: float = 25.0) -> None:
+        if not isinstance(optimizer, (Adam, ThetaAdam)):
+            raise TypeError(f"the step inside the backward pass takes also_fused.Adam, AdamW, ThetaAdam or ALSO, "
+                            f"got {type(optimizer).__name__}: step that one after backward as usual")
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
         self.optimizer = optimizer

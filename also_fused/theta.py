@@ -43,7 +43,7 @@ class ThetaAdam(AdamFamily):
     """
 
     EXTRA_KEY = "theta"  # the state_dict entry that holds what torch.optim's state does not
-    _CACHES = AdamFamily._CACHES + ("_stale", "_specs")
+    _CACHES = AdamFamily._CACHES + ("_stale", "_specs", "_updated_in_backward")
 
     def __init__(
         self,
@@ -193,12 +193,13 @@ class ThetaAdam(AdamFamily):
         ``reused``: the plans ``StepPlanner.reused`` found unchanged since the last step (else they are built).
         ``report``: a report slot of the device checks (``_input_errors``) for the first launch to write;
         returns whether one did. ``scaling``: GradScaler's tensors (``update_spec.GradScaling``)."""
-        if self.mode == "descent-ascent":
-            per_tensor = dict(sources=param_itself, destinations=param_itself)
-        else:
-            per_tensor = dict(sources=_iterate_or_param, destinations=self._iterate_buffer, extrapolate_to=param_itself)
+        if self._updated_in_backward:  # StepInBackward ran the update: only the params it did not reach remain
+            done, self._updated_in_backward = self._updated_in_backward, set()
+            if self.mode == "optimistic":
+                self._return_to_x([(p, s) for p, s in self._params_with("iterate") if id(p) not in done], scaling)
+            return False
         if reused is None:
-            reused = self._planner.with_grads(self._loop_tag(), BUCKET_FLAGS, per_tensor)
+            reused = self._planner.with_grads(self._loop_tag(), BUCKET_FLAGS, self._loop_lists())
         word = self._errors.word if self._errors is not None else None
         reported = False
         for plan, grads in reused:
@@ -214,8 +215,34 @@ class ThetaAdam(AdamFamily):
         if self._stale[0] != key:
             with_grad = {id(p) for plan, _ in reused for p in plan.params}
             self._stale = (key, [(p, s) for p, s in self._params_with("iterate") if id(p) not in with_grad])
-        stale = self._stale[1]
-        if stale:  # no gradient: no extrapolation, the param sits at x (unless the step is rejected or skipped)
+        self._return_to_x(self._stale[1], scaling)
+        return reported
+
+    def _loop_lists(self) -> dict[str, Callable[[Tensor, dict], Tensor]]:
+        """The loop API's tensor lists: in place (descent-ascent); from the iterate x into its buffer, with the
+        extrapolated point into the param (optimistic)."""
+        if self.mode == "descent-ascent":
+            return dict(sources=param_itself, destinations=param_itself)
+        return dict(sources=_iterate_or_param, destinations=self._iterate_buffer, extrapolate_to=param_itself)
+
+    def update_params(self, items: list[tuple[Tensor, int]]) -> None:
+        """The loop API's update of the (param, group index) pairs given, from their ``.grad``: the step inside
+        the backward pass (``also_fused.StepInBackward``) runs it bucket by bucket; the ``step()`` after
+        backward then only returns the params it did not reach to x (optimistic) and, for ALSO, takes pi's step.
+        Reads the device error word as ``step()`` does, so a batch rejected on the device changes nothing."""
+        self._check_training()
+        self._set_api("loop")
+        word = self._errors.word if self._errors is not None else None
+        for plan in self._planner.plans_for(self._loop_tag() + " in backward", items, BUCKET_FLAGS,
+                                            self._loop_lists()):
+            self._run_plan(plan, [p.grad for p in plan.params], self._spec(self.mode, plan.flags["stochastic_rounding"]),
+                           word)
+        self._updated_in_backward.update(id(p) for p, _ in items)
+
+    def _return_to_x(self, stale: Moved, scaling: Optional[GradScaling]) -> None:
+        """Optimistic: params without a gradient this step sit at x, not at an extrapolated point (unless the
+        step is rejected or skipped)."""
+        if stale:
             rejected = None if self._errors is None else self._errors.word != 0
             if scaling is not None:
                 skipped = scaling.found_inf != 0
@@ -225,7 +252,6 @@ class ThetaAdam(AdamFamily):
             else:
                 for p, state in stale:
                     p.copy_(torch.where(rejected, p, state["iterate"]))
-        return reported
 
     def _extrapolate_closure(self) -> Moved:
         """Closure API: y = x + AdamStep(x, alpha*d_prev) into the params, x saved; the Adam state is not yet written."""
@@ -296,6 +322,7 @@ class ThetaAdam(AdamFamily):
         super()._reset_caches()
         self._stale: tuple[Any, list] = (None, [])  # optimistic loop API: params at x without a gradient
         self._specs: dict[tuple, AdamSpec] = {}  # (pass, alpha) -> the spec of the pass
+        self._updated_in_backward: set[int] = set()  # ids of the params StepInBackward updated this step
 
     def _check_training(self) -> None:
         if self.mode == "optimistic" and not self._training:
