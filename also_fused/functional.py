@@ -212,8 +212,25 @@ def select_batch_reference(
         ids = torch.randperm(n, generator=generator, device=gen_device)[:batch_size]
     else:
         probs = pi.float().to(gen_device)
-        ids = torch.multinomial(probs, batch_size, replacement=False, generator=generator)
+        ids = draw_without_replacement(probs, batch_size, generator)
     return batch_size, ids.to(pi.device)
+
+
+# torch.multinomial refuses more categories than this
+MULTINOMIAL_MAX_CATEGORIES = 2 ** 24
+
+
+def draw_without_replacement(probs: Tensor, k: int, generator: Optional[torch.Generator] = None,
+                             max_categories: int = MULTINOMIAL_MAX_CATEGORIES) -> Tensor:
+    """k distinct ids drawn one after another with probability proportional to ``probs`` among those not yet
+    drawn: ``torch.multinomial`` up to ``max_categories`` entries; beyond, the same distribution as the k
+    smallest of E_i / p_i with E_i ~ Exp(1) independent (an exponential race: E_i / p_i is the arrival time
+    of an exponential clock of rate p_i, and the first clock among those left rings with probability
+    proportional to its rate). Entries with p_i = 0 come last."""
+    if probs.numel() <= max_categories:
+        return torch.multinomial(probs, k, replacement=False, generator=generator)
+    arrivals = torch.empty_like(probs).exponential_(generator=generator).div_(probs)
+    return torch.topk(arrivals, k, largest=False, sorted=True).indices
 
 
 def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[HyperRow], spec: AdamSpec,

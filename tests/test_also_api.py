@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import also_fused
+from also_fused import functional as F
 from support import DEVICE, triton_importable
 from support.harness import Config, assert_same, batches, make_package, package_step, resume_is_bitwise
 
@@ -271,6 +272,34 @@ def test_select_batch_follows_pi():
     gen = torch.Generator().manual_seed(0)
     firsts = [int(opt.select_batch(0.1, generator=gen)[1][0]) for _ in range(200)]
     assert firsts.count(0) > 150
+
+
+@pytest.mark.parametrize("max_categories", [0, F.MULTINOMIAL_MAX_CATEGORIES], ids=["race", "multinomial"])
+def test_draws_without_replacement_in_proportion(max_categories):
+    """The ordered pair (i, j) drawn first and second has probability p_i p_j / (1 - p_i) (float64, computed
+    here), with torch.multinomial and with the exponential race used past its category limit."""
+    p = [0.1, 0.2, 0.3, 0.4, 0.0]
+    n_draws = 20000
+    gen = torch.Generator().manual_seed(3)
+    draws = torch.stack([F.draw_without_replacement(torch.tensor(p), 2, gen, max_categories=max_categories)
+                         for _ in range(n_draws)])
+    assert (draws[:, 0] != draws[:, 1]).all() and not (draws == 4).any()  # a zero-probability id never comes
+    for i in range(4):
+        for j in range(4):
+            if i == j:
+                continue
+            want = p[i] * p[j] / (1 - p[i])
+            got = ((draws[:, 0] == i) & (draws[:, 1] == j)).double().mean().item()
+            assert abs(got - want) <= 5 * (want * (1 - want) / n_draws) ** 0.5, (i, j, got, want)
+
+
+def test_select_batch_past_the_multinomial_limit():
+    """More groups than torch.multinomial takes (2^24): the draw still works, distinct ids in range."""
+    n = F.MULTINOMIAL_MAX_CATEGORIES + 3
+    weights = also_fused.GroupWeights(n, loss_scale=1.0, pi_init=None)
+    size, ids = weights.select_batch(1.0 - 40 / n, generator=torch.Generator().manual_seed(0))
+    assert size == ids.numel() and 1 <= size <= 64
+    assert len(set(ids.tolist())) == size and int(ids.min()) >= 0 and int(ids.max()) < n
 
 
 def test_pi_batch_sampler_feeds_a_dataloader():
