@@ -20,6 +20,11 @@ _SPECS = {(maximize, decoupled, stochastic): AdamSpec(eps_mode="torch", maximize
           for maximize in (False, True) for decoupled in (False, True) for stochastic in (False, True)}
 
 
+def _spec_of(flags: dict[str, bool]) -> AdamSpec:
+    """The spec of a bucket with these per-group flags."""
+    return _SPECS[flags["maximize"], flags["decoupled_weight_decay"], flags["stochastic_rounding"]]
+
+
 class Adam(AdamFamily):
     """torch.optim.Adam with the same signature and results, updated by one Triton launch per step on CUDA.
 
@@ -88,18 +93,14 @@ class Adam(AdamFamily):
                 loss = closure()
         scaling = self._grad_scaling()
         for plan, grads in self._planner.with_grads("step", _FLAGS, _IN_PLACE):
-            flags = plan.flags
-            self._run_plan(plan, grads, _SPECS[flags["maximize"], flags["decoupled_weight_decay"],
-                                               flags["stochastic_rounding"]], scaling=scaling)
+            self._run_plan(plan, grads, _spec_of(plan.flags), scaling=scaling)
         return loss
 
     def update_params(self, items: list[tuple[Tensor, int]]) -> None:
         """The update ``step()`` makes, of the (param, group index) pairs given, from their ``.grad`` (the step
         inside the backward pass, ``also_fused.StepInBackward``, updates bucket by bucket through it)."""
         for plan in self._planner.plans_for("in_backward", items, _FLAGS, _IN_PLACE):
-            flags = plan.flags
-            self._run_plan(plan, [p.grad for p in plan.params],
-                           _SPECS[flags["maximize"], flags["decoupled_weight_decay"], flags["stochastic_rounding"]])
+            self._run_plan(plan, [p.grad for p in plan.params], _spec_of(plan.flags))
 
 
 class AdamW(Adam):

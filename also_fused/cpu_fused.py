@@ -105,11 +105,11 @@ def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[Hyp
     if len(sources) == 0:
         return
     tensors.check(spec)
-    if scaling is not None and scaling.skip_on_host(tensors):
-        return
     if spec.stochastic_rounding and sources[0].dtype == torch.bfloat16:
         # the extension rounds to nearest: stochastic rounding runs the reference (the same bits as the kernels)
-        F.adam_step(tensors, grads, hyper, scaling.folded(spec) if scaling is not None else spec)
+        F.adam_step(tensors, grads, hyper, spec, scaling)
+        return
+    if scaling is not None and scaling.skip_on_host(tensors):
         return
     plain = (tensors.prior_grads is None and tensors.extrapolate_to is None and tensors.save_sources_to is None
              and tensors.save_grads_to is None and spec.commit_state and spec.grad_scale == 1.0
@@ -119,10 +119,11 @@ def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[Hyp
             and torch_fused_available() and all(s is d for s, d in zip(sources, tensors.destinations))
             and _flat_alike(sources, sources, grads, tensors.exp_avgs, tensors.exp_avg_sqs,
                             tensors.max_exp_avg_sqs or ())):
-        if scaling is not None and scaling.inverse_on_host() != 1.0:
+        inverse = 1.0 if scaling is None else scaling.inverse_on_host()
+        if inverse != 1.0:
             # unscaled as GradScaler.unscale_ does (g * (1/scale)): the same bits as the folded scale for
             # GradScaler's power-of-two scales
-            grads = torch._foreach_mul(list(grads), scaling.inverse_on_host())
+            grads = torch._foreach_mul(list(grads), inverse)
         _torch_fused_step(list(sources), grads, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs,
                           tensors.steps, hyper, tensors.hyper_rows, spec.decoupled_weight_decay, spec.maximize)
         return

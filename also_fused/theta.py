@@ -310,9 +310,9 @@ class ThetaAdam(AdamFamily):
         device/dtype/amsgrad bucket), with the tensor lists (sources, destinations, save_*_to,
         prior_grads) given as functions of (param, state). A committing update reads the device error
         word: a rejected step only restores the params."""
-        word = self._errors.word if self._errors is not None and tag != "extrapolate" else None
         for plan in self._planner.plans_for(tag, items, BUCKET_FLAGS, per_tensor):
             spec = self._spec(tag, plan.flags["stochastic_rounding"])
+            word = self._errors.word if self._errors is not None and spec.commit_state else None
             plan_grads = ([p.grad for p in plan.params] if grads is None
                           else [grads(p, s) for p, s in zip(plan.params, plan.states)])
             self._run_plan(plan, plan_grads, spec, word)
