@@ -53,10 +53,16 @@ def build(setup: str, size: tuple[int, int, int], device: torch.device, seq_len:
     n_layer, n_embd, n_head = size
     config = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=max(seq_len, 64))
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
-    if setup.endswith(("bf16", "bf16-small")):
-        model = model.to(torch.bfloat16)
-    model = model.to(device).train()
+    # built on the device in its final dtype: a model near the memory limit never exists in fp32 on the host
+    dtype = torch.bfloat16 if setup.endswith(("bf16", "bf16-small")) else torch.float32
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = transformers.GPT2LMHeadModel(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model = model.train()
     model.gradient_checkpointing_enable()
     params = list(model.parameters())
     stepper = None
@@ -121,13 +127,15 @@ def fits(setup: str, n_layer: int, width: tuple[int, int], device: torch.device,
     try:
         return peak_of(setup, (n_layer, *width), device, batch, seq_len, steps=2)
     except torch.OutOfMemoryError:
-        release(device)
-        return None
+        pass
+    release(device)  # outside the handler: the traceback's frames no longer hold the failed step's tensors
+    return None
 
 
 def largest_depth(setup: str, width: tuple[int, int], device: torch.device, batch: int, seq_len: int,
-                  start: int, max_depth: int) -> dict[str, Any]:
-    """The largest n_layer up to ``max_depth`` that fits: doubling from ``start``, then bisection."""
+                  start: int, max_depth: int, tolerance: float) -> dict[str, Any]:
+    """The largest n_layer up to ``max_depth`` that fits: doubling from ``start``, then bisection until the
+    bracket is within ``tolerance`` (relative) of the depth found."""
     good, bad, depth = None, None, start
     record = None
     while bad is None:
@@ -142,7 +150,7 @@ def largest_depth(setup: str, width: tuple[int, int], device: torch.device, batc
         else:
             good, record, depth = depth, result, depth * 2
     lo = good or 0
-    while bad - lo > 1:
+    while bad - lo > max(1, int(lo * tolerance)):
         mid = (lo + bad) // 2
         result = fits(setup, mid, width, device, batch, seq_len)
         print(f"    {setup}: {mid} layers {'fit' if result else 'OOM'}", flush=True)
@@ -150,15 +158,17 @@ def largest_depth(setup: str, width: tuple[int, int], device: torch.device, batc
             bad = mid
         else:
             lo, record = mid, result
-    return dict(setup=setup, n_layer=lo, n_embd=width[0], **({} if record is None else
+    return dict(setup=setup, n_layer=lo, first_oom_n_layer=bad, n_embd=width[0], **({} if record is None else
                                                                dict(n_params=record["n_params"],
                                                                     peak_bytes=record["peak_bytes"])))
 
 
-def timing(setups: list[str], size: tuple[int, int, int], device: torch.device, batch: int, seq_len: int,
-           steps: int, rounds: int, interleave: bool) -> dict[str, list[float]]:
-    """ms per step per setup: blocks of ``steps`` steps between synchronizes, over ``rounds`` rounds."""
-    times: dict[str, list[float]] = {s: [] for s in setups}
+def timing(together: list[str], alone: list[str], size: tuple[int, int, int], device: torch.device, batch: int,
+           seq_len: int, steps: int, rounds: int) -> dict[str, list[float]]:
+    """ms per step per setup: blocks of ``steps`` steps between synchronizes, over ``rounds`` rounds; the setups
+    in ``together`` live on the GPU at once and take turns (A B C A B C ...), those in ``alone`` run one after
+    the other."""
+    times: dict[str, list[float]] = {s: [] for s in together + alone}
 
     def block(model, opt, tokens):
         sync(device)
@@ -168,16 +178,20 @@ def timing(setups: list[str], size: tuple[int, int, int], device: torch.device, 
         sync(device)
         return (time.perf_counter() - t0) * 1e3 / steps
 
-    if interleave:
-        built = {s: build(s, size, device, seq_len) for s in setups}
-        tokens = torch.randint(0, built[setups[0]][0].config.vocab_size, (batch, seq_len), device=device)
+    if together:
+        built = {s: build(s, size, device, seq_len) for s in together}
+        tokens = torch.randint(0, built[together[0]][0].config.vocab_size, (batch, seq_len), device=device)
         for model, opt, _ in built.values():
             train_step(model, opt, tokens, device)  # warm-up
         for r in range(rounds):
-            for s in setups[r % len(setups):] + setups[:r % len(setups)]:
+            for s in together[r % len(together):] + together[:r % len(together)]:
                 times[s].append(block(built[s][0], built[s][1], tokens))
-        return times
-    for s in setups:
+        for _, _, stepper in built.values():
+            if stepper is not None:
+                stepper.remove()
+        del built
+        release(device)
+    for s in alone:
         model, opt, stepper = build(s, size, device, seq_len)
         tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
         train_step(model, opt, tokens, device)
@@ -187,6 +201,22 @@ def timing(setups: list[str], size: tuple[int, int, int], device: torch.device, 
         del model, opt, stepper
         release(device)
     return times
+
+
+def split_by_memory(peaks: list[dict[str, Any]], device: torch.device) -> tuple[list[str], list[str]]:
+    """(setups timed together, setups timed alone): in SETUPS order, a setup joins the interleaved set while the
+    sum of the set's peaks stays under 90% of the GPU (an overestimate: activations are not held between steps)."""
+    budget = 0.9 * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else float("inf")
+    together, alone, used = [], [], 0.0
+    for p in peaks:
+        if p.get("error") is not None:
+            continue
+        if used + (p["peak_bytes"] or 0) <= budget:
+            together.append(p["setup"])
+            used += p["peak_bytes"] or 0
+        else:
+            alone.append(p["setup"])
+    return together, alone
 
 
 def main() -> None:
@@ -200,6 +230,9 @@ def main() -> None:
     parser.add_argument("--search", action="store_true", help="the largest depth that fits, per setup")
     parser.add_argument("--search-width", default="1600,25", help="n_embd,n_head of the depth search")
     parser.add_argument("--max-depth", type=int, default=1024, help="the depth search stops there")
+    parser.add_argument("--search-setups", default="torch-fp32,ours-bf16-small", help="the setups searched")
+    parser.add_argument("--search-tolerance", type=float, default=0.03,
+                        help="the search stops when the first depth that fails is within this fraction of the last that fits")
     parser.add_argument("--tiny", action="store_true", help="the tiny config only (a smoke test on any device)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -216,7 +249,8 @@ def main() -> None:
     import transformers
     record: dict[str, Any] = dict(
         device=name, torch=torch.__version__, transformers=transformers.__version__, also_fused_source=source_digest(),
-        date=datetime.datetime.now().isoformat(timespec="seconds"), batch=args.batch, seq_len=args.seq_len,
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        cuda_alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), batch=args.batch, seq_len=args.seq_len,
         steps=args.steps, rounds=args.rounds, bucket_mb=BUCKET_MB, sizes={}, search=None)
     for size_name in sizes:
         size = SIZES[size_name]
@@ -232,22 +266,25 @@ def main() -> None:
         base = next((p["peak_bytes"] for p in peaks if p["setup"] == "torch-fp32"), None)
         for p in peaks:
             p["peak_vs_torch_fp32"] = None if base is None or p["peak_bytes"] is None else p["peak_bytes"] / base
-        fitting = [p["setup"] for p in peaks if p.get("error") is None]
-        interleave = size_name in ("tiny", "124M")
-        times = timing(fitting, size, device, args.batch, args.seq_len, args.steps, args.rounds, interleave)
+        together, alone = split_by_memory(peaks, device)
+        times = timing(together, alone, size, device, args.batch, args.seq_len, args.steps, args.rounds)
         for p in peaks:
             t = times.get(p["setup"])
             p.update(ms_per_step=statistics.median(t) if t else None, ms_min=min(t) if t else None,
-                     ms_max=max(t) if t else None, ms_per_round=t or [], interleaved=interleave)
+                     ms_max=max(t) if t else None, ms_per_round=t or [], interleaved=p["setup"] in together)
         record["sizes"][size_name] = peaks
         with open(out, "w") as f:
             json.dump(record, f, indent=1)
     if args.search:
         n_embd, n_head = map(int, args.search_width.split(","))
-        start = 2 if args.tiny else 8
+        start = 2 if args.tiny else 48
         max_depth = 4 if args.tiny else args.max_depth
-        record["search"] = [largest_depth(s, (n_embd, n_head), device, args.batch, args.seq_len, start, max_depth)
-                            for s in setups]
+        record["search"] = [largest_depth(s, (n_embd, n_head), device, args.batch, args.seq_len, start, max_depth,
+                                          args.search_tolerance) for s in args.search_setups.split(",")]
+        base = next((r for r in record["search"] if r["setup"] == "torch-fp32"), None)
+        for r in record["search"]:
+            r["params_vs_torch_fp32"] = (r["n_params"] / base["n_params"] if base and base.get("n_params")
+                                         and r.get("n_params") else None)
         print(record["search"], flush=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=1)

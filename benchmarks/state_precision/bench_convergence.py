@@ -3,7 +3,8 @@
 HuggingFace ``GPT2LMHeadModel`` built from its config (no download), the same initial weights and the same
 batches for every run: torch.optim.AdamW(fused=True) with float32 state as the baseline, then
 also_fused.AdamW at each ``state_precision`` (fp32 params; bf16 autocast), and bf16 params with the
-default state (torch's layout: bf16 moments). Linear warm-up then cosine lr. The corpus: K = 4 sources, each an
+default state (torch's layout: bf16 moments), and bf16 params with 8-bit moments, rounded stochastically or to
+nearest (does training need fp32 master weights?). Linear warm-up then cosine lr. The corpus: K = 4 sources, each an
 order-1 Markov chain over its own slice of 256 tokens of the vocabulary with 4 successors per token
 (transition rows drawn from Dirichlet distributions of different concentration: sources of different
 entropy), mixed in each batch. Held-out loss on fixed batches every ``--eval-every`` steps.
@@ -38,6 +39,10 @@ RUNS = (
     ("also_fused AdamW int8", torch.float32, lambda p, **kw: also_fused.AdamW(p, state_precision="int8", **kw)),
     ("also_fused AdamW param (bf16 params)", torch.bfloat16,
      lambda p, **kw: also_fused.AdamW(p, state_precision="param", **kw)),
+    ("also_fused AdamW int8, bf16 params, stochastic rounding", torch.bfloat16,
+     lambda p, **kw: also_fused.AdamW(p, state_precision="int8", stochastic_rounding=True, rounding_seed=0, **kw)),
+    ("also_fused AdamW int8, bf16 params, round to nearest", torch.bfloat16,
+     lambda p, **kw: also_fused.AdamW(p, state_precision="int8", **kw)),
 )
 
 
