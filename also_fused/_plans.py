@@ -30,6 +30,15 @@ _is_contiguous = Tensor.is_contiguous
 _stride = Tensor.stride
 
 
+def grads_by_param(items: list[tuple[Tensor, int]], grads: Optional[list[Tensor]] = None) -> dict[int, Tensor]:
+    """id(param) -> its gradient: ``grads[i]`` for ``items[i]``, or each param's ``.grad`` without ``grads``."""
+    if grads is None:
+        return {id(p): p.grad for p, _ in items}
+    if len(grads) != len(items):
+        raise ValueError(f"{len(grads)} gradients for {len(items)} params")
+    return {id(p): g for (p, _), g in zip(items, grads)}
+
+
 def param_itself(p: Tensor, state: dict) -> Tensor:
     """The param (the sources and destinations of an update in place)."""
     return p

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ._adam_family import AdamFamily
 from ._checks import as_scalar, check_hyperparameters, rounding_defaults
-from ._plans import param_itself
+from ._plans import grads_by_param, param_itself
 from ._step_hooks import optimizer_step
 from .update_spec import AdamSpec
 
@@ -96,11 +96,13 @@ class Adam(AdamFamily):
             self._run_plan(plan, grads, _spec_of(plan.flags), scaling=scaling)
         return loss
 
-    def update_params(self, items: list[tuple[Tensor, int]]) -> None:
-        """The update ``step()`` makes, of the (param, group index) pairs given, from their ``.grad`` (the step
-        inside the backward pass, ``also_fused.StepInBackward``, updates bucket by bucket through it)."""
+    def update_params(self, items: list[tuple[Tensor, int]], grads: Optional[list[Tensor]] = None) -> None:
+        """The update ``step()`` makes, of the (param, group index) pairs given, from ``grads`` (one per item;
+        default their ``.grad``): the step inside the backward pass, ``also_fused.StepInBackward``, updates
+        bucket by bucket through it."""
+        grad_of = grads_by_param(items, grads)
         for plan in self._planner.plans_for("in_backward", items, _FLAGS, _IN_PLACE):
-            self._run_plan(plan, [p.grad for p in plan.params], _spec_of(plan.flags))
+            self._run_plan(plan, [grad_of[id(p)] for p in plan.params], _spec_of(plan.flags))
 
 
 class AdamW(Adam):

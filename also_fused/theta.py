@@ -12,7 +12,7 @@ from . import functional as F
 from ._adam_family import AdamFamily
 from ._checks import as_scalar, check_hyperparameters, rounding_defaults
 from ._input_errors import DeviceInputErrors
-from ._plans import Plan, param_itself
+from ._plans import Plan, grads_by_param, param_itself
 from ._step_hooks import optimizer_step
 from ._transaction import StepTransaction
 from .update_spec import AdamSpec, GradScaling
@@ -225,18 +225,20 @@ class ThetaAdam(AdamFamily):
             return dict(sources=param_itself, destinations=param_itself)
         return dict(sources=_iterate_or_param, destinations=self._iterate_buffer, extrapolate_to=param_itself)
 
-    def update_params(self, items: list[tuple[Tensor, int]]) -> None:
-        """The loop API's update of the (param, group index) pairs given, from their ``.grad``: the step inside
+    def update_params(self, items: list[tuple[Tensor, int]], grads: Optional[list[Tensor]] = None) -> None:
+        """The loop API's update of the (param, group index) pairs given, from ``grads`` (one per item; default
+        their ``.grad``): the step inside
         the backward pass (``also_fused.StepInBackward``) runs it bucket by bucket; the ``step()`` after
         backward then only returns the params it did not reach to x (optimistic) and, for ALSO, takes pi's step.
         Reads the device error word as ``step()`` does, so a batch rejected on the device changes nothing."""
         self._check_training()
         self._set_api("loop")
         word = self._errors.word if self._errors is not None else None
+        grad_of = grads_by_param(items, grads)
         for plan in self._planner.plans_for(self._loop_tag() + " in backward", items, BUCKET_FLAGS,
                                             self._loop_lists()):
-            self._run_plan(plan, [p.grad for p in plan.params], self._spec(self.mode, plan.flags["stochastic_rounding"]),
-                           word)
+            self._run_plan(plan, [grad_of[id(p)] for p in plan.params],
+                           self._spec(self.mode, plan.flags["stochastic_rounding"]), word)
         self._updated_in_backward.update(id(p) for p, _ in items)
 
     def _return_to_x(self, stale: Moved, scaling: Optional[GradScaling]) -> None:

@@ -167,3 +167,32 @@ def test_also_loop_api_same_bits(mode, backend):
     plain, inside = run(False), run(True)
     for a, b in zip(plain, inside):
         assert torch.equal(a, b)
+
+
+def test_grad_scaler_is_refused_at_its_step():
+    """The update ran during backward from the scaled gradients: GradScaler's step says so instead of
+    stepping (bf16 autocast needs no scaler)."""
+    model = _model()
+    opt = also_fused.AdamW(model.parameters(), lr=1e-2)
+    also_fused.StepInBackward(opt, bucket_mb=0.01)
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=4.0)
+    scaler.scale(model(torch.randn(4, 32, device=DEVICE)).sum()).backward()
+    with pytest.raises(RuntimeError, match="GradScaler cannot drive the step inside the backward pass"):
+        scaler.step(opt)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_fsdp2_params_are_refused(tmp_path):
+    """DTensor params (FSDP2's shards) are refused at construction, naming the plain step."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh))
+        with pytest.raises(TypeError, match="FSDP2 .DTensor. params are not supported"):
+            also_fused.StepInBackward(also_fused.AdamW([param]))
+    finally:
+        dist.destroy_process_group()
