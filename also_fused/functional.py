@@ -193,27 +193,100 @@ def select_batch_reference(
     order: str = "desc",
     generator: Optional[torch.Generator] = None,
 ) -> tuple[int, Tensor]:
-    """Sort pi, cutoff = searchsorted(cumsum, threshold) + 1, batch = max(1, n - cutoff) distinct ids.
+    """Sort pi, cutoff = searchsorted(cumsum, threshold) + 1 (the cumulative mass in float64), batch =
+    max(1, n - cutoff) distinct ids.
 
     ``strategy="pi"`` draws them proportionally to pi without replacement, ``"uniform"`` uniformly.
     """
+    _check_selection(strategy, order)
+    sorted_pi, _ = torch.sort(pi.float(), descending=(order == "desc"))
+    cumulative = torch.cumsum(sorted_pi.double(), dim=0)
+    threshold_t = torch.tensor([threshold], dtype=cumulative.dtype, device=cumulative.device)
+    cutoff = int(torch.searchsorted(cumulative, threshold_t, side="left").item()) + 1
+    return _draw_batch(pi, max(1, pi.numel() - cutoff), strategy, generator)
+
+
+# up to this many groups the sort is cheaper than the 32 reductions of the search
+SORTED_CUTOFF_MAX_GROUPS = 1 << 16
+
+
+def select_batch(pi: Tensor, threshold: float, strategy: str = "pi", order: str = "desc",
+                 generator: Optional[torch.Generator] = None) -> tuple[int, Tensor]:
+    """``select_batch_reference``; past ``SORTED_CUTOFF_MAX_GROUPS`` groups without the sort: the cutoff from
+    ``mass_cutoff``'s search over pi's values."""
+    if pi.numel() <= SORTED_CUTOFF_MAX_GROUPS:
+        return select_batch_reference(pi, threshold, strategy, order, generator)
+    _check_selection(strategy, order)
+    return _draw_batch(pi, max(1, pi.numel() - mass_cutoff(pi, threshold, order)), strategy, generator)
+
+
+def _check_selection(strategy: str, order: str) -> None:
     if strategy not in ("pi", "uniform"):
         raise ValueError(f"strategy must be 'pi' or 'uniform', got {strategy!r}")
     if order not in ("desc", "asc"):
         raise ValueError(f"order must be 'desc' or 'asc', got {order!r}")
-    n = pi.numel()
-    sorted_pi, _ = torch.sort(pi.float(), descending=(order == "desc"))
-    cumulative = torch.cumsum(sorted_pi, dim=0)
-    threshold_t = torch.tensor([threshold], dtype=cumulative.dtype, device=cumulative.device)
-    cutoff = int(torch.searchsorted(cumulative, threshold_t, side="left").item()) + 1
-    batch_size = max(1, n - cutoff)
+
+
+def _draw_batch(pi: Tensor, batch_size: int, strategy: str, generator: Optional[torch.Generator]) -> tuple[int, Tensor]:
     gen_device = generator.device if generator is not None else pi.device
     if strategy == "uniform":
-        ids = torch.randperm(n, generator=generator, device=gen_device)[:batch_size]
+        ids = torch.randperm(pi.numel(), generator=generator, device=gen_device)[:batch_size]
     else:
-        probs = pi.float().to(gen_device)
-        ids = draw_without_replacement(probs, batch_size, generator)
+        ids = draw_without_replacement(pi.float().to(gen_device), batch_size, generator)
     return batch_size, ids.to(pi.device)
+
+
+# the float32 bit patterns of 0 and +inf: for x >= 0 the int32 pattern grows with x
+_ZERO_BITS, _INF_BITS = 0, 0x7F800000
+
+
+def mass_cutoff(pi: Tensor, threshold: float, order: str = "desc") -> int:
+    """The cutoff of ``select_batch_reference`` (1 + the first position where the cumulative mass of pi,
+    sorted by ``order``, reaches ``threshold``; n + 1 when it never does) without sorting.
+
+    For ``desc``: a bisection over float32 bit patterns finds v*, the largest value whose mass of entries
+    >= v* reaches the threshold (31 masked float64 sums over pi, no host sync); the entries above v* come
+    first in the sorted order and the ties at v* follow, so the position is count(> v*) + j - 1 with j the
+    fewest ties at v* that reach the threshold. ``asc`` mirrors it (entries <= v, the smallest v). The sums
+    are float64 in another order than a cumulative sum, so the two agree except where the threshold lies
+    within float64 rounding of a partial sum."""
+    n = pi.numel()
+    if n == 0:
+        raise ValueError("select_batch needs at least one group")
+    if threshold <= 0:
+        return 1
+    values = pi.detach().float().reshape(-1)
+    bits = values.view(torch.int32)
+    descending = order == "desc"
+
+    def mass_beyond(bound: Tensor) -> Tensor:  # float64 mass of the entries at or past ``bound`` in sort order
+        chosen = bits >= bound if descending else bits <= bound
+        return torch.where(chosen, values, 0.0).sum(dtype=torch.float64)
+
+    total = values.sum(dtype=torch.float64)
+    # desc: lo satisfies (mass >= threshold), hi does not; asc: hi satisfies, lo does not
+    lo = torch.tensor(_ZERO_BITS if descending else _ZERO_BITS - 1, dtype=torch.int64, device=pi.device)
+    hi = torch.tensor(_INF_BITS + 1 if descending else _INF_BITS, dtype=torch.int64, device=pi.device)
+    for _ in range(32):
+        mid = (lo + hi) // 2
+        reaches = mass_beyond(mid.to(torch.int32)) >= threshold
+        if descending:
+            lo, hi = torch.where(reaches, mid, lo), torch.where(reaches, hi, mid)
+        else:
+            lo, hi = torch.where(reaches, lo, mid), torch.where(reaches, mid, hi)
+    v_bits = (lo if descending else hi).to(torch.int32)
+    before = bits > v_bits if descending else bits < v_bits  # strictly ahead of v* in the sorted order
+    count_before = before.sum()
+    mass_before = torch.where(before, values, 0.0).sum(dtype=torch.float64)
+    v = v_bits.view(torch.float32).double()
+    ties = (bits == v_bits).sum()
+    needed = torch.where(v > 0, torch.ceil((threshold - mass_before) / v), 1.0).clamp(min=1)
+    # the fewest ties that reach it; the division may round j one off either way, so look at j - 1 and j + 1
+    j = torch.minimum(needed.to(torch.int64), ties)
+    j = torch.where((j > 1) & (mass_before + (j - 1).double() * v >= threshold), j - 1, j)
+    j = torch.where((j < ties) & (mass_before + j.double() * v < threshold), j + 1, j)
+    position = torch.where(total >= threshold, count_before + j - 1, torch.tensor(n, device=pi.device))
+    return int(position.item()) + 1
 
 
 # torch.multinomial refuses more categories than this

@@ -293,6 +293,42 @@ def test_draws_without_replacement_in_proportion(max_categories):
             assert abs(got - want) <= 5 * (want * (1 - want) / n_draws) ** 0.5, (i, j, got, want)
 
 
+def _cutoff_model(pi, threshold, order):
+    """1 + the first position where the float64 cumulative sum of sorted pi reaches threshold (n + 1: never)."""
+    total = 0.0
+    for i, v in enumerate(sorted(pi.double().tolist(), reverse=(order == "desc"))):
+        total += v
+        if total >= threshold:
+            return i + 1
+    return len(pi) + 1
+
+
+@pytest.mark.parametrize("order", ["desc", "asc"])
+@pytest.mark.parametrize("kind", ["uniform-random", "three-values", "equal", "half-zero"])
+@pytest.mark.parametrize("n", [1, 2, 7, 300])
+def test_mass_cutoff_without_a_sort_matches_the_cumulative_sum(n, kind, order):
+    """The sort-free cutoff (select_batch past SORTED_CUTOFF_MAX_GROUPS groups) against the float64 model, at
+    thresholds on and between partial sums, with ties and zeros."""
+    gen = torch.Generator().manual_seed(n)
+    pi = {"uniform-random": torch.rand(n, generator=gen), "equal": torch.ones(n),
+          "three-values": torch.randint(1, 4, (n,), generator=gen).float(),
+          "half-zero": torch.rand(n, generator=gen) * (torch.arange(n) % 2)}[kind]
+    pi = pi / pi.sum() if pi.sum() > 0 else pi
+    sums = torch.cumsum(torch.sort(pi, descending=(order == "desc"))[0].double(), 0)
+    thresholds = [-1.0, 0.0, 0.1, 0.5, 0.999, 1.0, 1.5] + sums[torch.randint(0, n, (6,), generator=gen)].tolist()
+    for threshold in thresholds:
+        assert F.mass_cutoff(pi.to(DEVICE), threshold, order) == _cutoff_model(pi, threshold, order), threshold
+
+
+def test_select_batch_without_a_sort_draws_like_the_reference(monkeypatch):
+    monkeypatch.setattr(F, "SORTED_CUTOFF_MAX_GROUPS", 0)
+    pi = torch.softmax(torch.randn(500, generator=torch.Generator().manual_seed(0)), 0).to(DEVICE)
+    for strategy in ("pi", "uniform"):
+        fast = F.select_batch(pi, 0.9, strategy, generator=torch.Generator(DEVICE).manual_seed(1))
+        reference = F.select_batch_reference(pi, 0.9, strategy, generator=torch.Generator(DEVICE).manual_seed(1))
+        assert fast[0] == reference[0] and torch.equal(fast[1], reference[1])
+
+
 def test_select_batch_past_the_multinomial_limit():
     """More groups than torch.multinomial takes (2^24): the draw still works, distinct ids in range."""
     n = F.MULTINOMIAL_MAX_CATEGORIES + 3
