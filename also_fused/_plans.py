@@ -30,6 +30,11 @@ _is_contiguous = Tensor.is_contiguous
 _stride = Tensor.stride
 
 
+# plans kept per optimizer: one per bucket of the step inside the backward pass (hundreds for a large model)
+# besides the step's few; past this many they are all dropped (a model whose buckets change every step)
+_MAX_PLANS = 4096
+
+
 def grads_by_param(items: list[tuple[Tensor, int]], grads: Optional[list[Tensor]] = None) -> dict[int, Tensor]:
     """id(param) -> its gradient: ``grads[i]`` for ``items[i]``, or each param's ``.grad`` without ``grads``."""
     if grads is None:
@@ -177,7 +182,7 @@ class StepPlanner:
         version = optimizer.state_version
         plans = [self._build(bucket_flags, bucket, per_tensor)
                  for bucket_flags, bucket in _buckets(items, groups, flag_names).items()]
-        if len(self._plans) > 64:
+        if len(self._plans) > _MAX_PLANS:
             self._plans.clear()
         self._plans[key] = (version, plans)
         return plans

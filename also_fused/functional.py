@@ -7,7 +7,7 @@ compare every path with float64 models. Imports only torch and the package's own
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -211,13 +211,15 @@ SORTED_CUTOFF_MAX_GROUPS = 1 << 16
 
 
 def select_batch(pi: Tensor, threshold: float, strategy: str = "pi", order: str = "desc",
-                 generator: Optional[torch.Generator] = None) -> tuple[int, Tensor]:
+                 generator: Optional[torch.Generator] = None,
+                 cutoff: Optional[Callable[[Tensor, float, str], int]] = None) -> tuple[int, Tensor]:
     """``select_batch_reference``; past ``SORTED_CUTOFF_MAX_GROUPS`` groups without the sort: the cutoff from
-    ``mass_cutoff``'s search over pi's values."""
+    ``cutoff`` (a backend's search over pi's values; default ``mass_cutoff``)."""
     if pi.numel() <= SORTED_CUTOFF_MAX_GROUPS:
         return select_batch_reference(pi, threshold, strategy, order, generator)
     _check_selection(strategy, order)
-    return _draw_batch(pi, max(1, pi.numel() - mass_cutoff(pi, threshold, order)), strategy, generator)
+    position = (cutoff or mass_cutoff)(pi, threshold, order)
+    return _draw_batch(pi, max(1, pi.numel() - position), strategy, generator)
 
 
 def _check_selection(strategy: str, order: str) -> None:

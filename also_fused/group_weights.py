@@ -257,7 +257,7 @@ class GroupWeights:
     def select_batch(self, threshold: float, strategy: str = "pi", order: str = "desc",
                      generator: Optional[torch.Generator] = None) -> tuple[int, Tensor]:
         """Draw ``max(1, n_groups - cutoff)`` distinct ids, cutoff where pi's sorted cumulative mass reaches ``threshold``."""
-        return F.select_batch(self.pi, threshold, strategy, order, generator)
+        return F.select_batch(self.pi, threshold, strategy, order, generator, cutoff=self._backend.mass_cutoff)
 
     def __getstate__(self) -> dict[str, Any]:
         """For ``copy.deepcopy`` and pickle: waits first for the device's check of earlier steps."""

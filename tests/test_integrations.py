@@ -363,7 +363,7 @@ def _train_transformers(owner: str, output_dir: str, checkpoint: Any = None) -> 
     if owner == "GroupWeights":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
         weights = also_fused.GroupWeights(n_groups=3, loss_scale=1.0, pi_lr=0.1)
-        args = TrainingArguments(output_dir, max_steps=6, save_steps=3, per_device_train_batch_size=4)
+        args = TrainingArguments(output_dir, max_steps=6, save_steps=3, per_device_train_batch_size=4, use_cpu=True)
         trainer = GroupWeightedTrainer(model=model, args=args, train_dataset=dataset, group_weights=weights,
                                        optimizers=(also_fused.AdamW(model.parameters(), lr=1e-3), None))
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -374,7 +374,7 @@ def _train_transformers(owner: str, output_dir: str, checkpoint: Any = None) -> 
                         intermediate_size=32, num_labels=4)
     model = BertForSequenceClassification(config)
     also = also_fused.ALSO(model.parameters(), n_groups=3, loss_scale=1.0, lr=1e-3, pi_lr=0.1)
-    args = TrainingArguments(output_dir, max_steps=6, save_steps=3, per_device_train_batch_size=4)
+    args = TrainingArguments(output_dir, max_steps=6, save_steps=3, per_device_train_batch_size=4, use_cpu=True)
     trainer = GroupWeightedTrainer(model=model, args=args, train_dataset=dataset, optimizers=(also, None))
     trainer.train(resume_from_checkpoint=checkpoint)
     return model, also
@@ -412,7 +412,7 @@ def test_transformers_trainer_keeps_the_group_column_and_refuses(transformers_en
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
     weights = also_fused.GroupWeights(n_groups=3, loss_scale=1.0, pi_lr=0.1)
-    args = TrainingArguments(str(transformers_env), per_device_train_batch_size=4)
+    args = TrainingArguments(str(transformers_env), per_device_train_batch_size=4, use_cpu=True)
     assert args.remove_unused_columns
     trainer = GroupWeightedTrainer(model=model, args=args, train_dataset=_token_dataset(False), group_weights=weights)
     batch = next(iter(trainer.get_train_dataloader()))

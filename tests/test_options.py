@@ -154,4 +154,4 @@ def test_also_refuses_params_on_several_devices(backend):
     params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, device="meta"))]
     with pytest.raises(ValueError, match=r"ALSO's params must share one device \(pi's\), got \['cpu', 'meta'\]"):
         also_fused.ALSO(params, 4, batch_size=2, backend=backend)
-    also_fused.theta.ThetaAdam([params[0]], backend=backend)  # one device: built
+    also_fused.theta.ThetaAdam([torch.nn.Parameter(torch.ones(2, device=DEVICE))], backend=backend)  # one device: built

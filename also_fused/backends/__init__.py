@@ -74,6 +74,9 @@ class Backend(Protocol):
     def rgd_loss(self, losses: Tensor, temperature: float) -> Tensor:
         """mean_i exp(min(l_i, T)/(T+1)) l_i with the weights held constant."""
 
+    def mass_cutoff(self, pi: Tensor, threshold: float, order: str) -> int:
+        """select_batch's cutoff without a sort (``functional.mass_cutoff``); reads the result on the host."""
+
     def value_range(self, values: Tensor) -> tuple:
         """(min, max) of ids or losses, read on the host (NaN propagates), for the host-side checks."""
 

@@ -77,4 +77,7 @@ class ReferenceBackend:
     def rgd_loss(self, losses: Tensor, temperature: float) -> Tensor:
         return F.rgd_loss_reference(losses, temperature)
 
+    def mass_cutoff(self, pi: Tensor, threshold: float, order: str) -> int:
+        return F.mass_cutoff(pi, threshold, order)
+
     value_range = staticmethod(aminmax_on_host)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._checks import aminmax_on_host
-from ..kernels import group_pi, losses as loss_kernels, multi_tensor_adam
+from ..kernels import group_pi, losses as loss_kernels, mass_search, multi_tensor_adam
 from ..kernels.staging import PinnedUploader
 from ..update_spec import AdamSpec, AdamTensors, GradScaling, HyperRow
 
@@ -129,5 +129,8 @@ class TritonBackend:
 
     def rgd_loss(self, losses: Tensor, temperature: float) -> Tensor:
         return loss_kernels.rgd_loss(losses, temperature)
+
+    def mass_cutoff(self, pi: Tensor, threshold: float, order: str) -> int:
+        return mass_search.mass_cutoff(pi, threshold, order)
 
     value_range = staticmethod(aminmax_on_host)

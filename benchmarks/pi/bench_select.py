@@ -1,7 +1,7 @@
 """select_batch at object-level scale: the sort-free cutoff against the sort the published method does.
 
 For n_groups in --sizes, pi a softmax of random logits: ``functional.select_batch`` (past 2^16 groups the
-cutoff by ``mass_cutoff``, a search without a sort) and ``functional.select_batch_reference`` (sort, float64
+cutoff by the backend's search without a sort: the Triton kernel on a GPU; its torch reference beside it) and ``functional.select_batch_reference`` (sort, float64
 cumulative sum), both with the draw by pi, and the cutoff alone. Each call ends in a host read of the batch
 size, so wall time per call is what a sampler pays: the median of --repeats calls after a warm-up, with a
 device synchronize after each. The two cutoffs are checked equal. Writes JSON (default
@@ -22,6 +22,7 @@ import time
 import torch
 
 from also_fused import functional as F
+from also_fused.backends import resolve_backend
 
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
@@ -58,14 +59,17 @@ def main() -> None:
     for n in [int(float(s)) for s in args.sizes.split(",")]:
         gen = torch.Generator(device).manual_seed(0)
         pi = torch.softmax(torch.randn(n, device=device, generator=gen), 0)
-        cut_fast = F.mass_cutoff(pi, args.threshold)
+        backend = resolve_backend("auto", device)  # the Triton kernel on a GPU, the torch search on a CPU
+        cut_fast = backend.mass_cutoff(pi, args.threshold, "desc")
         sorted_pi = torch.sort(pi, descending=True)[0]
         cut_sorted = int(torch.searchsorted(torch.cumsum(sorted_pi.double(), 0),
                                             torch.tensor([args.threshold], dtype=torch.float64, device=device))) + 1
         del sorted_pi
         row = dict(n_groups=n, threshold=args.threshold, batch_size=max(1, n - cut_fast), cutoffs_equal=cut_fast == cut_sorted)
-        for key, fn in (("cutoff_search", lambda: F.mass_cutoff(pi, args.threshold)),
-                        ("select_batch", lambda: F.select_batch(pi, args.threshold, generator=gen)),
+        for key, fn in (("cutoff_search", lambda: backend.mass_cutoff(pi, args.threshold, "desc")),
+                        ("cutoff_search_torch", lambda: F.mass_cutoff(pi, args.threshold)),
+                        ("select_batch", lambda: F.select_batch(pi, args.threshold, generator=gen,
+                                                                cutoff=backend.mass_cutoff)),
                         ("select_batch_sorted", lambda: F.select_batch_reference(pi, args.threshold, generator=gen))):
             med, lo, hi = median_ms(fn, device, args.repeats)
             row.update({f"{key}_ms": med, f"{key}_ms_min": lo, f"{key}_ms_max": hi})
@@ -77,10 +81,11 @@ def main() -> None:
     out = args.out or os.path.join(RESULTS_DIR, f"select_{name.split()[-1].lower()}.json")
     with open(out, "w") as f:
         json.dump(record, f, indent=1)
-    print(f"wrote {out}\n\n| n_groups | batch | cutoff search ms | select_batch ms | with a sort ms | cutoffs equal |")
-    print("|---|---|---|---|---|---|")
+    print(f"wrote {out}\n\n| n_groups | batch | cutoff search ms | (torch ops) | select_batch ms | with a sort ms | cutoffs equal |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n_groups']:.0e} | {r['batch_size']} | {r['cutoff_search_ms']:.2f} | {r['select_batch_ms']:.2f} | "
+        print(f"| {r['n_groups']:.0e} | {r['batch_size']} | {r['cutoff_search_ms']:.2f} | {r['cutoff_search_torch_ms']:.2f} | "
+              f"{r['select_batch_ms']:.2f} | "
               f"{r['select_batch_sorted_ms']:.2f} | {r['cutoffs_equal']} |")
 
 

@@ -1,0 +1,100 @@
+"""select_batch's cutoff without a sort, on the GPU: a K-ary search over pi's float32 bit patterns.
+
+pi >= 0, so an entry's int32 bit pattern orders like its value. For a bound b, mass(b) is the float64 sum
+of the entries at or past b in sort order (bits >= b for "desc", bits <= b for "asc") and count(b) their
+number. One launch evaluates K bounds: each program reads its block of pi once and writes K partial
+masses and counts; torch adds the partials in block order (deterministic). The bracket around v* (the
+last bound whose mass reaches the threshold) shrinks (K + 1)-fold per pass, 8 passes for 31 bits, then
+one pass at v* gives the ties. No host sync until the cutoff is read. ``functional.mass_cutoff`` is the
+plain-torch reference (bisection, the same answer)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._interpreter import enable_interpreter_compat
+from .launch import cdiv
+
+enable_interpreter_compat()
+
+_BLOCK = 2048
+_K = 16
+_INF_BITS = 0x7F800000
+
+
+@triton.jit
+def _masses_kernel(pi_ptr, n, bounds_ptr, mass_ptr, count_ptr, DESC: tl.constexpr, K: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    values = tl.load(pi_ptr + offs, mask=inside, other=0.0)
+    bits = values.to(tl.int32, bitcast=True)
+    wide = values.to(tl.float64)
+    for k in tl.static_range(K):
+        bound = tl.load(bounds_ptr + k)
+        if DESC:
+            chosen = inside & (bits >= bound)
+        else:
+            chosen = inside & (bits <= bound)
+        tl.store(mass_ptr + pid * K + k, tl.sum(tl.where(chosen, wide, 0.0), axis=0))
+        tl.store(count_ptr + pid * K + k, tl.sum(chosen.to(tl.int32), axis=0))
+
+
+def _masses(pi: torch.Tensor, bounds: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mass, count) of the entries at or past each of the K int32 ``bounds``, float64 and int64."""
+    n = pi.numel()
+    blocks = cdiv(n, _BLOCK)
+    mass = torch.empty(blocks, _K, dtype=torch.float64, device=pi.device)
+    count = torch.empty(blocks, _K, dtype=torch.int32, device=pi.device)
+    _masses_kernel[(blocks,)](pi, n, bounds, mass, count, DESC=descending, K=_K, BLOCK=_BLOCK)
+    return mass.sum(0), count.sum(0, dtype=torch.int64)
+
+
+def _passes() -> int:
+    """Passes until the widest bracket (2^31 patterns) is down to 1, each leaving at most w // (K + 1) + 1."""
+    width, passes = _INF_BITS + 2, 0
+    while width > 1:
+        width, passes = width // (_K + 1) + 1 if width > _K + 1 else 1, passes + 1
+    return passes
+
+
+def mass_cutoff(pi: torch.Tensor, threshold: float, order: str = "desc") -> int:
+    """``functional.mass_cutoff`` on the GPU (any device under the interpreter): 1 + the first position where
+    the cumulative mass of pi, sorted by ``order``, reaches ``threshold``; n + 1 when it never does."""
+    n = pi.numel()
+    if n == 0:
+        raise ValueError("select_batch needs at least one group")
+    if threshold <= 0:
+        return 1
+    values = pi.detach().float().reshape(-1).contiguous()
+    descending = order == "desc"
+    device = values.device
+    steps = torch.arange(1, _K + 1, device=device, dtype=torch.int64)
+    # desc: mass(lo) >= threshold > mass(hi); asc: mass(lo) < threshold <= mass(hi)
+    lo = torch.tensor(0 if descending else -1, dtype=torch.int64, device=device)
+    hi = torch.tensor(_INF_BITS + 1 if descending else _INF_BITS, dtype=torch.int64, device=device)
+    for _ in range(_passes()):
+        bounds = lo + (hi - lo) * steps // (_K + 1)
+        mass, _ = _masses(values, bounds.to(torch.int32), descending)
+        reaches = mass >= threshold
+        if descending:  # reaches is a prefix of the bounds (mass falls as the bound rises)
+            lo = torch.where(reaches, bounds, lo).max()
+            hi = torch.where(reaches, hi, bounds).min()
+        else:  # a suffix
+            lo = torch.where(reaches, lo, bounds).max()
+            hi = torch.where(reaches, bounds, hi).min()
+    v_bits = lo if descending else hi
+    # at v* + 1 (desc; v* - 1 asc): the entries strictly ahead of v*; at v*: with its ties
+    probe = torch.stack([v_bits + (1 if descending else -1), v_bits]).repeat(_K // 2)
+    mass, count = _masses(values, probe.to(torch.int32), descending)
+    mass_before, count_before, ties = mass[0], count[0], count[1] - count[0]
+    total = values.sum(dtype=torch.float64)
+    v = v_bits.to(torch.int32).view(torch.float32).double()
+    needed = torch.where(v > 0, torch.ceil((threshold - mass_before) / v), 1.0).clamp(min=1)
+    j = torch.minimum(needed.to(torch.int64), ties)
+    j = torch.where((j > 1) & (mass_before + (j - 1).double() * v >= threshold), j - 1, j)
+    j = torch.where((j < ties) & (mass_before + j.double() * v < threshold), j + 1, j)
+    position = torch.where(total >= threshold, count_before + j - 1, torch.tensor(n, device=device))
+    return int(position.item()) + 1
