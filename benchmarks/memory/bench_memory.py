@@ -5,6 +5,7 @@ Setups (the model's params and optimizer):
   torch-bf16       bf16 params, torch AdamW fused
   ours-fp32-int8   fp32 params, also_fused AdamW with 8-bit moments
   ours-fp32-bwd    fp32 params, also_fused AdamW stepped inside the backward pass (StepInBackward)
+  ours-fp32-int8-bwd  fp32 params, also_fused AdamW with 8-bit moments, inside the backward pass
   ours-bf16-small  bf16 params, also_fused AdamW, stochastic rounding, 8-bit moments, inside the backward pass
 Every setup: transformers' GPT2LMHeadModel from a config (random init), gradient checkpointing, bf16 autocast
 for fp32 params, a fixed batch of random tokens. Per model size: peak ``torch.cuda.max_memory_allocated()``
@@ -36,7 +37,7 @@ BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 from results_io import RESULTS_DIR, source_digest  # noqa: E402
 
-SETUPS = ("torch-fp32", "torch-bf16", "ours-fp32-int8", "ours-fp32-bwd", "ours-bf16-small")
+SETUPS = ("torch-fp32", "torch-bf16", "ours-fp32-int8", "ours-fp32-bwd", "ours-fp32-int8-bwd", "ours-bf16-small")
 SIZES = {  # name -> (n_layer, n_embd, n_head)
     "tiny": (2, 64, 2),
     "124M": (12, 768, 12),
@@ -70,8 +71,8 @@ def build(setup: str, size: tuple[int, int, int], device: torch.device, seq_len:
         opt = torch.optim.AdamW(params, lr=LR, fused=device.type == "cuda")
     elif setup == "ours-fp32-int8":
         opt = also_fused.AdamW(params, lr=LR, state_precision="int8")
-    elif setup == "ours-fp32-bwd":
-        opt = also_fused.AdamW(params, lr=LR)
+    elif setup in ("ours-fp32-bwd", "ours-fp32-int8-bwd"):
+        opt = also_fused.AdamW(params, lr=LR, state_precision="int8" if "int8" in setup else "param")
         stepper = also_fused.StepInBackward(opt, bucket_mb=BUCKET_MB)
     else:
         opt = also_fused.AdamW(params, lr=LR, state_precision="int8", stochastic_rounding=True, rounding_seed=0)

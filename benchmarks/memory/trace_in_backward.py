@@ -43,6 +43,7 @@ def main() -> None:
         base = torch.cuda.memory_allocated()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=tokens, labels=tokens).loss
+            inside_autocast = torch.cuda.memory_allocated()  # with autocast's cache of bf16 weight copies
         after_forward = torch.cuda.memory_allocated()
         loss.backward()
         opt.step()
