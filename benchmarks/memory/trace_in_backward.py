@@ -50,7 +50,8 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
     gib = 2 ** 30
     n = sum(p.numel() for p in params)
-    print(f"params {n / 1e9:.2f} B; before the step {base / gib:.2f} GiB, after forward {after_forward / gib:.2f} GiB, "
+    print(f"params {n / 1e9:.2f} B; before the step {base / gib:.2f} GiB, after forward {inside_autocast / gib:.2f} GiB inside "
+          f"autocast and {after_forward / gib:.2f} GiB after it, "
           f"peak {torch.cuda.max_memory_allocated() / gib:.2f} GiB; {len(trace)} bucket updates")
     worst = max(range(len(trace)), key=lambda i: trace[i][0])
     for i in sorted({0, 1, len(trace) // 2, worst, len(trace) - 1}):
