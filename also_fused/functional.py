@@ -278,16 +278,22 @@ def mass_cutoff(pi: Tensor, threshold: float, order: str = "desc") -> int:
             lo, hi = torch.where(reaches, lo, mid), torch.where(reaches, mid, hi)
     v_bits = (lo if descending else hi).to(torch.int32)
     before = bits > v_bits if descending else bits < v_bits  # strictly ahead of v* in the sorted order
-    count_before = before.sum()
-    mass_before = torch.where(before, values, 0.0).sum(dtype=torch.float64)
+    return cutoff_at(v_bits, torch.where(before, values, 0.0).sum(dtype=torch.float64), before.sum(),
+                     (bits == v_bits).sum(), total, threshold, n)
+
+
+def cutoff_at(v_bits: Tensor, mass_before: Tensor, count_before: Tensor, ties: Tensor, total: Tensor,
+              threshold: float, n: int) -> int:
+    """The cutoff from the split at v* (0-d device tensors: v*'s int32 bit pattern, the float64 mass and the
+    count of the entries ahead of it in sort order, the number of entries equal to it, pi's float64 total):
+    the entries ahead, then the fewest ties that reach the threshold; n + 1 where the total does not."""
     v = v_bits.view(torch.float32).double()
-    ties = (bits == v_bits).sum()
     needed = torch.where(v > 0, torch.ceil((threshold - mass_before) / v), 1.0).clamp(min=1)
-    # the fewest ties that reach it; the division may round j one off either way, so look at j - 1 and j + 1
+    # the division may round j one off either way, so look at j - 1 and j + 1
     j = torch.minimum(needed.to(torch.int64), ties)
     j = torch.where((j > 1) & (mass_before + (j - 1).double() * v >= threshold), j - 1, j)
     j = torch.where((j < ties) & (mass_before + j.double() * v < threshold), j + 1, j)
-    position = torch.where(total >= threshold, count_before + j - 1, torch.tensor(n, device=pi.device))
+    position = torch.where(total >= threshold, count_before + j - 1, torch.full_like(count_before, n))
     return int(position.item()) + 1
 
 

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..functional import cutoff_at
 from ._interpreter import enable_interpreter_compat
 from .launch import cdiv
 
@@ -89,12 +90,5 @@ def mass_cutoff(pi: torch.Tensor, threshold: float, order: str = "desc") -> int:
     # at v* + 1 (desc; v* - 1 asc): the entries strictly ahead of v*; at v*: with its ties
     probe = torch.stack([v_bits + (1 if descending else -1), v_bits]).repeat(_K // 2)
     mass, count = _masses(values, probe.to(torch.int32), descending)
-    mass_before, count_before, ties = mass[0], count[0], count[1] - count[0]
     total = values.sum(dtype=torch.float64)
-    v = v_bits.to(torch.int32).view(torch.float32).double()
-    needed = torch.where(v > 0, torch.ceil((threshold - mass_before) / v), 1.0).clamp(min=1)
-    j = torch.minimum(needed.to(torch.int64), ties)
-    j = torch.where((j > 1) & (mass_before + (j - 1).double() * v >= threshold), j - 1, j)
-    j = torch.where((j < ties) & (mass_before + j.double() * v < threshold), j + 1, j)
-    position = torch.where(total >= threshold, count_before + j - 1, torch.tensor(n, device=device))
-    return int(position.item()) + 1
+    return cutoff_at(v_bits.to(torch.int32), mass[0], count[0], count[1] - count[0], total, threshold, n)
