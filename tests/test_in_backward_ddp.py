@@ -12,7 +12,7 @@ import torch.distributed as dist
 import also_fused
 from support.distributed import OPT_BACKEND, WORLD, joined, run_ranks, save_rank
 
-pytestmark = pytest.mark.slow  # spawned processes
+# in the fast tier despite its spawned processes (about 6 s): the only test of the DDP hook's averaging
 
 PER_RANK = 8
 STEPS = 6

@@ -138,9 +138,17 @@ MUTANTS = [
            "        key_b = _stream_key(seed, t - EXTRAP)",
            "kernel: the extrapolated point rounded with the bits of the iterate's step"),
     Mutant("in-backward-gradients-kept", "also_fused/in_backward.py",
-           "            p.grad = None",
-           "            pass",
+           "        for p, _ in items:\n            p.grad = None",
+           "        for p, _ in items:\n            pass",
            "step inside backward: the gradients are not freed after their bucket's update"),
+    Mutant("ddp-bucket-not-averaged", "also_fused/in_backward.py",
+           "        buffer.div_(dist.get_world_size(group))",
+           "        pass",
+           "step inside backward under DDP: the bucket summed over the ranks, not averaged"),
+    Mutant("cutoff-ties-ignored", "also_fused/functional.py",
+           "torch.where(total >= threshold, count_before + j - 1,",
+           "torch.where(total >= threshold, count_before,",
+           "sort-free select_batch cutoff: the ties at v* not counted"),
 ]
 
 
