@@ -342,14 +342,14 @@ def tune_and_test(task_factory: Callable, task_kwargs: dict, method: str, trials
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """mean and std (population, over the seeds) of every scalar test metric at the selected evaluation."""
+    """mean and sample std (ddof 1, over the seeds) of every scalar test metric at the selected evaluation."""
     keys = [k for k, v in runs[0].get("test", {}).items() if isinstance(v, (int, float))] if runs[0].get("test") else []
     mean, std = {}, {}
     for k in keys:
         values = [r["test"][k] for r in runs if r.get("test") is not None]
         if len(values) == len(runs):
             mean[k] = statistics.fmean(values)
-            std[k] = statistics.pstdev(values)
+            std[k] = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": mean, "std": std, "diverged_seeds": sum(bool(r["diverged"]) for r in runs)}
 
 
@@ -394,6 +394,21 @@ def cpu_model() -> str:
     return platform.processor() or "unknown model"
 
 
+def _commit() -> str:
+    """The checkout's commit, with "+changes" when the working tree differs from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + ("+changes" if dirty else "")
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     import optuna
 
@@ -402,6 +417,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     else:
         name = f"CPU {platform.machine()}, {os.cpu_count()} cores, {cpu_model()}"
     return {"machine": name, "platform": platform.platform(), "date": datetime.date.today().isoformat(),
+            "commit": _commit(),
             "torch": torch.__version__, "optuna": optuna.__version__, "also_fused": also_fused.__version__,
             "python": platform.python_version()}
 
@@ -421,7 +437,7 @@ def results_document(task, results: list[dict[str, Any]], trials: int, seeds: in
             "model_selection": "the evaluation (every eval_every steps and at the end) with the best validation "
                                "objective; test metrics are those of that evaluation",
             "epochs": task.epochs, "batch": task.batch, "eval_every_steps": task.eval_every,
-            "std": "population std over the seeds (ddof 0)", "workers": workers,
+            "std": "sample std over the seeds (ddof 1)", "workers": workers,
         },
         "data": task.describe(),
         "metrics": task.metric_text,

@@ -2,11 +2,11 @@
 
 Every method is tuned with the same number of Optuna TPE trials on the task's validation objective
 (carved from the training data), with model selection over epochs by that objective, then trained
-with the tuned setting over seeds 0-4 and scored on the test split at its selected epoch. See
+with the tuned setting over seeds 0-9 and scored on the test split at its selected epoch. See
 dro_core.py for the methods (GroupDRO written out, and how it maps to ALSO's pi step) and
 tasks_cpu.py for the data. Writes benchmarks/dro/results/<task>.{json,png,md}.
 
-    python benchmarks/dro/run_cpu.py                      # the three tasks, 30 trials, 5 seeds
+    python benchmarks/dro/run_cpu.py                      # the three tasks, 30 trials, 10 seeds
     python benchmarks/dro/run_cpu.py --tasks spurious --trials 10
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dro_core as core  # noqa: E402
+import dro_stats  # noqa: E402
 import tasks_cpu  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,17 +77,39 @@ def run(tasks: list[str], trials: int, seeds: int, workers: int, out_dir: Path, 
 
 def write(doc: dict[str, Any], stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     keys = METRICS[doc["task"]]
-    table = core.markdown_table(doc, keys)
+    dro_stats.annotate(doc, [k for k, _ in keys])
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    table = stats_table(doc, keys)
     label = "SMOKE RUN (a tiny configuration for CI; not results)\n\n" if doc["smoke"] else ""
     p = doc["protocol"]
     stem.with_suffix(".md").write_text(
         f"# {doc['title']}\n\n{label}{doc['machine']}, torch {doc['torch']}, optuna {doc['optuna']}, {doc['date']}. "
         f"Optuna TPE, {p['trials_per_method']} trials per method; objective: {p['objective']}; "
         f"{p['epochs']} epochs, batch {p['batch']}, model selection over epochs by the objective; "
-        f"test metrics at the selected epoch, mean ± std over seeds {p['seeds']}.\n\n{table}\n")
+        f"test metrics at the selected epoch over seeds {p['seeds']} (commit {doc.get('commit', 'not recorded')}).\n\n"
+        f"{table}\n")
     core.plot(doc, keys, stem.with_suffix(".png"), "% (mean ± std over seeds)")
+
+
+def stats_table(doc: dict[str, Any], keys: list[tuple[str, str]]) -> str:
+    """Per method: mean with its 95% interval of each metric, and the first metric's paired difference from
+    the best baseline (chosen on validation) with its interval and verdict."""
+    first = keys[0][0]
+    base = doc.get("best_baseline")
+    head = ("| method | groups | " + " | ".join(f"{label}: mean ± 95% CI" for _, label in keys)
+            + f" | {keys[0][1]} minus {base} (paired, 95% CI) | tuned |")
+    lines = [head, "|" + "---|" * (len(keys) + 4)]
+    for r in doc["results"]:
+        cells = [f"{r['stats'][k]['mean']:.1f} ± {r['stats'][k]['ci95']:.1f}" if k in r["stats"] else "n/a"
+                 for k, _ in keys]
+        p = r["vs_best_baseline"].get(first)
+        versus = "(the baseline)" if r["method"] == base else (
+            f"{p['mean']:+.1f} ± {p['ci95']:.1f} ({p['verdict']})" if p else "n/a")
+        name = r["method"] + (" (selected on validation)" if r["method"] == doc.get("selected_on_validation") else "")
+        hp = ", ".join(f"{k}={v:.2g}" for k, v in r["tuned_hparams"].items())
+        lines.append(f"| {name} | {r['grouping']} ({r['n_groups']}) | " + " | ".join(cells) + f" | {versus} | {hp} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -94,7 +117,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=list(tasks_cpu.TASKS), choices=list(tasks_cpu.TASKS))
     parser.add_argument("--trials", type=int, default=30, help="Optuna trials per method (the same for every method)")
     parser.add_argument("--methods", nargs="*", default=None, choices=ALL_METHODS, help="a subset of the methods")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--workers", type=int, default=min(2, torch.get_num_threads()),
                         help="(task, method) jobs run in parallel processes, one thread each")
     parser.add_argument("--smoke", action="store_true", help="2 epochs per run (with --trials/--seeds: seconds)")
@@ -110,7 +133,7 @@ def main() -> None:
     t0 = time.perf_counter()
     docs = run(args.tasks, args.trials, args.seeds, args.workers, Path(args.out_dir), args.smoke, args.methods)
     for name, doc in docs.items():
-        print(f"\n{doc['title']}\n" + core.markdown_table(doc, METRICS[name]))
+        print(f"\n{doc['title']}\n" + stats_table(doc, METRICS[name]))
     print(f"\nwrote {', '.join(docs)} to {args.out_dir} in {time.perf_counter() - t0:.0f} s")
 
 
