@@ -395,15 +395,18 @@ def cpu_model() -> str:
 
 
 def _commit() -> str:
-    """The checkout's commit, with "+changes" when the working tree differs from it."""
+    """The checkout's commit, with "+changes" when the working tree differs from it (the repository's files
+    outside benchmarks/dro/results)."""
     import subprocess
 
     root = os.path.dirname(os.path.abspath(__file__))
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        # the results this run writes do not count as changes of the code that made them
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)benchmarks/dro/results"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head + ("+changes" if dirty else "")
