@@ -78,6 +78,15 @@ METHODS: dict[str, dict[str, Any]] = {
     "ALSO mean, pi fixed": dict(kind="also", mode="descent-ascent", reduction="mean", fixed_pi=True),
     # the published group-sum form started and anchored at inverse group frequencies (the analogue of IW)
     "ALSO opt sum, pi ~ 1/n": dict(kind="also", mode="optimistic", reduction="sum", prior="inverse_frequency"),
+    # like for like: the baselines' weightings on ALSO's Adam (coupled L2; ERM's is "ALSO sum, pi fixed"), and
+    # ALSO's weights (GroupWeights) on AdamW (ALSO descent-ascent is GroupWeights on ALSO's Adam, bit for bit)
+    "IW, ALSO's Adam": dict(kind="iw", theta="coupled"),
+    "GroupDRO, ALSO's Adam": dict(kind="groupdro", theta="coupled"),
+    "RGD, ALSO's Adam": dict(kind="rgd", theta="coupled"),
+    "GroupWeights opt sum + AdamW": dict(kind="groupweights", mode="optimistic", reduction="sum"),
+    "GroupWeights opt mean + AdamW": dict(kind="groupweights", mode="optimistic", reduction="mean"),
+    "GroupWeights DA sum + AdamW": dict(kind="groupweights", mode="descent-ascent", reduction="sum"),
+    "GroupWeights DA mean + AdamW": dict(kind="groupweights", mode="descent-ascent", reduction="mean"),
 }
 METHOD_LONG_NAMES = {
     "ERM": "ERM (AdamW, batch mean)",
@@ -94,6 +103,13 @@ METHOD_LONG_NAMES = {
                            "ALSO's Adam on the average of the batch's group mean losses (group-balanced)",
     "ALSO opt sum, pi ~ 1/n": "ALSO, optimistic, group_reduction='sum', pi_init = pi_reg proportional to 1/n_j "
                               "(inverse group frequency)",
+    "IW, ALSO's Adam": "importance weighting by group frequency on ALSO's Adam (ThetaAdam, coupled L2)",
+    "GroupDRO, ALSO's Adam": "GroupDRO on ALSO's Adam (ThetaAdam, coupled L2)",
+    "RGD, ALSO's Adam": "RGD on ALSO's Adam (ThetaAdam, coupled L2)",
+    "GroupWeights opt sum + AdamW": "ALSO's group weights (GroupWeights, optimistic, 'sum') beside AdamW",
+    "GroupWeights opt mean + AdamW": "ALSO's group weights (GroupWeights, optimistic, 'mean') beside AdamW",
+    "GroupWeights DA sum + AdamW": "ALSO's group weights (GroupWeights, descent-ascent, 'sum') beside AdamW",
+    "GroupWeights DA mean + AdamW": "ALSO's group weights (GroupWeights, descent-ascent, 'mean') beside AdamW",
 }
 # every range is sampled log-uniformly; the same for every method that has the hyper-parameter
 COMMON_SPACE = {"lr": (1e-4, 3e-2), "weight_decay": (1e-6, 1e-1)}
@@ -122,7 +138,7 @@ def search_space(method: str, task) -> dict[str, tuple[float, float]]:
         space["eta"] = STEP_RANGE
     elif spec["kind"] == "rgd":
         space["temperature"] = RGD_TEMPERATURE_RANGE
-    elif spec["kind"] == "also" and not spec.get("fixed_pi"):
+    elif spec["kind"] in ("also", "groupweights") and not spec.get("fixed_pi"):
         space["pi_lr"] = STEP_RANGE
         space["pi_decay"] = PI_DECAY_RANGE
     return space
@@ -200,8 +216,16 @@ def train_run(task, method: str, hp: dict[str, float], seed: int, evaluate_test:
                               group_reduction=spec["reduction"], lr=hp["lr"], weight_decay=hp["weight_decay"],
                               pi_lr=hp.get("pi_lr", 0.0), pi_decay=hp.get("pi_decay", 0.0), pi_init=prior,
                               pi_reg=prior, backend=task.backend)
+    elif spec.get("theta") == "coupled":
+        opt = also_fused.theta.ThetaAdam(params, lr=hp["lr"], weight_decay=hp["weight_decay"], mode="descent-ascent",
+                                         backend=task.backend)
     else:
         opt = also_fused.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    weights = None
+    if spec["kind"] == "groupweights":
+        weights = also_fused.GroupWeights(n_groups, batch_size=batch, mode=spec["mode"],
+                                          group_reduction=spec["reduction"], pi_lr=hp["pi_lr"],
+                                          pi_decay=hp["pi_decay"], device=device, backend=task.backend)
     if spec["kind"] == "groupdro":
         dro = GroupDRO(n_groups, hp["eta"], device)
     if spec["kind"] == "iw":
@@ -247,6 +271,8 @@ def train_run(task, method: str, hp: dict[str, float], seed: int, evaluate_test:
                 losses = task.losses(model, idx)
                 if spec["kind"] == "also":
                     loss = opt.weighted_loss(losses, g)
+                elif spec["kind"] == "groupweights":
+                    loss = weights.weighted_loss(losses, g)
                 elif spec["kind"] == "iw":
                     loss = (iw[g] * losses).mean()
                 elif spec["kind"] == "groupdro":
@@ -257,6 +283,8 @@ def train_run(task, method: str, hp: dict[str, float], seed: int, evaluate_test:
                     loss = losses.mean()
                 loss.backward()
                 opt.step()
+                if weights is not None:
+                    weights.step()
                 step += 1
                 if step % eval_every == 0 or step == total_steps:
                     evaluate()
@@ -278,8 +306,8 @@ def train_run(task, method: str, hp: dict[str, float], seed: int, evaluate_test:
     if evaluate_test:
         out["test"] = best["test"]
         out["test_last"] = evaluations[-1]["test"]
-    if spec["kind"] == "also" and hasattr(task, "describe_weights"):
-        out["weights"] = task.describe_weights(opt.pi.detach().cpu(), grouping)
+    if spec["kind"] in ("also", "groupweights") and hasattr(task, "describe_weights"):
+        out["weights"] = task.describe_weights((opt if weights is None else weights).pi.detach().cpu(), grouping)
     if spec["kind"] == "groupdro" and hasattr(task, "describe_weights"):
         out["weights"] = task.describe_weights(dro.q.detach().cpu(), grouping)
     return out

@@ -19,6 +19,8 @@ from scipy import stats
 BASELINES = ("ERM", "IW", "GroupDRO", "RGD")
 # the variants a user would choose between, not the controls
 ALSO_VARIANTS = ("ALSO opt sum", "ALSO opt mean", "ALSO DA sum", "ALSO DA mean", "ALSO opt sum, pi ~ 1/n")
+GROUPWEIGHTS_VARIANTS = ("GroupWeights opt sum + AdamW", "GroupWeights opt mean + AdamW",
+                         "GroupWeights DA sum + AdamW", "GroupWeights DA mean + AdamW")
 
 
 def interval(values: list[float]) -> dict[str, float]:
@@ -57,20 +59,22 @@ def paired(row: dict[str, Any], base: dict[str, Any], key: str, direction: str) 
 
 def annotate(doc: dict[str, Any], keys: list[str], higher_is_better: bool = True) -> dict[str, Any]:
     """Adds to every row ``stats[key]`` (interval over seeds) and ``vs_best_baseline[key]`` (paired), and to
-    the document ``best_baseline`` and ``selected_on_validation`` (ALSO's variant chosen by validation)."""
+    the document ``best_baseline`` and ``selected_on_validation`` (ALSO's and GroupWeights' variants chosen by
+    validation)."""
     direction = doc["protocol"]["direction"]
     rows = doc["results"]
     base = best_on_validation(rows, BASELINES, direction)
-    selected = best_on_validation(rows, ALSO_VARIANTS, direction)
+    selected = [best_on_validation(rows, variants, direction) for variants in (ALSO_VARIANTS, GROUPWEIGHTS_VARIANTS)]
     metric_direction = "maximize" if higher_is_better else "minimize"
     for row in rows:
         row["stats"] = {k: interval(v) for k in keys if (v := per_seed(row, k)) is not None}
         row["vs_best_baseline"] = ({} if base is None or row is base else
                                    {k: p for k in keys if (p := paired(row, base, k, metric_direction))})
     doc["best_baseline"] = None if base is None else base["method"]
-    doc["selected_on_validation"] = None if selected is None else selected["method"]
+    doc["selected_on_validation"] = [r["method"] for r in selected if r is not None]
     doc["statistics"] = ("sample std (ddof 1) over the seeds; 95% Student t intervals of the mean; paired t "
                          "intervals of the seed-by-seed difference against the baseline (of "
                          f"{', '.join(BASELINES)}) with the best validation objective; ALSO's variant "
-                         f"selected on validation among {', '.join(ALSO_VARIANTS)}")
+                         f"selected on validation among {', '.join(ALSO_VARIANTS)}; GroupWeights' among "
+                         f"{', '.join(GROUPWEIGHTS_VARIANTS)}")
     return doc

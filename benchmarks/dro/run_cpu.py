@@ -33,7 +33,10 @@ PER_SAMPLE_OMITTED = {
     "IW": "one group per training sample: every group-frequency weight is 1, the same runs as ERM",
     "ALSO opt sum, pi ~ 1/n": "one group per training sample: the prior is uniform, the same runs as ALSO opt sum",
     "ALSO mean, pi fixed": "one group per training sample: the group-balanced loss is the batch mean, the same "
-                           "runs as ALSO sum, pi fixed"}
+                           "runs as ALSO sum, pi fixed",
+    "IW, ALSO's Adam": "one group per training sample: the same runs as ALSO sum, pi fixed (ERM on ALSO's Adam)",
+    "GroupWeights opt mean + AdamW": "one group per training sample: the same pi step as the sum form",
+    "GroupWeights DA mean + AdamW": "one group per training sample: the same pi step as the sum form"}
 TASK_METHODS = {"long_tailed": ALL_METHODS, "spurious": ALL_METHODS,
                 "noisy_labels": [m for m in ALL_METHODS if m not in PER_SAMPLE_OMITTED]}
 OMITTED = {"noisy_labels": PER_SAMPLE_OMITTED}
@@ -106,7 +109,7 @@ def stats_table(doc: dict[str, Any], keys: list[tuple[str, str]]) -> str:
         p = r["vs_best_baseline"].get(first)
         versus = "(the baseline)" if r["method"] == base else (
             f"{p['mean']:+.1f} ± {p['ci95']:.1f} ({p['verdict']})" if p else "n/a")
-        name = r["method"] + (" (selected on validation)" if r["method"] == doc.get("selected_on_validation") else "")
+        name = r["method"] + (" (selected on validation)" if r["method"] in doc.get("selected_on_validation", []) else "")
         hp = ", ".join(f"{k}={v:.2g}" for k, v in r["tuned_hparams"].items())
         lines.append(f"| {name} | {r['grouping']} ({r['n_groups']}) | " + " | ".join(cells) + f" | {versus} | {hp} |")
     return "\n".join(lines)
