@@ -5,7 +5,7 @@ of the entries at or past b in sort order (bits >= b for "desc", bits <= b for "
 number. One launch evaluates K bounds: each program reads its block of pi once and writes K partial
 masses and counts; torch adds the partials in block order (deterministic). The bracket around v* (the
 last bound whose mass reaches the threshold) shrinks (K + 1)-fold per pass, 8 passes for 31 bits, then
-one pass at v* gives the ties. No host sync until the cutoff is read. ``functional.mass_cutoff`` is the
+one pass at v* gives the ties and pi's total. No host sync until the cutoff is read. ``functional.mass_cutoff`` is the
 plain-torch reference (bisection, the same answer)."""
 from __future__ import annotations
 
@@ -87,8 +87,10 @@ def mass_cutoff(pi: torch.Tensor, threshold: float, order: str = "desc") -> int:
             lo = torch.where(reaches, lo, bounds).max()
             hi = torch.where(reaches, bounds, hi).min()
     v_bits = lo if descending else hi
-    # at v* + 1 (desc; v* - 1 asc): the entries strictly ahead of v*; at v*: with its ties
-    probe = torch.stack([v_bits + (1 if descending else -1), v_bits]).repeat(_K // 2)
+    # at v* + 1 (desc; v* - 1 asc): the entries strictly ahead of v*; at v*: with its ties; at 0 (desc; +inf
+    # asc): every entry, pi's total; the other bounds of the launch repeat v*
+    probe = torch.stack([v_bits + (1 if descending else -1), v_bits,
+                         torch.full_like(v_bits, 0 if descending else _INF_BITS)])
+    probe = torch.cat([probe, v_bits.expand(_K - probe.numel())])
     mass, count = _masses(values, probe.to(torch.int32), descending)
-    total = values.sum(dtype=torch.float64)
-    return cutoff_at(v_bits.to(torch.int32), mass[0], count[0], count[1] - count[0], total, threshold, n)
+    return cutoff_at(v_bits.to(torch.int32), mass[0], count[0], count[1] - count[0], mass[2], threshold, n)
