@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._dtensor import is_dtensor
 from .adam import Adam
 from .storage import dense_like
 from .theta import ThetaAdam
@@ -58,8 +59,10 @@ class StepInBackward:
                             f"got {type(optimizer).__name__}: step that one after backward as usual")
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+        if ddp_model is not None and not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+            raise TypeError(f"ddp_model must be a DistributedDataParallel module, got {type(ddp_model).__name__}")
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in params):
+        if any(is_dtensor(p) for p in params):
             raise TypeError("FSDP2 (DTensor) params are not supported by the step inside the backward pass: FSDP2 "
                             "reduce-scatters the gradients after the hooks run; step after backward as usual "
                             "(FSDP2 already frees each layer's unsharded gradients)")
@@ -87,8 +90,6 @@ class StepInBackward:
                 if p.requires_grad:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
         else:
-            if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
-                raise TypeError(f"ddp_model must be a DistributedDataParallel module, got {type(ddp_model).__name__}")
             self._process_group = ddp_model.process_group
             ddp_model.register_comm_hook(None, self._on_ddp_bucket)
         self._handles.append(optimizer.register_step_pre_hook(self._before_step))

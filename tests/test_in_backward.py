@@ -132,6 +132,8 @@ def test_refusals_change_nothing():
         also_fused.StepInBackward(torch.optim.AdamW(model.parameters()))
     with pytest.raises(ValueError, match="bucket_mb must be > 0"):
         also_fused.StepInBackward(opt, bucket_mb=0)
+    with pytest.raises(TypeError, match="ddp_model must be a DistributedDataParallel module, got Sequential"):
+        also_fused.StepInBackward(opt, ddp_model=model)
 
     embedding = torch.nn.Embedding(10, 4, sparse=True).to(DEVICE)
     also_fused.StepInBackward(also_fused.Adam(embedding.parameters()))
