@@ -78,9 +78,7 @@ class StepInBackward:
         self._bucket_size = 0
         self._in_backward = False
         self._passes_since_step = 0
-        self._removed = False
         self._ddp_updated: list[Tensor] = []
-        self._process_group: Optional[Any] = None
         for gi, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if p.requires_grad:
@@ -99,7 +97,6 @@ class StepInBackward:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._removed = True
 
     # ------------------------------------------------------------ the hooks
     def _start_pass(self) -> None:
@@ -133,7 +130,7 @@ class StepInBackward:
     def _on_ddp_bucket(self, state, bucket):  # no annotations: DDP accepts only the real classes there
         """DDP's communication hook: average the bucket over the ranks (DDP's default hook: divide, then
         all-reduce), then update its params from the averaged gradients (views of DDP's bucket)."""
-        if self._removed:
+        if not self._handles:  # removed: DDP keeps the hook, which then only averages
             return self._all_reduce_mean(bucket.buffer())
         if not self._in_backward:
             self._start_pass()
@@ -156,9 +153,9 @@ class StepInBackward:
         return self._all_reduce_mean(bucket.buffer()).then(update)
 
     def _all_reduce_mean(self, buffer: Tensor) -> torch.futures.Future:
-        group = self._process_group if self._process_group is not None else dist.group.WORLD
-        buffer.div_(dist.get_world_size(group))
-        return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
+        buffer.div_(dist.get_world_size(self._process_group))
+        return dist.all_reduce(buffer, group=self._process_group, async_op=True).get_future().then(
+            lambda f: f.value()[0])
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:

@@ -142,7 +142,7 @@ MUTANTS = [
            "        for p, _ in items:\n            pass",
            "step inside backward: the gradients are not freed after their bucket's update"),
     Mutant("ddp-bucket-not-averaged", "also_fused/in_backward.py",
-           "        buffer.div_(dist.get_world_size(group))",
+           "        buffer.div_(dist.get_world_size(self._process_group))",
            "        pass",
            "step inside backward under DDP: the bucket summed over the ranks, not averaged"),
     Mutant("cutoff-ties-ignored", "also_fused/functional.py",
