@@ -45,7 +45,7 @@ def check_document(doc: dict, trials: int, seeds: int, methods: list[str]) -> No
         assert len(r["per_seed"]) == seeds
         assert set(r["tuned_hparams"]) == set(r["search_space"])
         for name, value in r["tuned_hparams"].items():
-            lo, hi = r["search_space"][name]
+            lo, hi = r["search_space"][name][:2]
             assert lo <= value <= hi, (r["method"], name, value)
         for run in r["per_seed"]:
             assert not run["diverged"]
@@ -64,7 +64,7 @@ def test_cpu_tasks_smoke(tmp_path):
         doc = json.loads(path.read_text())
         assert doc == json.loads(json.dumps(docs[name]))
         check_document(doc, trials=2, seeds=1, methods=methods)
-        n_classes = 2 if name == "spurious" else 10
+        n_classes = 2 if name in ("spurious", "colored") else 10
         for r in doc["results"]:
             acc, worst = r["mean"]["acc"], r["mean"]["worst_group_acc"]
             assert 0.0 <= worst <= acc <= 100.0, (name, r["method"])

@@ -15,6 +15,21 @@ same objective; see ``search_space``):
 * RGD: ``also_fused.rgd_loss`` (per-sample weights exp(min(l, T)/(T+1)), detached), AdamW.
 * ALSO, mode "optimistic" or "descent-ascent", group_reduction "sum" (published) or "mean",
   uniform pi_init = pi_reg, alpha 1, ALSO's own Adam on theta (L2 coupled into the gradient).
+* Upsampling (group-balanced sampling): every epoch draws n training samples with replacement, sample
+  i with probability 1 / (K n_{g_i}), so every group fills the same share of the batches in expectation;
+  the batch mean loss.
+* JTT (Liu et al., ICML 2021, "Just Train Twice"): ERM for ``jtt_epochs`` epochs (tuned, 1 to half the
+  training), the training samples that model misclassifies form the error set; a fresh model (the
+  same initialisation) is trained with the error set's losses weighted by ``upweight`` (tuned, 2-100)
+  against 1 for the rest (weights scaled to mean 1). Needs no group labels for training; the groups
+  enter only through the validation objective, as in the paper.
+* GroupDRO adj: GroupDRO with the paper's generalisation adjustment, C / sqrt(n_j) added to the mean
+  loss of every group j present in the batch before the q step (n_j the group's training size; C
+  tuned uniformly in [0, 5]).
+* CVaR (the minibatch CVaR DRO loss, as in Levy et al. 2020): the mean of the ceil(alpha B) largest
+  losses of the batch (alpha tuned in [0.05, 1]); group-free, the natural comparison for ALSO with one
+  group per sample.
+Every one of these runs on AdamW and, like for like, on ALSO's Adam (``ThetaAdam``, coupled L2).
 
 Three more rows, to read the ALSO rows by. Two controls with pi frozen at uniform (descent-ascent,
 pi_lr = pi_decay = 0): "ALSO sum, pi fixed" is ALSO's Adam step on the plain batch mean (it
@@ -87,6 +102,15 @@ METHODS: dict[str, dict[str, Any]] = {
     "GroupWeights opt mean + AdamW": dict(kind="groupweights", mode="optimistic", reduction="mean"),
     "GroupWeights DA sum + AdamW": dict(kind="groupweights", mode="descent-ascent", reduction="sum"),
     "GroupWeights DA mean + AdamW": dict(kind="groupweights", mode="descent-ascent", reduction="mean"),
+    # the field's baselines, each on AdamW and on ALSO's Adam
+    "Upsampling": dict(kind="upsample"),
+    "JTT": dict(kind="jtt"),
+    "GroupDRO adj": dict(kind="groupdro", adjust=True),
+    "CVaR": dict(kind="cvar"),
+    "Upsampling, ALSO's Adam": dict(kind="upsample", theta="coupled"),
+    "JTT, ALSO's Adam": dict(kind="jtt", theta="coupled"),
+    "GroupDRO adj, ALSO's Adam": dict(kind="groupdro", adjust=True, theta="coupled"),
+    "CVaR, ALSO's Adam": dict(kind="cvar", theta="coupled"),
 }
 METHOD_LONG_NAMES = {
     "ERM": "ERM (AdamW, batch mean)",
@@ -110,12 +134,27 @@ METHOD_LONG_NAMES = {
     "GroupWeights opt mean + AdamW": "ALSO's group weights (GroupWeights, optimistic, 'mean') beside AdamW",
     "GroupWeights DA sum + AdamW": "ALSO's group weights (GroupWeights, descent-ascent, 'sum') beside AdamW",
     "GroupWeights DA mean + AdamW": "ALSO's group weights (GroupWeights, descent-ascent, 'mean') beside AdamW",
+    "Upsampling": "group-balanced sampling: batches drawn with replacement, sample i with probability proportional "
+                  "to 1 / n_{g_i}, batch mean loss (AdamW)",
+    "JTT": "Just Train Twice: ERM for jtt_epochs epochs, then a fresh model trained with the losses of the training "
+           "samples the first model misclassified weighted by upweight (AdamW)",
+    "GroupDRO adj": "GroupDRO with Sagawa et al.'s generalisation adjustment: C / sqrt(n_g) added to the group mean "
+                    "losses of the q step (AdamW)",
+    "CVaR": "CVaR DRO: the mean of the largest ceil(alpha B) losses of the batch (AdamW)",
+    "Upsampling, ALSO's Adam": "group-balanced sampling on ALSO's Adam (ThetaAdam, coupled L2)",
+    "JTT, ALSO's Adam": "JTT with both stages on ALSO's Adam (ThetaAdam, coupled L2)",
+    "GroupDRO adj, ALSO's Adam": "GroupDRO with the C / sqrt(n_g) adjustment on ALSO's Adam (ThetaAdam, coupled L2)",
+    "CVaR, ALSO's Adam": "CVaR DRO on ALSO's Adam (ThetaAdam, coupled L2)",
 }
-# every range is sampled log-uniformly; the same for every method that has the hyper-parameter
+# a range (lo, hi) is sampled log-uniformly, (lo, hi, "linear") uniformly, (lo, hi, "int") as an integer;
+# the same range for every method that has the hyper-parameter
 COMMON_SPACE = {"lr": (1e-4, 3e-2), "weight_decay": (1e-6, 1e-1)}
 STEP_RANGE = (1e-4, 1.0)  # GroupDRO's eta and ALSO's pi_lr
 PI_DECAY_RANGE = (1e-4, 1.0)
 RGD_TEMPERATURE_RANGE = (0.1, 10.0)
+ADJUSTMENT_RANGE = (0.0, 5.0, "linear")  # GroupDRO's C (Sagawa et al. searched 0, 1, ..., 5)
+JTT_UPWEIGHT_RANGE = (2.0, 100.0)  # JTT's lambda_up
+CVAR_ALPHA_RANGE = (0.05, 1.0)  # the share of the batch CVaR averages (1: ERM)
 TRIAL_SEED = 1000  # the training seed of every tuning trial (not one of the test seeds)
 
 
@@ -136,6 +175,13 @@ def search_space(method: str, task) -> dict[str, tuple[float, float]]:
     space.update(getattr(task, "space_overrides", {}))
     if spec["kind"] == "groupdro":
         space["eta"] = STEP_RANGE
+        if spec.get("adjust"):
+            space["adjustment"] = ADJUSTMENT_RANGE
+    elif spec["kind"] == "jtt":  # the first model's epochs: 1 to half the training
+        space["jtt_epochs"] = (1, max(1, task.epochs // 2), "int")
+        space["upweight"] = JTT_UPWEIGHT_RANGE
+    elif spec["kind"] == "cvar":
+        space["alpha"] = CVAR_ALPHA_RANGE
     elif spec["kind"] == "rgd":
         space["temperature"] = RGD_TEMPERATURE_RANGE
     elif spec["kind"] in ("also", "groupweights") and not spec.get("fixed_pi"):
@@ -144,15 +190,27 @@ def search_space(method: str, task) -> dict[str, tuple[float, float]]:
     return space
 
 
+def suggest(trial, name: str, rng: tuple) -> float:
+    lo, hi, *kind = rng
+    kind = kind[0] if kind else "log"
+    if kind == "int":
+        return trial.suggest_int(name, int(lo), int(hi))
+    return trial.suggest_float(name, lo, hi, log=kind == "log")
+
+
 class GroupDRO:
     """Online GroupDRO (Sagawa et al. 2020, Alg. 1): q <- q exp(eta L) / Z on the batch's group mean
     losses L (absent groups: L_j = 0, so only the normalisation moves them), then loss = sum_j q_j L_j
-    with the updated q. q starts uniform; no generalisation adjustment."""
+    with the updated q. q starts uniform. ``adjustment`` (per group, C / sqrt(n_j) with n_j the group's
+    training size: the paper's generalisation adjustment) is added to the mean loss of every group
+    present in the batch before the q step; it is a constant, so it changes q and not the gradient."""
 
-    def __init__(self, n_groups: int, eta: float, device: torch.device) -> None:
+    def __init__(self, n_groups: int, eta: float, device: torch.device,
+                 adjustment: Optional[torch.Tensor] = None) -> None:
         self.n_groups = n_groups
         self.eta = eta
         self.q = torch.full((n_groups,), 1.0 / n_groups, device=device)
+        self.adjustment = None if adjustment is None else adjustment.to(device=device, dtype=torch.float32)
 
     def group_means(self, losses: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         sums = torch.zeros(self.n_groups, device=losses.device, dtype=losses.dtype).index_add(0, group_ids, losses)
@@ -161,14 +219,72 @@ class GroupDRO:
         return sums / counts.clamp_min(1.0)
 
     @torch.no_grad()
-    def update(self, group_means: torch.Tensor) -> None:
-        q = self.q * torch.exp(self.eta * group_means.detach().float())
+    def update(self, group_means: torch.Tensor, present: Optional[torch.Tensor] = None) -> None:
+        scores = group_means.detach().float()
+        if self.adjustment is not None:
+            scores = scores + self.adjustment * (present.float() if present is not None else 1.0)
+        q = self.q * torch.exp(self.eta * scores)
         self.q = q / q.sum()
 
     def loss(self, losses: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         means = self.group_means(losses, group_ids)
-        self.update(means)
+        present = torch.zeros(self.n_groups, dtype=torch.bool, device=losses.device)
+        present[group_ids] = True
+        self.update(means, present)
         return (self.q.to(means.dtype) * means).sum()
+
+
+def sagawa_adjustment(group_ids: torch.Tensor, n_groups: int, c: float) -> torch.Tensor:
+    """C / sqrt(n_j) for every group j (n_j its number of training samples; an empty group gets 0)."""
+    counts = torch.bincount(group_ids, minlength=n_groups).float()
+    return torch.where(counts > 0, c / counts.clamp_min(1.0).sqrt(), torch.zeros_like(counts))
+
+
+def group_balanced_probabilities(group_ids: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Sampling probability of every training sample so that every group present is drawn equally often:
+    1 / (K n_{g_i}), K the number of groups present."""
+    counts = torch.bincount(group_ids, minlength=n_groups).float()
+    present = int((counts > 0).sum())
+    return 1.0 / (present * counts[group_ids])
+
+
+def cvar_loss(losses: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The batch's CVaR at level alpha: the mean of its largest ceil(alpha B) losses (the minibatch
+    estimator of the worst-case expected loss over reweightings with weights at most 1/alpha)."""
+    k = max(1, math.ceil(alpha * losses.numel() - 1e-9))
+    return losses.topk(k).values.mean()
+
+
+def jtt_weights(errors: torch.Tensor, upweight: float) -> torch.Tensor:
+    """JTT's second-stage sample weights: ``upweight`` on the error set, 1 elsewhere, scaled to mean 1."""
+    w = torch.where(errors, torch.full(errors.shape, float(upweight)), torch.ones(errors.shape))
+    return w / w.mean()
+
+
+def make_theta_optimizer(task, spec: dict[str, Any], params, hp: dict[str, float]) -> torch.optim.Optimizer:
+    if spec.get("theta") == "coupled":
+        return also_fused.theta.ThetaAdam(params, lr=hp["lr"], weight_decay=hp["weight_decay"],
+                                          mode="descent-ascent", backend=task.backend)
+    return also_fused.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+
+
+def jtt_error_set(task, spec: dict[str, Any], hp: dict[str, float], seed: int) -> torch.Tensor:
+    """JTT's first stage: ERM (on the method's theta optimizer) for hp["jtt_epochs"] epochs from the run's
+    seed; returns which training samples the resulting model misclassifies."""
+    torch.manual_seed(seed)
+    model = task.make_model()
+    opt = make_theta_optimizer(task, spec, [p for p in model.parameters() if p.requires_grad], hp)
+    n, batch = len(task.y_tr), task.batch
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(int(hp["jtt_epochs"])):
+        order = torch.randperm(n, generator=gen).to(task.device)
+        for b in range(n // batch):
+            idx = order[b * batch:(b + 1) * batch]
+            opt.zero_grad(set_to_none=True)
+            task.losses(model, idx).mean().backward()
+            opt.step()
+    model.eval()
+    return task.train_errors(model).cpu()
 
 
 def selection_key(task, metrics: dict[str, Any]) -> tuple[float, ...]:
@@ -216,18 +332,24 @@ def train_run(task, method: str, hp: dict[str, float], seed: int, evaluate_test:
                               group_reduction=spec["reduction"], lr=hp["lr"], weight_decay=hp["weight_decay"],
                               pi_lr=hp.get("pi_lr", 0.0), pi_decay=hp.get("pi_decay", 0.0), pi_init=prior,
                               pi_reg=prior, backend=task.backend)
-    elif spec.get("theta") == "coupled":
-        opt = also_fused.theta.ThetaAdam(params, lr=hp["lr"], weight_decay=hp["weight_decay"], mode="descent-ascent",
-                                         backend=task.backend)
     else:
-        opt = also_fused.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        opt = make_theta_optimizer(task, spec, params, hp)
     weights = None
     if spec["kind"] == "groupweights":
         weights = also_fused.GroupWeights(n_groups, batch_size=batch, mode=spec["mode"],
                                           group_reduction=spec["reduction"], pi_lr=hp["pi_lr"],
                                           pi_decay=hp["pi_decay"], device=device, backend=task.backend)
     if spec["kind"] == "groupdro":
-        dro = GroupDRO(n_groups, hp["eta"], device)
+        adjustment = sagawa_adjustment(group_ids, n_groups, hp["adjustment"]) if spec.get("adjust") else None
+        dro = GroupDRO(n_groups, hp["eta"], device, adjustment)
+    sampling = group_balanced_probabilities(group_ids, n_groups).cpu() if spec["kind"] == "upsample" else None
+    if spec["kind"] == "jtt":
+        errors = jtt_error_set(task, spec, hp, seed)
+        sample_w = jtt_weights(errors, hp["upweight"]).to(device)
+        torch.manual_seed(seed)  # the second model starts from the first one's initialisation
+        model = task.make_model()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_theta_optimizer(task, spec, params, hp)
     if spec["kind"] == "iw":
         counts = torch.bincount(group_ids, minlength=n_groups).float()
         present = int((counts > 0).sum())
@@ -263,7 +385,10 @@ def train_run(task, method: str, hp: dict[str, float], seed: int, evaluate_test:
 
     try:
         for _ in range(task.epochs):
-            order = torch.randperm(n, generator=gen).to(device)
+            if sampling is None:
+                order = torch.randperm(n, generator=gen).to(device)
+            else:  # group-balanced sampling with replacement, n draws an epoch
+                order = torch.multinomial(sampling, n, replacement=True, generator=gen).to(device)
             for b in range(steps_per_epoch):
                 idx = order[b * batch:(b + 1) * batch]
                 g = group_ids[idx]
@@ -279,6 +404,10 @@ def train_run(task, method: str, hp: dict[str, float], seed: int, evaluate_test:
                     loss = dro.loss(losses, g)
                 elif spec["kind"] == "rgd":
                     loss = also_fused.rgd_loss(losses, temperature=hp["temperature"])
+                elif spec["kind"] == "jtt":
+                    loss = (sample_w[idx] * losses).mean()
+                elif spec["kind"] == "cvar":
+                    loss = cvar_loss(losses, hp["alpha"])
                 else:
                     loss = losses.mean()
                 loss.backward()
@@ -310,6 +439,9 @@ def train_run(task, method: str, hp: dict[str, float], seed: int, evaluate_test:
         out["weights"] = task.describe_weights((opt if weights is None else weights).pi.detach().cpu(), grouping)
     if spec["kind"] == "groupdro" and hasattr(task, "describe_weights"):
         out["weights"] = task.describe_weights(dro.q.detach().cpu(), grouping)
+    if spec["kind"] == "jtt":
+        out["jtt_error_set"] = task.describe_error_set(errors) if hasattr(task, "describe_error_set") else {
+            "size": int(errors.sum())}
     return out
 
 
@@ -327,7 +459,7 @@ def tune_and_test(task_factory: Callable, task_kwargs: dict, method: str, trials
     t0 = time.perf_counter()
 
     def objective(trial):
-        hp = {name: trial.suggest_float(name, lo, hi, log=True) for name, (lo, hi) in space.items()}
+        hp = {name: suggest(trial, name, rng) for name, rng in space.items()}
         run = train_run(task, method, hp, TRIAL_SEED, evaluate_test=False)
         trial.set_user_attr("diverged", run["diverged"])
         trial.set_user_attr("selected_epoch", run.get("selected_epoch"))

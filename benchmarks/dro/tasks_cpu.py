@@ -1,17 +1,24 @@
 """The CPU tasks of the DRO benchmark, all on scikit-learn's bundled 8x8 digits (no download):
 
 * ``long_tailed``: the long-tailed digits of ``make demo`` (examples/demo_digits.py builds the data;
-  groups = the 10 classes; objective: worst-class validation accuracy);
+  groups = the 10 classes; objective: worst-class validation accuracy on a class-balanced
+  validation split, drawn like the (balanced) test split from the training images the long tail
+  left out);
 * ``spurious``: digit >= 5 or not, with a bright corner patch that goes with the label in 90% of the
-  training images (groups = label x patch: two majority and two minority groups); the test set has
-  every test image once with and once without the patch, so the correlation is gone there;
-  objective: worst-group validation accuracy;
+  training images (groups = label x patch: two majority and two minority groups); the validation and
+  test sets have every one of their images once with and once without the patch, so the correlation is
+  gone there; objective: worst-group validation accuracy;
+* ``colored``: a Colored-MNIST-style task: digit >= 5 or not, the image drawn in one of two colour
+  channels (the other channel blank), the colour equal to the label in ``strength`` of the training
+  images (a parameter, 0.95 by default); validation and test images appear once in each colour
+  (groups = label x colour, balanced there); objective: worst-group validation accuracy;
 * ``noisy_labels``: the 10 classes with 30% of the training labels replaced by another class drawn
   at random; one group per training sample (object-level weighting); the test labels are clean;
   objective: validation accuracy against the (noisy) validation labels.
 
-Every task carves its validation split from its training data; the test split is used only for
-the reported numbers.
+The validation splits are disjoint from the test splits and, where the field does so, drawn like the
+test distribution (balanced classes, the spurious feature independent of the label), not like the
+training distribution; the test split is used only for the reported numbers.
 """
 from __future__ import annotations
 
@@ -103,6 +110,20 @@ class ClassificationTask:
         return {"acc": 100.0 * float(correct.mean()), "worst_group_acc": min(per_group),
                 "loss": float(F.cross_entropy(logits, y)), "group_acc": per_group}
 
+    @torch.no_grad()
+    def train_errors(self, model: torch.nn.Module) -> torch.Tensor:
+        """Which training samples the model misclassifies (against the training labels): JTT's error set."""
+        return model(self.X_tr).argmax(1) != self.y_tr
+
+    def describe_error_set(self, errors: torch.Tensor) -> dict[str, Any]:
+        out: dict[str, Any] = {"size": int(errors.sum())}
+        g = self.groupings[self.default_grouping]
+        if self.n_groups[self.default_grouping] <= 16:
+            out["per_group"] = torch.bincount(g[errors], minlength=self.n_groups[self.default_grouping]).tolist()
+        if hasattr(self, "flipped"):
+            out["flipped_share"] = float(self.flipped[errors].float().mean()) if bool(errors.any()) else 0.0
+        return out
+
     def describe_weights(self, w: torch.Tensor, grouping: str) -> dict[str, Any]:
         """The method's group weights at the end of training (pi or q), when there are few groups."""
         return {"final_weights": [round(float(v), 6) for v in w]} if len(w) <= 16 else {}
@@ -115,25 +136,54 @@ class ClassificationTask:
 
 
 # ------------------------------------------------------------------------------------ long-tailed
-def long_tailed(smoke: bool = False, epochs: int = 60, batch: int = 32) -> ClassificationTask:
-    """The demo's long-tailed digits; validation = a stratified third of the long-tailed training set
-    (the first fold of examples/tune_digits.py's split), standardised with the rest."""
-    from sklearn.model_selection import StratifiedKFold
+def long_tailed_split(val_per_class: int):
+    """The demo's long-tailed training set with a class-balanced validation split. examples/demo_digits.py
+    keeps n_max * 20^(-c/9) of class c's training images; the images it leaves out are the validation
+    pool: ``val_per_class`` of every class drawn from them (class 0, which keeps all its images, gives
+    its own). Returns raw (X_fit, y_fit, X_val, y_val, X_test, y_test)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     demo = demo_module()
-    X_tr, y_tr, X_te, y_te = demo.long_tailed_raw(0)
-    tr, va = next(StratifiedKFold(n_splits=3, shuffle=True, random_state=0).split(X_tr.numpy(), y_tr.numpy()))
-    tr, va = torch.from_numpy(tr), torch.from_numpy(va)
-    X_fit, X_va, X_te = standardize_with(X_tr[tr], X_tr[va], X_te)
-    y_fit, y_va = y_tr[tr], y_tr[va]
+    X_lt, y_lt, X_te, y_te = demo.long_tailed_raw(0)
+    X, y = load_digits(return_X_y=True)
+    X_all, _, y_all, _ = train_test_split(X, y, test_size=0.3, stratify=y, random_state=0)
+    X_all, y_all = torch.tensor(X_all, dtype=torch.float32), torch.tensor(y_all)
+    gen = torch.Generator().manual_seed(0)  # the demo's draw, repeated to know which images it kept
+    n_max = int((y_all == 0).sum())
+    keep, val = [], []
+    for c in range(demo.N_CLASSES):
+        idx = torch.nonzero(y_all == c).flatten()
+        order = idx[torch.randperm(len(idx), generator=gen)]
+        n_c = max(1, int(n_max * demo.IMBALANCE ** (-c / (demo.N_CLASSES - 1))))
+        kept, rest = order[:n_c], order[n_c:]
+        if len(rest) < val_per_class:  # the head class: its validation images come out of its training images
+            kept, rest = order[:n_c - val_per_class], order[n_c - val_per_class:]
+        keep.append(kept)
+        val.append(rest[:val_per_class])
+    keep, val = torch.cat(keep), torch.cat(val)
+    # the same images as the demo's long tail (less the head class's validation images)
+    lt_rows = {tuple(r) for r in X_lt.tolist()}
+    assert all(tuple(r) in lt_rows for r in X_all[keep].tolist())
+    return X_all[keep], y_all[keep], X_all[val], y_all[val], X_te, y_te
+
+
+def long_tailed(smoke: bool = False, epochs: int = 60, batch: int = 32, val_per_class: int = 25) -> ClassificationTask:
+    """The demo's long-tailed digits; validation = ``val_per_class`` images of every class the long tail
+    left out (balanced like the test split, disjoint from it and from the training images)."""
+    demo = demo_module()
+    X_fit, y_fit, X_va, y_va, X_te, y_te = long_tailed_split(val_per_class)
+    X_fit, X_va, X_te = standardize_with(X_fit, X_va, X_te)
     k = demo.N_CLASSES
     names = [f"class {c}" for c in range(k)]
     return ClassificationTask(
         "long_tailed", f"Long-tailed digits (class c keeps n_max * {demo.IMBALANCE:g}^(-c/9) training samples)",
         X_fit, y_fit, {"classes": y_fit}, {"classes": k}, (X_va, y_va, y_va), (X_te, y_te, y_te), k, names,
         n_hidden=64, n_classes=k, batch=batch, epochs=2 if smoke else epochs, objective_key="worst_group_acc",
-        objective_text="worst-class validation accuracy (%), maximised", tie_breaks=TIE_BREAKS,
-        data_info={"source": "sklearn.datasets.load_digits, made long-tailed by examples/demo_digits.long_tailed_raw",
+        objective_text="worst-class accuracy (%) on the class-balanced validation split, maximised",
+        tie_breaks=TIE_BREAKS,
+        data_info={"source": "sklearn.datasets.load_digits, made long-tailed by examples/demo_digits.long_tailed_raw; "
+                             "validation: images the long tail left out, class-balanced (class 0's from its own)",
                    "imbalance": demo.IMBALANCE, "train_per_class": torch.bincount(y_fit, minlength=k).tolist(),
                    "val_per_class": torch.bincount(y_va, minlength=k).tolist(),
                    "test_per_class": torch.bincount(y_te, minlength=k).tolist()},
@@ -152,48 +202,129 @@ def add_patch(X: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return X
 
 
-def spurious(smoke: bool = False, majority: float = 0.9, epochs: int = 40, batch: int = 32) -> ClassificationTask:
-    """Label y = (digit >= 5); attribute a = a bright 2x2 patch in the top-left corner. In the
-    training and validation data a = y for ``majority`` of every class's images (exactly, at random),
-    a != y for the rest; groups g = 2 y + a. The test set is every test image twice, with and without
-    the patch, so a says nothing about y there."""
+def spurious_attribute(digit: torch.Tensor, y: torch.Tensor, strength: float, seed: int = 0) -> torch.Tensor:
+    """The spurious attribute a of every image: a = y for exactly round(strength * n) of every digit's n
+    images (drawn at random), a = 1 - y for the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    a = y.clone()
+    for c in range(10):  # the minority share is exact within every digit (so within both labels)
+        idx = (digit == c).nonzero().flatten()
+        flip = idx[torch.randperm(len(idx), generator=gen)[:round((1 - strength) * len(idx))]]
+        a[flip] = 1 - a[flip]
+    return a
+
+
+def both_ways(X: torch.Tensor, y: torch.Tensor, render):
+    """Every image once with a = 0 and once with a = 1 (the label independent of a, groups balanced
+    within each label): (X, y, a)."""
+    zeros = torch.zeros_like(y)
+    return torch.cat([render(X, zeros), render(X, 1 - zeros)]), torch.cat([y, y]), torch.cat([zeros, 1 - zeros])
+
+
+def digits_70_30():
+    """scikit-learn's digits, the stratified 70/30 split every CPU task uses: (X_tr, X_te, digit_tr, digit_te)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     X, digit = load_digits(return_X_y=True)
     X_tr, X_te, d_tr, d_te = train_test_split(X, digit, test_size=0.3, stratify=digit, random_state=0)
-    X_tr, X_te = torch.tensor(X_tr, dtype=torch.float32), torch.tensor(X_te, dtype=torch.float32)
-    y_tr, y_te = torch.tensor(d_tr >= 5).long(), torch.tensor(d_te >= 5).long()
-    d_tr_t = torch.tensor(d_tr)
-    gen = torch.Generator().manual_seed(0)
-    a_tr = y_tr.clone()
-    for c in range(10):  # the minority share is exact within every digit (so within both labels)
-        idx = (d_tr_t == c).nonzero().flatten()
-        flip = idx[torch.randperm(len(idx), generator=gen)[:round((1 - majority) * len(idx))]]
-        a_tr[flip] = 1 - a_tr[flip]
-    X_tr = add_patch(X_tr, a_tr)
+    return (torch.tensor(X_tr, dtype=torch.float32), torch.tensor(X_te, dtype=torch.float32), torch.tensor(d_tr),
+            torch.tensor(d_te))
+
+
+def spurious(smoke: bool = False, majority: float = 0.9, epochs: int = 40, batch: int = 32,
+             val_like: str = "test") -> ClassificationTask:
+    """Label y = (digit >= 5); attribute a = a bright 2x2 patch in the top-left corner. In the
+    training data a = y for ``majority`` of every digit's images (exactly, at random), a != y for the
+    rest; groups g = 2 y + a. The test set is every test image twice, with and without the patch, so
+    a says nothing about y there; the validation split (a stratified third of the training digits,
+    held out before the patch is drawn) is built the same way (``val_like="test"``), or keeps the
+    training correlation (``val_like="train"``, the earlier protocol)."""
+    X_tr, X_te, d_tr, d_te = digits_70_30()
+    y_tr, y_te = (d_tr >= 5).long(), (d_te >= 5).long()
+    a_tr = spurious_attribute(d_tr, y_tr, majority)
     g_tr = 2 * y_tr + a_tr
     tr, va = stratified_split(g_tr, 1 / 3, seed=0)
-    X_both = torch.cat([add_patch(X_te, torch.zeros(len(y_te))), add_patch(X_te, torch.ones(len(y_te)))])
-    y_both = torch.cat([y_te, y_te])
-    a_both = torch.cat([torch.zeros_like(y_te), torch.ones_like(y_te)])
-    X_fit, X_va, X_both = standardize_with(X_tr[tr], X_tr[va], X_both)
+    if val_like == "test":
+        X_va, y_va, a_va = both_ways(X_tr[va], y_tr[va], add_patch)
+    else:
+        X_va, y_va, a_va = add_patch(X_tr[va], a_tr[va]), y_tr[va], a_tr[va]
+    X_fit = add_patch(X_tr[tr], a_tr[tr])
+    X_both, y_both, a_both = both_ways(X_te, y_te, add_patch)
+    X_fit, X_va, X_both = standardize_with(X_fit, X_va, X_both)
     names = ["digit<5, no patch", "digit<5, patch", "digit>=5, no patch", "digit>=5, patch"]
-    g_fit = g_tr[tr]
+    g_fit, g_va = g_tr[tr], 2 * y_va + a_va
     return ClassificationTask(
         "spurious", f"Spurious patch: digit >= 5 vs < 5, a corner patch goes with the label in "
-                    f"{100 * majority:g}% of training images, in none at test",
-        X_fit, y_tr[tr], {"label x patch": g_fit}, {"label x patch": 4}, (X_va, y_tr[va], g_tr[va]),
+                    f"{100 * majority:g}% of training images, in none at validation and test",
+        X_fit, y_tr[tr], {"label x patch": g_fit}, {"label x patch": 4}, (X_va, y_va, g_va),
         (X_both, y_both, 2 * y_both + a_both), 4, names, n_hidden=64, n_classes=2, batch=batch,
         epochs=2 if smoke else epochs, objective_key="worst_group_acc",
-        objective_text="worst-group validation accuracy (%) over the 4 label x patch groups, maximised",
+        objective_text=f"worst-group validation accuracy (%) over the 4 label x patch groups, maximised (validation "
+                       f"{'drawn like the test split' if val_like == 'test' else 'with the training correlation'})",
         tie_breaks=TIE_BREAKS,
         data_info={"source": "sklearn.datasets.load_digits; label = digit >= 5; patch = pixels "
-                             f"{list(PATCH_PIXELS)} set to {PATCH_VALUE:g}", "majority": majority,
+                             f"{list(PATCH_PIXELS)} set to {PATCH_VALUE:g}", "majority": majority, "val_like": val_like,
                    "train_per_group": torch.bincount(g_fit, minlength=4).tolist(),
-                   "val_per_group": torch.bincount(g_tr[va], minlength=4).tolist(),
+                   "val_per_group": torch.bincount(g_va, minlength=4).tolist(),
                    "test_per_group": torch.bincount(2 * y_both + a_both, minlength=4).tolist()},
         smoke=smoke)
+
+
+# --------------------------------------------------------------------------------------- colored
+def colorize(X: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Colored-MNIST style: the 64 pixels go to the first colour channel (a = 0) or to the second (a = 1);
+    the other channel is blank. (n, 64) -> (n, 128)."""
+    out = torch.zeros(len(X), 2 * X.shape[1])
+    first = a == 0
+    out[first, :X.shape[1]] = X[first]
+    out[~first, X.shape[1]:] = X[~first]
+    return out
+
+
+def colored(smoke: bool = False, strength: float = 0.95, epochs: int = 40, batch: int = 32,
+            label_noise: float = 0.0) -> ClassificationTask:
+    """Colored digits: y = (digit >= 5), ``label_noise`` of the training labels flipped (exactly, at
+    random; 0 by default), the colour a = y for ``strength`` of every digit's training images and a = 1 - y
+    for the rest; groups g = 2 y + a. A third of the training digits (stratified by digit, held out before
+    colouring) is the validation split and the 30% test split the test set; both show every image in both
+    colours, so the colour is independent of the label and the four groups are the same size within each
+    label. The shape of a minority-colour digit must be learnt from the few training images of that colour:
+    the feature the model reads it with is a different set of input weights."""
+    X_tr, X_te, d_tr, d_te = digits_70_30()
+    tr, va = stratified_split(d_tr, 1 / 3, seed=0)
+    d_fit = d_tr[tr]
+    y_fit = (d_fit >= 5).long()
+    if label_noise > 0:
+        gen = torch.Generator().manual_seed(1)
+        flip = torch.randperm(len(y_fit), generator=gen)[:round(label_noise * len(y_fit))]
+        y_fit[flip] = 1 - y_fit[flip]
+    a_fit = spurious_attribute(d_fit, y_fit, strength)  # the colour follows the (possibly flipped) label
+    X_fit, X_va_raw = X_tr[tr] / 16.0, X_tr[va] / 16.0  # pixel values in [0, 1]; no standardising: blank channels stay 0
+    X_va, y_va, a_va = both_ways(X_va_raw, (d_tr[va] >= 5).long(), colorize)
+    X_te, y_te, a_te = both_ways(X_te / 16.0, (d_te >= 5).long(), colorize)
+    X_fit = colorize(X_fit, a_fit)
+    g_fit, g_va, g_te = 2 * y_fit + a_fit, 2 * y_va + a_va, 2 * y_te + a_te
+    names = ["digit<5, colour 0", "digit<5, colour 1", "digit>=5, colour 0", "digit>=5, colour 1"]
+    task = ClassificationTask(
+        "colored", f"Colored digits: digit >= 5 vs < 5, the colour goes with the label in {100 * strength:g}% of "
+                   f"training images{f' ({100 * label_noise:g}% labels flipped)' if label_noise else ''}, "
+                   "independent of it at validation and test",
+        X_fit, y_fit, {"label x colour": g_fit, "samples": torch.arange(len(y_fit))},
+        {"label x colour": 4, "samples": len(y_fit)}, (X_va, y_va, g_va), (X_te, y_te, g_te), 4, names,
+        n_hidden=64, n_classes=2, batch=batch, epochs=2 if smoke else epochs, objective_key="worst_group_acc",
+        objective_text="worst-group accuracy (%) over the 4 label x colour groups of the validation split (every "
+                       "validation image in both colours, drawn like the test split), maximised",
+        tie_breaks=TIE_BREAKS,
+        data_info={"source": "sklearn.datasets.load_digits; label = digit >= 5; colour = which of two 64-pixel "
+                             "channels holds the image (pixels / 16)", "strength": strength,
+                   "label_noise": label_noise,
+                   "train_per_group": torch.bincount(g_fit, minlength=4).tolist(),
+                   "val_per_group": torch.bincount(g_va, minlength=4).tolist(),
+                   "test_per_group": torch.bincount(g_te, minlength=4).tolist()},
+        smoke=smoke)
+    task.attribute = a_fit
+    return task
 
 
 # ---------------------------------------------------------------------------------- noisy labels
@@ -246,7 +377,7 @@ def describe_sample_weights(w: torch.Tensor, flipped: torch.Tensor) -> dict[str,
             "flipped_share_of_top10pct": float(flipped[top].double().mean())}
 
 
-TASKS = {"long_tailed": long_tailed, "spurious": spurious, "noisy_labels": noisy_labels}
+TASKS = {"long_tailed": long_tailed, "spurious": spurious, "colored": colored, "noisy_labels": noisy_labels}
 
 
 def make_task(name: str, **kwargs) -> ClassificationTask:
