@@ -2,8 +2,8 @@
 
 pi >= 0, so an entry's int32 bit pattern orders like its value. For a bound b, mass(b) is the float64 sum
 of the entries at or past b in sort order (bits >= b for "desc", bits <= b for "asc") and count(b) their
-number. One launch evaluates K bounds: each program reads its block of pi once and writes K partial
-masses and counts; torch adds the partials in block order (deterministic). The bracket around v* (the
+number. One launch evaluates K bounds: each program reads its chunk of pi once and writes K partial
+masses and counts; torch adds the partials in program order (deterministic). The bracket around v* (the
 last bound whose mass reaches the threshold) shrinks (K + 1)-fold per pass, 8 passes for 31 bits, then
 one pass at v* gives the ties and pi's total. No host sync until the cutoff is read. ``functional.mass_cutoff`` is the
 plain-torch reference (bisection, the same answer)."""
@@ -19,37 +19,50 @@ from .launch import cdiv
 
 enable_interpreter_compat()
 
-_BLOCK = 2048
+_SUB = 256  # entries per row of a program's register tile
+_MAX_ROWS = 64  # rows per program: a program reads up to _SUB * _MAX_ROWS entries
 _K = 16
 _INF_BITS = 0x7F800000
 
 
 @triton.jit
 def _masses_kernel(pi_ptr, n, bounds_ptr, mass_ptr, count_ptr, DESC: tl.constexpr, K: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   SUB: tl.constexpr, ROWS: tl.constexpr):
+    """Program p reads entries [p * SUB * ROWS, (p + 1) * SUB * ROWS) a row of SUB at a time and keeps a
+    (SUB, K) tile of float64 masses and int32 counts, entry column j against bound k; one reduction over
+    the SUB axis at the end gives its K partials (K reductions of a whole block per row would cost more
+    than the memory traffic)."""
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
-    values = tl.load(pi_ptr + offs, mask=inside, other=0.0)
-    bits = values.to(tl.int32, bitcast=True)
-    wide = values.to(tl.float64)
-    for k in tl.static_range(K):
-        bound = tl.load(bounds_ptr + k)
+    lanes = tl.arange(0, SUB)
+    bounds = tl.load(bounds_ptr + tl.arange(0, K))
+    mass = tl.zeros((SUB, K), dtype=tl.float64)
+    count = tl.zeros((SUB, K), dtype=tl.int32)
+    start = pid.to(tl.int64) * (SUB * ROWS)
+    for row in range(ROWS):
+        offs = start + row * SUB + lanes
+        inside = offs < n
+        values = tl.load(pi_ptr + offs, mask=inside, other=0.0)
+        bits = values.to(tl.int32, bitcast=True)
         if DESC:
-            chosen = inside & (bits >= bound)
+            chosen = inside[:, None] & (bits[:, None] >= bounds[None, :])
         else:
-            chosen = inside & (bits <= bound)
-        tl.store(mass_ptr + pid * K + k, tl.sum(tl.where(chosen, wide, 0.0), axis=0))
-        tl.store(count_ptr + pid * K + k, tl.sum(chosen.to(tl.int32), axis=0))
+            chosen = inside[:, None] & (bits[:, None] <= bounds[None, :])
+        mass += tl.where(chosen, values.to(tl.float64)[:, None], 0.0)
+        count += chosen.to(tl.int32)
+    tl.store(mass_ptr + pid * K + tl.arange(0, K), tl.sum(mass, axis=0))
+    tl.store(count_ptr + pid * K + tl.arange(0, K), tl.sum(count, axis=0))
 
 
 def _masses(pi: torch.Tensor, bounds: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mass, count) of the entries at or past each of the K int32 ``bounds``, float64 and int64."""
+    """(mass, count) of the entries at or past each of the K int32 ``bounds``, float64 and int64; the
+    programs' partials are added in program order (deterministic)."""
     n = pi.numel()
-    blocks = cdiv(n, _BLOCK)
-    mass = torch.empty(blocks, _K, dtype=torch.float64, device=pi.device)
-    count = torch.empty(blocks, _K, dtype=torch.int32, device=pi.device)
-    _masses_kernel[(blocks,)](pi, n, bounds, mass, count, DESC=descending, K=_K, BLOCK=_BLOCK)
+    rows = min(_MAX_ROWS, triton.next_power_of_2(cdiv(n, _SUB)))
+    programs = cdiv(n, _SUB * rows)
+    mass = torch.empty(programs, _K, dtype=torch.float64, device=pi.device)
+    count = torch.empty(programs, _K, dtype=torch.int32, device=pi.device)
+    _masses_kernel[(programs,)](pi, n, bounds, mass, count, DESC=descending, K=_K, SUB=_SUB, ROWS=rows,
+                                num_warps=4)
     return mass.sum(0), count.sum(0, dtype=torch.int64)
 
 

@@ -45,3 +45,12 @@ def test_matches_the_sorted_cumulative_sum(n, kind, order):
         assert mass_cutoff(pi.to(DEVICE), threshold, order) == want, threshold
         if n <= 2049:  # the torch search it mirrors
             assert F.mass_cutoff(pi.to(DEVICE), threshold, order) == want, threshold
+
+
+@pytest.mark.parametrize("order", ["desc", "asc"])
+def test_partials_of_several_programs(order):
+    """16_387 entries: two programs of the kernel (the second holds 3 entries), their partials added."""
+    pi = _pi("random", 16_387)
+    sums = torch.cumsum(torch.sort(pi, descending=(order == "desc"))[0].double(), 0)
+    for threshold in (0.999, float(sums[9_000])):
+        assert mass_cutoff(pi.to(DEVICE), threshold, order) == _model(sums, threshold), threshold
