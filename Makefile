@@ -38,6 +38,7 @@ bench-cpu: $(STAMP)
 # 5 seeds; results, plots and tables in benchmarks/dro/results/. Its GPU task: benchmarks/dro/gpt_sources.py
 bench-dro: $(STAMP)
 	$(PY) benchmarks/dro/run_cpu.py
+	$(PY) benchmarks/dro/attempts.py
 
 # on a CUDA machine whose python3 has torch and triton: tests on the GPU, then the GPU benchmarks
 bench-gpu:

@@ -1,6 +1,10 @@
 """The DRO benchmark (benchmarks/dro): every task's pipeline in a tiny configuration (2 epochs or a
-tiny GPT, 1-2 trials, 1 seed) writes a results JSON with the required fields and sane values; the
-GroupDRO written out in the benchmark takes ALSO's pi step where the two are documented to agree."""
+tiny GPT, 1-2 trials, 1 seed) writes a results JSON with the required fields and sane values (marked
+slow); the GroupDRO written out in the benchmark takes ALSO's pi step where the two are documented to
+agree; the colored task's groups and colour correlation are as parameterised and the validation splits
+are drawn like the test splits; the field's baselines do what they say (upsampling draws the groups
+balanced, JTT upweights exactly what its first model misclassifies, the Sagawa adjustment adds
+C / sqrt(n_g), CVaR averages the largest losses): a few seconds."""
 from __future__ import annotations
 
 import json
@@ -23,7 +27,6 @@ import dro_core  # noqa: E402
 import gpt_sources  # noqa: E402
 import run_cpu  # noqa: E402
 
-pytestmark = pytest.mark.slow  # smoke runs of the DRO benchmark
 
 TOP_FIELDS = ("task", "title", "machine", "date", "torch", "optuna", "smoke", "protocol", "data", "metrics",
               "wall_s", "results")
@@ -55,6 +58,7 @@ def check_document(doc: dict, trials: int, seeds: int, methods: list[str]) -> No
             assert math.isfinite(v) and r["std"][k] >= 0.0, (r["method"], k)
 
 
+@pytest.mark.slow  # a smoke run of every CPU task and method
 def test_cpu_tasks_smoke(tmp_path):
     docs = run_cpu.run(list(run_cpu.TASK_METHODS), trials=2, seeds=1, workers=1, out_dir=tmp_path, smoke=True,
                        log=lambda line: None)
@@ -78,6 +82,7 @@ def test_cpu_tasks_smoke(tmp_path):
     assert all(0.0 <= r["per_seed"][0]["weights"]["weight_on_flipped"] <= 1.0 for r in also_rows)
 
 
+@pytest.mark.slow
 def test_gpt_sources_smoke(tmp_path):
     doc = gpt_sources.run(smoke=True, device="cpu", trials=1, seeds=1, workers=1, out=tmp_path / "gpt",
                           log=lambda line: None)
@@ -142,3 +147,126 @@ def test_groupdro_q_step_is_also_descent_ascent_mean_pi_step(present):
     assert not torch.allclose(dro.q, torch.full((n_groups,), 1.0 / n_groups), atol=1e-3)
     torch.testing.assert_close(pis["mean"], dro.q, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(pis["sum"], dro.q, rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the colored task and the field's baselines
+import tasks_cpu  # noqa: E402
+
+
+@pytest.mark.parametrize("strength", [0.8, 0.95])
+def test_colored_task_groups_and_correlation_as_parameterised(strength):
+    task = tasks_cpu.colored(smoke=True, strength=strength)
+    g = task.groupings["label x colour"]
+    y, a = task.y_tr, task.attribute
+    assert torch.equal(g, 2 * y + a)
+    # training: the colour equals the label in `strength` of the images (exact per digit, up to rounding)
+    assert abs(float((a == y).float().mean()) - strength) < 0.01
+    # the image sits in the channel its colour names; the other channel is blank
+    X = task.X_tr
+    assert torch.all(X[a == 0, 64:] == 0) and torch.all(X[a == 1, :64] == 0)
+    assert bool((X[a == 0, :64].abs().sum(1) > 0).all()) and bool((X[a == 1, 64:].abs().sum(1) > 0).all())
+    for split in ("val", "test"):  # drawn like the test distribution: every image in both colours
+        Xs, ys, gs = task.splits[split]
+        counts = torch.bincount(gs, minlength=4)
+        assert counts[0] == counts[1] and counts[2] == counts[3] and int(counts.min()) > 150, (split, counts)
+        half = len(ys) // 2
+        torch.testing.assert_close(Xs[:half, :64], Xs[half:, 64:])
+    # validation and test images are different images
+    val_rows = {tuple(r) for r in task.splits["val"][0][:, :64].tolist() if any(r)}
+    test_rows = {tuple(r) for r in task.splits["test"][0][:, :64].tolist() if any(r)}
+    assert len(val_rows & test_rows) <= 2  # (the digits hold a few duplicate images)
+
+
+def test_spurious_and_long_tailed_validation_drawn_like_test():
+    sp = tasks_cpu.spurious(smoke=True)
+    counts = torch.bincount(sp.splits["val"][2], minlength=4)
+    assert counts[0] == counts[1] and counts[2] == counts[3] and int(counts.min()) > 150
+    train_counts = torch.bincount(sp.groupings["label x patch"], minlength=4)
+    assert int(train_counts[1]) < 0.15 * int(train_counts[0])  # training keeps the correlation
+    lt = tasks_cpu.long_tailed(smoke=True)
+    assert lt.describe()["val_per_class"] == [25] * 10
+    train = torch.bincount(lt.y_tr, minlength=10).tolist()
+    assert train == sorted(train, reverse=True) and train[-1] < 10 < 50 < train[0]
+    _, y_demo, _, _ = tasks_cpu.demo_module().long_tailed_raw(0)
+    assert train[1:] == torch.bincount(y_demo, minlength=10).tolist()[1:]  # the demo's tail, untouched
+
+
+def _recorded_groups(method, hp):
+    task = tasks_cpu.colored(smoke=True)
+    seen = []
+    losses = task.losses
+
+    def recording(model, idx):
+        seen.append(task.groupings["label x colour"][idx])
+        return losses(model, idx)
+
+    task.losses = recording
+    dro_core.train_run(task, method, hp, seed=0, evaluate_test=False)
+    return torch.bincount(torch.cat(seen), minlength=4).double() / sum(len(s) for s in seen)
+
+
+def test_upsampling_draws_groups_balanced():
+    ids = torch.tensor([0] * 90 + [1] * 7 + [2] * 3 + [3] * 50)
+    p = dro_core.group_balanced_probabilities(ids, 5)  # group 4 is empty
+    torch.testing.assert_close(p.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(torch.zeros(5).index_add(0, ids, p)[:4], torch.full((4,), 0.25))
+    hp = dict(lr=1e-3, weight_decay=1e-4)
+    shares = _recorded_groups("Upsampling", hp)  # 2 epochs of 838 draws
+    assert float((shares - 0.25).abs().max()) < 0.05, shares
+    erm = _recorded_groups("ERM", hp)
+    assert float(erm[1]) < 0.04 and float(erm[2]) < 0.04, erm  # without it the minorities fill ~2.4% each
+
+
+def test_jtt_upweights_exactly_the_misclassified():
+    errors = torch.tensor([True, False, False, True, False])
+    w = dro_core.jtt_weights(errors, 20.0)
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+    torch.testing.assert_close(w[errors], torch.full((2,), 20.0) * w[~errors][0])
+    assert torch.all(w[~errors] == w[~errors][0])
+    task = tasks_cpu.colored(smoke=True)
+    spec = dro_core.method_spec("JTT")
+    hp = dict(lr=3e-3, weight_decay=1e-4, jtt_epochs=1, upweight=20.0)
+    found = dro_core.jtt_error_set(task, spec, hp, seed=0)
+    # the error set is exactly what the first-stage model gets wrong: retrain it and compare
+    torch.manual_seed(0)
+    model = task.make_model()
+    opt = dro_core.make_theta_optimizer(task, spec, list(model.parameters()), hp)
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(task.y_tr), generator=gen)
+    for b in range(len(task.y_tr) // task.batch):
+        idx = order[b * task.batch:(b + 1) * task.batch]
+        opt.zero_grad()
+        task.losses(model, idx).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        wrong = model(task.X_tr).argmax(1) != task.y_tr
+    assert torch.equal(found, wrong) and 0 < int(wrong.sum()) < len(wrong)
+    run = dro_core.train_run(task, "JTT", hp, seed=0, evaluate_test=False)
+    assert run["jtt_error_set"]["size"] == int(wrong.sum())
+
+
+def test_groupdro_adjustment_adds_c_over_sqrt_n_to_present_groups():
+    train_ids = torch.tensor([0] * 100 + [1] * 4 + [2] * 25 + [3] * 9)
+    adj = dro_core.sagawa_adjustment(train_ids, 4, 2.0)
+    torch.testing.assert_close(adj, torch.tensor([0.2, 1.0, 0.4, 2.0 / 3.0]))
+    losses = torch.tensor([1.0, 3.0, 0.5, 2.0, 1.5])
+    ids = torch.tensor([0, 0, 1, 2, 2])  # group 3 absent from the batch
+    eta = 0.5
+    dro = dro_core.GroupDRO(4, eta, torch.device("cpu"), adj)
+    loss = dro.loss(losses, ids)
+    means = torch.tensor([2.0, 0.5, 1.75, 0.0])
+    scores = means + adj * torch.tensor([1.0, 1.0, 1.0, 0.0])
+    q = torch.softmax(eta * scores, 0)
+    torch.testing.assert_close(dro.q, q)
+    torch.testing.assert_close(loss, (q * means).sum())
+    plain = dro_core.GroupDRO(4, eta, torch.device("cpu"))
+    plain.loss(losses, ids)
+    assert float(dro.q[1] / plain.q[1]) > float(dro.q[0] / plain.q[0])  # the small group gains weight
+
+
+def test_cvar_loss_is_the_mean_of_the_largest_losses():
+    losses = torch.tensor([0.1, 4.0, 2.0, 0.5, 3.0, 1.0, 0.2, 0.3, 0.4, 0.6])
+    torch.testing.assert_close(dro_core.cvar_loss(losses, 0.2), torch.tensor(3.5))
+    torch.testing.assert_close(dro_core.cvar_loss(losses, 0.25), torch.tensor(3.0))  # ceil(2.5) = 3
+    torch.testing.assert_close(dro_core.cvar_loss(losses, 1.0), losses.mean())
+    torch.testing.assert_close(dro_core.cvar_loss(losses, 0.01), torch.tensor(4.0))

@@ -112,6 +112,18 @@ METHODS: dict[str, dict[str, Any]] = {
     "GroupDRO adj, ALSO's Adam": dict(kind="groupdro", adjust=True, theta="coupled"),
     "CVaR, ALSO's Adam": dict(kind="cvar", theta="coupled"),
 }
+# settings tried to make ALSO's weights win where they lose (benchmarks/dro/attempts.py; not in the main tables)
+ATTEMPT_METHODS: dict[str, dict[str, Any]] = {
+    "ALSO DA mean, pi ~ 1/n": dict(kind="also", mode="descent-ascent", reduction="mean", prior="inverse_frequency"),
+    "ALSO opt mean, pi ~ 1/n": dict(kind="also", mode="optimistic", reduction="mean", prior="inverse_frequency"),
+    "ALSO DA mean, tuned temperature": dict(kind="also", mode="descent-ascent", reduction="mean",
+                                            tune_temperature=True),
+    "ALSO DA mean, pi_lr to 10": dict(kind="also", mode="descent-ascent", reduction="mean", pi_lr_range=(1e-3, 10.0)),
+    "ALSO DA sum, tuned temperature": dict(kind="also", mode="descent-ascent", reduction="sum", tune_temperature=True),
+    "ALSO DA sum, pi_lr to 10": dict(kind="also", mode="descent-ascent", reduction="sum", pi_lr_range=(1e-3, 10.0)),
+    "GroupWeights DA mean + AdamW, pi ~ 1/n": dict(kind="groupweights", mode="descent-ascent", reduction="mean",
+                                                   prior="inverse_frequency"),
+}
 METHOD_LONG_NAMES = {
     "ERM": "ERM (AdamW, batch mean)",
     "IW": "importance weighting by group frequency (AdamW)",
@@ -145,6 +157,14 @@ METHOD_LONG_NAMES = {
     "JTT, ALSO's Adam": "JTT with both stages on ALSO's Adam (ThetaAdam, coupled L2)",
     "GroupDRO adj, ALSO's Adam": "GroupDRO with the C / sqrt(n_g) adjustment on ALSO's Adam (ThetaAdam, coupled L2)",
     "CVaR, ALSO's Adam": "CVaR DRO on ALSO's Adam (ThetaAdam, coupled L2)",
+    "ALSO DA mean, pi ~ 1/n": "ALSO, descent-ascent, 'mean', pi_init = pi_reg proportional to 1/n_j",
+    "ALSO opt mean, pi ~ 1/n": "ALSO, optimistic, 'mean', pi_init = pi_reg proportional to 1/n_j",
+    "ALSO DA mean, tuned temperature": "ALSO, descent-ascent, 'mean', pi_temperature tuned in [0.1, 10]",
+    "ALSO DA mean, pi_lr to 10": "ALSO, descent-ascent, 'mean', pi_lr searched in [1e-3, 10]",
+    "ALSO DA sum, tuned temperature": "ALSO, descent-ascent, 'sum', pi_temperature tuned in [0.1, 10]",
+    "ALSO DA sum, pi_lr to 10": "ALSO, descent-ascent, 'sum', pi_lr searched in [1e-3, 10]",
+    "GroupWeights DA mean + AdamW, pi ~ 1/n": "ALSO's weights (descent-ascent, 'mean', pi_init = pi_reg ~ 1/n_j) "
+                                              "beside AdamW",
 }
 # a range (lo, hi) is sampled log-uniformly, (lo, hi, "linear") uniformly, (lo, hi, "int") as an integer;
 # the same range for every method that has the hyper-parameter
@@ -163,7 +183,7 @@ def method_spec(method: str) -> dict[str, Any]:
     base, grouping = method, None
     if method.endswith("]") and " [" in method:
         base, grouping = method[:-1].split(" [", 1)
-    spec = dict(METHODS[base])
+    spec = dict(METHODS[base] if base in METHODS else ATTEMPT_METHODS[base])
     spec["grouping"] = grouping
     spec["base"] = base
     return spec
@@ -185,8 +205,10 @@ def search_space(method: str, task) -> dict[str, tuple[float, float]]:
     elif spec["kind"] == "rgd":
         space["temperature"] = RGD_TEMPERATURE_RANGE
     elif spec["kind"] in ("also", "groupweights") and not spec.get("fixed_pi"):
-        space["pi_lr"] = STEP_RANGE
+        space["pi_lr"] = spec.get("pi_lr_range", STEP_RANGE)
         space["pi_decay"] = PI_DECAY_RANGE
+        if spec.get("tune_temperature"):
+            space["pi_temperature"] = RGD_TEMPERATURE_RANGE
     return space
 
 
@@ -323,22 +345,24 @@ def train_run(task, method: str, hp: dict[str, float], seed: int, evaluate_test:
     params = [p for p in model.parameters() if p.requires_grad]
     opt: torch.optim.Optimizer
     dro = None
+    prior = None
+    if spec.get("prior") == "inverse_frequency":
+        counts = torch.bincount(group_ids, minlength=n_groups).double()
+        prior = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts)).cpu()
     if spec["kind"] == "also":
-        prior = None
-        if spec.get("prior") == "inverse_frequency":
-            counts = torch.bincount(group_ids, minlength=n_groups).double()
-            prior = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts)).cpu()
         opt = also_fused.ALSO(params, n_groups=n_groups, batch_size=batch, mode=spec["mode"],
                               group_reduction=spec["reduction"], lr=hp["lr"], weight_decay=hp["weight_decay"],
                               pi_lr=hp.get("pi_lr", 0.0), pi_decay=hp.get("pi_decay", 0.0), pi_init=prior,
-                              pi_reg=prior, backend=task.backend)
+                              pi_reg=prior, pi_temperature=hp.get("pi_temperature", 1.0), backend=task.backend)
     else:
         opt = make_theta_optimizer(task, spec, params, hp)
     weights = None
     if spec["kind"] == "groupweights":
         weights = also_fused.GroupWeights(n_groups, batch_size=batch, mode=spec["mode"],
                                           group_reduction=spec["reduction"], pi_lr=hp["pi_lr"],
-                                          pi_decay=hp["pi_decay"], device=device, backend=task.backend)
+                                          pi_decay=hp["pi_decay"], pi_init=prior, pi_reg=prior,
+                                          pi_temperature=hp.get("pi_temperature", 1.0), device=device,
+                                          backend=task.backend)
     if spec["kind"] == "groupdro":
         adjustment = sagawa_adjustment(group_ids, n_groups, hp["adjustment"]) if spec.get("adjust") else None
         dro = GroupDRO(n_groups, hp["eta"], device, adjustment)

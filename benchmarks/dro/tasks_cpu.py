@@ -178,7 +178,7 @@ def long_tailed(smoke: bool = False, epochs: int = 60, batch: int = 32, val_per_
     names = [f"class {c}" for c in range(k)]
     return ClassificationTask(
         "long_tailed", f"Long-tailed digits (class c keeps n_max * {demo.IMBALANCE:g}^(-c/9) training samples)",
-        X_fit, y_fit, {"classes": y_fit}, {"classes": k}, (X_va, y_va, y_va), (X_te, y_te, y_te), k, names,
+        X_fit, y_fit, {"classes": y_fit, "samples": torch.arange(len(y_fit))}, {"classes": k, "samples": len(y_fit)}, (X_va, y_va, y_va), (X_te, y_te, y_te), k, names,
         n_hidden=64, n_classes=k, batch=batch, epochs=2 if smoke else epochs, objective_key="worst_group_acc",
         objective_text="worst-class accuracy (%) on the class-balanced validation split, maximised",
         tie_breaks=TIE_BREAKS,
@@ -257,7 +257,8 @@ def spurious(smoke: bool = False, majority: float = 0.9, epochs: int = 40, batch
     return ClassificationTask(
         "spurious", f"Spurious patch: digit >= 5 vs < 5, a corner patch goes with the label in "
                     f"{100 * majority:g}% of training images, in none at validation and test",
-        X_fit, y_tr[tr], {"label x patch": g_fit}, {"label x patch": 4}, (X_va, y_va, g_va),
+        X_fit, y_tr[tr], {"label x patch": g_fit, "samples": torch.arange(len(g_fit))},
+        {"label x patch": 4, "samples": len(g_fit)}, (X_va, y_va, g_va),
         (X_both, y_both, 2 * y_both + a_both), 4, names, n_hidden=64, n_classes=2, batch=batch,
         epochs=2 if smoke else epochs, objective_key="worst_group_acc",
         objective_text=f"worst-group validation accuracy (%) over the 4 label x patch groups, maximised (validation "
