@@ -4,10 +4,13 @@ pi >= 0, so an entry's int32 bit pattern orders like its value. For a bound b, m
 of the entries at or past b in sort order (bits >= b for "desc", bits <= b for "asc") and count(b) their
 number. One launch evaluates K bounds: each program reads its chunk of pi once and writes K partial
 masses and counts; torch adds the partials in program order (deterministic). The bracket around v* (the
-last bound whose mass reaches the threshold) shrinks (K + 1)-fold per pass, 8 passes for 31 bits, then
-one pass at v* gives the ties and pi's total. No host sync until the cutoff is read. ``functional.mass_cutoff`` is the
+last bound whose mass reaches the threshold) starts at pi's range of patterns and shrinks (K + 1)-fold
+per pass (at most 8 passes for 31 bits), then one pass at v* gives the ties and pi's total. Two host
+reads: pi's range, and the cutoff. ``functional.mass_cutoff`` is the
 plain-torch reference (bisection, the same answer)."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -19,17 +22,17 @@ from .launch import cdiv
 
 enable_interpreter_compat()
 
-_SUB = 256  # entries per row of a program's register tile
-_MAX_ROWS = 64  # rows per program: a program reads up to _SUB * _MAX_ROWS entries
-_K = 16
+# the kernel's shape: a (sub, k) register tile per program over up to sub * rows entries; stages of the
+# row loop in flight (software pipelining of the loads); with_counts only where the counts are read
+CONFIG = dict(sub=256, rows=64, k=16, warps=4, stages=1)
 _INF_BITS = 0x7F800000
 
 
 @triton.jit
 def _masses_kernel(pi_ptr, n, bounds_ptr, mass_ptr, count_ptr, DESC: tl.constexpr, K: tl.constexpr,
-                   SUB: tl.constexpr, ROWS: tl.constexpr):
+                   SUB: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr, WITH_COUNTS: tl.constexpr):
     """Program p reads entries [p * SUB * ROWS, (p + 1) * SUB * ROWS) a row of SUB at a time and keeps a
-    (SUB, K) tile of float64 masses and int32 counts, entry column j against bound k; one reduction over
+    (SUB, K) tile of float64 masses (and int32 counts), entry column j against bound k; one reduction over
     the SUB axis at the end gives its K partials (K reductions of a whole block per row would cost more
     than the memory traffic)."""
     pid = tl.program_id(0)
@@ -38,7 +41,7 @@ def _masses_kernel(pi_ptr, n, bounds_ptr, mass_ptr, count_ptr, DESC: tl.constexp
     mass = tl.zeros((SUB, K), dtype=tl.float64)
     count = tl.zeros((SUB, K), dtype=tl.int32)
     start = pid.to(tl.int64) * (SUB * ROWS)
-    for row in range(ROWS):
+    for row in tl.range(0, ROWS, num_stages=STAGES):
         offs = start + row * SUB + lanes
         inside = offs < n
         values = tl.load(pi_ptr + offs, mask=inside, other=0.0)
@@ -48,29 +51,32 @@ def _masses_kernel(pi_ptr, n, bounds_ptr, mass_ptr, count_ptr, DESC: tl.constexp
         else:
             chosen = inside[:, None] & (bits[:, None] <= bounds[None, :])
         mass += tl.where(chosen, values.to(tl.float64)[:, None], 0.0)
-        count += chosen.to(tl.int32)
+        if WITH_COUNTS:
+            count += chosen.to(tl.int32)
     tl.store(mass_ptr + pid * K + tl.arange(0, K), tl.sum(mass, axis=0))
-    tl.store(count_ptr + pid * K + tl.arange(0, K), tl.sum(count, axis=0))
+    if WITH_COUNTS:
+        tl.store(count_ptr + pid * K + tl.arange(0, K), tl.sum(count, axis=0))
 
 
-def _masses(pi: torch.Tensor, bounds: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mass, count) of the entries at or past each of the K int32 ``bounds``, float64 and int64; the
-    programs' partials are added in program order (deterministic)."""
-    n = pi.numel()
-    rows = min(_MAX_ROWS, triton.next_power_of_2(cdiv(n, _SUB)))
-    programs = cdiv(n, _SUB * rows)
-    mass = torch.empty(programs, _K, dtype=torch.float64, device=pi.device)
-    count = torch.empty(programs, _K, dtype=torch.int32, device=pi.device)
-    _masses_kernel[(programs,)](pi, n, bounds, mass, count, DESC=descending, K=_K, SUB=_SUB, ROWS=rows,
-                                num_warps=4)
-    return mass.sum(0), count.sum(0, dtype=torch.int64)
+def _masses(pi: torch.Tensor, bounds: torch.Tensor, descending: bool,
+            with_counts: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(mass, count) of the entries at or past each of the K int32 ``bounds``, float64 and int64 (count None
+    unless ``with_counts``); the programs' partials are added in program order (deterministic)."""
+    n, k, sub = pi.numel(), CONFIG["k"], CONFIG["sub"]
+    rows = min(CONFIG["rows"], triton.next_power_of_2(cdiv(n, sub)))
+    programs = cdiv(n, sub * rows)
+    mass = torch.empty(programs, k, dtype=torch.float64, device=pi.device)
+    count = torch.empty(programs, k, dtype=torch.int32, device=pi.device) if with_counts else mass
+    _masses_kernel[(programs,)](pi, n, bounds, mass, count, DESC=descending, K=k, SUB=sub, ROWS=rows,
+                                STAGES=CONFIG["stages"], WITH_COUNTS=with_counts, num_warps=CONFIG["warps"])
+    return mass.sum(0), count.sum(0, dtype=torch.int64) if with_counts else None
 
 
-def _passes() -> int:
-    """Passes until the widest bracket (2^31 patterns) is down to 1, each leaving at most w // (K + 1) + 1."""
-    width, passes = _INF_BITS + 2, 0
+def _passes(width: int, k: int) -> int:
+    """Passes until a bracket of ``width`` patterns is down to 1, each leaving at most w // (k + 1) + 1."""
+    passes = 0
     while width > 1:
-        width, passes = width // (_K + 1) + 1 if width > _K + 1 else 1, passes + 1
+        width, passes = width // (k + 1) + 1 if width > k + 1 else 1, passes + 1
     return passes
 
 
@@ -84,13 +90,19 @@ def mass_cutoff(pi: torch.Tensor, threshold: float, order: str = "desc") -> int:
         return 1
     values = pi.detach().float().reshape(-1).contiguous()
     descending = order == "desc"
-    device = values.device
-    steps = torch.arange(1, _K + 1, device=device, dtype=torch.int64)
+    device, k = values.device, CONFIG["k"]
+    # the bracket starts at pi's own range, not at every pattern from 0 to +inf: one host read (the cutoff
+    # is read on the host anyway) saves the passes over the exponents pi does not use (a softmax spans a
+    # few dozen binades of the 255)
+    low, high = (int(b) for b in torch.aminmax(values.view(torch.int32)))
+    low, high = max(low, 0), max(high, 0)
     # desc: mass(lo) >= threshold > mass(hi); asc: mass(lo) < threshold <= mass(hi)
-    lo = torch.tensor(0 if descending else -1, dtype=torch.int64, device=device)
-    hi = torch.tensor(_INF_BITS + 1 if descending else _INF_BITS, dtype=torch.int64, device=device)
-    for _ in range(_passes()):
-        bounds = lo + (hi - lo) * steps // (_K + 1)
+    lo_bits, hi_bits = (low, high + 1) if descending else (low - 1, high)
+    steps = torch.arange(1, k + 1, device=device, dtype=torch.int64)
+    lo = torch.tensor(lo_bits, dtype=torch.int64, device=device)
+    hi = torch.tensor(hi_bits, dtype=torch.int64, device=device)
+    for _ in range(_passes(hi_bits - lo_bits, k)):
+        bounds = lo + (hi - lo) * steps // (k + 1)
         mass, _ = _masses(values, bounds.to(torch.int32), descending)
         reaches = mass >= threshold
         if descending:  # reaches is a prefix of the bounds (mass falls as the bound rises)
@@ -104,6 +116,6 @@ def mass_cutoff(pi: torch.Tensor, threshold: float, order: str = "desc") -> int:
     # asc): every entry, pi's total; the other bounds of the launch repeat v*
     probe = torch.stack([v_bits + (1 if descending else -1), v_bits,
                          torch.full_like(v_bits, 0 if descending else _INF_BITS)])
-    probe = torch.cat([probe, v_bits.expand(_K - probe.numel())])
-    mass, count = _masses(values, probe.to(torch.int32), descending)
+    probe = torch.cat([probe, v_bits.expand(k - probe.numel())])
+    mass, count = _masses(values, probe.to(torch.int32), descending, with_counts=True)
     return cutoff_at(v_bits.to(torch.int32), mass[0], count[0], count[1] - count[0], mass[2], threshold, n)
