@@ -43,7 +43,9 @@ except ImportError as exc:  # not built (no C++ compiler at install), or built f
 
 # an extension built from older sources has the update but not the group weights' functions: those then
 # run as torch ops (reinstalling the package rebuilds it)
-_HAS_PI_STEP = _cpu_adam is not None and hasattr(_cpu_adam, "pi_step") and hasattr(_cpu_adam, "sample_weights")
+# (and one built before the blocked normaliser, without pi_logits, has another pi_step)
+_HAS_PI_STEP = _cpu_adam is not None and all(hasattr(_cpu_adam, name) for name in
+                                             ("pi_step", "sample_weights", "pi_logits", "pi_exp_blocks", "pi_scale"))
 _HAS_RANGES = _cpu_adam is not None and hasattr(_cpu_adam, "id_range") and hasattr(_cpu_adam, "loss_range")
 _torch_fused_ok: Optional[bool] = None
 # the 8-bit codes' (exponent, mantissa) bits, m's then v's (see functional.quantize_moment_)
@@ -168,16 +170,56 @@ def pi_update(pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor, sec
               mean_out: Optional[Tensor] = None, pi_lr: float, pi_decay: float, temperature: float, eps: float,
               log_pi_reg: Optional[Tensor] = None) -> bool:
     """out = PiUpdate(pi, S), second_out = PiUpdate(out, S), mean_out = the losses' mean, as ``functional``
-    computes them (float32 group sums in sample order, float64 logits and softmax; the mean in float64), in
-    one call of the extension; ids outside [0, n_groups) add nothing. False, doing nothing, where it does
-    not apply (the extension missing or older, or tensors that are not contiguous float32 / int64 CPU
-    vectors)."""
-    if (not _HAS_PI_STEP or group_ids.dtype != torch.int64 or losses.dtype != torch.float32
-            or pi.dtype != torch.float32 or not _plain_vectors(pi, group_ids, losses, out, second_out, log_pi_reg)):
+    computes them (float32 group sums in sample order, float64 logits and softmax, its normaliser summed in
+    blocks of ``functional.PI_BLOCK`` added in order; the mean in float64), in one call of the extension; ids
+    outside [0, n_groups) add nothing. False, doing nothing, where it does not apply (the extension missing or
+    older, or tensors that are not contiguous float32 / int64 CPU vectors)."""
+    if not pi_phases_apply(pi, group_ids, losses, out, second_out, log_pi_reg):
         return False
     _cpu_adam.pi_step(pi, log_pi_reg, group_ids, losses, out, second_out, mean_out, float(pi_lr), float(pi_decay),
-                      float(temperature), float(eps))
+                      float(temperature), float(eps), F.PI_BLOCK)
     return True
+
+
+def pi_phases_apply(pi: Tensor, group_ids: Optional[Tensor], losses: Optional[Tensor], *others: Optional[Tensor]
+                    ) -> bool:
+    """Whether the extension runs the pi step on these tensors (``pi_update`` and the phases alike)."""
+    return (_HAS_PI_STEP and pi.dtype == torch.float32 and (group_ids is None or group_ids.dtype == torch.int64)
+            and (losses is None or losses.dtype == torch.float32)
+            and all(t is None or t.dtype == torch.float32 for t in others)
+            and _plain_vectors(pi, group_ids, losses, *others))
+
+
+def pi_logits(pi: Tensor, group_ids: Optional[Tensor], losses: Optional[Tensor], sums: Optional[Tensor], *,
+              pi_lr: float, pi_decay: float, temperature: float, eps: float,
+              log_pi_reg: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The first phase of ``pi_update`` over a slice of pi (``pi_phases_apply`` must hold): z (float64, new) as
+    ``functional.pi_logits`` defines it, S from (ids, losses) in sample order or the dense ``sums``; and max z
+    (0-d float64)."""
+    z = torch.empty(pi.shape, dtype=torch.float64)
+    zmax = _cpu_adam.pi_logits(pi, log_pi_reg, group_ids, losses, sums, z, float(pi_lr), float(pi_decay),
+                               float(temperature), float(eps))
+    return z, torch.tensor(zmax, dtype=torch.float64)
+
+
+def pi_exp_blocks(z: Tensor, zmax: Tensor) -> Tensor:
+    """The second phase: z <- exp(z - zmax), and the float64 sums of its blocks of ``functional.PI_BLOCK``."""
+    return _cpu_adam.pi_exp_blocks(z, float(zmax), F.PI_BLOCK)
+
+
+def pi_scale(e: Tensor, total: Tensor, out: Tensor) -> Tensor:
+    """The last phase: out = float32(e * (1 / total))."""
+    _cpu_adam.pi_scale(e, 1.0 / float(total), out)
+    return out
+
+
+class CpuPiPhases:
+    """The extension's pi step in phases (``functional.ReferencePiPhases``' protocol): one slice of pi computes
+    in them what ``pi_update`` computes for the whole of it, bitwise."""
+
+    logits = staticmethod(pi_logits)
+    exp_blocks = staticmethod(pi_exp_blocks)
+    scale = staticmethod(pi_scale)
 
 
 def sample_weights(pi: Tensor, group_ids: Tensor, scale: float) -> Optional[Tensor]:

@@ -7,7 +7,7 @@ compare every path with float64 models. Imports only torch and the package's own
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -162,16 +162,109 @@ def pi_update_reference(
                                log_pi_reg=log_pi_reg)
 
 
-def pi_update_from_sums(pi: Tensor, sums: Tensor, *, pi_lr: float, pi_decay: float, temperature: float, eps: float,
-                        log_pi_reg: Optional[Tensor] = None) -> Tensor:
-    """PiUpdate from the dense per-group sums S (= -G) of the batch."""
+def pi_update_from_sums(pi: Tensor, sums: Optional[Tensor], *, pi_lr: float, pi_decay: float, temperature: float,
+                        eps: float, log_pi_reg: Optional[Tensor] = None) -> Tensor:
+    """PiUpdate from the dense per-group sums S (= -G) of the batch: pi_new = exp(z - max z) / sum_j exp(z_j - max z)
+    with z of ``pi_logits``, the sum taken in blocks (``PI_BLOCK``, ``pi_exp_blocks``, ``combine_block_sums``) so
+    that ranks that own whole blocks of pi compute the same bits (docs/algorithm.md sec. 4)."""
+    z, zmax = ReferencePiPhases.logits(pi, None, None, sums, pi_lr=pi_lr, pi_decay=pi_decay, temperature=temperature,
+                                       eps=eps, log_pi_reg=log_pi_reg)
+    partials = pi_exp_blocks(z, zmax)
+    return pi_scale(z, combine_block_sums(partials), torch.empty(z.shape, dtype=torch.float32, device=z.device))
+
+
+# The normaliser of the pi step is summed in blocks of PI_BLOCK groups, block after block: the partial sum of
+# block b covers groups [b PI_BLOCK, (b + 1) PI_BLOCK) and the total adds the partials in block order, so that
+# a rank that owns whole blocks (``shard_bounds``) computes its partials exactly as a single process does.
+PI_BLOCK = 1 << 14
+
+
+def _piecewise_(t: Tensor, op: Callable[[Tensor], Any]) -> None:
+    """``op`` in place on ``t``, block by block on a CPU: torch's CPU kernels compute a transcendental function
+    with vector code in the body of a range and with scalar code in its tail, and split a long range between
+    threads, so that an entry's bits would depend on where it lies; in blocks of PI_BLOCK (one thread each,
+    the tail only in a last partial block) they depend on its place in its block alone. One op elsewhere."""
+    if t.device.type == "cpu" and t.numel() > PI_BLOCK:
+        for piece in t.split(PI_BLOCK):
+            op(piece)
+    else:
+        op(t)
+
+
+def blockwise_log(t: Tensor) -> Tensor:
+    """log(t) as a new tensor, each entry's bits independent of its place in ``t`` (``_piecewise_``): the log of
+    pi_reg, alike for a shard of it and for the whole."""
+    out = t.clone()
+    _piecewise_(out, Tensor.log_)
+    return out
+
+
+def pi_logits(pi: Tensor, sums: Optional[Tensor], *, pi_lr: float, pi_decay: float, temperature: float, eps: float,
+              log_pi_reg: Optional[Tensor] = None) -> Tensor:
+    """z_j = (log(pi_j + eps) + c log(pi_reg_j) + pi_lr S_j) / ((1 + c) T) in float64 (a new tensor), c = pi_decay
+    * pi_lr; ``sums=None``: S = 0. Every entry from its own inputs, whatever the length of ``pi``."""
     c = pi_decay * pi_lr
-    # float64 here: a float32 sum of ~1e5 near-equal terms drifts by ~1e-6 per step
-    z = torch.log(pi.double() + eps)
+    z = pi.double().add_(eps)
+    _piecewise_(z, Tensor.log_)
+    # products and sums as separate ops (each rounded once, in the body and the tail of a range alike)
     if log_pi_reg is not None:
-        z = z.add(log_pi_reg.double(), alpha=c)
-    z = z.add_(sums.double(), alpha=pi_lr).div_((1.0 + c) * temperature)
-    return torch.softmax(z, dim=0).float()
+        z.add_(log_pi_reg.double().mul_(c))
+    if sums is not None:
+        z.add_(sums.double().mul_(pi_lr))
+    return z.div_((1.0 + c) * temperature)
+
+
+def pi_exp_blocks(z: Tensor, zmax: Tensor) -> Tensor:
+    """z <- exp(z - zmax) in place; returns the float64 sum of each block of PI_BLOCK entries (the last one
+    partial; z starts at a block boundary): what ``combine_block_sums`` adds up."""
+    z.sub_(zmax)
+    if z.device.type != "cpu":
+        z.exp_()
+        full = z.numel() // PI_BLOCK * PI_BLOCK
+        parts = [z[:full].view(-1, PI_BLOCK).sum(1)]
+        if full < z.numel():
+            parts.append(z[full:].sum().reshape(1))
+        return torch.cat(parts)
+    pieces = z.split(PI_BLOCK)
+    partials = torch.empty(len(pieces), dtype=torch.float64)
+    for b, piece in enumerate(pieces):
+        piece.exp_()
+        partials[b] = piece.sum()
+    return partials
+
+
+def combine_block_sums(partials: Tensor) -> Tensor:
+    """The normaliser: the block partials added one after another in block order (0-d float64; on a CPU the
+    serial scan of ``torch.cumsum``)."""
+    if partials.numel() == 0:
+        return partials.new_zeros(())
+    return torch.cumsum(partials, 0)[-1]
+
+
+def pi_scale(e: Tensor, total: Tensor, out: Tensor) -> Tensor:
+    """out = float32(e * (1 / total)): the pi step's result from the exponentials and the normaliser (``e`` is
+    overwritten)."""
+    return out.copy_(e.mul_(torch.reciprocal(total)))
+
+
+class ReferencePiPhases:
+    """The pi step in the phases a rank with a shard of pi takes, as torch ops (``pi_update_from_sums``): logits
+    and their max, then exponentials and block partials against the max over every rank, then the scaling by
+    1 / the sum of every rank's partials in block order."""
+
+    @staticmethod
+    def logits(pi: Tensor, group_ids: Optional[Tensor], losses: Optional[Tensor], sums: Optional[Tensor], *,
+               pi_lr: float, pi_decay: float, temperature: float, eps: float,
+               log_pi_reg: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """(z, max z) of ``pi_logits``; S from (ids, losses) as ``scatter_group_losses`` adds them, or ``sums``."""
+        if group_ids is not None:
+            sums = scatter_group_losses(losses, group_ids, pi.numel())
+        z = pi_logits(pi, sums, pi_lr=pi_lr, pi_decay=pi_decay, temperature=temperature, eps=eps,
+                      log_pi_reg=log_pi_reg)
+        return z, (z.max() if z.numel() else z.new_full((), float("-inf")))
+
+    exp_blocks = staticmethod(pi_exp_blocks)
+    scale = staticmethod(pi_scale)
 
 
 def weighted_loss_reference(pi: Tensor, group_ids: Tensor, losses: Tensor, loss_scale: float) -> Tensor:

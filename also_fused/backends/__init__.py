@@ -54,6 +54,11 @@ class Backend(Protocol):
         """out = PiUpdate(pi, G); second_out = PiUpdate(out, G); mean_out = the losses' mean. Nothing is
         written while ``error_word`` is set. Returns whether ``report_out`` was written."""
 
+    def pi_phases(self, pi: Tensor, group_ids: Tensor, losses: Tensor, log_pi_reg: Optional[Tensor]) -> Any:
+        """The pi step that ``pi_update`` takes on these tensors, in the phases of a sharded pi (``logits``,
+        ``exp_blocks``, ``scale``: ``functional.ReferencePiPhases``' protocol); where ``pi_update`` runs the
+        same phases over the whole of pi, a shard's phases give its slice bitwise."""
+
     def staged_pi_max_batch(self, n_groups: int) -> int:
         """The largest batch whose pi step ``staged_pi_step`` stages in the weighted loss's launch (0: none)."""
 

@@ -34,6 +34,12 @@ class CpuBackend(ReferenceBackend):
             return False
         return super().pi_update(pi, group_ids, losses, out=out, second_out=second_out, mean_out=mean_out, **hyper)
 
+    def pi_phases(self, pi: Tensor, group_ids: Tensor, losses: Tensor, log_pi_reg: Optional[Tensor]) -> Any:
+        # the extension's phases wherever its pi_update would run (the same tensor conditions)
+        if cpu_fused.pi_phases_apply(pi, group_ids, losses, log_pi_reg):
+            return cpu_fused.CpuPiPhases
+        return super().pi_phases(pi, group_ids, losses, log_pi_reg)
+
     def value_range(self, values: Tensor) -> tuple:
         extremes = cpu_fused.value_range(values)
         return super().value_range(values) if extremes is None else extremes

@@ -57,6 +57,9 @@ class ReferenceBackend:
             second_out.copy_(F.pi_update_reference(out, group_ids, losses, **hyper))
         return False
 
+    def pi_phases(self, pi: Tensor, group_ids: Tensor, losses: Tensor, log_pi_reg: Optional[Tensor]) -> Any:
+        return F.ReferencePiPhases
+
     def staged_pi_max_batch(self, n_groups: int) -> int:
         return 0
 

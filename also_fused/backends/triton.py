@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import functional as F
 from .._checks import aminmax_on_host
 from ..kernels import group_pi, losses as loss_kernels, mass_search, multi_tensor_adam
 from ..kernels.staging import PinnedUploader
@@ -109,6 +110,10 @@ class TritonBackend:
                                    second_out=second_out, error_word=self.zero_word if error_word is None else error_word,
                                    mean_out=mean_out, report_out=report_out, cache=cache, workspace=workspace, **hyper)
         return report_out is not None
+
+    def pi_phases(self, pi: Tensor, group_ids: Tensor, losses: Tensor, log_pi_reg: Optional[Tensor]) -> Any:
+        # no kernel of the sharded step yet: torch ops on the device (the reference's maths, not the kernels' bits)
+        return F.ReferencePiPhases
 
     def staged_pi_max_batch(self, n_groups: int) -> int:
         return group_pi.single_program_max_batch(n_groups)

@@ -673,7 +673,13 @@ std::string instruction_set() { return has_avx2() ? "avx2" : "baseline"; }
 void pi_step(const at::Tensor& pi, const c10::optional<at::Tensor>& log_pi_reg, const at::Tensor& group_ids,
              const at::Tensor& losses, const at::Tensor& out, const c10::optional<at::Tensor>& second_out,
              const c10::optional<at::Tensor>& mean_out, double pi_lr, double pi_decay, double temperature,
-             double eps);
+             double eps, int64_t block);
+double pi_logits(const at::Tensor& pi, const c10::optional<at::Tensor>& log_pi_reg,
+                 const c10::optional<at::Tensor>& group_ids, const c10::optional<at::Tensor>& losses,
+                 const c10::optional<at::Tensor>& sums, const at::Tensor& z_out, double pi_lr, double pi_decay,
+                 double temperature, double eps);
+at::Tensor pi_exp_blocks(const at::Tensor& z, double z_max, int64_t block);
+void pi_scale(const at::Tensor& e, double inverse, const at::Tensor& out);
 at::Tensor sample_weights(const at::Tensor& pi, const at::Tensor& group_ids, double scale);
 std::tuple<int64_t, int64_t> id_range(const at::Tensor& group_ids);
 std::tuple<double, double> loss_range(const at::Tensor& losses);
@@ -683,6 +689,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_update", &adam_update, "One Adam-style update of many CPU tensors in one pass over memory");
   m.def("instruction_set", &instruction_set, "The vector instruction set the update runs with");
   m.def("pi_step", &pi_step, "PiUpdate of the group weights from a batch's ids and losses (cpu_pi.cpp)");
+  m.def("pi_logits", &pi_logits, "The pi step's float64 logits over a slice of pi and their max (cpu_pi.cpp)");
+  m.def("pi_exp_blocks", &pi_exp_blocks, "exp(z - max) in place and the sums of its blocks (cpu_pi.cpp)");
+  m.def("pi_scale", &pi_scale, "out = float32(e * inverse), the pi step's result (cpu_pi.cpp)");
   m.def("sample_weights", &sample_weights, "The weighted loss's per-sample weights scale * pi[ids] (cpu_pi.cpp)");
   m.def("id_range", &id_range, "(min, max) of int64 group ids (cpu_pi.cpp)");
   m.def("loss_range", &loss_range, "(min, max) of float32 losses, NaN if one is NaN (cpu_pi.cpp)");

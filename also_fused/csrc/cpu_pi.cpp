@@ -3,8 +3,11 @@
 //   pi_step:        out = PiUpdate(pi, S) = softmax((log(pi + eps) + c log(pi_reg) + pi_lr S) / ((1 + c) T)),
 //                   c = pi_decay * pi_lr, S_j the float32 sum of the losses of group j in sample order (as
 //                   functional.scatter_group_losses adds them); z and the softmax in float64, rounded to
-//                   float32, as functional.pi_update_from_sums computes them; optionally second_out =
-//                   PiUpdate(out, S) and the losses' mean. One call instead of about a dozen torch ops.
+//                   float32, as functional.pi_update_from_sums computes them (the normaliser summed in blocks,
+//                   the blocks' partials added in order); optionally second_out = PiUpdate(out, S) and the
+//                   losses' mean. One call instead of about a dozen torch ops.
+//   pi_logits, pi_exp_blocks, pi_scale: the same step in three phases over one slice of pi (a rank's shard),
+//                   the collectives between them the caller's.
 //   sample_weights: w_i = scale * pi[g_i], the weights of the weighted loss (whose sum against the losses
 //                   torch.dot then takes, with its backward in torch's autograd).
 //   id_range, loss_range: (min, max) of the ids or the losses in one pass, for the host-side value checks
@@ -27,26 +30,71 @@ void check_vector(const at::Tensor& t, at::ScalarType dtype, const char* name) {
               " must be a contiguous 1-D CPU tensor of ", c10::toString(dtype));
 }
 
-// dst = softmax(z) for z_j = (log(src_j + eps) + c reg_j + pi_lr S_j) / ((1 + c) T), reg = nullptr: no term
-void pi_update(const float* src, const float* reg, const std::vector<float>& sums, int64_t n, double pi_lr,
-               double c, double temperature, double eps, float* dst) {
-  std::vector<double> z(n);
-  const double divisor = (1.0 + c) * temperature;
+// z_j = (log(src_j + eps) + c reg_j + pi_lr S_j) / ((1 + c) T) in float64 (reg = nullptr: no term, sums =
+// nullptr: S = 0), each product and sum rounded once; returns max_j z_j (-inf for n = 0)
+double logits(const float* src, const float* reg, const float* sums, int64_t n, double pi_lr, double c,
+              double divisor, double eps, double* z) {
   double z_max = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < n; ++j) {
     double x = std::log(static_cast<double>(src[j]) + eps);
     if (reg != nullptr) x = x + c * static_cast<double>(reg[j]);
-    x = (x + pi_lr * static_cast<double>(sums[j])) / divisor;
+    if (sums != nullptr) x = x + pi_lr * static_cast<double>(sums[j]);
+    x = x / divisor;
     z[j] = x;
     z_max = std::max(z_max, x);
   }
-  double total = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    z[j] = std::exp(z[j] - z_max);
-    total += z[j];
+  return z_max;
+}
+
+// z <- exp(z - z_max); partials[b] = the sum of block b of `block` entries, added in order
+void exp_blocks(double* z, int64_t n, double z_max, int64_t block, double* partials) {
+  for (int64_t start = 0, b = 0; start < n; start += block, ++b) {
+    const int64_t stop = std::min(n, start + block);
+    double partial = 0.0;
+    for (int64_t j = start; j < stop; ++j) {
+      z[j] = std::exp(z[j] - z_max);
+      partial += z[j];
+    }
+    partials[b] = partial;
   }
-  const double inverse = 1.0 / total;
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(z[j] * inverse);
+}
+
+void scale_into(const double* e, int64_t n, double inverse, float* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(e[j] * inverse);
+}
+
+// dst = softmax(z): the blocked normaliser of functional.pi_update_from_sums (block partials added in order)
+void pi_update(const float* src, const float* reg, const std::vector<float>& sums, int64_t n, double pi_lr,
+               double c, double temperature, double eps, int64_t block, float* dst) {
+  std::vector<double> z(n);
+  const double z_max = logits(src, reg, sums.data(), n, pi_lr, c, (1.0 + c) * temperature, eps, z.data());
+  std::vector<double> partials((n + block - 1) / block);
+  exp_blocks(z.data(), n, z_max, block, partials.data());
+  double total = 0.0;
+  for (const double partial : partials) total += partial;
+  scale_into(z.data(), n, 1.0 / total, dst);
+}
+
+// S_j: the float32 sum of the losses of group j in sample order; ids outside [0, n) add nothing
+std::vector<float> group_sums(const at::Tensor& group_ids, const at::Tensor& losses, int64_t n) {
+  check_vector(group_ids, at::kLong, "group_ids");
+  check_vector(losses, at::kFloat, "losses");
+  TORCH_CHECK(losses.numel() == group_ids.numel(), "pi_step: mismatched sizes");
+  const int64_t* ids = group_ids.data_ptr<int64_t>();
+  const float* l = losses.data_ptr<float>();
+  std::vector<float> sums(n, 0.0f);
+  for (int64_t i = 0; i < group_ids.numel(); ++i) {
+    const int64_t g = ids[i];
+    if (g >= 0 && g < n) sums[g] += l[i];
+  }
+  return sums;
+}
+
+const float* optional_vector(const c10::optional<at::Tensor>& t, int64_t n, const char* name) {
+  if (!t.has_value()) return nullptr;
+  check_vector(*t, at::kFloat, name);
+  TORCH_CHECK(t->numel() == n, name, " must be shaped like pi");
+  return t->data_ptr<float>();
 }
 
 }  // namespace
@@ -54,42 +102,70 @@ void pi_update(const float* src, const float* reg, const std::vector<float>& sum
 void pi_step(const at::Tensor& pi, const c10::optional<at::Tensor>& log_pi_reg, const at::Tensor& group_ids,
              const at::Tensor& losses, const at::Tensor& out, const c10::optional<at::Tensor>& second_out,
              const c10::optional<at::Tensor>& mean_out, double pi_lr, double pi_decay, double temperature,
-             double eps) {
+             double eps, int64_t block) {
   check_vector(pi, at::kFloat, "pi");
-  check_vector(group_ids, at::kLong, "group_ids");
-  check_vector(losses, at::kFloat, "losses");
   check_vector(out, at::kFloat, "out");
+  TORCH_CHECK(block > 0, "pi_step: block must be positive");
   const int64_t n = pi.numel();
   const int64_t batch = group_ids.numel();
-  TORCH_CHECK(losses.numel() == batch && out.numel() == n, "pi_step: mismatched sizes");
-  const float* reg = nullptr;
-  if (log_pi_reg.has_value()) {
-    check_vector(*log_pi_reg, at::kFloat, "log_pi_reg");
-    TORCH_CHECK(log_pi_reg->numel() == n, "pi_step: log_pi_reg must be shaped like pi");
-    reg = log_pi_reg->data_ptr<float>();
-  }
-  const int64_t* ids = group_ids.data_ptr<int64_t>();
-  const float* l = losses.data_ptr<float>();
-  std::vector<float> sums(n, 0.0f);
-  double loss_total = 0.0;
-  for (int64_t i = 0; i < batch; ++i) {
-    const int64_t g = ids[i];
-    if (g >= 0 && g < n) sums[g] += l[i];
-    loss_total += l[i];
-  }
+  TORCH_CHECK(out.numel() == n, "pi_step: mismatched sizes");
+  const float* reg = optional_vector(log_pi_reg, n, "log_pi_reg");
+  const std::vector<float> sums = group_sums(group_ids, losses, n);
   if (mean_out.has_value()) {
     TORCH_CHECK(mean_out->device().is_cpu() && mean_out->scalar_type() == at::kFloat && mean_out->numel() == 1,
                 "mean_out must be a one-element float32 CPU tensor");
+    const float* l = losses.data_ptr<float>();
+    double loss_total = 0.0;
+    for (int64_t i = 0; i < batch; ++i) loss_total += l[i];
     *mean_out->data_ptr<float>() = static_cast<float>(loss_total / static_cast<double>(batch));
   }
   const double c = pi_decay * pi_lr;
   float* first = out.data_ptr<float>();
-  pi_update(pi.data_ptr<float>(), reg, sums, n, pi_lr, c, temperature, eps, first);
+  pi_update(pi.data_ptr<float>(), reg, sums, n, pi_lr, c, temperature, eps, block, first);
   if (second_out.has_value()) {
     check_vector(*second_out, at::kFloat, "second_out");
     TORCH_CHECK(second_out->numel() == n, "pi_step: second_out must be shaped like pi");
-    pi_update(first, reg, sums, n, pi_lr, c, temperature, eps, second_out->data_ptr<float>());
+    pi_update(first, reg, sums, n, pi_lr, c, temperature, eps, block, second_out->data_ptr<float>());
   }
+}
+
+// The pi step in three phases, for a rank that owns a slice of pi made of whole blocks (the collectives between
+// them are the caller's): pi_logits, then pi_exp_blocks with the max over every rank, then pi_scale with
+// 1 / (the partials of every rank added in block order). The phases of one slice compute what pi_step does.
+double pi_logits(const at::Tensor& pi, const c10::optional<at::Tensor>& log_pi_reg,
+                 const c10::optional<at::Tensor>& group_ids, const c10::optional<at::Tensor>& losses,
+                 const c10::optional<at::Tensor>& sums, const at::Tensor& z_out, double pi_lr, double pi_decay,
+                 double temperature, double eps) {
+  check_vector(pi, at::kFloat, "pi");
+  check_vector(z_out, at::kDouble, "z_out");
+  const int64_t n = pi.numel();
+  TORCH_CHECK(z_out.numel() == n, "pi_logits: z_out must be shaped like pi");
+  const float* reg = optional_vector(log_pi_reg, n, "log_pi_reg");
+  std::vector<float> batch_sums;
+  const float* s = optional_vector(sums, n, "sums");
+  if (group_ids.has_value()) {
+    TORCH_CHECK(losses.has_value() && s == nullptr, "pi_logits: give group_ids with losses, or sums");
+    batch_sums = group_sums(*group_ids, *losses, n);
+    s = batch_sums.data();
+  }
+  const double c = pi_decay * pi_lr;
+  return logits(pi.data_ptr<float>(), reg, s, n, pi_lr, c, (1.0 + c) * temperature, eps, z_out.data_ptr<double>());
+}
+
+at::Tensor pi_exp_blocks(const at::Tensor& z, double z_max, int64_t block) {
+  check_vector(z, at::kDouble, "z");
+  TORCH_CHECK(block > 0, "pi_exp_blocks: block must be positive");
+  const int64_t n = z.numel();
+  at::Tensor partials = at::empty({(n + block - 1) / block}, z.options());
+  exp_blocks(z.data_ptr<double>(), n, z_max, block, partials.data_ptr<double>());
+  return partials;
+}
+
+void pi_scale(const at::Tensor& e, double inverse, const at::Tensor& out) {
+  check_vector(e, at::kDouble, "e");
+  check_vector(out, at::kFloat, "out");
+  TORCH_CHECK(out.numel() == e.numel(), "pi_scale: out must be shaped like e");
+  scale_into(e.data_ptr<double>(), e.numel(), inverse, out.data_ptr<float>());
 }
 
 at::Tensor sample_weights(const at::Tensor& pi, const at::Tensor& group_ids, double scale) {
