@@ -64,8 +64,8 @@ class ALSO(ThetaAdam):
     ``stochastic_rounding`` / ``rounding_seed`` round bfloat16 params as the drop-ins' options do;
     ``state_precision`` stores the Adam moments as the drop-ins' option does ("float32" by default,
     "bfloat16", "param", "int8"); ``group_reduction="mean"``, ``process_group`` (torch.distributed: pi bitwise equal on every
-    rank, N ranks follow one process on the concatenated batch) and ``validate`` are those of
-    ``GroupWeights``. A rejected step (group ids outside [0, n_groups), non-finite losses) leaves the
+    rank, N ranks follow one process on the concatenated batch), ``shard_pi`` (each rank holds a slice of pi;
+    ``opt.pi`` is then that slice) and ``validate`` are those of ``GroupWeights``. A rejected step (group ids outside [0, n_groups), non-finite losses) leaves the
     params, the Adam state, the step counts and pi exactly as they were, and ValueError names it:
     at once on the reference path; on the Triton kernels, without a host sync, from the first
     ``weighted_loss()``, ``step()`` or ``train()`` after the GPU has finished that step, or from
@@ -106,6 +106,7 @@ class ALSO(ThetaAdam):
         state_precision: str = "float32",
         stochastic_rounding: bool = False,
         rounding_seed: Optional[int] = None,
+        shard_pi: bool = False,
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          mode=mode, alpha=alpha, backend=backend, state_precision=state_precision,
@@ -114,7 +115,7 @@ class ALSO(ThetaAdam):
             n_groups, loss_scale=loss_scale, batch_size=batch_size, mode=mode, pi_lr=pi_lr, pi_decay=pi_decay,
             pi_reg=pi_reg, pi_init=pi_init, pi_temperature=pi_temperature, eps=eps,
             group_reduction=group_reduction, process_group=process_group,
-            device=self.param_groups[0]["params"][0].device, validate=validate, backend=backend)
+            device=self.param_groups[0]["params"][0].device, validate=validate, backend=backend, shard_pi=shard_pi)
         self._pi_steps = self.weights.step_driver()  # the only way in to the group weights
         self._errors = self._pi_steps.errors  # the theta kernels read the same device error word
 

@@ -6,6 +6,8 @@ theta update alone, ``also_fused.theta.ThetaAdam``) needs them:
 
 * pi and the rest of ALSO's replicated state (pi_mid, pi_reg, the previous batch, the API in use)
   travel as one ``"also"`` entry (``"theta"`` for ThetaAdam), which torch's functions would drop;
+* with a sharded pi (``shard_pi=True``) that entry is each rank's own, under ``"also_shard<rank>of<world>"``,
+  and loads into the same number of ranks;
 * in optimistic mode each param has one extra buffer whose name depends on the API and on
   ``eval()``: the iterate x (loop API, training), the extrapolated point y (loop API, eval) or
   d_prev (closure API). It is saved as ``"optimistic_buffer"``, with ``"optimistic_buffer_holds"``
@@ -66,7 +68,7 @@ def get_optimizer_state_dict(model: nn.Module, optimizer: Any, *,
                 entries[HOLDS] = NO_BUFFER
             state[fqn] = entries
         osd["state"] = state
-    osd[optimizer.EXTRA_KEY] = _pack(optimizer.extra_state())
+    osd[_extra_key(optimizer)] = _pack(optimizer.extra_state())
     return _shard_scales(osd)
 
 
@@ -80,10 +82,12 @@ def set_optimizer_state_dict(model: nn.Module, optimizer: Any, optim_state_dict:
         return
     _refuse_flattened(options)
     osd = _local_scales(optim_state_dict)
-    blob = osd.pop(optimizer.EXTRA_KEY, None)
+    key = _extra_key(optimizer)
+    blob = osd.pop(key, None)
     if blob is None:
-        raise ValueError(f"the optimizer state has no {optimizer.EXTRA_KEY!r} entry: save it with "
-                         "also_fused.checkpoint.get_optimizer_state_dict")
+        raise ValueError(f"the optimizer state has no {key!r} entry: save it with "
+                         "also_fused.checkpoint.get_optimizer_state_dict (a sharded pi loads into the sharding, "
+                         "number of ranks and n_groups it was saved from)")
     extra = _unpack(blob)
     optimizer.check_extra_state(extra)
     state = {}
@@ -158,6 +162,17 @@ def _scales_as_rows(codes: DTensor, scales: torch.Tensor) -> DTensor:
     padded = torch.ones(1, width, dtype=scales.dtype, device=scales.device)  # 1.0: a valid scale, never read
     padded[0, :scales.numel()] = scales
     return DTensor.from_local(padded, mesh, [Shard(0)], run_check=False, shape=(world, width), stride=(width, 1))
+
+
+def _extra_key(optimizer: Any) -> str:
+    """The key of the optimizer's own entry: ``"also"`` (``"theta"``), replicated; with a sharded pi each rank's
+    entry holds its shard of pi, so it travels under a key of that rank's own, ``"also_shard<rank>of<world>"``
+    (``dcp.save`` keeps one copy of what every rank saves under one key)."""
+    weights = getattr(optimizer, "weights", None)
+    if weights is None or not weights.sharded:
+        return optimizer.EXTRA_KEY
+    rank, world = weights.shard_rank
+    return f"{optimizer.EXTRA_KEY}_shard{rank}of{world}"
 
 
 def _refuse_flattened(options: Optional[dsd.StateDictOptions]) -> None:

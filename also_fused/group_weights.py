@@ -48,6 +48,14 @@ class GroupWeights:
     the per-rank batch, N ranks follow one process on the concatenated batch (given that the
     gradients are averaged over the same ranks, as DDP and FSDP2 do). Every rank must make every call.
 
+    ``shard_pi=True`` (under such a group) splits pi, pi_mid and pi_reg over the ranks: each holds a run of whole
+    blocks of ``functional.PI_BLOCK`` groups, ``shard_range``, and ``pi`` is that slice (``gather_pi()`` the
+    whole). The softmax's max and sum over every group come from each rank's max and block partials (one small
+    all-reduce and one small all-gather per pi update; the normaliser adds the block partials in block order on
+    every path), so the sharded pi is bitwise the unsharded one; ``weighted_loss`` fetches pi at its batch's ids
+    from their owners. Values are then checked on the host, and a bad batch on any rank raises on every rank
+    before anything changes. ``state_dict()`` is each rank's shard. Sum reduction only (docs/semantics.md).
+
     Bad input (ids outside [0, n_groups), NaN or inf losses, wrong shapes, dtypes or devices)
     raises ValueError or TypeError and leaves pi, pi_mid and the rest of the state exactly as they
     were. Shapes, dtypes and devices are checked at once. With ``validate=True`` the values are
@@ -80,8 +88,13 @@ class GroupWeights:
         device: Optional[Union[str, torch.device]] = None,
         validate: bool = True,
         backend: str = "auto",
+        shard_pi: bool = False,
     ) -> None:
         _checks.check_choice("group_reduction", group_reduction, _checks.REDUCTIONS)
+        if not isinstance(shard_pi, bool):
+            raise TypeError(f"shard_pi must be True or False, got {shard_pi!r}")
+        if shard_pi and group_reduction != "sum":
+            raise ValueError("shard_pi=True takes group_reduction='sum' (the group means need every group's counts)")
         _checks.positive_int("n_groups", n_groups)
         _checks.check_choice("mode", mode, _checks.MODES)
         loss_scale = _checks.resolve_loss_scale(n_groups, loss_scale, batch_size, group_reduction)
@@ -104,12 +117,20 @@ class GroupWeights:
         self.device = device
         self._device_index = -1 if device.type == "cpu" else device.index  # as Tensor.get_device() gives it
         self.validate = validate
+        self.shard_pi = shard_pi
+        # sharded: this rank's groups [start, stop) of pi, pi_mid and pi_reg (None: the whole of them)
+        self._shard: Optional[tuple[int, int]] = None
+        group = _collectives.reduce_group(process_group) if shard_pi else None
+        if group is not None:
+            self._shard = _collectives.shard_bounds(n_groups, _collectives.world_size(group),
+                                                    _collectives.rank_of(group))
+        start, stop = self.shard_range
         if pi_init_host is None:
-            self._pi = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float32, device=device)
+            self._pi = torch.full((stop - start,), 1.0 / n_groups, dtype=torch.float32, device=device)
         else:
-            self._pi = pi_init_host.to(device)
-        self._pi_reg = None if pi_reg_host is None else pi_reg_host.to(device)
-        self._log_pi_reg = None if self._pi_reg is None else torch.log(self._pi_reg)
+            self._pi = pi_init_host[start:stop].to(device)
+        self._pi_reg = None if pi_reg_host is None else pi_reg_host[start:stop].to(device)
+        self._log_pi_reg = None if self._pi_reg is None else F.blockwise_log(self._pi_reg)
         self._pi_mid = self._pi.clone() if mode == "optimistic" else None
         # ALSO's closure API: the previous batch, whose G extrapolates pi at the start of the next step
         self._prev_ids: Optional[Tensor] = None
@@ -118,8 +139,9 @@ class GroupWeights:
         # losses, the mean the launch wrote, the staged key)
         self._recorded: list[tuple[Tensor, Tensor, Optional[Tensor], Optional[tuple]]] = []
         # validation on the kernels' path runs on the device (no host sync; see _input_errors.py)
-        self._errors = (DeviceInputErrors(device, n_groups) if validate and self._backend.checks_values_on_device
-                        else None)
+        # (sharded: on the host, every rank told of any rank's bad batch before anything changes)
+        self._errors = (DeviceInputErrors(device, n_groups)
+                        if validate and self._backend.checks_values_on_device and self._shard is None else None)
         self._reported = False  # the step's last launch wrote its error report (see _input_errors.py)
         self._launches: dict[Any, dict] = {}  # kernels' launches kept between steps, by use (not copied)
         self._steps_taken = 0
@@ -127,27 +149,56 @@ class GroupWeights:
         # weighted_loss() runs the pi step of its batch in its own launch and stages the result; step() then
         # only marks it pending (one batch since the last step), and the next weighted_loss() (or _flush, for
         # all else that reads pi) commits it
-        self._staged_max_batch = self._backend.staged_pi_max_batch(n_groups) if group_reduction == "sum" else 0
+        self._staged_max_batch = (self._backend.staged_pi_max_batch(n_groups)
+                                  if group_reduction == "sum" and self._shard is None else 0)
         self._stage = self._backend.pi_stage(n_groups) if self._staged_max_batch > 0 else None
         self._pending = False  # the stage holds the last step's pi (and pi_mid), not yet in _pi
+        self._positions: Optional[Tensor] = None  # sharded: 0, 1, ..., B - 1 (the gathered weights' ids)
         self._step_driver = PiStepDriver(self)
 
     # ------------------------------------------------------------------ public
     @property
     def pi(self) -> Tensor:
-        """The current group weights, float32 [n_groups] (do not modify in place)."""
+        """The current group weights, float32 [n_groups] (do not modify in place); with a sharded pi this rank's
+        slice, the groups ``shard_range`` (``gather_pi()`` gives the whole)."""
         self._flush()
         return self._pi
 
     @property
+    def shard_range(self) -> tuple[int, int]:
+        """The groups [start, stop) whose weights this rank holds: (0, n_groups) unless pi is sharded."""
+        return self._shard if self._shard is not None else (0, self.n_groups)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this rank holds a slice of pi (``shard_pi=True`` under a process group of several ranks)."""
+        return self._shard is not None
+
+    @property
+    def shard_rank(self) -> tuple[int, int]:
+        """(rank, number of ranks) of the process group over which pi is sharded ((0, 1) unsharded)."""
+        if self._shard is None:
+            return 0, 1
+        group = self._group()
+        return _collectives.rank_of(group), _collectives.world_size(group)
+
+    def gather_pi(self) -> Tensor:
+        """The whole of pi, float32 [n_groups], on every rank (a collective when pi is sharded: every rank calls it;
+        n_groups floats on each rank)."""
+        if self._shard is None:
+            return self.pi
+        return _collectives.gather_shards(self.pi, self.n_groups, self._group())
+
+    @property
     def pi_mid(self) -> Tensor:
-        """The weights ``weighted_loss`` uses: pi_mid = PiUpdate(pi, G_prev) in optimistic mode, else pi."""
+        """The weights ``weighted_loss`` uses: pi_mid = PiUpdate(pi, G_prev) in optimistic mode, else pi (sharded:
+        this rank's slice)."""
         self._flush()
         return self._pi_mid if self.mode == "optimistic" else self._pi
 
     @property
     def pi_reg(self) -> Tensor:
-        """The KL anchor, float32 [n_groups] (uniform unless given)."""
+        """The KL anchor, float32 [n_groups] (uniform unless given; sharded: this rank's slice)."""
         if self._pi_reg is None:
             return torch.full_like(self._pi, 1.0 / self.n_groups)
         return self._pi_reg
@@ -163,6 +214,8 @@ class GroupWeights:
 
     def _weighted_loss(self, losses: Tensor, group_ids: GroupIds) -> Tensor:
         self.check_errors(wait=False)
+        if self._shard is not None:
+            return self._weighted_loss_sharded(losses, group_ids)
         if self._stage is not None and self._plain_batch(losses, group_ids):
             return self._weighted_loss_staged(losses, group_ids)
         ids = self._as_ids(group_ids)
@@ -183,6 +236,40 @@ class GroupWeights:
                 self._errors.check_now("this weighted_loss() call")
         self._recorded.append((ids, losses.detach(), None, None))
         return loss
+
+    def _weighted_loss_sharded(self, losses: Tensor, group_ids: GroupIds) -> Tensor:
+        """The weighted loss with pi sharded: the batch checked on every rank (any rank's refusal raises on all),
+        the weights pi[g_i] fetched from their owners (``_collectives.values_at``), then the backend's weighted
+        loss of those weights at ids 0..B-1, which gives the bits of the unsharded call."""
+        ids = self._agreed(lambda: self._checked_batch(losses, group_ids))
+        weights = _collectives.values_at(self._pi_mid if self.mode == "optimistic" else self._pi, ids,
+                                         *self._shard, self._group())
+        loss = self._backend.weighted_loss(weights, self._positions_of(ids.numel()), losses, self.loss_scale)
+        self._recorded.append((ids, losses.detach(), None, None))
+        return loss
+
+    def _checked_batch(self, losses: Any, group_ids: GroupIds) -> Tensor:
+        ids = self._as_ids(group_ids)
+        self._check_losses(losses, ids, finite=False)
+        return ids
+
+    def _agreed(self, check: Any) -> Any:
+        """``check()``'s result; sharded, every rank learns whether any rank's check raised (ValueError or
+        TypeError), and then every rank raises, before anything changes."""
+        if self._shard is None:
+            return check()
+        result, error = None, None
+        try:
+            result = check()
+        except (ValueError, TypeError) as exc:
+            error = exc
+        _collectives.agree_on_error(error, self._group(), self.device)
+        return result
+
+    def _positions_of(self, n: int) -> Tensor:
+        if self._positions is None or self._positions.numel() < n:
+            self._positions = torch.arange(max(n, 1024), dtype=torch.int64, device=self.device)
+        return self._positions[:n]
 
     def _plain_batch(self, losses: Any, ids: Any) -> bool:
         """Whether the batch is what the checks would pass unchanged to the staged path: float32 losses and int64
@@ -256,8 +343,16 @@ class GroupWeights:
 
     def select_batch(self, threshold: float, strategy: str = "pi", order: str = "desc",
                      generator: Optional[torch.Generator] = None) -> tuple[int, Tensor]:
-        """Draw ``max(1, n_groups - cutoff)`` distinct ids, cutoff where pi's sorted cumulative mass reaches ``threshold``."""
-        return F.select_batch(self.pi, threshold, strategy, order, generator, cutoff=self._backend.mass_cutoff)
+        """Draw ``max(1, n_groups - cutoff)`` distinct ids, cutoff where pi's sorted cumulative mass reaches ``threshold``.
+
+        Sharded pi: a collective (every rank calls it), which gives every rank the same ids: up to
+        ``functional.SORTED_CUTOFF_MAX_GROUPS`` groups from the gathered pi, the unsharded draw itself; beyond,
+        the cutoff from every rank's partial masses and the ids from an exponential race over the shards (the
+        unsharded draw's distribution, other random numbers), seeded by the first rank's ``generator``."""
+        if self._shard is None:
+            return F.select_batch(self.pi, threshold, strategy, order, generator, cutoff=self._backend.mass_cutoff)
+        return _collectives.sharded_select_batch(self.pi, self.n_groups, threshold, strategy, order, generator,
+                                                 self._group())
 
     def __getstate__(self) -> dict[str, Any]:
         """For ``copy.deepcopy`` and pickle: waits first for the device's check of earlier steps."""
@@ -296,9 +391,10 @@ class GroupWeights:
 
     def _check_recorded(self, losses: Optional[Tensor]) -> None:
         """The losses recorded by ``weighted_loss`` (checked there but for their values): NaN or inf raise
-        now where the host checks values (a host sync). None: a staged step (the kernels checked them)."""
+        now where the host checks values (a host sync). None: a staged step (the kernels checked them). Sharded:
+        on every rank if any rank's losses are refused."""
         if losses is not None and self._checks_values_on_host:
-            _checks.check_finite_losses(losses, self._backend.value_range)
+            self._agreed(lambda: _checks.check_finite_losses(losses, self._backend.value_range))
 
     def _flag_bad(self, what: str, ids: Optional[Tensor] = None, losses: Optional[Tensor] = None) -> None:
         """Kernels' path: set the error word for bad ids or losses (on a CPU: raise now, naming ``what``)."""
@@ -378,12 +474,14 @@ class GroupWeights:
         self._recorded.clear()
         if self.group_reduction == "mean":
             return self._group_mean_weights(weights, ids), 1.0
+        if self._shard is not None:
+            return _collectives.values_at(weights, ids, *self._shard, self._group()), self.loss_scale
         return F.gather_weights(weights, ids), self.loss_scale
 
     def _closure_losses(self, result: Any, ids: Tensor) -> Tensor:
         """ALSO's closure API: the detached per-sample losses of the closure's result, checked."""
         losses = result[0] if isinstance(result, (tuple, list)) else result
-        self._check_losses(losses, ids, finite=True)
+        self._agreed(lambda: self._check_losses(losses, ids, finite=True))
         losses = losses.detach()
         self._flag_bad("this step", losses=losses)
         return losses
@@ -426,6 +524,9 @@ class GroupWeights:
     def _pi_inputs(self, ids: Tensor, losses: Tensor) -> PiInputs:
         """What the pi step consumes: (ids, per-sample terms), or (None, dense S) over every rank."""
         group = self._group()
+        if self._shard is not None:
+            return _collectives.sharded_step_inputs(ids, losses, self.n_groups, self.group_reduction, group,
+                                                    *self._shard)
         if group is None and self.group_reduction == "sum":
             return ids, losses.float()
         if group is None:
@@ -439,6 +540,8 @@ class GroupWeights:
         With ``losses`` (the per-sample losses), returns their mean as a 0-d float32 tensor. ``last``: the
         step's last launch, which reports the error word to the host where it can (``_input_errors``).
         ``cache``: the name under which the kernel's launch is kept for the next call of the same use."""
+        if self._shard is not None:
+            return self._pi_apply_sharded(inputs, out, second_out, losses)
         ids, terms = inputs
         hyper = self._pi_hyper()
         word = None if self._errors is None else self._errors.word
@@ -462,6 +565,32 @@ class GroupWeights:
         out.copy_(new)
         return None if losses is None else losses.mean()
 
+    def _pi_apply_sharded(self, inputs: PiInputs, out: Tensor, second_out: Optional[Tensor],
+                          losses: Optional[Tensor]) -> Optional[Tensor]:
+        """``_pi_apply`` on this rank's slice: the phases of the step the unsharded pi takes on these inputs (the
+        backend's for (id, term) pairs, the reference's for dense sums), with the max and the block partials of
+        every rank between them; hence the unsharded pi's bits."""
+        ids, terms = inputs
+        hyper = self._pi_hyper()
+        phases = (F.ReferencePiPhases if ids is None else
+                  self._backend.pi_phases(self._pi, ids, terms, hyper["log_pi_reg"]))
+        new = self._sharded_update(phases, self._pi, ids, terms, hyper)
+        if second_out is not None:
+            second_out.copy_(self._sharded_update(phases, new, ids, terms, hyper))
+        out.copy_(new)
+        return None if losses is None else losses.mean()
+
+    def _sharded_update(self, phases: Any, src: Tensor, ids: Optional[Tensor], terms: Tensor,
+                        hyper: dict[str, Any]) -> Tensor:
+        """PiUpdate(src, S) on this rank's slice: z and its max here, the max over every rank (all-reduce), the
+        exponentials' block partials here, every rank's partials (all-gather) added in block order, the scaling."""
+        group = self._group()
+        z, local_max = phases.logits(src, ids, None if ids is None else terms, terms if ids is None else None,
+                                     **hyper)
+        partials = phases.exp_blocks(z, _collectives.global_max(local_max, group))
+        total = F.combine_block_sums(_collectives.every_block_partial(partials, self.n_groups, group))
+        return phases.scale(z, total, torch.empty(src.shape, dtype=torch.float32, device=src.device))
+
     def _group_mean_weights(self, pi: Tensor, ids: Tensor) -> Tensor:
         """Per-sample weights of the group-mean loss; distributed, from the counts of every rank, so
         that the gradient average over the ranks is the gradient of the whole batch's group-mean loss."""
@@ -474,10 +603,25 @@ class GroupWeights:
     # ------------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
         self._flush()
-        return dict(n_groups=self.n_groups, mode=self.mode, group_reduction=self.group_reduction,
-                    loss_scale=self.loss_scale, pi_lr=self.pi_lr, pi_decay=self.pi_decay,
-                    pi_temperature=self.pi_temperature, pi_eps=self.eps, pi=self._pi, pi_mid=self._pi_mid,
-                    pi_reg=self._pi_reg, prev_ids=self._prev_ids, prev_losses=self._prev_losses)
+        state = dict(n_groups=self.n_groups, mode=self.mode, group_reduction=self.group_reduction,
+                     loss_scale=self.loss_scale, pi_lr=self.pi_lr, pi_decay=self.pi_decay,
+                     pi_temperature=self.pi_temperature, pi_eps=self.eps, pi=self._pi, pi_mid=self._pi_mid,
+                     pi_reg=self._pi_reg, prev_ids=self._prev_ids, prev_losses=self._prev_losses)
+        if self._shard is not None:
+            # this rank's groups [start, stop): pi, pi_mid and pi_reg are their slices, the previous batch its
+            # (id - start, term) pairs or its slice of the dense sums
+            state["shard"] = self._shard
+        return state
+
+    def _saved_range(self, state: dict[str, Any]) -> tuple[int, int]:
+        """The groups whose weights ``state`` holds (refused unless this rank's, or all of them)."""
+        saved = state.get("shard")
+        saved = (0, self.n_groups) if saved is None else tuple(int(v) for v in saved)
+        if saved != self.shard_range and saved != (0, self.n_groups):
+            raise ValueError(f"state_dict holds the weights of groups [{saved[0]}, {saved[1]}); this rank holds "
+                             f"[{self.shard_range[0]}, {self.shard_range[1]}): load the state this rank saved "
+                             "(the same n_groups and number of ranks), or an unsharded one")
+        return saved
 
     def _check_state(self, state: dict[str, Any]) -> None:
         """Refuse, before anything changes, a state that does not belong to these group weights."""
@@ -490,15 +634,21 @@ class GroupWeights:
         theirs = (state["n_groups"], state["mode"], state.get("group_reduction", "sum"))
         if theirs != mine:
             raise ValueError(f"state_dict is for (n_groups, mode, group_reduction) = {theirs}; this one has {mine}")
+        start, stop = self._saved_range(state)
         for key in ("pi", "pi_mid", "pi_reg"):
             value = state[key]
-            if (value is None and key != "pi") or (isinstance(value, Tensor) and value.shape == (self.n_groups,)):
+            if (value is None and key != "pi") or (isinstance(value, Tensor) and value.shape == (stop - start,)):
                 continue
-            raise ValueError(f"state_dict entry {key!r} must be a tensor of shape ({self.n_groups},)")
+            raise ValueError(f"state_dict entry {key!r} must be a tensor of shape ({stop - start},)")
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        def to_device(t: Optional[Tensor]) -> Optional[Tensor]:
-            return None if t is None else t.detach().to(self.device).clone()
+        saved = self._saved_range(state)
+        start, stop = self.shard_range
+        # a whole (unsharded) state loads into a shard: its slice of pi, pi_mid, pi_reg and of the previous batch
+        cut = slice(start, stop) if saved != (start, stop) else slice(None)
+
+        def to_device(t: Optional[Tensor], part: slice = cut) -> Optional[Tensor]:
+            return None if t is None else t.detach()[part].to(self.device).clone()
 
         for name, key in FLOAT_STATE:
             setattr(self, name, float(state[key]))
@@ -507,9 +657,16 @@ class GroupWeights:
         if self._pi_mid is None and self.mode == "optimistic":
             self._pi_mid = self._pi.clone()  # ALSO's closure API: recomputed at the start of every step
         self._pi_reg = to_device(state["pi_reg"])
-        self._log_pi_reg = None if self._pi_reg is None else torch.log(self._pi_reg)
-        self._prev_ids = to_device(state["prev_ids"])
-        self._prev_losses = to_device(state["prev_losses"])
+        self._log_pi_reg = None if self._pi_reg is None else F.blockwise_log(self._pi_reg)
+        prev_ids, prev_losses = state["prev_ids"], state["prev_losses"]
+        if cut != slice(None) and prev_losses is not None:
+            if prev_ids is None:  # the dense sums: their slice
+                prev_losses = prev_losses[cut]
+            else:  # (id, term) pairs: this rank's, with ids from its first group
+                mine = (prev_ids >= start) & (prev_ids < stop)
+                prev_ids, prev_losses = prev_ids[mine] - start, prev_losses[mine]
+        self._prev_ids = to_device(prev_ids, slice(None))
+        self._prev_losses = to_device(prev_losses, slice(None))
         self._recorded.clear()
         self._pending = False  # the staged step belonged to the replaced state
         self._launches.clear()  # bound to the replaced tensors
@@ -558,8 +715,9 @@ class PiStepDriver:
 
     def parse_ids(self, group_ids: GroupIds) -> Tensor:
         """Closure API: the step's ids checked (on the kernels' path flagged on the device)."""
-        ids = self._weights._as_ids(group_ids)
-        self._weights._flag_bad("this step", ids)
+        weights = self._weights
+        ids = weights._agreed(lambda: weights._as_ids(group_ids))
+        weights._flag_bad("this step", ids)
         return ids
 
     # ------------------------------------------------------------ the steps

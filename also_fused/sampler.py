@@ -16,6 +16,8 @@ class PiBatchSampler(Sampler[list[int]]):
     ``optimizer`` is an ``ALSO`` or a ``GroupWeights``. With ``n_groups = len(dataset)`` each sample
     is its own group, so ``DataLoader(dataset, batch_sampler=PiBatchSampler(opt, threshold, num_batches))``
     feeds the samples pi currently favours. The batch size follows pi (see ``GroupWeights.select_batch``).
+    With a sharded pi (``shard_pi=True``) every batch is a collective that gives every rank the same ids:
+    every rank iterates its sampler in step, and takes its share of a batch itself (e.g. ``ids[rank::world]``).
     """
 
     def __init__(self, optimizer: Union[ALSO, GroupWeights], threshold: float, num_batches: int,
