@@ -574,22 +574,23 @@ class GroupWeights:
         hyper = self._pi_hyper()
         phases = (F.ReferencePiPhases if ids is None else
                   self._backend.pi_phases(self._pi, ids, terms, hyper["log_pi_reg"]))
-        new = self._sharded_update(phases, self._pi, ids, terms, hyper)
+        # written in place, as the unsharded step writes them (out may be pi: it is read before the write)
+        self._sharded_update(phases, self._pi, ids, terms, hyper, out)
         if second_out is not None:
-            second_out.copy_(self._sharded_update(phases, new, ids, terms, hyper))
-        out.copy_(new)
+            self._sharded_update(phases, out, ids, terms, hyper, second_out)
         return None if losses is None else losses.mean()
 
     def _sharded_update(self, phases: Any, src: Tensor, ids: Optional[Tensor], terms: Tensor,
-                        hyper: dict[str, Any]) -> Tensor:
-        """PiUpdate(src, S) on this rank's slice: z and its max here, the max over every rank (all-reduce), the
-        exponentials' block partials here, every rank's partials (all-gather) added in block order, the scaling."""
+                        hyper: dict[str, Any], out: Tensor) -> Tensor:
+        """out = PiUpdate(src, S) on this rank's slice: z and its max here, the max over every rank (all-reduce),
+        the exponentials' block partials here, every rank's partials (all-gather) added in block order, the
+        scaling."""
         group = self._group()
         z, local_max = phases.logits(src, ids, None if ids is None else terms, terms if ids is None else None,
                                      **hyper)
         partials = phases.exp_blocks(z, _collectives.global_max(local_max, group))
         total = F.combine_block_sums(_collectives.every_block_partial(partials, self.n_groups, group))
-        return phases.scale(z, total, torch.empty(src.shape, dtype=torch.float32, device=src.device))
+        return phases.scale(z, total, out)
 
     def _group_mean_weights(self, pi: Tensor, ids: Tensor) -> Tensor:
         """Per-sample weights of the group-mean loss; distributed, from the counts of every rank, so
