@@ -1,9 +1,11 @@
 """The cross-task tables of docs/dro.md, printed from the results JSON (benchmarks/dro/results/):
 
+0. the validation-selected ALSO and GroupWeights entries against both validation-chosen references;
 1. every method's headline test metric (worst-class, worst-group or clean accuracy) with its 95% interval,
    and its paired difference from the task's validation-chosen AdamW baseline;
 2. like for like: each weighting on AdamW and on ALSO's Adam, and the paired difference between the two;
-3. the attempts (results/attempts/) against the same baselines.
+3. what pi's moves add: each ALSO variant against its control with pi frozen;
+4. the attempts (results/attempts/) against the same baselines, and the strength sweep.
 
     python benchmarks/dro/summary.py
 """
@@ -82,6 +84,52 @@ def like_for_like(docs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def selected_table(docs: dict[str, dict]) -> str:
+    """Per task: the two validation-chosen references and the validation-selected ALSO and GroupWeights entries
+    with their paired differences from both."""
+    lines = ["| task | best AdamW baseline (validation) | best baseline on ALSO's Adam (validation) | entry | "
+             "test | minus AdamW reference | minus ALSO's Adam reference |", "|---|---|---|---|---|---|---|"]
+    for n in TASKS:
+        doc = docs.get(n)
+        if not doc:
+            continue
+        key = run_cpu.METRICS[n][0][0]
+        rows = {r["method"]: r for r in doc["results"]}
+        refs = [doc["best_baseline"], doc["best_baseline_also_adam"]]
+        ref_cells = [f"{m} {rows[m]['stats'][key]['mean']:.1f} ± {rows[m]['stats'][key]['ci95']:.1f}" for m in refs]
+        for m in doc["selected_on_validation"]:
+            r = rows[m]
+            p, q = r["vs_best_baseline"][key], r["vs_best_baseline_also_adam"][key]
+            lines.append(f"| {SHORT[n]} | {ref_cells[0]} | {ref_cells[1]} | {m} | {r['stats'][key]['mean']:.1f} ± "
+                         f"{r['stats'][key]['ci95']:.1f} | {p['mean']:+.1f} ± {p['ci95']:.1f} {p['verdict']} | "
+                         f"{q['mean']:+.1f} ± {q['ci95']:.1f} {q['verdict']} |")
+    return "\n".join(lines)
+
+
+PI_PAIRS = [("optimistic, sum", "ALSO opt sum", "ALSO sum, pi fixed"),
+            ("descent-ascent, sum", "ALSO DA sum", "ALSO sum, pi fixed"),
+            ("optimistic, mean", "ALSO opt mean", "ALSO mean, pi fixed"),
+            ("descent-ascent, mean", "ALSO DA mean", "ALSO mean, pi fixed")]
+
+
+def pi_share(docs: dict[str, dict]) -> str:
+    """What pi's moves add: each ALSO variant minus its control with pi frozen at uniform (same theta update,
+    same reduction), paired. With one group per sample the mean control is the sum control."""
+    names = [n for n in TASKS if docs.get(n)]
+    lines = ["| ALSO variant minus its pi-fixed control | " + " | ".join(SHORT[n] for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for label, a, b in PI_PAIRS:
+        cells = []
+        for n in names:
+            rows = {r["method"]: r for r in docs[n]["results"]}
+            control = b if b in rows else "ALSO sum, pi fixed"
+            key = run_cpu.METRICS[n][0][0]
+            p = dro_stats.paired(rows[a], rows[control], key, "maximize")
+            cells.append(f"{p['mean']:+.1f} ± {p['ci95']:.1f} {p['verdict']}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def attempts_table(docs: dict[str, dict]) -> str:
     lines = ["| task | setting | test metric (95% CI) | vs best AdamW baseline | vs best baseline on ALSO's Adam | tuned |",
              "|---|---|---|---|---|---|"]
@@ -102,6 +150,51 @@ def attempts_table(docs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def group_free_table(att: dict[str, dict]) -> str:
+    """One group per training sample on the group tasks: ALSO's per-sample weights against the group-free
+    baselines (JTT, CVaR) on the same theta optimizer, paired."""
+    lines = ["| task | setting | test | minus JTT | minus CVaR |", "|---|---|---|---|---|"]
+    for n in TASKS:
+        doc = att.get(n)
+        if not doc:
+            continue
+        key = run_cpu.METRICS[n][0][0]
+        rows = {r["method"]: r for r in doc["results"]}
+        for m, suffix in (("ALSO DA sum [samples]", ", ALSO's Adam"), ("GroupWeights DA sum + AdamW [samples]", "")):
+            if m not in rows:
+                continue
+            cells = []
+            for base in ("JTT" + suffix, "CVaR" + suffix):
+                p = dro_stats.paired(rows[m], rows[base], key, "maximize")
+                cells.append(f"{p['mean']:+.1f} ± {p['ci95']:.1f} {p['verdict']} ({base} {rows[base]['stats'][key]['mean']:.1f})")
+            st = rows[m]["stats"][key]
+            lines.append(f"| {SHORT[n]} | {m} | {st['mean']:.1f} ± {st['ci95']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def wider_choice(docs: dict[str, dict], att: dict[str, dict]) -> str:
+    """If ALSO's variant choice also held the attempts' ALSO rows (one group per class or group; the validation
+    objective decides, as in the main table): which variant validation picks, and its test metric."""
+    lines = ["| task | validation picks | its validation objective | test | minus ALSO's Adam reference |",
+             "|---|---|---|---|---|"]
+    for n in TASKS:
+        doc, extra = docs.get(n), att.get(n)
+        if not doc or not extra:
+            continue
+        key = run_cpu.METRICS[n][0][0]
+        rows = [r for r in doc["results"] if r["method"] in dro_stats.ALSO_VARIANTS]
+        rows += [r for r in extra["results"] if r["method"].startswith("ALSO") and not r.get("from_main_run")]
+        best = max(rows, key=lambda r: r["best_val_objective"])
+        ties = [r["method"] for r in rows if r["best_val_objective"] == best["best_val_objective"]]
+        ref = {r["method"]: r for r in doc["results"]}[doc["best_baseline_also_adam"]]
+        p = dro_stats.paired(best, ref, key, "maximize")
+        tied = f" (tied on validation with {', '.join(t for t in ties if t != best['method'])})" if len(ties) > 1 else ""
+        lines.append(f"| {SHORT[n]} | {best['method']}{tied} | {best['best_val_objective']:.2f} | "
+                     f"{best['stats'][key]['mean']:.1f} ± {best['stats'][key]['ci95']:.1f} | "
+                     f"{p['mean']:+.1f} ± {p['ci95']:.1f} {p['verdict']} ({ref['method']}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     docs = {n: load(RESULTS / f"{n}.json") for n in TASKS}
     for n, d in docs.items():
@@ -109,10 +202,10 @@ def main() -> None:
             print(f"{n}: commit {d['commit']}, {d['date']}, wall {d['wall_s']:.0f} s; best baseline (validation) "
                   f"{d['best_baseline']}, on ALSO's Adam {d.get('best_baseline_also_adam')}; selected "
                   f"{d['selected_on_validation']}")
-    print("\n" + main_table(docs) + "\n\n" + like_for_like(docs))
+    print("\n" + selected_table(docs) + "\n\n" + main_table(docs) + "\n\n" + like_for_like(docs) + "\n\n" + pi_share(docs))
     att = {n: load(RESULTS / "attempts" / f"{n}.json") for n in TASKS}
     if any(att.values()):
-        print("\n" + attempts_table(att))
+        print("\n" + attempts_table(att) + "\n\n" + group_free_table(att) + "\n\n" + wider_choice(docs, att))
     for path in sorted((RESULTS / "strength").glob("colored_*.json")):
         d = load(path)
         print(f"\n{path.name} (commit {d['commit']}):\n" + main_table({"colored": d}))
