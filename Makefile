@@ -34,8 +34,9 @@ bench-cpu: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider benchmarks/cpu/test_bench_cpu.py --benchmark-sort=name \
 		--benchmark-columns=median,iqr,rounds --benchmark-json=benchmarks/results/cpu_pytest_benchmark.json
 
-# the DRO benchmark's CPU tasks (long-tailed classes, spurious patch, flipped labels): Optuna-tuned methods,
-# 5 seeds; results, plots and tables in benchmarks/dro/results/. Its GPU task: benchmarks/dro/gpt_sources.py
+# the DRO benchmark's CPU tasks (long-tailed classes, spurious patch, colored digits, flipped labels):
+# Optuna-tuned methods, 10 seeds, then attempts.py (settings tried for ALSO, the colored task at 0.99); about
+# 30 minutes on 2 cores; results, plots and tables in benchmarks/dro/results/. GPU task: benchmarks/dro/gpt_sources.py
 bench-dro: $(STAMP)
 	$(PY) benchmarks/dro/run_cpu.py
 	$(PY) benchmarks/dro/attempts.py

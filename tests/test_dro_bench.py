@@ -74,7 +74,8 @@ def test_cpu_tasks_smoke(tmp_path):
             assert 0.0 <= worst <= acc <= 100.0, (name, r["method"])
             assert r["per_seed"][0]["test"]["acc"] == acc
         erm = doc["results"][0]
-        assert erm["mean"]["acc"] > 100.0 / n_classes + 15.0, "two epochs of ERM should beat chance clearly"
+        if name != "colored":  # (two epochs of ERM read the colour, worth exactly 50% on the colour-balanced test)
+            assert erm["mean"]["acc"] > 100.0 / n_classes + 15.0, "two epochs of ERM should beat chance clearly"
     noisy = json.loads((tmp_path / "noisy_labels_smoke.json").read_text())
     assert "IW" not in [r["method"] for r in noisy["results"]]
     assert all(r["n_groups"] == noisy["data"]["n_train"] for r in noisy["results"])

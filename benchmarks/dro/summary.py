@@ -195,6 +195,27 @@ def wider_choice(docs: dict[str, dict], att: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+ATTEMPT_DEFAULTS = {"ALSO DA mean, tuned temperature": "ALSO DA mean", "ALSO DA mean, pi_lr to 10": "ALSO DA mean",
+                    "ALSO DA sum, tuned temperature": "ALSO DA sum", "ALSO DA sum, pi_lr to 10": "ALSO DA sum"}
+
+
+def attempt_vs_default(docs: dict[str, dict], att: dict[str, dict]) -> str:
+    """The tuned-temperature and wider-pi_lr attempts against the same variant with the default search space."""
+    lines = ["| task | setting | minus the default search space's row |", "|---|---|---|"]
+    for n in TASKS:
+        doc, extra = docs.get(n), att.get(n)
+        if not doc or not extra:
+            continue
+        key = run_cpu.METRICS[n][0][0]
+        rows = {r["method"]: r for r in doc["results"]}
+        for r in extra["results"]:
+            if r["method"] in ATTEMPT_DEFAULTS:
+                p = dro_stats.paired(r, rows[ATTEMPT_DEFAULTS[r["method"]]], key, "maximize")
+                lines.append(f"| {SHORT[n]} | {r['method']} | {p['mean']:+.1f} ± {p['ci95']:.1f} {p['verdict']} "
+                             f"({ATTEMPT_DEFAULTS[r['method']]}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     docs = {n: load(RESULTS / f"{n}.json") for n in TASKS}
     for n, d in docs.items():
@@ -205,10 +226,12 @@ def main() -> None:
     print("\n" + selected_table(docs) + "\n\n" + main_table(docs) + "\n\n" + like_for_like(docs) + "\n\n" + pi_share(docs))
     att = {n: load(RESULTS / "attempts" / f"{n}.json") for n in TASKS}
     if any(att.values()):
-        print("\n" + attempts_table(att) + "\n\n" + group_free_table(att) + "\n\n" + wider_choice(docs, att))
+        print("\n" + attempts_table(att) + "\n\n" + group_free_table(att) + "\n\n" + wider_choice(docs, att)
+              + "\n\n" + attempt_vs_default(docs, att))
     for path in sorted((RESULTS / "strength").glob("colored_*.json")):
         d = load(path)
-        print(f"\n{path.name} (commit {d['commit']}):\n" + main_table({"colored": d}))
+        print(f"\n{path.name} (commit {d['commit']}):\n" + main_table({"colored": d}) + "\n\n"
+              + like_for_like({"colored": d}))
 
 
 if __name__ == "__main__":
