@@ -1,12 +1,12 @@
 """Settings tried to make ALSO's weights (ALSO, GroupWeights) win where the main tables show them losing or
-tying, and the colored task at other strengths of the spurious colour: ``make bench-dro`` runs this after
-run_cpu.py. Same protocol as the main tables (Optuna TPE with the same number of trials, validation
+tying, AdamW's weight decay searched over a wider range (is ALSO's Adam's lead the decay range?), and the
+colored task at other strengths of the spurious colour: ``make bench-dro`` runs this after run_cpu.py. Same protocol as the main tables (Optuna TPE with the same number of trials, validation
 objective, model selection over epochs, seeds 0-9): every row here is paired, seed by seed, with the
 main run's baselines (their rows are copied from results/<task>.json, which must exist; the JSON names
-the commit of both runs). Writes results/attempts/<task>.{json,md,png} and
+the commit of both runs). Writes results/attempts/<task>.{json,md,png}, results/decay/<task>.*, and
 results/strength/colored_<100 x strength>.{json,md,png}.
 
-    python benchmarks/dro/attempts.py                     # the attempts and the strength sweep
+    python benchmarks/dro/attempts.py                     # the attempts, the decay range, the strength sweep
     python benchmarks/dro/attempts.py --part attempts --tasks colored --trials 10 --seeds 2
 """
 from __future__ import annotations
@@ -40,6 +40,13 @@ ATTEMPTS = {
     "colored": GROUP_ATTEMPTS,
     "noisy_labels": ["ALSO DA sum, tuned temperature", "ALSO DA sum, pi_lr to 10"],
 }
+# AdamW's decoupled weight decay searched up to 10 instead of 0.1: is ALSO's Adam's lead the decay range?
+DECAY = {
+    "long_tailed": ["ERM, AdamW decay to 10", "IW, AdamW decay to 10", "Upsampling, AdamW decay to 10"],
+    "spurious": ["ERM, AdamW decay to 10", "IW, AdamW decay to 10", "GroupDRO adj, AdamW decay to 10"],
+    "colored": ["ERM, AdamW decay to 10", "IW, AdamW decay to 10", "GroupDRO adj, AdamW decay to 10"],
+    "noisy_labels": ["ERM, AdamW decay to 10", "CVaR, AdamW decay to 10"],
+}
 # the colored task at other strengths: the field's baselines and the ALSO / GroupWeights variants, both optimizers
 STRENGTHS = [0.99]
 STRENGTH_METHODS = ["ERM", "IW", "GroupDRO", "Upsampling", "JTT", "GroupDRO adj", "ALSO sum, pi fixed",
@@ -49,13 +56,13 @@ REFERENCE = (*dro_stats.BASELINES, *dro_stats.THETA_BASELINES)
 
 
 def attempts(tasks: list[str], trials: int, seeds: int, workers: int, main_dir: Path, out_dir: Path,
-             smoke: bool = False) -> None:
+             smoke: bool = False, table: dict[str, list[str]] = ATTEMPTS, sub: str = "attempts") -> None:
     jobs, owners = [], []
     for name in tasks:
-        for method in ATTEMPTS[name]:
+        for method in table[name]:
             jobs.append((tasks_cpu.make_task, {"name": name, "smoke": smoke}, method))
             owners.append(name)
-    print(f"attempts: {len(jobs)} (task, method) jobs, {trials} trials + {seeds} seeds each")
+    print(f"{sub}: {len(jobs)} (task, method) jobs, {trials} trials + {seeds} seeds each")
     t0 = time.perf_counter()
     results = core.run_methods(jobs, trials, seeds, workers)
     wall = time.perf_counter() - t0
@@ -75,11 +82,12 @@ def attempts(tasks: list[str], trials: int, seeds: int, workers: int, main_dir: 
         rows = [r for r, owner in zip(results, owners) if owner == name]
         task = tasks_cpu.make_task(name, smoke=smoke)
         doc = core.results_document(task, rows + copied, trials, seeds, workers, wall, extra={
-            "part": "attempts to make ALSO's weights win; the rows marked from_main_run are copied from the main run "
-                    f"(commit {main['commit']}) to pair with",
+            "part": ("attempts to make ALSO's weights win" if sub == "attempts" else
+                     "AdamW's decoupled weight decay searched in [1e-6, 10] instead of [1e-6, 0.1]")
+                    + f"; the rows marked from_main_run are copied from the main run (commit {main['commit']}) to pair with",
             "main_run_commit": main["commit"]})
         doc["task"] = name
-        run_cpu.write(doc, out_dir / "attempts" / stem)
+        run_cpu.write(doc, out_dir / sub / stem)
 
 
 def strength_sweep(strengths: list[float], trials: int, seeds: int, workers: int, out_dir: Path,
@@ -99,7 +107,7 @@ def strength_sweep(strengths: list[float], trials: int, seeds: int, workers: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["attempts", "strength", "both"], default="both")
+    parser.add_argument("--part", choices=["attempts", "decay", "strength", "all"], default="all")
     parser.add_argument("--tasks", nargs="*", default=list(ATTEMPTS), choices=list(ATTEMPTS))
     parser.add_argument("--strengths", type=float, nargs="*", default=STRENGTHS,
                         help="the colored task's train correlations of the sweep (the main run has 0.95)")
@@ -111,9 +119,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="2 epochs per run, against the main run's *_smoke.json")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    if args.part in ("attempts", "both"):
+    if args.part in ("attempts", "all"):
         attempts(args.tasks, args.trials, args.seeds, args.workers, Path(args.main_dir), Path(args.out_dir), args.smoke)
-    if args.part in ("strength", "both"):
+    if args.part in ("decay", "all"):
+        attempts(args.tasks, args.trials, args.seeds, args.workers, Path(args.main_dir), Path(args.out_dir), args.smoke,
+                 table=DECAY, sub="decay")
+    if args.part in ("strength", "all"):
         strength_sweep(args.strengths, args.trials, args.seeds, args.workers, Path(args.out_dir), args.smoke)
     print(f"attempts.py done in {time.perf_counter() - t0:.0f} s")
 

@@ -123,6 +123,12 @@ ATTEMPT_METHODS: dict[str, dict[str, Any]] = {
     "ALSO DA sum, pi_lr to 10": dict(kind="also", mode="descent-ascent", reduction="sum", pi_lr_range=(1e-3, 10.0)),
     "GroupWeights DA mean + AdamW, pi ~ 1/n": dict(kind="groupweights", mode="descent-ascent", reduction="mean",
                                                    prior="inverse_frequency"),
+    # is ALSO's Adam's lead over AdamW the weight-decay range? AdamW's decoupled decay searched up to 10
+    "ERM, AdamW decay to 10": dict(kind="erm", wd_range=(1e-6, 10.0)),
+    "IW, AdamW decay to 10": dict(kind="iw", wd_range=(1e-6, 10.0)),
+    "Upsampling, AdamW decay to 10": dict(kind="upsample", wd_range=(1e-6, 10.0)),
+    "GroupDRO adj, AdamW decay to 10": dict(kind="groupdro", adjust=True, wd_range=(1e-6, 10.0)),
+    "CVaR, AdamW decay to 10": dict(kind="cvar", wd_range=(1e-6, 10.0)),
 }
 METHOD_LONG_NAMES = {
     "ERM": "ERM (AdamW, batch mean)",
@@ -165,6 +171,11 @@ METHOD_LONG_NAMES = {
     "ALSO DA sum, pi_lr to 10": "ALSO, descent-ascent, 'sum', pi_lr searched in [1e-3, 10]",
     "GroupWeights DA mean + AdamW, pi ~ 1/n": "ALSO's weights (descent-ascent, 'mean', pi_init = pi_reg ~ 1/n_j) "
                                               "beside AdamW",
+    "ERM, AdamW decay to 10": "ERM, AdamW with weight_decay searched in [1e-6, 10]",
+    "IW, AdamW decay to 10": "IW, AdamW with weight_decay searched in [1e-6, 10]",
+    "Upsampling, AdamW decay to 10": "Upsampling, AdamW with weight_decay searched in [1e-6, 10]",
+    "GroupDRO adj, AdamW decay to 10": "GroupDRO adj, AdamW with weight_decay searched in [1e-6, 10]",
+    "CVaR, AdamW decay to 10": "CVaR, AdamW with weight_decay searched in [1e-6, 10]",
 }
 # a range (lo, hi) is sampled log-uniformly, (lo, hi, "linear") uniformly, (lo, hi, "int") as an integer;
 # the same range for every method that has the hyper-parameter
@@ -193,6 +204,8 @@ def search_space(method: str, task) -> dict[str, tuple[float, float]]:
     spec = method_spec(method)
     space = dict(COMMON_SPACE)
     space.update(getattr(task, "space_overrides", {}))
+    if "wd_range" in spec:
+        space["weight_decay"] = spec["wd_range"]
     if spec["kind"] == "groupdro":
         space["eta"] = STEP_RANGE
         if spec.get("adjust"):

@@ -216,6 +216,34 @@ def attempt_vs_default(docs: dict[str, dict], att: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+DECAY_PAIRS = {"ERM, AdamW decay to 10": ("ERM", "ALSO sum, pi fixed"), "IW, AdamW decay to 10": ("IW", "IW, ALSO's Adam"),
+               "Upsampling, AdamW decay to 10": ("Upsampling", "Upsampling, ALSO's Adam"),
+               "GroupDRO adj, AdamW decay to 10": ("GroupDRO adj", "GroupDRO adj, ALSO's Adam"),
+               "CVaR, AdamW decay to 10": ("CVaR", "CVaR, ALSO's Adam")}
+
+
+def decay_table(dec: dict[str, dict]) -> str:
+    """AdamW with weight_decay up to 10 against AdamW up to 0.1 (the main run) and against ALSO's Adam."""
+    lines = ["| task | weighting | AdamW, decay <= 0.1 | AdamW, decay <= 10 (tuned decay) | ALSO's Adam | wider minus "
+             "narrower | ALSO's Adam minus wider |", "|---|---|---|---|---|---|---|"]
+    for n in TASKS:
+        doc = dec.get(n)
+        if not doc:
+            continue
+        key = run_cpu.METRICS[n][0][0]
+        rows = {r["method"]: r for r in doc["results"]}
+        for m, (narrow, theta) in DECAY_PAIRS.items():
+            if m not in rows:
+                continue
+            w, a, b = rows[m], rows[narrow], rows[theta]
+            p, q = dro_stats.paired(w, a, key, "maximize"), dro_stats.paired(b, w, key, "maximize")
+            st = lambda r: f"{r['stats'][key]['mean']:.1f} ± {r['stats'][key]['ci95']:.1f}"
+            lines.append(f"| {SHORT[n]} | {narrow} | {st(a)} | {st(w)} ({w['tuned_hparams']['weight_decay']:.2g}) | "
+                         f"{st(b)} | {p['mean']:+.1f} ± {p['ci95']:.1f} {p['verdict']} | "
+                         f"{q['mean']:+.1f} ± {q['ci95']:.1f} {q['verdict']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     docs = {n: load(RESULTS / f"{n}.json") for n in TASKS}
     for n, d in docs.items():
@@ -228,6 +256,9 @@ def main() -> None:
     if any(att.values()):
         print("\n" + attempts_table(att) + "\n\n" + group_free_table(att) + "\n\n" + wider_choice(docs, att)
               + "\n\n" + attempt_vs_default(docs, att))
+    dec = {n: load(RESULTS / "decay" / f"{n}.json") for n in TASKS}
+    if any(dec.values()):
+        print("\n" + decay_table(dec))
     for path in sorted((RESULTS / "strength").glob("colored_*.json")):
         d = load(path)
         print(f"\n{path.name} (commit {d['commit']}):\n" + main_table({"colored": d}) + "\n\n"
