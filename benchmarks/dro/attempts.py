@@ -41,11 +41,17 @@ ATTEMPTS = {
     "noisy_labels": ["ALSO DA sum, tuned temperature", "ALSO DA sum, pi_lr to 10"],
 }
 # AdamW's decoupled weight decay searched up to 10 instead of 0.1: is ALSO's Adam's lead the decay range?
+GROUPWEIGHTS_DECAY = ["GroupWeights DA mean + AdamW, decay to 10", "GroupWeights opt mean + AdamW, decay to 10",
+                      "GroupWeights DA mean + AdamW, pi ~ 1/n, decay to 10"]
 DECAY = {
-    "long_tailed": ["ERM, AdamW decay to 10", "IW, AdamW decay to 10", "Upsampling, AdamW decay to 10"],
-    "spurious": ["ERM, AdamW decay to 10", "IW, AdamW decay to 10", "GroupDRO adj, AdamW decay to 10"],
-    "colored": ["ERM, AdamW decay to 10", "IW, AdamW decay to 10", "GroupDRO adj, AdamW decay to 10"],
-    "noisy_labels": ["ERM, AdamW decay to 10", "CVaR, AdamW decay to 10"],
+    "long_tailed": ["ERM, AdamW decay to 10", "IW, AdamW decay to 10", "Upsampling, AdamW decay to 10",
+                    *GROUPWEIGHTS_DECAY],
+    "spurious": ["ERM, AdamW decay to 10", "IW, AdamW decay to 10", "GroupDRO adj, AdamW decay to 10",
+                 *GROUPWEIGHTS_DECAY],
+    "colored": ["ERM, AdamW decay to 10", "IW, AdamW decay to 10", "GroupDRO adj, AdamW decay to 10",
+                *GROUPWEIGHTS_DECAY],
+    "noisy_labels": ["ERM, AdamW decay to 10", "CVaR, AdamW decay to 10", "GroupWeights DA sum + AdamW, decay to 10",
+                     "GroupWeights opt sum + AdamW, decay to 10"],
 }
 # the colored task at other strengths: the field's baselines and the ALSO / GroupWeights variants, both optimizers
 STRENGTHS = [0.99]

@@ -129,6 +129,17 @@ ATTEMPT_METHODS: dict[str, dict[str, Any]] = {
     "Upsampling, AdamW decay to 10": dict(kind="upsample", wd_range=(1e-6, 10.0)),
     "GroupDRO adj, AdamW decay to 10": dict(kind="groupdro", adjust=True, wd_range=(1e-6, 10.0)),
     "CVaR, AdamW decay to 10": dict(kind="cvar", wd_range=(1e-6, 10.0)),
+    "GroupWeights DA mean + AdamW, decay to 10": dict(kind="groupweights", mode="descent-ascent", reduction="mean",
+                                                      wd_range=(1e-6, 10.0)),
+    "GroupWeights opt mean + AdamW, decay to 10": dict(kind="groupweights", mode="optimistic", reduction="mean",
+                                                       wd_range=(1e-6, 10.0)),
+    "GroupWeights DA mean + AdamW, pi ~ 1/n, decay to 10": dict(kind="groupweights", mode="descent-ascent",
+                                                                reduction="mean", prior="inverse_frequency",
+                                                                wd_range=(1e-6, 10.0)),
+    "GroupWeights DA sum + AdamW, decay to 10": dict(kind="groupweights", mode="descent-ascent", reduction="sum",
+                                                     wd_range=(1e-6, 10.0)),
+    "GroupWeights opt sum + AdamW, decay to 10": dict(kind="groupweights", mode="optimistic", reduction="sum",
+                                                      wd_range=(1e-6, 10.0)),
 }
 METHOD_LONG_NAMES = {
     "ERM": "ERM (AdamW, batch mean)",
@@ -176,6 +187,12 @@ METHOD_LONG_NAMES = {
     "Upsampling, AdamW decay to 10": "Upsampling, AdamW with weight_decay searched in [1e-6, 10]",
     "GroupDRO adj, AdamW decay to 10": "GroupDRO adj, AdamW with weight_decay searched in [1e-6, 10]",
     "CVaR, AdamW decay to 10": "CVaR, AdamW with weight_decay searched in [1e-6, 10]",
+    "GroupWeights DA mean + AdamW, decay to 10": "GroupWeights DA mean + AdamW, weight_decay searched in [1e-6, 10]",
+    "GroupWeights opt mean + AdamW, decay to 10": "GroupWeights opt mean + AdamW, weight_decay searched in [1e-6, 10]",
+    "GroupWeights DA mean + AdamW, pi ~ 1/n, decay to 10": "GroupWeights DA mean + AdamW, pi_init = pi_reg ~ 1/n_j, "
+                                                           "weight_decay searched in [1e-6, 10]",
+    "GroupWeights DA sum + AdamW, decay to 10": "GroupWeights DA sum + AdamW, weight_decay searched in [1e-6, 10]",
+    "GroupWeights opt sum + AdamW, decay to 10": "GroupWeights opt sum + AdamW, weight_decay searched in [1e-6, 10]",
 }
 # a range (lo, hi) is sampled log-uniformly, (lo, hi, "linear") uniformly, (lo, hi, "int") as an integer;
 # the same range for every method that has the hyper-parameter

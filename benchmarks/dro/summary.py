@@ -219,11 +219,18 @@ def attempt_vs_default(docs: dict[str, dict], att: dict[str, dict]) -> str:
 DECAY_PAIRS = {"ERM, AdamW decay to 10": ("ERM", "ALSO sum, pi fixed"), "IW, AdamW decay to 10": ("IW", "IW, ALSO's Adam"),
                "Upsampling, AdamW decay to 10": ("Upsampling", "Upsampling, ALSO's Adam"),
                "GroupDRO adj, AdamW decay to 10": ("GroupDRO adj", "GroupDRO adj, ALSO's Adam"),
-               "CVaR, AdamW decay to 10": ("CVaR", "CVaR, ALSO's Adam")}
+               "CVaR, AdamW decay to 10": ("CVaR", "CVaR, ALSO's Adam"),
+               "GroupWeights DA mean + AdamW, decay to 10": ("GroupWeights DA mean + AdamW", "ALSO DA mean"),
+               "GroupWeights opt mean + AdamW, decay to 10": ("GroupWeights opt mean + AdamW", "ALSO opt mean"),
+               "GroupWeights DA mean + AdamW, pi ~ 1/n, decay to 10": ("GroupWeights DA mean + AdamW, pi ~ 1/n",
+                                                                       "ALSO DA mean, pi ~ 1/n"),
+               "GroupWeights DA sum + AdamW, decay to 10": ("GroupWeights DA sum + AdamW", "ALSO DA sum"),
+               "GroupWeights opt sum + AdamW, decay to 10": ("GroupWeights opt sum + AdamW", "ALSO opt sum")}
 
 
-def decay_table(dec: dict[str, dict]) -> str:
-    """AdamW with weight_decay up to 10 against AdamW up to 0.1 (the main run) and against ALSO's Adam."""
+def decay_table(dec: dict[str, dict], docs: dict[str, dict], att: dict[str, dict]) -> str:
+    """AdamW with weight_decay up to 10 against AdamW up to 0.1 (the main run or the attempts) and against the same
+    weighting on ALSO's Adam; all on seeds 0-9, paired."""
     lines = ["| task | weighting | AdamW, decay <= 0.1 | AdamW, decay <= 10 (tuned decay) | ALSO's Adam | wider minus "
              "narrower | ALSO's Adam minus wider |", "|---|---|---|---|---|---|---|"]
     for n in TASKS:
@@ -231,9 +238,9 @@ def decay_table(dec: dict[str, dict]) -> str:
         if not doc:
             continue
         key = run_cpu.METRICS[n][0][0]
-        rows = {r["method"]: r for r in doc["results"]}
+        rows = {r["method"]: r for d in (docs.get(n), att.get(n), doc) if d for r in d["results"]}
         for m, (narrow, theta) in DECAY_PAIRS.items():
-            if m not in rows:
+            if m not in rows or m not in {r["method"] for r in doc["results"]}:
                 continue
             w, a, b = rows[m], rows[narrow], rows[theta]
             p, q = dro_stats.paired(w, a, key, "maximize"), dro_stats.paired(b, w, key, "maximize")
@@ -258,7 +265,7 @@ def main() -> None:
               + "\n\n" + attempt_vs_default(docs, att))
     dec = {n: load(RESULTS / "decay" / f"{n}.json") for n in TASKS}
     if any(dec.values()):
-        print("\n" + decay_table(dec))
+        print("\n" + decay_table(dec, docs, att))
     for path in sorted((RESULTS / "strength").glob("colored_*.json")):
         d = load(path)
         print(f"\n{path.name} (commit {d['commit']}):\n" + main_table({"colored": d}) + "\n\n"
