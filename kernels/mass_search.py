@@ -23,8 +23,18 @@ from .launch import cdiv
 enable_interpreter_compat()
 
 # the kernel's shape: a (sub, k) register tile per program over up to sub * rows entries; stages of the
-# row loop in flight (software pipelining of the loads); with_counts only where the counts are read
-CONFIG = dict(sub=256, rows=64, k=16, warps=4, stages=1)
+# row loop in flight (software pipelining of the loads). Measured on an H100 (benchmarks/explore/
+# explore_mass_search.py, benchmarks/results/mass_search_h100.jsonl): at 1e7 groups the search is
+# bound by its passes' host work and 16 bounds a pass (fewer passes) win, 1.8 ms; at 1e8 by the kernel, and
+# 8 bounds a pass (a smaller tile, 0.45 ms a pass against 0.77) win, 5.3 ms against 7.1. LARGE_N lies
+# between the two sizes measured.
+CONFIG = dict(sub=256, rows=64, k=16, warps=4, stages=3)
+LARGE_CONFIG = dict(sub=512, rows=32, k=8, warps=4, stages=3)
+LARGE_N = 1 << 25
+
+
+def _config(n: int) -> dict:
+    return LARGE_CONFIG if n >= LARGE_N else CONFIG
 _INF_BITS = 0x7F800000
 
 
@@ -62,13 +72,15 @@ def _masses(pi: torch.Tensor, bounds: torch.Tensor, descending: bool,
             with_counts: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(mass, count) of the entries at or past each of the K int32 ``bounds``, float64 and int64 (count None
     unless ``with_counts``); the programs' partials are added in program order (deterministic)."""
-    n, k, sub = pi.numel(), CONFIG["k"], CONFIG["sub"]
-    rows = min(CONFIG["rows"], triton.next_power_of_2(cdiv(n, sub)))
+    n = pi.numel()
+    config = _config(n)
+    k, sub = config["k"], config["sub"]
+    rows = min(config["rows"], triton.next_power_of_2(cdiv(n, sub)))
     programs = cdiv(n, sub * rows)
     mass = torch.empty(programs, k, dtype=torch.float64, device=pi.device)
     count = torch.empty(programs, k, dtype=torch.int32, device=pi.device) if with_counts else mass
     _masses_kernel[(programs,)](pi, n, bounds, mass, count, DESC=descending, K=k, SUB=sub, ROWS=rows,
-                                STAGES=CONFIG["stages"], WITH_COUNTS=with_counts, num_warps=CONFIG["warps"])
+                                STAGES=config["stages"], WITH_COUNTS=with_counts, num_warps=config["warps"])
     return mass.sum(0), count.sum(0, dtype=torch.int64) if with_counts else None
 
 
@@ -90,7 +102,7 @@ def mass_cutoff(pi: torch.Tensor, threshold: float, order: str = "desc") -> int:
         return 1
     values = pi.detach().float().reshape(-1).contiguous()
     descending = order == "desc"
-    device, k = values.device, CONFIG["k"]
+    device, k = values.device, _config(n)["k"]
     # the bracket starts at pi's own range, not at every pattern from 0 to +inf: one host read (the cutoff
     # is read on the host anyway) saves the passes over the exponents pi does not use (a softmax spans a
     # few dozen binades of the 255)

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from also_fused import functional as F  # noqa: E402
+from also_fused.kernels import mass_search  # noqa: E402
 from also_fused.kernels.mass_search import mass_cutoff  # noqa: E402
 from support import DEVICE  # noqa: E402
 
@@ -47,9 +48,13 @@ def test_matches_the_sorted_cumulative_sum(n, kind, order):
             assert F.mass_cutoff(pi.to(DEVICE), threshold, order) == want, threshold
 
 
+@pytest.mark.parametrize("shape", ["default", "large"])
 @pytest.mark.parametrize("order", ["desc", "asc"])
-def test_partials_of_several_programs(order):
-    """16_387 entries: two programs of the kernel (the second holds 3 entries), their partials added."""
+def test_partials_of_several_programs(order, shape, monkeypatch):
+    """16_387 entries: several programs of the kernel (the last holds 3 entries), their partials added; in the
+    kernel's shape for most sizes and in the one for the largest (8 bounds a pass, forced here)."""
+    if shape == "large":
+        monkeypatch.setattr(mass_search, "LARGE_N", 1)
     pi = _pi("random", 16_387)
     sums = torch.cumsum(torch.sort(pi, descending=(order == "desc"))[0].double(), 0)
     for threshold in (0.999, float(sums[9_000])):

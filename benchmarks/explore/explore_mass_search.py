@@ -1,4 +1,4 @@
-"""The sort-free cutoff kernel's shape (kernels/mass_search.py CONFIG) against its time, on a GPU.
+"""The sort-free cutoff kernel's shape (kernels/mass_search.py CONFIG, LARGE_CONFIG) against its time, on a GPU.
 
 For each --sizes n (pi a softmax of random logits) and each config: the whole cutoff search (median of
 --repeats calls, each ending in its host read) and one pass of the kernel (``triton.testing.do_bench``,
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default="mass_search.jsonl")
     args = parser.parse_args()
-    default = dict(mass_search.CONFIG)
+    default, default_large = dict(mass_search.CONFIG), dict(mass_search.LARGE_CONFIG)
     with open(args.out, "w") as out:
         for n in [int(float(s)) for s in args.sizes.split(",")]:
             gen = torch.Generator("cuda").manual_seed(0)
@@ -64,6 +64,7 @@ def main() -> None:
             print(base, flush=True)
             for config in VARIANTS:
                 mass_search.CONFIG.update(config)
+                mass_search.LARGE_CONFIG.update(config)
                 try:
                     got = mass_search.mass_cutoff(pi, args.threshold)
                     bounds = torch.linspace(0, mass_search._INF_BITS, config["k"], device="cuda").to(torch.int32)
@@ -75,6 +76,7 @@ def main() -> None:
                     row = dict(n=n, config=config, error=repr(error)[:300])
                 finally:
                     mass_search.CONFIG.update(default)
+                    mass_search.LARGE_CONFIG.update(default_large)
                 out.write(json.dumps(row) + "\n")
                 print(row, flush=True)
 
