@@ -35,8 +35,8 @@ bench-cpu: $(STAMP)
 		--benchmark-columns=median,iqr,rounds --benchmark-json=benchmarks/results/cpu_pytest_benchmark.json
 
 # the DRO benchmark's CPU tasks (long-tailed classes, spurious patch, colored digits, flipped labels):
-# Optuna-tuned methods, 10 seeds, then attempts.py (settings tried for ALSO, the colored task at 0.99); about
-# 30 minutes on 2 cores; results, plots and tables in benchmarks/dro/results/. GPU task: benchmarks/dro/gpt_sources.py
+# Optuna-tuned methods, 10 seeds, then attempts.py (settings tried for ALSO, AdamW's decay range, the colored task
+# at 0.99); about 32 minutes on 2 cores; results, plots and tables in benchmarks/dro/results/. GPU task: benchmarks/dro/gpt_sources.py
 bench-dro: $(STAMP)
 	$(PY) benchmarks/dro/run_cpu.py
 	$(PY) benchmarks/dro/attempts.py
