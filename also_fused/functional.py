@@ -299,16 +299,20 @@ def select_batch_reference(
     return _draw_batch(pi, max(1, pi.numel() - cutoff), strategy, generator)
 
 
-# up to this many groups the sort is cheaper than the 32 reductions of the search
+# up to this many groups the sort is cheaper than the search's passes: on a CPU, and on a GPU up to ~1e8
+# (H100, benchmarks/results/select_h100.json: select_batch with the sort 1.4 ms at 1e7 groups against 3.5
+# with the search, 9.2 against 8.5 at 1e8; 2^26 lies between)
 SORTED_CUTOFF_MAX_GROUPS = 1 << 16
+SORTED_CUTOFF_MAX_GROUPS_GPU = 1 << 26
 
 
 def select_batch(pi: Tensor, threshold: float, strategy: str = "pi", order: str = "desc",
                  generator: Optional[torch.Generator] = None,
                  cutoff: Optional[Callable[[Tensor, float, str], int]] = None) -> tuple[int, Tensor]:
-    """``select_batch_reference``; past ``SORTED_CUTOFF_MAX_GROUPS`` groups without the sort: the cutoff from
-    ``cutoff`` (a backend's search over pi's values; default ``mass_cutoff``)."""
-    if pi.numel() <= SORTED_CUTOFF_MAX_GROUPS:
+    """``select_batch_reference``; past ``SORTED_CUTOFF_MAX_GROUPS`` groups (``SORTED_CUTOFF_MAX_GROUPS_GPU`` on a
+    GPU) without the sort: the cutoff from ``cutoff`` (a backend's search over pi's values; default
+    ``mass_cutoff``)."""
+    if pi.numel() <= (SORTED_CUTOFF_MAX_GROUPS if pi.device.type == "cpu" else SORTED_CUTOFF_MAX_GROUPS_GPU):
         return select_batch_reference(pi, threshold, strategy, order, generator)
     _check_selection(strategy, order)
     position = (cutoff or mass_cutoff)(pi, threshold, order)

@@ -322,6 +322,7 @@ def test_mass_cutoff_without_a_sort_matches_the_cumulative_sum(n, kind, order):
 
 def test_select_batch_without_a_sort_draws_like_the_reference(monkeypatch):
     monkeypatch.setattr(F, "SORTED_CUTOFF_MAX_GROUPS", 0)
+    monkeypatch.setattr(F, "SORTED_CUTOFF_MAX_GROUPS_GPU", 0)
     pi = torch.softmax(torch.randn(500, generator=torch.Generator().manual_seed(0)), 0).to(DEVICE)
     for strategy in ("pi", "uniform"):
         fast = F.select_batch(pi, 0.9, strategy, generator=torch.Generator(DEVICE).manual_seed(1))
