@@ -229,36 +229,11 @@ def sharded_select_batch(local: Tensor, n_groups: int, threshold: float, strateg
 
 def sharded_mass_cutoff(local: Tensor, n_groups: int, threshold: float, order: str, group: Any) -> int:
     """``functional.mass_cutoff`` of the whole pi from its shards (the masses and counts all-reduced)."""
-    if threshold <= 0:
-        return 1
-    values = local.detach().float().reshape(-1)
-    bits = values.view(torch.int32)
-    descending = order == "desc"
-    device = values.device
 
     def reduced(*parts: Tensor) -> Tensor:  # float64 sums over every rank (counts exact below 2^53)
         return all_reduce_sum(torch.stack([p.to(torch.float64) for p in parts]), group)
 
-    def mass_beyond(bound: Tensor) -> Tensor:
-        chosen = bits >= bound if descending else bits <= bound
-        return reduced(torch.where(chosen, values, 0.0).sum(dtype=torch.float64))[0]
-
-    total = reduced(values.sum(dtype=torch.float64))[0]
-    lo = torch.tensor(F._ZERO_BITS if descending else F._ZERO_BITS - 1, dtype=torch.int64, device=device)
-    hi = torch.tensor(F._INF_BITS + 1 if descending else F._INF_BITS, dtype=torch.int64, device=device)
-    for _ in range(32):
-        mid = (lo + hi) // 2
-        reaches = mass_beyond(mid.to(torch.int32)) >= threshold
-        if descending:
-            lo, hi = torch.where(reaches, mid, lo), torch.where(reaches, hi, mid)
-        else:
-            lo, hi = torch.where(reaches, lo, mid), torch.where(reaches, mid, hi)
-    v_bits = (lo if descending else hi).to(torch.int32)
-    before = bits > v_bits if descending else bits < v_bits
-    mass_before, count_before, ties = reduced(torch.where(before, values, 0.0).sum(dtype=torch.float64),
-                                              before.sum(), (bits == v_bits).sum())
-    return F.cutoff_at(v_bits, mass_before, count_before.to(torch.int64), ties.to(torch.int64), total, threshold,
-                       n_groups)
+    return F.mass_cutoff(local, threshold, order, n_total=n_groups, reduce=reduced)
 
 
 def sharded_race(local: Tensor, n_groups: int, k: int, strategy: str, generator: Optional[torch.Generator],

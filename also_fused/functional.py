@@ -339,7 +339,8 @@ def _draw_batch(pi: Tensor, batch_size: int, strategy: str, generator: Optional[
 _ZERO_BITS, _INF_BITS = 0, 0x7F800000
 
 
-def mass_cutoff(pi: Tensor, threshold: float, order: str = "desc") -> int:
+def mass_cutoff(pi: Tensor, threshold: float, order: str = "desc", *, n_total: Optional[int] = None,
+                reduce: Optional[Callable[..., Sequence[Tensor]]] = None) -> int:
     """The cutoff of ``select_batch_reference`` (1 + the first position where the cumulative mass of pi,
     sorted by ``order``, reaches ``threshold``; n + 1 when it never does) without sorting.
 
@@ -348,8 +349,11 @@ def mass_cutoff(pi: Tensor, threshold: float, order: str = "desc") -> int:
     first in the sorted order and the ties at v* follow, so the position is count(> v*) + j - 1 with j the
     fewest ties at v* that reach the threshold. ``asc`` mirrors it (entries <= v, the smallest v). The sums
     are float64 in another order than a cumulative sum, so the two agree except where the threshold lies
-    within float64 rounding of a partial sum."""
-    n = pi.numel()
+    within float64 rounding of a partial sum.
+
+    A pi sharded over ranks: ``pi`` is this rank's slice, ``n_total`` the whole length, and ``reduce(*parts)``
+    sums each 0-d partial (masses and counts) over the ranks, in float64."""
+    n = pi.numel() if n_total is None else n_total
     if n == 0:
         raise ValueError("select_batch needs at least one group")
     if threshold <= 0:
@@ -358,11 +362,14 @@ def mass_cutoff(pi: Tensor, threshold: float, order: str = "desc") -> int:
     bits = values.view(torch.int32)
     descending = order == "desc"
 
+    def summed(*parts: Tensor) -> Sequence[Tensor]:
+        return parts if reduce is None else reduce(*parts)
+
     def mass_beyond(bound: Tensor) -> Tensor:  # float64 mass of the entries at or past ``bound`` in sort order
         chosen = bits >= bound if descending else bits <= bound
-        return torch.where(chosen, values, 0.0).sum(dtype=torch.float64)
+        return summed(torch.where(chosen, values, 0.0).sum(dtype=torch.float64))[0]
 
-    total = values.sum(dtype=torch.float64)
+    total = summed(values.sum(dtype=torch.float64))[0]
     # desc: lo satisfies (mass >= threshold), hi does not; asc: hi satisfies, lo does not
     lo = torch.tensor(_ZERO_BITS if descending else _ZERO_BITS - 1, dtype=torch.int64, device=pi.device)
     hi = torch.tensor(_INF_BITS + 1 if descending else _INF_BITS, dtype=torch.int64, device=pi.device)
@@ -375,8 +382,9 @@ def mass_cutoff(pi: Tensor, threshold: float, order: str = "desc") -> int:
             lo, hi = torch.where(reaches, lo, mid), torch.where(reaches, mid, hi)
     v_bits = (lo if descending else hi).to(torch.int32)
     before = bits > v_bits if descending else bits < v_bits  # strictly ahead of v* in the sorted order
-    return cutoff_at(v_bits, torch.where(before, values, 0.0).sum(dtype=torch.float64), before.sum(),
-                     (bits == v_bits).sum(), total, threshold, n)
+    mass_before, count_before, ties = summed(torch.where(before, values, 0.0).sum(dtype=torch.float64),
+                                             before.sum(), (bits == v_bits).sum())
+    return cutoff_at(v_bits, mass_before, count_before.to(torch.int64), ties.to(torch.int64), total, threshold, n)
 
 
 def cutoff_at(v_bits: Tensor, mass_before: Tensor, count_before: Tensor, ties: Tensor, total: Tensor,
