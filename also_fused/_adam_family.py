@@ -48,9 +48,6 @@ class AdamFamily(torch.optim.Optimizer):
                     raise TypeError("complex parameters are not supported")
                 if p.dtype not in SUPPORTED_DTYPES:
                     raise TypeError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
-                if group.get("stochastic_rounding", False) and p.dtype == torch.float16:
-                    raise ValueError("stochastic_rounding covers bfloat16 params (float32 ones need none); "
-                                     "float16 params are rounded to nearest: leave it off for them")
         self.backend = backend
         self._state_version = 0
         self._reset_caches()

@@ -40,11 +40,11 @@ class Adam(AdamFamily):
     no amsgrad; the code is stated in ``storage``). The update is computed in
     float32 either way and the moments are rounded or encoded once when stored.
 
-    ``stochastic_rounding``: bfloat16 params are stored rounded up or down with probability proportional
-    to the distance (docs/algorithm.md sec. 14), so that updates below half a bfloat16 ulp are not lost,
+    ``stochastic_rounding``: bfloat16 and float16 params are stored rounded up or down with probability
+    proportional to the distance (docs/algorithm.md sec. 14), so that updates below half an ulp are not lost,
     with random bits from a hash of (``rounding_seed``, step, element): the same on every path, and a
     resumed run continues the stream (the seed is a param-group entry of the state_dict; None draws one
-    from torch's default generator). float32 params are unaffected; float16 params are refused.
+    from torch's default generator). float32 params are unaffected.
     """
 
     _decoupled_default = False

@@ -61,7 +61,7 @@ class ALSO(ThetaAdam):
       optimistic mode the params hold the extrapolated point after ``step()``; ``eval()`` puts the
       iterate x back into them, ``train()`` the extrapolated point.
 
-    ``stochastic_rounding`` / ``rounding_seed`` round bfloat16 params as the drop-ins' options do;
+    ``stochastic_rounding`` / ``rounding_seed`` round 16-bit params as the drop-ins' options do;
     ``state_precision`` stores the Adam moments as the drop-ins' option does ("float32" by default,
     "bfloat16", "param", "int8"); ``group_reduction="mean"``, ``process_group`` (torch.distributed: pi bitwise equal on every
     rank, N ranks follow one process on the concatenated batch), ``shard_pi`` (each rank holds a slice of pi;

@@ -107,7 +107,7 @@ def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[Hyp
     if len(sources) == 0:
         return
     tensors.check(spec)
-    if spec.stochastic_rounding and sources[0].dtype == torch.bfloat16:
+    if spec.stochastic_rounding and sources[0].dtype in (torch.bfloat16, torch.float16):
         # the extension rounds to nearest: stochastic rounding runs the reference (the same bits as the kernels)
         F.adam_step(tensors, grads, hyper, spec, scaling)
         return

@@ -15,7 +15,7 @@ from torch import Tensor
 # the 8-bit moment code lives in ``storage``; these names stay reachable here as before
 from .storage import (QUANT_BLOCK, QUANT_DTYPES, dequantize_legacy_moment, dequantize_moment,  # noqa: F401
                       is_legacy_scales, quant_blocks, quantize_moment_)
-from .rounding import stochastic_round_bf16, stream_key
+from .rounding import stochastic_round, stream_key
 from .update_spec import AdamSpec, AdamTensors, GradScaling, HyperRow, keyword_form
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -54,7 +54,7 @@ def _apply_step(x: Tensor, m: Tensor, v: Tensor, t: float, dst: Tensor, *, lr: f
     """x_new = x - lr*sqrt(bc2)/bc1 * m/(sqrt(v)+eps)   (eps_mode "also", docs/algorithm.md sec. 3)
     x_new = x - lr/bc1 * m/(sqrt(v)/sqrt(bc2)+eps)       (eps_mode "torch", torch.optim.Adam)
     with bc_k = 1 - beta_k^t; AdamW first scales x by (1 - lr*wd). Returns x_new in float32. With
-    ``rounding_seed`` a bfloat16 ``dst`` takes x_new rounded stochastically (sec. 14; the bits of step t)."""
+    ``rounding_seed`` a bfloat16 or float16 ``dst`` takes x_new rounded stochastically (sec. 14; the bits of step t)."""
     bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
     if decoupled and weight_decay != 0.0:
         x = x * (1.0 - lr * weight_decay)
@@ -69,8 +69,8 @@ def _apply_step(x: Tensor, m: Tensor, v: Tensor, t: float, dst: Tensor, *, lr: f
     if dst.dtype == torch.float32:
         return torch.addcdiv(x, m, denom, value=-step_size, out=dst)
     new = torch.addcdiv(x, m, denom, value=-step_size)
-    if rounding_seed is not None and dst.dtype == torch.bfloat16:
-        dst.copy_(stochastic_round_bf16(new, stream_key(rounding_seed, int(t))))
+    if rounding_seed is not None and dst.dtype in (torch.bfloat16, torch.float16):
+        dst.copy_(stochastic_round(new, stream_key(rounding_seed, int(t)), dst.dtype))
     else:
         dst.copy_(new)
     return new
@@ -430,7 +430,7 @@ def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[Hyp
       2. x1 = x + AdamStep(x, grad_scale * grad) is written to ``destinations``;
       3. ``extrapolate_to``: y = x1 + AdamStep(x1, extrapolation_scale * grad) is written there
          (from x1 as stored, i.e. rounded to the param dtype).
-    x1 and y are rounded to the param dtype to nearest, or with ``spec.stochastic_rounding`` (bfloat16
+    x1 and y are rounded to the param dtype to nearest, or with ``spec.stochastic_rounding`` (16-bit
     params) stochastically with the bits of their own step count (``rounding``: x1 at t, y at t + 1).
     ``commit_state=False`` leaves the moments untouched. ``save_sources_to`` / ``save_grads_to``
     receive copies of x / the raw grad. Moments stored below float32 (bf16, fp16) are read into float32,

@@ -1,4 +1,5 @@
-"""Stochastic rounding of float32 to bfloat16, with random bits from a counter-based hash (docs/algorithm.md sec. 14).
+"""Stochastic rounding of float32 to bfloat16 and float16, with random bits from a counter-based hash
+(docs/algorithm.md sec. 14).
 
 A float32 value x lies between two neighbouring bfloat16 values lo <= x < hi; it is stored as hi with
 probability (x - lo) / (hi - lo), else lo: on average the stored value is x, so updates far below half a
@@ -24,6 +25,7 @@ MIX_A = 0x7FEB352D  # odd multipliers below 2^31: a 32-bit value times one fits 
 MIX_B = 0x1B873593
 SEED_BOUND = 2 ** 31  # seeds are drawn in [0, SEED_BOUND)
 CANONICAL_NAN = 0x7FC0  # the bfloat16 pattern a NaN is stored as
+CANONICAL_NAN_F16 = 0x7E00  # the float16 one
 
 
 def mix32(h):
@@ -66,3 +68,44 @@ def stochastic_round_bf16(x: Tensor, key: int) -> Tensor:
     upper = torch.where(upper >= 2 ** 15, upper - 2 ** 16, upper).to(torch.int16)
     inverse = sorted(range(x.dim()), key=lambda d: order[d])
     return upper.view(torch.bfloat16).view(in_memory_order.shape).permute(inverse)
+
+
+def _as_float32(words: Tensor) -> Tensor:
+    """int64 tensor of 32-bit patterns (values < 2^32) -> the float32 values they encode."""
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).view(torch.float32)
+
+
+def stochastic_round_fp16(x: Tensor, key: int) -> Tensor:
+    """float32 ``x`` rounded stochastically to float16 with ``key``'s bits (element i the i-th in memory).
+
+    |x| lies between two float16 neighbours lo <= |x| < lo + ulp (ulp = 2^(e - 10), e = max(exponent of x,
+    -14)); with f the first 16 bits of (|x| - lo) / ulp and u the element's 16 random bits, the result is
+    lo + ulp when u + f >= 2^16, else lo, with x's sign: away from zero with probability f / 2^16, the
+    bfloat16 rule on a float16 grid. Every float32 step below is exact (products by powers of two, floors,
+    a difference of neighbours), so every path gets the same bits. Past the largest float16 the result is
+    infinite; NaN is stored as 0x7E00."""
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -d))
+    in_memory_order = x.permute(order)
+    flat = in_memory_order.reshape(-1)
+    bits = flat.view(torch.int32).to(torch.int64) & MASK32
+    sign = bits & 0x80000000
+    magnitude = bits & 0x7FFFFFFF
+    exponent = magnitude >> 23
+    special = exponent == 255  # inf and NaN
+    k = exponent.clamp(min=113)  # 113: float32's exponent field of 2^-14, float16's smallest normal
+    inverse_ulp, ulp = _as_float32((264 - k) << 23), _as_float32((k - 10) << 23)
+    q = torch.where(special, 0.0, _as_float32(magnitude) * inverse_ulp)
+    q_low = torch.floor(q)
+    fraction = torch.floor((q - q_low) * 65536.0).to(torch.int64)
+    noise = random_bits(key, flat.numel(), flat.device) & 0xFFFF
+    rounded = (q_low + ((noise + fraction) >= 65536).float()) * ulp
+    signed = _as_float32((rounded.view(torch.int32).to(torch.int64) & MASK32) | sign)
+    out = torch.where(special, flat, signed).to(torch.float16).view(torch.int16)
+    out = torch.where(torch.isnan(flat), CANONICAL_NAN_F16, out).to(torch.int16)
+    inverse = sorted(range(x.dim()), key=lambda d: order[d])
+    return out.view(torch.float16).view(in_memory_order.shape).permute(inverse)
+
+
+def stochastic_round(x: Tensor, key: int, dtype: torch.dtype) -> Tensor:
+    """``x`` rounded stochastically to ``dtype`` (bfloat16 or float16)."""
+    return stochastic_round_bf16(x, key) if dtype == torch.bfloat16 else stochastic_round_fp16(x, key)

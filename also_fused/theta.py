@@ -39,7 +39,7 @@ class ThetaAdam(AdamFamily):
     puts the iterate x into the params, ``train()`` y again. ``ALSO`` is this update plus a
     ``GroupWeights``; alone, with a ``GroupWeights`` beside it, it gives ALSO's loop API results.
     A param without a gradient is skipped (optimistic mode: it goes back to x).
-    ``stochastic_rounding`` / ``rounding_seed``: as the drop-ins' (bfloat16 params; sec. 14).
+    ``stochastic_rounding`` / ``rounding_seed``: as the drop-ins' (16-bit params; sec. 14).
     """
 
     EXTRA_KEY = "theta"  # the state_dict entry that holds what torch.optim's state does not

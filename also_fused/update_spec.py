@@ -39,7 +39,7 @@ class AdamSpec:
     (torch.optim.Adam). ``grad_scale`` multiplies the gradient; ``extrapolation_scale`` the gradient
     of the extrapolation and ``prior_scale`` the prior gradient (see ``AdamTensors``);
     ``commit_state=False`` leaves the moments and step counts unwritten (a single update only);
-    ``stochastic_rounding``: bfloat16 params are stored rounded stochastically (``rounding``, with each
+    ``stochastic_rounding``: 16-bit params are stored rounded stochastically (``rounding``, with each
     tensor's seed from ``AdamTensors.rounding_seeds``) instead of to nearest."""
 
     eps_mode: str = "also"

@@ -29,7 +29,8 @@ from triton.language.extra import libdevice
 from .._cuda import raw_stream
 from ..error_bits import REPORTED
 from ..storage import QUANT_BLOCK, QUANT_M_BITS, QUANT_V_BITS, code_constants, dense_like, quant_blocks
-from ..rounding import CANONICAL_NAN as _CANONICAL_NAN, MIX_A as _MIX_A, MIX_B as _MIX_B
+from ..rounding import CANONICAL_NAN as _CANONICAL_NAN, CANONICAL_NAN_F16 as _CANONICAL_NAN_F16
+from ..rounding import MIX_A as _MIX_A, MIX_B as _MIX_B
 from ..update_spec import AdamSpec, AdamTensors, GradScaling, keyword_form
 from .launch import Launcher
 from .staging import PinnedUploader
@@ -100,6 +101,7 @@ def pipeline_stages(param_size: int, moment_size: int) -> int:
 
 _REPORTED = tl.constexpr(REPORTED)
 MIX_A, MIX_B, CANONICAL_NAN = tl.constexpr(_MIX_A), tl.constexpr(_MIX_B), tl.constexpr(_CANONICAL_NAN)
+CANONICAL_NAN_F16 = tl.constexpr(_CANONICAL_NAN_F16)
 # the 8-bit codes' constants (storage.code_constants): smallest scale field, zero offset, shift,
 # rounding half, largest code; m's then v's
 M_MIN_FIELD, M_OFFSET, M_SHIFT, M_HALF, M_TOP = (tl.constexpr(c) for c in code_constants(QUANT_M_BITS))
@@ -185,6 +187,39 @@ def _stochastic_bf16(x, key, index):
     upper = ((x.to(tl.uint32, bitcast=True) + noise) >> 16).to(tl.uint16)
     upper = tl.where(x != x, CANONICAL_NAN, upper).to(tl.uint16)
     return upper.to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _stochastic_f16(x, key, index):
+    # rounding.stochastic_round_fp16: |x| between float16 neighbours lo and lo + ulp, away from zero when 16
+    # random bits plus the first 16 bits of (|x| - lo) / ulp reach 2^16; every float32 step exact
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32)
+    noise = (_mix32(_mix32(lo ^ key) ^ hi) & 0xFFFF).to(tl.int32)
+    bits = x.to(tl.uint32, bitcast=True)
+    sign = bits & 0x80000000
+    magnitude = bits & 0x7FFFFFFF
+    exponent = (magnitude >> 23).to(tl.int32)
+    special = exponent == 255  # inf and NaN
+    k = tl.maximum(exponent, 113)  # float32's exponent field of 2^-14, float16's smallest normal
+    inverse_ulp = ((264 - k) << 23).to(tl.float32, bitcast=True)
+    ulp = ((k - 10) << 23).to(tl.float32, bitcast=True)
+    q = tl.where(special, 0.0, magnitude.to(tl.float32, bitcast=True) * inverse_ulp)
+    q_low = tl.floor(q)
+    fraction = tl.floor((q - q_low) * 65536.0).to(tl.int32)
+    rounded = (q_low + ((noise + fraction) >= 65536).to(tl.float32)) * ulp
+    signed = (rounded.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    out = tl.where(special, x, signed).to(tl.float16).to(tl.uint16, bitcast=True)
+    out = tl.where(x != x, CANONICAL_NAN_F16, out).to(tl.uint16)
+    return out.to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _stochastic_round(x, key, index, DTYPE: tl.constexpr):
+    if DTYPE == tl.bfloat16:
+        return _stochastic_bf16(x, key, index)
+    else:
+        return _stochastic_f16(x, key, index)
 
 
 SQRT_FAST_MIN = tl.constexpr(2.0 ** -101)  # the smallest float32 for which tl.sqrt_rn takes its fast path
@@ -395,8 +430,8 @@ def _adam_block(ptrs, off, block_index, end, scalars, MASKED: tl.constexpr, FLAG
     g = g_raw.to(tl.float32)
     x, m, v, vmax = _adam_math(x_raw.to(tl.float32), g * gscale_a, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_a, ib_a, rb_a,
                                EPS_TORCH, DECOUPLED, AMSGRAD, INTERPRET)
-    if SR:  # bfloat16 params rounded stochastically (the element's index within its tensor picks its bits)
-        x_out = _stochastic_bf16(x, key_a, off + poffs)
+    if SR:  # 16-bit params rounded stochastically (the element's index within its tensor picks its bits)
+        x_out = _stochastic_round(x, key_a, off + poffs, PDTYPE)
     else:
         x_out = _to_storage(x, PDTYPE, INTERPRET)
     tl.store(dst + poffs, x_out, mask=mask)
@@ -405,7 +440,7 @@ def _adam_block(ptrs, off, block_index, end, scalars, MASKED: tl.constexpr, FLAG
         y, m, v, vmax = _adam_math(x_out.to(tl.float32), g * gscale_b, m, v, vmax, lr, b1, b2, omb1, omb2, eps, wd, ss_b, ib_b, rb_b,
                                    EPS_TORCH, DECOUPLED, AMSGRAD, INTERPRET)
         if SR:
-            tl.store(extrap + poffs, _stochastic_bf16(y, key_b, off + poffs), mask=mask)
+            tl.store(extrap + poffs, _stochastic_round(y, key_b, off + poffs, PDTYPE), mask=mask)
         else:
             tl.store(extrap + poffs, _to_storage(y, PDTYPE, INTERPRET), mask=mask)
     if COMMIT and QUANT:
@@ -658,8 +693,8 @@ def adam_step(tensors: AdamTensors, grads: Sequence[torch.Tensor], hyper: torch.
         raise ValueError(f"lr_args takes at most {MAX_LR_ARGS} rows, got {n_lr}")
     quant = tensors.quantized
     hyper_rows = tensors.hyper_rows
-    # stochastic rounding applies to bfloat16 params (the seeds go into the tensor table)
-    stochastic = spec.stochastic_rounding and sources[0].dtype == torch.bfloat16
+    # stochastic rounding applies to 16-bit params (the seeds go into the tensor table)
+    stochastic = spec.stochastic_rounding and sources[0].dtype in (torch.bfloat16, torch.float16)
     seeds = tensors.rounding_seeds if stochastic else None
     optional = {_MAX_EXP_AVG_SQ: tensors.max_exp_avg_sqs, _SAVE_SRC: tensors.save_sources_to,
                 _SAVE_GRAD: tensors.save_grads_to, _EXTRAP: tensors.extrapolate_to, _PRIOR: tensors.prior_grads,

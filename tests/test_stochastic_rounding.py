@@ -1,8 +1,8 @@
-"""Stochastic rounding of bfloat16 params (docs/algorithm.md sec. 14).
+"""Stochastic rounding of bfloat16 and float16 params (docs/algorithm.md sec. 14).
 
 The golden values are computed here: the hash in plain Python integers from the formula the docs state, the
-two bfloat16 neighbours of a float32 value and its probability of rounding up in float64, and Adam's
-float64 trajectory under a constant gradient.
+two 16-bit neighbours of a float32 value and its probability of rounding away from zero in float64, and
+Adam's float64 trajectory under a constant gradient.
 """
 from __future__ import annotations
 
@@ -56,6 +56,32 @@ def test_hash_matches_the_stated_formula():
     assert golden_bits(5, 3, 2 ** 32 + 7) != golden_bits(5, 3, 7)
 
 
+def f16_neighbours(x: float) -> tuple[float, float, float]:
+    """(lo, hi, ulp): the float16 grid points next to |x| toward and away from zero, in float64 (sec. 14)."""
+    a = abs(x)
+    ulp = 2.0 ** (max(math.floor(math.log2(a)), -14) - 10) if a > 0 else 2.0 ** -24
+    lo = math.floor(a / ulp) * ulp
+    return lo, lo + ulp, ulp
+
+
+def test_rounds_to_a_float16_neighbour_with_the_right_probability():
+    n = 20000
+    for x in [1.0 + 2 ** -12, -3.14159, 3e-6, 65000.0, 0.3, -1e-7]:
+        x32 = torch.tensor([x], dtype=torch.float32).item()
+        lo, hi, ulp = f16_neighbours(x32)
+        # the docs' rule: away with probability f / 2^16, f the first 16 bits of the fraction
+        p_away = math.floor((abs(x32) - lo) / ulp * 65536) / 65536
+        out = rounding.stochastic_round_fp16(torch.full((n,), x32), rounding.stream_key(3, 11)).double()
+        assert set(out.abs().unique().tolist()) <= {lo, hi} and bool((torch.sign(out) * math.copysign(1, x32) >= 0).all())
+        frac = (out.abs() == hi).double().mean().item()
+        assert abs(frac - p_away) < 5 * math.sqrt(p_away * (1 - p_away) / n) + 1e-12, (x, frac, p_away)
+    special = torch.tensor([1.0, -2.0, 0.0, -0.0, 65504.0, float("inf"), -float("inf"), 1e6, float("nan")])
+    out = rounding.stochastic_round_fp16(special, 99)
+    assert torch.equal(out[:7].float(), special[:7]) and torch.equal(torch.signbit(out[:4].float()),
+                                                                      torch.signbit(special[:4]))
+    assert out[7].item() == float("inf") and out[8].view(torch.int16).item() == 0x7E00
+
+
 def test_rounds_to_a_neighbour_with_the_right_probability():
     values = [1.0 + 2 ** -10, -3.14159, 1e-30, 7.5e4, 0.3]
     n = 20000
@@ -78,15 +104,15 @@ if triton_available()[0]:
     import triton
     import triton.language as tl
 
-    from also_fused.kernels.multi_tensor_adam import _stochastic_bf16
+    from also_fused.kernels.multi_tensor_adam import _stochastic_round
 
     @triton.jit
-    def round_kernel(x_ptr, out_ptr, key, base, n, BLOCK: tl.constexpr):
+    def round_kernel(x_ptr, out_ptr, key, base, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         # the Adam kernel's rounding of x, for elements base .. base + n - 1 of a tensor
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask)
-        tl.store(out_ptr + offs, _stochastic_bf16(x, key.to(tl.uint32), base + offs.to(tl.int64)), mask=mask)
+        tl.store(out_ptr + offs, _stochastic_round(x, key.to(tl.uint32), base + offs.to(tl.int64), DTYPE), mask=mask)
 
 
 @pytest.mark.skipif(not triton_available()[0], reason="triton is not installed")
@@ -96,7 +122,7 @@ def test_kernel_rounding_bits_equal_the_reference():
                    torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.3e38, -1e-40])]).to(DEVICE)
     for key, base in [(rounding.stream_key(17, 2), 0), (rounding.stream_key(2 ** 31 - 5, 10 ** 7), 2 ** 32 - 1000)]:
         out = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
-        round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, key, base, x.numel(), BLOCK=1024)
+        round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, key, base, x.numel(), DTYPE=tl.bfloat16, BLOCK=1024)
         bits = rounding.random_bits(key, x.numel(), torch.device(DEVICE), start=base) & 0xFFFF
         words = x.view(torch.int32).to(torch.int64) & MASK
         expected = torch.where(torch.isnan(x), 0x7FC0, (words + bits) >> 16)  # the docs' statement, on the bits
@@ -106,9 +132,35 @@ def test_kernel_rounding_bits_equal_the_reference():
             assert torch.equal(out.view(torch.int16), rounding.stochastic_round_bf16(x, key).view(torch.int16))
 
 
-def _constant_gradient_run(make, backend, steps=300, n=4096):
+@pytest.mark.skipif(not triton_available()[0], reason="triton is not installed")
+def test_kernel_float16_rounding_bits_equal_the_reference_and_the_docs_rule():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(3000, generator=gen) * 2.0 ** torch.randint(-30, 20, (3000,), generator=gen),
+                   torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 65504.0, 65530.0, 1e6,
+                                 -6.1e-5, 1e-40])]).to(DEVICE)
+    for key, base in [(rounding.stream_key(17, 2), 0), (rounding.stream_key(2 ** 31 - 5, 10 ** 7), 2 ** 32 - 1000)]:
+        out = torch.empty(x.shape, dtype=torch.float16, device=DEVICE)
+        round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, key, base, x.numel(), DTYPE=tl.float16, BLOCK=1024)
+        bits = (rounding.random_bits(key, x.numel(), torch.device(DEVICE), start=base) & 0xFFFF).tolist()
+        for i, (value, got) in enumerate(zip(x.tolist(), out.float().tolist())):
+            if math.isnan(value):
+                assert math.isnan(got)
+                continue
+            if math.isinf(value) or abs(value) >= 65536:
+                assert got == math.copysign(float("inf"), value)
+                continue
+            lo, hi, ulp = f16_neighbours(value)
+            away = bits[i] + math.floor((abs(value) - lo) / ulp * 65536) >= 65536
+            want = math.copysign(hi if away else lo, value)
+            want = float(torch.tensor(want, dtype=torch.float64).to(torch.float16))  # exact, or inf past 65504
+            assert got == want and math.copysign(1, got) == math.copysign(1, value), (i, value, got, want)
+        if base == 0:
+            assert torch.equal(out.view(torch.int16), rounding.stochastic_round_fp16(x, key).view(torch.int16))
+
+
+def _constant_gradient_run(make, backend, steps=300, n=4096, dtype=torch.bfloat16):
     torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16, device=DEVICE))
+    w = torch.nn.Parameter(torch.ones(n, dtype=dtype, device=DEVICE))
     opt = make([w], backend)
     for _ in range(steps):
         w.grad = torch.full_like(w, 1.0)
@@ -127,18 +179,20 @@ def _golden_adamw_constant_gradient(steps, lr, wd, beta1=0.9, beta2=0.999, eps=1
     return w
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_small_updates_survive_in_bfloat16(backend):
-    """lr 1e-4 is below half a bfloat16 ulp at 1.0 (2^-8): round to nearest never moves w, stochastic rounding
-    follows the float64 trajectory on average."""
-    lr, steps, n = 1e-4, 100, 4096
+def test_small_updates_survive_in_16_bits(backend, dtype):
+    """Below half an ulp at 1.0 (bfloat16 2^-8, float16 2^-10; lr 1e-4 and 2e-5 per step): round to nearest
+    never moves w, stochastic rounding follows the float64 trajectory on average."""
+    lr, steps, n = (1e-4 if dtype == torch.bfloat16 else 2e-5), 100, 4096
+    ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -10
     golden = _golden_adamw_constant_gradient(steps, lr, 0.01)
     sr, _ = _constant_gradient_run(lambda p, b: also_fused.AdamW(p, lr=lr, stochastic_rounding=True, rounding_seed=3,
-                                                                  backend=b), backend, steps, n)
-    nearest, _ = _constant_gradient_run(lambda p, b: also_fused.AdamW(p, lr=lr, backend=b), backend, steps, n)
+                                                                  backend=b), backend, steps, n, dtype)
+    nearest, _ = _constant_gradient_run(lambda p, b: also_fused.AdamW(p, lr=lr, backend=b), backend, steps, n, dtype)
     assert torch.equal(nearest, torch.ones_like(nearest))
-    # each element's error is a sum of rounding errors of at most one ulp (2^-8) with mean zero
-    bound = 5 * 2 ** -8 * math.sqrt(steps / n)
+    # each element's error is a sum of rounding errors of at most one ulp with mean zero
+    bound = 5 * ulp * math.sqrt(steps / n)
     assert abs(sr.mean().item() - golden) < bound, (sr.mean().item(), golden, bound)
     assert sr.max().item() - sr.min().item() > 0  # elements draw different bits
 
@@ -154,11 +208,12 @@ def _makers():
     }
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", sorted(_makers()))
-def test_every_backend_draws_the_same_bits(name):
-    """A constant gradient keeps every float32 value exact alike on every path, so the stored bfloat16 params
+def test_every_backend_draws_the_same_bits(name, dtype):
+    """A constant gradient keeps every float32 value exact alike on every path, so the stored 16-bit params
     (and the ALSO extrapolated point) must be the same bits."""
-    runs = [_constant_gradient_run(_makers()[name], backend, steps=40, n=3000)[0] for backend in BACKENDS]
+    runs = [_constant_gradient_run(_makers()[name], backend, steps=40, n=3000, dtype=dtype)[0] for backend in BACKENDS]
     for other in runs[1:]:
         assert torch.equal(runs[0], other)
     assert not torch.equal(runs[0], torch.ones_like(runs[0]))
@@ -214,8 +269,7 @@ def test_tensors_have_their_own_streams():
 
 def test_options_checked():
     half = torch.nn.Parameter(torch.ones(4, dtype=torch.float16, device=DEVICE))
-    with pytest.raises(ValueError, match="float16 params are rounded to nearest"):
-        also_fused.AdamW([half], stochastic_rounding=True)
+    assert also_fused.AdamW([half], stochastic_rounding=True).param_groups[0]["stochastic_rounding"]
     bf = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16, device=DEVICE))
     for bad in (-1, 2 ** 31, 1.5, True):
         with pytest.raises(ValueError, match="rounding_seed must be an int"):
