@@ -46,6 +46,8 @@ except ImportError as exc:  # not built (no C++ compiler at install), or built f
 # (and one built before the blocked normaliser, without pi_logits, has another pi_step)
 _HAS_PI_STEP = _cpu_adam is not None and all(hasattr(_cpu_adam, name) for name in
                                              ("pi_step", "sample_weights", "pi_logits", "pi_exp_blocks", "pi_scale"))
+# builds whose update takes each tensor's stochastic-rounding seed
+_HAS_ROUNDING = _cpu_adam is not None and getattr(_cpu_adam, "stochastic_rounding", False)
 _HAS_RANGES = _cpu_adam is not None and hasattr(_cpu_adam, "id_range") and hasattr(_cpu_adam, "loss_range")
 _torch_fused_ok: Optional[bool] = None
 # the 8-bit codes' (exponent, mantissa) bits, m's then v's (see functional.quantize_moment_)
@@ -107,15 +109,16 @@ def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[Hyp
     if len(sources) == 0:
         return
     tensors.check(spec)
-    if spec.stochastic_rounding and sources[0].dtype in (torch.bfloat16, torch.float16):
-        # the extension rounds to nearest: stochastic rounding runs the reference (the same bits as the kernels)
+    rounded = spec.stochastic_rounding and sources[0].dtype in (torch.bfloat16, torch.float16)
+    if rounded and not _HAS_ROUNDING:
+        # an older build rounds to nearest only: the reference then rounds (the same bits as the kernels)
         F.adam_step(tensors, grads, hyper, spec, scaling)
         return
     if scaling is not None and scaling.skip_on_host(tensors):
         return
     plain = (tensors.prior_grads is None and tensors.extrapolate_to is None and tensors.save_sources_to is None
              and tensors.save_grads_to is None and spec.commit_state and spec.grad_scale == 1.0
-             and not tensors.quantized)
+             and not tensors.quantized and not rounded)
     # torch's fused kernel keeps the moments in the param dtype, as the drop-ins do by default
     if (spec.eps_mode == "torch" and plain and tensors.exp_avgs[0].dtype == sources[0].dtype
             and torch_fused_available() and all(s is d for s, d in zip(sources, tensors.destinations))
@@ -138,7 +141,8 @@ def adam_step(tensors: AdamTensors, grads: Sequence[Tensor], hyper: Sequence[Hyp
             float(spec.grad_scale), list(tensors.save_sources_to or ()), list(tensors.save_grads_to or ()),
             list(tensors.extrapolate_to or ()), float(spec.extrapolation_scale), list(tensors.prior_grads or ()),
             float(spec.prior_scale), spec.commit_state, list(tensors.exp_avg_scales or ()),
-            list(tensors.exp_avg_sq_scales or ()), _QUANT_CONSTANTS):
+            list(tensors.exp_avg_sq_scales or ()), _QUANT_CONSTANTS,
+            *([list(tensors.rounding_seeds) if rounded else []] if _HAS_ROUNDING else [])):
         return
     F.adam_step(tensors, grads, hyper, spec)
 

@@ -288,3 +288,22 @@ def test_options_checked():
             w.grad = torch.cos(w.detach() * 3)
             opt.step()
     assert torch.equal(w32[0], w32[1])
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU extension's own rounding")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["AdamW", "ThetaAdam-optimistic"])
+def test_the_cpu_extension_rounds_itself(name, dtype, monkeypatch):
+    """The C++ extension draws the bits itself (x_new and the extrapolated point), the reference's bits."""
+    from also_fused import cpu_fused
+
+    if not cpu_fused.available()[0]:
+        pytest.skip("the C++ extension is not built")
+    want, _ = _constant_gradient_run(_makers()[name], "reference", steps=12, n=3000, dtype=dtype)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference ran instead of the extension")
+
+    monkeypatch.setattr(cpu_fused.F, "adam_step", refuse)
+    got, _ = _constant_gradient_run(_makers()[name], "auto", steps=12, n=3000, dtype=dtype)
+    assert torch.equal(got, want)

@@ -91,6 +91,8 @@ struct Job {
   float prior_scale, main_scale, extrap_scale;
   float wd, lerp_w, beta2, one_minus_beta2, eps, decay;
   Apply main_apply, extrap_apply;
+  bool rounded;   // 16-bit params stored with stochastic rounding (docs/algorithm.md sec. 14)
+  uint32_t key_main, key_extrap;  // the rounding streams' keys of x_new (step t) and y (t + 1)
   bool direct;    // the single in-memory loop applies (see run_range)
   bool in_place;  // destinations are the sources
   RangeFn fn;
@@ -199,6 +201,83 @@ ALSO_FUSED_INLINE void from_float(const float* __restrict in, P* __restrict out,
     std::memcpy(out, in, sizeof(float) * n);
   } else {
     for (int64_t k = 0; k < n; ++k) out[k] = static_cast<P>(in[k]);
+  }
+}
+
+// Stochastic rounding (docs/algorithm.md sec. 14, rounding.py): the same mixer, bits and rules, on uint32.
+ALSO_FUSED_INLINE uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x7FEB352Du;
+  h ^= h >> 15;
+  h *= 0x1B873593u;
+  return h ^ (h >> 16);
+}
+
+inline uint32_t stream_key(int64_t seed, double t) {
+  return mix32(static_cast<uint32_t>(seed) ^ mix32(static_cast<uint32_t>(static_cast<int64_t>(t))));
+}
+
+ALSO_FUSED_INLINE uint32_t rounding_bits(uint32_t key, int64_t index) {
+  const uint64_t i = static_cast<uint64_t>(index);
+  return mix32(mix32(static_cast<uint32_t>(i) ^ key) ^ static_cast<uint32_t>(i >> 32)) & 0xFFFFu;
+}
+
+ALSO_FUSED_INLINE uint32_t word_of(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(float));
+  return b;
+}
+
+ALSO_FUSED_INLINE float float_of_word(uint32_t b) {
+  float x;
+  std::memcpy(&x, &b, sizeof(float));
+  return x;
+}
+
+// Elements base .. base + n - 1 of a tensor (its storage order) rounded stochastically: bfloat16 keeps the
+// upper half of bits(x) + u; float16 rounds |x| away from its lower float16 neighbour when u plus the first
+// 16 bits of the fraction between the neighbours reaches 2^16 (every float step exact). NaN: 0x7FC0 / 0x7E00.
+inline void from_float_rounded(const float* in, c10::BFloat16* out, uint32_t key, int64_t base, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t b = word_of(in[k]);
+    const bool nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
+    const uint16_t upper = nan ? 0x7FC0 : static_cast<uint16_t>((b + rounding_bits(key, base + k)) >> 16);
+    out[k] = c10::BFloat16(upper, c10::BFloat16::from_bits());
+  }
+}
+
+inline void from_float_rounded(const float* in, c10::Half* out, uint32_t key, int64_t base, int64_t n) {
+  // on the bits (the same result as rounding.py's exact float steps), without branches: the float16 grid's
+  // unit is 2^13 float32 patterns from 2^-14 up, and 2^-24 below
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t b = word_of(in[k]), sign = (b >> 16) & 0x8000u, magnitude = b & 0x7FFFFFFFu;
+    const uint32_t exponent = magnitude >> 23, u = rounding_bits(key, base + k);
+    // 2^-14 and up: 13 bits dropped, a carry of the sum runs into the exponent; 2^16 and up (field 143) is inf
+    const uint32_t r = (magnitude & ~0x1FFFu) + (u + ((magnitude & 0x1FFFu) << 3) >= 65536u ? 0x2000u : 0u);
+    const uint32_t field = r >> 23;
+    const uint32_t normal = field >= 143 ? 0x7C00u : ((field - 112) << 10) | ((r >> 13) & 0x3FFu);
+    // below 2^-14 (float32 fields 1..112): units of 2^-24, the significand shifted right by 126 - field
+    const uint32_t clamped = exponent < 1 ? 1 : (exponent > 112 ? 112 : exponent);
+    const uint32_t shift = 126 - clamped;  // 14 .. 125; the significand has 24 bits
+    const uint32_t sig = (magnitude & 0x7FFFFFu) | 0x800000u, right = shift < 31 ? shift : 31;
+    const uint32_t rest = sig & ((1u << right) - 1u);
+    const uint32_t down = shift >= 16 ? (shift - 16 < 31 ? shift - 16 : 31) : 0, up = shift < 16 ? 16 - shift : 0;
+    const uint32_t small = (sig >> right) + (u + ((rest >> down) << up) >= 65536u ? 1u : 0u);
+    const uint32_t h = exponent >= 113 ? normal : (exponent == 0 ? 0u : small);
+    out[k] = c10::Half(static_cast<uint16_t>(magnitude > 0x7F800000u ? 0x7E00u : (h | sign)), c10::Half::from_bits());
+  }
+}
+
+template <typename P>
+ALSO_FUSED_INLINE void store_param(const Job& j, const float* in, P* out, uint32_t key, int64_t off, int64_t n) {
+  if constexpr (std::is_same_v<P, float>) {
+    from_float(in, out, n);
+  } else {
+    if (j.rounded) {
+      from_float_rounded(in, out, key, off, n);
+    } else {
+      from_float(in, out, n);
+    }
   }
 }
 
@@ -388,7 +467,7 @@ ALSO_FUSED_INLINE void run_range(const Job& j, const Flags& f, int64_t begin, in
     } else {
       step_loop<AMS, ALSO, WD, false, false>(c, j.main_scale, j.main_apply, 0.0f, j.main_apply, g, x, ob, mb, vb, vmb,
                                              nullptr, n);
-      from_float(ob, static_cast<P*>(j.dst) + off, n);
+      store_param(j, ob, static_cast<P*>(j.dst) + off, j.key_main, off, n);
       if (f.has_extrap) {
         // the extrapolation starts from x_new as stored, i.e. rounded to the param dtype
         to_float(static_cast<const P*>(j.dst) + off, xb, n);
@@ -396,7 +475,7 @@ ALSO_FUSED_INLINE void run_range(const Job& j, const Flags& f, int64_t begin, in
                                                vb, vmb, nullptr, n);
       }
     }
-    if (f.has_extrap) from_float(yb, static_cast<P*>(j.extrap) + off, n);
+    if (f.has_extrap) store_param(j, yb, static_cast<P*>(j.extrap) + off, j.key_extrap, off, n);
     if (f.commit) store_moments(j, AMS, off, n, mb, vb, vmb);
     if (j.save_grad != nullptr) std::memcpy(static_cast<P*>(j.save_grad) + off, grad, sizeof(P) * n);
   }
@@ -498,7 +577,8 @@ bool usable(const at::Tensor& t, at::ScalarType dtype, const at::Tensor& like) {
          (t.strides() == like.strides() && t.is_non_overlapping_and_dense());
 }
 
-bool list_ok(const std::vector<at::Tensor>& list, size_t n) { return list.empty() || list.size() == n; }
+template <typename T>
+bool list_ok(const std::vector<T>& list, size_t n) { return list.empty() || list.size() == n; }
 
 struct Span {
   uintptr_t lo, hi;
@@ -538,14 +618,15 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
                  const std::vector<at::Tensor>& save_grads_to, const std::vector<at::Tensor>& extrapolate_to,
                  double extrapolation_scale, const std::vector<at::Tensor>& prior_grads, double prior_scale,
                  bool commit_state, const std::vector<at::Tensor>& exp_avg_scales,
-                 const std::vector<at::Tensor>& exp_avg_sq_scales, const std::vector<double>& quant_constants) {
+                 const std::vector<at::Tensor>& exp_avg_sq_scales, const std::vector<double>& quant_constants,
+                 const std::vector<int64_t>& rounding_seeds) {
   const size_t count = sources.size();
   if (count == 0) return true;
   if (grads.size() != count || exp_avgs.size() != count || exp_avg_sqs.size() != count ||
       steps.size() != count || destinations.size() != count || hyper_rows.size() != count ||
       !list_ok(max_exp_avg_sqs, count) || !list_ok(save_sources_to, count) || !list_ok(save_grads_to, count) ||
       !list_ok(extrapolate_to, count) || !list_ok(prior_grads, count) || !list_ok(exp_avg_scales, count) ||
-      exp_avg_scales.size() != exp_avg_sq_scales.size()) {
+      exp_avg_scales.size() != exp_avg_sq_scales.size() || !list_ok(rounding_seeds, count)) {
     return false;
   }
   const bool codes = !exp_avg_scales.empty();
@@ -635,6 +716,11 @@ bool adam_update(const std::vector<at::Tensor>& sources, const std::vector<at::T
     j.decay = static_cast<float>(1.0 - lr * wd);
     j.main_apply = make_apply(t_main);
     j.extrap_apply = make_apply(t_main + 1);
+    j.rounded = !rounding_seeds.empty() && pdt != at::kFloat;
+    if (j.rounded) {
+      j.key_main = stream_key(rounding_seeds[i], t_main);
+      j.key_extrap = stream_key(rounding_seeds[i], t_main + 1);
+    }
     j.in_place = j.src == j.dst;
     j.direct = false;
     if (pdt == at::kFloat && mkind == kMomentF32) {
@@ -687,6 +773,8 @@ std::tuple<double, double> loss_range(const at::Tensor& losses);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Single-pass Adam-style updates of also_fused on CPU tensors, and the group weights' step";
   m.def("adam_update", &adam_update, "One Adam-style update of many CPU tensors in one pass over memory");
+  // the update takes rounding_seeds (stochastic rounding of 16-bit params) in builds that have this
+  m.attr("stochastic_rounding") = true;
   m.def("instruction_set", &instruction_set, "The vector instruction set the update runs with");
   m.def("pi_step", &pi_step, "PiUpdate of the group weights from a batch's ids and losses (cpu_pi.cpp)");
   m.def("pi_logits", &pi_logits, "The pi step's float64 logits over a slice of pi and their max (cpu_pi.cpp)");

@@ -48,7 +48,8 @@ def extension(sources, grads, m, v, steps, destinations, extrapolate_to=()):
     """also_fused's single-pass update (``steps``: the counts before it, advanced by it)."""
     ok = _cpu_adam.adam_update(sources, grads, m, v, [], steps, destinations, [(LR, BETA1, BETA2, EPS, WD)],
                                [0] * len(sources), True, False, False, 1.0, [], [], list(extrapolate_to), 1.0, [],
-                               1.0, True)
+                               1.0, True, [], [], [],  # no 8-bit moments
+                               *([[]] if getattr(_cpu_adam, "stochastic_rounding", False) else []))  # no rounding
     assert ok
 
 
