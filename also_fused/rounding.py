@@ -12,8 +12,9 @@ The 16 bits of element i of a tensor at step t are the low half of
 
 with ``mix`` the 32-bit integer mixer below and ``seed`` the tensor's own seed (``tensor_seed`` of the
 optimizer's seed and the param's position). Every path computes the same r: the reference here (int64
-torch ops, every product below 2^63), the Triton kernel (uint32 arithmetic) and the CPU path (which runs
-this reference); a resumed run continues the same stream, since the seed and t are in the state_dict.
+torch ops, every product below 2^63), the Triton kernel and the C++ extension (uint32 arithmetic; an older
+build leaves it to this reference); a resumed run continues the same stream, since the seed and t are in
+the state_dict.
 """
 from __future__ import annotations
 
