@@ -216,10 +216,11 @@ def _stochastic_f16(x, key, index):
 
 @triton.jit
 def _stochastic_round(x, key, index, DTYPE: tl.constexpr):
-    if DTYPE == tl.bfloat16:
-        return _stochastic_bf16(x, key, index)
+    if DTYPE == tl.float16:
+        out = _stochastic_f16(x, key, index)
     else:
-        return _stochastic_f16(x, key, index)
+        out = _stochastic_bf16(x, key, index)
+    return out
 
 
 SQRT_FAST_MIN = tl.constexpr(2.0 ** -101)  # the smallest float32 for which tl.sqrt_rn takes its fast path
