@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+pytestmark = pytest.mark.slow  # trains the example's model; the fast tier has the library's own tests
 pytest.importorskip("sklearn")
 import per_sample_digits  # noqa: E402
 

@@ -180,7 +180,7 @@ def _golden_adamw_constant_gradient(steps, lr, wd, beta1=0.9, beta2=0.999, eps=1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS])
 def test_small_updates_survive_in_16_bits(backend, dtype):
     """Below half an ulp at 1.0 (bfloat16 2^-8, float16 2^-10; lr 1e-4 and 2e-5 per step): round to nearest
     never moves w, stochastic rounding follows the float64 trajectory on average."""
