@@ -106,7 +106,7 @@ def mass_cutoff(pi: torch.Tensor, threshold: float, order: str = "desc") -> int:
     # the bracket starts at pi's own range, not at every pattern from 0 to +inf: one host read (the cutoff
     # is read on the host anyway) saves the passes over the exponents pi does not use (a softmax spans a
     # few dozen binades of the 255)
-    low, high = (int(b) for b in torch.aminmax(values.view(torch.int32)))
+    low, high = torch.stack(torch.aminmax(values.view(torch.int32))).tolist()  # one read of both
     low, high = max(low, 0), max(high, 0)
     # desc: mass(lo) >= threshold > mass(hi); asc: mass(lo) < threshold <= mass(hi)
     lo_bits, hi_bits = (low, high + 1) if descending else (low - 1, high)
