@@ -173,27 +173,27 @@ def global_max(local_max: Tensor, group: Any) -> Tensor:
     return out.reshape(())
 
 
-def every_block_partial(partials: Tensor, n_groups: int, group: Any) -> Tensor:
-    """Every rank's block partials in block order (one all-gather; each rank's count known from the layout)."""
-    counts = [count for _, count in shard_blocks(n_groups, dist.get_world_size(group))]
-    widest = max(counts)
-    padded = torch.zeros(widest, dtype=partials.dtype, device=partials.device)
-    padded[:partials.numel()] = partials
-    parts = [torch.empty_like(padded) for _ in counts]
+def gather_known_lengths(local: Tensor, lengths: list[int], group: Any) -> Tensor:
+    """Every rank's 1-D ``local`` concatenated in rank order, each rank's length ``lengths[rank]`` known on
+    every rank (one all-gather of the longest, padded)."""
+    padded = torch.zeros(max(lengths), dtype=local.dtype, device=local.device)
+    padded[:local.numel()] = local
+    parts = [torch.empty_like(padded) for _ in lengths]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+    return torch.cat([part[:k] for part, k in zip(parts, lengths)])
+
+
+def every_block_partial(partials: Tensor, n_groups: int, group: Any) -> Tensor:
+    """Every rank's block partials in block order (each rank's count known from the layout)."""
+    counts = [count for _, count in shard_blocks(n_groups, dist.get_world_size(group))]
+    return gather_known_lengths(partials, counts, group)
 
 
 def gather_shards(local: Tensor, n_groups: int, group: Any) -> Tensor:
-    """The whole vector from every rank's shard (an all-gather; n_groups entries on every rank)."""
+    """The whole vector from every rank's shard (n_groups entries on every rank)."""
     world = dist.get_world_size(group)
-    bounds = [shard_bounds(n_groups, world, r) for r in range(world)]
-    widest = max(stop - start for start, stop in bounds)
-    padded = torch.zeros(widest, dtype=local.dtype, device=local.device)
-    padded[:local.numel()] = local
-    parts = [torch.empty_like(padded) for _ in bounds]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[:stop - start] for part, (start, stop) in zip(parts, bounds)])
+    lengths = [stop - start for start, stop in (shard_bounds(n_groups, world, r) for r in range(world))]
+    return gather_known_lengths(local, lengths, group)
 
 
 def all_reduce_sum(values: Tensor, group: Any) -> Tensor:
