@@ -18,6 +18,8 @@ the state_dict.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -54,21 +56,30 @@ def random_bits(key: int, numel: int, device: torch.device, start: int = 0) -> T
     return mix32(mix32(index & MASK32 ^ key) ^ (index >> 32))
 
 
-def stochastic_round_bf16(x: Tensor, key: int) -> Tensor:
-    """float32 ``x`` rounded stochastically to bfloat16 with ``key``'s bits, element i being the i-th in memory
-    (as the kernels run over a param's storage: a channels_last tensor in its own order); NaN stays NaN, and a
-    value that rounds past the largest finite bfloat16 becomes infinite. Returns a tensor laid out like ``x``."""
+def _in_storage_order(x: Tensor, round_flat: Callable[[Tensor], Tensor]) -> Tensor:
+    """``round_flat`` (a function of x's elements in memory order, as the kernels run over a param's storage:
+    a channels_last tensor in its own order) applied to x; the result laid out like x."""
     order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -d))
     in_memory_order = x.permute(order)  # contiguous for a dense tensor
-    flat = in_memory_order.reshape(-1)
-    bits = flat.view(torch.int32).to(torch.int64) & MASK32
-    noise = random_bits(key, flat.numel(), flat.device) & 0xFFFF
-    # the upper half of the sum is the bfloat16 pattern (built on the bits: no conversion that could flush a
-    # subnormal); NaN becomes 0x7FC0
-    upper = torch.where(torch.isnan(flat), CANONICAL_NAN, ((bits + noise) >> 16) & 0xFFFF)
-    upper = torch.where(upper >= 2 ** 15, upper - 2 ** 16, upper).to(torch.int16)
+    out = round_flat(in_memory_order.reshape(-1))
     inverse = sorted(range(x.dim()), key=lambda d: order[d])
-    return upper.view(torch.bfloat16).view(in_memory_order.shape).permute(inverse)
+    return out.view(in_memory_order.shape).permute(inverse)
+
+
+def stochastic_round_bf16(x: Tensor, key: int) -> Tensor:
+    """float32 ``x`` rounded stochastically to bfloat16 with ``key``'s bits, element i being the i-th in memory;
+    NaN stays NaN, and a value that rounds past the largest finite bfloat16 becomes infinite. Returns a tensor
+    laid out like ``x``."""
+
+    def round_flat(flat: Tensor) -> Tensor:
+        bits = flat.view(torch.int32).to(torch.int64) & MASK32
+        noise = random_bits(key, flat.numel(), flat.device) & 0xFFFF
+        # the upper half of the sum is the bfloat16 pattern (built on the bits: no conversion that could flush a
+        # subnormal); NaN becomes 0x7FC0
+        upper = torch.where(torch.isnan(flat), CANONICAL_NAN, ((bits + noise) >> 16) & 0xFFFF)
+        return torch.where(upper >= 2 ** 15, upper - 2 ** 16, upper).to(torch.int16).view(torch.bfloat16)
+
+    return _in_storage_order(x, round_flat)
 
 
 def _as_float32(words: Tensor) -> Tensor:
@@ -85,26 +96,25 @@ def stochastic_round_fp16(x: Tensor, key: int) -> Tensor:
     bfloat16 rule on a float16 grid. Every float32 step below is exact (products by powers of two, floors,
     a difference of neighbours), so every path gets the same bits. Past the largest float16 the result is
     infinite; NaN is stored as 0x7E00."""
-    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -d))
-    in_memory_order = x.permute(order)
-    flat = in_memory_order.reshape(-1)
-    bits = flat.view(torch.int32).to(torch.int64) & MASK32
-    sign = bits & 0x80000000
-    magnitude = bits & 0x7FFFFFFF
-    exponent = magnitude >> 23
-    special = exponent == 255  # inf and NaN
-    k = exponent.clamp(min=113)  # 113: float32's exponent field of 2^-14, float16's smallest normal
-    inverse_ulp, ulp = _as_float32((264 - k) << 23), _as_float32((k - 10) << 23)
-    q = torch.where(special, 0.0, _as_float32(magnitude) * inverse_ulp)
-    q_low = torch.floor(q)
-    fraction = torch.floor((q - q_low) * 65536.0).to(torch.int64)
-    noise = random_bits(key, flat.numel(), flat.device) & 0xFFFF
-    rounded = (q_low + ((noise + fraction) >= 65536).float()) * ulp
-    signed = _as_float32((rounded.view(torch.int32).to(torch.int64) & MASK32) | sign)
-    out = torch.where(special, flat, signed).to(torch.float16).view(torch.int16)
-    out = torch.where(torch.isnan(flat), CANONICAL_NAN_F16, out).to(torch.int16)
-    inverse = sorted(range(x.dim()), key=lambda d: order[d])
-    return out.view(torch.float16).view(in_memory_order.shape).permute(inverse)
+
+    def round_flat(flat: Tensor) -> Tensor:
+        bits = flat.view(torch.int32).to(torch.int64) & MASK32
+        sign = bits & 0x80000000
+        magnitude = bits & 0x7FFFFFFF
+        exponent = magnitude >> 23
+        special = exponent == 255  # inf and NaN
+        k = exponent.clamp(min=113)  # 113: float32's exponent field of 2^-14, float16's smallest normal
+        inverse_ulp, ulp = _as_float32((264 - k) << 23), _as_float32((k - 10) << 23)
+        q = torch.where(special, 0.0, _as_float32(magnitude) * inverse_ulp)
+        q_low = torch.floor(q)
+        fraction = torch.floor((q - q_low) * 65536.0).to(torch.int64)
+        noise = random_bits(key, flat.numel(), flat.device) & 0xFFFF
+        rounded = (q_low + ((noise + fraction) >= 65536).float()) * ulp
+        signed = _as_float32((rounded.view(torch.int32).to(torch.int64) & MASK32) | sign)
+        out = torch.where(special, flat, signed).to(torch.float16).view(torch.int16)
+        return torch.where(torch.isnan(flat), CANONICAL_NAN_F16, out).to(torch.int16).view(torch.float16)
+
+    return _in_storage_order(x, round_flat)
 
 
 def stochastic_round(x: Tensor, key: int, dtype: torch.dtype) -> Tensor:
