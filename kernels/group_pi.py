@@ -15,20 +15,24 @@ Four ways to run it, all free of float atomics (bitwise reproducible), chosen by
   weighted loss, staged in a buffer that becomes pi at the next call after ``step()`` (or on the host's
   request), so that ``step()`` launches nothing for pi.
 * more groups or a larger batch, sparse variant (n_groups > 1000 * batch): two launches per PiUpdate, no
-  dense G.  Launch 1 has "dense" programs that reduce the logits with G = 0 over contiguous
-  ranges of pi (range max, then a float64 sum of the exponentials) and "sample" programs that
-  find, for each group present in the batch, its first sample (the owner) and the group's loss
-  sum in a fixed order.  Launch 2 recombines the partials into the global normaliser, replacing
-  the G = 0 terms of present groups by their true terms, writes the dense result and then
-  patches the present groups.  The replaced terms are recomputed with the
-  same float32 formula as in the dense sum and cancelled in float64, so the correction stays exact
-  when the absent groups keep at least 1e-9 of the G = 0 mass (always true for a uniform pi_reg
-  and float32 eps unless the temperature is small; otherwise the dense variant runs).
+  dense G.  The stats launch has "dense" programs that sum the exponentials of the logits with G = 0 over
+  contiguous ranges of pi (float64, one read of pi, against a fixed reference a log(1 + eps) that no such
+  logit exceeds) and "sample" programs that find, for each group present in the batch, its first sample
+  (the owner) and the group's loss sum in a fixed order; the last program to finish (a ticket) combines the
+  partials into the global normaliser, replacing the G = 0 terms of present groups by their true terms.
+  The write launch writes the dense result and its last program patches the present groups.  The
+  replaced terms are recomputed with the same float32 formula as in the dense sum and cancelled in
+  float64, so the correction stays exact when the absent groups keep at least 1e-9 of the G = 0 mass
+  (always true for a uniform pi_reg and float32 eps unless the temperature is small; otherwise the dense
+  variant runs).  A second update (``second_out``) takes its range sums in the first write, from the
+  values it writes, so it costs one more read and write of pi: 12 bytes per group for one update, 20
+  for both.
 * more groups or a larger batch, dense variant (smaller n_groups, a non-uniform pi_reg, or the bound above
   failing): a sample-only launch stores the owners' loss sums in a persistent all-zero buffer of
-  n_groups floats, then the range reduction and the write read it; the last write clears the
-  entries it used.  Three launches per PiUpdate (two for the second update of ``second_out``).
-  The buffer lives in the caller's workspace (``pi_update_checked``).
+  n_groups floats, then the range reduction (its last program combining the normaliser) and the write
+  read it; the write's last program clears the entries it used.  Three launches per PiUpdate (two for
+  the second update of ``second_out``).  The buffer lives in the caller's workspace
+  (``pi_update_checked``).
 
 The first and second give the same S and the same result, bitwise.
 """
@@ -60,9 +64,10 @@ _REPORTED = tl.constexpr(REPORTED)
 
 _BLOCK_GPU = 2048
 _BLOCK_CPU = 1024
+_PROGRAMS_PER_SM = 4  # the many-groups kernels' programs over pi: this many per SM, each a contiguous range
 _SAMPLE_BI = 16  # samples per sample-program
 _SAMPLE_BK = 1024  # ids compared per loop step
-_SCAN = 1024  # chunk when a dense program scans the per-sample records
+_SCAN = 1024  # chunk when a last program scans the per-sample records
 _DENSE_PER_SAMPLE = 1000  # dense loss sums while n_groups <= this * batch size
 
 
@@ -215,41 +220,89 @@ def _logit(p, r, sj, a, c, lr, eps, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr
 
 
 @triton.jit
-def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, n, B, P, n_dense,
-                     range_len, a, c, lr, eps,
-                     HAS_REG: tl.constexpr, FIRST: tl.constexpr, DENSE_S: tl.constexpr,
-                     BLOCK: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr):
-    # ws (float64) layout: [0,P) range max | [P,2P) range sum | [2P,2P+B) owner id or -1 |
-    # [2P+B,..+B) group loss sum | [2P+2B,..+B) owner logit with G = 0 | [2P+3B,..+B) owner
-    # logit | [2P+4B, ..+Q) max owner logit per sample program.
-    # Programs [0, n_dense) reduce ranges of pi, the others handle blocks of samples.  With
-    # DENSE_S the loss sums live in the dense buffer s_ptr (written by an earlier sample-only
-    # launch); otherwise the dense side uses G = 0 and the present groups are corrected later.
+def _finish_normaliser(max_ptr, sum_ptr, P, range_len, own_ptr, y0_ptr, y_ptr, B, res_ptr,
+                       SPARSE: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
+    # The last program of a launch (the others' partials are stored): the reference maximum M (of the range
+    # references and, sparse, of the owners' true logits) and the normaliser Z relative to it, summed in
+    # float64 in a fixed order; res <- (M, shift, 1 / Z) as the write kernel scales with them.
+    mv = tl.full([PB], float("-inf"), dtype=tl.float32)
+    for k0 in range(0, P, PB):
+        k = k0 + tl.arange(0, PB)
+        mv = tl.maximum(mv, tl.load(max_ptr + k, mask=k < P, other=float("-inf"), volatile=True).to(tl.float32))
+    M = tl.max(mv, axis=0)
+    if SPARSE:
+        ov = tl.full([SB], float("-inf"), dtype=tl.float32)
+        for k0 in range(0, B, SB):
+            i = k0 + tl.arange(0, SB)
+            ov = tl.maximum(ov, tl.load(y_ptr + i, mask=i < B, other=float("-inf"), volatile=True).to(tl.float32))
+        M = tl.maximum(M, tl.max(ov, axis=0))
+    zv = tl.zeros([PB], dtype=tl.float64)
+    for k0 in range(0, P, PB):
+        k = k0 + tl.arange(0, PB)
+        km = k < P
+        pm = tl.load(max_ptr + k, mask=km, other=0.0, volatile=True).to(tl.float32)
+        ps = tl.load(sum_ptr + k, mask=km, other=0.0, volatile=True)
+        zv += tl.where(km, ps * _wide_exp(pm - M), 0.0)
+    Z = tl.sum(zv, axis=0)
+    if SPARSE:
+        # swap the G = 0 term of each present group (same float32 value as in its range sum) for its true term
+        zs = tl.zeros([SB], dtype=tl.float64)
+        for k0 in range(0, B, SB):
+            i = k0 + tl.arange(0, SB)
+            im = i < B
+            gf = tl.load(own_ptr + i, mask=im, other=-1.0, volatile=True)
+            own = gf >= 0
+            rng = (tl.where(own, gf, 0.0).to(tl.int64) // range_len).to(tl.int32)
+            mk = tl.load(max_ptr + rng, mask=own, other=0.0, volatile=True).to(tl.float32)
+            y0 = tl.load(y0_ptr + i, mask=own, other=0.0, volatile=True).to(tl.float32)
+            y = tl.load(y_ptr + i, mask=own, other=0.0, volatile=True).to(tl.float32)
+            t_old = _wide_exp(y0 - mk) * _wide_exp(mk - M)
+            zs += tl.where(own, _wide_exp(y - M) - t_old, 0.0)
+        Z += tl.sum(zs, axis=0)
+    # Z >= 1 unless the entries that set M dropped; then scale through log Z instead
+    normal = Z >= 1.0
+    tl.store(res_ptr, M.to(tl.float64))
+    tl.store(res_ptr + 1, tl.where(normal, 0.0, _log_f64(Z)).to(tl.float64))
+    tl.store(res_ptr + 2, tl.where(normal, 1.0 / Z, 1.0).to(tl.float32).to(tl.float64))
+
+
+@triton.jit
+def _scale(y, M, shift, inv_z):
+    return tl.exp((y - M) - shift) * inv_z
+
+
+@triton.jit
+def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ticket_ptr, n, B, P, n_dense,
+                     range_len, a, c, lr, eps, m_ref,
+                     HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, FINISH: tl.constexpr,
+                     SAMPLES: tl.constexpr, BLOCK: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
+                     PB: tl.constexpr, SB: tl.constexpr):
+    # ws (float64): [0,P) range reference | [P,2P) range sum | [2P,4P) the same for a second update |
+    # records from 4P: owner id or -1 | group loss sum | owner logit with G = 0 | owner logit (-inf for
+    # non-owners) | the same two logits for a second update | (M, shift, 1/Z) of each update.
+    # Programs [0, n_dense) reduce ranges of pi, the others (SAMPLES) handle blocks of samples; with
+    # FINISH the last program to finish (a ticket) computes the normaliser. With DENSE_S the loss sums
+    # live in the dense buffer s_ptr (written by an earlier samples-only launch); otherwise the dense side
+    # uses G = 0 against the fixed reference m_ref >= every such logit (a log(1 + eps): pi <= 1, pi_reg <= 1;
+    # one read of pi), and the present groups are corrected in the normaliser.
     pid = tl.program_id(0)
+    own_base = ws_ptr + 4 * P
     if pid < n_dense:
         start = pid.to(tl.int64) * range_len
-        mv = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        for off in range(0, range_len, BLOCK):
-            idx = start + off + tl.arange(0, BLOCK)
-            msk = idx < n
-            p = tl.load(pi_ptr + idx, mask=msk, other=float("-inf"))
-            if HAS_REG or DENSE_S:
+        if DENSE_S:
+            mv = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+            for off in range(0, range_len, BLOCK):
+                idx = start + off + tl.arange(0, BLOCK)
+                msk = idx < n
+                p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
                 r = 0.0
-                sj = 0.0
                 if HAS_REG:
                     r = tl.load(lpr_ptr + idx, mask=msk, other=0.0)
-                if DENSE_S:
-                    sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
-                mv = tl.maximum(mv, tl.where(msk, _logit(p, r, sj, a, c, lr, eps, HAS_REG,
-                                                         DENSE_S), float("-inf")))
-            else:
-                mv = tl.maximum(mv, p)
-        if HAS_REG or DENSE_S:
+                sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
+                mv = tl.maximum(mv, tl.where(msk, _logit(p, r, sj, a, c, lr, eps, HAS_REG, True), float("-inf")))
             m = tl.max(mv, axis=0)
         else:
-            # the logit grows with pi: one log instead of one per element (m only has to be a
-            # common reference for this range, shared by the dense and the sparse side)
-            m = _logit(tl.max(mv, axis=0), 0.0, 0.0, a, c, lr, eps, False, False)
+            m = tl.zeros([], dtype=tl.float32) + m_ref
         sv = tl.zeros([BLOCK], dtype=tl.float64)
         for off in range(0, range_len, BLOCK):
             idx = start + off + tl.arange(0, BLOCK)
@@ -265,97 +318,67 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, n, B, P,
             sv += tl.where(msk, t, 0.0)
         tl.store(ws_ptr + pid, m.to(tl.float64))
         tl.store(ws_ptr + P + pid, tl.sum(sv, axis=0))
-    else:
+    elif SAMPLES:
         q = pid - n_dense
         i = q * BI + tl.arange(0, BI)
         im = i < B
-        own_base = ws_ptr + 2 * P
-        if FIRST:
-            g = tl.load(ids_ptr + i, mask=im, other=-1).to(tl.int64)
-            valid = im & (g >= 0) & (g < n)
-            s = tl.zeros([BI], dtype=tl.float32)
-            first = tl.full([BI], 2147483647, dtype=tl.int32)
-            for k0 in range(0, B, BK):
-                k = k0 + tl.arange(0, BK)
-                km = k < B
-                gk = tl.load(ids_ptr + k, mask=km, other=-1).to(tl.int64)
-                lk = tl.load(loss_ptr + k, mask=km, other=0.0).to(tl.float32)
-                hit = (g[:, None] == gk[None, :]) & km[None, :]
-                s += tl.sum(tl.where(hit, lk[None, :], 0.0), axis=1)
-                first = tl.minimum(first, tl.min(tl.where(hit, k[None, :], 2147483647), axis=1))
-            # the first sample of each present group owns it (one writer per group)
-            own = valid & (first == i)
-            tl.store(own_base + i, tl.where(own, g, -1).to(tl.float64), mask=im)
-            tl.store(own_base + B + i, s.to(tl.float64), mask=im)
-            if DENSE_S:
-                tl.store(s_ptr + g, s, mask=own)
+        g = tl.load(ids_ptr + i, mask=im, other=-1).to(tl.int64)
+        valid = im & (g >= 0) & (g < n)
+        s = tl.zeros([BI], dtype=tl.float32)
+        first = tl.full([BI], 2147483647, dtype=tl.int32)
+        for k0 in range(0, B, BK):
+            k = k0 + tl.arange(0, BK)
+            km = k < B
+            gk = tl.load(ids_ptr + k, mask=km, other=-1).to(tl.int64)
+            lk = tl.load(loss_ptr + k, mask=km, other=0.0).to(tl.float32)
+            hit = (g[:, None] == gk[None, :]) & km[None, :]
+            s += tl.sum(tl.where(hit, lk[None, :], 0.0), axis=1)
+            first = tl.minimum(first, tl.min(tl.where(hit, k[None, :], 2147483647), axis=1))
+        # the first sample of each present group owns it (one writer per group)
+        own = valid & (first == i)
+        tl.store(own_base + i, tl.where(own, g, -1).to(tl.float64), mask=im)
+        tl.store(own_base + B + i, s.to(tl.float64), mask=im)
+        if DENSE_S:
+            tl.store(s_ptr + g, s, mask=own)
         else:
-            gf = tl.load(own_base + i, mask=im, other=-1.0)
-            own = gf >= 0
-            g = tl.where(own, gf, 0.0).to(tl.int64)
-            s = tl.load(own_base + B + i, mask=im, other=0.0).to(tl.float32)
-        if not DENSE_S:
-            p = tl.load(pi_ptr + g, mask=own, other=1.0)
+            gs = tl.where(own, g, 0)
+            p = tl.load(pi_ptr + gs, mask=own, other=1.0)
             r = 0.0
             if HAS_REG:
-                r = tl.load(lpr_ptr + g, mask=own, other=0.0)
+                r = tl.load(lpr_ptr + gs, mask=own, other=0.0)
             y0 = _logit(p, r, 0.0, a, c, lr, eps, HAS_REG, False)
             y = tl.where(own, _logit(p, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
             tl.store(own_base + 2 * B + i, y0.to(tl.float64), mask=im)
             tl.store(own_base + 3 * B + i, y.to(tl.float64), mask=im)
-            tl.store(own_base + 4 * B + q, tl.max(y, axis=0).to(tl.float64))
+    if FINISH:
+        tl.debug_barrier()
+        # acq_rel ticket: the last program sees every partial and record stored before the other tickets
+        ticket = tl.atomic_add(ticket_ptr, 1)
+        if ticket == tl.num_programs(0) - 1:
+            _finish_normaliser(ws_ptr, ws_ptr + P, P, range_len, own_base, own_base + 2 * B, own_base + 3 * B, B,
+                               own_base + 6 * B, not DENSE_S, PB, SB)
+            tl.atomic_xchg(ticket_ptr, 0)
 
 
 @triton.jit
-def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, n, B, P, Q, range_len,
-                     a, c, lr, eps,
-                     HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, CLEAR: tl.constexpr,
-                     BLOCK: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
+def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_ptr, n, B, P, range_len,
+                     a, c, lr, eps, m_ref,
+                     HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, CLEAR: tl.constexpr, UPDATE: tl.constexpr,
+                     SECOND_STATS: tl.constexpr, BLOCK: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
+    # out = exp((z - M) - shift) / Z over each program's range, with (M, shift, 1/Z) of update UPDATE (0: the
+    # first, 1: the second); the last program to finish patches the present groups (sparse) or clears the
+    # dense loss sums (CLEAR). SECOND_STATS (sparse, first update): the range sums of the second update
+    # PiUpdate(out, G) with G = 0 are taken from the values written, and the last program finishes that
+    # update's normaliser, so that the second update reads pi once less.
     pid = tl.program_id(0)
-    own_base = ws_ptr + 2 * P
+    own_base = ws_ptr + 4 * P
+    res = own_base + 6 * B + 3 * UPDATE
     keep = tl.load(err_ptr) == 0  # a set error word: the step was rejected, pi is not written
-    # Reference M: max of the range maxima and (sparse) of the owners' true logits.
-    mv = tl.full([PB], float("-inf"), dtype=tl.float32)
-    for k0 in range(0, P, PB):
-        k = k0 + tl.arange(0, PB)
-        mv = tl.maximum(mv, tl.load(ws_ptr + k, mask=k < P, other=float("-inf")).to(tl.float32))
-    if not DENSE_S:
-        for k0 in range(0, Q, PB):
-            k = k0 + tl.arange(0, PB)
-            mv = tl.maximum(mv, tl.load(own_base + 4 * B + k, mask=k < Q,
-                                        other=float("-inf")).to(tl.float32))
-    M = tl.max(mv, axis=0)
-    # Normaliser relative to M, in float64, summed in a fixed order by every program.
-    zv = tl.zeros([PB], dtype=tl.float64)
-    for k0 in range(0, P, PB):
-        k = k0 + tl.arange(0, PB)
-        km = k < P
-        pm = tl.load(ws_ptr + k, mask=km, other=0.0).to(tl.float32)
-        ps = tl.load(ws_ptr + P + k, mask=km, other=0.0)
-        zv += tl.where(km, ps * _wide_exp(pm - M), 0.0)
-    Z = tl.sum(zv, axis=0)
-    if not DENSE_S:
-        # swap the G = 0 term of each present group (same float32 value as in its range sum)
-        # for its true term
-        zs = tl.zeros([SB], dtype=tl.float64)
-        for k0 in range(0, B, SB):
-            i = k0 + tl.arange(0, SB)
-            im = i < B
-            gf = tl.load(own_base + i, mask=im, other=-1.0)
-            own = gf >= 0
-            rng = (tl.where(own, gf, 0.0).to(tl.int64) // range_len).to(tl.int32)
-            mk = tl.load(ws_ptr + rng, mask=own, other=0.0).to(tl.float32)
-            y0 = tl.load(own_base + 2 * B + i, mask=own, other=0.0).to(tl.float32)
-            y = tl.load(own_base + 3 * B + i, mask=own, other=0.0).to(tl.float32)
-            t_old = _wide_exp(y0 - mk) * _wide_exp(mk - M)
-            zs += tl.where(own, _wide_exp(y - M) - t_old, 0.0)
-        Z += tl.sum(zs, axis=0)
-    # Z >= 1 unless the entries that set M dropped; then scale through log Z instead
-    normal = Z >= 1.0
-    inv_z = tl.where(normal, 1.0 / Z, 1.0).to(tl.float32)
-    shift = tl.where(normal, 0.0, _log_f64(Z))
-
+    M = tl.load(res).to(tl.float32)
+    shift = tl.load(res + 1).to(tl.float32)
+    inv_z = tl.load(res + 2).to(tl.float32)
     start = pid.to(tl.int64) * range_len
+    sv = tl.zeros([BLOCK], dtype=tl.float64)
     for off in range(0, range_len, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         msk = idx < n
@@ -366,23 +389,46 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, n, B, P, 
             r = tl.load(lpr_ptr + idx, mask=msk, other=0.0)
         if DENSE_S:
             sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
-        y = _logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S)
-        tl.store(out_ptr + idx, tl.exp((y - M) - shift) * inv_z, mask=msk & keep)
+        o = _scale(_logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S), M, shift, inv_z)
+        tl.store(out_ptr + idx, o, mask=msk & keep)
+        if SECOND_STATS:
+            sv += tl.where(msk, _wide_exp(_logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False) - m_ref), 0.0)
+    if SECOND_STATS:
+        tl.store(ws_ptr + 2 * P + pid, (tl.zeros([], dtype=tl.float32) + m_ref).to(tl.float64))
+        tl.store(ws_ptr + 3 * P + pid, tl.sum(sv, axis=0))
     if (not DENSE_S) or CLEAR:
-        # Entries stored above by other threads of this program are overwritten (sparse) or
-        # read (the loss sums being cleared) below.
         tl.debug_barrier()
-        for k0 in range(0, B, SB):
-            i = k0 + tl.arange(0, SB)
-            im = i < B
-            gf = tl.load(own_base + i, mask=im, other=-1.0)
-            g = tl.where(gf >= 0, gf, 0.0).to(tl.int64)
-            mine = (gf >= 0) & (g >= start) & (g < start + range_len)
-            if DENSE_S:
-                tl.store(s_ptr + g, tl.zeros([SB], dtype=tl.float32), mask=mine)
-            else:
-                y = tl.load(own_base + 3 * B + i, mask=mine, other=0.0).to(tl.float32)
-                tl.store(out_ptr + g, tl.exp((y - M) - shift) * inv_z, mask=mine & keep)
+        ticket = tl.atomic_add(ticket_ptr, 1)
+        if ticket == tl.num_programs(0) - 1:
+            for k0 in range(0, B, SB):
+                i = k0 + tl.arange(0, SB)
+                im = i < B
+                gf = tl.load(own_base + i, mask=im, other=-1.0)
+                own = gf >= 0
+                g = tl.where(own, gf, 0.0).to(tl.int64)
+                if DENSE_S:
+                    tl.store(s_ptr + g, tl.zeros([SB], dtype=tl.float32), mask=own)
+                else:
+                    y = tl.load(own_base + (3 + 2 * UPDATE) * B + i, mask=own, other=0.0).to(tl.float32)
+                    o = _scale(y, M, shift, inv_z)
+                    tl.store(out_ptr + g, o, mask=own & keep)
+                    if SECOND_STATS:
+                        # the second update's two logits of each owner: with G = 0 from the value its range
+                        # sum saw (the unpatched one) and the true one from the patched value
+                        y0 = tl.load(own_base + 2 * B + i, mask=own, other=0.0).to(tl.float32)
+                        s = tl.load(own_base + B + i, mask=own, other=0.0).to(tl.float32)
+                        r = 0.0
+                        if HAS_REG:
+                            r = tl.load(lpr_ptr + g, mask=own, other=0.0)
+                        seen = _logit(_scale(y0, M, shift, inv_z), r, 0.0, a, c, lr, eps, HAS_REG, False)
+                        true = tl.where(own, _logit(o, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
+                        tl.store(own_base + 4 * B + i, seen.to(tl.float64), mask=im)
+                        tl.store(own_base + 5 * B + i, true.to(tl.float64), mask=im)
+            if SECOND_STATS:
+                tl.debug_barrier()  # the records stored above are read back by other threads
+                _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, range_len, own_base, own_base + 4 * B,
+                                   own_base + 5 * B, B, res + 3, True, PB, SB)
+            tl.atomic_xchg(ticket_ptr, 0)
 
 
 _SM_COUNT: dict = {}
@@ -414,6 +460,17 @@ def _float64_workspace(workspace: Optional[dict], device: torch.device, size: in
         buf = torch.empty(size, dtype=torch.float64, device=device)
         if workspace is not None:
             workspace["partials"] = buf
+    return buf
+
+
+def _tickets(workspace: Optional[dict], device: torch.device) -> torch.Tensor:
+    # the many-groups kernels' "last program" counters (stats, write), zero between launches (the last
+    # program of each launch resets its own)
+    buf = None if workspace is None else workspace.get("tickets")
+    if buf is None or buf.device != device:
+        buf = torch.zeros(2, dtype=torch.int32, device=device)
+        if workspace is not None:
+            workspace["tickets"] = buf
     return buf
 
 
@@ -649,47 +706,51 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
         return out
 
     if _path in (None, "single"):
-        # The sparse variant pays a scan of the B owner records in every write program; the
-        # dense one pays two extra reads of n floats.  On an H100 at B = 4096 the dense variant
-        # was faster at n = 1e4 and 1e6 and the sparse one at n = 1e7.
+        # The dense variant pays two extra reads of n floats (pi for the range maxima, the loss sums) and
+        # a launch; the sparse one a scan of the batch per sample program. On an H100 at B = 4096 the dense
+        # variant was faster at n = 1e4 and 1e6 and the sparse one at n = 1e7.
         dense_s = has_reg or n <= _DENSE_PER_SAMPLE * B or not _sparse_is_exact(n, B, a, eps)
     else:
         dense_s = _path == "dense"
     block = _BLOCK_CPU if on_cpu else _BLOCK_GPU
-    max_progs = 4 if on_cpu else 4 * _sm_count(pi.device)
+    max_progs = 4 if on_cpu else _PROGRAMS_PER_SM * _sm_count(pi.device)
     n_tiles = cdiv(n, block)
     range_len = cdiv(n_tiles, min(n_tiles, max_progs)) * block
     P = cdiv(n, range_len)
     bi = 128 if on_cpu else _SAMPLE_BI
     Q = cdiv(B, bi)
-    ws = _float64_workspace(workspace, pi.device, 2 * P + 4 * B + Q)
+    ws = _float64_workspace(workspace, pi.device, 4 * P + 6 * B + 6)
+    tickets = _tickets(workspace, pi.device)
     sbuf = _loss_sum_buffer(workspace, pi.device, n) if dense_s else pi
-    pb = max(16, min(1024, next_power_of_2(max(P, Q, 1))))
-    scal = (a, c, lr, eps)
+    pb = max(16, min(1024, next_power_of_2(max(P, 1))))
+    # the sparse variant's fixed reference: no logit with G = 0 exceeds a log(1 + eps) (pi, pi_reg <= 1)
+    scal = (a, c, lr, eps, a * math.log1p(eps))
 
-    def stats(src: torch.Tensor, n_dense: int, grid: int, first: bool) -> None:
-        launch(_pi_stats_kernel, grid, pi.device, src, lpr, sbuf, group_ids, losses, ws, n, B, P, n_dense,
-               range_len, *scal, num_warps=8, HAS_REG=has_reg, FIRST=first, DENSE_S=dense_s, BLOCK=block,
-               BI=bi, BK=_SAMPLE_BK)
+    def stats(src: torch.Tensor, n_dense: int, grid: int, samples: bool, finish: bool) -> None:
+        launch(_pi_stats_kernel, grid, pi.device, src, lpr, sbuf, group_ids, losses, ws, tickets, n, B, P, n_dense,
+               range_len, *scal, num_warps=8, HAS_REG=has_reg, DENSE_S=dense_s, FINISH=finish, SAMPLES=samples,
+               BLOCK=block, BI=bi, BK=_SAMPLE_BK, PB=pb, SB=_SCAN)
 
-    def write(src: torch.Tensor, dst: torch.Tensor, clear: bool) -> None:
-        launch(_pi_write_kernel, P, pi.device, src, lpr, sbuf, dst, ws, err, n, B, P, Q, range_len, *scal,
-               num_warps=8, HAS_REG=has_reg, DENSE_S=dense_s, CLEAR=clear, BLOCK=block, PB=pb, SB=_SCAN)
+    def write(src: torch.Tensor, dst: torch.Tensor, clear: bool, update: int, second_stats: bool) -> None:
+        launch(_pi_write_kernel, P, pi.device, src, lpr, sbuf, dst, ws, err, tickets[1:], n, B, P, range_len, *scal,
+               num_warps=8, HAS_REG=has_reg, DENSE_S=dense_s, CLEAR=clear, UPDATE=update,
+               SECOND_STATS=second_stats, BLOCK=block, PB=pb, SB=_SCAN)
 
     if dense_s:
         if Q > 0:
-            stats(pi, 0, Q, True)  # loss sums into the dense buffer first
-        stats(pi, P, P, True)
-        write(pi, out, not second)
+            stats(pi, 0, Q, True, False)  # loss sums into the dense buffer first
+        stats(pi, P, P, False, True)
+        write(pi, out, not second, 0, False)
         if second:
-            stats(out, P, P, False)
-            write(out, second_out, True)
+            stats(out, P, P, False, True)
+            write(out, second_out, True, 0, False)
     else:
-        stats(pi, P, P + Q, True)
-        write(pi, out, False)
+        # stats: one read of pi; the first write reads pi, writes out and takes the second update's range
+        # sums; the second write reads out and writes second_out
+        stats(pi, P, P + Q, True, True)
+        write(pi, out, False, 0, second)
         if second:
-            stats(out, P, P + Q, False)
-            write(out, second_out, False)
+            write(out, second_out, False, 1, False)
     if report_out is not None:
         report(err, report_out)
     return out

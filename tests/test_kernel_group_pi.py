@@ -252,6 +252,25 @@ def test_negative_losses_on_dominant_groups(path: Optional[str]) -> None:
 
 
 @pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_second_update_on_dominant_groups(path: str) -> None:
+    """second_out = PiUpdate(out, G): the sparse variant takes its range sums while writing out, before the present
+    groups are patched, and swaps those groups' terms afterwards; here they hold almost all the mass, so a term
+    swapped with the wrong value would show."""
+    n = LARGE_N
+    pi = torch.full((n,), 1e-7)
+    pi[[3, 500, 1999]] = 0.3
+    pi = pi / pi.sum()
+    ids = torch.tensor([3, 500, 3, 17, 1999, 0])
+    losses = torch.tensor([-20.0, 30.0, -5.0, 1.0, 7.0, 2.0])
+    hp = dict(HP, pi_lr=0.1, temperature=1.0)
+    ref1 = model_pi_update(pi, ids, losses, hp["pi_lr"], hp["pi_decay"], 1.0, hp["eps"])
+    ref2 = model_pi_update(ref1.float(), ids, losses, hp["pi_lr"], hp["pi_decay"], 1.0, hp["eps"])
+    out, mid = torch.empty(n, device=DEV), torch.empty(n, device=DEV)
+    pi_update(pi.to(DEV), ids.to(DEV), losses.to(DEV), **hp, out=out, second_out=mid, _path=path)
+    assert rel_err(out, ref1) < 2e-6 and rel_err(mid, ref2) < 4e-6, (rel_err(out, ref1), rel_err(mid, ref2))
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
 @pytest.mark.parametrize("n", [LARGE_N, 100_000])
 def test_large_paths(path: str, n: int) -> None:
     """Both large-n_groups variants (G = 0 plus correction, dense loss sums) on every feature."""

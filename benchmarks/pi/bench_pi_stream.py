@@ -1,0 +1,86 @@
+"""The many-groups pi step alone at large n_groups: GPU time of ``pi_update`` (descent-ascent: pi -> pi; optimistic:
+pi -> pi and pi_mid) by tile size and programs per SM, as a fraction of the copy rate measured in the same run.
+
+Bytes the step must move (float32): 12 per group for one update (a read for the normaliser, a read and a write),
+20 with the second (one more read and write). CUDA events around --iters calls, median of --rounds blocks.
+
+Run: ``python3 benchmarks/pi/bench_pi_stream.py --sizes 1e7,1e9 --out pi_stream.json`` (CUDA)."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+
+import torch
+
+from also_fused.kernels import group_pi
+
+
+def copy_rate() -> float:
+    src = torch.rand(256 * 2 ** 20, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(22):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return 2 * src.numel() * 4 / (statistics.median(times[2:]) * 1e-3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1e7,1e9")
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--blocks", default="2048,4096,8192")
+    parser.add_argument("--per-sm", default="2,4,8")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rate = copy_rate()
+    hp = dict(pi_lr=1e-3, pi_decay=1e-2, temperature=1.0, eps=1.1920929e-07, log_pi_reg=None)
+    rows = []
+    for n in [int(float(s)) for s in args.sizes.split(",")]:
+        pi = torch.full((n,), 1.0 / n, device="cuda")
+        mid = torch.empty_like(pi)
+        ids = torch.randint(0, n, (args.batch,), device="cuda")
+        losses = torch.rand(args.batch, device="cuda") * 3
+        workspace: dict = {}
+        for block, per_sm in itertools.product([int(b) for b in args.blocks.split(",")],
+                                               [int(p) for p in args.per_sm.split(",")]):
+            group_pi._BLOCK_GPU, group_pi._PROGRAMS_PER_SM = block, per_sm
+            for second in (False, True):
+                def call(pi=pi, mid=mid, second=second) -> None:
+                    group_pi.pi_update_checked(pi, ids, losses, out=pi, second_out=mid if second else None,
+                                               workspace=workspace, **hp)
+                for _ in range(2):
+                    call()
+                times = []
+                for _ in range(args.rounds):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(args.iters):
+                        call()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) * 1e3 / args.iters)
+                us = statistics.median(times)
+                must = (20 if second else 12) * n
+                row = dict(n_groups=n, second=second, block=block, programs_per_sm=per_sm, us=us,
+                           us_min=min(times), us_max=max(times), of_copy_rate=must / (us * 1e-6) / rate)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del pi, mid
+        torch.cuda.empty_cache()
+    record = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_rate_bytes_per_s=rate, rows=rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
