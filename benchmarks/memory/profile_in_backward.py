@@ -50,8 +50,10 @@ def main() -> None:
     parser.add_argument("--n-head", type=int, default=25)
     parser.add_argument("--state-precision", default="int8")
     parser.add_argument("--bucket-mb", type=float, default=25.0)
+    parser.add_argument("--batch", type=int, default=2, help="sequences of 512 tokens per step")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-profile", action="store_true", help="skip the cProfile of one step")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     counts = Counts()
@@ -76,7 +78,7 @@ def main() -> None:
 
             opt.update_params = timed
         models[name], opts[name] = model, opt
-    tokens = torch.randint(0, config.vocab_size, (2, 512), device="cuda")
+    tokens = torch.randint(0, config.vocab_size, (args.batch, 512), device="cuda")
 
     def step(name: str, host: dict) -> None:
         model, opt = models[name], opts[name]
@@ -108,7 +110,7 @@ def main() -> None:
             ms[name].append((time.perf_counter() - t0) * 1e3 / args.steps)
     n_steps = args.rounds * args.steps
     result = dict(config=[args.n_layer, args.n_embd, args.n_head], state_precision=args.state_precision,
-                  bucket_mb=args.bucket_mb, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  bucket_mb=args.bucket_mb, batch=[args.batch, 512], device=torch.cuda.get_device_name(), torch=torch.__version__,
                   plans_built_in_timed_steps=counts.plans, rings_allocated_in_timed_steps=counts.rings,
                   host_ms_in_bucket_updates_per_step=counts.update_s * 1e3 / n_steps)
     for name in models:
@@ -116,6 +118,11 @@ def main() -> None:
                             host_ms_backward=host[name]["backward"] * 1e3 / n_steps,
                             host_ms_step=host[name]["step"] * 1e3 / n_steps)
     print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.no_profile:
+        return
     profiler = cProfile.Profile()
     profiler.enable()
     step("ours-bwd", {"backward": 0.0, "step": 0.0})
@@ -124,9 +131,6 @@ def main() -> None:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
     print(text.getvalue())
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
