@@ -79,10 +79,14 @@ class StepInBackward:
         self._in_backward = False
         self._passes_since_step = 0
         self._ddp_updated: list[Tensor] = []
+        # what a gradient hook needs of its param (group index, bytes), looked up once: the hooks run for every
+        # param every step
+        self._slot_of: dict[int, tuple[int, int]] = {}
         for gi, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if p.requires_grad:
                     self._group_of[id(p)] = gi
+                    self._slot_of[id(p)] = (gi, p.numel() * p.element_size())
         if ddp_model is None:
             for p in params:
                 if p.requires_grad:
@@ -117,8 +121,9 @@ class StepInBackward:
         if not dense_like(grad, p):
             raise RuntimeError("parameters and their gradients must be dense in one layout (contiguous, or "
                                "channels_last with equal strides)")
-        self._bucket.append((p, self._group_of[id(p)]))
-        self._bucket_size += p.numel() * p.element_size()
+        group, nbytes = self._slot_of[id(p)]
+        self._bucket.append((p, group))
+        self._bucket_size += nbytes
         if self._bucket_size >= self.bucket_bytes:
             self._update_bucket()
 

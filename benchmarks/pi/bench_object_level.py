@@ -90,14 +90,52 @@ def block_us(impl, batches, iters: int) -> float:
     return start.elapsed_time(end) * 1e3 / iters
 
 
+def profile_host(n: int, batch: int) -> None:
+    """Where the host time of a GroupWeights iteration goes (own time per function)."""
+    import cProfile
+    import io
+    import pstats
+    import time
+    ids = torch.randint(0, n, (batch,), device="cuda")
+    losses = (torch.rand(batch, device="cuda") * 3).requires_grad_()
+    for mode in ("descent-ascent", "optimistic"):
+        weights = also_fused.GroupWeights(n, batch_size=batch, pi_lr=PI_LR, pi_decay=PI_DECAY, mode=mode, device="cuda")
+        host = {}
+        for name, impl in (("GroupWeights", weights), ("plain torch", PlainStep(n, batch, mode))):
+            block_us(impl, [(ids, losses)], 10)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                impl.weighted_loss(losses, ids).backward()
+                impl.step()
+            host[name] = (time.perf_counter() - t0) / 200 * 1e6
+            torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(200):
+            weights.weighted_loss(losses, ids).backward()
+            weights.step()
+        profiler.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        print(f"{mode}: host us per iteration (no profiler): " + ", ".join(f"{k} {v:.1f}" for k, v in host.items()))
+        print(text.getvalue())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1e3,1e4,1e5,1e6,1e7,1e8,1e9")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--profile", default=None, metavar="N",
+                        help="only profile the host: cProfile of 200 GroupWeights iterations at N groups, both modes")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.profile:
+        profile_host(int(float(args.profile)), args.batch)
+        return
     rate = copy_rate()
     rows = []
     for n in [int(float(s)) for s in args.sizes.split(",")]:
