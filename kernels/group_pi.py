@@ -361,19 +361,22 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ticket_p
 
 
 @triton.jit
-def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_ptr, n, B, P, range_len,
+def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_ptr, report_ptr, n, B, P, range_len,
                      a, c, lr, eps, m_ref,
                      HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, CLEAR: tl.constexpr, UPDATE: tl.constexpr,
-                     SECOND_STATS: tl.constexpr, BLOCK: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
+                     SECOND_STATS: tl.constexpr, REPORT: tl.constexpr, BLOCK: tl.constexpr, PB: tl.constexpr,
+                     SB: tl.constexpr):
     # out = exp((z - M) - shift) / Z over each program's range, with (M, shift, 1/Z) of update UPDATE (0: the
     # first, 1: the second); the last program to finish patches the present groups (sparse) or clears the
     # dense loss sums (CLEAR). SECOND_STATS (sparse, first update): the range sums of the second update
     # PiUpdate(out, G) with G = 0 are taken from the values written, and the last program finishes that
-    # update's normaliser, so that the second update reads pi once less.
+    # update's normaliser, so that the second update reads pi once less. REPORT: the last program then writes
+    # the step's report (the error word it read, with REPORTED set) to the host's slot.
     pid = tl.program_id(0)
     own_base = ws_ptr + 4 * P
     res = own_base + 6 * B + 3 * UPDATE
-    keep = tl.load(err_ptr) == 0  # a set error word: the step was rejected, pi is not written
+    word = tl.load(err_ptr)
+    keep = word == 0  # a set error word: the step was rejected, pi is not written
     M = tl.load(res).to(tl.float32)
     shift = tl.load(res + 1).to(tl.float32)
     inv_z = tl.load(res + 2).to(tl.float32)
@@ -396,7 +399,7 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
     if SECOND_STATS:
         tl.store(ws_ptr + 2 * P + pid, (tl.zeros([], dtype=tl.float32) + m_ref).to(tl.float64))
         tl.store(ws_ptr + 3 * P + pid, tl.sum(sv, axis=0))
-    if (not DENSE_S) or CLEAR:
+    if (not DENSE_S) or CLEAR:  # the step's last write clears (dense) or patches (sparse): REPORT is set there only
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
@@ -429,6 +432,8 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
                 _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, range_len, own_base, own_base + 4 * B,
                                    own_base + 5 * B, B, res + 3, True, PB, SB)
             tl.atomic_xchg(ticket_ptr, 0)
+            if REPORT:
+                tl.store(report_ptr, word | _REPORTED)
 
 
 _SM_COUNT: dict = {}
@@ -731,26 +736,27 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
                range_len, *scal, num_warps=8, HAS_REG=has_reg, DENSE_S=dense_s, FINISH=finish, SAMPLES=samples,
                BLOCK=block, BI=bi, BK=_SAMPLE_BK, PB=pb, SB=_SCAN)
 
-    def write(src: torch.Tensor, dst: torch.Tensor, clear: bool, update: int, second_stats: bool) -> None:
-        launch(_pi_write_kernel, P, pi.device, src, lpr, sbuf, dst, ws, err, tickets[1:], n, B, P, range_len, *scal,
-               num_warps=8, HAS_REG=has_reg, DENSE_S=dense_s, CLEAR=clear, UPDATE=update,
-               SECOND_STATS=second_stats, BLOCK=block, PB=pb, SB=_SCAN)
+    def write(src: torch.Tensor, dst: torch.Tensor, clear: bool, update: int, second_stats: bool,
+              last: bool) -> None:
+        reports = last and report_out is not None
+        launch(_pi_write_kernel, P, pi.device, src, lpr, sbuf, dst, ws, err, tickets[1:],
+               report_out if reports else err, n, B, P, range_len, *scal, num_warps=8, HAS_REG=has_reg,
+               DENSE_S=dense_s, CLEAR=clear, UPDATE=update, SECOND_STATS=second_stats, REPORT=reports,
+               BLOCK=block, PB=pb, SB=_SCAN)
 
     if dense_s:
         if Q > 0:
             stats(pi, 0, Q, True, False)  # loss sums into the dense buffer first
         stats(pi, P, P, False, True)
-        write(pi, out, not second, 0, False)
+        write(pi, out, not second, 0, False, not second)
         if second:
             stats(out, P, P, False, True)
-            write(out, second_out, True, 0, False)
+            write(out, second_out, True, 0, False, True)
     else:
         # stats: one read of pi; the first write reads pi, writes out and takes the second update's range
         # sums; the second write reads out and writes second_out
         stats(pi, P, P + Q, True, True)
-        write(pi, out, False, 0, second)
+        write(pi, out, False, 0, second, not second)
         if second:
-            write(out, second_out, False, 1, False)
-    if report_out is not None:
-        report(err, report_out)
+            write(out, second_out, False, 1, False, True)
     return out
