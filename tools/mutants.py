@@ -113,6 +113,10 @@ MUTANTS = [
            "    x = tl.log(p + eps)\n    if HAS_REG:\n        x = x + c * r\n    return x\n",
            "    x = tl.log(p)\n    if HAS_REG:\n        x = x + c * r\n    return x\n",
            "single-program pi kernels: log(pi) instead of log(pi + eps)"),
+    Mutant("kernel-pi-second-update-swaps-patched", "kernels/group_pi.py",
+           "seen = _logit(_scale(y0, M, shift, inv_z), r, 0.0,", "seen = _logit(o, r, 0.0,",
+           "many-groups pi kernel: pi_mid's normaliser swaps out a present group's patched value, not the one its "
+           "range sum saw"),
     Mutant("kernel-loss-scale-ignored", "kernels/losses.py",
            "    tl.store(w_ptr + i, scale * w, mask=m)\n", "    tl.store(w_ptr + i, w, mask=m)\n",
            "weighted-loss kernel: the per-sample weights without loss_scale"),
