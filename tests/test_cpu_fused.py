@@ -89,6 +89,30 @@ def test_pi_step_matches_the_reference(n_groups, batch, with_reg, temperature, p
 
 
 @needs_extension
+def test_pi_step_bits_do_not_depend_on_the_thread_count():
+    """The extension's pi passes run in parallel over chunks of pi: each entry and each block partial is computed
+    alike on one thread and on several (three blocks and a tail here), for both updates and the three phases."""
+    gen = torch.Generator().manual_seed(7)
+    n = 3 * F.PI_BLOCK + 123
+    pi = torch.softmax(torch.randn(n, generator=gen), 0)
+    ids = torch.randint(0, n, (500,), generator=gen)
+    losses = torch.rand(500, generator=gen) * 4
+    hyper = dict(pi_lr=0.5, pi_decay=0.1, temperature=0.8, eps=F.FLOAT32_EPS, log_pi_reg=None)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out, second = torch.empty_like(pi), torch.empty_like(pi)
+            assert cpu_fused.pi_update(pi, ids, losses, out=out, second_out=second, **hyper)
+            results.append((out, second))
+    finally:
+        torch.set_num_threads(before)
+    for out, second in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(second, results[0][1])
+
+
+@needs_extension
 def test_sample_weights_and_their_fallbacks():
     pi = torch.softmax(torch.randn(6), 0)
     ids = torch.tensor([0, 5, 3, 3, -1, 6, 2])

@@ -14,11 +14,13 @@
 //                   (NaN for the losses' range when one is NaN, as torch.aminmax propagates it).
 //
 // Ids outside [0, n) are ignored (weight 0, no sum): the callers have checked them where asked to.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -30,49 +32,67 @@ void check_vector(const at::Tensor& t, at::ScalarType dtype, const char* name) {
               " must be a contiguous 1-D CPU tensor of ", c10::toString(dtype));
 }
 
+// The passes below run in parallel over chunks of kChunk entries: every entry is computed from its own inputs and
+// every block partial in order within its block, so the results do not depend on the number of threads.
+constexpr int64_t kChunk = 1 << 14;
+
 // z_j = (log(src_j + eps) + c reg_j + pi_lr S_j) / ((1 + c) T) in float64 (reg = nullptr: no term, sums =
 // nullptr: S = 0), each product and sum rounded once; returns max_j z_j (-inf for n = 0)
 double logits(const float* src, const float* reg, const float* sums, int64_t n, double pi_lr, double c,
               double divisor, double eps, double* z) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> chunk_max(chunks, -std::numeric_limits<double>::infinity());
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      double m = -std::numeric_limits<double>::infinity();
+      for (int64_t j = k * kChunk, stop = std::min(n, (k + 1) * kChunk); j < stop; ++j) {
+        double x = std::log(static_cast<double>(src[j]) + eps);
+        if (reg != nullptr) x = x + c * static_cast<double>(reg[j]);
+        if (sums != nullptr) x = x + pi_lr * static_cast<double>(sums[j]);
+        x = x / divisor;
+        z[j] = x;
+        m = std::max(m, x);
+      }
+      chunk_max[k] = m;
+    }
+  });
   double z_max = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    double x = std::log(static_cast<double>(src[j]) + eps);
-    if (reg != nullptr) x = x + c * static_cast<double>(reg[j]);
-    if (sums != nullptr) x = x + pi_lr * static_cast<double>(sums[j]);
-    x = x / divisor;
-    z[j] = x;
-    z_max = std::max(z_max, x);
-  }
+  for (const double m : chunk_max) z_max = std::max(z_max, m);
   return z_max;
 }
 
 // z <- exp(z - z_max); partials[b] = the sum of block b of `block` entries, added in order
 void exp_blocks(double* z, int64_t n, double z_max, int64_t block, double* partials) {
-  for (int64_t start = 0, b = 0; start < n; start += block, ++b) {
-    const int64_t stop = std::min(n, start + block);
-    double partial = 0.0;
-    for (int64_t j = start; j < stop; ++j) {
-      z[j] = std::exp(z[j] - z_max);
-      partial += z[j];
+  const int64_t blocks = (n + block - 1) / block;
+  const int64_t grain = std::max<int64_t>(1, kChunk / block);
+  at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      double partial = 0.0;
+      for (int64_t j = b * block, stop = std::min(n, (b + 1) * block); j < stop; ++j) {
+        z[j] = std::exp(z[j] - z_max);
+        partial += z[j];
+      }
+      partials[b] = partial;
     }
-    partials[b] = partial;
-  }
+  });
 }
 
 void scale_into(const double* e, int64_t n, double inverse, float* dst) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(e[j] * inverse);
+  at::parallel_for(0, n, kChunk, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) dst[j] = static_cast<float>(e[j] * inverse);
+  });
 }
 
 // dst = softmax(z): the blocked normaliser of functional.pi_update_from_sums (block partials added in order)
 void pi_update(const float* src, const float* reg, const std::vector<float>& sums, int64_t n, double pi_lr,
                double c, double temperature, double eps, int64_t block, float* dst) {
-  std::vector<double> z(n);
-  const double z_max = logits(src, reg, sums.data(), n, pi_lr, c, (1.0 + c) * temperature, eps, z.data());
+  std::unique_ptr<double[]> z(new double[n]);  // every entry written by logits
+  const double z_max = logits(src, reg, sums.data(), n, pi_lr, c, (1.0 + c) * temperature, eps, z.get());
   std::vector<double> partials((n + block - 1) / block);
-  exp_blocks(z.data(), n, z_max, block, partials.data());
+  exp_blocks(z.get(), n, z_max, block, partials.data());
   double total = 0.0;
   for (const double partial : partials) total += partial;
-  scale_into(z.data(), n, 1.0 / total, dst);
+  scale_into(z.get(), n, 1.0 / total, dst);
 }
 
 // S_j: the float32 sum of the losses of group j in sample order; ids outside [0, n) add nothing

@@ -38,13 +38,13 @@ PI_LR, PI_DECAY, EPS = 1e-3, 1e-2, 1.1920929e-07
 class PlainStep:
     """GroupWeights' maths in torch ops (docs/algorithm.md sec. 4, 6), uniform prior, temperature 1."""
 
-    def __init__(self, n: int, batch: int, mode: str) -> None:
-        self.pi = torch.full((n,), 1.0 / n, device="cuda")
+    def __init__(self, n: int, batch: int, mode: str, device: str = "cuda") -> None:
+        self.pi = torch.full((n,), 1.0 / n, device=device)
         self.pi_mid = self.pi.clone() if mode == "optimistic" else None
         self.scale = n / batch
         self.c = PI_DECAY * PI_LR
         self.log_reg = math.log(1.0 / n)
-        self.sums = torch.zeros(n, device="cuda")
+        self.sums = torch.zeros(n, device=device)
 
     def _update(self, src: torch.Tensor) -> torch.Tensor:
         z = (torch.log(src + EPS) + self.c * self.log_reg + PI_LR * self.sums) / (1.0 + self.c)
