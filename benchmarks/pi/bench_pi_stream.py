@@ -10,25 +10,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
+import sys
 
 import torch
 
 from also_fused.kernels import group_pi
 
-
-def copy_rate() -> float:
-    src = torch.rand(256 * 2 ** 20, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(22):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * src.numel() * 4 / (statistics.median(times[2:]) * 1e-3)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_object_level import copy_rate  # noqa: E402
 
 
 def main() -> None:
