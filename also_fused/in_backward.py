@@ -72,7 +72,6 @@ class StepInBackward:
                                "pass it as StepInBackward(optimizer, ddp_model=ddp)")
         self.optimizer = optimizer
         self.bucket_bytes = int(bucket_mb * _MB)
-        self._group_of: dict[int, int] = {}
         self._handles: list[Any] = []
         self._bucket: list[tuple[Tensor, int]] = []
         self._bucket_size = 0
@@ -85,7 +84,6 @@ class StepInBackward:
         for gi, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if p.requires_grad:
-                    self._group_of[id(p)] = gi
                     self._slot_of[id(p)] = (gi, p.numel() * p.element_size())
         if ddp_model is None:
             for p in params:
@@ -146,8 +144,9 @@ class StepInBackward:
         def update(future: torch.futures.Future) -> Tensor:
             items, grads = [], []
             for p, g in zip(bucket.parameters(), bucket.gradients()):
-                if id(p) in self._group_of:
-                    items.append((p, self._group_of[id(p)]))
+                slot = self._slot_of.get(id(p))
+                if slot is not None:
+                    items.append((p, slot[0]))
                     grads.append(g)
             if items:
                 with torch.no_grad():
