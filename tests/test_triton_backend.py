@@ -138,6 +138,53 @@ def test_cuda_graph_capture_of_a_training_step(mode):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["optimistic", "descent-ascent"])
+@pytest.mark.parametrize("n_groups", [3000, 200_000], ids=["dense_sums", "sparse"])
+def test_cuda_graph_replays_of_many_groups_weights_are_bitwise_eager(mode, n_groups):
+    """One weight per sample (the many-groups kernels, both variants) captured with its weighted loss and
+    backward: each replay gives the eager iteration's pi, pi_mid, mean and gradient, bitwise."""
+    batch = 64
+    gen = torch.Generator("cuda").manual_seed(n_groups)
+    data = [(torch.randint(0, n_groups, (batch,), device="cuda", generator=gen),
+             torch.rand(batch, device="cuda", generator=gen) * 3) for _ in range(6)]
+
+    def make():
+        return also_fused.GroupWeights(n_groups, batch_size=batch, mode=mode, pi_lr=0.5, validate=False,
+                                       device="cuda", backend="triton")
+
+    def iteration(weights, ids, losses):
+        losses.grad = None
+        weights.weighted_loss(losses, ids).backward()
+        return weights.step()
+
+    eager = make()
+    expected = []
+    for ids, values in data:
+        losses = values.clone().requires_grad_()
+        mean = iteration(eager, ids, losses)
+        expected.append((eager.pi.clone(), eager.pi_mid.clone(), mean.clone(), losses.grad.clone()))
+
+    weights = make()
+    static_ids, static_losses = data[0][0].clone(), data[0][1].clone().requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: the kernels compiled and the workspace allocated before capture
+        iteration(weights, static_ids, static_losses)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_mean = iteration(weights, static_ids, static_losses)
+    for (ids, values), (pi, pi_mid, mean, grad) in zip(data[1:], expected[1:]):
+        static_ids.copy_(ids)
+        with torch.no_grad():
+            static_losses.copy_(values)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(weights.pi, pi) and torch.equal(weights.pi_mid, pi_mid)
+        assert torch.equal(static_mean, mean) and torch.equal(static_losses.grad, grad)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_cuda_graph_capture_with_validate_is_refused():
     """validate=True (the default) reports each step to the host, which a replayed graph cannot do: the
     capture fails with a RuntimeError raised before the step changes anything, and eager steps go on."""

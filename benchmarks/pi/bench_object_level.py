@@ -10,8 +10,10 @@ median and spread per size. Bytes a step must move (float32 pi): the softmax nee
 it can write, so one read of pi for it and one read and write for the update (descent-ascent: 12 bytes per
 group); optimistic mode then needs pi_mid = PiUpdate(new pi, G), whose normaliser depends on every new entry:
 one more read and write (20 bytes per group), as a fraction of the device-to-device copy rate measured in the
-same run. A size whose plain step does not fit is timed for GroupWeights alone. Writes JSON and a plot
-(time per iteration against n_groups).
+same run. A size whose plain step does not fit is timed for GroupWeights alone. With ``--graph`` each
+implementation is also timed as a captured iteration (``torch.cuda.graph``: the batch copied into static
+buffers, then one replay; GroupWeights with ``validate=False``, which capture needs; the plain step writing pi
+in place), interleaved with the eager ones. Writes JSON and a plot (time per iteration against n_groups).
 
 Run: ``python3 benchmarks/pi/bench_object_level.py --out benchmarks/results/object_level_<gpu>.json`` (CUDA)."""
 from __future__ import annotations
@@ -38,7 +40,8 @@ PI_LR, PI_DECAY, EPS = 1e-3, 1e-2, 1.1920929e-07
 class PlainStep:
     """GroupWeights' maths in torch ops (docs/algorithm.md sec. 4, 6), uniform prior, temperature 1."""
 
-    def __init__(self, n: int, batch: int, mode: str, device: str = "cuda") -> None:
+    def __init__(self, n: int, batch: int, mode: str, device: str = "cuda", in_place: bool = False) -> None:
+        self.in_place = in_place  # pi and pi_mid written into their own memory, as a captured step needs
         self.pi = torch.full((n,), 1.0 / n, device=device)
         self.pi_mid = self.pi.clone() if mode == "optimistic" else None
         self.scale = n / batch
@@ -56,10 +59,60 @@ class PlainStep:
         return self.scale * (weights * losses).sum()
 
     def step(self) -> None:
-        self.pi = self._update(self.pi)
-        if self.pi_mid is not None:
-            self.pi_mid = self._update(self.pi)
+        if self.in_place:
+            self.pi.copy_(self._update(self.pi))
+            if self.pi_mid is not None:
+                self.pi_mid.copy_(self._update(self.pi))
+        else:
+            self.pi = self._update(self.pi)
+            if self.pi_mid is not None:
+                self.pi_mid = self._update(self.pi)
         self.sums.zero_()
+
+
+class Eager:
+    """One iteration as a training loop writes it."""
+
+    def __init__(self, impl) -> None:
+        self.impl = impl
+
+    def iterate(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
+        self.impl.weighted_loss(losses, ids).backward()
+        self.impl.step()
+
+
+class Graphed:
+    """The same iteration captured once in a CUDA graph; each iteration copies its batch into the static
+    buffers the graph reads and replays it (torch.cuda.graph's recipe: warm-up on a side stream first)."""
+
+    def __init__(self, impl, ids: torch.Tensor, losses: torch.Tensor) -> None:
+        self.ids = ids.clone()
+        self.losses = losses.detach().clone().requires_grad_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._iteration(impl)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._iteration(impl)
+
+    def _iteration(self, impl) -> None:
+        self.losses.grad = None  # the captured backward then writes the gradient instead of adding to one
+        impl.weighted_loss(self.losses, self.ids).backward()
+        impl.step()
+
+    def iterate(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
+        self.ids.copy_(ids)
+        with torch.no_grad():
+            self.losses.copy_(losses)
+        self.graph.replay()
+
+
+def group_weights(n: int, batch: int, mode: str, validate: bool = True) -> also_fused.GroupWeights:
+    return also_fused.GroupWeights(n, batch_size=batch, pi_lr=PI_LR, pi_decay=PI_DECAY, mode=mode, device="cuda",
+                                   validate=validate)
 
 
 def copy_rate() -> float:
@@ -82,9 +135,7 @@ def block_us(impl, batches, iters: int) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for i in range(iters):
-        ids, losses = batches[i % len(batches)]
-        impl.weighted_loss(losses, ids).backward()
-        impl.step()
+        impl.iterate(*batches[i % len(batches)])
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / iters
@@ -99,15 +150,14 @@ def profile_host(n: int, batch: int) -> None:
     ids = torch.randint(0, n, (batch,), device="cuda")
     losses = (torch.rand(batch, device="cuda") * 3).requires_grad_()
     for mode in ("descent-ascent", "optimistic"):
-        weights = also_fused.GroupWeights(n, batch_size=batch, pi_lr=PI_LR, pi_decay=PI_DECAY, mode=mode, device="cuda")
+        weights = group_weights(n, batch, mode)
         host = {}
-        for name, impl in (("GroupWeights", weights), ("plain torch", PlainStep(n, batch, mode))):
+        for name, impl in (("GroupWeights", Eager(weights)), ("plain torch", Eager(PlainStep(n, batch, mode)))):
             block_us(impl, [(ids, losses)], 10)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(200):
-                impl.weighted_loss(losses, ids).backward()
-                impl.step()
+                impl.iterate(ids, losses)
             host[name] = (time.perf_counter() - t0) / 200 * 1e6
             torch.cuda.synchronize()
         profiler = cProfile.Profile()
@@ -131,6 +181,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--profile", default=None, metavar="N",
                         help="only profile the host: cProfile of 200 GroupWeights iterations at N groups, both modes")
+    parser.add_argument("--graph", action="store_true",
+                        help="also time each implementation as a captured CUDA graph, replayed per iteration")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.profile:
@@ -144,14 +196,20 @@ def main() -> None:
                     (torch.rand(args.batch, device="cuda", generator=gen) * 3).requires_grad_())
                    for _ in range(4)]
         for mode in ("descent-ascent", "optimistic"):
-            impls = {"GroupWeights": also_fused.GroupWeights(n, batch_size=args.batch, pi_lr=PI_LR,
-                                                             pi_decay=PI_DECAY, mode=mode, device="cuda")}
+            impls = {"GroupWeights": Eager(group_weights(n, args.batch, mode))}
+            if args.graph:
+                impls["GroupWeights (graph)"] = Graphed(group_weights(n, args.batch, mode, validate=False),
+                                                        *batches[0])
             try:
-                impls["plain torch"] = PlainStep(n, args.batch, mode)
+                impls["plain torch"] = Eager(PlainStep(n, args.batch, mode))
+                if args.graph:
+                    impls["plain torch (graph)"] = Graphed(PlainStep(n, args.batch, mode, in_place=True),
+                                                           *batches[0])
                 for impl in impls.values():  # warm-up (compiles, allocates); a plain step that does not fit goes
                     block_us(impl, batches, 3)
             except torch.OutOfMemoryError:
-                impls.pop("plain torch", None)
+                for name in ("plain torch", "plain torch (graph)"):
+                    impls.pop(name, None)
                 torch.cuda.empty_cache()
             times = {name: [] for name in impls}
             for _ in range(args.rounds):
@@ -163,9 +221,12 @@ def main() -> None:
                 med = statistics.median(us)
                 row[name] = dict(us_per_iteration=med, us_min=min(us), us_max=max(us), per_round=us,
                                  bytes_must_move=must_move, of_copy_rate=must_move / (med * 1e-6) / rate)
-            if "plain torch" in times:
-                row["speedup_vs_plain"] = statistics.median(
-                    [p / g for p, g in zip(times["plain torch"], times["GroupWeights"])])
+            for ours, plain in (("GroupWeights", "plain torch"), ("GroupWeights (graph)", "plain torch (graph)"),
+                                ("GroupWeights (graph)", "plain torch")):
+                if ours in times and plain in times:
+                    key = "speedup_vs_plain" + ("" if ours == "GroupWeights" else
+                                                "_graphs" if plain.endswith("(graph)") else "_graph_vs_eager")
+                    row[key] = statistics.median([p / g for p, g in zip(times[plain], times[ours])])
             rows.append(row)
             print(json.dumps({k: (round(v["us_per_iteration"], 1) if isinstance(v, dict) else v)
                               for k, v in row.items()}), flush=True)
@@ -183,7 +244,8 @@ def main() -> None:
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for mode, style in (("descent-ascent", "-"), ("optimistic", "--")):
-            for name, marker in (("GroupWeights", "o"), ("plain torch", "s")):
+            for name, marker in (("GroupWeights", "o"), ("plain torch", "s"), ("GroupWeights (graph)", "^"),
+                                 ("plain torch (graph)", "v")):
                 pts = [(r["n_groups"], r[name]["us_per_iteration"]) for r in rows if r["mode"] == mode and name in r]
                 if pts:
                     ax.plot(*zip(*pts), style, marker=marker, label=f"{name}, {mode}")
