@@ -65,6 +65,7 @@ _REPORTED = tl.constexpr(REPORTED)
 _BLOCK_GPU = 2048
 _BLOCK_CPU = 1024
 _PROGRAMS_PER_SM = 4  # the many-groups kernels' programs over pi: this many per SM, each a contiguous range
+_LOOP_STAGES = 1  # software-pipelining stages of their loops over pi (1: none); the values do not depend on it
 _SAMPLE_BI = 16  # samples per sample-program
 _SAMPLE_BK = 1024  # ids compared per loop step
 _SCAN = 1024  # chunk when a last program scans the per-sample records
@@ -276,7 +277,7 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ticket_p
                      range_len, a, c, lr, eps, m_ref,
                      HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, FINISH: tl.constexpr,
                      SAMPLES: tl.constexpr, BLOCK: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
-                     PB: tl.constexpr, SB: tl.constexpr):
+                     PB: tl.constexpr, SB: tl.constexpr, STAGES: tl.constexpr):
     # ws (float64): [0,P) range reference | [P,2P) range sum | [2P,4P) the same for a second update |
     # records from 4P: owner id or -1 | group loss sum | owner logit with G = 0 | owner logit (-inf for
     # non-owners) | the same two logits for a second update | (M, shift, 1/Z) of each update.
@@ -291,7 +292,7 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ticket_p
         start = pid.to(tl.int64) * range_len
         if DENSE_S:
             mv = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-            for off in range(0, range_len, BLOCK):
+            for off in tl.range(0, range_len, BLOCK, num_stages=STAGES):
                 idx = start + off + tl.arange(0, BLOCK)
                 msk = idx < n
                 p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
@@ -304,7 +305,7 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ticket_p
         else:
             m = tl.zeros([], dtype=tl.float32) + m_ref
         sv = tl.zeros([BLOCK], dtype=tl.float64)
-        for off in range(0, range_len, BLOCK):
+        for off in tl.range(0, range_len, BLOCK, num_stages=STAGES):
             idx = start + off + tl.arange(0, BLOCK)
             msk = idx < n
             p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
@@ -365,7 +366,7 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
                      a, c, lr, eps, m_ref,
                      HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, CLEAR: tl.constexpr, UPDATE: tl.constexpr,
                      SECOND_STATS: tl.constexpr, REPORT: tl.constexpr, BLOCK: tl.constexpr, PB: tl.constexpr,
-                     SB: tl.constexpr):
+                     SB: tl.constexpr, STAGES: tl.constexpr):
     # out = exp((z - M) - shift) / Z over each program's range, with (M, shift, 1/Z) of update UPDATE (0: the
     # first, 1: the second); the last program to finish patches the present groups (sparse) or clears the
     # dense loss sums (CLEAR). SECOND_STATS (sparse, first update): the range sums of the second update
@@ -382,7 +383,7 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
     inv_z = tl.load(res + 2).to(tl.float32)
     start = pid.to(tl.int64) * range_len
     sv = tl.zeros([BLOCK], dtype=tl.float64)
-    for off in range(0, range_len, BLOCK):
+    for off in tl.range(0, range_len, BLOCK, num_stages=STAGES):
         idx = start + off + tl.arange(0, BLOCK)
         msk = idx < n
         p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
@@ -718,6 +719,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     else:
         dense_s = _path == "dense"
     block = _BLOCK_CPU if on_cpu else _BLOCK_GPU
+    stages = 1 if on_cpu else _LOOP_STAGES
     max_progs = 4 if on_cpu else _PROGRAMS_PER_SM * _sm_count(pi.device)
     n_tiles = cdiv(n, block)
     range_len = cdiv(n_tiles, min(n_tiles, max_progs)) * block
@@ -734,7 +736,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     def stats(src: torch.Tensor, n_dense: int, grid: int, samples: bool, finish: bool) -> None:
         launch(_pi_stats_kernel, grid, pi.device, src, lpr, sbuf, group_ids, losses, ws, tickets, n, B, P, n_dense,
                range_len, *scal, num_warps=8, HAS_REG=has_reg, DENSE_S=dense_s, FINISH=finish, SAMPLES=samples,
-               BLOCK=block, BI=bi, BK=_SAMPLE_BK, PB=pb, SB=_SCAN)
+               BLOCK=block, BI=bi, BK=_SAMPLE_BK, PB=pb, SB=_SCAN, STAGES=stages)
 
     def write(src: torch.Tensor, dst: torch.Tensor, clear: bool, update: int, second_stats: bool,
               last: bool) -> None:
@@ -742,7 +744,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
         launch(_pi_write_kernel, P, pi.device, src, lpr, sbuf, dst, ws, err, tickets[1:],
                report_out if reports else err, n, B, P, range_len, *scal, num_warps=8, HAS_REG=has_reg,
                DENSE_S=dense_s, CLEAR=clear, UPDATE=update, SECOND_STATS=second_stats, REPORT=reports,
-               BLOCK=block, PB=pb, SB=_SCAN)
+               BLOCK=block, PB=pb, SB=_SCAN, STAGES=stages)
 
     if dense_s:
         if Q > 0:

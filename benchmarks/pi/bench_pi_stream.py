@@ -1,5 +1,5 @@
 """The many-groups pi step alone at large n_groups: GPU time of ``pi_update`` (descent-ascent: pi -> pi; optimistic:
-pi -> pi and pi_mid) by tile size and programs per SM, as a fraction of the copy rate measured in the same run.
+pi -> pi and pi_mid) by tile size, programs per SM and software-pipelining stages of the loops over pi, as a fraction of the copy rate measured in the same run.
 
 Bytes the step must move (float32): 12 per group for one update (a read for the normaliser, a read and a write),
 20 with the second (one more read and write). CUDA events around --iters calls, median of --rounds blocks.
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--blocks", default="2048,4096,8192")
     parser.add_argument("--per-sm", default="2,4,8")
+    parser.add_argument("--stages", default="1", help="software-pipelining stages of the loops over pi")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=None)
@@ -41,9 +42,10 @@ def main() -> None:
         ids = torch.randint(0, n, (args.batch,), device="cuda")
         losses = torch.rand(args.batch, device="cuda") * 3
         workspace: dict = {}
-        for block, per_sm in itertools.product([int(b) for b in args.blocks.split(",")],
-                                               [int(p) for p in args.per_sm.split(",")]):
-            group_pi._BLOCK_GPU, group_pi._PROGRAMS_PER_SM = block, per_sm
+        for block, per_sm, stages in itertools.product([int(b) for b in args.blocks.split(",")],
+                                                       [int(p) for p in args.per_sm.split(",")],
+                                                       [int(k) for k in args.stages.split(",")]):
+            group_pi._BLOCK_GPU, group_pi._PROGRAMS_PER_SM, group_pi._LOOP_STAGES = block, per_sm, stages
             for second in (False, True):
                 def call(pi=pi, mid=mid, second=second) -> None:
                     group_pi.pi_update_checked(pi, ids, losses, out=pi, second_out=mid if second else None,
@@ -61,7 +63,7 @@ def main() -> None:
                     times.append(start.elapsed_time(end) * 1e3 / args.iters)
                 us = statistics.median(times)
                 must = (20 if second else 12) * n
-                row = dict(n_groups=n, second=second, block=block, programs_per_sm=per_sm, us=us,
+                row = dict(n_groups=n, second=second, block=block, programs_per_sm=per_sm, stages=stages, us=us,
                            us_min=min(times), us_max=max(times), of_copy_rate=must / (us * 1e-6) / rate)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
