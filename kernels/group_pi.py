@@ -65,7 +65,9 @@ _REPORTED = tl.constexpr(REPORTED)
 _BLOCK_GPU = 2048
 _BLOCK_CPU = 1024
 _PROGRAMS_PER_SM = 4  # the many-groups kernels' programs over pi: this many per SM, each a contiguous range
-_LOOP_STAGES = 1  # software-pipelining stages of their loops over pi (1: none); the values do not depend on it
+# software-pipelining stages of their loops over pi (1: none); 3 was the fastest at 10^9 (docs/performance.md);
+# the values do not depend on it
+_LOOP_STAGES = 3
 _SAMPLE_BI = 16  # samples per sample-program
 _SAMPLE_BK = 1024  # ids compared per loop step
 _SCAN = 1024  # chunk when a last program scans the per-sample records

@@ -199,6 +199,25 @@ def test_deterministic(n: int, path: Optional[str]) -> None:
     assert rel_err(a1, ref) < 1e-5
 
 
+@pytest.mark.skipif(not CUDA, reason="the interpreter runs the loops over pi without pipelining")
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("n", [LARGE_N, 3_000_017])
+def test_pipelining_stages_leave_the_bits(path: str, n: int, monkeypatch) -> None:
+    """The loops over pi software-pipelined into 1, 2 or 3 stages give the same pi and pi_mid, bitwise."""
+    gen = torch.Generator().manual_seed(n)
+    pi = rand_simplex(n, gen).to(DEV)
+    ids = torch.randint(0, n, (4096,), generator=gen).to(DEV)
+    losses = (torch.rand(4096, generator=gen) * 5).to(DEV)
+    results = []
+    for stages in (1, 2, 3):
+        monkeypatch.setattr(group_pi, "_LOOP_STAGES", stages)
+        out, second = torch.empty_like(pi), torch.empty_like(pi)
+        pi_update(pi, ids, losses, **HP, out=out, second_out=second, _path=path)
+        results.append((out, second))
+    for out, second in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(second, results[0][1])
+
+
 @pytest.mark.parametrize("n,path", [(10, None), (LARGE_N, "sparse"), (LARGE_N, "dense")])
 def test_bad_ids_stay_inside_pi(n: int, path: Optional[str]) -> None:
     gen = torch.Generator().manual_seed(17)
