@@ -88,7 +88,11 @@ def test_gpt_sources_smoke(tmp_path):
     doc = gpt_sources.run(smoke=True, device="cpu", trials=1, seeds=1, workers=1, out=tmp_path / "gpt",
                           log=lambda line: None)
     methods = gpt_sources.SOURCE_METHODS + gpt_sources.DOCUMENT_METHODS
-    check_document(json.loads((tmp_path / "gpt.json").read_text()), trials=1, seeds=1, methods=methods)
+    written = json.loads((tmp_path / "gpt.json").read_text())
+    check_document(written, trials=1, seeds=1, methods=methods)
+    assert not (tmp_path / "gpt.partial.json").exists()
+    for field in ("commit", "machine", "platform", "date", "torch", "optuna", "also_fused", "python", "host"):
+        assert written[field], field
     n_docs = doc["data"]["n_train_docs"]
     bounds = [s["chain_bound"] for s in doc["data"]["sources"]]
     assert all(0.0 < b < math.log(gpt_sources.VOCAB) for b in bounds)
@@ -99,6 +103,89 @@ def test_gpt_sources_smoke(tmp_path):
         assert test["worst_source_loss"] == max(test["source_loss"]) >= test["avg_loss"] > 0.0
         # the held-out loss of a short training stays above each chain's bound and below 2x uniform
         assert all(b < loss < 2 * math.log(gpt_sources.VOCAB) for b, loss in zip(bounds, test["source_loss"]))
+        for run in r["per_seed"] + r["trials"]:  # where model selection stopped, per run
+            assert 1 <= run["selected_eval"] <= run["n_evals"] == 3  # 11 steps, every 4 and at the end
+            assert run["selected_last"] == (run["selected_eval"] == 3)
+    sel = written["model_selection"]["all"]
+    assert sel["runs"] == 2 * len(methods)
+    assert sel["selected_last"] == sum(run["selected_last"] for r in doc["results"] for run in r["per_seed"] + r["trials"])
+    # the statistics of the CPU tasks: both references and both entries chosen on validation
+    assert written["best_baseline"] in gpt_sources.dro_stats.BASELINES
+    assert written["best_baseline_also_adam"] in gpt_sources.dro_stats.THETA_BASELINES
+    chosen = written["selected_on_validation"]
+    assert len(chosen) == 2 and chosen[0] in gpt_sources.dro_stats.ALSO_VARIANTS
+    assert chosen[1] in gpt_sources.dro_stats.GROUPWEIGHTS_VARIANTS
+    text = (tmp_path / "gpt.md").read_text()
+    assert "SMOKE RUN" in text and "ranked" in text and "Like for like" in text
+
+
+def test_gpt_sources_like_for_like_rows():
+    """Every weighting the GPU task runs on AdamW also runs on ALSO's Adam (and ALSO's weights on both)."""
+    methods = set(gpt_sources.ALL_METHODS)
+    for _, adamw, also_adam in gpt_sources.PAIRS:
+        assert adamw in methods and also_adam in methods
+        assert dro_core.method_spec(adamw).get("theta") is None
+        spec = dro_core.method_spec(also_adam)
+        assert spec.get("theta") == "coupled" or spec["kind"] == "also"
+    for name in gpt_sources.dro_stats.BASELINES + gpt_sources.dro_stats.THETA_BASELINES:
+        assert name in methods or name.startswith("JTT")
+    for name in gpt_sources.dro_stats.ALSO_VARIANTS + gpt_sources.dro_stats.GROUPWEIGHTS_VARIANTS:
+        assert name in methods
+    shares = gpt_sources.split_methods(gpt_sources.ALL_METHODS, 2)
+    assert sorted(shares[0] + shares[1]) == sorted(gpt_sources.ALL_METHODS) and not set(shares[0]) & set(shares[1])
+
+
+def test_gpt_sources_selected_evaluation_is_the_one_train_run_kept():
+    task = gpt_sources.make_task(smoke=True, epochs=2, eval_every=5)  # 22 steps: evaluations at 5, 10, 15, 20, 22
+    seen = []
+    evaluate = task.evaluate
+
+    def recording(model, split):
+        metrics = evaluate(model, split)
+        if split == "val":
+            seen.append(metrics)
+        return metrics
+
+    task.evaluate = recording
+    schedule = gpt_sources.eval_steps(task)
+    assert schedule == (11, 22, 5)
+    for hp in (dict(lr=3e-3, weight_decay=1e-4), dict(lr=3e-2, weight_decay=1e-4), dict(lr=1e-4, weight_decay=1e-4)):
+        seen.clear()
+        run = dro_core.train_run(task, "ERM", hp, seed=0, evaluate_test=False)
+        keys = [dro_core.selection_key(task, m) for m in seen]
+        first_best = keys.index(max(keys)) + 1
+        assert len(seen) == 5 == gpt_sources.evaluations_up_to(run["steps"], 22, 5)
+        assert gpt_sources.evaluations_up_to(run["selected_step"], 22, 5) == first_best
+
+
+@pytest.mark.slow
+def test_gpt_sources_seed_jobs_resume_and_merge(tmp_path):
+    """The seeds run apart from the search give tune_and_test's rows; a resumed run keeps what was done and
+    finishes the rest; parts merge into one table."""
+    kwargs = dict(smoke=True, device="cpu", trials=1, seeds=2, workers=1, log=lambda line: None)
+    first = gpt_sources.run(out=tmp_path / "a", methods=["ERM", "ALSO DA mean"], **kwargs)
+    direct = dro_core.tune_and_test(gpt_sources.make_task, dict(smoke=True, device="cpu", backend="auto"),
+                                    "ALSO DA mean", 1, 2)
+    row = first["results"][1]
+    assert [r["test"] for r in row["per_seed"]] == [r["test"] for r in direct["per_seed"]]
+    assert row["mean"] == direct["mean"] and row["std"] == direct["std"]
+    # a run stopped after ERM's search and seed 0 (its seed 1 not run), and before IW: resume
+    stopped = json.loads((tmp_path / "a.json").read_text())
+    erm = stopped["results"][0]
+    searched = dict(erm, per_seed=erm["per_seed"][:1])
+    stopped["results"] = []
+    stopped["unfinished"] = {"ERM": {"row": searched, "other_seeds": []}}
+    stopped["methods_requested"] = ["ERM", "IW"]
+    resumed = gpt_sources.run(out=tmp_path / "b", methods=None, resume=stopped, **kwargs)
+    assert [r["method"] for r in resumed["results"]] == ["ERM", "IW"] and resumed["incomplete"] is None
+    assert [r["test"] for r in resumed["results"][0]["per_seed"]] == [r["test"] for r in erm["per_seed"]]
+    assert resumed["sessions"] and resumed["results"][0]["tuned_hparams"] == erm["tuned_hparams"]
+    gpt_sources.run(out=tmp_path / "c", methods=["IW"], **kwargs)
+    merged = gpt_sources.merge([tmp_path / "a.json", tmp_path / "c.json"], tmp_path / "m")
+    assert [r["method"] for r in merged["results"]] == ["ERM", "IW", "ALSO DA mean"]
+    assert merged["best_baseline"] in ("ERM", "IW") and len(merged["parts"]) == 2
+    with pytest.raises(SystemExit):
+        gpt_sources.merge([tmp_path / "a.json", tmp_path / "a.json"], tmp_path / "m2")
 
 
 def test_chain_bound_is_the_empirical_loss_of_the_true_chain():
