@@ -22,6 +22,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_object_level import copy_rate  # noqa: E402
 
 
+def kernel_times(call, iters: int) -> dict[str, float]:
+    """GPU microseconds per call of each kernel the step launches (torch.profiler's CUDA activity), by kernel name:
+    where the step's time goes between the pass for the normaliser, the write and the torch ops."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            call()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / iters
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1e7,1e9")
@@ -31,6 +46,8 @@ def main() -> None:
     parser.add_argument("--stages", default="1", help="software-pipelining stages of the loops over pi")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--kernel-times", action="store_true",
+                        help="also the GPU time of each kernel of the step (torch.profiler, --iters calls)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rate = copy_rate()
@@ -61,10 +78,13 @@ def main() -> None:
                     end.record()
                     end.synchronize()
                     times.append(start.elapsed_time(end) * 1e3 / args.iters)
+                kernels = kernel_times(call, args.iters) if args.kernel_times else None
                 us = statistics.median(times)
                 must = (20 if second else 12) * n
                 row = dict(n_groups=n, second=second, block=block, programs_per_sm=per_sm, stages=stages, us=us,
                            us_min=min(times), us_max=max(times), of_copy_rate=must / (us * 1e-6) / rate)
+                if kernels is not None:
+                    row["kernel_us_per_call"] = kernels
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         del pi, mid
