@@ -478,11 +478,15 @@ def run_jobs(task_kwargs: dict, methods: list[str], trials: int, seeds: int, wor
 
 
 # ------------------------------------------------------------------------------- model selection
-def eval_steps(task: SourcesTask) -> tuple[int, int, int]:
+def eval_schedule(n_docs: int, batch: int, epochs: int, eval_every: Optional[int]) -> tuple[int, int, int]:
     """(steps per epoch, steps of a run, eval_every) as dro_core.train_run uses them: an evaluation every
     eval_every steps and one at the end."""
-    per_epoch = len(task.train_docs) // task.batch
-    return per_epoch, per_epoch * task.epochs, task.eval_every or per_epoch
+    per_epoch = n_docs // batch
+    return per_epoch, per_epoch * epochs, eval_every or per_epoch
+
+
+def eval_steps(task: SourcesTask) -> tuple[int, int, int]:
+    return eval_schedule(len(task.train_docs), task.batch, task.epochs, task.eval_every)
 
 
 def evaluations_up_to(step: int, total: int, every: int) -> int:
@@ -594,9 +598,12 @@ def run(smoke: bool, device: str, trials: int, seeds: int, workers: int, out: Pa
     return doc
 
 
+# what identifies where and when a document was made (kept per session of a resumed run and per merged part)
+ENVIRONMENT_KEYS = ("commit", "machine", "platform", "date", "torch", "optuna", "also_fused", "python", "host")
+
+
 def session_of(doc: dict[str, Any]) -> dict[str, Any]:
-    keys = ("commit", "machine", "platform", "date", "torch", "optuna", "also_fused", "python", "host")
-    return {**{k: doc.get(k) for k in keys}, "wall_s": doc["wall_s"] - sum(e["wall_s"] for e in doc.get("sessions") or []),
+    return {**{k: doc.get(k) for k in ENVIRONMENT_KEYS}, "wall_s": doc["wall_s"] - sum(e["wall_s"] for e in doc.get("sessions") or []),
             "workers": doc["protocol"]["workers"], "methods_finished": [r["method"] for r in doc["results"]]}
 
 
@@ -608,9 +615,8 @@ def host() -> dict[str, Any]:
 def finalise(doc: dict[str, Any]) -> dict[str, Any]:
     """Selection counts per run and overall, then dro_stats' intervals, paired differences and the entries chosen
     on validation (losses: lower is better)."""
-    schedule = (doc["data"]["n_train_docs"] // doc["protocol"]["batch"],
-                doc["data"]["n_train_docs"] // doc["protocol"]["batch"] * doc["protocol"]["epochs"],
-                doc["protocol"]["eval_every_steps"] or doc["data"]["n_train_docs"] // doc["protocol"]["batch"])
+    p = doc["protocol"]
+    schedule = eval_schedule(doc["data"]["n_train_docs"], p["batch"], p["epochs"], p["eval_every_steps"])
     for row in doc["results"]:
         record_selection(row, schedule)
     doc["model_selection"] = selection_summary(doc["results"])
@@ -640,8 +646,7 @@ def merge(paths: list[Path], out: Path) -> dict[str, Any]:
                 raise SystemExit(f"cannot merge: {r['method']} is in two parts")
             rows[r["method"]] = r
     order = [m for m in ALL_METHODS if m in rows] + [m for m in rows if m not in ALL_METHODS]
-    keys = ("commit", "machine", "platform", "date", "torch", "optuna", "also_fused", "python", "host", "wall_s")
-    parts = [{"file": Path(p).name, **{k: d.get(k) for k in keys}, "workers": d["protocol"]["workers"],
+    parts = [{"file": Path(p).name, **{k: d.get(k) for k in ENVIRONMENT_KEYS + ("wall_s",)}, "workers": d["protocol"]["workers"],
               "methods": [r["method"] for r in d["results"]], "incomplete": d.get("incomplete")}
              for p, d in zip(paths, docs)]
     doc = dict(first)
