@@ -576,7 +576,7 @@ def run_methods(jobs: list[tuple[Callable, dict, str]], trials: int, seeds: int,
         results = []
         for factory, kwargs, method in jobs:
             results.append(tune_and_test(factory, kwargs, method, trials, seeds, sampler_seed))
-            log(_line(results[-1]))
+            log(summary_line(results[-1]))
         return results
     import multiprocessing
 
@@ -586,11 +586,12 @@ def run_methods(jobs: list[tuple[Callable, dict, str]], trials: int, seeds: int,
         results = []
         for fut in futures:
             results.append(fut.result())
-            log(_line(results[-1]))
+            log(summary_line(results[-1]))
     return results
 
 
-def _line(r: dict[str, Any]) -> str:
+def summary_line(r: dict[str, Any]) -> str:
+    """One log line for a finished method: its tuned setting and test means over the seeds."""
     hp = ", ".join(f"{k}={v:.3g}" for k, v in r["tuned_hparams"].items())
     means = ", ".join(f"{k} {r['mean'][k]:.3f}±{r['std'][k]:.3f}" for k in list(r["mean"])[:3])
     return f"  {r['method']}: val objective {r['best_val_objective']:.4g} with {hp}; test {means} " \
@@ -688,7 +689,8 @@ def plot(doc: dict[str, Any], keys: list[tuple[str, str]], path, ylabel: str, lo
     import numpy as np
 
     rows = doc["results"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8.5), gridspec_kw={"height_ratios": [3, 2]})
+    many = len(rows) > 12  # the trial panel's legend then goes beside the axes, where it hides no curve
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(15 if many else 11, 8.5), gridspec_kw={"height_ratios": [3, 2]})
     x = np.arange(len(rows))
     width = 0.8 / len(keys)
     colors = ("tab:red", "tab:blue", "tab:green", "tab:purple")
@@ -736,7 +738,10 @@ def plot(doc: dict[str, Any], keys: list[tuple[str, str]], path, ylabel: str, lo
     bottom.set_title(textwrap.fill(f"Optuna TPE, {doc['protocol']['trials_per_method']} trials per method: "
                                    f"{doc['protocol']['objective']}", 140), fontsize=9)
     bottom.grid(alpha=0.3)
-    bottom.legend(fontsize=7, ncol=2, loc="best")
+    if many:
+        bottom.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        bottom.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight" if many else None)
     plt.close(fig)

@@ -385,7 +385,7 @@ def run_jobs(task_kwargs: dict, methods: list[str], trials: int, seeds: int, wor
         extra.append(tuple(result))
         if len(extra) == seeds - 1:
             state.rows[method] = complete_row(row, extra)
-            log(core._line(state.rows[method]))
+            log(core.summary_line(state.rows[method]))
 
     todo = [m for m in methods if m not in state.rows]
     searches = [m for m in sorted(todo, key=relative_cost, reverse=True) if m not in state.searched]
@@ -403,7 +403,7 @@ def run_jobs(task_kwargs: dict, methods: list[str], trials: int, seeds: int, wor
             state.searched[method] = (tune_job(task_kwargs, method, trials, seeds), [])
             if seeds == 1:
                 state.rows[method] = complete_row(*state.searched[method])
-                log(core._line(state.rows[method]))
+                log(core.summary_line(state.rows[method]))
             for s in range(1, seeds):
                 seed_done(method, seed_job(task_kwargs, method, state.searched[method][0]["tuned_hparams"], s))
             changed()
@@ -459,7 +459,7 @@ def run_jobs(task_kwargs: dict, methods: list[str], trials: int, seeds: int, wor
                         f"since the start, {len(running)} jobs running, {len(searches)} searches waiting)")
                     if seeds == 1:
                         state.rows[method] = complete_row(result, [])
-                        log(core._line(state.rows[method]))
+                        log(core.summary_line(state.rows[method]))
                     seed_queue.extend((method, s) for s in range(1, seeds))
                 else:
                     seed_done(method, result)
