@@ -65,9 +65,9 @@ _REPORTED = tl.constexpr(REPORTED)
 _BLOCK_GPU = 2048
 _BLOCK_CPU = 1024
 _PROGRAMS_PER_SM = 4  # the many-groups kernels' programs over pi: this many per SM, each a contiguous range
-# software-pipelining stages of their loops over pi (1: none); the values do not depend on it. 3 was the fastest
-# at 10^9 on an H200 (docs/performance.md), but the GPU test that 1, 2 and 3 stages give the same bits has not run
-_LOOP_STAGES = 1
+# software-pipelining stages of their loops over pi (1: none); the values do not depend on it (a GPU test). 3 was
+# the fastest at 10^9 on an H100 and an H200 (docs/performance.md)
+_LOOP_STAGES = 3
 _SAMPLE_BI = 16  # samples per sample-program
 _SAMPLE_BK = 1024  # ids compared per loop step
 _SCAN = 1024  # chunk when a last program scans the per-sample records
