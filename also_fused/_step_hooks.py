@@ -20,6 +20,35 @@ def profiler_enabled() -> bool:
     return _profiler_enabled()
 
 
+class grad_disabled:
+    """``with torch.no_grad():`` for code that runs every step or every bucket: the same switch of grad mode,
+    restored on exit, at a fraction of the host cost (``torch.no_grad()`` costs a few microseconds a use)."""
+
+    __slots__ = ("_was_enabled",)
+
+    def __enter__(self) -> None:
+        self._was_enabled = torch.is_grad_enabled()
+        _set_grad_enabled(False)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        _set_grad_enabled(self._was_enabled)
+
+
+def without_grad(fn: StepFn) -> StepFn:
+    """``@torch.no_grad()`` for a method called every step, at a fraction of its host cost."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        was_enabled = torch.is_grad_enabled()
+        _set_grad_enabled(False)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _set_grad_enabled(was_enabled)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def optimizer_step(step: StepFn) -> StepFn:
     """Wraps the optimizers' ``step``: gradients off, eager under ``torch.compile`` (a graph break), and
     torch.optim's step hooks and ``Optimizer.step#<class>.step`` profiler label, as torch.optim's own

@@ -10,6 +10,7 @@ from torch import Tensor
 from . import _checks, _collectives
 from . import functional as F
 from ._input_errors import DeviceInputErrors
+from ._step_hooks import without_grad
 from ._transaction import StepTransaction
 from .backends import resolve_backend
 
@@ -311,7 +312,7 @@ class GroupWeights:
             self._backend.commit_pi_stage(self._stage, self._pi, self._pi_mid)
 
     @torch.compiler.disable
-    @torch.no_grad()
+    @without_grad
     def step(self, found_inf: Optional[Tensor] = None) -> Tensor:
         """pi <- PiUpdate(pi, G), G from every loss recorded since the last step (optimistic mode: then
         pi_mid <- PiUpdate(pi, G) as well); returns their mean as a 0-dim tensor (no host sync).

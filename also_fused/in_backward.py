@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._dtensor import is_dtensor
+from ._step_hooks import grad_disabled
 from .adam import Adam
 from .storage import dense_like
 from .theta import ThetaAdam
@@ -149,7 +150,7 @@ class StepInBackward:
                     items.append((p, slot[0]))
                     grads.append(g)
             if items:
-                with torch.no_grad():
+                with grad_disabled():
                     self.optimizer.update_params(items, grads)
                 self._ddp_updated.extend(p for p, _ in items)
             return future.value()
@@ -179,7 +180,7 @@ class StepInBackward:
         items, self._bucket, self._bucket_size = self._bucket, [], 0
         if not items:
             return
-        with torch.no_grad():
+        with grad_disabled():
             self.optimizer.update_params(items)
         for p, _ in items:
             p.grad = None

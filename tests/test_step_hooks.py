@@ -125,3 +125,48 @@ def test_step_is_not_wrapped_twice():
         make("also_fused", params_with_grads())
         make("also", params_with_grads())
         assert cls.step is before and cls.step.hooked
+
+
+def test_group_weights_step_runs_without_grad_and_restores_the_mode():
+    """GroupWeights.step() switches gradients off inside (pi records no graph) and back to the caller's mode,
+    also when it raises."""
+    weights = also_fused.GroupWeights(4, batch_size=3, device=DEVICE, validate=True)
+    inside = []
+    ascend = weights._ascend
+
+    def recording_ascend(*args, **kwargs):
+        inside.append(torch.is_grad_enabled())
+        return ascend(*args, **kwargs)
+
+    weights._ascend = recording_ascend
+    for mode in (True, False):
+        losses = torch.rand(3, device=DEVICE, requires_grad=True)
+        weights.weighted_loss(losses, torch.tensor([0, 1, 3], device=DEVICE)).backward()
+        with torch.set_grad_enabled(mode):
+            weights.step()
+            assert torch.is_grad_enabled() == mode
+            assert weights.pi.grad_fn is None and not weights.pi.requires_grad
+    assert inside == [False, False]
+    with torch.enable_grad():
+        weights.weighted_loss(torch.rand(3, device=DEVICE), torch.tensor([0, 1, 3], device=DEVICE))
+        with pytest.raises(TypeError):
+            weights.step(found_inf="not a tensor")
+        assert torch.is_grad_enabled()
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_step_in_backward_updates_without_grad_even_under_create_graph():
+    """The bucket updates inside backward switch gradients off for the update only: with create_graph=True
+    (grad mode on inside the hooks) the in-place update of the leaf params still runs, and the caller's mode
+    holds after backward."""
+    model = torch.nn.Linear(4, 3).to(DEVICE)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = also_fused.AdamW(model.parameters(), lr=1e-2, backend="reference")
+    stepper = also_fused.StepInBackward(opt, bucket_mb=1)
+    with torch.enable_grad():
+        model(torch.rand(2, 4, device=DEVICE)).pow(2).sum().backward(create_graph=True)
+        assert torch.is_grad_enabled()
+    opt.step()
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    assert all(p.grad_fn is None for p in model.parameters())
+    stepper.remove()
