@@ -482,6 +482,17 @@ def _tickets(workspace: Optional[dict], device: torch.device) -> torch.Tensor:
     return buf
 
 
+def _zero_word(workspace: Optional[dict], device: torch.device) -> torch.Tensor:
+    # the error word of a call without checks: zero, and only read by these kernels (no launch sets it), so one
+    # kept in the workspace serves every call (no allocation and fill per step)
+    word = None if workspace is None else workspace.get("zero_word")
+    if word is None or word.device != device:
+        word = torch.zeros((), dtype=torch.int32, device=device)
+        if workspace is not None:
+            workspace["zero_word"] = word
+    return word
+
+
 def _sparse_is_exact(n: int, B: int, a: float, eps: float) -> bool:
     """Whether the G = 0 sum minus the present groups' terms keeps float32 accuracy in float64.
 
@@ -691,7 +702,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     single = 0 < n <= SMALL_MAX and (B <= single_program_max_batch(n) if _path is None else _path == "single")
     if mean_out is not None and not single:
         mean_out.copy_(losses.float().mean())
-    err = torch.zeros((), dtype=torch.int32, device=pi.device) if error_word is None else error_word
+    err = _zero_word(workspace, pi.device) if error_word is None else error_word
     if n == 0:
         if report_out is not None:
             report(err, report_out)

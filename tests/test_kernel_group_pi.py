@@ -301,6 +301,7 @@ def test_large_paths(path: str, n: int) -> None:
     losses = torch.randn(202, generator=gen) * 2 + 1
     hp = dict(HP, temperature=0.9)
     workspace = {}  # kept across the calls, as an optimizer keeps it
+    words = []
     for r in (None, reg):
         lpr = None if r is None else torch.log(r).to(DEV)
         ref1 = model_pi_update(pi, ids, losses, hp["pi_lr"], hp["pi_decay"], 0.9, hp["eps"], r)
@@ -315,6 +316,9 @@ def test_large_paths(path: str, n: int) -> None:
         pi_update(pi.to(DEV), ids.to(DEV), losses.to(DEV), **hp, log_pi_reg=lpr, out=again,
                   _path=path, workspace=workspace)
         assert torch.equal(again, out)
+        words.append(workspace["zero_word"])
+    # the calls without an error word share one zero word, kept in the workspace (no allocation per call)
+    assert all(word is words[0] for word in words) and not words[0].any()
     assert (path == "dense") == ("loss_sums" in workspace)
     for buf in workspace.values():  # the dense path leaves its loss sums cleared
         if buf.dtype == torch.float32:
