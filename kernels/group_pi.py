@@ -471,26 +471,17 @@ def _float64_workspace(workspace: Optional[dict], device: torch.device, size: in
     return buf
 
 
-def _tickets(workspace: Optional[dict], device: torch.device) -> torch.Tensor:
-    # the many-groups kernels' "last program" counters (stats, write), zero between launches (the last
-    # program of each launch resets its own)
-    buf = None if workspace is None else workspace.get("tickets")
+def _kept_zeros(workspace: Optional[dict], name: str, shape: tuple, device: torch.device) -> torch.Tensor:
+    # int32 zeros kept in the caller's workspace under ``name`` (a fresh tensor without one): the many-groups
+    # kernels' "last program" counters ("tickets", (2,): stats, write; zero between launches, the last program of
+    # each launch resets its own) and the error word of a call without checks ("zero_word", (): only read by
+    # these kernels, no launch sets it), so that a step allocates and fills neither
+    buf = None if workspace is None else workspace.get(name)
     if buf is None or buf.device != device:
-        buf = torch.zeros(2, dtype=torch.int32, device=device)
+        buf = torch.zeros(shape, dtype=torch.int32, device=device)
         if workspace is not None:
-            workspace["tickets"] = buf
+            workspace[name] = buf
     return buf
-
-
-def _zero_word(workspace: Optional[dict], device: torch.device) -> torch.Tensor:
-    # the error word of a call without checks: zero, and only read by these kernels (no launch sets it), so one
-    # kept in the workspace serves every call (no allocation and fill per step)
-    word = None if workspace is None else workspace.get("zero_word")
-    if word is None or word.device != device:
-        word = torch.zeros((), dtype=torch.int32, device=device)
-        if workspace is not None:
-            workspace["zero_word"] = word
-    return word
 
 
 def _sparse_is_exact(n: int, B: int, a: float, eps: float) -> bool:
@@ -702,7 +693,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     single = 0 < n <= SMALL_MAX and (B <= single_program_max_batch(n) if _path is None else _path == "single")
     if mean_out is not None and not single:
         mean_out.copy_(losses.float().mean())
-    err = _zero_word(workspace, pi.device) if error_word is None else error_word
+    err = _kept_zeros(workspace, "zero_word", (), pi.device) if error_word is None else error_word
     if n == 0:
         if report_out is not None:
             report(err, report_out)
@@ -740,7 +731,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     bi = 128 if on_cpu else _SAMPLE_BI
     Q = cdiv(B, bi)
     ws = _float64_workspace(workspace, pi.device, 4 * P + 6 * B + 6)
-    tickets = _tickets(workspace, pi.device)
+    tickets = _kept_zeros(workspace, "tickets", (2,), pi.device)
     sbuf = _loss_sum_buffer(workspace, pi.device, n) if dense_s else pi
     pb = max(16, min(1024, next_power_of_2(max(P, 1))))
     # the sparse variant's fixed reference: no logit with G = 0 exceeds a log(1 + eps) (pi, pi_reg <= 1)
