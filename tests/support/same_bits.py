@@ -234,6 +234,18 @@ def digest(outputs: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string (GenuineIntel, AuthenticAMD, ...; "unknown" where the OS does not say)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def signature(path: str) -> str:
     """The machine and versions whose bits a record holds (other machines may round differently)."""
     parts = [f"torch={torch.__version__}"]
@@ -242,7 +254,9 @@ def signature(path: str) -> str:
         # the many-groups pi step splits pi by the number of SMs: the order of its sums follows it
         parts.append(f"gpu=sm{props.major}{props.minor}x{props.multi_processor_count}")
     else:
-        parts.append(f"cpu={torch.backends.cpu.get_cpu_capability()}")
+        # torch's CPU results differ between Intel and AMD CPUs of one instruction set (likely MKL's vendor-specific
+        # code paths)
+        parts.append(f"cpu={torch.backends.cpu.get_cpu_capability()},vendor={cpu_vendor()}")
     if path in ("triton", "cuda"):
         import numpy
         import triton
