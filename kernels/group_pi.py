@@ -692,7 +692,10 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     B = group_ids.shape[0]
     single = 0 < n <= SMALL_MAX and (B <= single_program_max_batch(n) if _path is None else _path == "single")
     if mean_out is not None and not single:
-        mean_out.copy_(losses.float().mean())
+        if losses.dtype == torch.float32:
+            torch.mean(losses, 0, out=mean_out)  # losses.mean()'s reduction, written in place: one launch, not two
+        else:
+            mean_out.copy_(losses.float().mean())
     err = _kept_zeros(workspace, "zero_word", (), pi.device) if error_word is None else error_word
     if n == 0:
         if report_out is not None:

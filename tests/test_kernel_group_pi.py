@@ -134,6 +134,19 @@ def test_batches_above_the_single_program_work_take_the_many_groups_path(n: int,
         assert abs(float(means[0]) - float(losses.double().mean())) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 9, 4096, 5000])
+def test_the_many_groups_mean_is_the_losses_mean(B: int, dtype: torch.dtype) -> None:
+    """The many-groups path writes the mean through torch's reduction: the bits of losses.float().mean()."""
+    gen = torch.Generator().manual_seed(B)
+    pi = rand_simplex(LARGE_N, gen)
+    ids = torch.randint(0, LARGE_N, (B,), generator=gen)
+    losses = (torch.randn(B, generator=gen) * 50).to(dtype)
+    mean = torch.full((), float("nan"), device=DEV)
+    call(pi, ids, losses, mean_out=mean)
+    assert torch.equal(mean, losses.to(DEV).float().mean())
+
+
 def test_an_empty_batch_over_many_groups_stays_off_the_single_program(launched) -> None:
     """The single program exists up to SMALL_MAX groups only, whatever the batch (an empty one included)."""
     gen = torch.Generator().manual_seed(43)
