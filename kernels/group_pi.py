@@ -14,25 +14,25 @@ Four ways to run it, all free of float atomics (bitwise reproducible), chosen by
   (``StagedPiStep``): the optimizers' loop API runs a batch's pi step in the launch of its
   weighted loss, staged in a buffer that becomes pi at the next call after ``step()`` (or on the host's
   request), so that ``step()`` launches nothing for pi.
-* more groups or a larger batch, sparse variant (n_groups > 1000 * batch): two launches per PiUpdate, no
-  dense G.  The stats launch has "dense" programs that sum the exponentials of the logits with G = 0 over
-  contiguous ranges of pi (float64, one read of pi, against a fixed reference a log(1 + eps) that no such
-  logit exceeds) and "sample" programs that find, for each group present in the batch, its first sample
-  (the owner) and the group's loss sum in a fixed order; the last program to finish (a ticket) combines the
-  partials into the global normaliser, replacing the G = 0 terms of present groups by their true terms.
-  The write launch writes the dense result and its last program patches the present groups.  The
-  replaced terms are recomputed with the same float32 formula as in the dense sum and cancelled in
-  float64, so the correction stays exact when the absent groups keep at least 1e-9 of the G = 0 mass
-  (always true for a uniform pi_reg and float32 eps unless the temperature is small; otherwise the dense
-  variant runs).  A second update (``second_out``) takes its range sums in the first write, from the
-  values it writes, so it costs one more read and write of pi: 12 bytes per group for one update, 20
-  for both.
+* more groups or a larger batch, sparse variant (n_groups > 1000 * batch): three launches per PiUpdate, no
+  dense G.  A sample launch finds, for each group present in the batch, its first sample (the owner) and the
+  group's loss sum (every id against every id, [BI, BK] tiles summed in registers, one reduction at the end).
+  The stats launch sums the exponentials of the logits with G = 0 over contiguous ranges of pi (float64, one
+  read of pi, against a fixed reference a log(1 + eps) that no such logit exceeds); the last of its programs to
+  finish (a ticket) combines the partials into the global normaliser, replacing the G = 0 terms of present
+  groups by their true terms.  The write launch writes the dense result and its last program patches the
+  present groups.  The replaced terms are recomputed with the same float32 formula as in the dense sum and
+  cancelled in float64, so the correction stays exact when the absent groups keep at least 1e-9 of the G = 0
+  mass (always true for a uniform pi_reg and float32 eps unless the temperature is small; otherwise the dense
+  variant runs).  A second update (``second_out``) takes its range sums in the first write, from the values it
+  writes, so it costs one more read and write of pi: 12 bytes per group for one update, 20 for both.  The
+  sample programs have a launch of their own: sharing the stats launch, they set its registers (145 a thread),
+  which left room for one range program per SM (10^9 groups on an H100: that pass 2353 us, 1888 us split).
 * more groups or a larger batch, dense variant (smaller n_groups, a non-uniform pi_reg, or the bound above
-  failing): a sample-only launch stores the owners' loss sums in a persistent all-zero buffer of
-  n_groups floats, then the range reduction (its last program combining the normaliser) and the write
-  read it; the write's last program clears the entries it used.  Three launches per PiUpdate (two for
-  the second update of ``second_out``).  The buffer lives in the caller's workspace
-  (``pi_update_checked``).
+  failing): the sample launch stores the owners' loss sums in a persistent all-zero buffer of n_groups
+  floats, then the range reduction (its last program combining the normaliser) and the write read it; the
+  write's last program clears the entries it used.  Three launches per PiUpdate (two for the second update of
+  ``second_out``).  The buffer lives in the caller's workspace (``pi_update_checked``).
 
 The first and second give the same S and the same result, bitwise.
 """
@@ -68,8 +68,10 @@ _PROGRAMS_PER_SM = 4  # the many-groups kernels' programs over pi: this many per
 # software-pipelining stages of their loops over pi (1: none); the values do not depend on it (a GPU test). 3 was
 # the fastest at 10^9 on an H100 and an H200 (docs/performance.md)
 _LOOP_STAGES = 3
-_SAMPLE_BI = 16  # samples per sample-program
-_SAMPLE_BK = 1024  # ids compared per loop step
+_SAMPLE_BI = 16  # samples per sample-program on a GPU ...
+_SAMPLE_BK = 256  # ... against this many ids per loop step (a [16, 256] tile of sums and of first indices) ...
+_SAMPLE_WARPS = 4  # ... in this many warps
+_WIDE_IDS_FROM = 2**31  # from this many groups the sample programs compare ids in 64 bits (32 below)
 _SCAN = 1024  # chunk when a last program scans the per-sample records
 _DENSE_PER_SAMPLE = 1000  # dense loss sums while n_groups <= this * batch size
 
@@ -275,92 +277,105 @@ def _scale(y, M, shift, inv_z):
 
 
 @triton.jit
-def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ticket_ptr, n, B, P, n_dense,
-                     range_len, a, c, lr, eps, m_ref,
-                     HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, FINISH: tl.constexpr,
-                     SAMPLES: tl.constexpr, BLOCK: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
-                     PB: tl.constexpr, SB: tl.constexpr, STAGES: tl.constexpr):
-    # ws (float64): [0,P) range reference | [P,2P) range sum | [2P,4P) the same for a second update |
-    # records from 4P: owner id or -1 | group loss sum | owner logit with G = 0 | owner logit (-inf for
-    # non-owners) | the same two logits for a second update | (M, shift, 1/Z) of each update.
-    # Programs [0, n_dense) reduce ranges of pi, the others (SAMPLES) handle blocks of samples; with
-    # FINISH the last program to finish (a ticket) computes the normaliser. With DENSE_S the loss sums
-    # live in the dense buffer s_ptr (written by an earlier samples-only launch); otherwise the dense side
-    # uses G = 0 against the fixed reference m_ref >= every such logit (a log(1 + eps): pi <= 1, pi_reg <= 1;
-    # one read of pi), and the present groups are corrected in the normaliser.
+def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, n, B, P, a, c, lr, eps,
+                           HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
+                           WIDE_IDS: tl.constexpr):
+    # Each program takes BI samples and finds, against the whole batch, the first sample with the same id (the
+    # group's owner: one writer per group) and the group's loss sum. The [BI, BK] tiles accumulate over the batch
+    # in registers and are reduced once at the end. Records (float64, from 4P of ws): owner id or -1 | group loss
+    # sum | (sparse) owner logit with G = 0 | owner logit (-inf for non-owners); DENSE_S: the owners' loss sums
+    # go into the dense buffer s_ptr instead of the logits.
+    own_base = ws_ptr + 4 * P
+    i = tl.program_id(0) * BI + tl.arange(0, BI)
+    im = i < B
+    g = tl.load(ids_ptr + i, mask=im, other=-1).to(tl.int64)
+    valid = im & (g >= 0) & (g < n)
+    # ids outside [0, n) become -1 here and -2 in the batch below (they match nothing); below 2^31 groups the
+    # comparisons run on int32
+    gi = tl.where(valid, g, -1)
+    if not WIDE_IDS:
+        gi = gi.to(tl.int32)
+    acc = tl.zeros([BI, BK], dtype=tl.float32)
+    first = tl.full([BI, BK], 2147483647, dtype=tl.int32)
+    for k0 in range(0, B, BK):
+        k = k0 + tl.arange(0, BK)
+        km = k < B
+        gk = tl.load(ids_ptr + k, mask=km, other=-1).to(tl.int64)
+        gk = tl.where(km & (gk >= 0) & (gk < n), gk, -2)
+        if not WIDE_IDS:
+            gk = gk.to(tl.int32)
+        lk = tl.load(loss_ptr + k, mask=km, other=0.0).to(tl.float32)
+        hit = gi[:, None] == gk[None, :]
+        acc += tl.where(hit, lk[None, :], 0.0)
+        first = tl.minimum(first, tl.where(hit, k[None, :], 2147483647))
+    s = tl.sum(acc, axis=1)
+    own = valid & (tl.min(first, axis=1) == i)
+    tl.store(own_base + i, tl.where(own, g, -1).to(tl.float64), mask=im)
+    tl.store(own_base + B + i, s.to(tl.float64), mask=im)
+    if DENSE_S:
+        tl.store(s_ptr + g, s, mask=own)
+    else:
+        gs = tl.where(own, g, 0)
+        p = tl.load(pi_ptr + gs, mask=own, other=1.0)
+        r = 0.0
+        if HAS_REG:
+            r = tl.load(lpr_ptr + gs, mask=own, other=0.0)
+        y0 = _logit(p, r, 0.0, a, c, lr, eps, HAS_REG, False)
+        y = tl.where(own, _logit(p, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
+        tl.store(own_base + 2 * B + i, y0.to(tl.float64), mask=im)
+        tl.store(own_base + 3 * B + i, y.to(tl.float64), mask=im)
+
+
+@triton.jit
+def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_len, a, c, lr, eps, m_ref,
+                     HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr,
+                     BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    # ws (float64): [0,P) range reference | [P,2P) range sum | [2P,4P) the same for a second update | the
+    # sample records from 4P (``_pi_sample_sums_kernel``, launched before) | (M, shift, 1/Z) of each update.
+    # Program p reduces range p of pi; the last program to finish (a ticket) computes the normaliser. With
+    # DENSE_S the loss sums live in the dense buffer s_ptr; otherwise the ranges use G = 0 against the fixed
+    # reference m_ref >= every such logit (a log(1 + eps): pi <= 1, pi_reg <= 1; one read of pi), and the present
+    # groups are corrected in the normaliser from the records.
     pid = tl.program_id(0)
     own_base = ws_ptr + 4 * P
-    if pid < n_dense:
-        start = pid.to(tl.int64) * range_len
-        if DENSE_S:
-            mv = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-            for off in tl.range(0, range_len, BLOCK, num_stages=STAGES):
-                idx = start + off + tl.arange(0, BLOCK)
-                msk = idx < n
-                p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
-                r = 0.0
-                if HAS_REG:
-                    r = tl.load(lpr_ptr + idx, mask=msk, other=0.0)
-                sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
-                mv = tl.maximum(mv, tl.where(msk, _logit(p, r, sj, a, c, lr, eps, HAS_REG, True), float("-inf")))
-            m = tl.max(mv, axis=0)
-        else:
-            m = tl.zeros([], dtype=tl.float32) + m_ref
-        sv = tl.zeros([BLOCK], dtype=tl.float64)
+    start = pid.to(tl.int64) * range_len
+    if DENSE_S:
+        mv = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         for off in tl.range(0, range_len, BLOCK, num_stages=STAGES):
             idx = start + off + tl.arange(0, BLOCK)
             msk = idx < n
             p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
             r = 0.0
-            sj = 0.0
             if HAS_REG:
                 r = tl.load(lpr_ptr + idx, mask=msk, other=0.0)
-            if DENSE_S:
-                sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
-            t = _wide_exp(_logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S) - m)
-            sv += tl.where(msk, t, 0.0)
-        tl.store(ws_ptr + pid, m.to(tl.float64))
-        tl.store(ws_ptr + P + pid, tl.sum(sv, axis=0))
-    elif SAMPLES:
-        q = pid - n_dense
-        i = q * BI + tl.arange(0, BI)
-        im = i < B
-        g = tl.load(ids_ptr + i, mask=im, other=-1).to(tl.int64)
-        valid = im & (g >= 0) & (g < n)
-        s = tl.zeros([BI], dtype=tl.float32)
-        first = tl.full([BI], 2147483647, dtype=tl.int32)
-        for k0 in range(0, B, BK):
-            k = k0 + tl.arange(0, BK)
-            km = k < B
-            gk = tl.load(ids_ptr + k, mask=km, other=-1).to(tl.int64)
-            lk = tl.load(loss_ptr + k, mask=km, other=0.0).to(tl.float32)
-            hit = (g[:, None] == gk[None, :]) & km[None, :]
-            s += tl.sum(tl.where(hit, lk[None, :], 0.0), axis=1)
-            first = tl.minimum(first, tl.min(tl.where(hit, k[None, :], 2147483647), axis=1))
-        # the first sample of each present group owns it (one writer per group)
-        own = valid & (first == i)
-        tl.store(own_base + i, tl.where(own, g, -1).to(tl.float64), mask=im)
-        tl.store(own_base + B + i, s.to(tl.float64), mask=im)
+            sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
+            mv = tl.maximum(mv, tl.where(msk, _logit(p, r, sj, a, c, lr, eps, HAS_REG, True), float("-inf")))
+        m = tl.max(mv, axis=0)
+    else:
+        m = tl.zeros([], dtype=tl.float32) + m_ref
+    sv = tl.zeros([BLOCK], dtype=tl.float64)
+    for off in tl.range(0, range_len, BLOCK, num_stages=STAGES):
+        idx = start + off + tl.arange(0, BLOCK)
+        msk = idx < n
+        p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
+        r = 0.0
+        sj = 0.0
+        if HAS_REG:
+            r = tl.load(lpr_ptr + idx, mask=msk, other=0.0)
         if DENSE_S:
-            tl.store(s_ptr + g, s, mask=own)
-        else:
-            gs = tl.where(own, g, 0)
-            p = tl.load(pi_ptr + gs, mask=own, other=1.0)
-            r = 0.0
-            if HAS_REG:
-                r = tl.load(lpr_ptr + gs, mask=own, other=0.0)
-            y0 = _logit(p, r, 0.0, a, c, lr, eps, HAS_REG, False)
-            y = tl.where(own, _logit(p, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
-            tl.store(own_base + 2 * B + i, y0.to(tl.float64), mask=im)
-            tl.store(own_base + 3 * B + i, y.to(tl.float64), mask=im)
-    if FINISH:
-        tl.debug_barrier()
-        # acq_rel ticket: the last program sees every partial and record stored before the other tickets
-        ticket = tl.atomic_add(ticket_ptr, 1)
-        if ticket == tl.num_programs(0) - 1:
-            _finish_normaliser(ws_ptr, ws_ptr + P, P, range_len, own_base, own_base + 2 * B, own_base + 3 * B, B,
-                               own_base + 6 * B, not DENSE_S, PB, SB)
-            tl.atomic_xchg(ticket_ptr, 0)
+            sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
+        t = _wide_exp(_logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S) - m)
+        sv += tl.where(msk, t, 0.0)
+    tl.store(ws_ptr + pid, m.to(tl.float64))
+    tl.store(ws_ptr + P + pid, tl.sum(sv, axis=0))
+    tl.debug_barrier()
+    # acq_rel ticket: the last program sees every partial stored before the other tickets (and the records of the
+    # sample launch, which finished before this launch began)
+    ticket = tl.atomic_add(ticket_ptr, 1)
+    if ticket == tl.num_programs(0) - 1:
+        _finish_normaliser(ws_ptr, ws_ptr + P, P, range_len, own_base, own_base + 2 * B, own_base + 3 * B, B,
+                           own_base + 6 * B, not DENSE_S, PB, SB)
+        tl.atomic_xchg(ticket_ptr, 0)
 
 
 @triton.jit
@@ -370,8 +385,8 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
                      SECOND_STATS: tl.constexpr, REPORT: tl.constexpr, BLOCK: tl.constexpr, PB: tl.constexpr,
                      SB: tl.constexpr, STAGES: tl.constexpr):
     # out = exp((z - M) - shift) / Z over each program's range, with (M, shift, 1/Z) of update UPDATE (0: the
-    # first, 1: the second); the last program to finish patches the present groups (sparse) or clears the
-    # dense loss sums (CLEAR). SECOND_STATS (sparse, first update): the range sums of the second update
+    # first, 1: the second); the last program to finish patches the present groups (sparse); CLEAR (dense, the
+    # step's last read of the loss sums): each program zeroes the non-zero sums of its range after reading them. SECOND_STATS (sparse, first update): the range sums of the second update
     # PiUpdate(out, G) with G = 0 are taken from the values written, and the last program finishes that
     # update's normaliser, so that the second update reads pi once less. REPORT: the last program then writes
     # the step's report (the error word it read, with REPORTED set) to the host's slot.
@@ -397,46 +412,57 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
             sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
         o = _scale(_logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S), M, shift, inv_z)
         tl.store(out_ptr + idx, o, mask=msk & keep)
+        if CLEAR:  # the step's last read of the dense loss sums: the entries its batch set go back to zero
+            tl.store(s_ptr + idx, tl.zeros([BLOCK], dtype=tl.float32), mask=msk & (sj != 0.0))
         if SECOND_STATS:
             sv += tl.where(msk, _wide_exp(_logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False) - m_ref), 0.0)
     if SECOND_STATS:
         tl.store(ws_ptr + 2 * P + pid, (tl.zeros([], dtype=tl.float32) + m_ref).to(tl.float64))
         tl.store(ws_ptr + 3 * P + pid, tl.sum(sv, axis=0))
-    if (not DENSE_S) or CLEAR:  # the step's last write clears (dense) or patches (sparse): REPORT is set there only
+    if (not DENSE_S) or REPORT:  # sparse: the last program patches the present groups; REPORT: it reports
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
-            for k0 in range(0, B, SB):
-                i = k0 + tl.arange(0, SB)
-                im = i < B
-                gf = tl.load(own_base + i, mask=im, other=-1.0)
-                own = gf >= 0
-                g = tl.where(own, gf, 0.0).to(tl.int64)
-                if DENSE_S:
-                    tl.store(s_ptr + g, tl.zeros([SB], dtype=tl.float32), mask=own)
-                else:
-                    y = tl.load(own_base + (3 + 2 * UPDATE) * B + i, mask=own, other=0.0).to(tl.float32)
-                    o = _scale(y, M, shift, inv_z)
-                    tl.store(out_ptr + g, o, mask=own & keep)
-                    if SECOND_STATS:
-                        # the second update's two logits of each owner: with G = 0 from the value its range
-                        # sum saw (the unpatched one) and the true one from the patched value
-                        y0 = tl.load(own_base + 2 * B + i, mask=own, other=0.0).to(tl.float32)
-                        s = tl.load(own_base + B + i, mask=own, other=0.0).to(tl.float32)
-                        r = 0.0
-                        if HAS_REG:
-                            r = tl.load(lpr_ptr + g, mask=own, other=0.0)
-                        seen = _logit(_scale(y0, M, shift, inv_z), r, 0.0, a, c, lr, eps, HAS_REG, False)
-                        true = tl.where(own, _logit(o, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
-                        tl.store(own_base + 4 * B + i, seen.to(tl.float64), mask=im)
-                        tl.store(own_base + 5 * B + i, true.to(tl.float64), mask=im)
-            if SECOND_STATS:
-                tl.debug_barrier()  # the records stored above are read back by other threads
-                _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, range_len, own_base, own_base + 4 * B,
-                                   own_base + 5 * B, B, res + 3, True, PB, SB)
+            if not DENSE_S:
+                _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, range_len, B, res, M, shift, inv_z, keep, a, c, lr,
+                                      eps, HAS_REG, UPDATE, SECOND_STATS, PB, SB)
             tl.atomic_xchg(ticket_ptr, 0)
             if REPORT:
                 tl.store(report_ptr, word | _REPORTED)
+
+
+@triton.jit
+def _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, range_len, B, res, M, shift, inv_z, keep, a, c, lr, eps,
+                          HAS_REG: tl.constexpr, UPDATE: tl.constexpr, SECOND_STATS: tl.constexpr,
+                          PB: tl.constexpr, SB: tl.constexpr):
+    # The sparse write's last program: the present groups' true values (the ranges wrote their G = 0 values);
+    # SECOND_STATS: then the second update's normaliser, from the owners' two logits of that update
+    own_base = ws_ptr + 4 * P
+    for k0 in range(0, B, SB):
+        i = k0 + tl.arange(0, SB)
+        im = i < B
+        gf = tl.load(own_base + i, mask=im, other=-1.0)
+        own = gf >= 0
+        g = tl.where(own, gf, 0.0).to(tl.int64)
+        y = tl.load(own_base + (3 + 2 * UPDATE) * B + i, mask=own, other=0.0).to(tl.float32)
+        o = _scale(y, M, shift, inv_z)
+        tl.store(out_ptr + g, o, mask=own & keep)
+        if SECOND_STATS:
+            # the second update's two logits of each owner: with G = 0 from the value its range sum saw (the
+            # unpatched one) and the true one from the patched value
+            y0 = tl.load(own_base + 2 * B + i, mask=own, other=0.0).to(tl.float32)
+            s = tl.load(own_base + B + i, mask=own, other=0.0).to(tl.float32)
+            r = 0.0
+            if HAS_REG:
+                r = tl.load(lpr_ptr + g, mask=own, other=0.0)
+            seen = _logit(_scale(y0, M, shift, inv_z), r, 0.0, a, c, lr, eps, HAS_REG, False)
+            true = tl.where(own, _logit(o, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
+            tl.store(own_base + 4 * B + i, seen.to(tl.float64), mask=im)
+            tl.store(own_base + 5 * B + i, true.to(tl.float64), mask=im)
+    if SECOND_STATS:
+        tl.debug_barrier()  # the records stored above are read back by other threads
+        _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, range_len, own_base, own_base + 4 * B,
+                           own_base + 5 * B, B, res + 3, True, PB, SB)
 
 
 _SM_COUNT: dict = {}
@@ -677,6 +703,39 @@ class StagedPiStep:
                       HAS_REG=has_reg, COMMIT=commit, **self._constexprs)
 
 
+class _ManyGroupsLayout:
+    """How the many-groups path splits one call's work (variant, tiles, ranges, sample programs) and the workspace
+    buffers it uses; one per (pi, batch size, hyper-parameters), kept by callers that pass a ``cache``."""
+
+    def __init__(self, pi: torch.Tensor, B: int, scalars: tuple[float, float, float, float], has_reg: bool,
+                 path: Optional[str], workspace: Optional[dict]) -> None:
+        a, c, lr, eps = scalars
+        n, device = pi.shape[0], pi.device
+        on_cpu = device.type != "cuda"
+        if path in (None, "single"):
+            # The dense variant pays two extra reads of n floats (pi for the range maxima, the loss sums) and
+            # a launch; the sparse one a scan of the batch per sample program. On an H100 at B = 4096 the dense
+            # variant was faster at n = 1e4 and 1e6 and the sparse one at n = 1e7.
+            self.dense_s = has_reg or n <= _DENSE_PER_SAMPLE * B or not _sparse_is_exact(n, B, a, eps)
+        else:
+            self.dense_s = path == "dense"
+        self.block = _BLOCK_CPU if on_cpu else _BLOCK_GPU
+        self.stages = 1 if on_cpu else _LOOP_STAGES
+        max_progs = 4 if on_cpu else _PROGRAMS_PER_SM * _sm_count(device)
+        n_tiles = cdiv(n, self.block)
+        self.range_len = cdiv(n_tiles, min(n_tiles, max_progs)) * self.block
+        self.P = cdiv(n, self.range_len)
+        self.bi, self.bk, self.sample_warps = (128, 128, 4) if on_cpu else (_SAMPLE_BI, _SAMPLE_BK, _SAMPLE_WARPS)
+        self.Q = cdiv(B, self.bi)
+        self.pb = max(16, min(1024, next_power_of_2(max(self.P, 1))))
+        # the sparse variant's fixed reference: no logit with G = 0 exceeds a log(1 + eps) (pi, pi_reg <= 1)
+        self.scalars = (a, c, lr, eps, a * math.log1p(eps))
+        self.ws = _float64_workspace(workspace, device, 4 * self.P + 6 * B + 6)
+        self.tickets = _kept_zeros(workspace, "tickets", (2,), device)
+        self.write_ticket = self.tickets[1:]
+        self.sbuf = _loss_sum_buffer(workspace, device, n) if self.dense_s else pi
+
+
 def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *,
                       pi_lr: float, pi_decay: float, temperature: float, eps: float,
                       log_pi_reg: Optional[torch.Tensor], out: torch.Tensor,
@@ -718,54 +777,59 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
                       **_single_program(n))
         return out
 
-    if _path in (None, "single"):
-        # The dense variant pays two extra reads of n floats (pi for the range maxima, the loss sums) and
-        # a launch; the sparse one a scan of the batch per sample program. On an H100 at B = 4096 the dense
-        # variant was faster at n = 1e4 and 1e6 and the sparse one at n = 1e7.
-        dense_s = has_reg or n <= _DENSE_PER_SAMPLE * B or not _sparse_is_exact(n, B, a, eps)
-    else:
-        dense_s = _path == "dense"
-    block = _BLOCK_CPU if on_cpu else _BLOCK_GPU
-    stages = 1 if on_cpu else _LOOP_STAGES
-    max_progs = 4 if on_cpu else _PROGRAMS_PER_SM * _sm_count(pi.device)
-    n_tiles = cdiv(n, block)
-    range_len = cdiv(n_tiles, min(n_tiles, max_progs)) * block
-    P = cdiv(n, range_len)
-    bi = 128 if on_cpu else _SAMPLE_BI
-    Q = cdiv(B, bi)
-    ws = _float64_workspace(workspace, pi.device, 4 * P + 6 * B + 6)
-    tickets = _kept_zeros(workspace, "tickets", (2,), pi.device)
-    sbuf = _loss_sum_buffer(workspace, pi.device, n) if dense_s else pi
-    pb = max(16, min(1024, next_power_of_2(max(P, 1))))
-    # the sparse variant's fixed reference: no logit with G = 0 exceeds a log(1 + eps) (pi, pi_reg <= 1)
-    scal = (a, c, lr, eps, a * math.log1p(eps))
+    key = (pi.data_ptr(), lpr.data_ptr(), out.data_ptr(), second_out.data_ptr() if second else 0, err.data_ptr(),
+           n, B, a, c, lr, eps, has_reg, _path, report_out is None, _BLOCK_GPU, _PROGRAMS_PER_SM, _LOOP_STAGES,
+           _SAMPLE_BI, _SAMPLE_BK, _SAMPLE_WARPS, _WIDE_IDS_FROM)
+    kept = None if cache is None or on_cpu else cache.get("many")
+    if kept is None or kept[0] != key:
+        kept = (key, _ManyGroupsLayout(pi, B, (a, c, lr, eps), has_reg, _path, workspace), {})
+        if cache is not None and not on_cpu:
+            cache["many"] = kept
+    _, lay, roles = kept
+    keep = cache is not None and not on_cpu
+    device = pi.device
 
-    def stats(src: torch.Tensor, n_dense: int, grid: int, samples: bool, finish: bool) -> None:
-        launch(_pi_stats_kernel, grid, pi.device, src, lpr, sbuf, group_ids, losses, ws, tickets, n, B, P, n_dense,
-               range_len, *scal, num_warps=8, HAS_REG=has_reg, DENSE_S=dense_s, FINISH=finish, SAMPLES=samples,
-               BLOCK=block, BI=bi, BK=_SAMPLE_BK, PB=pb, SB=_SCAN, STAGES=stages)
+    def run(role: str, kernel, grid: int, args: tuple, varying: tuple, num_warps: int = 8, **constexprs) -> None:
+        if keep:  # everything but the varying arguments is named by ``key``
+            launch_cached(roles.setdefault(role, {}), True, kernel, grid, device, args, varying, num_warps=num_warps,
+                          **constexprs)
+        else:
+            launch(kernel, grid, device, *args, num_warps=num_warps, **constexprs)
 
-    def write(src: torch.Tensor, dst: torch.Tensor, clear: bool, update: int, second_stats: bool,
+    def samples() -> None:
+        if lay.Q > 0:
+            run("samples", _pi_sample_sums_kernel, lay.Q,
+                (pi, lpr, lay.sbuf, group_ids, losses, lay.ws, n, B, lay.P, *lay.scalars[:4]), (3, 4),
+                num_warps=lay.sample_warps, HAS_REG=has_reg, DENSE_S=lay.dense_s, BI=lay.bi, BK=lay.bk,
+                WIDE_IDS=n >= _WIDE_IDS_FROM)
+
+    def stats(role: str, src: torch.Tensor) -> None:
+        run(role, _pi_stats_kernel, lay.P,
+            (src, lpr, lay.sbuf, lay.ws, lay.tickets, n, B, lay.P, lay.range_len, *lay.scalars), (),
+            HAS_REG=has_reg, DENSE_S=lay.dense_s, PB=lay.pb, SB=_SCAN, BLOCK=lay.block, STAGES=lay.stages)
+
+    def write(role: str, src: torch.Tensor, dst: torch.Tensor, clear: bool, update: int, second_stats: bool,
               last: bool) -> None:
         reports = last and report_out is not None
-        launch(_pi_write_kernel, P, pi.device, src, lpr, sbuf, dst, ws, err, tickets[1:],
-               report_out if reports else err, n, B, P, range_len, *scal, num_warps=8, HAS_REG=has_reg,
-               DENSE_S=dense_s, CLEAR=clear, UPDATE=update, SECOND_STATS=second_stats, REPORT=reports,
-               BLOCK=block, PB=pb, SB=_SCAN, STAGES=stages)
+        run(role, _pi_write_kernel, lay.P,
+            (src, lpr, lay.sbuf, dst, lay.ws, err, lay.write_ticket, report_out if reports else err, n, B, lay.P,
+             lay.range_len, *lay.scalars), (7,) if reports else (), HAS_REG=has_reg, DENSE_S=lay.dense_s,
+            CLEAR=clear, UPDATE=update, SECOND_STATS=second_stats, REPORT=reports, BLOCK=lay.block, PB=lay.pb,
+            SB=_SCAN, STAGES=lay.stages)
 
-    if dense_s:
-        if Q > 0:
-            stats(pi, 0, Q, True, False)  # loss sums into the dense buffer first
-        stats(pi, P, P, False, True)
-        write(pi, out, not second, 0, False, not second)
+    # the batch's records (owners, loss sums) first; then the normaliser over the ranges of pi and the write.
+    # Dense: the loss sums go through the dense buffer, which the last write clears. Sparse: the ranges take G = 0
+    # (one read of pi), the normaliser and the write patch the present groups; the first write takes the second
+    # update's range sums from the values it writes, so the second write reads out once
+    samples()
+    stats("stats", pi)
+    if lay.dense_s:
+        write("write", pi, out, not second, 0, False, not second)
         if second:
-            stats(out, P, P, False, True)
-            write(out, second_out, True, 0, False, True)
+            stats("stats2", out)
+            write("write2", out, second_out, True, 0, False, True)
     else:
-        # stats: one read of pi; the first write reads pi, writes out and takes the second update's range
-        # sums; the second write reads out and writes second_out
-        stats(pi, P, P + Q, True, True)
-        write(pi, out, False, 0, second, not second)
+        write("write", pi, out, False, 0, second, not second)
         if second:
-            write(out, second_out, False, 1, False, True)
+            write("write2", out, second_out, False, 1, False, True)
     return out

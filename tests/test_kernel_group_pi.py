@@ -147,6 +147,40 @@ def test_the_many_groups_mean_is_the_losses_mean(B: int, dtype: torch.dtype) -> 
     assert torch.equal(mean, losses.to(DEV).float().mean())
 
 
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("second", [False, True])
+def test_kept_many_groups_launches_follow_fresh_ones(path: str, second: bool) -> None:
+    """With a ``cache`` (the optimizers' calls) the many-groups launches are kept and only the batch and the report
+    slot are rewritten: over new batches, a new output tensor and a new batch size, pi (and the second update) and
+    the reports are those of calls without a cache, bitwise; on a GPU every launch of the step is kept."""
+    gen = torch.Generator().manual_seed(5)
+    start = rand_simplex(LARGE_N, gen).to(DEV)
+    batches = []
+    for step, B in enumerate((37, 37, 37, 37, 50, 50)):
+        g = torch.Generator().manual_seed(100 + step)
+        batches.append((torch.randint(0, LARGE_N, (B,), generator=g).to(DEV), (torch.rand(B, generator=g) * 3).to(DEV)))
+    results = []
+    for cache in (None, {}):
+        pi, mid, other = start.clone(), torch.zeros_like(start), torch.empty_like(start)
+        word, workspace, steps = torch.zeros((), dtype=torch.int32, device=DEV), {}, []
+        for step, (ids, losses) in enumerate(batches):
+            report = torch.zeros((), dtype=torch.int32, pin_memory=CUDA)
+            dst = other if step == 2 else pi  # one step writes another tensor, then pi takes its values
+            group_pi.pi_update_checked(pi, ids, losses, out=dst, second_out=mid if second else None, error_word=word,
+                                       report_out=report, log_pi_reg=None, cache=cache, workspace=workspace,
+                                       _path=path, **HP)
+            pi.copy_(dst)
+            if CUDA:
+                torch.cuda.synchronize()
+            steps.append((pi.clone(), mid.clone(), int(report)))
+            if CUDA and cache is not None:
+                assert cache["many"][2] and all(True in kept for kept in cache["many"][2].values())
+        results.append(steps)
+    for fresh, kept in zip(*results):
+        assert torch.equal(fresh[0], kept[0]) and torch.equal(fresh[1], kept[1])
+        assert fresh[2] == kept[2] == group_pi.REPORTED
+
+
 def test_an_empty_batch_over_many_groups_stays_off_the_single_program(launched) -> None:
     """The single program exists up to SMALL_MAX groups only, whatever the batch (an empty one included)."""
     gen = torch.Generator().manual_seed(43)
@@ -240,10 +274,11 @@ def test_bad_ids_stay_inside_pi(n: int, path: Optional[str]) -> None:
     bufs = [torch.full((n + 2 * pad,), sentinel, device=DEV) for _ in range(3)]
     p_view, o_view, m_view = (b[pad:pad + n] for b in bufs)
     p_view.copy_(pi)
-    good = torch.randint(0, n, (40,), generator=gen)
-    bad = torch.tensor([-1, -pad, -pad - 1, n, n + 1, n + pad, 2**40, -(2**40)])
-    ids = torch.cat([good, bad])[torch.randperm(48, generator=gen)]
-    losses = torch.rand(48, generator=gen) * 4
+    good = torch.cat([torch.randint(0, n, (40,), generator=gen), torch.tensor([5])])
+    # the last two are 5 modulo 2^32: an id compared in 32 bits must still not count for group 5
+    bad = torch.tensor([-1, -pad, -pad - 1, n, n + 1, n + pad, 2**40, -(2**40), 5 + 2**32, 5 - 2**32])
+    ids = torch.cat([good, bad])[torch.randperm(51, generator=gen)]
+    losses = torch.rand(51, generator=gen) * 4
     pi_update(p_view, ids.to(DEV), losses.to(DEV), **HP, out=o_view, second_out=m_view,
               _path=path)
     for b in bufs:
@@ -259,6 +294,21 @@ def test_bad_ids_stay_inside_pi(n: int, path: Optional[str]) -> None:
               _path=path)
     assert torch.all(bufs[0][:pad] == sentinel) and torch.all(bufs[0][pad + n:] == sentinel)
     assert rel_err(p_view, ref) < 2e-6
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_ids_compared_in_64_bits_give_the_same_bits(path: str, monkeypatch) -> None:
+    """The many-groups sample programs compare ids in 32 bits below 2^31 groups and in 64 bits from there: both
+    comparisons give the same pi (64 bits forced here at a small n_groups), repeated and bad ids included."""
+    gen = torch.Generator().manual_seed(19)
+    pi = rand_simplex(LARGE_N, gen)
+    ids = torch.cat([torch.randint(0, LARGE_N, (60,), generator=gen), torch.full((9,), 5),
+                     torch.tensor([-1, LARGE_N, 5 + 2**32, 2**40])])
+    losses = torch.rand(ids.numel(), generator=gen) * 3
+    narrow = call(pi, ids, losses, second_out=torch.empty(LARGE_N, device=DEV), _path=path)
+    monkeypatch.setattr(group_pi, "_WIDE_IDS_FROM", 0)
+    wide = call(pi, ids, losses, second_out=torch.empty(LARGE_N, device=DEV), _path=path)
+    assert torch.equal(narrow, wide)
 
 
 @pytest.mark.parametrize("path", [None, "sparse", "dense"])
