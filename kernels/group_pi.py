@@ -31,8 +31,8 @@ Four ways to run it, all free of float atomics (bitwise reproducible), chosen by
 * more groups or a larger batch, dense variant (smaller n_groups, a non-uniform pi_reg, or the bound above
   failing): the sample launch stores the owners' loss sums in a persistent all-zero buffer of n_groups
   floats, then the range reduction (its last program combining the normaliser) and the write read it; the
-  write's last program clears the entries it used.  Three launches per PiUpdate (two for the second update of
-  ``second_out``).  The buffer lives in the caller's workspace (``pi_update_checked``).
+  step's last write zeroes the non-zero sums of each range after reading them.  Three launches per PiUpdate (two
+  for the second update of ``second_out``).  The buffer lives in the caller's workspace (``pi_update_checked``).
 
 The first and second give the same S and the same result, bitwise.
 """
@@ -386,9 +386,10 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
                      SB: tl.constexpr, STAGES: tl.constexpr):
     # out = exp((z - M) - shift) / Z over each program's range, with (M, shift, 1/Z) of update UPDATE (0: the
     # first, 1: the second); the last program to finish patches the present groups (sparse); CLEAR (dense, the
-    # step's last read of the loss sums): each program zeroes the non-zero sums of its range after reading them. SECOND_STATS (sparse, first update): the range sums of the second update
-    # PiUpdate(out, G) with G = 0 are taken from the values written, and the last program finishes that
-    # update's normaliser, so that the second update reads pi once less. REPORT: the last program then writes
+    # step's last read of the loss sums): each program zeroes the non-zero sums of its range after reading them.
+    # SECOND_STATS (sparse, first update): the range sums of the second update PiUpdate(out, G) with G = 0 are
+    # taken from the values written, and the last program finishes that update's normaliser, so that the second
+    # update reads pi once less. REPORT: the last program then writes
     # the step's report (the error word it read, with REPORTED set) to the host's slot.
     pid = tl.program_id(0)
     own_base = ws_ptr + 4 * P
@@ -727,6 +728,7 @@ class _ManyGroupsLayout:
         self.P = cdiv(n, self.range_len)
         self.bi, self.bk, self.sample_warps = (128, 128, 4) if on_cpu else (_SAMPLE_BI, _SAMPLE_BK, _SAMPLE_WARPS)
         self.Q = cdiv(B, self.bi)
+        self.wide_ids = n >= _WIDE_IDS_FROM
         self.pb = max(16, min(1024, next_power_of_2(max(self.P, 1))))
         # the sparse variant's fixed reference: no logit with G = 0 exceeds a log(1 + eps) (pi, pi_reg <= 1)
         self.scalars = (a, c, lr, eps, a * math.log1p(eps))
@@ -777,20 +779,22 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
                       **_single_program(n))
         return out
 
-    key = (pi.data_ptr(), lpr.data_ptr(), out.data_ptr(), second_out.data_ptr() if second else 0, err.data_ptr(),
-           n, B, a, c, lr, eps, has_reg, _path, report_out is None, _BLOCK_GPU, _PROGRAMS_PER_SM, _LOOP_STAGES,
-           _SAMPLE_BI, _SAMPLE_BK, _SAMPLE_WARPS, _WIDE_IDS_FROM)
-    kept = None if cache is None or on_cpu else cache.get("many")
+    keep = cache is not None and not on_cpu  # kept launches (CUDA only)
+    key = kept = None
+    if keep:  # everything a kept launch fixes besides the ids, losses and report slot
+        key = (pi.data_ptr(), lpr.data_ptr(), out.data_ptr(), second_out.data_ptr() if second else 0,
+               err.data_ptr(), n, B, a, c, lr, eps, has_reg, _path, report_out is None, _BLOCK_GPU, _PROGRAMS_PER_SM,
+               _LOOP_STAGES, _SAMPLE_BI, _SAMPLE_BK, _SAMPLE_WARPS, _WIDE_IDS_FROM)
+        kept = cache.get("many")
     if kept is None or kept[0] != key:
         kept = (key, _ManyGroupsLayout(pi, B, (a, c, lr, eps), has_reg, _path, workspace), {})
-        if cache is not None and not on_cpu:
+        if keep:
             cache["many"] = kept
     _, lay, roles = kept
-    keep = cache is not None and not on_cpu
     device = pi.device
 
     def run(role: str, kernel, grid: int, args: tuple, varying: tuple, num_warps: int = 8, **constexprs) -> None:
-        if keep:  # everything but the varying arguments is named by ``key``
+        if keep:
             launch_cached(roles.setdefault(role, {}), True, kernel, grid, device, args, varying, num_warps=num_warps,
                           **constexprs)
         else:
@@ -801,7 +805,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
             run("samples", _pi_sample_sums_kernel, lay.Q,
                 (pi, lpr, lay.sbuf, group_ids, losses, lay.ws, n, B, lay.P, *lay.scalars[:4]), (3, 4),
                 num_warps=lay.sample_warps, HAS_REG=has_reg, DENSE_S=lay.dense_s, BI=lay.bi, BK=lay.bk,
-                WIDE_IDS=n >= _WIDE_IDS_FROM)
+                WIDE_IDS=lay.wide_ids)
 
     def stats(role: str, src: torch.Tensor) -> None:
         run(role, _pi_stats_kernel, lay.P,
@@ -818,9 +822,9 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
             SB=_SCAN, STAGES=lay.stages)
 
     # the batch's records (owners, loss sums) first; then the normaliser over the ranges of pi and the write.
-    # Dense: the loss sums go through the dense buffer, which the last write clears. Sparse: the ranges take G = 0
-    # (one read of pi), the normaliser and the write patch the present groups; the first write takes the second
-    # update's range sums from the values it writes, so the second write reads out once
+    # Dense: the loss sums go through the dense buffer, which the last write zeroes again. Sparse: the ranges take
+    # G = 0 (one read of pi), the normaliser and the write patch the present groups; the first write takes the
+    # second update's range sums from the values it writes, so the second write reads out once
     samples()
     stats("stats", pi)
     if lay.dense_s:
