@@ -13,7 +13,8 @@ one more read and write (20 bytes per group), as a fraction of the device-to-dev
 same run. A size whose plain step does not fit is timed for GroupWeights alone. With ``--graph`` each
 implementation is also timed as a captured iteration (``torch.cuda.graph``: the batch copied into static
 buffers, then one replay; GroupWeights with ``validate=False``, which capture needs; the plain step writing pi
-in place), interleaved with the eager ones. Writes JSON and a plot (time per iteration against n_groups).
+in place), interleaved with the eager ones; ``--kernel-times`` adds each eager implementation's GPU time per
+kernel per iteration (torch.profiler). Writes JSON and a plot (time per iteration against n_groups).
 
 Run: ``python3 benchmarks/pi/bench_object_level.py --out benchmarks/results/object_level_<gpu>.json`` (CUDA)."""
 from __future__ import annotations
@@ -33,6 +34,9 @@ import also_fused
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 from results_io import source_digest  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_pi_stream import kernel_times  # noqa: E402
 
 PI_LR, PI_DECAY, EPS = 1e-3, 1e-2, 1.1920929e-07
 
@@ -183,6 +187,8 @@ def main() -> None:
                         help="only profile the host: cProfile of 200 GroupWeights iterations at N groups, both modes")
     parser.add_argument("--graph", action="store_true",
                         help="also time each implementation as a captured CUDA graph, replayed per iteration")
+    parser.add_argument("--kernel-times", action="store_true",
+                        help="also the GPU time of each kernel of an eager iteration (torch.profiler, --iters iterations)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.profile:
@@ -227,6 +233,10 @@ def main() -> None:
                     key = "speedup_vs_plain" + ("" if ours == "GroupWeights" else
                                                 "_graphs" if plain.endswith("(graph)") else "_graph_vs_eager")
                     row[key] = statistics.median([p / g for p, g in zip(times[plain], times[ours])])
+            if args.kernel_times:
+                row["kernel_us_per_iteration"] = {
+                    name: kernel_times(lambda impl=impl: impl.iterate(*batches[0]), args.iters)
+                    for name, impl in impls.items() if not name.endswith("(graph)")}
             rows.append(row)
             print(json.dumps({k: (round(v["us_per_iteration"], 1) if isinstance(v, dict) else v)
                               for k, v in row.items()}), flush=True)
