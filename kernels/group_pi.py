@@ -225,6 +225,19 @@ def _logit(p, r, sj, a, c, lr, eps, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr
 
 
 @triton.jit
+def _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr):
+    # one tile of a range: pi, log(pi_reg) (0 without it) and the dense loss sums (0 in the sparse variant)
+    p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
+    r = 0.0
+    sj = 0.0
+    if HAS_REG:
+        r = tl.load(lpr_ptr + idx, mask=msk, other=0.0)
+    if DENSE_S:
+        sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
+    return p, r, sj
+
+
+@triton.jit
 def _finish_normaliser(max_ptr, sum_ptr, P, range_len, own_ptr, y0_ptr, y_ptr, B, res_ptr,
                        SPARSE: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
     # The last program of a launch (the others' partials are stored): the reference maximum M (of the range
@@ -344,11 +357,7 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_
         for off in tl.range(0, range_len, BLOCK, num_stages=STAGES):
             idx = start + off + tl.arange(0, BLOCK)
             msk = idx < n
-            p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
-            r = 0.0
-            if HAS_REG:
-                r = tl.load(lpr_ptr + idx, mask=msk, other=0.0)
-            sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
+            p, r, sj = _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG, True)
             mv = tl.maximum(mv, tl.where(msk, _logit(p, r, sj, a, c, lr, eps, HAS_REG, True), float("-inf")))
         m = tl.max(mv, axis=0)
     else:
@@ -357,13 +366,7 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_
     for off in tl.range(0, range_len, BLOCK, num_stages=STAGES):
         idx = start + off + tl.arange(0, BLOCK)
         msk = idx < n
-        p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
-        r = 0.0
-        sj = 0.0
-        if HAS_REG:
-            r = tl.load(lpr_ptr + idx, mask=msk, other=0.0)
-        if DENSE_S:
-            sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
+        p, r, sj = _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG, DENSE_S)
         t = _wide_exp(_logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S) - m)
         sv += tl.where(msk, t, 0.0)
     tl.store(ws_ptr + pid, m.to(tl.float64))
@@ -404,13 +407,7 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
     for off in tl.range(0, range_len, BLOCK, num_stages=STAGES):
         idx = start + off + tl.arange(0, BLOCK)
         msk = idx < n
-        p = tl.load(pi_ptr + idx, mask=msk, other=1.0)
-        r = 0.0
-        sj = 0.0
-        if HAS_REG:
-            r = tl.load(lpr_ptr + idx, mask=msk, other=0.0)
-        if DENSE_S:
-            sj = tl.load(s_ptr + idx, mask=msk, other=0.0)
+        p, r, sj = _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG, DENSE_S)
         o = _scale(_logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S), M, shift, inv_z)
         tl.store(out_ptr + idx, o, mask=msk & keep)
         if CLEAR:  # the step's last read of the dense loss sums: the entries its batch set go back to zero
