@@ -2,7 +2,9 @@
 # On a CUDA machine: install the checkout, run the whole test suite on the GPU, then the GPU
 # benchmarks (theta/, pi/, step/). Logs and JSON go to $OUT (default benchmarks/results). Run from the
 # repository root.
-# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|distributed]; "distributed" needs 2+ GPUs: the
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|object|distributed]; "object": the one-weight-per-sample
+# benchmarks (the sample programs' tiles, the iteration eager and captured at 10^5-10^7 with each kernel's time,
+# the iteration at 10^9; about 4 minutes on an H100); "distributed" needs 2+ GPUs: the
 # DDP and FSDP2 tests with NCCL and the Triton kernels, then one DDP and one FSDP2 training step timed.
 set -u
 what=${1:-all}
@@ -32,6 +34,16 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 240 python3 benchmarks/theta/bench_theta.py --out "$OUT/theta.json" > "$OUT/theta.log" 2>&1; tail -n 40 "$OUT/theta.log"
   timeout 90 python3 benchmarks/pi/bench_pi.py --out "$OUT/pi.json" > "$OUT/pi.log" 2>&1; tail -n 25 "$OUT/pi.log"
   timeout 150 python3 benchmarks/step/bench_step.py --out "$OUT/step.json" 2>&1 | tail -n 30
+fi
+if [ "$what" = object ]; then
+  timeout 200 python3 benchmarks/pi/bench_sample_tile.py --out "$OUT/pi_sample_tile.json" > "$OUT/sample_tile.log" 2>&1
+  tail -n 1 "$OUT/sample_tile.log"
+  timeout 150 python3 benchmarks/pi/bench_object_level.py --graph --kernel-times --sizes 1e5,1e6,1e7 --rounds 5 \
+    --out "$OUT/object_level_graph.json" > "$OUT/object_level_graph.log" 2>&1
+  tail -n 7 "$OUT/object_level_graph.log" | cut -c1-300
+  timeout 90 python3 benchmarks/pi/bench_object_level.py --sizes 1e9 --iters 5 --rounds 3 \
+    --out "$OUT/object_level_1e9.json" > "$OUT/object_level_1e9.log" 2>&1
+  tail -n 3 "$OUT/object_level_1e9.log" | cut -c1-300
 fi
 if [ "$what" = distributed ]; then
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
