@@ -744,8 +744,9 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
                       workspace: Optional[dict] = None) -> torch.Tensor:
     """``pi_update`` for callers that have checked its arguments already (contiguous, detached, on one
     device, as ``_check`` asks): the optimizers, once per step. ``cache``: a dict the caller keeps
-    between calls, in which the single-program launch is kept for the next call; ``workspace``: a dict the
-    caller keeps for the many-groups path's buffers (its calls then allocate nothing)."""
+    between calls, in which the launches (and the many-groups path's layout) are kept for the next call (on a GPU
+    a kept launch rewrites only the arguments that change; elsewhere ``launch_cached`` launches as usual);
+    ``workspace``: a dict the caller keeps for the many-groups path's buffers (its calls then allocate nothing)."""
     n = pi.shape[0]
     B = group_ids.shape[0]
     single = 0 < n <= SMALL_MAX and (B <= single_program_max_batch(n) if _path is None else _path == "single")
@@ -763,7 +764,6 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     has_reg = log_pi_reg is not None
     lpr = log_pi_reg if has_reg else pi
     second = second_out is not None
-    on_cpu = pi.device.type != "cuda"
 
     if single:
         args = (pi, lpr, group_ids, losses, out, second_out if second else out, err,
@@ -776,7 +776,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
                       **_single_program(n))
         return out
 
-    keep = cache is not None and not on_cpu  # kept launches (CUDA only)
+    keep = cache is not None  # kept layout and launches (off CUDA launch_cached launches as usual)
     key = kept = None
     if keep:  # everything a kept launch fixes besides the ids, losses and report slot
         key = (pi.data_ptr(), lpr.data_ptr(), out.data_ptr(), second_out.data_ptr() if second else 0,

@@ -122,3 +122,67 @@ def test_pinned_upload_rounds_float64_to_nearest_float32():
     out = torch.empty(2, 3, dtype=torch.float32, device=DEVICE)
     PinnedUploader().upload(values, out)
     assert torch.equal(out.cpu(), torch.tensor(values, dtype=torch.float64).float())
+
+
+def _kept_launch_contract(monkeypatch) -> dict:
+    """Wraps launch_cached where the pi step and the weighted loss call it: a repeat of a (cache, key) may change
+    only the arguments its ``varying`` names (a kept launch on a GPU rewrites only those; any other that changed
+    would be launched with its old value). Returns the number of repeats checked per kernel."""
+    from also_fused.kernels import group_pi, launch, losses
+
+    seen: dict = {}
+    checked: dict = {}
+    caches = []  # every cache stays alive: a freed one's id could name another
+
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+                    and a.shape == b.shape and a.dtype == b.dtype)
+        return type(a) is type(b) and a == b
+
+    def checking(cache, key, kernel, grid, device, args, varying, num_warps=4, **constexprs):
+        if cache is not None:
+            caches.append(cache)
+            first = seen.setdefault((id(cache), key), (kernel, grid, num_warps, constexprs, tuple(args)))
+            if first[4] is not tuple(args) and first[4] is not args:
+                name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
+                assert first[:4] == (kernel, grid, num_warps, constexprs), name
+                changed = [i for i, (a, b) in enumerate(zip(first[4], args)) if not same(a, b)]
+                assert set(changed) <= set(varying), (name, changed, varying)
+                checked[name] = checked.get(name, 0) + 1
+        launch.launch_cached(cache, key, kernel, grid, device, args, varying, num_warps=num_warps, **constexprs)
+
+    monkeypatch.setattr(group_pi, "launch_cached", checking)
+    monkeypatch.setattr(losses, "launch_cached", checking)
+    return checked
+
+
+@pytest.mark.parametrize("n_groups,batch", [(6, 8), (2000, 4), (5000, 4)])
+@pytest.mark.parametrize("mode", ["descent-ascent", "optimistic"])
+@pytest.mark.parametrize("validate", [True, False])
+def test_every_kept_launch_names_what_changes(monkeypatch, n_groups: int, batch: int, mode: str,
+                                              validate: bool) -> None:
+    """GroupWeights' loop over new batches (new tensors every iteration, all kept alive so that none reuses an
+    address), one and two micro-batches per step: the staged single program (6 groups), the single program of
+    several micro-batches, the many-groups path's dense (2000 groups) and sparse (5000) variants and the weights
+    of the weighted loss, with and without the device checks (their error word and report slots are arguments);
+    every repeat of a kept launch changes only its varying arguments."""
+    import also_fused
+
+    checked = _kept_launch_contract(monkeypatch)
+    weights = also_fused.GroupWeights(n_groups, batch_size=batch, mode=mode, pi_lr=0.05, pi_decay=0.1,
+                                      backend="triton", device=DEVICE, validate=validate)
+    gen = torch.Generator().manual_seed(n_groups)
+    alive = []
+    for step in range(6):
+        for _ in range(1 if step < 3 else 2):  # three steps of one micro-batch, three of two
+            ids = torch.randint(0, n_groups, (batch,), generator=gen).to(DEVICE)
+            losses = (torch.rand(batch, generator=gen) * 2).to(DEVICE).requires_grad_()
+            weights.weighted_loss(losses, ids).backward()
+            alive.append((ids, losses))
+        alive.append(weights.step())
+    kernels = set(checked)
+    if n_groups <= 1024:
+        assert {"_weighted_pi_kernel", "_pi_small_kernel"} <= kernels, checked
+    else:
+        assert {"_sample_weights_kernel", "_pi_sample_sums_kernel", "_pi_stats_kernel", "_pi_write_kernel"} <= kernels, checked
