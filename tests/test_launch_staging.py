@@ -143,8 +143,10 @@ def _kept_launch_contract(monkeypatch) -> dict:
     def checking(cache, key, kernel, grid, device, args, varying, num_warps=4, **constexprs):
         if cache is not None:
             caches.append(cache)
-            first = seen.setdefault((id(cache), key), (kernel, grid, num_warps, constexprs, tuple(args)))
-            if first[4] is not tuple(args) and first[4] is not args:
+            first = seen.get((id(cache), key))
+            if first is None:
+                seen[id(cache), key] = (kernel, grid, num_warps, constexprs, tuple(args))
+            else:
                 name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
                 assert first[:4] == (kernel, grid, num_warps, constexprs), name
                 changed = [i for i, (a, b) in enumerate(zip(first[4], args)) if not same(a, b)]
