@@ -47,7 +47,7 @@ import triton.language as tl
 
 
 from ._interpreter import enable_interpreter_compat
-from .launch import cdiv, launch, launch_cached, next_power_of_2
+from .launch import cdiv, launch_cached, next_power_of_2
 from ..error_bits import REPORTED, report
 from .losses import _bad_bits, _or_reduce
 
@@ -791,11 +791,9 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     device = pi.device
 
     def run(role: str, kernel, grid: int, args: tuple, varying: tuple, num_warps: int = 8, **constexprs) -> None:
-        if keep:
-            launch_cached(roles.setdefault(role, {}), True, kernel, grid, device, args, varying, num_warps=num_warps,
-                          **constexprs)
-        else:
-            launch(kernel, grid, device, *args, num_warps=num_warps, **constexprs)
+        # without a cache launch_cached launches as launch() does
+        launch_cached(roles.setdefault(role, {}) if keep else None, True, kernel, grid, device, args, varying,
+                      num_warps=num_warps, **constexprs)
 
     def samples() -> None:
         if lay.Q > 0:
