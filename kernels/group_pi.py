@@ -70,9 +70,9 @@ _PROGRAMS_PER_SM = 4  # the many-groups kernels' programs over pi: this many per
 _LOOP_STAGES = 3
 _SAMPLE_BI = 16  # samples per sample-program on a GPU ...
 _SAMPLE_BK = 256  # ... against this many ids per loop step (a [16, 256] tile of sums and of first indices) ...
-_SAMPLE_WARPS = 4  # ... in this many warps
+_SAMPLE_WARPS = 8  # ... in this many warps (the fastest of 8 tiles on an H100: benchmarks/pi/bench_sample_tile.py)
 _WIDE_IDS_FROM = 2**31  # from this many groups the sample programs compare ids in 64 bits (32 below)
-_SCAN = 1024  # chunk when a last program scans the per-sample records
+_SCAN = 2048  # chunk when a last program scans the per-sample records
 _DENSE_PER_SAMPLE = 1000  # dense loss sums while n_groups <= this * batch size
 
 
@@ -238,44 +238,47 @@ def _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG: tl.constexpr, DENSE_S
 
 
 @triton.jit
-def _finish_normaliser(max_ptr, sum_ptr, P, range_len, own_ptr, y0_ptr, y_ptr, B, res_ptr,
+def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, m_ref,
                        SPARSE: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
-    # The last program of a launch (the others' partials are stored): the reference maximum M (of the range
-    # references and, sparse, of the owners' true logits) and the normaliser Z relative to it, summed in
-    # float64 in a fixed order; res <- (M, shift, 1 / Z) as the write kernel scales with them.
-    mv = tl.full([PB], float("-inf"), dtype=tl.float32)
-    for k0 in range(0, P, PB):
-        k = k0 + tl.arange(0, PB)
-        mv = tl.maximum(mv, tl.load(max_ptr + k, mask=k < P, other=float("-inf"), volatile=True).to(tl.float32))
-    M = tl.max(mv, axis=0)
+    # The last program of a launch: the reference maximum M (of the range references and, sparse, of the owners'
+    # true logits) and the normaliser Z relative to it, summed in float64 in a fixed order; res <- (M, shift, 1 / Z)
+    # as the write kernel scales with them. The partials (range references and sums) were stored by the launch's
+    # other programs, hence the volatile loads; the records come from an earlier launch or from this program
+    # before a barrier. Sparse: every range is relative to the fixed reference m_ref, which is then not read back.
     if SPARSE:
         ov = tl.full([SB], float("-inf"), dtype=tl.float32)
         for k0 in range(0, B, SB):
             i = k0 + tl.arange(0, SB)
-            ov = tl.maximum(ov, tl.load(y_ptr + i, mask=i < B, other=float("-inf"), volatile=True).to(tl.float32))
-        M = tl.maximum(M, tl.max(ov, axis=0))
+            ov = tl.maximum(ov, tl.load(y_ptr + i, mask=i < B, other=float("-inf")).to(tl.float32))
+        M = tl.maximum(tl.max(ov, axis=0), m_ref)
+    else:
+        mv = tl.full([PB], float("-inf"), dtype=tl.float32)
+        for k0 in range(0, P, PB):
+            k = k0 + tl.arange(0, PB)
+            mv = tl.maximum(mv, tl.load(max_ptr + k, mask=k < P, other=float("-inf"), volatile=True).to(tl.float32))
+        M = tl.max(mv, axis=0)
     zv = tl.zeros([PB], dtype=tl.float64)
     for k0 in range(0, P, PB):
         k = k0 + tl.arange(0, PB)
         km = k < P
-        pm = tl.load(max_ptr + k, mask=km, other=0.0, volatile=True).to(tl.float32)
+        if SPARSE:
+            pm = m_ref
+        else:
+            pm = tl.load(max_ptr + k, mask=km, other=0.0, volatile=True).to(tl.float32)
         ps = tl.load(sum_ptr + k, mask=km, other=0.0, volatile=True)
         zv += tl.where(km, ps * _wide_exp(pm - M), 0.0)
     Z = tl.sum(zv, axis=0)
     if SPARSE:
         # swap the G = 0 term of each present group (same float32 value as in its range sum) for its true term
+        t_ref = _wide_exp(m_ref - M)
         zs = tl.zeros([SB], dtype=tl.float64)
         for k0 in range(0, B, SB):
             i = k0 + tl.arange(0, SB)
             im = i < B
-            gf = tl.load(own_ptr + i, mask=im, other=-1.0, volatile=True)
-            own = gf >= 0
-            rng = (tl.where(own, gf, 0.0).to(tl.int64) // range_len).to(tl.int32)
-            mk = tl.load(max_ptr + rng, mask=own, other=0.0, volatile=True).to(tl.float32)
-            y0 = tl.load(y0_ptr + i, mask=own, other=0.0, volatile=True).to(tl.float32)
-            y = tl.load(y_ptr + i, mask=own, other=0.0, volatile=True).to(tl.float32)
-            t_old = _wide_exp(y0 - mk) * _wide_exp(mk - M)
-            zs += tl.where(own, _wide_exp(y - M) - t_old, 0.0)
+            own = tl.load(own_ptr + i, mask=im, other=-1.0) >= 0
+            y0 = tl.load(y0_ptr + i, mask=own, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + i, mask=own, other=0.0).to(tl.float32)
+            zs += tl.where(own, _wide_exp(y - M) - _wide_exp(y0 - m_ref) * t_ref, 0.0)
         Z += tl.sum(zs, axis=0)
     # Z >= 1 unless the entries that set M dropped; then scale through log Z instead
     normal = Z >= 1.0
@@ -343,8 +346,9 @@ def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, n,
 def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_len, a, c, lr, eps, m_ref,
                      HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr,
                      BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    # ws (float64): [0,P) range reference | [P,2P) range sum | [2P,4P) the same for a second update | the
-    # sample records from 4P (``_pi_sample_sums_kernel``, launched before) | (M, shift, 1/Z) of each update.
+    # ws (float64): [0,P) range reference (dense variant) | [P,2P) range sum | [2P,4P) the same for a second
+    # update | the sample records from 4P (``_pi_sample_sums_kernel``, launched before) | (M, shift, 1/Z) of each
+    # update.
     # Program p reduces range p of pi; the last program to finish (a ticket) computes the normaliser. With
     # DENSE_S the loss sums live in the dense buffer s_ptr; otherwise the ranges use G = 0 against the fixed
     # reference m_ref >= every such logit (a log(1 + eps): pi <= 1, pi_reg <= 1; one read of pi), and the present
@@ -369,15 +373,16 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_
         p, r, sj = _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG, DENSE_S)
         t = _wide_exp(_logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S) - m)
         sv += tl.where(msk, t, 0.0)
-    tl.store(ws_ptr + pid, m.to(tl.float64))
+    if DENSE_S:  # the sparse ranges' reference is m_ref, which the last program knows
+        tl.store(ws_ptr + pid, m.to(tl.float64))
     tl.store(ws_ptr + P + pid, tl.sum(sv, axis=0))
     tl.debug_barrier()
     # acq_rel ticket: the last program sees every partial stored before the other tickets (and the records of the
     # sample launch, which finished before this launch began)
     ticket = tl.atomic_add(ticket_ptr, 1)
     if ticket == tl.num_programs(0) - 1:
-        _finish_normaliser(ws_ptr, ws_ptr + P, P, range_len, own_base, own_base + 2 * B, own_base + 3 * B, B,
-                           own_base + 6 * B, not DENSE_S, PB, SB)
+        _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base, own_base + 2 * B, own_base + 3 * B, B, own_base + 6 * B,
+                           m_ref, not DENSE_S, PB, SB)
         tl.atomic_xchg(ticket_ptr, 0)
 
 
@@ -414,23 +419,22 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
             tl.store(s_ptr + idx, tl.zeros([BLOCK], dtype=tl.float32), mask=msk & (sj != 0.0))
         if SECOND_STATS:
             sv += tl.where(msk, _wide_exp(_logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False) - m_ref), 0.0)
-    if SECOND_STATS:
-        tl.store(ws_ptr + 2 * P + pid, (tl.zeros([], dtype=tl.float32) + m_ref).to(tl.float64))
+    if SECOND_STATS:  # relative to m_ref, as the sparse variant's range sums are
         tl.store(ws_ptr + 3 * P + pid, tl.sum(sv, axis=0))
     if (not DENSE_S) or REPORT:  # sparse: the last program patches the present groups; REPORT: it reports
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
             if not DENSE_S:
-                _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, range_len, B, res, M, shift, inv_z, keep, a, c, lr,
-                                      eps, HAS_REG, UPDATE, SECOND_STATS, PB, SB)
+                _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, B, res, M, shift, inv_z, keep, a, c, lr, eps, m_ref,
+                                      HAS_REG, UPDATE, SECOND_STATS, PB, SB)
             tl.atomic_xchg(ticket_ptr, 0)
             if REPORT:
                 tl.store(report_ptr, word | _REPORTED)
 
 
 @triton.jit
-def _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, range_len, B, res, M, shift, inv_z, keep, a, c, lr, eps,
+def _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, B, res, M, shift, inv_z, keep, a, c, lr, eps, m_ref,
                           HAS_REG: tl.constexpr, UPDATE: tl.constexpr, SECOND_STATS: tl.constexpr,
                           PB: tl.constexpr, SB: tl.constexpr):
     # The sparse write's last program: the present groups' true values (the ranges wrote their G = 0 values);
@@ -459,8 +463,8 @@ def _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, range_len, B, res, M, shi
             tl.store(own_base + 5 * B + i, true.to(tl.float64), mask=im)
     if SECOND_STATS:
         tl.debug_barrier()  # the records stored above are read back by other threads
-        _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, range_len, own_base, own_base + 4 * B,
-                           own_base + 5 * B, B, res + 3, True, PB, SB)
+        _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, own_base, own_base + 4 * B, own_base + 5 * B, B, res + 3,
+                           m_ref, True, PB, SB)
 
 
 _SM_COUNT: dict = {}

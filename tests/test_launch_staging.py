@@ -185,6 +185,9 @@ def test_every_kept_launch_names_what_changes(monkeypatch, n_groups: int, batch:
         alive.append(weights.step())
     kernels = set(checked)
     if n_groups <= 1024:
-        assert {"_weighted_pi_kernel", "_pi_small_kernel"} <= kernels, checked
+        # on a GPU the staged step replays its kept launch itself (not through launch_cached, for its host time),
+        # so there only its first launch is seen; its arguments are built by the same code on every device
+        staged_repeats = set() if DEVICE == "cuda" else {"_weighted_pi_kernel"}
+        assert staged_repeats | {"_pi_small_kernel"} <= kernels, checked
     else:
         assert {"_sample_weights_kernel", "_pi_sample_sums_kernel", "_pi_stats_kernel", "_pi_write_kernel"} <= kernels, checked
