@@ -41,7 +41,7 @@ if [ "$what" = object ]; then
   timeout 150 python3 benchmarks/pi/bench_object_level.py --graph --kernel-times --sizes 1e5,1e6,1e7 --rounds 5 \
     --out "$OUT/object_level_graph.json" > "$OUT/object_level_graph.log" 2>&1
   tail -n 7 "$OUT/object_level_graph.log" | cut -c1-300
-  timeout 90 python3 benchmarks/pi/bench_object_level.py --sizes 1e9 --iters 5 --rounds 5 \
+  timeout 150 python3 benchmarks/pi/bench_object_level.py --sizes 1e9 --iters 5 --rounds 5 \
     --out "$OUT/object_level_1e9.json" > "$OUT/object_level_1e9.log" 2>&1
   tail -n 3 "$OUT/object_level_1e9.log" | cut -c1-300
 fi
