@@ -1,0 +1,152 @@
+"""What the many-groups pi step's one-program finishes and other parts cost: variants of kernels/group_pi.py.
+
+Each variant is the product's source with one change, loaded as a module of its own; the pi step
+(``pi_update_checked`` with kept launches, one update or two) is captured in a CUDA graph per variant and the
+graphs are replayed interleaved (blocks of --iters replays between CUDA events, --rounds rounds), then
+torch.profiler gives each variant's time per kernel. Variants:
+
+* ``product``: the source as it is;
+* ``no_finish``: the last program of the stats and write launches skips its work (the normaliser, the patch of
+  the present groups); other values, timing only: what those finishes cost;
+* ``scan<N>``: the finishes scan the batch's records N at a time (the product: ``_SCAN``);
+* ``warps<N>``: the sample programs in N warps (the product: ``_SAMPLE_WARPS``);
+* ``plain_exp``: the float64 exponential of the range sums without its branch below e^-80 (other values
+  where a term is that small; timing only).
+
+Prints one JSON line per (size, updates, variant) and whether its pi equals the product's bitwise.
+Run: ``python3 benchmarks/explore/explore_pi_finish.py --out benchmarks/results/pi_finish_<gpu>.json`` (CUDA).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+from also_fused.kernels import group_pi
+
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(BENCH, "pi"))
+sys.path.insert(0, BENCH)
+from bench_pi_stream import kernel_times  # noqa: E402
+from bench_sample_tile import captured_step  # noqa: E402
+from results_io import source_digest  # noqa: E402
+
+HP = dict(pi_lr=1e-3, pi_decay=1e-2, temperature=1.0, eps=1.1920929e-07, log_pi_reg=None)
+FINISH = "if ticket == tl.num_programs(0) - 1:"
+WIDE_EXP = "    return tl.where(near, e, e8)\n"
+
+
+def variant_source(name: str, source: str) -> tuple[str, dict]:
+    """The variant's source and the module constants it sets."""
+    if name == "no_finish":
+        assert source.count(FINISH) == 2
+        return source.replace(FINISH, "if ticket == tl.num_programs(0) + 1:"), {}  # never true
+    if name == "plain_exp":
+        assert source.count(WIDE_EXP) == 1
+        return source.replace(WIDE_EXP, "    return tl.exp(d).to(tl.float64)\n"), {}
+    if name.startswith("scan"):
+        return source, {"_SCAN": int(name[4:])}
+    if name.startswith("warps"):
+        return source, {"_SAMPLE_WARPS": int(name[5:])}
+    assert name == "product", name
+    return source, {}
+
+
+def load_variant(name: str, source: str, written: list):
+    """The variant as a module beside group_pi (so that its relative imports resolve); its file is appended to
+    ``written`` (removed when the run ends)."""
+    text, constants = variant_source(name, source)
+    if name == "product":
+        return group_pi
+    module_name = f"_explore_{name}"
+    path = os.path.join(os.path.dirname(group_pi.__file__), module_name + ".py")
+    with open(path, "w") as f:
+        f.write(text)
+    written.append(path)
+    module = importlib.import_module(f"{group_pi.__package__}.{module_name}")
+    for key, value in constants.items():
+        setattr(module, key, value)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1e5,1e6,1e7")
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--variants", default="product,no_finish,scan1024,scan512,warps4,plain_exp")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    with open(group_pi.__file__) as f:
+        source = f.read()
+    written: list = []
+    try:
+        modules = {name: load_variant(name, source, written) for name in args.variants.split(",")}
+        run(modules, args)
+    finally:
+        for path in written:
+            os.remove(path)
+
+
+def run(modules: dict, args) -> None:
+    bench_tile = sys.modules["bench_sample_tile"]
+    rows = []
+    for n in [int(float(s)) for s in args.sizes.split(",")]:
+        gen = torch.Generator("cuda").manual_seed(n)
+        pi0 = torch.rand(n, device="cuda", generator=gen) + 0.5
+        pi0 /= pi0.sum()
+        ids = torch.randint(0, n, (args.batch,), device="cuda", generator=gen)
+        ids[100:110] = ids[5]  # a group with 11 samples: the order of its loss sum shows in the bits
+        losses = torch.rand(args.batch, device="cuda", generator=gen) * 3
+        for second in (False, True):
+            steps, results = {}, {}
+            for name, module in modules.items():
+                bench_tile.group_pi = module  # captured_step calls the variant's pi_update_checked
+                graph, call = captured_step(pi0, ids, losses, second)
+                pi, mid = _step_outputs(module, pi0, ids, losses, second)
+                steps[name], results[name] = (graph, call), torch.cat([pi, mid]) if second else pi
+            bench_tile.group_pi = group_pi
+            times: dict = {name: [] for name in steps}
+            for _ in range(args.rounds):
+                for name, (graph, _) in steps.items():
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(args.iters):
+                        graph.replay()
+                    end.record()
+                    end.synchronize()
+                    times[name].append(start.elapsed_time(end) * 1e3 / args.iters)
+            for name, (_, call) in steps.items():
+                kernels = kernel_times(call, args.iters)
+                row = dict(n_groups=n, second=second, variant=name, step_us=statistics.median(times[name]),
+                           step_us_min=min(times[name]), step_us_max=max(times[name]),
+                           same_bits_as_product=bool(torch.equal(results[name], results["product"])),
+                           kernel_us_per_step={k: v for k, v in kernels.items() if k.startswith("_pi")})
+                rows.append(row)
+                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            del steps
+        torch.cuda.empty_cache()
+    record = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
+                  torch=torch.__version__, source=source_digest(), batch=args.batch, rows=rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+def _step_outputs(module, pi0: torch.Tensor, ids: torch.Tensor, losses: torch.Tensor, second: bool):
+    """One fresh pi step of the variant (its own cache and workspace): pi and pi_mid."""
+    pi, mid = pi0.clone(), torch.empty_like(pi0)
+    module.pi_update_checked(pi, ids, losses, out=pi, second_out=mid if second else None, cache={}, workspace={},
+                             **HP)
+    return pi, mid
+
+
+if __name__ == "__main__":
+    main()
