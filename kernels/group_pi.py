@@ -78,15 +78,26 @@ _DENSE_PER_SAMPLE = 1000  # dense loss sums while n_groups <= this * batch size
 
 @triton.jit
 def _wide_exp(d):
-    # exp(d) for d <= 0 as float64, reaching below the float32 range (to about e^-700): terms far
-    # under a range maximum still count once the groups that set that maximum drop.  One float32
-    # exp either way: plain above -80, the eighth power of exp(d / 8) below.
+    # exp(d) for d <= 0 as float64, reaching below the float32 range (to about e^-700), for the normaliser's
+    # terms against the global maximum (a range's sum, a present group's true term): those far under it still
+    # count once the groups that set it drop.  One float32 exp either way: plain above -80, the eighth power of
+    # exp(d / 8) below.
     near = d > -80.0
     e = tl.exp(tl.where(near, d, d * 0.125)).to(tl.float64)
     e8 = e * e
     e8 = e8 * e8
     e8 = e8 * e8
     return tl.where(near, e, e8)
+
+
+@triton.jit
+def _range_term(d):
+    # a term of a range sum, exp(d) for d <= 0 widened to float64: a float32 exp is enough there. Sparse, d is a
+    # logit with G = 0 against the fixed reference, which ``_sparse_is_exact`` keeps above -(ln(1e9) + ln n) > -87
+    # (float32's normal range); dense, d is against the range's own maximum, whose term 1 is in the sum, so the
+    # terms below e^-87 add less than float64 resolves. The sparse normaliser subtracts a present group's term
+    # through this same function, so that the value it takes out is the value its range sum took in.
+    return tl.exp(d).to(tl.float64)
 
 
 @triton.jit
@@ -278,7 +289,7 @@ def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, 
             own = tl.load(own_ptr + i, mask=im, other=-1.0) >= 0
             y0 = tl.load(y0_ptr + i, mask=own, other=0.0).to(tl.float32)
             y = tl.load(y_ptr + i, mask=own, other=0.0).to(tl.float32)
-            zs += tl.where(own, _wide_exp(y - M) - _wide_exp(y0 - m_ref) * t_ref, 0.0)
+            zs += tl.where(own, _wide_exp(y - M) - _range_term(y0 - m_ref) * t_ref, 0.0)
         Z += tl.sum(zs, axis=0)
     # Z >= 1 unless the entries that set M dropped; then scale through log Z instead
     normal = Z >= 1.0
@@ -371,7 +382,7 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_
         idx = start + off + tl.arange(0, BLOCK)
         msk = idx < n
         p, r, sj = _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG, DENSE_S)
-        t = _wide_exp(_logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S) - m)
+        t = _range_term(_logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S) - m)
         sv += tl.where(msk, t, 0.0)
     if DENSE_S:  # the sparse ranges' reference is m_ref, which the last program knows
         tl.store(ws_ptr + pid, m.to(tl.float64))
@@ -418,7 +429,7 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
         if CLEAR:  # the step's last read of the dense loss sums: the entries its batch set go back to zero
             tl.store(s_ptr + idx, tl.zeros([BLOCK], dtype=tl.float32), mask=msk & (sj != 0.0))
         if SECOND_STATS:
-            sv += tl.where(msk, _wide_exp(_logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False) - m_ref), 0.0)
+            sv += tl.where(msk, _range_term(_logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False) - m_ref), 0.0)
     if SECOND_STATS:  # relative to m_ref, as the sparse variant's range sums are
         tl.store(ws_ptr + 3 * P + pid, tl.sum(sv, axis=0))
     if (not DENSE_S) or REPORT:  # sparse: the last program patches the present groups; REPORT: it reports
@@ -517,11 +528,14 @@ def _sparse_is_exact(n: int, B: int, a: float, eps: float) -> bool:
 
     With a uniform pi_reg the logits with G = 0 lie in [a log eps, a log(1 + eps)], so the absent
     groups hold at least (n - B) / B * (eps / (1 + eps))^a of the G = 0 mass of the present ones;
-    above 1e-9 the float64 cancellation error stays under 1e-7 of the result.
+    above 1e-9 the float64 cancellation error stays under 1e-7 of the result. The same bound (taken with
+    one sample for an empty batch) keeps every G = 0 term above e^-(ln(1e9) + ln n) > e^-87, in float32's normal
+    range (``_range_term``).
     """
+    B = max(B, 1)
     if eps <= 0.0 or B >= n:
         return False
-    return math.log(B / (n - B)) + a * math.log((1.0 + eps) / eps) <= math.log(1e9) if B else True
+    return math.log(B / (n - B)) + a * math.log((1.0 + eps) / eps) <= math.log(1e9)
 
 
 def _check(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor,
