@@ -34,7 +34,7 @@ BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(BENCH, "pi"))
 sys.path.insert(0, BENCH)
 from bench_pi_stream import kernel_times  # noqa: E402
-from bench_sample_tile import captured_step  # noqa: E402
+from bench_sample_tile import captured_step, replay_interleaved  # noqa: E402
 from results_io import source_digest  # noqa: E402
 
 HP = dict(pi_lr=1e-3, pi_decay=1e-2, temperature=1.0, eps=1.1920929e-07, log_pi_reg=None)
@@ -96,7 +96,6 @@ def main() -> None:
 
 
 def run(modules: dict, args) -> None:
-    bench_tile = sys.modules["bench_sample_tile"]
     rows = []
     for n in [int(float(s)) for s in args.sizes.split(",")]:
         gen = torch.Generator("cuda").manual_seed(n)
@@ -108,21 +107,10 @@ def run(modules: dict, args) -> None:
         for second in (False, True):
             steps, results = {}, {}
             for name, module in modules.items():
-                bench_tile.group_pi = module  # captured_step calls the variant's pi_update_checked
-                graph, call = captured_step(pi0, ids, losses, second)
+                steps[name] = captured_step(pi0, ids, losses, second, module)
                 pi, mid = _step_outputs(module, pi0, ids, losses, second)
-                steps[name], results[name] = (graph, call), torch.cat([pi, mid]) if second else pi
-            bench_tile.group_pi = group_pi
-            times: dict = {name: [] for name in steps}
-            for _ in range(args.rounds):
-                for name, (graph, _) in steps.items():
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(args.iters):
-                        graph.replay()
-                    end.record()
-                    end.synchronize()
-                    times[name].append(start.elapsed_time(end) * 1e3 / args.iters)
+                results[name] = torch.cat([pi, mid]) if second else pi
+            times = replay_interleaved({name: graph for name, (graph, _) in steps.items()}, args.iters, args.rounds)
             for name, (_, call) in steps.items():
                 kernels = kernel_times(call, args.iters)
                 row = dict(n_groups=n, second=second, variant=name, step_us=statistics.median(times[name]),

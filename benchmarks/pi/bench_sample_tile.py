@@ -38,14 +38,15 @@ def set_tile(tile: tuple[int, int, int]) -> None:
     group_pi._SAMPLE_BI, group_pi._SAMPLE_BK, group_pi._SAMPLE_WARPS = tile
 
 
-def captured_step(pi0: torch.Tensor, ids: torch.Tensor, losses: torch.Tensor, second: bool):
-    """A graph of one pi step with its own pi, pi_mid, cache and workspace; returns the graph and the eager call
-    (the call's closure holds every tensor the graph reads or writes)."""
+def captured_step(pi0: torch.Tensor, ids: torch.Tensor, losses: torch.Tensor, second: bool, module=group_pi):
+    """A graph of one pi step (``module.pi_update_checked``: group_pi or a variant of it) with its own pi, pi_mid,
+    cache and workspace; returns the graph and the eager call (the call's closure holds every tensor the graph
+    reads or writes)."""
     pi, mid, cache, workspace = pi0.clone(), torch.empty_like(pi0), {}, {}
 
     def call() -> None:
-        group_pi.pi_update_checked(pi, ids, losses, out=pi, second_out=mid if second else None, cache=cache,
-                                   workspace=workspace, **HP)
+        module.pi_update_checked(pi, ids, losses, out=pi, second_out=mid if second else None, cache=cache,
+                                 workspace=workspace, **HP)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -57,6 +58,22 @@ def captured_step(pi0: torch.Tensor, ids: torch.Tensor, losses: torch.Tensor, se
     with torch.cuda.graph(graph):
         call()
     return graph, call
+
+
+def replay_interleaved(graphs: dict, iters: int, rounds: int) -> dict:
+    """us per replay of each graph: blocks of ``iters`` replays between CUDA events, the graphs in turn, ``rounds``
+    times; {key: [us of each round]}."""
+    times: dict = {key: [] for key in graphs}
+    for _ in range(rounds):
+        for key, graph in graphs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            times[key].append(start.elapsed_time(end) * 1e3 / iters)
+    return times
 
 
 def main() -> None:
@@ -83,16 +100,7 @@ def main() -> None:
             for tile in tiles:
                 set_tile(tile)
                 steps[tile] = captured_step(pi0, ids, losses, second)
-            times: dict = {tile: [] for tile in tiles}
-            for _ in range(args.rounds):
-                for tile, (graph, _) in steps.items():
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(args.iters):
-                        graph.replay()
-                    end.record()
-                    end.synchronize()
-                    times[tile].append(start.elapsed_time(end) * 1e3 / args.iters)
+            times = replay_interleaved({tile: graph for tile, (graph, _) in steps.items()}, args.iters, args.rounds)
             best = min(statistics.median(t) for t in times.values())
             for tile, t in times.items():
                 set_tile(tile)
