@@ -8,6 +8,7 @@ Without CUDA the kernels run in Triton's interpreter (small sizes, fewer steps i
 from __future__ import annotations
 
 
+import math
 import os
 from typing import Optional
 
@@ -201,6 +202,24 @@ def test_low_temperature_over_many_groups(B: int) -> None:
     a = 1.0 / ((1.0 + hp["pi_decay"] * hp["pi_lr"]) * hp["temperature"])
     assert not group_pi._sparse_is_exact(n, B, a, hp["eps"])
     check(pi, ids[:B], losses[:B], hp, tol=1e-6)
+
+
+def test_the_sparse_choice_keeps_range_terms_in_float32s_normal_range() -> None:
+    """The sparse variant's range sums take each term through a float32 exp (``_range_term``): wherever the
+    choice takes that variant, the lowest logit with G = 0, a log(eps / (1 + eps)) against the reference, must
+    stay above float32's smallest normal exponent, ln(2^-126) ~ -87.3 (batches of 0 to n - 1 samples, up to 2^62
+    groups, temperatures down to where the choice refuses)."""
+    floor = math.log(2.0 ** -126)
+    checked = 0
+    for n in (1001, 10**5, 10**9, 2**62):
+        for B in (0, 1, 7, 4096, n // 2, n - 1):
+            for eps in (1.1920929e-07, 1e-12, 1e-30, 0.5):
+                for temperature in (0.01, 0.05, 0.1, 0.3, 1.0, 10.0):
+                    a = 1.0 / ((1.0 + HP["pi_decay"] * HP["pi_lr"]) * temperature)
+                    if group_pi._sparse_is_exact(n, B, a, eps):
+                        assert a * math.log(eps / (1.0 + eps)) > floor, (n, B, eps, temperature)
+                        checked += 1
+    assert checked > 100
 
 
 @pytest.mark.parametrize("n", [10, LARGE_N])
