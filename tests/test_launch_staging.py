@@ -191,3 +191,124 @@ def test_every_kept_launch_names_what_changes(monkeypatch, n_groups: int, batch:
         assert staged_repeats | {"_pi_small_kernel"} <= kernels, checked
     else:
         assert {"_sample_weights_kernel", "_pi_sample_sums_kernel", "_pi_stats_kernel", "_pi_write_kernel"} <= kernels, checked
+
+
+def _kept_theta_launch_contract(monkeypatch) -> dict:
+    """multi_tensor_adam keeps one prepared launch per (tables, flags, scales) and on a GPU rewrites only the
+    arguments of ``_VARYING[n_lr]`` when it repeats one; here every launch passes through a ``Launcher`` made by
+    the module (nothing is prepared, on any device), so a repeat of the same (launcher, scales) may change only
+    those.
+    Returns the number of repeats checked per n_lr."""
+    from also_fused.kernels import multi_tensor_adam as M
+
+    first: dict = {}
+    checked: dict = {}
+    launchers = []  # every launcher stays alive: a freed one's id could name another
+
+    class Checking(M.Launcher):
+        def __call__(self, grid: int, device: torch.device, *args) -> None:
+            if self not in launchers:
+                launchers.append(self)
+            n_lr = self.constexprs["N_LR_ARGS"]
+            scales = args[6:9]  # grad, extrapolation and prior scales: part of the kept launch's key
+            seen = first.get((id(self), scales))
+            if seen is None:
+                first[id(self), scales] = (grid, args)
+            else:
+                changed = [i for i, (a, b) in enumerate(zip(seen[1], args)) if not _same_argument(a, b)]
+                assert seen[0] == grid and set(changed) <= set(M._VARYING[n_lr]), (n_lr, changed, M._VARYING[n_lr])
+                checked[n_lr] = checked.get(n_lr, 0) + 1
+            super().__call__(grid, device, *args)
+
+        def prepare(self, device, args, varying):
+            return None  # on a GPU too, every launch then passes through __call__ (and is checked)
+
+    monkeypatch.setattr(M, "Launcher", Checking)
+    return checked
+
+
+def _same_argument(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+                and a.shape == b.shape and a.dtype == b.dtype)
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("case", ["adamw-schedule", "adam-scaler", "also-optimistic", "also-int8"])
+def test_every_kept_theta_launch_names_what_changes(monkeypatch, case: str) -> None:
+    """Training loops over fresh gradients every step (``zero_grad`` frees them): AdamW with an lr schedule
+    (the lr arguments change), Adam under GradScaler (its scale and found-inf tensors), ALSO in optimistic mode
+    and in descent-ascent with 8-bit moments (the device checks' report slot changes every step); every repeat
+    of a kept theta launch changes only its varying arguments. Dropping any name from ``_VARYING`` fails this
+    test or the next one."""
+    import also_fused
+
+    checked = _kept_theta_launch_contract(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).to(DEVICE)
+    scaler = None
+    if case == "adamw-schedule":
+        opt = also_fused.AdamW(model.parameters(), lr=1e-2, backend="triton")
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+    elif case == "adam-scaler":
+        opt = also_fused.Adam(model.parameters(), lr=1e-2, backend="triton")
+        scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 8, growth_interval=1)
+    else:
+        opt = also_fused.ALSO(model.parameters(), n_groups=5, batch_size=4, lr=1e-2, backend="triton",
+                              mode="optimistic" if case == "also-optimistic" else "descent-ascent",
+                              state_precision="int8" if case == "also-int8" else "param")
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        x = torch.randn(4, 8, generator=gen).to(DEVICE)
+        y = torch.randint(0, 3, (4,), generator=gen).to(DEVICE)
+        losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        if case.startswith("also"):
+            loss = opt.weighted_loss(losses, torch.randint(0, 5, (4,), generator=gen).to(DEVICE))
+        else:
+            loss = losses.mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        opt.zero_grad()
+        if case == "adamw-schedule":
+            schedule.step()
+    assert sum(checked.values()) >= 3, checked
+
+
+def test_kept_theta_launch_follows_a_new_error_word_and_grad_table(monkeypatch) -> None:
+    """The arguments no training loop above changes off CUDA: the error word (any call may pass another with
+    the same tables) and the grad table, which is reallocated when a step runs on another stream (simulated
+    here by the stream handle the kernel module reads). Repeats of one kept launch with each changed pass the
+    contract, and the update stays the kernel's: the same params as an uncached call."""
+    from also_fused.kernels import multi_tensor_adam as M
+
+    checked = _kept_theta_launch_contract(monkeypatch)
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(5,), (3, 4)]
+
+    def state():
+        params = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+        zeros = [[torch.zeros(s, device=DEVICE) for s in shapes] for _ in range(2)]
+        return params, zeros[0], zeros[1], [torch.zeros((), device=DEVICE) for _ in shapes]
+
+    kept, fresh = state(), state()
+    for a, b in zip(kept[0], fresh[0]):
+        b.copy_(a)
+    hyper = M.hyper_table([(1e-2, 0.9, 0.999, 1e-8, 0.0)], DEVICE)
+    streams = iter(range(100, 200))
+    monkeypatch.setattr(M, "raw_stream", lambda device: next(streams))
+    cache: dict = {}
+    for step in range(4):
+        grads = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+        word = torch.zeros((), dtype=torch.int32, device=DEVICE)  # a new error word every call
+        params, m, v, steps = kept
+        M.multi_tensor_adam_(params, grads, m, v, steps, params, hyper, [0, 0], cache=cache, error_word=word)
+        params, m, v, steps = fresh
+        M.multi_tensor_adam_(params, grads, m, v, steps, params, hyper, [0, 0])
+    assert checked.get(0, 0) >= 3, checked
+    for a, b in zip(kept[0], fresh[0]):
+        assert torch.equal(a, b)
