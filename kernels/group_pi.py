@@ -72,7 +72,9 @@ _SAMPLE_BI = 16  # samples per sample-program on a GPU ...
 _SAMPLE_BK = 256  # ... against this many ids per loop step (a [16, 256] tile of sums and of first indices) ...
 _SAMPLE_WARPS = 8  # ... in this many warps (the fastest of 8 tiles on an H100: benchmarks/pi/bench_sample_tile.py)
 _WIDE_IDS_FROM = 2**31  # from this many groups the sample programs compare ids in 64 bits (32 below)
-_SCAN = 2048  # chunk when a last program scans the per-sample records
+# chunk when a last program scans the per-sample records (2048 was faster than 1024 or 512 at 10^7 on an H100:
+# benchmarks/explore/explore_pi_finish.py)
+_SCAN = 2048
 _DENSE_PER_SAMPLE = 1000  # dense loss sums while n_groups <= this * batch size
 
 
@@ -799,7 +801,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     if keep:  # everything a kept launch fixes besides the ids, losses and report slot
         key = (pi.data_ptr(), lpr.data_ptr(), out.data_ptr(), second_out.data_ptr() if second else 0,
                err.data_ptr(), n, B, a, c, lr, eps, has_reg, _path, report_out is None, _BLOCK_GPU, _PROGRAMS_PER_SM,
-               _LOOP_STAGES, _SAMPLE_BI, _SAMPLE_BK, _SAMPLE_WARPS, _WIDE_IDS_FROM)
+               _LOOP_STAGES, _SAMPLE_BI, _SAMPLE_BK, _SAMPLE_WARPS, _WIDE_IDS_FROM, _SCAN)
         kept = cache.get("many")
     if kept is None or kept[0] != key:
         kept = (key, _ManyGroupsLayout(pi, B, (a, c, lr, eps), has_reg, _path, workspace), {})
