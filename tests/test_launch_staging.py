@@ -124,6 +124,18 @@ def test_pinned_upload_rounds_float64_to_nearest_float32():
     assert torch.equal(out.cpu(), torch.tensor(values, dtype=torch.float64).float())
 
 
+def _changed_positions(before, after) -> list:
+    """The positions at which two launches' arguments differ: a tensor by its address, shape and dtype (what a
+    kept launch holds of it), anything else by type and value."""
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+                    and a.shape == b.shape and a.dtype == b.dtype)
+        return type(a) is type(b) and a == b
+
+    return [i for i, (a, b) in enumerate(zip(before, after)) if not same(a, b)]
+
+
 def _kept_launch_contract(monkeypatch) -> dict:
     """Wraps launch_cached where the pi step and the weighted loss call it: a repeat of a (cache, key) may change
     only the arguments its ``varying`` names (a kept launch on a GPU rewrites only those; any other that changed
@@ -134,12 +146,6 @@ def _kept_launch_contract(monkeypatch) -> dict:
     checked: dict = {}
     caches = []  # every cache stays alive: a freed one's id could name another
 
-    def same(a, b) -> bool:
-        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-            return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
-                    and a.shape == b.shape and a.dtype == b.dtype)
-        return type(a) is type(b) and a == b
-
     def checking(cache, key, kernel, grid, device, args, varying, num_warps=4, **constexprs):
         if cache is not None:
             caches.append(cache)
@@ -149,7 +155,7 @@ def _kept_launch_contract(monkeypatch) -> dict:
             else:
                 name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
                 assert first[:4] == (kernel, grid, num_warps, constexprs), name
-                changed = [i for i, (a, b) in enumerate(zip(first[4], args)) if not same(a, b)]
+                changed = _changed_positions(first[4], args)
                 assert set(changed) <= set(varying), (name, changed, varying)
                 checked[name] = checked.get(name, 0) + 1
         launch.launch_cached(cache, key, kernel, grid, device, args, varying, num_warps=num_warps, **constexprs)
@@ -197,8 +203,7 @@ def _kept_theta_launch_contract(monkeypatch) -> dict:
     """multi_tensor_adam keeps one prepared launch per (tables, flags, scales) and on a GPU rewrites only the
     arguments of ``_VARYING[n_lr]`` when it repeats one; here every launch passes through a ``Launcher`` made by
     the module (nothing is prepared, on any device), so a repeat of the same (launcher, scales) may change only
-    those.
-    Returns the number of repeats checked per n_lr."""
+    those. Returns the number of repeats checked per n_lr."""
     from also_fused.kernels import multi_tensor_adam as M
 
     first: dict = {}
@@ -215,7 +220,7 @@ def _kept_theta_launch_contract(monkeypatch) -> dict:
             if seen is None:
                 first[id(self), scales] = (grid, args)
             else:
-                changed = [i for i, (a, b) in enumerate(zip(seen[1], args)) if not _same_argument(a, b)]
+                changed = _changed_positions(seen[1], args)
                 assert seen[0] == grid and set(changed) <= set(M._VARYING[n_lr]), (n_lr, changed, M._VARYING[n_lr])
                 checked[n_lr] = checked.get(n_lr, 0) + 1
             super().__call__(grid, device, *args)
@@ -225,13 +230,6 @@ def _kept_theta_launch_contract(monkeypatch) -> dict:
 
     monkeypatch.setattr(M, "Launcher", Checking)
     return checked
-
-
-def _same_argument(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
-                and a.shape == b.shape and a.dtype == b.dtype)
-    return type(a) is type(b) and a == b
 
 
 @pytest.mark.parametrize("case", ["adamw-schedule", "adam-scaler", "also-optimistic", "also-int8"])
