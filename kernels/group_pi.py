@@ -25,7 +25,13 @@ Four ways to run it, all free of float atomics (bitwise reproducible), chosen by
   cancelled in float64, so the correction stays exact when the absent groups keep at least 1e-9 of the G = 0
   mass (always true for a uniform pi_reg and float32 eps unless the temperature is small; otherwise the dense
   variant runs).  A second update (``second_out``) takes its range sums in the first write, from the values it
-  writes, so it costs one more read and write of pi: 12 bytes per group for one update, 20 for both.  The
+  writes, so it costs one more read and write of pi: 12 bytes per group for one update, 20 for both.  A kept,
+  in-place step (the optimizers') carries pi's range sums to the next one the same way: its first write sums the
+  G = 0 terms of the values it writes, its last program the patched groups' correction, and while nothing else
+  touched pi or the workspace the next step skips the stats launch (the sample launch's last program finishes
+  the normaliser): 8 bytes per group for one update, 16 for both.  The carried normaliser is the same float64 sum
+  in another order; pi's bits are those of a fresh read unless that sum's last bits move 1 / Z across a float32
+  rounding boundary (a tested claim, not a guarantee).  The
   sample programs have a launch of their own: sharing the stats launch, they set its registers (145 a thread),
   which left room for one range program per SM (10^9 groups on an H100: that pass 2353 us, 1888 us split).
 * more groups or a larger batch, dense variant (smaller n_groups, a non-uniform pi_reg, or the bound above
@@ -251,19 +257,23 @@ def _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG: tl.constexpr, DENSE_S
 
 
 @triton.jit
-def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, m_ref,
-                       SPARSE: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
+def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, m_ref, carried_ptr,
+                       SPARSE: tl.constexpr, CARRIED: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
     # The last program of a launch: the reference maximum M (of the range references and, sparse, of the owners'
     # true logits) and the normaliser Z relative to it, summed in float64 in a fixed order; res <- (M, shift, 1 / Z)
     # as the write kernel scales with them. The partials (range references and sums) were stored by the launch's
     # other programs, hence the volatile loads; the records come from an earlier launch or from this program
     # before a barrier. Sparse: every range is relative to the fixed reference m_ref, which is then not read back.
+    # CARRIED (sparse, the sample launch's last program): the range sums are the previous write's, taken from the
+    # values it wrote before its last program patched the present groups, and carried_ptr holds that patch's
+    # correction; the records were stored by this launch's other programs.
     if SPARSE:
         ov = tl.full([SB], float("-inf"), dtype=tl.float32)
         for k0 in range(0, B, SB):
             i = k0 + tl.arange(0, SB)
-            ov = tl.maximum(ov, tl.load(y_ptr + i, mask=i < B, other=float("-inf")).to(tl.float32))
+            ov = tl.maximum(ov, tl.load(y_ptr + i, mask=i < B, other=float("-inf"), volatile=CARRIED).to(tl.float32))
         M = tl.maximum(tl.max(ov, axis=0), m_ref)
+        t_ref = _wide_exp(m_ref - M)
     else:
         mv = tl.full([PB], float("-inf"), dtype=tl.float32)
         for k0 in range(0, P, PB):
@@ -274,23 +284,24 @@ def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, 
     for k0 in range(0, P, PB):
         k = k0 + tl.arange(0, PB)
         km = k < P
+        ps = tl.load(sum_ptr + k, mask=km, other=0.0, volatile=True)
         if SPARSE:
-            pm = m_ref
+            zv += tl.where(km, ps * t_ref, 0.0)
         else:
             pm = tl.load(max_ptr + k, mask=km, other=0.0, volatile=True).to(tl.float32)
-        ps = tl.load(sum_ptr + k, mask=km, other=0.0, volatile=True)
-        zv += tl.where(km, ps * _wide_exp(pm - M), 0.0)
+            zv += tl.where(km, ps * _wide_exp(pm - M), 0.0)
     Z = tl.sum(zv, axis=0)
     if SPARSE:
+        if CARRIED:
+            Z += tl.load(carried_ptr) * t_ref
         # swap the G = 0 term of each present group (same float32 value as in its range sum) for its true term
-        t_ref = _wide_exp(m_ref - M)
         zs = tl.zeros([SB], dtype=tl.float64)
         for k0 in range(0, B, SB):
             i = k0 + tl.arange(0, SB)
             im = i < B
-            own = tl.load(own_ptr + i, mask=im, other=-1.0) >= 0
-            y0 = tl.load(y0_ptr + i, mask=own, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + i, mask=own, other=0.0).to(tl.float32)
+            own = tl.load(own_ptr + i, mask=im, other=-1.0, volatile=CARRIED) >= 0
+            y0 = tl.load(y0_ptr + i, mask=own, other=0.0, volatile=CARRIED).to(tl.float32)
+            y = tl.load(y_ptr + i, mask=own, other=0.0, volatile=CARRIED).to(tl.float32)
             zs += tl.where(own, _wide_exp(y - M) - _range_term(y0 - m_ref) * t_ref, 0.0)
         Z += tl.sum(zs, axis=0)
     # Z >= 1 unless the entries that set M dropped; then scale through log Z instead
@@ -306,14 +317,15 @@ def _scale(y, M, shift, inv_z):
 
 
 @triton.jit
-def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, n, B, P, a, c, lr, eps,
-                           HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
-                           WIDE_IDS: tl.constexpr):
+def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ticket_ptr, n, B, P, a, c, lr, eps,
+                           m_ref, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
+                           WIDE_IDS: tl.constexpr, FINISH: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
     # Each program takes BI samples and finds, against the whole batch, the first sample with the same id (the
     # group's owner: one writer per group) and the group's loss sum. The [BI, BK] tiles accumulate over the batch
     # in registers and are reduced once at the end. Records (float64, from 4P of ws): owner id or -1 | group loss
     # sum | (sparse) owner logit with G = 0 | owner logit (-inf for non-owners); DENSE_S: the owners' loss sums
-    # go into the dense buffer s_ptr instead of the logits.
+    # go into the dense buffer s_ptr instead of the logits. FINISH (sparse, the range sums carried from the
+    # previous write): the last program to finish (a ticket) computes the normaliser, as the stats launch would.
     own_base = ws_ptr + 4 * P
     i = tl.program_id(0) * BI + tl.arange(0, BI)
     im = i < B
@@ -353,6 +365,13 @@ def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, n,
         y = tl.where(own, _logit(p, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
         tl.store(own_base + 2 * B + i, y0.to(tl.float64), mask=im)
         tl.store(own_base + 3 * B + i, y.to(tl.float64), mask=im)
+    if FINISH:
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1)
+        if ticket == tl.num_programs(0) - 1:
+            _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base, own_base + 2 * B, own_base + 3 * B, B,
+                               own_base + 6 * B, m_ref, own_base + 6 * B + 6, True, True, PB, SB)
+            tl.atomic_xchg(ticket_ptr, 0)
 
 
 @triton.jit
@@ -361,7 +380,7 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_
                      BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # ws (float64): [0,P) range reference (dense variant) | [P,2P) range sum | [2P,4P) the same for a second
     # update | the sample records from 4P (``_pi_sample_sums_kernel``, launched before) | (M, shift, 1/Z) of each
-    # update.
+    # update | the correction of carried range sums (``_pi_write_kernel``'s CARRY).
     # Program p reduces range p of pi; the last program to finish (a ticket) computes the normaliser. With
     # DENSE_S the loss sums live in the dense buffer s_ptr; otherwise the ranges use G = 0 against the fixed
     # reference m_ref >= every such logit (a log(1 + eps): pi <= 1, pi_reg <= 1; one read of pi), and the present
@@ -395,7 +414,9 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_
     ticket = tl.atomic_add(ticket_ptr, 1)
     if ticket == tl.num_programs(0) - 1:
         _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base, own_base + 2 * B, own_base + 3 * B, B, own_base + 6 * B,
-                           m_ref, not DENSE_S, PB, SB)
+                           m_ref, own_base + 6 * B + 6, not DENSE_S, False, PB, SB)
+        if not DENSE_S:  # these sums are pi's own: nothing to correct if a later step takes them as carried
+            tl.store(own_base + 6 * B + 6, 0.0)
         tl.atomic_xchg(ticket_ptr, 0)
 
 
@@ -403,14 +424,17 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_
 def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_ptr, report_ptr, n, B, P, range_len,
                      a, c, lr, eps, m_ref,
                      HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, CLEAR: tl.constexpr, UPDATE: tl.constexpr,
-                     SECOND_STATS: tl.constexpr, REPORT: tl.constexpr, BLOCK: tl.constexpr, PB: tl.constexpr,
-                     SB: tl.constexpr, STAGES: tl.constexpr):
+                     SECOND_STATS: tl.constexpr, CARRY: tl.constexpr, REPORT: tl.constexpr, BLOCK: tl.constexpr,
+                     PB: tl.constexpr, SB: tl.constexpr, STAGES: tl.constexpr):
     # out = exp((z - M) - shift) / Z over each program's range, with (M, shift, 1/Z) of update UPDATE (0: the
     # first, 1: the second); the last program to finish patches the present groups (sparse); CLEAR (dense, the
     # step's last read of the loss sums): each program zeroes the non-zero sums of its range after reading them.
     # SECOND_STATS (sparse, first update): the range sums of the second update PiUpdate(out, G) with G = 0 are
     # taken from the values written, and the last program finishes that update's normaliser, so that the second
-    # update reads pi once less. REPORT: the last program then writes
+    # update reads pi once less. CARRY (sparse, first update, out is pi): where the step is kept, the same G = 0 range
+    # sums of the values written replace this update's in ws, and the last program stores the correction that
+    # patching the present groups makes to them, so that the next step over this pi skips the stats launch (its
+    # sample launch finishes the normaliser). REPORT: the last program then writes
     # the step's report (the error word it read, with REPORTED set) to the host's slot.
     pid = tl.program_id(0)
     own_base = ws_ptr + 4 * P
@@ -430,17 +454,19 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
         tl.store(out_ptr + idx, o, mask=msk & keep)
         if CLEAR:  # the step's last read of the dense loss sums: the entries its batch set go back to zero
             tl.store(s_ptr + idx, tl.zeros([BLOCK], dtype=tl.float32), mask=msk & (sj != 0.0))
-        if SECOND_STATS:
+        if SECOND_STATS or CARRY:
             sv += tl.where(msk, _range_term(_logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False) - m_ref), 0.0)
     if SECOND_STATS:  # relative to m_ref, as the sparse variant's range sums are
         tl.store(ws_ptr + 3 * P + pid, tl.sum(sv, axis=0))
+    if CARRY:  # this update's sums are used up (its normaliser was finished by an earlier launch)
+        tl.store(ws_ptr + P + pid, tl.sum(sv, axis=0), mask=keep)
     if (not DENSE_S) or REPORT:  # sparse: the last program patches the present groups; REPORT: it reports
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
             if not DENSE_S:
                 _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, B, res, M, shift, inv_z, keep, a, c, lr, eps, m_ref,
-                                      HAS_REG, UPDATE, SECOND_STATS, PB, SB)
+                                      HAS_REG, UPDATE, SECOND_STATS, CARRY, PB, SB)
             tl.atomic_xchg(ticket_ptr, 0)
             if REPORT:
                 tl.store(report_ptr, word | _REPORTED)
@@ -449,10 +475,13 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
 @triton.jit
 def _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, B, res, M, shift, inv_z, keep, a, c, lr, eps, m_ref,
                           HAS_REG: tl.constexpr, UPDATE: tl.constexpr, SECOND_STATS: tl.constexpr,
-                          PB: tl.constexpr, SB: tl.constexpr):
+                          CARRY: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
     # The sparse write's last program: the present groups' true values (the ranges wrote their G = 0 values);
-    # SECOND_STATS: then the second update's normaliser, from the owners' two logits of that update
+    # SECOND_STATS: then the second update's normaliser, from the owners' two logits of that update; CARRY (where
+    # the step is kept): the sum over the owners of their G = 0 terms of the patched value less those of the
+    # unpatched one, which turns the range sums the write took into pi's own
     own_base = ws_ptr + 4 * P
+    zc = tl.zeros([SB], dtype=tl.float64)
     for k0 in range(0, B, SB):
         i = k0 + tl.arange(0, SB)
         im = i < B
@@ -462,22 +491,29 @@ def _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, B, res, M, shift, inv_z, 
         y = tl.load(own_base + (3 + 2 * UPDATE) * B + i, mask=own, other=0.0).to(tl.float32)
         o = _scale(y, M, shift, inv_z)
         tl.store(out_ptr + g, o, mask=own & keep)
-        if SECOND_STATS:
-            # the second update's two logits of each owner: with G = 0 from the value its range sum saw (the
-            # unpatched one) and the true one from the patched value
+        if SECOND_STATS or CARRY:
+            # the logit with G = 0 of the value the range sum saw (the unpatched one)
             y0 = tl.load(own_base + 2 * B + i, mask=own, other=0.0).to(tl.float32)
-            s = tl.load(own_base + B + i, mask=own, other=0.0).to(tl.float32)
             r = 0.0
             if HAS_REG:
                 r = tl.load(lpr_ptr + g, mask=own, other=0.0)
             seen = _logit(_scale(y0, M, shift, inv_z), r, 0.0, a, c, lr, eps, HAS_REG, False)
-            true = tl.where(own, _logit(o, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
-            tl.store(own_base + 4 * B + i, seen.to(tl.float64), mask=im)
-            tl.store(own_base + 5 * B + i, true.to(tl.float64), mask=im)
+            if CARRY:
+                patched = _logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False)
+                zc += tl.where(own, _range_term(patched - m_ref) - _range_term(seen - m_ref), 0.0)
+            if SECOND_STATS:
+                # the second update's two logits of each owner: with G = 0 as seen, the true one from the patched
+                # value
+                s = tl.load(own_base + B + i, mask=own, other=0.0).to(tl.float32)
+                true = tl.where(own, _logit(o, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
+                tl.store(own_base + 4 * B + i, seen.to(tl.float64), mask=im)
+                tl.store(own_base + 5 * B + i, true.to(tl.float64), mask=im)
+    if CARRY:
+        tl.store(own_base + 6 * B + 6, tl.sum(zc, axis=0), mask=keep)
     if SECOND_STATS:
         tl.debug_barrier()  # the records stored above are read back by other threads
         _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, own_base, own_base + 4 * B, own_base + 5 * B, B, res + 3,
-                           m_ref, True, PB, SB)
+                           m_ref, ws_ptr, True, False, PB, SB)
 
 
 _SM_COUNT: dict = {}
@@ -749,7 +785,7 @@ class _ManyGroupsLayout:
         self.pb = max(16, min(1024, next_power_of_2(max(self.P, 1))))
         # the sparse variant's fixed reference: no logit with G = 0 exceeds a log(1 + eps) (pi, pi_reg <= 1)
         self.scalars = (a, c, lr, eps, a * math.log1p(eps))
-        self.ws = _float64_workspace(workspace, device, 4 * self.P + 6 * B + 6)
+        self.ws = _float64_workspace(workspace, device, 4 * self.P + 6 * B + 7)
         self.tickets = _kept_zeros(workspace, "tickets", (2,), device)
         self.write_ticket = self.tickets[1:]
         self.sbuf = _loss_sum_buffer(workspace, device, n) if self.dense_s else pi
@@ -786,6 +822,8 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     second = second_out is not None
 
     if single:
+        if workspace is not None:
+            workspace.pop("carried", None)  # pi may be written here: range sums carried in the workspace are void
         args = (pi, lpr, group_ids, losses, out, second_out if second else out, err,
                 out if mean_out is None else mean_out, err if report_out is None else report_out, n, B, a, c, lr, eps)
         # everything but the ids, losses, mean and report (new tensors every step) names the kept launch
@@ -815,12 +853,12 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
         launch_cached(roles.setdefault(role, {}) if keep else None, True, kernel, grid, device, args, varying,
                       num_warps=num_warps, **constexprs)
 
-    def samples() -> None:
+    def samples(finish: bool) -> None:
         if lay.Q > 0:
-            run("samples", _pi_sample_sums_kernel, lay.Q,
-                (pi, lpr, lay.sbuf, group_ids, losses, lay.ws, n, B, lay.P, *lay.scalars[:4]), (3, 4),
+            run("samples_finish" if finish else "samples", _pi_sample_sums_kernel, lay.Q,
+                (pi, lpr, lay.sbuf, group_ids, losses, lay.ws, lay.tickets, n, B, lay.P, *lay.scalars), (3, 4),
                 num_warps=lay.sample_warps, HAS_REG=has_reg, DENSE_S=lay.dense_s, BI=lay.bi, BK=lay.bk,
-                WIDE_IDS=lay.wide_ids)
+                WIDE_IDS=lay.wide_ids, FINISH=finish, PB=lay.pb, SB=_SCAN)
 
     def stats(role: str, src: torch.Tensor) -> None:
         run(role, _pi_stats_kernel, lay.P,
@@ -828,27 +866,45 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
             HAS_REG=has_reg, DENSE_S=lay.dense_s, PB=lay.pb, SB=_SCAN, BLOCK=lay.block, STAGES=lay.stages)
 
     def write(role: str, src: torch.Tensor, dst: torch.Tensor, clear: bool, update: int, second_stats: bool,
-              last: bool) -> None:
+              last: bool, carry: bool = False) -> None:
         reports = last and report_out is not None
         run(role, _pi_write_kernel, lay.P,
             (src, lpr, lay.sbuf, dst, lay.ws, err, lay.write_ticket, report_out if reports else err, n, B, lay.P,
              lay.range_len, *lay.scalars), (7,) if reports else (), HAS_REG=has_reg, DENSE_S=lay.dense_s,
-            CLEAR=clear, UPDATE=update, SECOND_STATS=second_stats, REPORT=reports, BLOCK=lay.block, PB=lay.pb,
-            SB=_SCAN, STAGES=lay.stages)
+            CLEAR=clear, UPDATE=update, SECOND_STATS=second_stats, CARRY=carry, REPORT=reports, BLOCK=lay.block,
+            PB=lay.pb, SB=_SCAN, STAGES=lay.stages)
 
     # the batch's records (owners, loss sums) first; then the normaliser over the ranges of pi and the write.
     # Dense: the loss sums go through the dense buffer, which the last write zeroes again. Sparse: the ranges take
     # G = 0 (one read of pi), the normaliser and the write patch the present groups; the first write takes the
     # second update's range sums from the values it writes, so the second write reads out once
-    samples()
-    stats("stats", pi)
+    # Sparse and in place, with a kept layout: the write leaves pi's range sums for the next call, which then skips
+    # the stats launch while nothing else has touched pi or the workspace (``_carried_sums``).
+    carry = keep and workspace is not None and not lay.dense_s and out.data_ptr() == pi.data_ptr()
+    carried = carry and lay.Q > 0 and _carried_sums(workspace, lay, pi)
+    samples(carried)
+    if not carried:
+        stats("stats", pi)
     if lay.dense_s:
         write("write", pi, out, not second, 0, False, not second)
         if second:
             stats("stats2", out)
             write("write2", out, second_out, True, 0, False, True)
     else:
-        write("write", pi, out, False, 0, second, not second)
+        write("write", pi, out, False, 0, second, not second, carry)
         if second:
             write("write2", out, second_out, False, 1, False, True)
+    if carry:
+        workspace["carried"] = (lay, pi._version)
+    elif workspace is not None:
+        workspace.pop("carried", None)
     return out
+
+
+def _carried_sums(workspace: dict, lay: _ManyGroupsLayout, pi: torch.Tensor) -> bool:
+    """Whether the workspace holds pi's range sums as the last call's write left them: that call was made with this
+    very layout (the same pi, hyper-parameters, batch size and variant), no call has used the workspace since, and
+    pi's version counter has not moved (an in-place change to pi through torch, or a load, moves it; the kernels'
+    own writes do not). A step whose error word was set wrote neither pi nor the sums, which then still hold."""
+    carried = workspace.get("carried")
+    return carried is not None and carried[0] is lay and carried[1] == pi._version

@@ -11,9 +11,12 @@ torch.profiler gives each variant's time per kernel. Variants:
 * ``scan<N>``: the finishes scan the batch's records N at a time (the product: ``_SCAN``);
 * ``warps<N>``: the sample programs in N warps (the product: ``_SAMPLE_WARPS``);
 * ``wide_range_terms``: the range sums' terms through ``_wide_exp`` (a branch below e^-80, three float64
-  products), as before ``_range_term``.
+  products), as before ``_range_term``;
+* ``fresh_sums``: no range sums carried from one step to the next (``_carried_sums`` always false): every step
+  launches the stats kernel, as before the carried sums.
 
-Prints one JSON line per (size, updates, variant) and whether its pi equals the product's bitwise.
+Prints one JSON line per (size, updates, variant) and whether its pi (after three steps from the same start, the
+first reading pi, the later ones taking carried sums where the variant does) equals the product's bitwise.
 Run: ``python3 benchmarks/explore/explore_pi_finish.py --out benchmarks/results/pi_finish_<gpu>.json`` (CUDA).
 """
 from __future__ import annotations
@@ -40,6 +43,7 @@ from results_io import source_digest  # noqa: E402
 HP = dict(pi_lr=1e-3, pi_decay=1e-2, temperature=1.0, eps=1.1920929e-07, log_pi_reg=None)
 FINISH = "if ticket == tl.num_programs(0) - 1:"
 RANGE_TERM = "    return tl.exp(d).to(tl.float64)\n"
+CARRIED = "    return carried is not None and carried[0] is lay and carried[1] == pi._version\n"
 
 
 def variant_source(name: str, source: str) -> tuple[str, dict]:
@@ -50,6 +54,9 @@ def variant_source(name: str, source: str) -> tuple[str, dict]:
     if name == "wide_range_terms":
         assert source.count(RANGE_TERM) == 1
         return source.replace(RANGE_TERM, "    return _wide_exp(d)\n"), {}
+    if name == "fresh_sums":
+        assert source.count(CARRIED) == 1
+        return source.replace(CARRIED, "    return False\n"), {}
     if name.startswith("scan"):
         return source, {"_SCAN": int(name[4:])}
     if name.startswith("warps"):
@@ -79,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1e5,1e6,1e7")
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--variants", default="product,no_finish,scan1024,scan512,warps4,wide_range_terms")
+    parser.add_argument("--variants", default="product,fresh_sums,no_finish,scan1024,scan512,warps4,wide_range_terms")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default=None)
@@ -128,11 +135,13 @@ def run(modules: dict, args) -> None:
             json.dump(record, f, indent=1)
 
 
-def _step_outputs(module, pi0: torch.Tensor, ids: torch.Tensor, losses: torch.Tensor, second: bool):
-    """One fresh pi step of the variant (its own cache and workspace): pi and pi_mid."""
-    pi, mid = pi0.clone(), torch.empty_like(pi0)
-    module.pi_update_checked(pi, ids, losses, out=pi, second_out=mid if second else None, cache={}, workspace={},
-                             **HP)
+def _step_outputs(module, pi0: torch.Tensor, ids: torch.Tensor, losses: torch.Tensor, second: bool, steps: int = 3):
+    """``steps`` pi steps of the variant from pi0 (its own cache and workspace; the batch's losses scaled by 1, 1/2,
+    1/3, ...): pi and pi_mid."""
+    pi, mid, cache, workspace = pi0.clone(), torch.empty_like(pi0), {}, {}
+    for t in range(steps):
+        module.pi_update_checked(pi, ids, losses / (t + 1), out=pi, second_out=mid if second else None, cache=cache,
+                                 workspace=workspace, **HP)
     return pi, mid
 
 
