@@ -6,11 +6,11 @@ as a training loop calls them; the plain-torch iteration is the same maths as to
 weighting, a dense ``index_add_`` of the losses, the log-domain softmax mirror step; optimistic: the
 extrapolated pi_mid as well). Each timed block is --iters iterations between two CUDA events (host and GPU
 together, no sync inside), the two implementations interleaved block by block over --rounds rounds;
-median and spread per size. Bytes a step must move (float32 pi): the softmax needs pi's normaliser before
-it can write, so one read of pi for it and one read and write for the update (descent-ascent: 12 bytes per
-group); optimistic mode then needs pi_mid = PiUpdate(new pi, G), whose normaliser depends on every new entry:
-one more read and write (20 bytes per group), as a fraction of the device-to-device copy rate measured in the
-same run. A size whose plain step does not fit is timed for GroupWeights alone. With ``--graph`` each
+median and spread per size. Bytes a step must move (float32 pi): one read and one write of pi (descent-ascent:
+8 bytes per group; the softmax's normaliser needs a pass over pi, which the previous step's write makes while it
+writes pi); optimistic mode then needs pi_mid = PiUpdate(new pi, G), whose normaliser depends on every new
+entry: one more read and write (16 bytes per group); as a fraction of the device-to-device copy rate measured in
+the same run. A size whose plain step does not fit is timed for GroupWeights alone. With ``--graph`` each
 implementation is also timed as a captured iteration (``torch.cuda.graph``: the batch copied into static
 buffers, then one replay; GroupWeights with ``validate=False``, which capture needs; the plain step writing pi
 in place), interleaved with the eager ones; ``--kernel-times`` adds each eager implementation's GPU time per
@@ -218,7 +218,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name, impl in impls.items():
                     times[name].append(block_us(impl, batches, args.iters))
-            must_move = (20 if mode == "optimistic" else 12) * n
+            must_move = (16 if mode == "optimistic" else 8) * n
             row = dict(n_groups=n, mode=mode, batch=args.batch)
             for name, us in times.items():
                 med = statistics.median(us)
