@@ -802,7 +802,10 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     device, as ``_check`` asks): the optimizers, once per step. ``cache``: a dict the caller keeps
     between calls, in which the launches (and the many-groups path's layout) are kept for the next call (on a GPU
     a kept launch rewrites only the arguments that change; elsewhere ``launch_cached`` launches as usual);
-    ``workspace``: a dict the caller keeps for the many-groups path's buffers (its calls then allocate nothing)."""
+    ``workspace``: a dict the caller keeps for the many-groups path's buffers (its calls then allocate nothing).
+    With both, a sparse step in place (``out`` is ``pi``) leaves pi's range sums in the workspace for the next one
+    (``_carried_sums``): change pi in place only through torch (whose ops move its version counter), not through
+    ``.data``, between such calls."""
     n = pi.shape[0]
     B = group_ids.shape[0]
     single = 0 < n <= SMALL_MAX and (B <= single_program_max_batch(n) if _path is None else _path == "single")
