@@ -162,3 +162,37 @@ def test_group_weights_steps_with_and_without_carried_sums(mode: str, monkeypatc
     assert torch.equal(runs[0][1][0], runs[0][2][0])  # the skipped step keeps it
     for (pi_c, mid_c), (pi_f, mid_f) in zip(*runs):
         assert torch.equal(pi_c, pi_f) and torch.equal(mid_c, mid_f)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="10^7 groups: a GPU's many programs and tickets")
+@pytest.mark.parametrize("optimistic", [False, True])
+def test_carried_sums_at_ten_million_groups(optimistic: bool, stats_launches: list) -> None:
+    """At 10^7 groups and batch 4096 (the sparse variant by its own choice; hundreds of range programs and 256
+    sample programs, the last of which finishes the normaliser): five kept steps give the bits of steps that read
+    pi again, and only the first launches the stats kernel."""
+    n, batch = 10_000_000, 4096
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    start = torch.rand(n, device="cuda", generator=gen) + 0.5
+    start /= start.sum()
+    hp = dict(pi_lr=1e-3, pi_decay=1e-2, temperature=1.0, eps=1.1920929e-07, log_pi_reg=None)
+    runs = []
+    for carried in (True, False):
+        pi = start.clone()
+        mid = torch.empty_like(pi) if optimistic else None
+        cache, workspace, counts, results = {}, {}, [], []
+        g = torch.Generator(device="cuda").manual_seed(12)
+        for _ in range(5):
+            ids = torch.randint(0, n, (batch,), device="cuda", generator=g)
+            ids[100:110] = ids[5]
+            losses = torch.rand(batch, device="cuda", generator=g) * 3
+            if not carried:
+                workspace.pop("carried", None)
+            before = len(stats_launches)
+            group_pi.pi_update_checked(pi, ids, losses, out=pi, second_out=mid, cache=cache, workspace=workspace,
+                                       **hp)
+            counts.append(len(stats_launches) - before)
+            results.append(torch.cat([pi, mid]) if optimistic else pi.clone())
+        runs.append((results, counts))
+    assert runs[0][1] == [1, 0, 0, 0, 0] and runs[1][1] == [1] * 5
+    for kept, fresh in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(kept, fresh)
