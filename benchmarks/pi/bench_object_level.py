@@ -246,25 +246,30 @@ def main() -> None:
     out = args.out or "object_level.json"
     with open(out, "w") as f:
         json.dump(record, f, indent=1)
+    plot_rows(rows, f"weighted_loss + step, batch {args.batch}, {record['device']}", os.path.splitext(out)[0] + ".png")
+    print("wrote", out)
+
+
+def plot_rows(rows: list, title: str, path: str) -> None:
+    """us per iteration against n_groups (log-log), each implementation and mode a line; nothing without
+    matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for mode, style in (("descent-ascent", "-"), ("optimistic", "--")):
-            for name, marker in (("GroupWeights", "o"), ("plain torch", "s"), ("GroupWeights (graph)", "^"),
-                                 ("plain torch (graph)", "v")):
-                pts = [(r["n_groups"], r[name]["us_per_iteration"]) for r in rows if r["mode"] == mode and name in r]
-                if pts:
-                    ax.plot(*zip(*pts), style, marker=marker, label=f"{name}, {mode}")
-        ax.set(xscale="log", yscale="log", xlabel="n_groups (one per sample)", ylabel="us per iteration",
-               title=f"weighted_loss + step, batch {args.batch}, {record['device']}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.splitext(out)[0] + ".png", dpi=120)
     except ImportError:
-        pass
-    print("wrote", out)
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for mode, style in (("descent-ascent", "-"), ("optimistic", "--")):
+        for name, marker in (("GroupWeights", "o"), ("plain torch", "s"), ("GroupWeights (graph)", "^"),
+                             ("plain torch (graph)", "v")):
+            pts = sorted((r["n_groups"], r[name]["us_per_iteration"]) for r in rows if r["mode"] == mode and name in r)
+            if pts:
+                ax.plot(*zip(*pts), style, marker=marker, label=f"{name}, {mode}")
+    ax.set(xscale="log", yscale="log", xlabel="n_groups (one per sample)", ylabel="us per iteration", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
