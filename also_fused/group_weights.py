@@ -438,9 +438,12 @@ class GroupWeights:
             return staged_mean
         self._flush()
         second = self._pi_mid if self.mode == "optimistic" else None
+        inputs = self._pi_inputs(ids, losses)
+        if skip is not None and self._skips_in_kernels(inputs):
+            return self._pi_apply(inputs, out=self._pi, second_out=second, losses=losses, last=True,
+                                  cache="ascend", skip=skip)
         with self._kept_where(skip):
-            return self._pi_apply(self._pi_inputs(ids, losses), out=self._pi, second_out=second, losses=losses,
-                                  last=True, cache="ascend")
+            return self._pi_apply(inputs, out=self._pi, second_out=second, losses=losses, last=True, cache="ascend")
 
     @contextlib.contextmanager
     def _kept_where(self, skip: Optional[Tensor]) -> Iterator[None]:
@@ -452,6 +455,22 @@ class GroupWeights:
         yield
         for t, before in kept:
             torch.where(skip, before, t, out=t)
+
+    def _skips_in_kernels(self, inputs: PiInputs) -> bool:
+        """Whether the pi step's kernels take GradScaler's skip as their error word (``_pi_apply``), which writes
+        nothing where it is set: no copy of pi and pi_mid to restore from."""
+        return self._shard is None and inputs[0] is not None and self._backend.checks_values_on_device
+
+    def _skip_word(self, skip: Tensor) -> Tensor:
+        """A 0-d int32 word, kept between steps, set where the error word is or ``skip`` is true."""
+        gate = self._launches.get("skip_word")
+        if gate is None:
+            gate = self._launches["skip_word"] = torch.zeros((), dtype=torch.int32, device=self.device)
+        if self._errors is None:
+            gate.copy_(skip)
+        else:
+            torch.bitwise_or(self._errors.word, skip, out=gate)
+        return gate
 
     def _skip_tensor(self, found_inf: Optional[Tensor]) -> Optional[Tensor]:
         """found_inf != 0 as a 0-d bool on pi's device (None for None)."""
@@ -535,12 +554,14 @@ class GroupWeights:
         return _collectives.pi_step_inputs(ids, losses, self.n_groups, self.group_reduction, group)
 
     def _pi_apply(self, inputs: PiInputs, out: Tensor, second_out: Optional[Tensor] = None,
-                  losses: Optional[Tensor] = None, last: bool = False, cache: Optional[str] = None
-                  ) -> Optional[Tensor]:
+                  losses: Optional[Tensor] = None, last: bool = False, cache: Optional[str] = None,
+                  skip: Optional[Tensor] = None) -> Optional[Tensor]:
         """out = PiUpdate(pi, G); second_out = PiUpdate(out, G); nothing changes while the error word is set.
         With ``losses`` (the per-sample losses), returns their mean as a 0-d float32 tensor. ``last``: the
         step's last launch, which reports the error word to the host where it can (``_input_errors``).
-        ``cache``: the name under which the kernel's launch is kept for the next call of the same use."""
+        ``cache``: the name under which the kernel's launch is kept for the next call of the same use.
+        ``skip`` (where ``_skips_in_kernels``): nothing changes where it is true either; the kernels then read
+        ``_skip_word`` and the step's report is left to the transaction (it reports the error word alone)."""
         if self._shard is not None:
             return self._pi_apply_sharded(inputs, out, second_out, losses)
         ids, terms = inputs
@@ -550,6 +571,8 @@ class GroupWeights:
             # the sum reduction: the pi step reads these very losses and writes their mean too
             mean_out = torch.empty((), dtype=torch.float32, device=terms.device) if terms is losses else None
             report = self._errors.report_slot() if last and word is not None else None
+            if skip is not None:
+                word, report = self._skip_word(skip), None
             self._reported = self._backend.pi_update(
                 self._pi, ids, terms, out=out, second_out=second_out, error_word=word, mean_out=mean_out,
                 report_out=report, cache=None if cache is None else self._launches.setdefault(cache, {}),

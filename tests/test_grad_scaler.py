@@ -175,15 +175,17 @@ def test_16_bit_params(dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode,reduction", [("optimistic", "sum"), ("descent-ascent", "sum"),
-                                            ("optimistic", "mean")])
-def test_group_weights_beside_a_scaled_optimizer(mode, reduction, backend):
+@pytest.mark.parametrize("mode,reduction,n_groups", [("optimistic", "sum", 3), ("descent-ascent", "sum", 3),
+                                                     ("optimistic", "mean", 3), ("optimistic", "sum", 2000),
+                                                     ("descent-ascent", "sum", 40_000)])
+def test_group_weights_beside_a_scaled_optimizer(mode, reduction, n_groups, backend):
     """pi stays put on the step the scaler skipped (also_fused.amp.found_inf), and that batch's recorded
-    losses do not reach the next step."""
+    losses do not reach the next step. 3 groups: the staged step; 2000 and 40000: the many-groups kernels
+    (dense and sparse), which take the skip as their error word."""
     def run(scaled):
         model = _model()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        weights = also_fused.GroupWeights(3, loss_scale=1.0, mode=mode, pi_lr=0.1, group_reduction=reduction,
+        weights = also_fused.GroupWeights(n_groups, loss_scale=1.0, mode=mode, pi_lr=0.1, group_reduction=reduction,
                                           device=DEVICE, backend=backend)
         scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 12) if scaled else None
         for i, (x, y, ids) in enumerate(_batches()):
@@ -278,3 +280,25 @@ def test_scaled_loop_has_no_host_sync(name):
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+
+@pytest.mark.parametrize("n_groups", [2000, 40_000])
+def test_a_step_with_bad_input_stays_rejected_beside_found_inf(n_groups):
+    """The many-groups kernels read GradScaler's skip and the error word as one word: where the device found bad
+    input (the word set, as a kernel that checked the batch leaves it) and the scaler did not skip, pi and pi_mid
+    still keep their values, and the error is raised at the next check."""
+    weights = also_fused.GroupWeights(n_groups, batch_size=8, mode="optimistic", pi_lr=0.5, device=DEVICE,
+                                      backend="triton")
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, n_groups, (8,), generator=gen).to(DEVICE)
+    losses = (torch.rand(8, generator=gen) + 1).to(DEVICE)
+    weights.weighted_loss(losses, ids)
+    weights.step(found_inf=torch.zeros((), device=DEVICE))  # a step taken: pi moves
+    before = (weights.pi.clone(), weights.pi_mid.clone())
+    weights.weighted_loss(losses, ids)
+    weights._errors.word.fill_(also_fused.error_bits.ID_OUT_OF_RANGE)  # what the weighted loss's check sets
+    with pytest.raises(ValueError, match="step 2 was not taken"):  # from step() on a CPU, from the check on a GPU
+        weights.step(found_inf=torch.zeros((), device=DEVICE))
+        weights.check_errors()
+    assert torch.equal(weights.pi, before[0]) and torch.equal(weights.pi_mid, before[1])
