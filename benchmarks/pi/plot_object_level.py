@@ -25,7 +25,7 @@ def main() -> None:
             record = json.load(f)
         for row in record["rows"]:
             merged[(row["n_groups"], row["mode"])] = row
-        sources.append(f"{record['device']} {record['date'][:10]} {record['also_fused_source'][:7]}")
+        sources.append(f"{record['device']} {record['date'][:10]}, source digest {record['also_fused_source'][:7]}")
     batches = sorted({row["batch"] for row in merged.values()})
     title = f"weighted_loss + step, batch {'/'.join(map(str, batches))}\n" + "; ".join(sorted(set(sources)))
     plot_rows(list(merged.values()), title, args.out)
