@@ -570,9 +570,9 @@ class GroupWeights:
         if ids is not None:
             # the sum reduction: the pi step reads these very losses and writes their mean too
             mean_out = torch.empty((), dtype=torch.float32, device=terms.device) if terms is losses else None
-            report = self._errors.report_slot() if last and word is not None else None
+            report = self._errors.report_slot() if last and word is not None and skip is None else None
             if skip is not None:
-                word, report = self._skip_word(skip), None
+                word = self._skip_word(skip)
             self._reported = self._backend.pi_update(
                 self._pi, ids, terms, out=out, second_out=second_out, error_word=word, mean_out=mean_out,
                 report_out=report, cache=None if cache is None else self._launches.setdefault(cache, {}),
