@@ -15,8 +15,9 @@ Four ways to run it, all free of float atomics (bitwise reproducible), chosen by
   weighted loss, staged in a buffer that becomes pi at the next call after ``step()`` (or on the host's
   request), so that ``step()`` launches nothing for pi.
 * more groups or a larger batch, sparse variant (n_groups > 1000 * batch): three launches per PiUpdate (two with
-  carried range sums, below), no dense G.  A sample launch finds, for each group present in the batch, its first sample (the owner) and the
-  group's loss sum (every id against every id, [BI, BK] tiles summed in registers, one reduction at the end).
+  carried range sums, below), no dense G.  A sample launch finds, for each group present in the batch, its
+  first sample (the owner) and the group's loss sum (every id against every id, [BI, BK] tiles summed in
+  registers, one reduction at the end).
   The stats launch sums the exponentials of the logits with G = 0 over contiguous ranges of pi (float64, one
   read of pi, against a fixed reference a log(1 + eps) that no such logit exceeds); the last of its programs to
   finish (a ticket) combines the partials into the global normaliser, replacing the G = 0 terms of present
