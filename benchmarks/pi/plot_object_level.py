@@ -1,7 +1,7 @@
 """One plot of time per iteration against n_groups from several runs of bench_object_level.py.
 
 Rows are merged by (n_groups, mode), a later file's row replacing an earlier one's; the title names each
-file's device, date and code. Run: ``python3 benchmarks/pi/plot_object_level.py a.json b.json --out c.png``.
+file's device, date and source digest. Run: ``python3 benchmarks/pi/plot_object_level.py a.json b.json --out c.png``.
 """
 from __future__ import annotations
 
