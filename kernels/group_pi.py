@@ -71,7 +71,8 @@ _REPORTED = tl.constexpr(REPORTED)
 
 _BLOCK_GPU = 2048
 _BLOCK_CPU = 1024
-_PROGRAMS_PER_SM = 4  # the many-groups kernels' programs over pi: this many per SM, each a contiguous range
+_PROGRAMS_PER_SM = 4  # the many-groups kernels' programs over pi: this many per SM, each a contiguous range ...
+_RANGE_WARPS = 8  # ... in this many warps
 # software-pipelining stages of their loops over pi (1: none); the values do not depend on it (a GPU test). 3 was
 # the fastest at 10^9 on an H100 and an H200 (docs/performance.md)
 _LOOP_STAGES = 3
@@ -843,7 +844,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     if keep:  # everything a kept launch fixes besides the ids, losses and report slot
         key = (pi.data_ptr(), lpr.data_ptr(), out.data_ptr(), second_out.data_ptr() if second else 0,
                err.data_ptr(), n, B, a, c, lr, eps, has_reg, _path, report_out is None, _BLOCK_GPU, _PROGRAMS_PER_SM,
-               _LOOP_STAGES, _SAMPLE_BI, _SAMPLE_BK, _SAMPLE_WARPS, _WIDE_IDS_FROM, _SCAN)
+               _LOOP_STAGES, _RANGE_WARPS, _SAMPLE_BI, _SAMPLE_BK, _SAMPLE_WARPS, _WIDE_IDS_FROM, _SCAN)
         kept = cache.get("many")
     if kept is None or kept[0] != key:
         kept = (key, _ManyGroupsLayout(pi, B, (a, c, lr, eps), has_reg, _path, workspace), {})
@@ -852,7 +853,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     _, lay, roles = kept
     device = pi.device
 
-    def run(role: str, kernel, grid: int, args: tuple, varying: tuple, num_warps: int = 8, **constexprs) -> None:
+    def run(role: str, kernel, grid: int, args: tuple, varying: tuple, num_warps: int, **constexprs) -> None:
         # without a cache launch_cached launches as launch() does
         launch_cached(roles.setdefault(role, {}) if keep else None, True, kernel, grid, device, args, varying,
                       num_warps=num_warps, **constexprs)
@@ -867,16 +868,17 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     def stats(role: str, src: torch.Tensor) -> None:
         run(role, _pi_stats_kernel, lay.P,
             (src, lpr, lay.sbuf, lay.ws, lay.tickets, n, B, lay.P, lay.range_len, *lay.scalars), (),
-            HAS_REG=has_reg, DENSE_S=lay.dense_s, PB=lay.pb, SB=_SCAN, BLOCK=lay.block, STAGES=lay.stages)
+            num_warps=_RANGE_WARPS, HAS_REG=has_reg, DENSE_S=lay.dense_s, PB=lay.pb, SB=_SCAN, BLOCK=lay.block,
+            STAGES=lay.stages)
 
     def write(role: str, src: torch.Tensor, dst: torch.Tensor, clear: bool, update: int, second_stats: bool,
               last: bool, carry: bool = False) -> None:
         reports = last and report_out is not None
         run(role, _pi_write_kernel, lay.P,
             (src, lpr, lay.sbuf, dst, lay.ws, err, lay.write_ticket, report_out if reports else err, n, B, lay.P,
-             lay.range_len, *lay.scalars), (7,) if reports else (), HAS_REG=has_reg, DENSE_S=lay.dense_s,
-            CLEAR=clear, UPDATE=update, SECOND_STATS=second_stats, CARRY=carry, REPORT=reports, BLOCK=lay.block,
-            PB=lay.pb, SB=_SCAN, STAGES=lay.stages)
+             lay.range_len, *lay.scalars), (7,) if reports else (), num_warps=_RANGE_WARPS, HAS_REG=has_reg,
+            DENSE_S=lay.dense_s, CLEAR=clear, UPDATE=update, SECOND_STATS=second_stats, CARRY=carry, REPORT=reports,
+            BLOCK=lay.block, PB=lay.pb, SB=_SCAN, STAGES=lay.stages)
 
     # the batch's records (owners, loss sums) first; then the normaliser over the ranges of pi and the write.
     # Dense: the loss sums go through the dense buffer, which the last write zeroes again. Sparse: the ranges take

@@ -10,6 +10,10 @@ torch.profiler gives each variant's time per kernel. Variants:
   the present groups); other values, timing only: what those finishes cost;
 * ``scan<N>``: the finishes scan the batch's records N at a time (the product: ``_SCAN``);
 * ``warps<N>``: the sample programs in N warps (the product: ``_SAMPLE_WARPS``);
+* ``range_warps<N>``, ``programs<N>``, ``block<N>``, ``stages<N>``: the launches over pi's ranges (stats and
+  write) in N warps, N programs per SM, tiles of N entries, N pipeline stages (the product: ``_RANGE_WARPS``,
+  ``_PROGRAMS_PER_SM``, ``_BLOCK_GPU``, ``_LOOP_STAGES``); the last three change the ranges or the order of the
+  range sums, so the bits may differ where 1 / Z rounds the other way;
 * ``wide_range_terms``: the range sums' terms through ``_wide_exp`` (a branch below e^-80, three float64
   products), as before ``_range_term``;
 * ``fresh_sums``: no range sums carried from one step to the next (``_carried_sums`` always false): every step
@@ -61,6 +65,10 @@ def variant_source(name: str, source: str) -> tuple[str, dict]:
         return source, {"_SCAN": int(name[4:])}
     if name.startswith("warps"):
         return source, {"_SAMPLE_WARPS": int(name[5:])}
+    for prefix, constant in (("range_warps", "_RANGE_WARPS"), ("programs", "_PROGRAMS_PER_SM"),
+                             ("block", "_BLOCK_GPU"), ("stages", "_LOOP_STAGES")):
+        if name.startswith(prefix):
+            return source, {constant: int(name[len(prefix):])}
     assert name == "product", name
     return source, {}
 

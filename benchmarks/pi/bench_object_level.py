@@ -13,8 +13,12 @@ entry: one more read and write (16 bytes per group); as a fraction of the device
 the same run. A size whose plain step does not fit is timed for GroupWeights alone. With ``--graph`` each
 implementation is also timed as a captured iteration (``torch.cuda.graph``: the batch copied into static
 buffers, then one replay; GroupWeights with ``validate=False``, which capture needs; the plain step writing pi
-in place), interleaved with the eager ones; ``--kernel-times`` adds each eager implementation's GPU time per
-kernel per iteration (torch.profiler). Writes JSON and a plot (time per iteration against n_groups).
+in place), interleaved with the eager ones. A replay per iteration costs the host three launches, so a captured
+iteration shorter than that measures the host; ``--graph-block K`` adds K iterations captured in one graph (each
+copying its batch into the static buffers), one replay per K iterations: the GPU's time per iteration with the host
+ahead of it. Each row also gives the host's time per iteration (the time the loop took to enqueue a block).
+``--kernel-times`` adds each eager implementation's GPU time per kernel per iteration (torch.profiler). Writes JSON
+and a plot (time per iteration against n_groups).
 
 Run: ``python3 benchmarks/pi/bench_object_level.py --out benchmarks/results/object_level_<gpu>.json`` (CUDA)."""
 from __future__ import annotations
@@ -26,6 +30,7 @@ import math
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -81,6 +86,11 @@ class Eager:
         self.impl.weighted_loss(losses, ids).backward()
         self.impl.step()
 
+    def run(self, batches, iters: int) -> int:
+        for i in range(iters):
+            self.iterate(*batches[i % len(batches)])
+        return iters
+
 
 class Graphed:
     """The same iteration captured once in a CUDA graph; each iteration copies its batch into the static
@@ -97,7 +107,10 @@ class Graphed:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self._iteration(impl)
+            self._captured(impl)
+
+    def _captured(self, impl) -> None:
+        self._iteration(impl)
 
     def _iteration(self, impl) -> None:
         self.losses.grad = None  # the captured backward then writes the gradient instead of adding to one
@@ -109,6 +122,36 @@ class Graphed:
         with torch.no_grad():
             self.losses.copy_(losses)
         self.graph.replay()
+
+    def run(self, batches, iters: int) -> int:
+        for i in range(iters):
+            self.iterate(*batches[i % len(batches)])
+        return iters
+
+
+class GraphedBlock(Graphed):
+    """``per_replay`` iterations captured in one CUDA graph, each copying its batch (one of the staged batches, in
+    turn) into the static buffers first: one replay runs them all, so the timing is the GPU's time per iteration
+    with the host running ahead, as in a training loop whose host enqueues faster than the GPU computes."""
+
+    def __init__(self, impl, batches, per_replay: int) -> None:
+        self.per_replay = per_replay
+        self.staged = [(ids.clone(), losses.detach().clone()) for ids, losses in batches]
+        super().__init__(impl, *batches[0])
+
+    def _captured(self, impl) -> None:
+        for i in range(self.per_replay):
+            ids, losses = self.staged[i % len(self.staged)]
+            self.ids.copy_(ids)
+            with torch.no_grad():
+                self.losses.copy_(losses)
+            super()._iteration(impl)
+
+    def run(self, batches, iters: int) -> int:
+        replays = max(1, iters // self.per_replay)
+        for _ in range(replays):
+            self.graph.replay()
+        return replays * self.per_replay
 
 
 def group_weights(n: int, batch: int, mode: str, validate: bool = True) -> also_fused.GroupWeights:
@@ -131,15 +174,17 @@ def copy_rate() -> float:
     return 2 * src.numel() * 4 / (statistics.median(times[2:]) * 1e-3)
 
 
-def block_us(impl, batches, iters: int) -> float:
-    """us per iteration of ``iters`` iterations between two events."""
+def block_us(impl, batches, iters: int) -> tuple[float, float]:
+    """(GPU, host) us per iteration of about ``iters`` iterations between two events: the GPU time is the events'
+    interval, the host time the time the loop took to enqueue them (the events' end not waited for)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for i in range(iters):
-        impl.iterate(*batches[i % len(batches)])
+    t0 = time.perf_counter()
+    done = impl.run(batches, iters)
+    host = time.perf_counter() - t0
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
+    return start.elapsed_time(end) * 1e3 / done, host * 1e6 / done
 
 
 def profile_host(n: int, batch: int) -> None:
@@ -184,6 +229,10 @@ def main() -> None:
                         help="only profile the host: cProfile of 200 GroupWeights iterations at N groups, both modes")
     parser.add_argument("--graph", action="store_true",
                         help="also time each implementation as a captured CUDA graph, replayed per iteration")
+    parser.add_argument("--graph-block", type=int, default=0, metavar="K",
+                        help="also time each implementation as K iterations captured in one graph, one replay per K "
+                             "iterations (the GPU's time per iteration with the host ahead of it; --iters a multiple "
+                             "of K)")
     parser.add_argument("--kernel-times", action="store_true",
                         help="also the GPU time of each kernel of an eager iteration (torch.profiler, --iters iterations)")
     parser.add_argument("--out", default=None)
@@ -191,6 +240,8 @@ def main() -> None:
     if args.profile:
         profile_host(int(float(args.profile)), args.batch)
         return
+    if args.graph_block and args.iters % args.graph_block:
+        parser.error("--iters must be a multiple of --graph-block")
     rate = copy_rate()
     rows = []
     for n in [int(float(s)) for s in args.sizes.split(",")]:
@@ -203,38 +254,49 @@ def main() -> None:
             if args.graph:
                 impls["GroupWeights (graph)"] = Graphed(group_weights(n, args.batch, mode, validate=False),
                                                         *batches[0])
+            if args.graph_block:
+                impls["GroupWeights (graph block)"] = GraphedBlock(
+                    group_weights(n, args.batch, mode, validate=False), batches, args.graph_block)
             try:
                 impls["plain torch"] = Eager(PlainStep(n, args.batch, mode))
                 if args.graph:
                     impls["plain torch (graph)"] = Graphed(PlainStep(n, args.batch, mode, in_place=True),
                                                            *batches[0])
+                if args.graph_block:
+                    impls["plain torch (graph block)"] = GraphedBlock(PlainStep(n, args.batch, mode, in_place=True),
+                                                                      batches, args.graph_block)
                 for impl in impls.values():  # warm-up (compiles, allocates); a plain step that does not fit goes
                     block_us(impl, batches, 3)
             except torch.OutOfMemoryError:
-                for name in ("plain torch", "plain torch (graph)"):
+                for name in ("plain torch", "plain torch (graph)", "plain torch (graph block)"):
                     impls.pop(name, None)
                 torch.cuda.empty_cache()
             times = {name: [] for name in impls}
+            host = {name: [] for name in impls}
             for _ in range(args.rounds):
                 for name, impl in impls.items():
-                    times[name].append(block_us(impl, batches, args.iters))
+                    gpu_us, host_us = block_us(impl, batches, args.iters)
+                    times[name].append(gpu_us)
+                    host[name].append(host_us)
             must_move = (16 if mode == "optimistic" else 8) * n
             row = dict(n_groups=n, mode=mode, batch=args.batch)
             for name, us in times.items():
                 med = statistics.median(us)
                 row[name] = dict(us_per_iteration=med, us_min=min(us), us_max=max(us), per_round=us,
+                                 host_us_per_iteration=statistics.median(host[name]),
                                  bytes_must_move=must_move, of_copy_rate=must_move / (med * 1e-6) / rate)
-            for ours, plain in (("GroupWeights", "plain torch"), ("GroupWeights (graph)", "plain torch (graph)"),
-                                ("GroupWeights (graph)", "plain torch")):
+            for ours, plain, key in (("GroupWeights", "plain torch", ""),
+                                     ("GroupWeights (graph)", "plain torch (graph)", "_graphs"),
+                                     ("GroupWeights (graph)", "plain torch", "_graph_vs_eager"),
+                                     ("GroupWeights (graph block)", "plain torch (graph block)", "_graph_blocks")):
                 if ours in times and plain in times:
-                    key = "speedup_vs_plain" + ("" if ours == "GroupWeights" else
-                                                "_graphs" if plain.endswith("(graph)") else "_graph_vs_eager")
-                    row[key] = statistics.median([p / g for p, g in zip(times[plain], times[ours])])
+                    ratios = [p / g for p, g in zip(times[plain], times[ours])]
+                    row["speedup_vs_plain" + key] = statistics.median(ratios)
             if args.kernel_times:
                 from bench_pi_stream import kernel_times  # imports this module: only here, not at the top
                 row["kernel_us_per_iteration"] = {
                     name: kernel_times(lambda impl=impl: impl.iterate(*batches[0]), args.iters)
-                    for name, impl in impls.items() if not name.endswith("(graph)")}
+                    for name, impl in impls.items() if "(graph" not in name}
             rows.append(row)
             print(json.dumps({k: (round(v["us_per_iteration"], 1) if isinstance(v, dict) else v)
                               for k, v in row.items() if k != "kernel_us_per_iteration"}), flush=True)
@@ -242,7 +304,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     record = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, also_fused_source=source_digest(),
                   date=datetime.datetime.now().isoformat(timespec="seconds"), copy_rate_bytes_per_s=rate,
-                  iters=args.iters, rounds=args.rounds, rows=rows)
+                  iters=args.iters, rounds=args.rounds, graph_block=args.graph_block, rows=rows)
     out = args.out or "object_level.json"
     with open(out, "w") as f:
         json.dump(record, f, indent=1)
@@ -262,7 +324,8 @@ def plot_rows(rows: list, title: str, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for mode, style in (("descent-ascent", "-"), ("optimistic", "--")):
         for name, marker in (("GroupWeights", "o"), ("plain torch", "s"), ("GroupWeights (graph)", "^"),
-                             ("plain torch (graph)", "v")):
+                             ("plain torch (graph)", "v"), ("GroupWeights (graph block)", "D"),
+                             ("plain torch (graph block)", "x")):
             pts = sorted((r["n_groups"], r[name]["us_per_iteration"]) for r in rows if r["mode"] == mode and name in r)
             if pts:
                 ax.plot(*zip(*pts), style, marker=marker, label=f"{name}, {mode}")
