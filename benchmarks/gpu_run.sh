@@ -3,9 +3,9 @@
 # benchmarks (theta/, pi/, step/). Logs and JSON go to $OUT (default benchmarks/results). Run from the
 # repository root.
 # Usage: bash benchmarks/gpu_run.sh [tests|bench|all|object|distributed]; "object": the one-weight-per-sample
-# benchmarks (the sample programs' tiles, the iteration eager and captured at 10^3-10^8 with each kernel's time,
-# the iteration at 10^9, one plot of both; about 5 minutes on an H100); "distributed" needs 2+ GPUs: the
-# DDP and FSDP2 tests with NCCL and the Triton kernels, then one DDP and one FSDP2 training step timed.
+# benchmarks (the sample programs' tiles; the iteration eager, captured one per replay and 20 per replay at
+# 10^3-10^8 with each kernel's time; the iteration at 10^9; one plot of both; about 6 minutes on an H100);
+# "distributed" needs 2+ GPUs: the DDP and FSDP2 tests with NCCL and the Triton kernels, then one DDP and one FSDP2 training step timed.
 set -u
 what=${1:-all}
 OUT=${OUT:-benchmarks/results}
@@ -38,8 +38,8 @@ fi
 if [ "$what" = object ]; then
   timeout 200 python3 benchmarks/pi/bench_sample_tile.py --out "$OUT/pi_sample_tile.json" > "$OUT/sample_tile.log" 2>&1
   tail -n 1 "$OUT/sample_tile.log"
-  timeout 240 python3 benchmarks/pi/bench_object_level.py --graph --kernel-times --sizes 1e3,1e4,1e5,1e6,1e7,1e8 \
-    --rounds 5 --out "$OUT/object_level_graph.json" > "$OUT/object_level_graph.log" 2>&1
+  timeout 330 python3 benchmarks/pi/bench_object_level.py --graph --graph-block 20 --kernel-times \
+    --sizes 1e3,1e4,1e5,1e6,1e7,1e8 --rounds 5 --out "$OUT/object_level_graph.json" > "$OUT/object_level_graph.log" 2>&1
   tail -n 13 "$OUT/object_level_graph.log" | cut -c1-300
   timeout 150 python3 benchmarks/pi/bench_object_level.py --sizes 1e9 --iters 5 --rounds 5 \
     --out "$OUT/object_level_1e9.json" > "$OUT/object_level_1e9.log" 2>&1
