@@ -5,7 +5,8 @@
 # Usage: bash benchmarks/gpu_run.sh [tests|bench|all|object|distributed]; "object": the one-weight-per-sample
 # benchmarks (the sample programs' tiles; the iteration eager, captured one per replay and 20 per replay at
 # 10^3-10^8 with each kernel's time; the iteration at 10^9; one plot of both; about 6 minutes on an H100);
-# "distributed" needs 2+ GPUs: the DDP and FSDP2 tests with NCCL and the Triton kernels, then one DDP and one FSDP2 training step timed.
+# "distributed" needs 2+ GPUs: the DDP and FSDP2 tests with NCCL and the Triton kernels, then one DDP and one
+# FSDP2 training step timed.
 set -u
 what=${1:-all}
 OUT=${OUT:-benchmarks/results}
