@@ -67,7 +67,7 @@ def test_fast_path_never_falls_back_to_the_reference(monkeypatch, api, mode, dty
 
 # ------------------------------------------------------------------ the group weights' side
 @needs_extension
-@pytest.mark.parametrize("n_groups,batch", [(1, 3), (5, 17), (300, 1000)])
+@pytest.mark.parametrize("n_groups,batch", [(1, 3), (5, 17), (300, 1000), (40000, 4096)])
 @pytest.mark.parametrize("with_reg", [False, True])
 @pytest.mark.parametrize("temperature,pi_lr", [(1.0, 0.01), (0.5, 1.0), (3.0, 0.3)])
 def test_pi_step_matches_the_reference(n_groups, batch, with_reg, temperature, pi_lr):
@@ -86,6 +86,65 @@ def test_pi_step_matches_the_reference(n_groups, batch, with_reg, temperature, p
     torch.testing.assert_close(out, first, rtol=2.0 ** -23, atol=0.0)
     torch.testing.assert_close(second_out, second, rtol=2.0 ** -23, atol=0.0)
     torch.testing.assert_close(mean, losses.double().mean().float(), rtol=2.0 ** -23, atol=0.0)
+
+
+PI_MATH = getattr(cpu_fused._cpu_adam, "pi_math", None)
+needs_pi_math = pytest.mark.skipif(PI_MATH is None, reason="the extension has no pi_math (not built, or older)")
+
+
+def _pi_math(x: torch.Tensor, fn: str, instruction_set: str) -> torch.Tensor:
+    try:
+        return PI_MATH(x, fn, instruction_set)
+    except RuntimeError as exc:
+        if "no " + instruction_set + " loops" in str(exc):
+            pytest.skip(f"this CPU has no {instruction_set}")
+        raise
+
+
+def _math_inputs(fn: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(5)
+    if fn == "log":  # positive values over the whole float64 range, subnormals, the float32 pi values, specials
+        spread = torch.exp(torch.empty(20000, dtype=torch.float64).uniform_(-740.0, 709.0, generator=gen))
+        pis = torch.rand(5000, generator=gen).double()
+        specials = [0.0, -0.0, 1.0, 5e-324, 2.2250738585072014e-308, 1e-310, 0.7071067811865476, 1.4142135623730951,
+                    math.inf, -1.0, -math.inf, math.nan, 1.7976931348623157e308]
+    else:  # x <= 0 down past the subnormal results, and specials
+        spread = -torch.empty(20000, dtype=torch.float64).uniform_(0.0, 760.0, generator=gen)
+        pis = -torch.rand(5000, generator=gen).double()
+        specials = [0.0, -0.0, -1e-300, -708.39, -708.4, -744.4, -745.1, -745.2, -745.6, -1000.0, -math.inf, math.nan]
+    return torch.cat([spread, pis, torch.tensor(specials, dtype=torch.float64)])
+
+
+@needs_pi_math
+@pytest.mark.parametrize("fn", ["log", "exp"])
+@pytest.mark.parametrize("instruction_set", ["baseline", "avx2", "avx512"])
+def test_the_pi_steps_float64_log_and_exp_are_within_one_ulp(fn, instruction_set):
+    """The pi step's own float64 log and exp (vectorised loops, no libm call per entry) against Python's math
+    module: within one float64 ulp of it everywhere (subnormal results included), the special values exact."""
+    x = _math_inputs(fn)
+    got = _pi_math(x, fn, instruction_set).tolist()
+    ref_fn = math.log if fn == "log" else math.exp
+    for value, result in zip(x.tolist(), got):
+        if math.isnan(value) or (fn == "log" and value < 0):
+            assert math.isnan(result), (value, result)
+            continue
+        ref = -math.inf if fn == "log" and value == 0 else ref_fn(value)
+        if math.isinf(ref) or ref == 0.0:
+            assert result == ref or (ref == 0.0 and abs(result) <= 5e-324), (value, result, ref)
+            continue
+        assert abs(result - ref) <= math.ulp(ref), (value, result, ref)
+
+
+@needs_pi_math
+@pytest.mark.parametrize("instruction_set", ["avx2", "avx512"])
+def test_the_pi_steps_log_and_exp_give_the_same_bits_on_every_instruction_set(instruction_set):
+    """The wider loops compute what the baseline ones do, bit for bit (no FMA, no approximations), so that the
+    pi step's result does not depend on the CPU it ran on; the step itself runs the widest this CPU has."""
+    for fn in ("log", "exp"):
+        x = _math_inputs(fn)
+        wide, base = _pi_math(x, fn, instruction_set), _pi_math(x, fn, "baseline")
+        assert torch.equal(wide.view(torch.int64), base.view(torch.int64)), fn
+    assert cpu_fused._cpu_adam.pi_instruction_set() in ("baseline", "avx2", "avx512")
 
 
 @needs_extension

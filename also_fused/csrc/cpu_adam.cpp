@@ -766,6 +766,8 @@ double pi_logits(const at::Tensor& pi, const c10::optional<at::Tensor>& log_pi_r
                  double temperature, double eps);
 at::Tensor pi_exp_blocks(const at::Tensor& z, double z_max, int64_t block);
 void pi_scale(const at::Tensor& e, double inverse, const at::Tensor& out);
+std::string pi_instruction_set();
+at::Tensor pi_math(const at::Tensor& x, const std::string& fn, const std::string& instruction_set);
 at::Tensor sample_weights(const at::Tensor& pi, const at::Tensor& group_ids, double scale);
 std::tuple<int64_t, int64_t> id_range(const at::Tensor& group_ids);
 std::tuple<double, double> loss_range(const at::Tensor& losses);
@@ -780,6 +782,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pi_logits", &pi_logits, "The pi step's float64 logits over a slice of pi and their max (cpu_pi.cpp)");
   m.def("pi_exp_blocks", &pi_exp_blocks, "exp(z - max) in place and the sums of its blocks (cpu_pi.cpp)");
   m.def("pi_scale", &pi_scale, "out = float32(e * inverse), the pi step's result (cpu_pi.cpp)");
+  m.def("pi_instruction_set", &pi_instruction_set, "The vector instruction set the pi step's loops run with");
+  m.def("pi_math", &pi_math, "For the tests: the pi step's float64 log or exp of a vector, one instruction set's loops");
   m.def("sample_weights", &sample_weights, "The weighted loss's per-sample weights scale * pi[ids] (cpu_pi.cpp)");
   m.def("id_range", &id_range, "(min, max) of int64 group ids (cpu_pi.cpp)");
   m.def("loss_range", &loss_range, "(min, max) of float32 losses, NaN if one is NaN (cpu_pi.cpp)");

@@ -19,11 +19,18 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ALSO_FUSED_X86 1
+#endif
 
 namespace {
 
@@ -36,23 +43,170 @@ void check_vector(const at::Tensor& t, at::ScalarType dtype, const char* name) {
 // every block partial in order within its block, so the results do not depend on the number of threads.
 constexpr int64_t kChunk = 1 << 14;
 
+// float64 log and exp without a libm call per entry, so that the loops over pi vectorise: both are within about
+// one float64 ulp of the correctly rounded value (tests/test_cpu_fused.py measures them against torch's), far
+// below the float32 rounding of the step's result. They use only IEEE adds, multiplies, divides and integer ops
+// on the bits (no FMA: the build turns contraction off), so every instruction-set variant gives the same bits.
+namespace f64 {
+
+inline __attribute__((always_inline)) uint64_t bits_of(double x) {
+  uint64_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+inline __attribute__((always_inline)) double double_of(uint64_t b) {
+  double x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+constexpr double kLn2Hi = 6.93147180369123816490e-01;  // ln 2 in two parts, k * kLn2Hi exact for |k| < 2^11
+constexpr double kLn2Lo = 1.90821492927058770002e-10;
+constexpr double kLog2e = 1.44269504088896338700e+00;
+constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52: x + kRound - kRound rounds x to an integer
+constexpr double kTwo52 = 4503599627370496.0;
+constexpr double kMinNormal = 2.2250738585072014e-308;
+
+// exp(d) for d <= 0: d = k ln 2 + r, |r| <= ln 2 / 2, exp(r) by its Taylor polynomial of degree 13 (the
+// remainder below 2^-60), times 2^k as two normal powers of two (one rounding down to the subnormal range).
+// Below -745.5 (and -inf) 0; NaN stays NaN.
+inline __attribute__((always_inline)) double exp_nonpositive(double d) {
+  const double x = d >= -745.5 ? d : -745.5;
+  const double t = x * kLog2e + kRound;
+  const double kd = t - kRound;
+  const int64_t k = static_cast<int64_t>(bits_of(t) - bits_of(kRound));
+  const double r = (x - kd * kLn2Hi) - kd * kLn2Lo;
+  double p = 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const int64_t k1 = k / 2;
+  const int64_t k2 = k - k1;
+  const double scale1 = double_of(static_cast<uint64_t>(k1 + 1023) << 52);
+  const double scale2 = double_of(static_cast<uint64_t>(k2 + 1023) << 52);
+  const double e = p * scale1 * scale2;
+  return d != d ? d : (d >= -745.5 ? e : 0.0);
+}
+
+// log(x): x = m 2^e with m in [0.707, 1.414), f = m - 1 (exact), s = f / (2 + f), log m = 2 atanh(s)
+// = f - f^2 / 2 + s (f^2 / 2 + R), R = sum_k 2 s^2k / (2k + 1) to k = 11 (the remainder below 2^-60 relative):
+// the exact f leads and the rest corrects it. 0 gives -inf, +inf itself, below 0 or NaN NaN.
+inline __attribute__((always_inline)) double log_of(double x) {
+  const bool tiny = x < kMinNormal;
+  const double xs = tiny ? x * 18014398509481984.0 : x;  // subnormals scaled by 2^54 first
+  const uint64_t b = bits_of(xs) + (0x3ff0000000000000ULL - 0x3fe6a09e00000000ULL);
+  const double e = double_of((b >> 52) | 0x4330000000000000ULL) - kTwo52 - 1023.0 - (tiny ? 54.0 : 0.0);
+  const double f = double_of((b & 0x000fffffffffffffULL) + 0x3fe6a09e00000000ULL) - 1.0;
+  const double s = f / (2.0 + f);
+  const double z = s * s;
+  double r = 2.0 / 23.0;
+  r = r * z + 2.0 / 21.0;
+  r = r * z + 2.0 / 19.0;
+  r = r * z + 2.0 / 17.0;
+  r = r * z + 2.0 / 15.0;
+  r = r * z + 2.0 / 13.0;
+  r = r * z + 2.0 / 11.0;
+  r = r * z + 2.0 / 9.0;
+  r = r * z + 2.0 / 7.0;
+  r = r * z + 2.0 / 5.0;
+  r = r * z + 2.0 / 3.0;
+  r = r * z;
+  const double half_f2 = 0.5 * f * f;
+  const double value = e * kLn2Hi - ((half_f2 - (s * (half_f2 + r) + e * kLn2Lo)) - f);
+  const bool regular = x > 0.0 && x <= std::numeric_limits<double>::max();
+  return regular ? value : (x > 0.0 ? x : (x == 0.0 ? -std::numeric_limits<double>::infinity()
+                                                    : std::numeric_limits<double>::quiet_NaN()));
+}
+
+}  // namespace f64
+
+// The loops over one chunk, compiled for the baseline instruction set and, on x86-64, for AVX2 and AVX-512 (the
+// widest the CPU has is picked at run time): z_j = (log(src_j + eps) + c reg_j + pi_lr S_j) / divisor, each
+// product and sum rounded once; z_j <- exp(z_j - z_max); and, for the tests, log and exp over an array.
+inline __attribute__((always_inline)) void logits_body(const float* src, const float* reg, const float* sums,
+                                                       int64_t begin, int64_t end, double pi_lr, double c,
+                                                       double divisor, double eps, double* z) {
+  for (int64_t j = begin; j < end; ++j) {
+    double x = f64::log_of(static_cast<double>(src[j]) + eps);
+    if (reg != nullptr) x = x + c * static_cast<double>(reg[j]);
+    if (sums != nullptr) x = x + pi_lr * static_cast<double>(sums[j]);
+    z[j] = x / divisor;
+  }
+}
+
+struct PiLoops {
+  const char* name;
+  void (*logits)(const float*, const float*, const float*, int64_t, int64_t, double, double, double, double, double*);
+  void (*exp)(double*, int64_t, int64_t, double);
+  void (*log_array)(double*, int64_t);
+};
+
+#define ALSO_FUSED_PI_LOOPS(ATTRIBUTE, SUFFIX)                                                                 \
+  ATTRIBUTE void logits_##SUFFIX(const float* src, const float* reg, const float* sums, int64_t begin,          \
+                                 int64_t end, double pi_lr, double c, double divisor, double eps, double* z) { \
+    logits_body(src, reg, sums, begin, end, pi_lr, c, divisor, eps, z);                                         \
+  }                                                                                                             \
+  ATTRIBUTE void exp_##SUFFIX(double* z, int64_t begin, int64_t end, double z_max) {                            \
+    for (int64_t j = begin; j < end; ++j) z[j] = f64::exp_nonpositive(z[j] - z_max);                          \
+  }                                                                                                             \
+  ATTRIBUTE void log_array_##SUFFIX(double* x, int64_t n) {                                                    \
+    for (int64_t j = 0; j < n; ++j) x[j] = f64::log_of(x[j]);                                                  \
+  }                                                                                                             \
+  const PiLoops kLoops_##SUFFIX = {#SUFFIX, &logits_##SUFFIX, &exp_##SUFFIX, &log_array_##SUFFIX};
+
+ALSO_FUSED_PI_LOOPS(, baseline)
+#ifdef ALSO_FUSED_X86
+ALSO_FUSED_PI_LOOPS(__attribute__((target("avx2"))), avx2)
+ALSO_FUSED_PI_LOOPS(__attribute__((target("avx512f,avx512dq"))), avx512)
+#endif
+#undef ALSO_FUSED_PI_LOOPS
+
+// the loops of an instruction set by name ("baseline", "avx2", "avx512"); nullptr where this CPU lacks it
+const PiLoops* pi_loops_named(const std::string& name) {
+  if (name == "baseline") return &kLoops_baseline;
+#ifdef ALSO_FUSED_X86
+  if (name == "avx2" && __builtin_cpu_supports("avx2")) return &kLoops_avx2;
+  if (name == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) {
+    return &kLoops_avx512;
+  }
+#endif
+  return nullptr;
+}
+
+const PiLoops& pi_loops() {
+  static const PiLoops* best = [] {
+    for (const char* name : {"avx512", "avx2"}) {
+      if (const PiLoops* loops = pi_loops_named(name)) return loops;
+    }
+    return &kLoops_baseline;
+  }();
+  return *best;
+}
+
 // z_j = (log(src_j + eps) + c reg_j + pi_lr S_j) / ((1 + c) T) in float64 (reg = nullptr: no term, sums =
-// nullptr: S = 0), each product and sum rounded once; returns max_j z_j (-inf for n = 0)
+// nullptr: S = 0); returns max_j z_j (-inf for n = 0; NaN entries do not count)
 double logits(const float* src, const float* reg, const float* sums, int64_t n, double pi_lr, double c,
               double divisor, double eps, double* z) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> chunk_max(chunks, -std::numeric_limits<double>::infinity());
+  const auto body = pi_loops().logits;
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
+      const int64_t begin = k * kChunk, stop = std::min(n, (k + 1) * kChunk);
+      body(src, reg, sums, begin, stop, pi_lr, c, divisor, eps, z);
       double m = -std::numeric_limits<double>::infinity();
-      for (int64_t j = k * kChunk, stop = std::min(n, (k + 1) * kChunk); j < stop; ++j) {
-        double x = std::log(static_cast<double>(src[j]) + eps);
-        if (reg != nullptr) x = x + c * static_cast<double>(reg[j]);
-        if (sums != nullptr) x = x + pi_lr * static_cast<double>(sums[j]);
-        x = x / divisor;
-        z[j] = x;
-        m = std::max(m, x);
-      }
+      for (int64_t j = begin; j < stop; ++j) m = std::max(m, z[j]);
       chunk_max[k] = m;
     }
   });
@@ -65,13 +219,13 @@ double logits(const float* src, const float* reg, const float* sums, int64_t n, 
 void exp_blocks(double* z, int64_t n, double z_max, int64_t block, double* partials) {
   const int64_t blocks = (n + block - 1) / block;
   const int64_t grain = std::max<int64_t>(1, kChunk / block);
+  const auto body = pi_loops().exp;
   at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
+      const int64_t begin = b * block, stop = std::min(n, (b + 1) * block);
+      body(z, begin, stop, z_max);
       double partial = 0.0;
-      for (int64_t j = b * block, stop = std::min(n, (b + 1) * block); j < stop; ++j) {
-        z[j] = std::exp(z[j] - z_max);
-        partial += z[j];
-      }
+      for (int64_t j = begin; j < stop; ++j) partial += z[j];
       partials[b] = partial;
     }
   });
@@ -186,6 +340,24 @@ void pi_scale(const at::Tensor& e, double inverse, const at::Tensor& out) {
   check_vector(out, at::kFloat, "out");
   TORCH_CHECK(out.numel() == e.numel(), "pi_scale: out must be shaped like e");
   scale_into(e.data_ptr<double>(), e.numel(), inverse, out.data_ptr<float>());
+}
+
+std::string pi_instruction_set() { return pi_loops().name; }
+
+// For the tests: log(x) or exp(x) (x <= 0) of a float64 vector, as the pi step's loops compute them, with the loops
+// of one instruction set; an error where this CPU lacks it.
+at::Tensor pi_math(const at::Tensor& x, const std::string& fn, const std::string& instruction_set) {
+  check_vector(x, at::kDouble, "x");
+  const PiLoops* loops = pi_loops_named(instruction_set);
+  TORCH_CHECK(loops != nullptr, "pi_math: no ", instruction_set, " loops on this CPU");
+  TORCH_CHECK(fn == "log" || fn == "exp", "pi_math: fn must be log or exp");
+  at::Tensor out = x.clone();
+  if (fn == "log") {
+    loops->log_array(out.data_ptr<double>(), out.numel());
+  } else {
+    loops->exp(out.data_ptr<double>(), 0, out.numel(), 0.0);
+  }
+  return out;
 }
 
 at::Tensor sample_weights(const at::Tensor& pi, const at::Tensor& group_ids, double scale) {
