@@ -145,9 +145,25 @@ inline __attribute__((always_inline)) void logits_body(const float* src, const f
   }
 }
 
+// max_j z_j over [begin, end) in eight lanes (NaN entries do not count): the order of a max does not change it
+inline __attribute__((always_inline)) double max_body(const double* z, int64_t begin, int64_t end) {
+  constexpr int kLanes = 8;
+  double lanes[kLanes];
+  for (int k = 0; k < kLanes; ++k) lanes[k] = -std::numeric_limits<double>::infinity();
+  int64_t j = begin;
+  for (; j + kLanes <= end; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] = z[j + k] > lanes[k] ? z[j + k] : lanes[k];
+  }
+  double m = -std::numeric_limits<double>::infinity();
+  for (int k = 0; k < kLanes; ++k) m = lanes[k] > m ? lanes[k] : m;
+  for (; j < end; ++j) m = z[j] > m ? z[j] : m;
+  return m;
+}
+
 struct PiLoops {
   const char* name;
   void (*logits)(const float*, const float*, const float*, int64_t, int64_t, double, double, double, double, double*);
+  double (*max)(const double*, int64_t, int64_t);
   void (*exp)(double*, int64_t, int64_t, double);
   void (*log_array)(double*, int64_t);
 };
@@ -157,13 +173,16 @@ struct PiLoops {
                                  int64_t end, double pi_lr, double c, double divisor, double eps, double* z) { \
     logits_body(src, reg, sums, begin, end, pi_lr, c, divisor, eps, z);                                         \
   }                                                                                                             \
+  ATTRIBUTE double max_##SUFFIX(const double* z, int64_t begin, int64_t end) {                                 \
+    return max_body(z, begin, end);                                                                             \
+  }                                                                                                             \
   ATTRIBUTE void exp_##SUFFIX(double* z, int64_t begin, int64_t end, double z_max) {                            \
     for (int64_t j = begin; j < end; ++j) z[j] = f64::exp_nonpositive(z[j] - z_max);                          \
   }                                                                                                             \
   ATTRIBUTE void log_array_##SUFFIX(double* x, int64_t n) {                                                    \
     for (int64_t j = 0; j < n; ++j) x[j] = f64::log_of(x[j]);                                                  \
   }                                                                                                             \
-  const PiLoops kLoops_##SUFFIX = {#SUFFIX, &logits_##SUFFIX, &exp_##SUFFIX, &log_array_##SUFFIX};
+  const PiLoops kLoops_##SUFFIX = {#SUFFIX, &logits_##SUFFIX, &max_##SUFFIX, &exp_##SUFFIX, &log_array_##SUFFIX};
 
 ALSO_FUSED_PI_LOOPS(, baseline)
 #ifdef ALSO_FUSED_X86
@@ -200,14 +219,12 @@ double logits(const float* src, const float* reg, const float* sums, int64_t n, 
               double divisor, double eps, double* z) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> chunk_max(chunks, -std::numeric_limits<double>::infinity());
-  const auto body = pi_loops().logits;
+  const PiLoops& loops = pi_loops();
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const int64_t begin = k * kChunk, stop = std::min(n, (k + 1) * kChunk);
-      body(src, reg, sums, begin, stop, pi_lr, c, divisor, eps, z);
-      double m = -std::numeric_limits<double>::infinity();
-      for (int64_t j = begin; j < stop; ++j) m = std::max(m, z[j]);
-      chunk_max[k] = m;
+      loops.logits(src, reg, sums, begin, stop, pi_lr, c, divisor, eps, z);
+      chunk_max[k] = loops.max(z, begin, stop);
     }
   });
   double z_max = -std::numeric_limits<double>::infinity();
