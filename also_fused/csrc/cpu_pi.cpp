@@ -12,6 +12,8 @@
 //                   torch.dot then takes, with its backward in torch's autograd).
 //   id_range, loss_range: (min, max) of the ids or the losses in one pass, for the host-side value checks
 //                   (NaN for the losses' range when one is NaN, as torch.aminmax propagates it).
+//   pi_instruction_set, pi_math: which loops the pi step runs (baseline, avx2, avx512), and for the tests its
+//                   float64 log and exp with the loops of one instruction set.
 //
 // Ids outside [0, n) are ignored (weight 0, no sum): the callers have checked them where asked to.
 #include <ATen/Parallel.h>
