@@ -70,6 +70,24 @@ constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52: x + kRound - kRoun
 constexpr double kTwo52 = 4503599627370496.0;
 constexpr double kMinNormal = 2.2250738585072014e-308;
 
+// sum_i c_i x^(N-1-i) by Horner's rule, the coefficients from the highest power down
+template <int N>
+inline __attribute__((always_inline)) double horner(const double (&c)[N], double x) {
+  double p = c[0];
+#pragma GCC unroll 16
+  for (int i = 1; i < N; ++i) p = p * x + c[i];
+  return p;
+}
+
+// 1 / k! for k = 13 down to 0: exp(r) to degree 13
+constexpr double kExpTaylor[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                                 1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,     1.0 / 720.0,
+                                 1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,        0.5,
+                                 1.0,                1.0};
+// 2 / (2k + 1) for k = 11 down to 1: the series of 2 atanh(s) / s - 2 in z = s^2, over z
+constexpr double kAtanhSeries[] = {2.0 / 23.0, 2.0 / 21.0, 2.0 / 19.0, 2.0 / 17.0, 2.0 / 15.0, 2.0 / 13.0,
+                                   2.0 / 11.0, 2.0 / 9.0,  2.0 / 7.0,  2.0 / 5.0,  2.0 / 3.0};
+
 // exp(d) for d <= 0: d = k ln 2 + r, |r| <= ln 2 / 2, exp(r) by its Taylor polynomial of degree 13 (the
 // remainder below 2^-60), times 2^k as two normal powers of two (one rounding down to the subnormal range).
 // Below -745.5 (and -inf) 0; NaN stays NaN.
@@ -79,20 +97,7 @@ inline __attribute__((always_inline)) double exp_nonpositive(double d) {
   const double kd = t - kRound;
   const int64_t k = static_cast<int64_t>(bits_of(t) - bits_of(kRound));
   const double r = (x - kd * kLn2Hi) - kd * kLn2Lo;
-  double p = 1.0 / 6227020800.0;
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
+  const double p = horner(kExpTaylor, r);
   const int64_t k1 = k / 2;
   const int64_t k2 = k - k1;
   const double scale1 = double_of(static_cast<uint64_t>(k1 + 1023) << 52);
@@ -112,18 +117,7 @@ inline __attribute__((always_inline)) double log_of(double x) {
   const double f = double_of((b & 0x000fffffffffffffULL) + 0x3fe6a09e00000000ULL) - 1.0;
   const double s = f / (2.0 + f);
   const double z = s * s;
-  double r = 2.0 / 23.0;
-  r = r * z + 2.0 / 21.0;
-  r = r * z + 2.0 / 19.0;
-  r = r * z + 2.0 / 17.0;
-  r = r * z + 2.0 / 15.0;
-  r = r * z + 2.0 / 13.0;
-  r = r * z + 2.0 / 11.0;
-  r = r * z + 2.0 / 9.0;
-  r = r * z + 2.0 / 7.0;
-  r = r * z + 2.0 / 5.0;
-  r = r * z + 2.0 / 3.0;
-  r = r * z;
+  const double r = horner(kAtanhSeries, z) * z;
   const double half_f2 = 0.5 * f * f;
   const double value = e * kLn2Hi - ((half_f2 - (s * (half_f2 + r) + e * kLn2Lo)) - f);
   const bool regular = x > 0.0 && x <= std::numeric_limits<double>::max();
