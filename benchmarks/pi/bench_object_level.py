@@ -76,7 +76,16 @@ class PlainStep:
         self.sums.zero_()
 
 
-class Eager:
+class PerIteration:
+    """Runs ``iters`` iterations one ``iterate`` call each, the batches in turn; returns how many it ran."""
+
+    def run(self, batches, iters: int) -> int:
+        for i in range(iters):
+            self.iterate(*batches[i % len(batches)])
+        return iters
+
+
+class Eager(PerIteration):
     """One iteration as a training loop writes it."""
 
     def __init__(self, impl) -> None:
@@ -86,13 +95,8 @@ class Eager:
         self.impl.weighted_loss(losses, ids).backward()
         self.impl.step()
 
-    def run(self, batches, iters: int) -> int:
-        for i in range(iters):
-            self.iterate(*batches[i % len(batches)])
-        return iters
 
-
-class Graphed:
+class Graphed(PerIteration):
     """The same iteration captured once in a CUDA graph; each iteration copies its batch into the static
     buffers the graph reads and replays it (torch.cuda.graph's recipe: warm-up on a side stream first)."""
 
@@ -117,16 +121,14 @@ class Graphed:
         impl.weighted_loss(self.losses, self.ids).backward()
         impl.step()
 
-    def iterate(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
+    def _load(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
         self.ids.copy_(ids)
         with torch.no_grad():
             self.losses.copy_(losses)
-        self.graph.replay()
 
-    def run(self, batches, iters: int) -> int:
-        for i in range(iters):
-            self.iterate(*batches[i % len(batches)])
-        return iters
+    def iterate(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
+        self._load(ids, losses)
+        self.graph.replay()
 
 
 class GraphedBlock(Graphed):
@@ -141,11 +143,8 @@ class GraphedBlock(Graphed):
 
     def _captured(self, impl) -> None:
         for i in range(self.per_replay):
-            ids, losses = self.staged[i % len(self.staged)]
-            self.ids.copy_(ids)
-            with torch.no_grad():
-                self.losses.copy_(losses)
-            super()._iteration(impl)
+            self._load(*self.staged[i % len(self.staged)])
+            self._iteration(impl)
 
     def run(self, batches, iters: int) -> int:
         replays = max(1, iters // self.per_replay)
