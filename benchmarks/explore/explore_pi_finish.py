@@ -12,8 +12,8 @@ torch.profiler gives each variant's time per kernel. Variants:
 * ``warps<N>``: the sample programs in N warps (the product: ``_SAMPLE_WARPS``);
 * ``range_warps<N>``, ``programs<N>``, ``block<N>``, ``stages<N>``: the launches over pi's ranges (stats and
   write) in N warps, N programs per SM, tiles of N entries, N pipeline stages (the product: ``_RANGE_WARPS``,
-  ``_PROGRAMS_PER_SM``, ``_BLOCK_GPU``, ``_LOOP_STAGES``); the last three change the ranges or the order of the
-  range sums, so the bits may differ where 1 / Z rounds the other way;
+  ``_PROGRAMS_PER_SM``, ``_BLOCK_GPU``, ``_LOOP_STAGES``); warps, programs and tiles change how the range sums
+  are split and reduced, so the bits may differ where 1 / Z rounds the other way (stages leave them);
 * ``wide_range_terms``: the range sums' terms through ``_wide_exp`` (a branch below e^-80, three float64
   products), as before ``_range_term``;
 * ``fresh_sums``: no range sums carried from one step to the next (``_carried_sums`` always false): every step
