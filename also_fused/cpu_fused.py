@@ -48,6 +48,8 @@ _HAS_PI_STEP = _cpu_adam is not None and all(hasattr(_cpu_adam, name) for name i
                                              ("pi_step", "sample_weights", "pi_logits", "pi_exp_blocks", "pi_scale"))
 # builds whose update takes each tensor's stochastic-rounding seed
 _HAS_ROUNDING = _cpu_adam is not None and getattr(_cpu_adam, "stochastic_rounding", False)
+# builds whose pi_step takes the caller's kept scratch
+_HAS_PI_SCRATCH = _HAS_PI_STEP and getattr(_cpu_adam, "pi_step_scratch", False)
 _HAS_RANGES = _cpu_adam is not None and hasattr(_cpu_adam, "id_range") and hasattr(_cpu_adam, "loss_range")
 _torch_fused_ok: Optional[bool] = None
 # the 8-bit codes' (exponent, mantissa) bits, m's then v's (see functional.quantize_moment_)
@@ -172,17 +174,32 @@ def _plain_vectors(*tensors: Optional[Tensor]) -> bool:
 
 def pi_update(pi: Tensor, group_ids: Tensor, losses: Tensor, *, out: Tensor, second_out: Optional[Tensor] = None,
               mean_out: Optional[Tensor] = None, pi_lr: float, pi_decay: float, temperature: float, eps: float,
-              log_pi_reg: Optional[Tensor] = None) -> bool:
+              log_pi_reg: Optional[Tensor] = None, scratch: Optional[dict] = None) -> bool:
     """out = PiUpdate(pi, S), second_out = PiUpdate(out, S), mean_out = the losses' mean, as ``functional``
     computes them (float32 group sums in sample order, float64 logits and softmax, its normaliser summed in
     blocks of ``functional.PI_BLOCK`` added in order; the mean in float64), in one call of the extension; ids
-    outside [0, n_groups) add nothing. False, doing nothing, where it does not apply (the extension missing or
-    older, or tensors that are not contiguous float32 / int64 CPU vectors)."""
+    outside [0, n_groups) add nothing. ``scratch``: a dict the caller keeps between calls, where the step keeps
+    its 12 bytes per group of working memory (float64 logits, float32 group sums) instead of allocating them on
+    every call. False, doing nothing, where it does not apply (the extension missing or older, or tensors that
+    are not contiguous float32 / int64 CPU vectors)."""
     if not pi_phases_apply(pi, group_ids, losses, out, second_out, log_pi_reg):
         return False
-    _cpu_adam.pi_step(pi, log_pi_reg, group_ids, losses, out, second_out, mean_out, float(pi_lr), float(pi_decay),
-                      float(temperature), float(eps), F.PI_BLOCK)
+    args = (pi, log_pi_reg, group_ids, losses, out, second_out, mean_out, float(pi_lr), float(pi_decay),
+            float(temperature), float(eps), F.PI_BLOCK)
+    if _HAS_PI_SCRATCH:
+        _cpu_adam.pi_step(*args, *(_kept_scratch(scratch, pi.numel()) if scratch is not None else (None, None)))
+    else:
+        _cpu_adam.pi_step(*args)
     return True
+
+
+def _kept_scratch(scratch: dict, n: int) -> tuple[Tensor, Tensor]:
+    """The pi step's scratch for n groups, from ``scratch`` or new there: float64 logits, and float32 group
+    sums that are all zero between calls (the extension zeroes the entries it adds to before it returns)."""
+    kept = scratch.get("cpu_pi_step")
+    if kept is None or kept[0].numel() != n:
+        kept = scratch["cpu_pi_step"] = (torch.empty(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float32))
+    return kept
 
 
 def pi_phases_apply(pi: Tensor, group_ids: Optional[Tensor], losses: Optional[Tensor], *others: Optional[Tensor]

@@ -88,6 +88,36 @@ def test_pi_step_matches_the_reference(n_groups, batch, with_reg, temperature, p
     torch.testing.assert_close(mean, losses.double().mean().float(), rtol=2.0 ** -23, atol=0.0)
 
 
+@needs_extension
+@pytest.mark.skipif(not cpu_fused._HAS_PI_SCRATCH, reason="the extension's pi_step takes no scratch (older build)")
+def test_pi_step_with_kept_scratch_gives_the_same_bits_and_leaves_the_sums_zero():
+    """The pi step's kept scratch (float64 logits, float32 group sums): the same bits as with scratch of its own
+    on every call, over steps whose batches repeat ids and hold ids outside [0, n); the sums are all zero again
+    after each call (only the batch's entries were written), and a new size of pi gets new scratch."""
+    gen = torch.Generator().manual_seed(11)
+    n = 2 * F.PI_BLOCK + 77
+    pi = torch.softmax(torch.randn(n, generator=gen), 0)
+    hyper = dict(pi_lr=0.7, pi_decay=0.1, temperature=0.9, eps=F.FLOAT32_EPS, log_pi_reg=None)
+    scratch: dict = {}
+    kept = fresh = pi
+    for step in range(4):
+        ids = torch.cat([torch.randint(0, n, (300,), generator=gen), torch.tensor([3, 3, 3, -1, n, n + 5])])
+        losses = torch.rand(ids.numel(), generator=gen) * 4
+        out_kept, second_kept = torch.empty_like(pi), torch.empty_like(pi)
+        out_fresh, second_fresh = torch.empty_like(pi), torch.empty_like(pi)
+        assert cpu_fused.pi_update(kept, ids, losses, out=out_kept, second_out=second_kept, scratch=scratch, **hyper)
+        assert cpu_fused.pi_update(fresh, ids, losses, out=out_fresh, second_out=second_fresh, **hyper)
+        assert torch.equal(out_kept, out_fresh) and torch.equal(second_kept, second_fresh), step
+        z, sums = scratch["cpu_pi_step"]
+        assert z.numel() == n and sums.numel() == n and not sums.any(), step
+        kept, fresh = second_kept, second_fresh
+    smaller = torch.softmax(torch.randn(100, generator=gen), 0)
+    ids = torch.randint(0, 100, (50,), generator=gen)
+    assert cpu_fused.pi_update(smaller, ids, torch.rand(50, generator=gen), out=torch.empty(100), scratch=scratch,
+                               **hyper)
+    assert scratch["cpu_pi_step"][0].numel() == 100 and not scratch["cpu_pi_step"][1].any()
+
+
 PI_MATH = getattr(cpu_fused._cpu_adam, "pi_math", None)
 needs_pi_math = pytest.mark.skipif(PI_MATH is None, reason="the extension has no pi_math (not built, or older)")
 

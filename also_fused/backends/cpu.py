@@ -30,7 +30,8 @@ class CpuBackend(ReferenceBackend):
                   second_out: Optional[Tensor] = None, error_word: Optional[Tensor] = None,
                   mean_out: Optional[Tensor] = None, report_out: Optional[Tensor] = None,
                   cache: Optional[dict] = None, workspace: Optional[dict] = None, **hyper: Any) -> bool:
-        if cpu_fused.pi_update(pi, group_ids, losses, out=out, second_out=second_out, mean_out=mean_out, **hyper):
+        if cpu_fused.pi_update(pi, group_ids, losses, out=out, second_out=second_out, mean_out=mean_out,
+                               scratch=workspace, **hyper):
             return False
         return super().pi_update(pi, group_ids, losses, out=out, second_out=second_out, mean_out=mean_out, **hyper)
 

@@ -759,7 +759,8 @@ std::string instruction_set() { return has_avx2() ? "avx2" : "baseline"; }
 void pi_step(const at::Tensor& pi, const c10::optional<at::Tensor>& log_pi_reg, const at::Tensor& group_ids,
              const at::Tensor& losses, const at::Tensor& out, const c10::optional<at::Tensor>& second_out,
              const c10::optional<at::Tensor>& mean_out, double pi_lr, double pi_decay, double temperature,
-             double eps, int64_t block);
+             double eps, int64_t block, const c10::optional<at::Tensor>& z_scratch,
+             const c10::optional<at::Tensor>& sums_scratch);
 double pi_logits(const at::Tensor& pi, const c10::optional<at::Tensor>& log_pi_reg,
                  const c10::optional<at::Tensor>& group_ids, const c10::optional<at::Tensor>& losses,
                  const c10::optional<at::Tensor>& sums, const at::Tensor& z_out, double pi_lr, double pi_decay,
@@ -779,6 +780,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("stochastic_rounding") = true;
   m.def("instruction_set", &instruction_set, "The vector instruction set the update runs with");
   m.def("pi_step", &pi_step, "PiUpdate of the group weights from a batch's ids and losses (cpu_pi.cpp)");
+  // pi_step takes the caller's kept scratch (z_scratch, sums_scratch) in builds that have this
+  m.attr("pi_step_scratch") = true;
   m.def("pi_logits", &pi_logits, "The pi step's float64 logits over a slice of pi and their max (cpu_pi.cpp)");
   m.def("pi_exp_blocks", &pi_exp_blocks, "exp(z - max) in place and the sums of its blocks (cpu_pi.cpp)");
   m.def("pi_scale", &pi_scale, "out = float32(e * inverse), the pi step's result (cpu_pi.cpp)");

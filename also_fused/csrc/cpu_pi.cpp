@@ -250,32 +250,64 @@ void scale_into(const double* e, int64_t n, double inverse, float* dst) {
   });
 }
 
-// dst = softmax(z): the blocked normaliser of functional.pi_update_from_sums (block partials added in order)
-void pi_update(const float* src, const float* reg, const std::vector<float>& sums, int64_t n, double pi_lr,
-               double c, double temperature, double eps, int64_t block, float* dst) {
-  std::unique_ptr<double[]> z(new double[n]);  // every entry written by logits
-  const double z_max = logits(src, reg, sums.data(), n, pi_lr, c, (1.0 + c) * temperature, eps, z.get());
+// dst = softmax(z): the blocked normaliser of functional.pi_update_from_sums (block partials added in order);
+// z: n float64 of scratch
+void pi_update(const float* src, const float* reg, const float* sums, int64_t n, double pi_lr, double c,
+               double temperature, double eps, int64_t block, double* z, float* dst) {
+  const double z_max = logits(src, reg, sums, n, pi_lr, c, (1.0 + c) * temperature, eps, z);
   std::vector<double> partials((n + block - 1) / block);
-  exp_blocks(z.get(), n, z_max, block, partials.data());
+  exp_blocks(z, n, z_max, block, partials.data());
   double total = 0.0;
   for (const double partial : partials) total += partial;
-  scale_into(z.get(), n, 1.0 / total, dst);
+  scale_into(z, n, 1.0 / total, dst);
 }
 
-// S_j: the float32 sum of the losses of group j in sample order; ids outside [0, n) add nothing
-std::vector<float> group_sums(const at::Tensor& group_ids, const at::Tensor& losses, int64_t n) {
+void check_batch(const at::Tensor& group_ids, const at::Tensor& losses) {
   check_vector(group_ids, at::kLong, "group_ids");
   check_vector(losses, at::kFloat, "losses");
   TORCH_CHECK(losses.numel() == group_ids.numel(), "pi_step: mismatched sizes");
+}
+
+// S_j: the float32 sum of the losses of group j in sample order, added into sums (zero on entry); ids outside
+// [0, n) add nothing
+void add_group_sums(const at::Tensor& group_ids, const at::Tensor& losses, int64_t n, float* sums) {
   const int64_t* ids = group_ids.data_ptr<int64_t>();
   const float* l = losses.data_ptr<float>();
-  std::vector<float> sums(n, 0.0f);
   for (int64_t i = 0; i < group_ids.numel(); ++i) {
     const int64_t g = ids[i];
     if (g >= 0 && g < n) sums[g] += l[i];
   }
+}
+
+std::vector<float> group_sums(const at::Tensor& group_ids, const at::Tensor& losses, int64_t n) {
+  check_batch(group_ids, losses);
+  std::vector<float> sums(n, 0.0f);
+  add_group_sums(group_ids, losses, n, sums.data());
   return sums;
 }
+
+// Kept scratch of the caller's: the group sums of a batch written into a zero vector and zeroed again on the way
+// out (only the batch's entries: O(batch), not O(n)), also when the step throws.
+class BatchSums {
+ public:
+  BatchSums(const at::Tensor& group_ids, const at::Tensor& losses, int64_t n, float* sums)
+      : ids_(group_ids.data_ptr<int64_t>()), batch_(group_ids.numel()), n_(n), sums_(sums) {
+    add_group_sums(group_ids, losses, n, sums);
+  }
+  ~BatchSums() {
+    for (int64_t i = 0; i < batch_; ++i) {
+      const int64_t g = ids_[i];
+      if (g >= 0 && g < n_) sums_[g] = 0.0f;
+    }
+  }
+  BatchSums(const BatchSums&) = delete;
+  BatchSums& operator=(const BatchSums&) = delete;
+
+ private:
+  const int64_t* ids_;
+  int64_t batch_, n_;
+  float* sums_;
+};
 
 const float* optional_vector(const c10::optional<at::Tensor>& t, int64_t n, const char* name) {
   if (!t.has_value()) return nullptr;
@@ -289,18 +321,47 @@ const float* optional_vector(const c10::optional<at::Tensor>& t, int64_t n, cons
 void pi_step(const at::Tensor& pi, const c10::optional<at::Tensor>& log_pi_reg, const at::Tensor& group_ids,
              const at::Tensor& losses, const at::Tensor& out, const c10::optional<at::Tensor>& second_out,
              const c10::optional<at::Tensor>& mean_out, double pi_lr, double pi_decay, double temperature,
-             double eps, int64_t block) {
+             double eps, int64_t block, const c10::optional<at::Tensor>& z_scratch,
+             const c10::optional<at::Tensor>& sums_scratch) {
   check_vector(pi, at::kFloat, "pi");
   check_vector(out, at::kFloat, "out");
+  check_batch(group_ids, losses);
   TORCH_CHECK(block > 0, "pi_step: block must be positive");
   const int64_t n = pi.numel();
   const int64_t batch = group_ids.numel();
   TORCH_CHECK(out.numel() == n, "pi_step: mismatched sizes");
   const float* reg = optional_vector(log_pi_reg, n, "log_pi_reg");
-  const std::vector<float> sums = group_sums(group_ids, losses, n);
+  if (second_out.has_value()) {
+    check_vector(*second_out, at::kFloat, "second_out");
+    TORCH_CHECK(second_out->numel() == n, "pi_step: second_out must be shaped like pi");
+  }
   if (mean_out.has_value()) {
     TORCH_CHECK(mean_out->device().is_cpu() && mean_out->scalar_type() == at::kFloat && mean_out->numel() == 1,
                 "mean_out must be a one-element float32 CPU tensor");
+  }
+  // scratch kept by the caller (z: n float64; sums: n float32, all zero, left so) or allocated here
+  std::unique_ptr<double[]> own_z;
+  double* z = nullptr;
+  if (z_scratch.has_value()) {
+    check_vector(*z_scratch, at::kDouble, "z_scratch");
+    TORCH_CHECK(z_scratch->numel() == n, "pi_step: z_scratch must hold one float64 per group");
+    z = z_scratch->data_ptr<double>();
+  } else {
+    own_z.reset(new double[n]);  // every entry written by logits
+    z = own_z.get();
+  }
+  std::vector<float> own_sums;
+  float* sums = nullptr;
+  if (sums_scratch.has_value()) {
+    check_vector(*sums_scratch, at::kFloat, "sums_scratch");
+    TORCH_CHECK(sums_scratch->numel() == n, "pi_step: sums_scratch must hold one float32 per group");
+    sums = sums_scratch->data_ptr<float>();
+  } else {
+    own_sums.assign(n, 0.0f);
+    sums = own_sums.data();
+  }
+  const BatchSums batch_sums(group_ids, losses, n, sums);
+  if (mean_out.has_value()) {
     const float* l = losses.data_ptr<float>();
     double loss_total = 0.0;
     for (int64_t i = 0; i < batch; ++i) loss_total += l[i];
@@ -308,11 +369,9 @@ void pi_step(const at::Tensor& pi, const c10::optional<at::Tensor>& log_pi_reg, 
   }
   const double c = pi_decay * pi_lr;
   float* first = out.data_ptr<float>();
-  pi_update(pi.data_ptr<float>(), reg, sums, n, pi_lr, c, temperature, eps, block, first);
+  pi_update(pi.data_ptr<float>(), reg, sums, n, pi_lr, c, temperature, eps, block, z, first);
   if (second_out.has_value()) {
-    check_vector(*second_out, at::kFloat, "second_out");
-    TORCH_CHECK(second_out->numel() == n, "pi_step: second_out must be shaped like pi");
-    pi_update(first, reg, sums, n, pi_lr, c, temperature, eps, block, second_out->data_ptr<float>());
+    pi_update(first, reg, sums, n, pi_lr, c, temperature, eps, block, z, second_out->data_ptr<float>());
   }
 }
 
