@@ -50,6 +50,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def write_cpu_record(path: str, **fields) -> None:
+    """Writes ``fields`` as JSON with what they were measured on and with: the CPU, its threads, torch, the
+    extension's pi loops (their instruction set), the package's source digest, the time."""
+    from results_io import source_digest
+
+    extension = also_fused.cpu_fused.available()[0]
+    record = dict(cpu=cpu_name(), cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                  extension=extension,
+                  pi_instruction_set=also_fused.cpu_fused._cpu_adam.pi_instruction_set() if extension else None,
+                  also_fused_source=source_digest(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  **fields)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+
+
 def make_params(shapes, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]

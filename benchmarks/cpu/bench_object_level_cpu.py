@@ -10,8 +10,6 @@ Run: ``python3 benchmarks/cpu/bench_object_level_cpu.py --out benchmarks/results
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -25,9 +23,8 @@ BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 sys.path.insert(0, os.path.join(BENCH, "pi"))
 sys.path.insert(0, os.path.join(BENCH, "cpu"))
-from results_io import source_digest  # noqa: E402
 from bench_object_level import PI_DECAY, PI_LR, PlainStep  # noqa: E402
-from bench_cpu import cpu_name  # noqa: E402
+from bench_cpu import write_cpu_record  # noqa: E402
 
 
 def main() -> None:
@@ -64,14 +61,8 @@ def main() -> None:
             rows.append(row)
             print(n, mode, {k: round(v["us_per_iteration"]) for k, v in row.items() if isinstance(v, dict)},
                   "speed %.2f" % row["speed_vs_plain"], flush=True)
-    extension = also_fused.cpu_fused.available()[0]
-    record = dict(machine=f"{os.cpu_count()} CPUs", cpu=cpu_name(), torch=torch.__version__,
-                  threads=torch.get_num_threads(), extension=extension,
-                  pi_instruction_set=also_fused.cpu_fused._cpu_adam.pi_instruction_set() if extension else None, also_fused_source=source_digest(),
-                  date=datetime.datetime.now().isoformat(timespec="seconds"), rounds=args.rounds, rows=rows)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
+        write_cpu_record(args.out, rounds=args.rounds, rows=rows)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ Run: ``python3 benchmarks/cpu/bench_pi_scratch.py --out benchmarks/results/cpu_p
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import resource
 import statistics
@@ -24,10 +22,8 @@ import torch
 from also_fused import cpu_fused
 
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, BENCH)
 sys.path.insert(0, os.path.join(BENCH, "cpu"))
-from bench_cpu import cpu_name  # noqa: E402
-from results_io import source_digest  # noqa: E402
+from bench_cpu import write_cpu_record  # noqa: E402
 
 HYPER = dict(pi_lr=1e-3, pi_decay=1e-2, temperature=1.0, eps=1.1920929e-07)
 
@@ -74,12 +70,8 @@ def main() -> None:
             rows.append(row)
             print(n, row["updates"], {name: round(row[name]["median_us"]) for name in variants},
                   "ratio %.2f" % row["per_call_over_kept"], flush=True)
-    record = dict(cpu=cpu_name(), cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
-                  pi_instruction_set=cpu_fused._cpu_adam.pi_instruction_set(), also_fused_source=source_digest(),
-                  date=datetime.datetime.now().isoformat(timespec="seconds"), rounds=args.rounds, rows=rows)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
+        write_cpu_record(args.out, rounds=args.rounds, rows=rows)
 
 
 if __name__ == "__main__":
