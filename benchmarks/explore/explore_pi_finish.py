@@ -17,10 +17,14 @@ torch.profiler gives each variant's time per kernel. Variants:
 * ``wide_range_terms``: the range sums' terms through ``_wide_exp`` (a branch below e^-80, three float64
   products), as before ``_range_term``;
 * ``fresh_sums``: no range sums carried from one step to the next (``_carried_sums`` always false): every step
-  launches the stats kernel, as before the carried sums.
+  launches the stats kernel, as before the carried sums;
+* ``fast_log``: the logits' log(pi + eps) (``_logit``: the range launches, the sample programs, the patches)
+  through libdevice's fast_logf (one approximate base-2 log) instead of tl.log: what the per-entry log costs;
+  other values (``max_rel_diff`` says how far from the product's).
 
-Prints one JSON line per (size, updates, variant) and whether its pi (after three steps from the same start, the
-first reading pi, the later ones taking carried sums where the variant does) equals the product's bitwise.
+Prints one JSON line per (size, updates, variant), whether its pi (after three steps from the same start, the
+first reading pi, the later ones taking carried sums where the variant does) equals the product's bitwise, and
+the largest relative difference from the product's.
 Run: ``python3 benchmarks/explore/explore_pi_finish.py --out benchmarks/results/pi_finish_<gpu>.json`` (CUDA).
 """
 from __future__ import annotations
@@ -47,6 +51,7 @@ from results_io import source_digest  # noqa: E402
 HP = dict(pi_lr=1e-3, pi_decay=1e-2, temperature=1.0, eps=1.1920929e-07, log_pi_reg=None)
 FINISH = "if ticket == tl.num_programs(0) - 1:"
 RANGE_TERM = "    return tl.exp(d).to(tl.float64)\n"
+LOGIT_LOG = "def _logit(p, r, sj, a, c, lr, eps, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr):\n    x = tl.log(p + eps)\n"
 CARRIED = "    return carried is not None and carried[0] is lay and carried[1] == pi._version\n"
 
 
@@ -58,6 +63,12 @@ def variant_source(name: str, source: str) -> tuple[str, dict]:
     if name == "wide_range_terms":
         assert source.count(RANGE_TERM) == 1
         return source.replace(RANGE_TERM, "    return _wide_exp(d)\n"), {}
+    if name == "fast_log":
+        assert source.count(LOGIT_LOG) == 1
+        fast = LOGIT_LOG.replace("tl.log(p + eps)", "libdevice.fast_logf(p + eps)")
+        text = source.replace(LOGIT_LOG, fast)
+        return text.replace("import triton.language as tl\n",
+                            "import triton.language as tl\nfrom triton.language.extra import libdevice\n", 1), {}
     if name == "fresh_sums":
         assert source.count(CARRIED) == 1
         return source.replace(CARRIED, "    return False\n"), {}
@@ -131,6 +142,8 @@ def run(modules: dict, args) -> None:
                 row = dict(n_groups=n, second=second, variant=name, step_us=statistics.median(times[name]),
                            step_us_min=min(times[name]), step_us_max=max(times[name]),
                            same_bits_as_product=bool(torch.equal(results[name], results["product"])),
+                           max_rel_diff=float(((results[name].double() - results["product"].double()).abs()
+                                               / results["product"].double()).max()),
                            kernel_us_per_step={k: v for k, v in kernels.items() if k.startswith("_pi")})
                 rows.append(row)
                 print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
