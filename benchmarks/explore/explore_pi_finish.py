@@ -146,7 +146,8 @@ def run(modules: dict, args) -> None:
                                                / results["product"].double()).max()),
                            kernel_us_per_step={k: v for k, v in kernels.items() if k.startswith("_pi")})
                 rows.append(row)
-                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+                print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}),
+                      flush=True)
             del steps
         torch.cuda.empty_cache()
     record = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
