@@ -51,7 +51,8 @@ from results_io import source_digest  # noqa: E402
 HP = dict(pi_lr=1e-3, pi_decay=1e-2, temperature=1.0, eps=1.1920929e-07, log_pi_reg=None)
 FINISH = "if ticket == tl.num_programs(0) - 1:"
 RANGE_TERM = "    return tl.exp(d).to(tl.float64)\n"
-LOGIT_LOG = "def _logit(p, r, sj, a, c, lr, eps, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr):\n    x = tl.log(p + eps)\n"
+LOGIT_LOG = ("def _logit(p, r, sj, a, c, lr, eps, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr):\n"
+             "    x = tl.log(p + eps)\n")
 CARRIED = "    return carried is not None and carried[0] is lay and carried[1] == pi._version\n"
 
 
