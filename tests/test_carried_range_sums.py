@@ -197,3 +197,38 @@ def test_carried_sums_at_ten_million_groups(optimistic: bool, stats_launches: li
     assert runs[0][1] == [1, 0, 0, 0, 0] and runs[1][1] == [1] * 5
     for kept, fresh in zip(runs[0][0], runs[1][0]):
         assert torch.equal(kept, fresh)
+
+
+@pytest.mark.parametrize("optimistic", [False, True])
+def test_groups_at_the_edges_of_the_write_ranges_are_patched(optimistic: bool, stats_launches: list) -> None:
+    """Each write program patches the present groups of its own range of pi: groups on both sides of every range
+    boundary (and the first and last group) take their true values in both updates, as the float64 model gives
+    them, and the next (carried) step still gives the bits of a fresh read."""
+    pi = torch.full((N,), 1.0 / N, device=DEVICE)
+    mid = pi.clone() if optimistic else None
+    cache, workspace = {}, {}
+    ids, losses = batches(1, seed=9)[0]
+    step(pi.clone(), None, ids, losses, cache, {}, stats_launches)  # the layout, to learn the ranges
+    range_len = cache["many"][1].range_len
+    assert range_len < N  # more than one range
+    edges = sorted({0, N - 1} | {e for k in range(range_len, N, range_len) for e in (k - 1, k)})
+    assert len(edges) + 2 <= B
+    ids = ids.clone()
+    ids[:len(edges)] = torch.tensor(edges, device=DEVICE)
+    ids[len(edges)] = edges[1]  # a second sample of one edge group
+    cache = {}
+    model = pi.cpu().double()
+    for t in range(2):
+        scaled = losses * (t + 1)
+        fresh_pi = pi.clone()
+        fresh_mid = None if mid is None else mid.clone()
+        step(fresh_pi, fresh_mid, ids, scaled, {}, {}, stats_launches)
+        step(pi, mid, ids, scaled, cache, workspace, stats_launches)
+        assert torch.equal(pi, fresh_pi) and (mid is None or torch.equal(mid, fresh_mid)), t
+        model = model_step(model, ids, scaled)
+        edge = torch.tensor(edges)
+        got = pi.cpu().double()[edge]
+        assert float(((got - model[edge]).abs() / model[edge]).max()) < 2e-5, t
+        if optimistic:
+            extrapolated = model_step(model, ids, scaled)[edge]
+            assert float(((mid.cpu().double()[edge] - extrapolated).abs() / extrapolated).max()) < 2e-5, t
