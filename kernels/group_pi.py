@@ -21,19 +21,19 @@ Four ways to run it, all free of float atomics (bitwise reproducible), chosen by
   The stats launch sums the exponentials of the logits with G = 0 over contiguous ranges of pi (float64, one
   read of pi, against a fixed reference a log(1 + eps) that no such logit exceeds); the last of its programs to
   finish (a ticket) combines the partials into the global normaliser, replacing the G = 0 terms of present
-  groups by their true terms.  The write launch writes the dense result, each program then patching the present
-  groups of its range (it scans the batch's records for them).  The replaced terms are recomputed with the same
-  float32 formula as in the dense sum and cancelled in float64, so the correction stays exact when the absent
-  groups keep at least 1e-9 of the G = 0 mass (always true for a uniform pi_reg and float32 eps unless the
-  temperature is small; otherwise the dense variant runs).  A second update (``second_out``) takes its range sums
-  in the first write, from the values it writes, so it costs one more read and write of pi: 12 bytes per group for
-  one update, 20 for both.  A kept, in-place step (the optimizers') carries pi's range sums to the next one the same
-  way: each program of its first write sums the G = 0 terms of the values it writes and its patch's correction,
-  and while nothing else touched pi or the workspace the next step skips the stats launch (the sample launch's
-  last program finishes the normaliser): 8 bytes per group for one update, 16 for both.  The carried normaliser is
-  the same float64 sum in another order; pi's bits are those of a fresh read unless that sum's last bits move
-  1 / Z across a float32 rounding boundary (a tested claim, not a guarantee).  The sample programs have a launch of
-  their own: sharing the stats launch, they set its registers (145 a thread),
+  groups by their true terms.  The write launch writes the dense result and its last program patches the
+  present groups.  The replaced terms are recomputed with the same float32 formula as in the dense sum and
+  cancelled in float64, so the correction stays exact when the absent groups keep at least 1e-9 of the G = 0
+  mass (always true for a uniform pi_reg and float32 eps unless the temperature is small; otherwise the dense
+  variant runs).  A second update (``second_out``) takes its range sums in the first write, from the values it
+  writes, so it costs one more read and write of pi: 12 bytes per group for one update, 20 for both.  A kept,
+  in-place step (the optimizers') carries pi's range sums to the next one the same way: its first write sums the
+  G = 0 terms of the values it writes, its last program the patched groups' correction, and while nothing else
+  touched pi or the workspace the next step skips the stats launch (the sample launch's last program finishes
+  the normaliser): 8 bytes per group for one update, 16 for both.  The carried normaliser is the same float64 sum
+  in another order; pi's bits are those of a fresh read unless that sum's last bits move 1 / Z across a float32
+  rounding boundary (a tested claim, not a guarantee).  The
+  sample programs have a launch of their own: sharing the stats launch, they set its registers (145 a thread),
   which left room for one range program per SM (10^9 groups on an H100: that pass 2353 us, 1888 us split).
 * more groups or a larger batch, dense variant (smaller n_groups, a non-uniform pi_reg, or the bound above
   failing): the sample launch stores the owners' loss sums in a persistent all-zero buffer of n_groups
@@ -259,20 +259,21 @@ def _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG: tl.constexpr, DENSE_S
 
 
 @triton.jit
-def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, m_ref,
-                       SPARSE: tl.constexpr, SAME_LAUNCH: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
+def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, m_ref, carried_ptr,
+                       SPARSE: tl.constexpr, CARRIED: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
     # The last program of a launch: the reference maximum M (of the range references and, sparse, of the owners'
     # true logits) and the normaliser Z relative to it, summed in float64 in a fixed order; res <- (M, shift, 1 / Z)
     # as the write kernel scales with them. The partials (range references and sums) were stored by the launch's
-    # other programs, hence the volatile loads; the records come from an earlier launch unless SAME_LAUNCH (then
-    # this launch's other programs stored them: volatile loads too). Sparse: every range is relative to the fixed
-    # reference m_ref, which is then not read back.
+    # other programs, hence the volatile loads; the records come from an earlier launch or from this program
+    # before a barrier. Sparse: every range is relative to the fixed reference m_ref, which is then not read back.
+    # CARRIED (sparse, the sample launch's last program): the range sums are the previous write's, taken from the
+    # values it wrote before its last program patched the present groups, and carried_ptr holds that patch's
+    # correction; the records were stored by this launch's other programs.
     if SPARSE:
         ov = tl.full([SB], float("-inf"), dtype=tl.float32)
         for k0 in range(0, B, SB):
             i = k0 + tl.arange(0, SB)
-            y = tl.load(y_ptr + i, mask=i < B, other=float("-inf"), volatile=SAME_LAUNCH)
-            ov = tl.maximum(ov, y.to(tl.float32))
+            ov = tl.maximum(ov, tl.load(y_ptr + i, mask=i < B, other=float("-inf"), volatile=CARRIED).to(tl.float32))
         M = tl.maximum(tl.max(ov, axis=0), m_ref)
         t_ref = _wide_exp(m_ref - M)
     else:
@@ -293,14 +294,18 @@ def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, 
             zv += tl.where(km, ps * _wide_exp(pm - M), 0.0)
     Z = tl.sum(zv, axis=0)
     if SPARSE:
+        if CARRIED:
+            Z += tl.load(carried_ptr) * t_ref
         # swap the G = 0 term of each present group (same float32 value as in its range sum) for its true term
         zs = tl.zeros([SB], dtype=tl.float64)
         for k0 in range(0, B, SB):
             i = k0 + tl.arange(0, SB)
             im = i < B
-            own = tl.load(own_ptr + i, mask=im, other=-1.0, volatile=SAME_LAUNCH) >= 0
-            y0 = tl.load(y0_ptr + i, mask=own, other=0.0, volatile=SAME_LAUNCH).to(tl.float32)
-            y = tl.load(y_ptr + i, mask=own, other=0.0, volatile=SAME_LAUNCH).to(tl.float32)
+            # every sample's records are written (a non-owner's with values its flag discards): the loads need not
+            # wait for the owner flag (4 us less at 10^7 on an H100, where this program's latency is the launch's)
+            own = tl.load(own_ptr + i, mask=im, other=-1.0, volatile=CARRIED) >= 0
+            y0 = tl.load(y0_ptr + i, mask=im, other=0.0, volatile=CARRIED).to(tl.float32)
+            y = tl.load(y_ptr + i, mask=im, other=0.0, volatile=CARRIED).to(tl.float32)
             zs += tl.where(own, _wide_exp(y - M) - _range_term(y0 - m_ref) * t_ref, 0.0)
         Z += tl.sum(zs, axis=0)
     # Z >= 1 unless the entries that set M dropped; then scale through log Z instead
@@ -364,14 +369,12 @@ def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ti
         y = tl.where(own, _logit(p, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
         tl.store(own_base + 2 * B + i, y0.to(tl.float64), mask=im)
         tl.store(own_base + 3 * B + i, y.to(tl.float64), mask=im)
-        # the second update's true logits: the writes store the owners' (-inf stands for the others)
-        tl.store(own_base + 5 * B + i, tl.full([BI], float("-inf"), dtype=tl.float64), mask=im)
     if FINISH:
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
             _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base, own_base + 2 * B, own_base + 3 * B, B,
-                               own_base + 6 * B, m_ref, True, True, PB, SB)
+                               own_base + 6 * B, m_ref, own_base + 6 * B + 6, True, True, PB, SB)
             tl.atomic_xchg(ticket_ptr, 0)
 
 
@@ -381,7 +384,7 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_
                      BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # ws (float64): [0,P) range reference (dense variant) | [P,2P) range sum | [2P,4P) the same for a second
     # update | the sample records from 4P (``_pi_sample_sums_kernel``, launched before) | (M, shift, 1/Z) of each
-    # update.
+    # update | the correction of carried range sums (``_pi_write_kernel``'s CARRY).
     # Program p reduces range p of pi; the last program to finish (a ticket) computes the normaliser. With
     # DENSE_S the loss sums live in the dense buffer s_ptr; otherwise the ranges use G = 0 against the fixed
     # reference m_ref >= every such logit (a log(1 + eps): pi <= 1, pi_reg <= 1; one read of pi), and the present
@@ -415,7 +418,9 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_
     ticket = tl.atomic_add(ticket_ptr, 1)
     if ticket == tl.num_programs(0) - 1:
         _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base, own_base + 2 * B, own_base + 3 * B, B, own_base + 6 * B,
-                           m_ref, not DENSE_S, False, PB, SB)
+                           m_ref, own_base + 6 * B + 6, not DENSE_S, False, PB, SB)
+        if not DENSE_S:  # these sums are pi's own: nothing to correct if a later step takes them as carried
+            tl.store(own_base + 6 * B + 6, 0.0)
         tl.atomic_xchg(ticket_ptr, 0)
 
 
@@ -426,15 +431,15 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
                      SECOND_STATS: tl.constexpr, CARRY: tl.constexpr, REPORT: tl.constexpr, BLOCK: tl.constexpr,
                      PB: tl.constexpr, SB: tl.constexpr, STAGES: tl.constexpr):
     # out = exp((z - M) - shift) / Z over each program's range, with (M, shift, 1/Z) of update UPDATE (0: the
-    # first, 1: the second); sparse, each program then patches the present groups of its range
-    # (``_patch_range``); CLEAR (dense, the step's last read of the loss sums): each program zeroes the non-zero
-    # sums of its range after reading them. SECOND_STATS (sparse, first update): the range sums of the second update
-    # PiUpdate(out, G) with G = 0 are taken from the values written (before the patch), and the last program to
-    # finish (a ticket) computes that update's normaliser, so that the second update reads pi once less. CARRY
-    # (sparse, first update, out is pi): where the step is kept, the G = 0 range sums of the values written, patch
-    # included, replace this update's in ws, so that the next step over this pi skips the stats launch (its sample
-    # launch finishes the normaliser). REPORT: the last program then writes the step's report (the error word it
-    # read, with REPORTED set) to the host's slot.
+    # first, 1: the second); the last program to finish patches the present groups (sparse); CLEAR (dense, the
+    # step's last read of the loss sums): each program zeroes the non-zero sums of its range after reading them.
+    # SECOND_STATS (sparse, first update): the range sums of the second update PiUpdate(out, G) with G = 0 are
+    # taken from the values written, and the last program finishes that update's normaliser, so that the second
+    # update reads pi once less. CARRY (sparse, first update, out is pi): where the step is kept, the same G = 0 range
+    # sums of the values written replace this update's in ws, and the last program stores the correction that
+    # patching the present groups makes to them, so that the next step over this pi skips the stats launch (its
+    # sample launch finishes the normaliser). REPORT: the last program then writes
+    # the step's report (the error word it read, with REPORTED set) to the host's slot.
     pid = tl.program_id(0)
     own_base = ws_ptr + 4 * P
     res = own_base + 6 * B + 3 * UPDATE
@@ -455,61 +460,65 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
             tl.store(s_ptr + idx, tl.zeros([BLOCK], dtype=tl.float32), mask=msk & (sj != 0.0))
         if SECOND_STATS or CARRY:
             sv += tl.where(msk, _range_term(_logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False) - m_ref), 0.0)
-    if not DENSE_S:
-        tl.debug_barrier()  # the range's stores above come before the patch's stores to the same entries
-        patched = _patch_range(out_ptr, lpr_ptr, own_base, B, start, start + range_len, M, shift, inv_z, keep, a, c,
-                               lr, eps, m_ref, HAS_REG, UPDATE, SECOND_STATS, CARRY, SB)
-        if SECOND_STATS:  # relative to m_ref, as the sparse variant's range sums are; before the patch
-            tl.store(ws_ptr + 3 * P + pid, tl.sum(sv, axis=0))
-        if CARRY:  # this update's sums are used up (its normaliser was finished by an earlier launch)
-            tl.store(ws_ptr + P + pid, tl.sum(sv, axis=0) + patched, mask=keep)
-    if SECOND_STATS or REPORT:
+    if SECOND_STATS:  # relative to m_ref, as the sparse variant's range sums are
+        tl.store(ws_ptr + 3 * P + pid, tl.sum(sv, axis=0))
+    if CARRY:  # this update's sums are used up (its normaliser was finished by an earlier launch)
+        tl.store(ws_ptr + P + pid, tl.sum(sv, axis=0), mask=keep)
+    if (not DENSE_S) or REPORT:  # sparse: the last program patches the present groups; REPORT: it reports
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
-            if SECOND_STATS:  # from the owners' records of the second update, which the other programs stored
-                _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, own_base, own_base + 4 * B, own_base + 5 * B, B,
-                                   res + 3, m_ref, True, True, PB, SB)
+            if not DENSE_S:
+                _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, B, res, M, shift, inv_z, keep, a, c, lr, eps, m_ref,
+                                      HAS_REG, UPDATE, SECOND_STATS, CARRY, PB, SB)
             tl.atomic_xchg(ticket_ptr, 0)
             if REPORT:
                 tl.store(report_ptr, word | _REPORTED)
 
 
 @triton.jit
-def _patch_range(out_ptr, lpr_ptr, own_base, B, lo, hi, M, shift, inv_z, keep, a, c, lr, eps, m_ref,
-                 HAS_REG: tl.constexpr, UPDATE: tl.constexpr, SECOND_STATS: tl.constexpr, CARRY: tl.constexpr,
-                 SB: tl.constexpr):
-    # The sparse write's present groups in [lo, hi) (one program's range, which wrote their G = 0 values): their
-    # true values. Returns, CARRY (where the step is kept), the sum over them of the G = 0 terms of the true value
-    # less those of the value the range wrote, which turns the range's sum into the sum over pi's own values;
-    # SECOND_STATS: stores each one's two logits of the second update (with G = 0 as the range sum saw it, the true
-    # one from the patched value) for the normaliser of that update
+def _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, B, res, M, shift, inv_z, keep, a, c, lr, eps, m_ref,
+                          HAS_REG: tl.constexpr, UPDATE: tl.constexpr, SECOND_STATS: tl.constexpr,
+                          CARRY: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
+    # The sparse write's last program: the present groups' true values (the ranges wrote their G = 0 values);
+    # SECOND_STATS: then the second update's normaliser, from the owners' two logits of that update; CARRY (where
+    # the step is kept): the sum over the owners of their G = 0 terms of the patched value less those of the
+    # unpatched one, which turns the range sums the write took into pi's own
+    own_base = ws_ptr + 4 * P
     zc = tl.zeros([SB], dtype=tl.float64)
     for k0 in range(0, B, SB):
         i = k0 + tl.arange(0, SB)
         im = i < B
-        gf = tl.load(own_base + i, mask=im, other=-1.0)  # the group of an owner, -1 for the other samples
-        mine = (gf >= lo) & (gf < hi)
-        g = tl.where(mine, gf, 0.0).to(tl.int64)
-        y = tl.load(own_base + (3 + 2 * UPDATE) * B + i, mask=mine, other=0.0).to(tl.float32)
+        gf = tl.load(own_base + i, mask=im, other=-1.0)
+        own = gf >= 0
+        g = tl.where(own, gf, 0.0).to(tl.int64)
+        # as in ``_finish_normaliser``, the records of every sample, not waiting for the owner flag
+        y = tl.load(own_base + (3 + 2 * UPDATE) * B + i, mask=im, other=0.0).to(tl.float32)
         o = _scale(y, M, shift, inv_z)
-        tl.store(out_ptr + g, o, mask=mine & keep)
+        tl.store(out_ptr + g, o, mask=own & keep)
         if SECOND_STATS or CARRY:
-            # the logit with G = 0 of the value the range wrote (the unpatched one)
-            y0 = tl.load(own_base + 2 * B + i, mask=mine, other=0.0).to(tl.float32)
+            # the logit with G = 0 of the value the range sum saw (the unpatched one)
+            y0 = tl.load(own_base + 2 * B + i, mask=im, other=0.0).to(tl.float32)
             r = 0.0
             if HAS_REG:
-                r = tl.load(lpr_ptr + g, mask=mine, other=0.0)
+                r = tl.load(lpr_ptr + g, mask=own, other=0.0)
             seen = _logit(_scale(y0, M, shift, inv_z), r, 0.0, a, c, lr, eps, HAS_REG, False)
             if CARRY:
-                true0 = _logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False)
-                zc += tl.where(mine, _range_term(true0 - m_ref) - _range_term(seen - m_ref), 0.0)
+                patched = _logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False)
+                zc += tl.where(own, _range_term(patched - m_ref) - _range_term(seen - m_ref), 0.0)
             if SECOND_STATS:
-                s = tl.load(own_base + B + i, mask=mine, other=0.0).to(tl.float32)
-                true = _logit(o, r, s, a, c, lr, eps, HAS_REG, True)
-                tl.store(own_base + 4 * B + i, seen.to(tl.float64), mask=mine)
-                tl.store(own_base + 5 * B + i, true.to(tl.float64), mask=mine)
-    return tl.sum(zc, axis=0)
+                # the second update's two logits of each owner: with G = 0 as seen, the true one from the patched
+                # value
+                s = tl.load(own_base + B + i, mask=im, other=0.0).to(tl.float32)
+                true = tl.where(own, _logit(o, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
+                tl.store(own_base + 4 * B + i, seen.to(tl.float64), mask=im)
+                tl.store(own_base + 5 * B + i, true.to(tl.float64), mask=im)
+    if CARRY:
+        tl.store(own_base + 6 * B + 6, tl.sum(zc, axis=0), mask=keep)
+    if SECOND_STATS:
+        tl.debug_barrier()  # the records stored above are read back by other threads
+        _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, own_base, own_base + 4 * B, own_base + 5 * B, B, res + 3,
+                           m_ref, ws_ptr, True, False, PB, SB)
 
 
 _SM_COUNT: dict = {}
@@ -781,7 +790,7 @@ class _ManyGroupsLayout:
         self.pb = max(16, min(1024, next_power_of_2(max(self.P, 1))))
         # the sparse variant's fixed reference: no logit with G = 0 exceeds a log(1 + eps) (pi, pi_reg <= 1)
         self.scalars = (a, c, lr, eps, a * math.log1p(eps))
-        self.ws = _float64_workspace(workspace, device, 4 * self.P + 6 * B + 6)
+        self.ws = _float64_workspace(workspace, device, 4 * self.P + 6 * B + 7)
         self.tickets = _kept_zeros(workspace, "tickets", (2,), device)
         self.write_ticket = self.tickets[1:]
         self.sbuf = _loss_sum_buffer(workspace, device, n) if self.dense_s else pi

@@ -8,8 +8,6 @@ torch.profiler gives each variant's time per kernel. Variants:
 * ``product``: the source as it is;
 * ``no_finish``: the last program of the sample, stats and write launches skips its work (the normalisers, the
   report); other values, timing only: what those finishes cost;
-* ``no_patch``: the write's programs skip the patch of the present groups in their ranges; other values, timing
-  only;
 * ``source:<path>``: the module from another file (``git show REV:kernels/group_pi.py``): old against new;
 * ``scan<N>``: the finishes scan the batch's records N at a time (the product: ``_SCAN``);
 * ``warps<N>``: the sample programs in N warps (the product: ``_SAMPLE_WARPS``);
@@ -23,13 +21,13 @@ torch.profiler gives each variant's time per kernel. Variants:
   launches the stats kernel, as before the carried sums;
 * ``maxnreg<N>``: the range launches (stats and write) compiled with at most N registers a thread (the product
   lets the compiler choose: 80 for the carrying write, which leaves room for 3 programs of 8 warps per SM);
-* ``unmasked_records``: the finishes and the patch load the records of every sample, not only the owners' (no
-  wait for the owner flag before the other loads); same values;
 * ``a+b``: variant a with variant b applied on top (``maxnreg64+programs3``);
 * ``fast_log``: the logits' log(pi + eps) (``_logit``: the range launches, the sample programs, the patches)
   through libdevice's fast_logf (one approximate base-2 log) instead of tl.log: what the per-entry log costs;
   other values (``max_rel_diff`` says how far from the product's).
 
+Each size's kernel times are profiled after its replays; torch.profiler leaves CUPTI attached, so the sizes after
+the first are timed with it (every variant alike: compare variants within a size, absolute times from the first).
 Prints one JSON line per (size, updates, variant), whether its pi (after three steps from the same start, the
 first reading pi, the later ones taking carried sums where the variant does) equals the product's bitwise, and
 the largest relative difference from the product's.
@@ -62,15 +60,6 @@ FINISH = "if ticket == tl.num_programs(0) - 1:"
 RANGE_TERM = "    return tl.exp(d).to(tl.float64)\n"
 LOGIT_LOG = ("def _logit(p, r, sj, a, c, lr, eps, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr):\n"
              "    x = tl.log(p + eps)\n")
-# the loads of the batch's records that wait for the owner flag (their mask) though every record of the batch is
-# written (non-owners' with values that the owner flag then discards): the finishes' and the patch's
-UNMASKED_RECORDS = tuple(f"{name} = tl.load({ptr} + i, mask={flag}, other=0.0{tail})" for name, ptr, flag, tail in (
-    ("y0", "y0_ptr", "own", ", volatile=CARRIED"), ("y", "y_ptr", "own", ", volatile=CARRIED"),
-    ("y0", "y0_ptr", "own", ", volatile=SAME_LAUNCH"), ("y", "y_ptr", "own", ", volatile=SAME_LAUNCH"),
-    ("y", "own_base + (3 + 2 * UPDATE) * B", "own", ""), ("y0", "own_base + 2 * B", "own", ""),
-    ("s", "own_base + B", "own", ""), ("y", "own_base + (3 + 2 * UPDATE) * B", "mine", ""),
-    ("y0", "own_base + 2 * B", "mine", ""), ("s", "own_base + B", "mine", "")))
-PATCH_LOOP = "    for k0 in range(0, B, SB):\n        i = k0 + tl.arange(0, SB)\n        im = i < B\n        gf = "
 RANGE_LAUNCH_END = "STAGES=lay.stages)"  # the stats and write launches' last argument
 CARRIED = "    return carried is not None and carried[0] is lay and carried[1] == pi._version\n"
 
@@ -86,15 +75,6 @@ def variant_source(name: str, source: str) -> tuple[str, dict]:
     if name == "no_finish":
         assert source.count(FINISH) >= 2
         return source.replace(FINISH, "if ticket == tl.num_programs(0) + 1:"), {}  # never true
-    if name == "unmasked_records":
-        text = source
-        for line in UNMASKED_RECORDS:  # the source's own forms of these loads (earlier ones differ)
-            text = text.replace(line, line.replace("mask=own,", "mask=im,").replace("mask=mine,", "mask=im,"))
-        assert text.count("mask=im, other=0.0") - source.count("mask=im, other=0.0") == 5
-        return text, {}
-    if name == "no_patch":
-        assert source.count(PATCH_LOOP) == 1
-        return source.replace(PATCH_LOOP, PATCH_LOOP.replace("range(0, B, SB)", "range(0, 0, SB)")), {}
     if name.startswith("source:"):  # another source of the module as a whole (an earlier commit's, to compare)
         with open(name[7:]) as f:
             return f.read(), {}
@@ -185,8 +165,7 @@ def run(modules: dict, args) -> None:
                            same_bits_as_product=bool(torch.equal(results[name], results["product"])),
                            max_rel_diff=float(((results[name].double() - results["product"].double()).abs()
                                                / results["product"].double()).max()),
-                           kernel_us_per_step={k: v for k, v in kernels.items() if k.startswith("_pi")},
-                           registers=compiled_registers(module))
+                           kernel_us_per_step={k: v for k, v in kernels.items() if k.startswith("_pi")})
                 rows.append(row)
                 print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}),
                       flush=True)
@@ -197,22 +176,6 @@ def run(modules: dict, args) -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
-
-
-def compiled_registers(module) -> dict:
-    """{kernel: [registers a thread, spilled bytes, warps] of each compiled specialisation} of the variant's
-    many-groups kernels (Triton's JIT cache, read defensively: its layout is Triton's own)."""
-    out = {}
-    for name in ("_pi_sample_sums_kernel", "_pi_stats_kernel", "_pi_write_kernel"):
-        try:
-            found = []
-            for caches in getattr(module, name).device_caches.values():
-                for compiled in caches[0].values():
-                    found.append([compiled.n_regs, compiled.n_spills, compiled.metadata.num_warps])
-            out[name] = sorted(found)
-        except (AttributeError, IndexError, TypeError):
-            out[name] = None
-    return out
 
 
 def _step_outputs(module, pi0: torch.Tensor, ids: torch.Tensor, losses: torch.Tensor, second: bool, steps: int = 3):
