@@ -17,7 +17,8 @@ in place), interleaved with the eager ones. A replay per iteration costs the hos
 iteration shorter than that measures the host; ``--graph-block K`` adds K iterations captured in one graph (each
 copying its batch into the static buffers), one replay per K iterations: the GPU's time per iteration with the host
 ahead of it. Each row also gives the host's time per iteration (the time the loop took to enqueue a block).
-``--kernel-times`` adds each eager implementation's GPU time per kernel per iteration (torch.profiler). Writes JSON
+``--kernel-times`` adds each eager implementation's GPU time per kernel per iteration (torch.profiler, in a pass
+after every row is timed: rows timed after a profile ran slower, CUPTI staying attached). Writes JSON
 and a plot (time per iteration against n_groups).
 
 Run: ``python3 benchmarks/pi/bench_object_level.py --out benchmarks/results/object_level_<gpu>.json`` (CUDA)."""
@@ -218,6 +219,41 @@ def profile_host(n: int, batch: int) -> None:
         print(text.getvalue())
 
 
+def make_batches(n: int, batch: int) -> list:
+    """The four batches each size's iterations cycle through (the same for every implementation and pass)."""
+    gen = torch.Generator("cuda").manual_seed(n)
+    return [(torch.randint(0, n, (batch,), device="cuda", generator=gen),
+             (torch.rand(batch, device="cuda", generator=gen) * 3).requires_grad_())
+            for _ in range(4)]
+
+
+def build(n: int, mode: str, batches: list, args, eager_only: bool = False) -> dict:
+    """The implementations of one row, warmed up (compiled, allocated): GroupWeights and the plain step, eager and
+    (--graph, --graph-block, unless ``eager_only``) captured; without the plain ones where they do not fit."""
+    graph = args.graph and not eager_only
+    graph_block = args.graph_block and not eager_only
+    impls = {"GroupWeights": Eager(group_weights(n, args.batch, mode))}
+    if graph:
+        impls["GroupWeights (graph)"] = Graphed(group_weights(n, args.batch, mode, validate=False), *batches[0])
+    if graph_block:
+        impls["GroupWeights (graph block)"] = GraphedBlock(group_weights(n, args.batch, mode, validate=False),
+                                                           batches, args.graph_block)
+    try:
+        impls["plain torch"] = Eager(PlainStep(n, args.batch, mode))
+        if graph:
+            impls["plain torch (graph)"] = Graphed(PlainStep(n, args.batch, mode, in_place=True), *batches[0])
+        if graph_block:
+            impls["plain torch (graph block)"] = GraphedBlock(PlainStep(n, args.batch, mode, in_place=True), batches,
+                                                              args.graph_block)
+        for impl in impls.values():  # warm-up (compiles, allocates); a plain step that does not fit goes
+            block_us(impl, batches, 3)
+    except torch.OutOfMemoryError:
+        for name in ("plain torch", "plain torch (graph)", "plain torch (graph block)"):
+            impls.pop(name, None)
+        torch.cuda.empty_cache()
+    return impls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1e3,1e4,1e5,1e6,1e7,1e8,1e9")
@@ -243,33 +279,11 @@ def main() -> None:
         parser.error("--iters must be a multiple of --graph-block")
     rate = copy_rate()
     rows = []
-    for n in [int(float(s)) for s in args.sizes.split(",")]:
-        gen = torch.Generator("cuda").manual_seed(n)
-        batches = [(torch.randint(0, n, (args.batch,), device="cuda", generator=gen),
-                    (torch.rand(args.batch, device="cuda", generator=gen) * 3).requires_grad_())
-                   for _ in range(4)]
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    for n in sizes:
+        batches = make_batches(n, args.batch)
         for mode in ("descent-ascent", "optimistic"):
-            impls = {"GroupWeights": Eager(group_weights(n, args.batch, mode))}
-            if args.graph:
-                impls["GroupWeights (graph)"] = Graphed(group_weights(n, args.batch, mode, validate=False),
-                                                        *batches[0])
-            if args.graph_block:
-                impls["GroupWeights (graph block)"] = GraphedBlock(
-                    group_weights(n, args.batch, mode, validate=False), batches, args.graph_block)
-            try:
-                impls["plain torch"] = Eager(PlainStep(n, args.batch, mode))
-                if args.graph:
-                    impls["plain torch (graph)"] = Graphed(PlainStep(n, args.batch, mode, in_place=True),
-                                                           *batches[0])
-                if args.graph_block:
-                    impls["plain torch (graph block)"] = GraphedBlock(PlainStep(n, args.batch, mode, in_place=True),
-                                                                      batches, args.graph_block)
-                for impl in impls.values():  # warm-up (compiles, allocates); a plain step that does not fit goes
-                    block_us(impl, batches, 3)
-            except torch.OutOfMemoryError:
-                for name in ("plain torch", "plain torch (graph)", "plain torch (graph block)"):
-                    impls.pop(name, None)
-                torch.cuda.empty_cache()
+            impls = build(n, mode, batches, args)
             times = {name: [] for name in impls}
             host = {name: [] for name in impls}
             for _ in range(args.rounds):
@@ -291,14 +305,21 @@ def main() -> None:
                 if ours in times and plain in times:
                     ratios = [p / g for p, g in zip(times[plain], times[ours])]
                     row["speedup_vs_plain" + key] = statistics.median(ratios)
-            if args.kernel_times:
-                from bench_pi_stream import kernel_times  # imports this module: only here, not at the top
-                row["kernel_us_per_iteration"] = {
-                    name: kernel_times(lambda impl=impl: impl.iterate(*batches[0]), args.iters)
-                    for name, impl in impls.items() if "(graph" not in name}
             rows.append(row)
             print(json.dumps({k: (round(v["us_per_iteration"], 1) if isinstance(v, dict) else v)
-                              for k, v in row.items() if k != "kernel_us_per_iteration"}), flush=True)
+                              for k, v in row.items()}), flush=True)
+            del impls
+            torch.cuda.empty_cache()
+    if args.kernel_times:
+        # after every timing: rows timed after a profile in the same process ran slower than the first row (host
+        # time per iteration and the graphs' GPU time), as torch.profiler leaves CUPTI attached to the process
+        from bench_pi_stream import kernel_times  # imports this module: only here, not at the top
+        for row in rows:
+            batches = make_batches(row["n_groups"], args.batch)
+            impls = build(row["n_groups"], row["mode"], batches, args, eager_only=True)
+            row["kernel_us_per_iteration"] = {
+                name: kernel_times(lambda impl=impl: impl.iterate(*batches[0]), args.iters)
+                for name, impl in impls.items()}
             del impls
             torch.cuda.empty_cache()
     record = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, also_fused_source=source_digest(),
