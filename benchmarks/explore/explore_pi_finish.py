@@ -26,8 +26,8 @@ torch.profiler gives each variant's time per kernel. Variants:
   through libdevice's fast_logf (one approximate base-2 log) instead of tl.log: what the per-entry log costs;
   other values (``max_rel_diff`` says how far from the product's).
 
-Each size's kernel times are profiled after its replays; torch.profiler leaves CUPTI attached, so the sizes after
-the first are timed with it (every variant alike: compare variants within a size, absolute times from the first).
+The kernel times are profiled after every replay is timed (torch.profiler leaves CUPTI attached to the process,
+and what runs after a profile runs slower); each variant's eager call, with its tensors, is kept until then.
 Prints one JSON line per (size, updates, variant), whether its pi (after three steps from the same start, the
 first reading pi, the later ones taking carried sums where the variant does) equals the product's bitwise, and
 the largest relative difference from the product's.
@@ -143,7 +143,7 @@ def main() -> None:
 
 
 def run(modules: dict, args) -> None:
-    rows = []
+    rows, profiled = [], []
     for n in [int(float(s)) for s in args.sizes.split(",")]:
         gen = torch.Generator("cuda").manual_seed(n)
         pi0 = torch.rand(n, device="cuda", generator=gen) + 0.5
@@ -159,18 +159,24 @@ def run(modules: dict, args) -> None:
                 results[name] = torch.cat([pi, mid]) if second else pi
             times = replay_interleaved({name: graph for name, (graph, _) in steps.items()}, args.iters, args.rounds)
             for name, (_, call) in steps.items():
-                kernels = kernel_times(call, args.iters)
                 row = dict(n_groups=n, second=second, variant=name, step_us=statistics.median(times[name]),
                            step_us_min=min(times[name]), step_us_max=max(times[name]),
                            same_bits_as_product=bool(torch.equal(results[name], results["product"])),
                            max_rel_diff=float(((results[name].double() - results["product"].double()).abs()
-                                               / results["product"].double()).max()),
-                           kernel_us_per_step={k: v for k, v in kernels.items() if k.startswith("_pi")})
+                                               / results["product"].double()).max()))
                 rows.append(row)
+                profiled.append((row, call))
                 print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}),
                       flush=True)
-            del steps
-        torch.cuda.empty_cache()
+            del steps, results
+    # the profiles after every replay: torch.profiler leaves CUPTI attached to the process, and what runs after a
+    # profile runs slower (docs/performance.md)
+    for row, call in profiled:
+        kernels = kernel_times(call, args.iters)
+        row["kernel_us_per_step"] = {k: v for k, v in kernels.items() if k.startswith("_pi")}
+        print(json.dumps(dict(n_groups=row["n_groups"], second=row["second"], variant=row["variant"],
+                              kernel_us_per_step={k: float(f"{v:.4g}") for k, v in row["kernel_us_per_step"].items()})),
+              flush=True)
     record = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
                   torch=torch.__version__, source=source_digest(), batch=args.batch, rows=rows)
     if args.out:

@@ -6,9 +6,9 @@ programs per batch and the order in which a group's losses are added (so the bit
 samples in one batch). For each --sizes (10^5 takes the dense variant, 10^7 the sparse one at batch 4096) and
 both updates (pi; pi and pi_mid), every tile's pi step is captured in a CUDA graph with kept launches, as the
 optimizers call it, and the graphs are replayed interleaved, --iters replays per block between CUDA events,
---rounds blocks each; then torch.profiler gives each tile's GPU time per kernel. Writes JSON: per tile the
-median, min and max per step, the sample kernel's time, and each tile's score (sum over cases of its median
-over the case's best).
+--rounds blocks each; then, after every size is timed, torch.profiler gives each tile's GPU time per kernel.
+Writes JSON: per tile the median, min and max per step, the sample kernel's time, and each tile's score (sum over
+cases of its median over the case's best).
 
 Run: ``python3 benchmarks/pi/bench_sample_tile.py --out benchmarks/results/pi_sample_tile_<gpu>.json`` (CUDA)."""
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     tiles = list(itertools.product(ints(args.bi), ints(args.bk), ints(args.warps)))
-    rows, score = [], {tile: 0.0 for tile in tiles}
+    rows, profiled, score = [], [], {tile: 0.0 for tile in tiles}
     for n in [int(float(s)) for s in args.sizes.split(",")]:
         gen = torch.Generator("cuda").manual_seed(n)
         pi0 = torch.full((n,), 1.0 / n, device="cuda")
@@ -103,18 +103,19 @@ def main() -> None:
             times = replay_interleaved({tile: graph for tile, (graph, _) in steps.items()}, args.iters, args.rounds)
             best = min(statistics.median(t) for t in times.values())
             for tile, t in times.items():
-                set_tile(tile)
-                kernels = kernel_times(steps[tile][1], args.iters)
                 row = dict(n_groups=n, second=second, bi=tile[0], bk=tile[1], warps=tile[2],
-                           graph_us=statistics.median(t), graph_us_min=min(t), graph_us_max=max(t),
-                           sample_kernel_us=kernels.get("_pi_sample_sums_kernel"), kernel_us_per_call=kernels)
+                           graph_us=statistics.median(t), graph_us_min=min(t), graph_us_max=max(t))
                 rows.append(row)
+                profiled.append((row, tile, steps[tile][1]))
                 score[tile] += row["graph_us"] / best
-                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()
-                                  if k != "kernel_us_per_call"}), flush=True)
+                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             del steps
-        del pi0
-        torch.cuda.empty_cache()
+    # the profiles after every replay: torch.profiler leaves CUPTI attached to the process, and what runs after a
+    # profile runs slower (docs/performance.md); each tile's eager call, with its tensors, is kept until then
+    for row, tile, call in profiled:
+        set_tile(tile)
+        kernels = kernel_times(call, args.iters)
+        row.update(sample_kernel_us=kernels.get("_pi_sample_sums_kernel"), kernel_us_per_call=kernels)
     set_tile(DEFAULT_TILE)
     ranked = sorted(tiles, key=lambda tile: score[tile])
     print("score (lower is better):", {str(tile): round(score[tile], 3) for tile in ranked})
