@@ -261,20 +261,21 @@ def _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG: tl.constexpr, DENSE_S
 
 
 @triton.jit
-def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, m_ref,
+def _finish_normaliser(max_ptr, sum_ptr, P, part_ptr, K, KS, res_ptr, m_ref,
                        SPARSE: tl.constexpr, VOLATILE: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
-    # The last program of a launch: the reference maximum M (of the range references and, sparse, of the owners'
-    # true logits) and the normaliser Z relative to it, summed in float64 in a fixed order; res <- (M, shift, 1 / Z)
-    # as the write kernel scales with them. The partials (range references and sums) were stored by the launch's
-    # other programs, hence the volatile loads; the records come from an earlier launch or, VOLATILE, from this
-    # launch's other programs. Sparse: every range is relative to the fixed reference m_ref, which is then not read
-    # back; the range sums hold the G = 0 terms of every group (a y0 record of -inf: of every group but the present
-    # ones).
+    # The last program of a launch: the reference maximum M (of the range references and, sparse, of the present
+    # groups' true logits) and the normaliser Z relative to it, summed in float64 in a fixed order; res <- (M,
+    # shift, 1 / Z) as the write kernel scales with them. The range references and sums were stored by the
+    # launch's other programs, hence the volatile loads. Sparse: every range is relative to the fixed reference
+    # m_ref, which is then not read back, and the present groups come as K partials (``_owner_partials``, at stride
+    # KS: maximum m, sum of exp(y - m) of their true logits y, sum of the G = 0 terms that the range sums hold for
+    # them), from an earlier launch or, VOLATILE, from this launch's other programs.
     if SPARSE:
         ov = tl.full([SB], float("-inf"), dtype=tl.float32)
-        for k0 in range(0, B, SB):
-            i = k0 + tl.arange(0, SB)
-            ov = tl.maximum(ov, tl.load(y_ptr + i, mask=i < B, other=float("-inf"), volatile=VOLATILE).to(tl.float32))
+        for k0 in range(0, K, SB):
+            k = k0 + tl.arange(0, SB)
+            ov = tl.maximum(ov, tl.load(part_ptr + k, mask=k < K, other=float("-inf"), volatile=VOLATILE)
+                            .to(tl.float32))
         M = tl.maximum(tl.max(ov, axis=0), m_ref)
         t_ref = _wide_exp(m_ref - M)
     else:
@@ -295,23 +296,29 @@ def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, 
             zv += tl.where(km, ps * _wide_exp(pm - M), 0.0)
     Z = tl.sum(zv, axis=0)
     if SPARSE:
-        # swap the G = 0 term of each present group (same float32 value as in its range sum) for its true term
+        # the present groups' true terms in, their G = 0 terms (as the range sums took them) out
         zs = tl.zeros([SB], dtype=tl.float64)
-        for k0 in range(0, B, SB):
-            i = k0 + tl.arange(0, SB)
-            im = i < B
-            # every sample's records are written (a non-owner's with values its flag discards): the loads need not
-            # wait for the owner flag (4 us less at 10^7 on an H100, where this program's latency is the launch's)
-            own = tl.load(own_ptr + i, mask=im, other=-1.0, volatile=VOLATILE) >= 0
-            y0 = tl.load(y0_ptr + i, mask=im, other=0.0, volatile=VOLATILE).to(tl.float32)
-            y = tl.load(y_ptr + i, mask=im, other=0.0, volatile=VOLATILE).to(tl.float32)
-            zs += tl.where(own, _wide_exp(y - M) - _range_term(y0 - m_ref) * t_ref, 0.0)
+        for k0 in range(0, K, SB):
+            k = k0 + tl.arange(0, SB)
+            km = k < K
+            m = tl.load(part_ptr + k, mask=km, other=float("-inf"), volatile=VOLATILE).to(tl.float32)
+            e = tl.load(part_ptr + KS + k, mask=km, other=0.0, volatile=VOLATILE)
+            d = tl.load(part_ptr + 2 * KS + k, mask=km, other=0.0, volatile=VOLATILE)
+            zs += tl.where(m > float("-inf"), e * _wide_exp(m - M), 0.0) - d * t_ref
         Z += tl.sum(zs, axis=0)
     # Z >= 1 unless the entries that set M dropped; then scale through log Z instead
     normal = Z >= 1.0
     tl.store(res_ptr, M.to(tl.float64))
     tl.store(res_ptr + 1, tl.where(normal, 0.0, _log_f64(Z)).to(tl.float64))
     tl.store(res_ptr + 2, tl.where(normal, 1.0 / Z, 1.0).to(tl.float32).to(tl.float64))
+
+
+@triton.jit
+def _owner_partials(y, own):
+    # the maximum m of the owners' true logits y (-inf without owners) and the sum of exp(y - m) over them
+    m = tl.max(tl.where(own, y, float("-inf")), axis=0)
+    ref = tl.where(m > float("-inf"), m, 0.0)  # no -inf - -inf (a NaN, if an unused one) without owners
+    return m, tl.sum(tl.where(own, _wide_exp(tl.where(own, y, ref) - ref), 0.0), axis=0)
 
 
 @triton.jit
@@ -326,10 +333,11 @@ def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ti
     # Each program takes BI samples and finds, against the whole batch, the first sample with the same id (the
     # group's owner: one writer per group) and the group's loss sum. The [BI, BK] tiles accumulate over the batch
     # in registers and are reduced once at the end. Records (float64, from 4P of ws): owner id or -1 | group loss
-    # sum | (sparse) owner logit with G = 0 | owner logit (-inf for non-owners); DENSE_S: the owners' loss sums
-    # go into the dense buffer s_ptr instead of the logits; sparse: each owner sets its group's bit in bits_ptr
-    # (one bit per group, all zero between steps: the step's last write clears them). FINISH (sparse, the range sums carried from the
-    # previous write): the last program to finish (a ticket) computes the normaliser, as the stats launch would.
+    # sum | (sparse) owner logit (-inf for non-owners); DENSE_S: the owners' loss sums go into the dense buffer
+    # s_ptr instead. Sparse: each program stores its owners' partials for the normaliser (``_finish_normaliser``)
+    # and each owner sets its group's bit in bits_ptr (one bit per group, all zero between steps: the step's last
+    # write clears them). FINISH (sparse, the range sums carried from the previous write): the last program to
+    # finish (a ticket) computes the normaliser, as the stats launch would.
     own_base = ws_ptr + 4 * P
     i = tl.program_id(0) * BI + tl.arange(0, BI)
     im = i < B
@@ -367,25 +375,31 @@ def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ti
             r = tl.load(lpr_ptr + gs, mask=own, other=0.0)
         y0 = _logit(p, r, 0.0, a, c, lr, eps, HAS_REG, False)
         y = tl.where(own, _logit(p, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
-        tl.store(own_base + 2 * B + i, y0.to(tl.float64), mask=im)
-        tl.store(own_base + 3 * B + i, y.to(tl.float64), mask=im)
+        tl.store(own_base + 2 * B + i, y.to(tl.float64), mask=im)
+        m, e = _owner_partials(y, own)
+        part = own_base + 4 * B + 6 + tl.program_id(0)
+        tl.store(part, m.to(tl.float64))
+        tl.store(part + B + P, e)
+        tl.store(part + 2 * (B + P), tl.sum(tl.where(own, _range_term(y0 - m_ref), 0.0), axis=0))
         tl.atomic_or(bits_ptr + (gs >> 5), tl.full([BI], 1, tl.int32) << (gs & 31).to(tl.int32), mask=own)
     if FINISH:
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
-            _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base, own_base + 2 * B, own_base + 3 * B, B,
-                               own_base + 6 * B, m_ref, True, True, PB, SB)
+            _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base + 4 * B + 6, tl.num_programs(0), B + P,
+                               own_base + 4 * B, m_ref, True, True, PB, SB)
             tl.atomic_xchg(ticket_ptr, 0)
 
 
 @triton.jit
-def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_len, a, c, lr, eps, m_ref,
+def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, Q, range_len, a, c, lr, eps, m_ref,
                      HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr,
                      BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # ws (float64): [0,P) range reference (dense variant) | [P,2P) range sum | [2P,4P) the same for a second
-    # update | the sample records from 4P (``_pi_sample_sums_kernel``, launched before) | (M, shift, 1/Z) of each
-    # update.
+    # update | from 4P the sample records (``_pi_sample_sums_kernel``, launched before: owner | loss sum | true
+    # logit), the second update's true logits (the first write's) | (M, shift, 1/Z) of each update | the present
+    # groups' partials of the first update (Q of them: one per sample program), then of the second (P: one per
+    # write program), each at stride B + P.
     # Program p reduces range p of pi; the last program to finish (a ticket) computes the normaliser. With
     # DENSE_S the loss sums live in the dense buffer s_ptr; otherwise the ranges use G = 0 against the fixed
     # reference m_ref >= every such logit (a log(1 + eps): pi <= 1, pi_reg <= 1; one read of pi), and the present
@@ -418,8 +432,8 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_
     # sample launch, which finished before this launch began)
     ticket = tl.atomic_add(ticket_ptr, 1)
     if ticket == tl.num_programs(0) - 1:
-        _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base, own_base + 2 * B, own_base + 3 * B, B, own_base + 6 * B,
-                           m_ref, not DENSE_S, False, PB, SB)
+        _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base + 4 * B + 6, Q, B + P, own_base + 4 * B, m_ref,
+                           not DENSE_S, False, PB, SB)
         tl.atomic_xchg(ticket_ptr, 0)
 
 
@@ -443,7 +457,7 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
     # read, with REPORTED set) to the host's slot.
     pid = tl.program_id(0)
     own_base = ws_ptr + 4 * P
-    res = own_base + 6 * B + 3 * UPDATE
+    res = own_base + 4 * B + 3 * UPDATE
     word = tl.load(err_ptr)
     keep = word == 0  # a set error word: the step was rejected, pi is not written
     M = tl.load(res).to(tl.float32)
@@ -484,8 +498,8 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
             if SECOND_STATS:
-                _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, own_base, own_base + 4 * B, own_base + 5 * B,
-                                   B, res + 3, m_ref, True, True, PB, SB)
+                _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, own_base + 4 * B + 6 + 3 * (B + P), P, B + P,
+                                   res + 3, m_ref, True, True, PB, SB)
             tl.atomic_xchg(ticket_ptr, 0)
             if REPORT:
                 tl.store(report_ptr, word | _REPORTED)
@@ -496,20 +510,23 @@ def _patch_records(out_ptr, lpr_ptr, ws_ptr, pid, P, B, UPDATE: tl.constexpr, M,
                    m_ref, HAS_REG: tl.constexpr, SECOND_STATS: tl.constexpr, CARRY: tl.constexpr, RB: tl.constexpr):
     # A sparse write program's share of the batch's records (a contiguous cdiv(B, P) of them): the true values of
     # their owners' groups, which the ranges skipped. Returns (CARRY) the sum of the G = 0 terms of those values, as
-    # the ranges sum theirs. SECOND_STATS: each owner's two logits of the second update, the one with G = 0 as -inf
-    # (the ranges' sums left the present groups out) and the true one from the value written.
+    # the ranges sum theirs. SECOND_STATS: each owner's true logit of the second update, from the value written,
+    # and the program's partials of them for that update's normaliser (the range sums left the present groups out:
+    # no G = 0 terms to take back).
     own_base = ws_ptr + 4 * P
     share = (B + P - 1) // P
     lo = pid * share
     hi = tl.minimum(lo + share, B)
     zc = tl.zeros([RB], dtype=tl.float64)
+    m2 = tl.full([], float("-inf"), dtype=tl.float32)
+    e2 = tl.zeros([], dtype=tl.float64)
     for k0 in range(lo, hi, RB):
         i = k0 + tl.arange(0, RB)
         im = i < hi
         gf = tl.load(own_base + i, mask=im, other=-1.0)
         own = gf >= 0
         g = tl.where(own, gf, 0.0).to(tl.int64)
-        y = tl.load(own_base + (3 + 2 * UPDATE) * B + i, mask=im, other=0.0).to(tl.float32)
+        y = tl.load(own_base + (2 + UPDATE) * B + i, mask=im, other=0.0).to(tl.float32)
         o = _scale(y, M, shift, inv_z)
         tl.store(out_ptr + g, o, mask=own & keep)
         if SECOND_STATS or CARRY:
@@ -521,8 +538,17 @@ def _patch_records(out_ptr, lpr_ptr, ws_ptr, pid, P, B, UPDATE: tl.constexpr, M,
             if SECOND_STATS:
                 s = tl.load(own_base + B + i, mask=im, other=0.0).to(tl.float32)
                 true = tl.where(own, _logit(o, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
-                tl.store(own_base + 4 * B + i, tl.full([RB], float("-inf"), dtype=tl.float64), mask=im)
-                tl.store(own_base + 5 * B + i, true.to(tl.float64), mask=im)
+                tl.store(own_base + 3 * B + i, true.to(tl.float64), mask=im)
+                m, e = _owner_partials(true, own)
+                m_new = tl.maximum(m2, m)
+                ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # as in ``_owner_partials``
+                e2 = e2 * _wide_exp(m2 - ref) + e * _wide_exp(m - ref)
+                m2 = m_new
+    if SECOND_STATS:
+        part = own_base + 4 * B + 6 + 3 * (B + P) + pid
+        tl.store(part, m2.to(tl.float64))
+        tl.store(part + B + P, e2)
+        tl.store(part + 2 * (B + P), 0.0)
     return tl.sum(zc, axis=0)
 
 
@@ -807,7 +833,7 @@ class _ManyGroupsLayout:
         self.pb = max(16, min(1024, next_power_of_2(max(self.P, 1))))
         # the sparse variant's fixed reference: no logit with G = 0 exceeds a log(1 + eps) (pi, pi_reg <= 1)
         self.scalars = (a, c, lr, eps, a * math.log1p(eps))
-        self.ws = _float64_workspace(workspace, device, 4 * self.P + 6 * B + 6)
+        self.ws = _float64_workspace(workspace, device, 4 * self.P + 4 * B + 6 + 6 * (B + self.P))
         # the sparse write programs' shares of the batch's records, RB at a time
         self.rb = max(16, min(1024, next_power_of_2(cdiv(max(B, 1), self.P))))
         self.tickets = _kept_zeros(workspace, "tickets", (2,), device)
@@ -891,7 +917,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
 
     def stats(role: str, src: torch.Tensor) -> None:
         run(role, _pi_stats_kernel, lay.P,
-            (src, lpr, lay.sbuf, lay.ws, lay.tickets, n, B, lay.P, lay.range_len, *lay.scalars), (),
+            (src, lpr, lay.sbuf, lay.ws, lay.tickets, n, B, lay.P, lay.Q, lay.range_len, *lay.scalars), (),
             num_warps=_RANGE_WARPS, HAS_REG=has_reg, DENSE_S=lay.dense_s, PB=lay.pb, SB=_SCAN, BLOCK=lay.block,
             STAGES=lay.stages)
 
