@@ -21,16 +21,14 @@ Four ways to run it, all free of float atomics (bitwise reproducible), chosen by
   The stats launch sums the exponentials of the logits with G = 0 over contiguous ranges of pi (float64, one
   read of pi, against a fixed reference a log(1 + eps) that no such logit exceeds); the last of its programs to
   finish (a ticket) combines the partials into the global normaliser, replacing the G = 0 terms of present
-  groups by their true terms.  The sample launch also marks each present group in a kept bitmap (one bit per
-  group, 1/32 of pi's bytes; the step's last write clears it): the write launch's ranges skip the marked groups
-  and each of its programs writes the true values of its share of the batch's records, so no program waits for
-  another's range.  The replaced terms are recomputed with the same float32 formula as in the dense sum and
+  groups by their true terms.  The write launch writes the dense result and its last program patches the
+  present groups.  The replaced terms are recomputed with the same float32 formula as in the dense sum and
   cancelled in float64, so the correction stays exact when the absent groups keep at least 1e-9 of the G = 0
   mass (always true for a uniform pi_reg and float32 eps unless the temperature is small; otherwise the dense
   variant runs).  A second update (``second_out``) takes its range sums in the first write, from the values it
   writes, so it costs one more read and write of pi: 12 bytes per group for one update, 20 for both.  A kept,
   in-place step (the optimizers') carries pi's range sums to the next one the same way: its first write sums the
-  G = 0 terms of the values it writes (each program its range's and its share's), and while nothing else
+  G = 0 terms of the values it writes, its last program the patched groups' correction, and while nothing else
   touched pi or the workspace the next step skips the stats launch (the sample launch's last program finishes
   the normaliser): 8 bytes per group for one update, 16 for both.  The carried normaliser is the same float64 sum
   in another order; pi's bits are those of a fresh read unless that sum's last bits move 1 / Z across a float32
@@ -261,21 +259,21 @@ def _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG: tl.constexpr, DENSE_S
 
 
 @triton.jit
-def _finish_normaliser(max_ptr, sum_ptr, P, part_ptr, K, KS, res_ptr, m_ref,
-                       SPARSE: tl.constexpr, VOLATILE: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
-    # The last program of a launch: the reference maximum M (of the range references and, sparse, of the present
-    # groups' true logits) and the normaliser Z relative to it, summed in float64 in a fixed order; res <- (M,
-    # shift, 1 / Z) as the write kernel scales with them. The range references and sums were stored by the
-    # launch's other programs, hence the volatile loads. Sparse: every range is relative to the fixed reference
-    # m_ref, which is then not read back, and the present groups come as K partials (``_owner_partials``, at stride
-    # KS: maximum m, sum of exp(y - m) of their true logits y, sum of the G = 0 terms that the range sums hold for
-    # them), from an earlier launch or, VOLATILE, from this launch's other programs.
+def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, m_ref, carried_ptr,
+                       SPARSE: tl.constexpr, CARRIED: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
+    # The last program of a launch: the reference maximum M (of the range references and, sparse, of the owners'
+    # true logits) and the normaliser Z relative to it, summed in float64 in a fixed order; res <- (M, shift, 1 / Z)
+    # as the write kernel scales with them. The partials (range references and sums) were stored by the launch's
+    # other programs, hence the volatile loads; the records come from an earlier launch or from this program
+    # before a barrier. Sparse: every range is relative to the fixed reference m_ref, which is then not read back.
+    # CARRIED (sparse, the sample launch's last program): the range sums are the previous write's, taken from the
+    # values it wrote before its last program patched the present groups, and carried_ptr holds that patch's
+    # correction; the records were stored by this launch's other programs.
     if SPARSE:
         ov = tl.full([SB], float("-inf"), dtype=tl.float32)
-        for k0 in range(0, K, SB):
-            k = k0 + tl.arange(0, SB)
-            ov = tl.maximum(ov, tl.load(part_ptr + k, mask=k < K, other=float("-inf"), volatile=VOLATILE)
-                            .to(tl.float32))
+        for k0 in range(0, B, SB):
+            i = k0 + tl.arange(0, SB)
+            ov = tl.maximum(ov, tl.load(y_ptr + i, mask=i < B, other=float("-inf"), volatile=CARRIED).to(tl.float32))
         M = tl.maximum(tl.max(ov, axis=0), m_ref)
         t_ref = _wide_exp(m_ref - M)
     else:
@@ -296,15 +294,19 @@ def _finish_normaliser(max_ptr, sum_ptr, P, part_ptr, K, KS, res_ptr, m_ref,
             zv += tl.where(km, ps * _wide_exp(pm - M), 0.0)
     Z = tl.sum(zv, axis=0)
     if SPARSE:
-        # the present groups' true terms in, their G = 0 terms (as the range sums took them) out
+        if CARRIED:
+            Z += tl.load(carried_ptr) * t_ref
+        # swap the G = 0 term of each present group (same float32 value as in its range sum) for its true term
         zs = tl.zeros([SB], dtype=tl.float64)
-        for k0 in range(0, K, SB):
-            k = k0 + tl.arange(0, SB)
-            km = k < K
-            m = tl.load(part_ptr + k, mask=km, other=float("-inf"), volatile=VOLATILE).to(tl.float32)
-            e = tl.load(part_ptr + KS + k, mask=km, other=0.0, volatile=VOLATILE)
-            d = tl.load(part_ptr + 2 * KS + k, mask=km, other=0.0, volatile=VOLATILE)
-            zs += tl.where(m > float("-inf"), e * _wide_exp(m - M), 0.0) - d * t_ref
+        for k0 in range(0, B, SB):
+            i = k0 + tl.arange(0, SB)
+            im = i < B
+            # every sample's records are written (a non-owner's with values its flag discards): the loads need not
+            # wait for the owner flag (4 us less at 10^7 on an H100, where this program's latency is the launch's)
+            own = tl.load(own_ptr + i, mask=im, other=-1.0, volatile=CARRIED) >= 0
+            y0 = tl.load(y0_ptr + i, mask=im, other=0.0, volatile=CARRIED).to(tl.float32)
+            y = tl.load(y_ptr + i, mask=im, other=0.0, volatile=CARRIED).to(tl.float32)
+            zs += tl.where(own, _wide_exp(y - M) - _range_term(y0 - m_ref) * t_ref, 0.0)
         Z += tl.sum(zs, axis=0)
     # Z >= 1 unless the entries that set M dropped; then scale through log Z instead
     normal = Z >= 1.0
@@ -314,30 +316,20 @@ def _finish_normaliser(max_ptr, sum_ptr, P, part_ptr, K, KS, res_ptr, m_ref,
 
 
 @triton.jit
-def _owner_partials(y, own):
-    # the maximum m of the owners' true logits y (-inf without owners) and the sum of exp(y - m) over them
-    m = tl.max(tl.where(own, y, float("-inf")), axis=0)
-    ref = tl.where(m > float("-inf"), m, 0.0)  # no -inf - -inf (a NaN, if an unused one) without owners
-    return m, tl.sum(tl.where(own, _wide_exp(tl.where(own, y, ref) - ref), 0.0), axis=0)
-
-
-@triton.jit
 def _scale(y, M, shift, inv_z):
     return tl.exp((y - M) - shift) * inv_z
 
 
 @triton.jit
-def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ticket_ptr, bits_ptr, n, B, P, a, c,
-                           lr, eps, m_ref, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
+def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ticket_ptr, n, B, P, a, c, lr, eps,
+                           m_ref, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
                            WIDE_IDS: tl.constexpr, FINISH: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
     # Each program takes BI samples and finds, against the whole batch, the first sample with the same id (the
     # group's owner: one writer per group) and the group's loss sum. The [BI, BK] tiles accumulate over the batch
     # in registers and are reduced once at the end. Records (float64, from 4P of ws): owner id or -1 | group loss
-    # sum | (sparse) owner logit (-inf for non-owners); DENSE_S: the owners' loss sums go into the dense buffer
-    # s_ptr instead. Sparse: each program stores its owners' partials for the normaliser (``_finish_normaliser``)
-    # and each owner sets its group's bit in bits_ptr (one bit per group, all zero between steps: the step's last
-    # write clears them). FINISH (sparse, the range sums carried from the previous write): the last program to
-    # finish (a ticket) computes the normaliser, as the stats launch would.
+    # sum | (sparse) owner logit with G = 0 | owner logit (-inf for non-owners); DENSE_S: the owners' loss sums
+    # go into the dense buffer s_ptr instead of the logits. FINISH (sparse, the range sums carried from the
+    # previous write): the last program to finish (a ticket) computes the normaliser, as the stats launch would.
     own_base = ws_ptr + 4 * P
     i = tl.program_id(0) * BI + tl.arange(0, BI)
     im = i < B
@@ -375,31 +367,24 @@ def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ti
             r = tl.load(lpr_ptr + gs, mask=own, other=0.0)
         y0 = _logit(p, r, 0.0, a, c, lr, eps, HAS_REG, False)
         y = tl.where(own, _logit(p, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
-        tl.store(own_base + 2 * B + i, y.to(tl.float64), mask=im)
-        m, e = _owner_partials(y, own)
-        part = own_base + 4 * B + 6 + tl.program_id(0)
-        tl.store(part, m.to(tl.float64))
-        tl.store(part + B + P, e)
-        tl.store(part + 2 * (B + P), tl.sum(tl.where(own, _range_term(y0 - m_ref), 0.0), axis=0))
-        tl.atomic_or(bits_ptr + (gs >> 5), tl.full([BI], 1, tl.int32) << (gs & 31).to(tl.int32), mask=own)
+        tl.store(own_base + 2 * B + i, y0.to(tl.float64), mask=im)
+        tl.store(own_base + 3 * B + i, y.to(tl.float64), mask=im)
     if FINISH:
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
-            _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base + 4 * B + 6, tl.num_programs(0), B + P,
-                               own_base + 4 * B, m_ref, True, True, PB, SB)
+            _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base, own_base + 2 * B, own_base + 3 * B, B,
+                               own_base + 6 * B, m_ref, own_base + 6 * B + 6, True, True, PB, SB)
             tl.atomic_xchg(ticket_ptr, 0)
 
 
 @triton.jit
-def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, Q, range_len, a, c, lr, eps, m_ref,
+def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_len, a, c, lr, eps, m_ref,
                      HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr,
                      BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # ws (float64): [0,P) range reference (dense variant) | [P,2P) range sum | [2P,4P) the same for a second
-    # update | from 4P the sample records (``_pi_sample_sums_kernel``, launched before: owner | loss sum | true
-    # logit), the second update's true logits (the first write's) | (M, shift, 1/Z) of each update | the present
-    # groups' partials of the first update (Q of them: one per sample program), then of the second (P: one per
-    # write program), each at stride B + P.
+    # update | the sample records from 4P (``_pi_sample_sums_kernel``, launched before) | (M, shift, 1/Z) of each
+    # update | the correction of carried range sums (``_pi_write_kernel``'s CARRY).
     # Program p reduces range p of pi; the last program to finish (a ticket) computes the normaliser. With
     # DENSE_S the loss sums live in the dense buffer s_ptr; otherwise the ranges use G = 0 against the fixed
     # reference m_ref >= every such logit (a log(1 + eps): pi <= 1, pi_reg <= 1; one read of pi), and the present
@@ -432,32 +417,32 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, Q, ran
     # sample launch, which finished before this launch began)
     ticket = tl.atomic_add(ticket_ptr, 1)
     if ticket == tl.num_programs(0) - 1:
-        _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base + 4 * B + 6, Q, B + P, own_base + 4 * B, m_ref,
-                           not DENSE_S, False, PB, SB)
+        _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base, own_base + 2 * B, own_base + 3 * B, B, own_base + 6 * B,
+                           m_ref, own_base + 6 * B + 6, not DENSE_S, False, PB, SB)
+        if not DENSE_S:  # these sums are pi's own: nothing to correct if a later step takes them as carried
+            tl.store(own_base + 6 * B + 6, 0.0)
         tl.atomic_xchg(ticket_ptr, 0)
 
 
 @triton.jit
-def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_ptr, report_ptr, bits_ptr, n, B, P,
-                     range_len, a, c, lr, eps, m_ref,
+def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_ptr, report_ptr, n, B, P, range_len,
+                     a, c, lr, eps, m_ref,
                      HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, CLEAR: tl.constexpr, UPDATE: tl.constexpr,
                      SECOND_STATS: tl.constexpr, CARRY: tl.constexpr, REPORT: tl.constexpr, BLOCK: tl.constexpr,
-                     PB: tl.constexpr, SB: tl.constexpr, RB: tl.constexpr, STAGES: tl.constexpr):
+                     PB: tl.constexpr, SB: tl.constexpr, STAGES: tl.constexpr):
     # out = exp((z - M) - shift) / Z over each program's range, with (M, shift, 1/Z) of update UPDATE (0: the
-    # first, 1: the second). CLEAR (the step's last read of the batch's marks): dense, each program zeroes the
-    # non-zero loss sums of its range after reading them; sparse, the bits of its range.
-    # Sparse: the ranges skip the groups present in the batch (their bits), and each program writes the true values
-    # of its share of the batch's records (``_patch_records``), so no program waits for another.
+    # first, 1: the second); the last program to finish patches the present groups (sparse); CLEAR (dense, the
+    # step's last read of the loss sums): each program zeroes the non-zero sums of its range after reading them.
     # SECOND_STATS (sparse, first update): the range sums of the second update PiUpdate(out, G) with G = 0 are
-    # taken from the values written (the present groups left out), and the last program to finish (a ticket)
-    # finishes that update's normaliser, so that the second update reads pi once less. CARRY (sparse, first
-    # update, out is pi): where the step is kept, the G = 0 range sums of the values written, the patched ones
-    # included, replace this update's in ws, so that the next step over this pi skips the stats launch (its sample
-    # launch finishes the normaliser). REPORT: the last program then writes the step's report (the error word it
-    # read, with REPORTED set) to the host's slot.
+    # taken from the values written, and the last program finishes that update's normaliser, so that the second
+    # update reads pi once less. CARRY (sparse, first update, out is pi): where the step is kept, the same G = 0 range
+    # sums of the values written replace this update's in ws, and the last program stores the correction that
+    # patching the present groups makes to them, so that the next step over this pi skips the stats launch (its
+    # sample launch finishes the normaliser). REPORT: the last program then writes
+    # the step's report (the error word it read, with REPORTED set) to the host's slot.
     pid = tl.program_id(0)
     own_base = ws_ptr + 4 * P
-    res = own_base + 4 * B + 3 * UPDATE
+    res = own_base + 6 * B + 3 * UPDATE
     word = tl.load(err_ptr)
     keep = word == 0  # a set error word: the step was rejected, pi is not written
     M = tl.load(res).to(tl.float32)
@@ -468,88 +453,72 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
     for off in tl.range(0, range_len, BLOCK, num_stages=STAGES):
         idx = start + off + tl.arange(0, BLOCK)
         msk = idx < n
-        if not DENSE_S:  # the present groups are written by ``_patch_records``
-            marks = tl.load(bits_ptr + (idx >> 5), mask=msk, other=0)
-            msk = msk & (((marks >> (idx & 31).to(tl.int32)) & 1) == 0)
         p, r, sj = _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG, DENSE_S)
         o = _scale(_logit(p, r, sj, a, c, lr, eps, HAS_REG, DENSE_S), M, shift, inv_z)
         tl.store(out_ptr + idx, o, mask=msk & keep)
-        if CLEAR and DENSE_S:  # the step's last read of the dense loss sums: the entries its batch set go back to 0
+        if CLEAR:  # the step's last read of the dense loss sums: the entries its batch set go back to zero
             tl.store(s_ptr + idx, tl.zeros([BLOCK], dtype=tl.float32), mask=msk & (sj != 0.0))
         if SECOND_STATS or CARRY:
             sv += tl.where(msk, _range_term(_logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False) - m_ref), 0.0)
-    if not DENSE_S:
-        zc = _patch_records(out_ptr, lpr_ptr, ws_ptr, pid, P, B, UPDATE, M, shift, inv_z, keep, a, c, lr, eps, m_ref,
-                            HAS_REG, SECOND_STATS, CARRY, RB)
-        if SECOND_STATS:  # relative to m_ref, as the sparse variant's range sums are; the present groups left out
-            tl.store(ws_ptr + 3 * P + pid, tl.sum(sv, axis=0))
-        if CARRY:  # this update's sums are used up (its normaliser was finished by an earlier launch)
-            tl.store(ws_ptr + P + pid, tl.sum(sv, axis=0) + zc, mask=keep)
-        if CLEAR:  # the batch's bits in this range, after every thread has read them
-            tl.debug_barrier()
-            w0 = start // 32
-            for off in range(0, range_len // 32, BLOCK // 32):
-                wi = w0 + off + tl.arange(0, BLOCK // 32)
-                wm = wi * 32 < n
-                marks = tl.load(bits_ptr + wi, mask=wm, other=0)
-                tl.store(bits_ptr + wi, tl.zeros([BLOCK // 32], dtype=tl.int32), mask=wm & (marks != 0))
-    if SECOND_STATS or REPORT:  # the last program finishes the second update's normaliser; REPORT: it reports
+    if SECOND_STATS:  # relative to m_ref, as the sparse variant's range sums are
+        tl.store(ws_ptr + 3 * P + pid, tl.sum(sv, axis=0))
+    if CARRY:  # this update's sums are used up (its normaliser was finished by an earlier launch)
+        tl.store(ws_ptr + P + pid, tl.sum(sv, axis=0), mask=keep)
+    if (not DENSE_S) or REPORT:  # sparse: the last program patches the present groups; REPORT: it reports
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
-            if SECOND_STATS:
-                _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, own_base + 4 * B + 6 + 3 * (B + P), P, B + P,
-                                   res + 3, m_ref, True, True, PB, SB)
+            if not DENSE_S:
+                _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, B, res, M, shift, inv_z, keep, a, c, lr, eps, m_ref,
+                                      HAS_REG, UPDATE, SECOND_STATS, CARRY, PB, SB)
             tl.atomic_xchg(ticket_ptr, 0)
             if REPORT:
                 tl.store(report_ptr, word | _REPORTED)
 
 
 @triton.jit
-def _patch_records(out_ptr, lpr_ptr, ws_ptr, pid, P, B, UPDATE: tl.constexpr, M, shift, inv_z, keep, a, c, lr, eps,
-                   m_ref, HAS_REG: tl.constexpr, SECOND_STATS: tl.constexpr, CARRY: tl.constexpr, RB: tl.constexpr):
-    # A sparse write program's share of the batch's records (a contiguous cdiv(B, P) of them): the true values of
-    # their owners' groups, which the ranges skipped. Returns (CARRY) the sum of the G = 0 terms of those values, as
-    # the ranges sum theirs. SECOND_STATS: each owner's true logit of the second update, from the value written,
-    # and the program's partials of them for that update's normaliser (the range sums left the present groups out:
-    # no G = 0 terms to take back).
+def _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, B, res, M, shift, inv_z, keep, a, c, lr, eps, m_ref,
+                          HAS_REG: tl.constexpr, UPDATE: tl.constexpr, SECOND_STATS: tl.constexpr,
+                          CARRY: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
+    # The sparse write's last program: the present groups' true values (the ranges wrote their G = 0 values);
+    # SECOND_STATS: then the second update's normaliser, from the owners' two logits of that update; CARRY (where
+    # the step is kept): the sum over the owners of their G = 0 terms of the patched value less those of the
+    # unpatched one, which turns the range sums the write took into pi's own
     own_base = ws_ptr + 4 * P
-    share = (B + P - 1) // P
-    lo = pid * share
-    hi = tl.minimum(lo + share, B)
-    zc = tl.zeros([RB], dtype=tl.float64)
-    m2 = tl.full([], float("-inf"), dtype=tl.float32)
-    e2 = tl.zeros([], dtype=tl.float64)
-    for k0 in range(lo, hi, RB):
-        i = k0 + tl.arange(0, RB)
-        im = i < hi
+    zc = tl.zeros([SB], dtype=tl.float64)
+    for k0 in range(0, B, SB):
+        i = k0 + tl.arange(0, SB)
+        im = i < B
         gf = tl.load(own_base + i, mask=im, other=-1.0)
         own = gf >= 0
         g = tl.where(own, gf, 0.0).to(tl.int64)
-        y = tl.load(own_base + (2 + UPDATE) * B + i, mask=im, other=0.0).to(tl.float32)
+        # as in ``_finish_normaliser``, the records of every sample, not waiting for the owner flag
+        y = tl.load(own_base + (3 + 2 * UPDATE) * B + i, mask=im, other=0.0).to(tl.float32)
         o = _scale(y, M, shift, inv_z)
         tl.store(out_ptr + g, o, mask=own & keep)
         if SECOND_STATS or CARRY:
+            # the logit with G = 0 of the value the range sum saw (the unpatched one)
+            y0 = tl.load(own_base + 2 * B + i, mask=im, other=0.0).to(tl.float32)
             r = 0.0
             if HAS_REG:
                 r = tl.load(lpr_ptr + g, mask=own, other=0.0)
+            seen = _logit(_scale(y0, M, shift, inv_z), r, 0.0, a, c, lr, eps, HAS_REG, False)
             if CARRY:
-                zc += tl.where(own, _range_term(_logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False) - m_ref), 0.0)
+                patched = _logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False)
+                zc += tl.where(own, _range_term(patched - m_ref) - _range_term(seen - m_ref), 0.0)
             if SECOND_STATS:
+                # the second update's two logits of each owner: with G = 0 as seen, the true one from the patched
+                # value
                 s = tl.load(own_base + B + i, mask=im, other=0.0).to(tl.float32)
                 true = tl.where(own, _logit(o, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
-                tl.store(own_base + 3 * B + i, true.to(tl.float64), mask=im)
-                m, e = _owner_partials(true, own)
-                m_new = tl.maximum(m2, m)
-                ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # as in ``_owner_partials``
-                e2 = e2 * _wide_exp(m2 - ref) + e * _wide_exp(m - ref)
-                m2 = m_new
+                tl.store(own_base + 4 * B + i, seen.to(tl.float64), mask=im)
+                tl.store(own_base + 5 * B + i, true.to(tl.float64), mask=im)
+    if CARRY:
+        tl.store(own_base + 6 * B + 6, tl.sum(zc, axis=0), mask=keep)
     if SECOND_STATS:
-        part = own_base + 4 * B + 6 + 3 * (B + P) + pid
-        tl.store(part, m2.to(tl.float64))
-        tl.store(part + B + P, e2)
-        tl.store(part + 2 * (B + P), 0.0)
-    return tl.sum(zc, axis=0)
+        tl.debug_barrier()  # the records stored above are read back by other threads
+        _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, own_base, own_base + 4 * B, own_base + 5 * B, B, res + 3,
+                           m_ref, ws_ptr, True, False, PB, SB)
 
 
 _SM_COUNT: dict = {}
@@ -571,18 +540,6 @@ def _loss_sum_buffer(workspace: Optional[dict], device: torch.device, n: int) ->
         buf = torch.zeros(max(n, 1024), dtype=torch.float32, device=device)
         if workspace is not None:
             workspace["loss_sums"] = buf
-    return buf
-
-
-def _present_bits(workspace: Optional[dict], device: torch.device, n: int) -> torch.Tensor:
-    # One bit per group, set for the groups present in the batch by the sparse sample launch and cleared again by
-    # the step's last write (all zero between calls), in the caller's workspace across calls, else a fresh one
-    words = cdiv(n, 32)
-    buf = None if workspace is None else workspace.get("present_bits")
-    if buf is None or buf.numel() < words or buf.device != device:
-        buf = torch.zeros(words, dtype=torch.int32, device=device)
-        if workspace is not None:
-            workspace["present_bits"] = buf
     return buf
 
 
@@ -833,13 +790,10 @@ class _ManyGroupsLayout:
         self.pb = max(16, min(1024, next_power_of_2(max(self.P, 1))))
         # the sparse variant's fixed reference: no logit with G = 0 exceeds a log(1 + eps) (pi, pi_reg <= 1)
         self.scalars = (a, c, lr, eps, a * math.log1p(eps))
-        self.ws = _float64_workspace(workspace, device, 4 * self.P + 4 * B + 6 + 6 * (B + self.P))
-        # the sparse write programs' shares of the batch's records, RB at a time
-        self.rb = max(16, min(1024, next_power_of_2(cdiv(max(B, 1), self.P))))
+        self.ws = _float64_workspace(workspace, device, 4 * self.P + 6 * B + 7)
         self.tickets = _kept_zeros(workspace, "tickets", (2,), device)
         self.write_ticket = self.tickets[1:]
         self.sbuf = _loss_sum_buffer(workspace, device, n) if self.dense_s else pi
-        self.bits = pi if self.dense_s else _present_bits(workspace, device, n)
 
 
 def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.Tensor, *,
@@ -910,14 +864,13 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     def samples(finish: bool) -> None:
         if lay.Q > 0:
             run("samples_finish" if finish else "samples", _pi_sample_sums_kernel, lay.Q,
-                (pi, lpr, lay.sbuf, group_ids, losses, lay.ws, lay.tickets, lay.bits, n, B, lay.P, *lay.scalars),
-                (3, 4),
+                (pi, lpr, lay.sbuf, group_ids, losses, lay.ws, lay.tickets, n, B, lay.P, *lay.scalars), (3, 4),
                 num_warps=lay.sample_warps, HAS_REG=has_reg, DENSE_S=lay.dense_s, BI=lay.bi, BK=lay.bk,
                 WIDE_IDS=lay.wide_ids, FINISH=finish, PB=lay.pb, SB=_SCAN)
 
     def stats(role: str, src: torch.Tensor) -> None:
         run(role, _pi_stats_kernel, lay.P,
-            (src, lpr, lay.sbuf, lay.ws, lay.tickets, n, B, lay.P, lay.Q, lay.range_len, *lay.scalars), (),
+            (src, lpr, lay.sbuf, lay.ws, lay.tickets, n, B, lay.P, lay.range_len, *lay.scalars), (),
             num_warps=_RANGE_WARPS, HAS_REG=has_reg, DENSE_S=lay.dense_s, PB=lay.pb, SB=_SCAN, BLOCK=lay.block,
             STAGES=lay.stages)
 
@@ -925,10 +878,10 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
               last: bool, carry: bool = False) -> None:
         reports = last and report_out is not None
         run(role, _pi_write_kernel, lay.P,
-            (src, lpr, lay.sbuf, dst, lay.ws, err, lay.write_ticket, report_out if reports else err, lay.bits, n, B,
-             lay.P, lay.range_len, *lay.scalars), (7,) if reports else (), num_warps=_RANGE_WARPS, HAS_REG=has_reg,
+            (src, lpr, lay.sbuf, dst, lay.ws, err, lay.write_ticket, report_out if reports else err, n, B, lay.P,
+             lay.range_len, *lay.scalars), (7,) if reports else (), num_warps=_RANGE_WARPS, HAS_REG=has_reg,
             DENSE_S=lay.dense_s, CLEAR=clear, UPDATE=update, SECOND_STATS=second_stats, CARRY=carry, REPORT=reports,
-            BLOCK=lay.block, PB=lay.pb, SB=_SCAN, RB=lay.rb, STAGES=lay.stages)
+            BLOCK=lay.block, PB=lay.pb, SB=_SCAN, STAGES=lay.stages)
 
     # the batch's records (owners, loss sums) first; then the normaliser over the ranges of pi and the write.
     # Dense: the loss sums go through the dense buffer, which the last write zeroes again. Sparse: the ranges take
@@ -947,9 +900,9 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
             stats("stats2", out)
             write("write2", out, second_out, True, 0, False, True)
     else:
-        write("write", pi, out, not second, 0, second, not second, carry)
+        write("write", pi, out, False, 0, second, not second, carry)
         if second:
-            write("write2", out, second_out, True, 1, False, True)
+            write("write2", out, second_out, False, 1, False, True)
     if carry:
         workspace["carried"] = (lay, pi._version)
     elif workspace is not None:
