@@ -201,9 +201,9 @@ def test_carried_sums_at_ten_million_groups(optimistic: bool, stats_launches: li
 
 @pytest.mark.parametrize("optimistic", [False, True])
 def test_groups_at_the_edges_of_the_write_ranges_are_patched(optimistic: bool, stats_launches: list) -> None:
-    """Each write program patches the present groups of its own range of pi: groups on both sides of every range
-    boundary (and the first and last group) take their true values in both updates, as the float64 model gives
-    them, and the next (carried) step still gives the bits of a fresh read."""
+    """The write's ranges write every group with G = 0 and its last program then patches the batch's groups: groups
+    on both sides of every range boundary (and the first and last group) take their true values in both updates,
+    as the float64 model gives them, and the next (carried) step still gives the bits of a fresh read."""
     pi = torch.full((N,), 1.0 / N, device=DEVICE)
     mid = pi.clone() if optimistic else None
     cache, workspace = {}, {}
