@@ -21,6 +21,7 @@ from support import DEVICE  # noqa: E402
 
 N = 3000  # above SMALL_MAX; the sparse variant is forced (B = 24 is below its own choice's 1000 samples a group)
 B = 24
+WIDE_B = 300  # the patch launch's programs take 128 samples each: three here, the correction in three partials
 HP = dict(pi_lr=0.4, pi_decay=0.0, temperature=1.0, eps=1.1920929e-07)
 
 
@@ -34,14 +35,16 @@ def model_step(pi: torch.Tensor, ids: torch.Tensor, losses: torch.Tensor) -> tor
     return torch.softmax(z / HP["temperature"], dim=0)
 
 
-def batches(count: int, seed: int) -> list:
+def batches(count: int, seed: int, b: int = B) -> list:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
-        ids = torch.randint(0, N, (B,), generator=gen)
+        ids = torch.randint(0, N, (b,), generator=gen)
         ids[:5] = ids[5]  # one group of six samples
         ids[6] = N + 3  # an id outside [0, N): ignored
-        out.append((ids.to(DEVICE), (torch.rand(B, generator=gen) * 3).to(DEVICE)))
+        if b > 256:
+            ids[-3:] = ids[130]  # a group whose samples fall in two of the patch launch's programs
+        out.append((ids.to(DEVICE), (torch.rand(b, generator=gen) * 3).to(DEVICE)))
     return out
 
 
@@ -68,13 +71,14 @@ def step(pi, mid, ids, losses, cache, workspace, launched, word=None, hp=HP) -> 
     return len(launched) - before
 
 
+@pytest.mark.parametrize("b", [B, WIDE_B])
 @pytest.mark.parametrize("optimistic", [False, True])
-def test_carried_sums_give_the_bits_of_a_fresh_read(optimistic: bool, stats_launches: list) -> None:
+def test_carried_sums_give_the_bits_of_a_fresh_read(optimistic: bool, b: int, stats_launches: list) -> None:
     """Eight steps, the fourth rejected by its error word: pi (and pi_mid) equal, bitwise at every step, those of
     steps whose workspace forgets the carried sums (each reads pi again), and stay close to the float64 model. Only
     the first step launches the stats kernel (the rejected step leaves pi and its carried sums as they were)."""
     start = torch.full((N,), 1.0 / N, device=DEVICE)
-    data = batches(8, seed=3)
+    data = batches(8, seed=3, b=b)
     runs = []
     for carried in (True, False):
         pi = start.clone()

@@ -386,6 +386,25 @@ def test_second_update_on_dominant_groups(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_both_updates_of_an_empty_batch(path: str) -> None:
+    """No sample: each update is PiUpdate with G = 0, and the second update's normaliser is still finished (the
+    sparse variant's patch launch runs one program for an empty batch); the report is written."""
+    gen = torch.Generator().manual_seed(17)
+    pi = rand_simplex(LARGE_N, gen)
+    ids, losses = torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    ref1 = model_pi_update(pi, ids, losses, HP["pi_lr"], HP["pi_decay"], HP["temperature"], HP["eps"])
+    ref2 = model_pi_update(ref1.float(), ids, losses, HP["pi_lr"], HP["pi_decay"], HP["temperature"], HP["eps"])
+    out, mid = torch.empty(LARGE_N, device=DEV), torch.full((LARGE_N,), float("nan"), device=DEV)
+    report = torch.zeros((), dtype=torch.int32, pin_memory=CUDA)
+    pi_update(pi.to(DEV), ids.to(DEV), losses.to(DEV), **HP, out=out, second_out=mid, report_out=report, _path=path)
+    if CUDA:
+        torch.cuda.synchronize()
+    tol = 4e-6 / HP["temperature"]
+    assert rel_err(out, ref1) < tol and rel_err(mid, ref2) < tol, (rel_err(out, ref1), rel_err(mid, ref2))
+    assert int(report) == group_pi.REPORTED
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
 @pytest.mark.parametrize("n", [LARGE_N, 100_000])
 def test_both_updates_where_absent_groups_hold_the_mass(path: str, n: int) -> None:
     """Small losses on a few groups: the groups absent from the batch hold almost all of pi's mass, so the range
