@@ -14,26 +14,27 @@ Four ways to run it, all free of float atomics (bitwise reproducible), chosen by
   (``StagedPiStep``): the optimizers' loop API runs a batch's pi step in the launch of its
   weighted loss, staged in a buffer that becomes pi at the next call after ``step()`` (or on the host's
   request), so that ``step()`` launches nothing for pi.
-* more groups or a larger batch, sparse variant (n_groups > 1000 * batch): four launches per PiUpdate (three with
-  carried range sums, below), no dense G.  A sample launch finds, for each group present in the batch, its first
-  sample (the owner) and the group's loss sum (every id against every id, [BI, BK] tiles summed in registers, one
-  reduction at the end). The stats launch sums the exponentials of the logits with G = 0 over contiguous ranges of
-  pi (float64, one read of pi, against a fixed reference a log(1 + eps) that no such logit exceeds); the last of its
-  programs to finish (a ticket) combines the partials into the global normaliser, replacing the G = 0 terms of
-  present groups by their true terms.  The write launch writes the dense result with G = 0 and a patch launch the
-  present groups' true values (a program per 128 samples).  The replaced terms are recomputed with the same float32
-  formula as in the dense sum and cancelled in float64, so the correction stays exact when the absent groups keep at
-  least 1e-9 of the G = 0 mass (always true for a uniform pi_reg and float32 eps unless the temperature is small;
-  otherwise the dense variant runs).  A second update (``second_out``) takes its range sums in the first write, from
-  the values it writes, so it costs one more read and write of pi: 12 bytes per group for one update, 20 for both.  A
-  kept, in-place step (the optimizers') carries pi's range sums to the next one the same way: its first write sums
-  the G = 0 terms of the values it writes, its patch launch the patched groups' correction (a partial per program,
-  summed in order by the next step), and while nothing else touched pi or the workspace the next step skips the
-  stats launch (the sample launch's last program finishes the normaliser): 8 bytes per group for one update, 16 for
-  both.  The carried normaliser is the same float64 sum in another order; pi's bits are those of a fresh read unless
-  that sum's last bits move 1 / Z across a float32 rounding boundary (a tested claim, not a guarantee).  The sample
-  programs have a launch of their own: sharing the stats launch, they set its registers (145 a thread), which left
-  room for one range program per SM (10^9 groups on an H100: that pass 2353 us, 1888 us split).
+* more groups or a larger batch, sparse variant (n_groups > 1000 * batch): three launches per PiUpdate (two with
+  carried range sums, below), no dense G.  A sample launch finds, for each group present in the batch, its
+  first sample (the owner) and the group's loss sum (every id against every id, [BI, BK] tiles summed in
+  registers, one reduction at the end).
+  The stats launch sums the exponentials of the logits with G = 0 over contiguous ranges of pi (float64, one
+  read of pi, against a fixed reference a log(1 + eps) that no such logit exceeds); the last of its programs to
+  finish (a ticket) combines the partials into the global normaliser, replacing the G = 0 terms of present
+  groups by their true terms.  The write launch writes the dense result and its last program patches the
+  present groups.  The replaced terms are recomputed with the same float32 formula as in the dense sum and
+  cancelled in float64, so the correction stays exact when the absent groups keep at least 1e-9 of the G = 0
+  mass (always true for a uniform pi_reg and float32 eps unless the temperature is small; otherwise the dense
+  variant runs).  A second update (``second_out``) takes its range sums in the first write, from the values it
+  writes, so it costs one more read and write of pi: 12 bytes per group for one update, 20 for both.  A kept,
+  in-place step (the optimizers') carries pi's range sums to the next one the same way: its first write sums the
+  G = 0 terms of the values it writes, its last program the patched groups' correction, and while nothing else
+  touched pi or the workspace the next step skips the stats launch (the sample launch's last program finishes
+  the normaliser): 8 bytes per group for one update, 16 for both.  The carried normaliser is the same float64 sum
+  in another order; pi's bits are those of a fresh read unless that sum's last bits move 1 / Z across a float32
+  rounding boundary (a tested claim, not a guarantee).  The
+  sample programs have a launch of their own: sharing the stats launch, they set its registers (145 a thread),
+  which left room for one range program per SM (10^9 groups on an H100: that pass 2353 us, 1888 us split).
 * more groups or a larger batch, dense variant (smaller n_groups, a non-uniform pi_reg, or the bound above
   failing): the sample launch stores the owners' loss sums in a persistent all-zero buffer of n_groups
   floats, then the range reduction (its last program combining the normaliser) and the write read it; the
@@ -82,8 +83,6 @@ _WIDE_IDS_FROM = 2**31  # from this many groups the sample programs compare ids 
 # chunk when a last program scans the per-sample records (2048 was faster than 1024 or 512 at 10^7 on an H100:
 # benchmarks/explore/explore_pi_finish.py)
 _SCAN = 2048
-_PATCH = 128  # samples per program of the sparse patch launch ...
-_PATCH_WARPS = 4  # ... in this many warps
 _DENSE_PER_SAMPLE = 1000  # dense loss sums while n_groups <= this * batch size
 
 
@@ -260,23 +259,21 @@ def _range_tile(pi_ptr, lpr_ptr, s_ptr, idx, msk, HAS_REG: tl.constexpr, DENSE_S
 
 
 @triton.jit
-def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, m_ref, carried_ptr, NC,
-                       SPARSE: tl.constexpr, CARRIED: tl.constexpr, FRESH: tl.constexpr, PB: tl.constexpr,
-                       SB: tl.constexpr, CB: tl.constexpr):
+def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, m_ref, carried_ptr,
+                       SPARSE: tl.constexpr, CARRIED: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
     # The last program of a launch: the reference maximum M (of the range references and, sparse, of the owners'
     # true logits) and the normaliser Z relative to it, summed in float64 in a fixed order; res <- (M, shift, 1 / Z)
     # as the write kernel scales with them. The partials (range references and sums) were stored by the launch's
     # other programs, hence the volatile loads; the records come from an earlier launch or from this program
     # before a barrier. Sparse: every range is relative to the fixed reference m_ref, which is then not read back.
     # CARRIED (sparse, the sample launch's last program): the range sums are the previous write's, taken from the
-    # values it wrote before the patch launch wrote the present groups, and carried_ptr holds that patch's
-    # correction (NC partials, one per patch program, summed in order). FRESH: the records (own, y0, y) were stored
-    # by this launch's other programs (volatile loads).
+    # values it wrote before its last program patched the present groups, and carried_ptr holds that patch's
+    # correction; the records were stored by this launch's other programs.
     if SPARSE:
         ov = tl.full([SB], float("-inf"), dtype=tl.float32)
         for k0 in range(0, B, SB):
             i = k0 + tl.arange(0, SB)
-            ov = tl.maximum(ov, tl.load(y_ptr + i, mask=i < B, other=float("-inf"), volatile=FRESH).to(tl.float32))
+            ov = tl.maximum(ov, tl.load(y_ptr + i, mask=i < B, other=float("-inf"), volatile=CARRIED).to(tl.float32))
         M = tl.maximum(tl.max(ov, axis=0), m_ref)
         t_ref = _wide_exp(m_ref - M)
     else:
@@ -298,8 +295,7 @@ def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, 
     Z = tl.sum(zv, axis=0)
     if SPARSE:
         if CARRIED:
-            q = tl.arange(0, CB)
-            Z += tl.sum(tl.load(carried_ptr + q, mask=q < NC, other=0.0, volatile=True), axis=0) * t_ref
+            Z += tl.load(carried_ptr) * t_ref
         # swap the G = 0 term of each present group (same float32 value as in its range sum) for its true term
         zs = tl.zeros([SB], dtype=tl.float64)
         for k0 in range(0, B, SB):
@@ -307,9 +303,9 @@ def _finish_normaliser(max_ptr, sum_ptr, P, own_ptr, y0_ptr, y_ptr, B, res_ptr, 
             im = i < B
             # every sample's records are written (a non-owner's with values its flag discards): the loads need not
             # wait for the owner flag (4 us less at 10^7 on an H100, where this program's latency is the launch's)
-            own = tl.load(own_ptr + i, mask=im, other=-1.0, volatile=FRESH) >= 0
-            y0 = tl.load(y0_ptr + i, mask=im, other=0.0, volatile=FRESH).to(tl.float32)
-            y = tl.load(y_ptr + i, mask=im, other=0.0, volatile=FRESH).to(tl.float32)
+            own = tl.load(own_ptr + i, mask=im, other=-1.0, volatile=CARRIED) >= 0
+            y0 = tl.load(y0_ptr + i, mask=im, other=0.0, volatile=CARRIED).to(tl.float32)
+            y = tl.load(y_ptr + i, mask=im, other=0.0, volatile=CARRIED).to(tl.float32)
             zs += tl.where(own, _wide_exp(y - M) - _range_term(y0 - m_ref) * t_ref, 0.0)
         Z += tl.sum(zs, axis=0)
     # Z >= 1 unless the entries that set M dropped; then scale through log Z instead
@@ -325,10 +321,9 @@ def _scale(y, M, shift, inv_z):
 
 
 @triton.jit
-def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ticket_ptr, n, B, P, NC, a, c, lr,
-                           eps, m_ref, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, BI: tl.constexpr,
-                           BK: tl.constexpr, WIDE_IDS: tl.constexpr, FINISH: tl.constexpr, PB: tl.constexpr,
-                           SB: tl.constexpr, CB: tl.constexpr):
+def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ticket_ptr, n, B, P, a, c, lr, eps,
+                           m_ref, HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
+                           WIDE_IDS: tl.constexpr, FINISH: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
     # Each program takes BI samples and finds, against the whole batch, the first sample with the same id (the
     # group's owner: one writer per group) and the group's loss sum. The [BI, BK] tiles accumulate over the batch
     # in registers and are reduced once at the end. Records (float64, from 4P of ws): owner id or -1 | group loss
@@ -379,17 +374,17 @@ def _pi_sample_sums_kernel(pi_ptr, lpr_ptr, s_ptr, ids_ptr, loss_ptr, ws_ptr, ti
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
             _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base, own_base + 2 * B, own_base + 3 * B, B,
-                               own_base + 6 * B, m_ref, own_base + 6 * B + 6, NC, True, True, True, PB, SB, CB)
+                               own_base + 6 * B, m_ref, own_base + 6 * B + 6, True, True, PB, SB)
             tl.atomic_xchg(ticket_ptr, 0)
 
 
 @triton.jit
-def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, NC, range_len, a, c, lr, eps, m_ref,
+def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, range_len, a, c, lr, eps, m_ref,
                      HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr,
-                     CB: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+                     BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # ws (float64): [0,P) range reference (dense variant) | [P,2P) range sum | [2P,4P) the same for a second
     # update | the sample records from 4P (``_pi_sample_sums_kernel``, launched before) | (M, shift, 1/Z) of each
-    # update | NC partials of the correction of carried range sums (``_pi_patch_kernel``'s CARRY).
+    # update | the correction of carried range sums (``_pi_write_kernel``'s CARRY).
     # Program p reduces range p of pi; the last program to finish (a ticket) computes the normaliser. With
     # DENSE_S the loss sums live in the dense buffer s_ptr; otherwise the ranges use G = 0 against the fixed
     # reference m_ref >= every such logit (a log(1 + eps): pi <= 1, pi_reg <= 1; one read of pi), and the present
@@ -423,10 +418,9 @@ def _pi_stats_kernel(pi_ptr, lpr_ptr, s_ptr, ws_ptr, ticket_ptr, n, B, P, NC, ra
     ticket = tl.atomic_add(ticket_ptr, 1)
     if ticket == tl.num_programs(0) - 1:
         _finish_normaliser(ws_ptr, ws_ptr + P, P, own_base, own_base + 2 * B, own_base + 3 * B, B, own_base + 6 * B,
-                           m_ref, own_base + 6 * B + 6, NC, not DENSE_S, False, False, PB, SB, CB)
+                           m_ref, own_base + 6 * B + 6, not DENSE_S, False, PB, SB)
         if not DENSE_S:  # these sums are pi's own: nothing to correct if a later step takes them as carried
-            q = tl.arange(0, CB)
-            tl.store(own_base + 6 * B + 6 + q, tl.zeros([CB], dtype=tl.float64), mask=q < NC)
+            tl.store(own_base + 6 * B + 6, 0.0)
         tl.atomic_xchg(ticket_ptr, 0)
 
 
@@ -435,19 +429,20 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
                      a, c, lr, eps, m_ref,
                      HAS_REG: tl.constexpr, DENSE_S: tl.constexpr, CLEAR: tl.constexpr, UPDATE: tl.constexpr,
                      SECOND_STATS: tl.constexpr, CARRY: tl.constexpr, REPORT: tl.constexpr, BLOCK: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     PB: tl.constexpr, SB: tl.constexpr, STAGES: tl.constexpr):
     # out = exp((z - M) - shift) / Z over each program's range, with (M, shift, 1/Z) of update UPDATE (0: the
-    # first, 1: the second); sparse, these are the values with G = 0, and the patch launch that follows writes the
-    # present groups. CLEAR (dense, the step's last read of the loss sums): each program zeroes the non-zero sums
-    # of its range after reading them. SECOND_STATS (sparse, first update): the range sums of the second update
-    # PiUpdate(out, G) with G = 0 are taken from the values written, so that the second update reads pi once
-    # less (the patch launch finishes its normaliser). CARRY (sparse, first update, out is pi): where the step is
-    # kept, the same G = 0 range sums of the values written replace this update's in ws (the patch launch stores
-    # the correction that patching the present groups makes to them), so that the next step over this pi skips
-    # the stats launch (its sample launch finishes the normaliser). REPORT (dense): the last program to finish
-    # writes the step's report (the error word it read, with REPORTED set) to the host's slot.
+    # first, 1: the second); the last program to finish patches the present groups (sparse); CLEAR (dense, the
+    # step's last read of the loss sums): each program zeroes the non-zero sums of its range after reading them.
+    # SECOND_STATS (sparse, first update): the range sums of the second update PiUpdate(out, G) with G = 0 are
+    # taken from the values written, and the last program finishes that update's normaliser, so that the second
+    # update reads pi once less. CARRY (sparse, first update, out is pi): where the step is kept, the same G = 0 range
+    # sums of the values written replace this update's in ws, and the last program stores the correction that
+    # patching the present groups makes to them, so that the next step over this pi skips the stats launch (its
+    # sample launch finishes the normaliser). REPORT: the last program then writes
+    # the step's report (the error word it read, with REPORTED set) to the host's slot.
     pid = tl.program_id(0)
-    res = ws_ptr + 4 * P + 6 * B + 3 * UPDATE
+    own_base = ws_ptr + 4 * P
+    res = own_base + 6 * B + 3 * UPDATE
     word = tl.load(err_ptr)
     keep = word == 0  # a set error word: the step was rejected, pi is not written
     M = tl.load(res).to(tl.float32)
@@ -469,71 +464,61 @@ def _pi_write_kernel(pi_ptr, lpr_ptr, s_ptr, out_ptr, ws_ptr, err_ptr, ticket_pt
         tl.store(ws_ptr + 3 * P + pid, tl.sum(sv, axis=0))
     if CARRY:  # this update's sums are used up (its normaliser was finished by an earlier launch)
         tl.store(ws_ptr + P + pid, tl.sum(sv, axis=0), mask=keep)
-    if REPORT:
+    if (not DENSE_S) or REPORT:  # sparse: the last program patches the present groups; REPORT: it reports
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
-            tl.atomic_xchg(ticket_ptr, 0)
-            tl.store(report_ptr, word | _REPORTED)
-
-
-@triton.jit
-def _pi_patch_kernel(out_ptr, lpr_ptr, ws_ptr, err_ptr, ticket_ptr, report_ptr, P, B, NC, a, c, lr, eps, m_ref,
-                     HAS_REG: tl.constexpr, UPDATE: tl.constexpr, SECOND_STATS: tl.constexpr, CARRY: tl.constexpr,
-                     REPORT: tl.constexpr, BP: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr,
-                     CB: tl.constexpr):
-    # The sparse write's present groups, after the write launch wrote their G = 0 values: program q writes the true
-    # values of the owners among samples [q BP, (q + 1) BP). SECOND_STATS: the second update's two logits of each
-    # owner go into the records, and the last program to finish (a ticket) computes that update's normaliser;
-    # CARRY (where the step is kept): partial q of the correction (the owners' G = 0 terms of the patched value
-    # less those of the unpatched one), which turns the range sums the write took into pi's own. REPORT: the last
-    # program writes the step's report.
-    own_base = ws_ptr + 4 * P
-    res = own_base + 6 * B + 3 * UPDATE
-    word = tl.load(err_ptr)
-    keep = word == 0
-    M = tl.load(res).to(tl.float32)
-    shift = tl.load(res + 1).to(tl.float32)
-    inv_z = tl.load(res + 2).to(tl.float32)
-    q = tl.program_id(0)
-    i = q * BP + tl.arange(0, BP)
-    im = i < B
-    gf = tl.load(own_base + i, mask=im, other=-1.0)
-    own = gf >= 0
-    g = tl.where(own, gf, 0.0).to(tl.int64)
-    # the records of every sample are written (a non-owner's with values its flag discards): no load waits for the
-    # owner flag
-    y = tl.load(own_base + (3 + 2 * UPDATE) * B + i, mask=im, other=0.0).to(tl.float32)
-    o = _scale(y, M, shift, inv_z)
-    tl.store(out_ptr + g, o, mask=own & keep)
-    if SECOND_STATS or CARRY:
-        # the logit with G = 0 of the value the range sum saw (the unpatched one)
-        y0 = tl.load(own_base + 2 * B + i, mask=im, other=0.0).to(tl.float32)
-        r = 0.0
-        if HAS_REG:
-            r = tl.load(lpr_ptr + g, mask=own, other=0.0)
-        seen = _logit(_scale(y0, M, shift, inv_z), r, 0.0, a, c, lr, eps, HAS_REG, False)
-        if CARRY:
-            patched = _logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False)
-            zc = tl.where(own, _range_term(patched - m_ref) - _range_term(seen - m_ref), 0.0)
-            tl.store(own_base + 6 * B + 6 + q, tl.sum(zc, axis=0), mask=keep)
-        if SECOND_STATS:
-            # the second update's two logits of each owner: with G = 0 as seen, the true one from the patched value
-            s = tl.load(own_base + B + i, mask=im, other=0.0).to(tl.float32)
-            true = tl.where(own, _logit(o, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
-            tl.store(own_base + 4 * B + i, seen.to(tl.float64), mask=im)
-            tl.store(own_base + 5 * B + i, true.to(tl.float64), mask=im)
-    if SECOND_STATS or REPORT:
-        tl.debug_barrier()
-        # acq_rel ticket: the last program sees the records every other program stored before its ticket
-        ticket = tl.atomic_add(ticket_ptr, 1)
-        if ticket == tl.num_programs(0) - 1:
-            if SECOND_STATS:
-                _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, own_base, own_base + 4 * B, own_base + 5 * B,
-                                   B, res + 3, m_ref, ws_ptr, NC, True, False, True, PB, SB, CB)
+            if not DENSE_S:
+                _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, B, res, M, shift, inv_z, keep, a, c, lr, eps, m_ref,
+                                      HAS_REG, UPDATE, SECOND_STATS, CARRY, PB, SB)
             tl.atomic_xchg(ticket_ptr, 0)
             if REPORT:
                 tl.store(report_ptr, word | _REPORTED)
+
+
+@triton.jit
+def _patch_present_groups(out_ptr, lpr_ptr, ws_ptr, P, B, res, M, shift, inv_z, keep, a, c, lr, eps, m_ref,
+                          HAS_REG: tl.constexpr, UPDATE: tl.constexpr, SECOND_STATS: tl.constexpr,
+                          CARRY: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr):
+    # The sparse write's last program: the present groups' true values (the ranges wrote their G = 0 values);
+    # SECOND_STATS: then the second update's normaliser, from the owners' two logits of that update; CARRY (where
+    # the step is kept): the sum over the owners of their G = 0 terms of the patched value less those of the
+    # unpatched one, which turns the range sums the write took into pi's own
+    own_base = ws_ptr + 4 * P
+    zc = tl.zeros([SB], dtype=tl.float64)
+    for k0 in range(0, B, SB):
+        i = k0 + tl.arange(0, SB)
+        im = i < B
+        gf = tl.load(own_base + i, mask=im, other=-1.0)
+        own = gf >= 0
+        g = tl.where(own, gf, 0.0).to(tl.int64)
+        # as in ``_finish_normaliser``, the records of every sample, not waiting for the owner flag
+        y = tl.load(own_base + (3 + 2 * UPDATE) * B + i, mask=im, other=0.0).to(tl.float32)
+        o = _scale(y, M, shift, inv_z)
+        tl.store(out_ptr + g, o, mask=own & keep)
+        if SECOND_STATS or CARRY:
+            # the logit with G = 0 of the value the range sum saw (the unpatched one)
+            y0 = tl.load(own_base + 2 * B + i, mask=im, other=0.0).to(tl.float32)
+            r = 0.0
+            if HAS_REG:
+                r = tl.load(lpr_ptr + g, mask=own, other=0.0)
+            seen = _logit(_scale(y0, M, shift, inv_z), r, 0.0, a, c, lr, eps, HAS_REG, False)
+            if CARRY:
+                patched = _logit(o, r, 0.0, a, c, lr, eps, HAS_REG, False)
+                zc += tl.where(own, _range_term(patched - m_ref) - _range_term(seen - m_ref), 0.0)
+            if SECOND_STATS:
+                # the second update's two logits of each owner: with G = 0 as seen, the true one from the patched
+                # value
+                s = tl.load(own_base + B + i, mask=im, other=0.0).to(tl.float32)
+                true = tl.where(own, _logit(o, r, s, a, c, lr, eps, HAS_REG, True), float("-inf"))
+                tl.store(own_base + 4 * B + i, seen.to(tl.float64), mask=im)
+                tl.store(own_base + 5 * B + i, true.to(tl.float64), mask=im)
+    if CARRY:
+        tl.store(own_base + 6 * B + 6, tl.sum(zc, axis=0), mask=keep)
+    if SECOND_STATS:
+        tl.debug_barrier()  # the records stored above are read back by other threads
+        _finish_normaliser(ws_ptr + 2 * P, ws_ptr + 3 * P, P, own_base, own_base + 4 * B, own_base + 5 * B, B, res + 3,
+                           m_ref, ws_ptr, True, False, PB, SB)
 
 
 _SM_COUNT: dict = {}
@@ -805,9 +790,7 @@ class _ManyGroupsLayout:
         self.pb = max(16, min(1024, next_power_of_2(max(self.P, 1))))
         # the sparse variant's fixed reference: no logit with G = 0 exceeds a log(1 + eps) (pi, pi_reg <= 1)
         self.scalars = (a, c, lr, eps, a * math.log1p(eps))
-        self.nc = max(1, cdiv(B, _PATCH))  # the patch launch's programs (an empty batch too: it finishes, reports)
-        self.cb = max(16, next_power_of_2(self.nc))
-        self.ws = _float64_workspace(workspace, device, 4 * self.P + 6 * B + 6 + self.nc)
+        self.ws = _float64_workspace(workspace, device, 4 * self.P + 6 * B + 7)
         self.tickets = _kept_zeros(workspace, "tickets", (2,), device)
         self.write_ticket = self.tickets[1:]
         self.sbuf = _loss_sum_buffer(workspace, device, n) if self.dense_s else pi
@@ -864,8 +847,7 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     if keep:  # everything a kept launch fixes besides the ids, losses and report slot
         key = (pi.data_ptr(), lpr.data_ptr(), out.data_ptr(), second_out.data_ptr() if second else 0,
                err.data_ptr(), n, B, a, c, lr, eps, has_reg, _path, report_out is None, _BLOCK_GPU, _PROGRAMS_PER_SM,
-               _LOOP_STAGES, _RANGE_WARPS, _SAMPLE_BI, _SAMPLE_BK, _SAMPLE_WARPS, _WIDE_IDS_FROM, _SCAN, _PATCH,
-               _PATCH_WARPS)
+               _LOOP_STAGES, _RANGE_WARPS, _SAMPLE_BI, _SAMPLE_BK, _SAMPLE_WARPS, _WIDE_IDS_FROM, _SCAN)
         kept = cache.get("many")
     if kept is None or kept[0] != key:
         kept = (key, _ManyGroupsLayout(pi, B, (a, c, lr, eps), has_reg, _path, workspace), {})
@@ -882,31 +864,24 @@ def pi_update_checked(pi: torch.Tensor, group_ids: torch.Tensor, losses: torch.T
     def samples(finish: bool) -> None:
         if lay.Q > 0:
             run("samples_finish" if finish else "samples", _pi_sample_sums_kernel, lay.Q,
-                (pi, lpr, lay.sbuf, group_ids, losses, lay.ws, lay.tickets, n, B, lay.P, lay.nc, *lay.scalars),
-                (3, 4), num_warps=lay.sample_warps, HAS_REG=has_reg, DENSE_S=lay.dense_s, BI=lay.bi, BK=lay.bk,
-                WIDE_IDS=lay.wide_ids, FINISH=finish, PB=lay.pb, SB=_SCAN, CB=lay.cb)
+                (pi, lpr, lay.sbuf, group_ids, losses, lay.ws, lay.tickets, n, B, lay.P, *lay.scalars), (3, 4),
+                num_warps=lay.sample_warps, HAS_REG=has_reg, DENSE_S=lay.dense_s, BI=lay.bi, BK=lay.bk,
+                WIDE_IDS=lay.wide_ids, FINISH=finish, PB=lay.pb, SB=_SCAN)
 
     def stats(role: str, src: torch.Tensor) -> None:
         run(role, _pi_stats_kernel, lay.P,
-            (src, lpr, lay.sbuf, lay.ws, lay.tickets, n, B, lay.P, lay.nc, lay.range_len, *lay.scalars), (),
-            num_warps=_RANGE_WARPS, HAS_REG=has_reg, DENSE_S=lay.dense_s, PB=lay.pb, SB=_SCAN, CB=lay.cb,
-            BLOCK=lay.block, STAGES=lay.stages)
+            (src, lpr, lay.sbuf, lay.ws, lay.tickets, n, B, lay.P, lay.range_len, *lay.scalars), (),
+            num_warps=_RANGE_WARPS, HAS_REG=has_reg, DENSE_S=lay.dense_s, PB=lay.pb, SB=_SCAN, BLOCK=lay.block,
+            STAGES=lay.stages)
 
     def write(role: str, src: torch.Tensor, dst: torch.Tensor, clear: bool, update: int, second_stats: bool,
               last: bool, carry: bool = False) -> None:
-        # sparse: the write of the values with G = 0, then the patch launch of the present groups (which reports)
         reports = last and report_out is not None
-        report_here = reports and lay.dense_s
         run(role, _pi_write_kernel, lay.P,
-            (src, lpr, lay.sbuf, dst, lay.ws, err, lay.write_ticket, report_out if report_here else err, n, B, lay.P,
-             lay.range_len, *lay.scalars), (7,) if report_here else (), num_warps=_RANGE_WARPS, HAS_REG=has_reg,
-            DENSE_S=lay.dense_s, CLEAR=clear, UPDATE=update, SECOND_STATS=second_stats, CARRY=carry,
-            REPORT=report_here, BLOCK=lay.block, STAGES=lay.stages)
-        if not lay.dense_s:
-            run(role + "_patch", _pi_patch_kernel, lay.nc,
-                (dst, lpr, lay.ws, err, lay.write_ticket, report_out if reports else err, lay.P, B, lay.nc,
-                 *lay.scalars), (5,) if reports else (), num_warps=_PATCH_WARPS, HAS_REG=has_reg, UPDATE=update,
-                SECOND_STATS=second_stats, CARRY=carry, REPORT=reports, BP=_PATCH, PB=lay.pb, SB=_SCAN, CB=lay.cb)
+            (src, lpr, lay.sbuf, dst, lay.ws, err, lay.write_ticket, report_out if reports else err, n, B, lay.P,
+             lay.range_len, *lay.scalars), (7,) if reports else (), num_warps=_RANGE_WARPS, HAS_REG=has_reg,
+            DENSE_S=lay.dense_s, CLEAR=clear, UPDATE=update, SECOND_STATS=second_stats, CARRY=carry, REPORT=reports,
+            BLOCK=lay.block, PB=lay.pb, SB=_SCAN, STAGES=lay.stages)
 
     # the batch's records (owners, loss sums) first; then the normaliser over the ranges of pi and the write.
     # Dense: the loss sums go through the dense buffer, which the last write zeroes again. Sparse: the ranges take

@@ -21,7 +21,7 @@ from support import DEVICE  # noqa: E402
 
 N = 3000  # above SMALL_MAX; the sparse variant is forced (B = 24 is below its own choice's 1000 samples a group)
 B = 24
-WIDE_B = 300  # the patch launch's programs take 128 samples each: three here, the correction in three partials
+WIDE_B = 300  # a tenth of the groups present: the correction for the patched groups carries weight
 HP = dict(pi_lr=0.4, pi_decay=0.0, temperature=1.0, eps=1.1920929e-07)
 
 
@@ -43,7 +43,7 @@ def batches(count: int, seed: int, b: int = B) -> list:
         ids[:5] = ids[5]  # one group of six samples
         ids[6] = N + 3  # an id outside [0, N): ignored
         if b > 256:
-            ids[-3:] = ids[130]  # a group whose samples fall in two of the patch launch's programs
+            ids[-3:] = ids[130]  # a group whose samples lie far apart in the batch
         out.append((ids.to(DEVICE), (torch.rand(b, generator=gen) * 3).to(DEVICE)))
     return out
 

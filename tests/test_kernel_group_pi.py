@@ -387,8 +387,8 @@ def test_second_update_on_dominant_groups(path: str) -> None:
 
 @pytest.mark.parametrize("path", ["sparse", "dense"])
 def test_both_updates_of_an_empty_batch(path: str) -> None:
-    """No sample: each update is PiUpdate with G = 0, and the second update's normaliser is still finished (the
-    sparse variant's patch launch runs one program for an empty batch); the report is written."""
+    """No sample: each update is PiUpdate with G = 0, the second update's normaliser is still finished (in the
+    sparse variant by the step's patch, which has no group to patch) and the report is written."""
     gen = torch.Generator().manual_seed(17)
     pi = rand_simplex(LARGE_N, gen)
     ids, losses = torch.zeros(0, dtype=torch.int64), torch.zeros(0)
