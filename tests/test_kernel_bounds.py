@@ -1,10 +1,10 @@
 """No kernel addresses memory outside its launch's tensors (tests/support/bounds.py).
 
 Triton's interpreter runs the library's kernels with every load, store and atomic checked, at every lane its mask
-keeps, against the spans of the launch's tensor arguments: the many-groups pi step (both variants, one and two
+keeps, against the storage of the launch's tensor arguments: the many-groups pi step (both variants, one and two
 updates, kept launches with carried sums, an error word and a report, an empty batch), GroupWeights in both modes on
-the many-groups and single-program paths, the optimizers' Adam kernel and the loss kernels, at sizes that leave
-partial tiles and ranges. On a GPU such an access is an illegal memory access or a write into another tensor.
+the many-groups and single-program paths (with its weighted-loss kernels), the optimizers' Adam kernel and the RGD
+loss kernel, at sizes that leave partial tiles and ranges. On a GPU such an access is an illegal memory access or a write into another tensor.
 Interpreter only (CPU).
 """
 from __future__ import annotations

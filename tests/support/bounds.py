@@ -4,8 +4,9 @@ Inside ``checked_accesses()`` each load, store and atomic that a kernel makes in
 every lane its mask keeps, bytes inside the storage of one of that launch's tensor arguments (or of the tensors
 ``reachable()`` names: those a kernel reaches through a table of addresses, as the multi-tensor Adam kernel does);
 otherwise the launch raises ``OutOfBounds`` naming the kernel. On a GPU such an access is an illegal memory access
-or a silent write into another tensor; the interpreter alone would read or write whatever host memory lies there. Built on the interpreter's internals (``GridExecutor``, ``InterpreterBuilder``);
-``available()`` says whether this Triton has them.
+or a silent write into another tensor; the interpreter alone would read or write whatever host memory lies there.
+Built on the interpreter's internals (``GridExecutor``, ``InterpreterBuilder``); ``available()`` says whether this
+Triton has them.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import contextlib
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
+
+
+_WRAPPED = ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")
 
 
 class OutOfBounds(AssertionError):
@@ -25,9 +29,8 @@ def _interpreter():
     except ImportError:
         return None
     builder = getattr(interp, "InterpreterBuilder", None)
-    needed = ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")
     if (builder is None or not hasattr(interp, "GridExecutor") or not hasattr(interp, "_get_np_dtype")
-            or not all(hasattr(builder, name) for name in needed)
+            or not all(hasattr(builder, name) for name in _WRAPPED)
             or not hasattr(interp.GridExecutor, "_init_args_hst")):
         return None
     return interp
@@ -52,8 +55,7 @@ def checked_accesses(reachable: Optional[Callable[[], Iterable]] = None) -> Iter
     if interp is None:
         raise RuntimeError("this Triton's interpreter lacks the internals the checks need")
     executor, builder = interp.GridExecutor, interp.InterpreterBuilder
-    saved = {name: getattr(builder, name) for name in
-             ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")}
+    saved = {name: getattr(builder, name) for name in _WRAPPED}
     saved_init = executor._init_args_hst
     launch = {"kernel": None, "spans": []}
     counts = {"checked": 0, "launches": 0}
