@@ -108,6 +108,7 @@ def test_the_optimizers_step(name: str) -> None:
         opt = also_fused.AdamW(model.parameters(), lr=1e-2, amsgrad=True, backend="triton")
     else:
         opt = also_fused.ALSO(model.parameters(), n_groups=3, batch_size=8, mode="optimistic", backend="triton")
+
     def reachable():  # the kernel reaches the parameters, gradients and moments through a table of addresses
         params = list(model.parameters())
         state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
@@ -117,12 +118,8 @@ def test_the_optimizers_step(name: str) -> None:
         for _ in range(2):
             opt.zero_grad()
             losses = torch.nn.functional.cross_entropy(model(x), ids, reduction="none")
-            if name == "AdamW":
-                losses.mean().backward()
-                opt.step()
-            else:
-                opt.weighted_loss(losses, ids).backward()
-                opt.step()
+            (losses.mean() if name == "AdamW" else opt.weighted_loss(losses, ids)).backward()
+            opt.step()
     assert counts["launches"] >= 2 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
