@@ -6,8 +6,9 @@ never keeps a launch, so these tests audit the invariant itself: every prepared 
 that declines to launch (the caller then launches through a ``Launcher``, with the whole argument list), and that
 launch must be by the same launcher with the fixed arguments the stand-in was prepared from. Covered: the
 many-groups pi step (both variants, one and two updates, carried sums, batches of several sizes, another output),
-GroupWeights in both modes (validated and not, a rejected step, a short batch, a state_dict load), and the
-optimizers' Adam kernel (AdamW with amsgrad, ALSO in both modes, a parameter that loses its gradient).
+GroupWeights in both modes on its three paths (validated and not, a rejected step, a short batch, a state_dict
+load), and the optimizers' Adam kernel (AdamW with amsgrad, ALSO in both modes, a parameter that loses its
+gradient).
 """
 from __future__ import annotations
 
@@ -135,11 +136,12 @@ def test_the_many_groups_pi_step(path: str, second: bool) -> None:
 
 
 @pytest.mark.parametrize("mode", ["descent-ascent", "optimistic"])
-@pytest.mark.parametrize("n, batch", [(3000, 40), (30_000, 16)])
+@pytest.mark.parametrize("n, batch", [(10, 6), (3000, 40), (30_000, 16)])
 @pytest.mark.parametrize("validate", [True, False])
 def test_group_weights(mode: str, n: int, batch: int, validate: bool) -> None:
-    """The dense (3000) and sparse (30 000) many-groups variants through GroupWeights: iterations, a rejected
-    step (validated), a short last batch, a state_dict load into the same weights, more iterations."""
+    """The single program with its step staged in the weighted loss (10 groups), the dense (3000) and sparse
+    (30 000) many-groups variants through GroupWeights: iterations, a rejected step (validated), a short last
+    batch, a state_dict load into the same weights, more iterations."""
     gen = torch.Generator().manual_seed(n)
     gw = also_fused.GroupWeights(n, batch_size=batch, mode=mode, pi_lr=0.3, backend="triton", validate=validate,
                                  device=DEVICE)
