@@ -19,7 +19,7 @@ $(STAMP): setup.py requirements/cpu.txt also_fused/csrc/cpu_adam.cpp also_fused/
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
-# between edits: every test but those marked slow (see pyproject.toml), about 2.5 minutes on 2 cores
+# between edits: every test but those marked slow (see pyproject.toml), about 5 minutes on 2 cores
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
