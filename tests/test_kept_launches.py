@@ -121,9 +121,10 @@ def test_the_many_groups_pi_step(path: str, second: bool) -> None:
     word = torch.zeros((), dtype=torch.int32, device=DEVICE)
     cache, workspace = {}, {}
     out = torch.empty(n, device=DEVICE)
-    steps = [(pi, pi, b) for b in (37, 37, 37, 300, 300, 37, 37)] + [(pi, out, 37), (pi, out, 37)]
+    steps = ([(pi, pi, b) for b in (37, 37, 37, 300, 300, 37, 37)] + [(pi, out, 37)] * 2
+             + [(pi.clone(), out, 37), (pi.clone(), out, 37)])
     with audited_launches() as audit:
-        for source, dst, b in steps + [(pi.clone(), out, 37), (pi.clone(), out, 37)]:
+        for source, dst, b in steps:
             ids = torch.randint(0, n, (b,), generator=gen).to(DEVICE)
             losses = (torch.rand(b, generator=gen) * 3).to(DEVICE)
             group_pi.pi_update_checked(source, ids, losses, out=dst, second_out=mid, error_word=word,
